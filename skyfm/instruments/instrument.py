@@ -20,6 +20,8 @@ A YAML file (see ``configs/instruments/*.yaml`` for five complete examples) has 
 ``background``    instrument-specific background parameters, read by the simulators (documented in each YAML).
 ``contaminants``  ``ccd`` only: rates of cosmic rays, satellite trails, hot and bad pixels, bleed trails.
 ``scaling``       how images are scaled for the networks: ``{method: log1p | anscombe | asinh}``.
+``simulation``    optional parameters of the simulators (populations, densities, bands per image), documented
+                  in :mod:`skyfm.data.simulate`.
 
 Every problem is reported as a :class:`~skyfm.errors.SkyfmError` that names the file and the key.
 """
@@ -199,6 +201,7 @@ class Instrument:
     background: dict = field(default_factory=dict)
     contaminants: dict = field(default_factory=dict)
     scaling: dict = field(default_factory=lambda: {"method": "asinh"})
+    simulation: dict = field(default_factory=dict)
     source: str = ""
 
     @property
@@ -269,9 +272,12 @@ def _parse_band(raw: Any, i: int, kind: str, where: _Where) -> Band:
 def _exposure(raw: dict, key: str, where: _Where) -> float:
     value = raw.get("exposure")
     try:
-        return float(u.Quantity(value).to_value(u.cm**2 * u.s))
+        exposure = float(u.Quantity(value).to_value(u.cm**2 * u.s))
     except (TypeError, ValueError, u.UnitConversionError):
         raise where.fail(f"{key}.exposure", f"should be an exposure like '3e11 cm2 s', got {value!r}") from None
+    if not exposure > 0:
+        raise where.fail(f"{key}.exposure", f"should be positive, got {value!r}")
+    return exposure
 
 
 def parse_instrument(raw: Any, source: str = "<instrument>") -> Instrument:
@@ -322,6 +328,7 @@ def parse_instrument(raw: Any, source: str = "<instrument>") -> Instrument:
         background=dict(raw.get("background") or {}),
         contaminants=dict(raw.get("contaminants") or {}),
         scaling=dict(scaling),
+        simulation=dict(raw.get("simulation") or {}),
         source=source,
     )
 
