@@ -64,6 +64,8 @@ class _Where:
         return SkyfmError(f"{self.source}: '{key}' {problem}")
 
     def quantity(self, value: Any, key: str, physical_type: str | tuple[str, ...]) -> u.Quantity:
+        if value is None:
+            raise self.fail(key, "is missing")
         try:
             q = u.Quantity(value)
         except (TypeError, ValueError):
@@ -76,6 +78,8 @@ class _Where:
         return q
 
     def number(self, value: Any, key: str, positive: bool = True) -> float:
+        if value is None:
+            raise self.fail(key, "is missing")
         try:
             x = float(value)
         except (TypeError, ValueError):
