@@ -11,6 +11,13 @@ from skyfm.data.patch import Patch
 from skyfm.instruments import Instrument, load_instrument
 
 
+def patch_seed(seed: int, index: int) -> int:
+    """The seed of patch ``index`` in a run started from ``seed``: independent streams, stable across runs."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint32)[0])
+
+
 def simulate_patch(instrument: str | Instrument, seed: int, **options) -> Patch:
     """Simulate one patch of ``instrument`` from ``seed``.
 
@@ -27,4 +34,4 @@ def simulate_patch(instrument: str | Instrument, seed: int, **options) -> Patch:
     return simulate_ccd_patch(inst, seed, **options)
 
 
-__all__ = ["simulate_patch"]
+__all__ = ["patch_seed", "simulate_patch"]

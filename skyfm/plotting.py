@@ -1,0 +1,135 @@
+"""Pictures a person would rather look at than read: patches with their sources overlaid.
+
+Stretches follow what astronomers use: an asinh stretch about the sky level for CCD images; for counts cubes a
+colour composite of low / middle / high energy bins (red / green / blue) smoothed by the PSF scale, as in Fermi
+press images, or one bin in log scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CLASS_COLOURS = {
+    "star": "#ffd92f", "galaxy": "#66c2a5", "agn": "#fc8d62", "pulsar": "#8da0cb", "other": "#e78ac3",
+    "artefact": "#ff3030", "unk": "#e5e5e5",
+}
+
+
+def _asinh_stretch(image: np.ndarray, q: float = 8.0) -> np.ndarray:
+    """Map an image to [0, 1]: zero at the sky level, asinh compression of bright sources."""
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        return np.zeros_like(image)
+    sky = np.median(finite)
+    noise = 1.4826 * np.median(np.abs(finite - sky)) or (np.std(finite) or 1.0)
+    lo = sky - 2.0 * noise
+    hi = np.percentile(finite, 99.8)
+    hi = max(hi, sky + 10 * noise)
+    x = np.clip((image - lo) / (hi - lo), 0, 1)
+    return np.arcsinh(q * x) / np.arcsinh(q)
+
+
+def _smooth(image: np.ndarray, sigma_pix: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(image, sigma_pix) if sigma_pix > 0.3 else image
+
+
+def display_image(patch, bands: list[int] | None = None) -> np.ndarray:
+    """An (H, W) or (H, W, 3) array in [0, 1] to show with ``imshow(origin='lower')``."""
+    data = np.nan_to_num(patch.data.astype(np.float64))
+    c = data.shape[0]
+    inst = patch.instrument_config()
+    if inst.is_counts:
+        # Smooth each bin by a fraction of its PSF so that sparse high-energy photons show as sources.
+        sm = [_smooth(data[i], 0.5 * inst.bands[i].psf.fwhm_deg / inst.pixel_scale_deg / 2.355) for i in range(c)]
+        if c >= 3:
+            groups = np.array_split(np.arange(c), 3)
+            rgb = [np.log1p(sum(sm[i] for i in g)) for g in groups[::-1]]  # high energy blue, low energy red
+            rgb = [ch / (np.percentile(ch, 99.9) or 1.0) for ch in rgb[::-1]]
+            return np.clip(np.stack(rgb, axis=-1), 0, 1)
+        img = np.log1p(sum(sm))
+        return img / (img.max() or 1.0)
+    if bands is None:
+        bands = [0] if c < 3 else [0, c // 2, min(c - 1, 2 if c == 4 else c - 1)]
+    if len(bands) == 3:
+        return np.stack([_asinh_stretch(data[i]) for i in bands[::-1]], axis=-1)  # longest wavelength in red
+    return _asinh_stretch(data[bands[0]])
+
+
+def plot_patch(patch, ax=None, catalog=None, truth: bool = True, title: str | None = None, show_mask: bool = True,
+               max_markers: int = 3000):
+    """Show a patch with its true sources (circles, coloured by class) and/or a detection catalog (crosses).
+
+    Args:
+        patch: a :class:`~skyfm.data.Patch`.
+        ax: matplotlib axes (a new figure when None).
+        catalog: optional table with ``x``, ``y`` columns (0-based pixels) to mark as detections.
+        truth: mark ``patch.truth`` when present.
+        show_mask: outline contaminant-mask pixels (cosmic rays, trails, ...) in red.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 6))
+    img = display_image(patch)
+    ax.imshow(img, origin="lower", cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+    if show_mask and patch.contaminant_mask is not None and patch.contaminant_mask.any():
+        m = patch.contaminant_mask.any(axis=0)
+        ax.contour(m.astype(float), levels=[0.5], colors="#ff3030", linewidths=0.5)
+    if truth and patch.truth is not None and len(patch.truth):
+        t = patch.truth
+        if len(t) > max_markers:  # a globular-cluster core: show the brightest
+            t = t[np.argsort(-np.asarray(t["flux"]))[:max_markers]]
+        flux = np.asarray(t["flux"], dtype=float)
+        size = 6 + 30 * np.clip(np.log10(np.clip(flux, 1e-3, None) / np.nanmedian(flux) + 1), 0, 2)
+        cls = [str(c) for c in t["class_group"]] if "class_group" in t.colnames else [str(c) for c in t["class"]]
+        colours = [CLASS_COLOURS.get(c, "#e5e5e5") for c in cls]
+        ax.scatter(t["x"], t["y"], s=size, facecolors="none", edgecolors=colours, linewidths=0.7)
+        for c in sorted(set(cls)):
+            ax.scatter([], [], s=20, facecolors="none", edgecolors=CLASS_COLOURS.get(c, "#e5e5e5"), label=c)
+    if catalog is not None and len(catalog):
+        ax.scatter(catalog["x"], catalog["y"], marker="+", s=25, c="#00e5ff", linewidths=0.7, label="detected")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
+    ax.set_title(title or _describe(patch), fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax
+
+
+def _describe(patch) -> str:
+    inst = patch.instrument_config()
+    h, w = patch.height, patch.width
+    side = h * inst.pixel_scale_deg
+    size = f"{side:.3g} deg" if side >= 0.5 else (f"{side * 60:.3g} arcmin" if side * 60 >= 1 else f"{side * 3600:.3g} arcsec")
+    n = "" if patch.truth is None else f", {len(patch.truth)} sources"
+    scene = patch.meta.get("scene") or patch.meta.get("population") or ""
+    scene = f" ({scene})" if scene else ""
+    return f"{inst.name}{scene}: {','.join(patch.bands) if len(patch.bands) <= 4 else f'{len(patch.bands)} bins'}, {size}{n}"
+
+
+def save_gallery(patches, path, ncols: int = 3, title: str | None = None):
+    """One panel per patch with truth overlaid, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from skyfm.utils import atomic_path
+
+    n = len(patches)
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 5 * nrows), squeeze=False)
+    for ax, patch in zip(axes.ravel(), patches):
+        plot_patch(patch, ax)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
