@@ -1,0 +1,660 @@
+"""Read the images users actually have: any FITS image with a celestial WCS, Fermi ``gtbin`` counts cubes, and
+the patch files skyfm's simulators write.
+
+* :func:`read_image` reads a whole image into a :class:`~skyfm.data.Patch`.
+* :func:`open_image` opens one lazily (memory-mapped, nothing read until asked): for mosaics too large for memory,
+  read window by window (``read_window``) or tile by tile (:func:`skyfm.data.tiling.iter_tiles`).
+* :func:`inspect_file` says what skyfm sees in a file (``skyfm info``), HEALPix maps included.
+
+What is read, and how:
+
+* the image is the first HDU with image data (or the one named by ``hdu=``). 2-D images become (1, H, W);
+  3-D cubes (C, H, W); leading axes of length 1 (radio images' Stokes and frequency axes) are dropped.
+* a cube with an ``EBOUNDS`` table is a counts cube (gtbin CCUBE): one band per energy bin, edges in keV.
+* a file written by :func:`skyfm.data.write_patch` is read whole, all bands and its truth (:func:`read_patch`).
+* invalid pixels (NaN or inf, BLANK integers, non-zero pixels of a ``MASK`` image HDU) become ``Patch.mask`` and 0
+  in ``Patch.data``.
+* the instrument comes from ``instrument=`` (``--instrument``), else from the header (TELESCOP / INSTRUME /
+  SKYFMINS). A one-band image of a many-band instrument takes its band from ``band=``, else from the FILTER /
+  BAND header keys; a one-band counts map from ``band=``, EBOUNDS or gtbin's ENERGY data-subspace keywords.
+* without a celestial WCS the image is read in pixels (``wcs=None``) and a :class:`NoWCSWarning` says so.
+
+Every problem a user can cause (a missing, empty, truncated or non-FITS file, an HDU with no image, an image with
+the wrong number of dimensions or no valid pixel) raises a one-line :class:`~skyfm.errors.SkyfmError`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import astropy.units as u
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning, SingularMatrixError
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from skyfm.data.fits_io import EBOUNDS_HDU, MASK_HDU, _ROLE_KEY, read_ebounds, read_patch
+from skyfm.data.patch import Patch
+from skyfm.errors import SkyfmError
+from skyfm.instruments import Instrument, instrument_from_header, load_instrument
+
+FORMAT_IMAGE = "image"
+FORMAT_CUBE = "counts cube"
+FORMAT_SIMULATED = "simulated patch"
+FORMAT_HEALPIX = "HEALPix map"
+
+# Header keys that name the filter of an optical/IR image, in the order they are trusted. HST/ACS splits its two
+# filter wheels into FILTER1/FILTER2 (one of them CLEAR); WFPC2 uses FILTNAM1; WISE Atlas images carry BAND = 1..4.
+_FILTER_KEYS = ("FILTER", "BAND", "FILTER1", "FILTER2", "FILTNAM1")
+
+# Rows of pixels read at a time when scanning a whole lazily opened image (masked fraction): bounds memory.
+_SCAN_PIXELS = 4_000_000
+
+
+class NoWCSWarning(UserWarning):
+    """The image has no celestial WCS: skyfm works in pixels and cannot give sky positions."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Opening a file: a clear line for everything that is not a readable FITS file.
+# ----------------------------------------------------------------------------------------------------------------
+_NOT_FITS_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"%PDF": "a PDF document",
+    b"II*\x00": "a TIFF image",
+    b"MM\x00*": "a TIFF image",
+    b"\x89HDF": "an HDF5 file",
+}
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"PK\x03\x04")  # gzip, bzip2, zip: astropy opens these itself
+
+
+def check_fits_file(path: str | Path) -> Path:
+    """``path`` as a Path if it is an existing, non-empty file that starts like FITS; else a SkyfmError."""
+    path = Path(path)
+    if not path.exists():
+        raise SkyfmError(f"file not found: {path}")
+    if not path.is_file():
+        raise SkyfmError(f"{path} is not a file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(80)
+    except OSError as e:
+        raise SkyfmError(f"cannot read {path}: {e.strerror or e}") from None
+    if not head:
+        raise SkyfmError(f"{path} is empty (0 bytes), not a FITS file")
+    for magic, what in _NOT_FITS_MAGIC.items():
+        if head.startswith(magic):
+            raise SkyfmError(f"{path} is {what}, not a FITS file")
+    if not head.startswith(b"SIMPLE  =") and not head.startswith(_COMPRESSED_MAGIC):
+        raise SkyfmError(f"{path} is not a FITS file (it does not start with a SIMPLE card)")
+    return path
+
+
+def open_fits(path: str | Path, memmap: bool = True) -> fits.HDUList:
+    """Open a FITS file, reading every header now so that a corrupt or truncated file fails here, clearly."""
+    path = check_fits_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # astropy's "may have been truncated" becomes our own error below
+            hdul = fits.open(path, memmap=memmap, lazy_load_hdus=False)
+    except (OSError, EOFError, ValueError, TypeError, IndexError, fits.VerifyError) as e:
+        raise SkyfmError(f"{path} is a corrupt FITS file ({_first_line(e)})") from None
+    if _is_compressed(path):  # offsets count decompressed bytes: a cut stream fails when read instead
+        return hdul
+    size = path.stat().st_size
+    for i, hdu in enumerate(hdul):
+        info = hdu.fileinfo()
+        if info is not None and info["datLoc"] + hdu.size > size:
+            hdul.close()
+            raise SkyfmError(
+                f"{path} is truncated: HDU {i} ({hdu.name}) needs {info['datLoc'] + hdu.size} bytes, the file has {size}"
+            )
+    return hdul
+
+
+def _is_compressed(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4).startswith(_COMPRESSED_MAGIC)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _is_healpix(hdu) -> bool:
+    header = hdu.header
+    return isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)) and (
+        str(header.get("PIXTYPE", "")).upper() == "HEALPIX" or ("NSIDE" in header and "ORDERING" in header)
+    )
+
+
+def _has_image(hdu) -> bool:
+    return hdu.is_image and hdu.header.get("NAXIS", 0) > 0 and hdu.header.get(_ROLE_KEY) not in ("SOURCES", "MASK")
+
+
+def _hdu_label(hdul: fits.HDUList, index: int) -> str:
+    name = hdul[index].name
+    return f"HDU {index}" + (f" ({name})" if name and name != "PRIMARY" else "")
+
+
+def _hdu_list_summary(hdul: fits.HDUList) -> str:
+    parts = []
+    for i, h in enumerate(hdul):
+        kind = "image" if _has_image(h) else "empty" if h.is_image else "table"
+        parts.append(f"{i} {h.name or '-'} ({kind})")
+    return ", ".join(parts)
+
+
+def select_hdu(hdul: fits.HDUList, hdu: int | str | None, path: Path) -> int:
+    """Index of the HDU to read: ``hdu`` (an index, a digit string or an EXTNAME) or the first with image data."""
+    if hdu is None:
+        for i, h in enumerate(hdul):
+            if _has_image(h):
+                return i
+        if any(_is_healpix(h) for h in hdul):
+            raise SkyfmError(f"{path} is a HEALPix map, not an image: cut it into tiles with skyfm.data.healpix "
+                             "(healpix_to_patch, healpix_tiles)")
+        raise SkyfmError(f"{path} has no image data (HDUs: {_hdu_list_summary(hdul)})")
+    if isinstance(hdu, str) and hdu.strip().lstrip("-").isdigit():
+        hdu = int(hdu)
+    if isinstance(hdu, int):
+        if not 0 <= hdu < len(hdul):
+            raise SkyfmError(f"{path} has {len(hdul)} HDUs (0-{len(hdul) - 1}); there is no HDU {hdu}")
+        return hdu
+    names = [h.name.upper() for h in hdul]
+    if str(hdu).upper() not in names:
+        raise SkyfmError(f"{path} has no HDU named '{hdu}'; its HDUs are {_hdu_list_summary(hdul)}")
+    return names.index(str(hdu).upper())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shape, WCS, instrument and bands of one image HDU.
+# ----------------------------------------------------------------------------------------------------------------
+def _image_shape(header: fits.Header, where: str) -> tuple[tuple[int, ...], int]:
+    """(C, H, W) of an image HDU and the number of leading length-1 axes dropped to get there."""
+    naxis = int(header.get("NAXIS", 0))
+    full = tuple(int(header.get(f"NAXIS{i}", 0)) for i in range(naxis, 0, -1))  # numpy order
+    if naxis == 0 or 0 in full:
+        raise SkyfmError(f"{where} has no pixels (shape {full})")
+    shape, dropped = full, 0
+    while len(shape) > 3 and shape[0] == 1:  # e.g. radio images (Stokes, frequency, y, x) with single planes
+        shape, dropped = shape[1:], dropped + 1
+    if len(shape) not in (2, 3):
+        raise SkyfmError(f"{where} is {naxis}-D with shape {full}: skyfm reads 2-D images and 3-D cubes (bands, y, x)")
+    return (1,) + shape if len(shape) == 2 else shape, dropped
+
+
+def pixel_scale_deg(wcs: WCS) -> float:
+    """Mean pixel scale (deg) of a celestial WCS at its reference point; rectangular or rotated pixels are fine."""
+    return float(np.mean(proj_plane_pixel_scales(wcs)))
+
+
+def celestial_wcs(header: fits.Header, where: str, hdul: fits.HDUList | None = None) -> WCS | None:
+    """The 2-D celestial WCS of an image's first two axes, or None (with a :class:`NoWCSWarning`) if it has none."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            full = WCS(header, fobj=hdul)
+            has_celestial = full.has_celestial
+    except SingularMatrixError:
+        raise SkyfmError(f"{where} has a celestial WCS with a zero or singular pixel scale (CDELT / CD matrix)") from None
+    except (ValueError, KeyError, MemoryError) as e:  # astropy's WCS errors are ValueErrors
+        # wcslib puts where it failed first and why last: the last line is the one a user can act on.
+        reason = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise SkyfmError(f"{where} has an unreadable WCS ({reason[-1].strip()})") from None
+    if not has_celestial:
+        warnings.warn(NoWCSWarning(f"{where}: no celestial WCS: working in pixels"), stacklevel=3)
+        return None
+    if {full.wcs.lng, full.wcs.lat} != {0, 1}:
+        raise SkyfmError(f"{where}: its celestial WCS axes are axes {full.wcs.lng + 1} and {full.wcs.lat + 1}; "
+                         "skyfm needs them on the image's first two axes (x, y)")
+    wcs = full.celestial
+    try:
+        scale = pixel_scale_deg(wcs)
+    except (ValueError, MemoryError) as e:
+        raise SkyfmError(f"{where} has a celestial WCS without a usable pixel scale ({_first_line(e)})") from None
+    if not (np.isfinite(scale) and scale > 0):
+        raise SkyfmError(f"{where} has a celestial WCS without a usable pixel scale (got {scale} deg)")
+    return wcs
+
+
+def resolve_instrument(instrument, headers: list[fits.Header]) -> tuple[Instrument | None, str]:
+    """The instrument (or None) and where it came from: the option, or the header keys that named it."""
+    if instrument is not None:
+        return load_instrument(instrument), "option"
+    for header in headers:
+        inst = instrument_from_header(header)
+        if inst is not None:
+            keys = [f"{k}={header[k]!r}" for k in ("SKYFMINS", "TELESCOP", "INSTRUME") if k in header]
+            return inst, "header (" + ", ".join(keys) + ")"
+    named = [f"{k}={h[k]!r}" for h in headers[:1] for k in ("TELESCOP", "INSTRUME") if k in h]
+    return None, "unknown" + (f" ({', '.join(named)})" if named else " (no TELESCOP / INSTRUME in the header)")
+
+
+def energy_label(lo_kev: float, hi_kev: float) -> str:
+    """'0.3-1.16 GeV': an energy range in the unit that reads best."""
+    for unit, kev in (("TeV", 1e9), ("GeV", 1e6), ("MeV", 1e3), ("keV", 1.0)):
+        if lo_kev >= 0.07 * kev or unit == "keV":
+            return f"{lo_kev / kev:.4g}-{hi_kev / kev:.4g} {unit}"
+    raise AssertionError("unreachable")
+
+
+def band_names_for_energies(edges_kev: np.ndarray, inst: Instrument | None) -> list[str]:
+    """The instrument's band names when its energy bins match ``edges_kev`` (to 0.1%), else energy labels."""
+    if inst is not None and inst.is_counts and len(inst.bands) == len(edges_kev):
+        ref = np.array([[b.energy[0].to_value(u.keV), b.energy[1].to_value(u.keV)] for b in inst.bands])
+        if np.allclose(ref, edges_kev, rtol=1e-3):
+            return [b.name for b in inst.bands]
+    if inst is not None and inst.is_counts and len(edges_kev) == 1:
+        for b in inst.bands:  # one bin of a counts map that is one of the instrument's bins
+            ref = np.array([b.energy[0].to_value(u.keV), b.energy[1].to_value(u.keV)])
+            if np.allclose(ref, edges_kev[0], rtol=1e-3):
+                return [b.name]
+    return [energy_label(lo, hi) for lo, hi in edges_kev]
+
+
+def _dss_energy_kev(header: fits.Header) -> np.ndarray | None:
+    """(1, 2) energy range (keV) from the data-subspace keywords gtbin writes (DSTYPn = 'ENERGY'), if any."""
+    for key, value in header.items():
+        if key.startswith("DSTYP") and str(value).strip().upper() == "ENERGY":
+            n = key[5:]
+            match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*:\s*([0-9.eE+-]+)\s*", str(header.get(f"DSVAL{n}", "")))
+            if match:
+                unit = u.Unit(str(header.get(f"DSUNI{n}", "MeV")).strip() or "MeV")
+                lo, hi = (float(v) * unit for v in match.groups())
+                return np.array([[lo.to_value(u.keV), hi.to_value(u.keV)]])
+    return None
+
+
+def _filter_band(header: fits.Header, inst: Instrument) -> tuple[str | None, str | None]:
+    """(band name, None) from the filter keywords, or (None, the reason none fits)."""
+    seen = []
+    for key in _FILTER_KEYS:
+        if key not in header:
+            continue
+        value = str(header[key]).strip()
+        if not value or value.upper().startswith("CLEAR"):
+            continue
+        seen.append(f"{key}={value!r}")
+        for b in inst.bands:
+            if b.name.lower() == value.lower():
+                return b.name, None
+        if value.isdigit():  # WISE Atlas images say BAND = 1 for W1
+            ends = [b.name for b in inst.bands if b.name.endswith(value)]
+            if len(ends) == 1:
+                return ends[0], None
+    names = " ".join(b.name for b in inst.bands)
+    if seen:
+        return None, f"{', '.join(seen)} is not a band of {inst.name} ({names}); pass band= (--band)"
+    return None, f"it has no FILTER or BAND keyword to tell which {inst.name} band ({names}) it is; pass band= (--band)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ImageFile:
+    """A FITS image opened lazily: headers and WCS read, pixels read only by :meth:`read_window`.
+
+    Attributes:
+        path: the file.
+        format: ``image``, ``counts cube`` or ``simulated patch``.
+        shape: (C, H, W) of the image.
+        wcs: its 2-D celestial WCS, or None (pixels only).
+        instrument: the :class:`~skyfm.instruments.Instrument`, or None when neither the option nor the header says.
+        instrument_source: ``option``, ``header (TELESCOP='WISE')`` or why it is unknown.
+        bands: one name per plane (``?`` where unknown; see ``problems``).
+        energy_edges_kev: (C, 2) energy edges for counts data, else None.
+        hdu_label: which HDU holds the image (``HDU 0``, ``HDU 1 (SCI)``).
+        problems: what stops :func:`read_image` from making a Patch (an unknown instrument or band), one line each.
+    """
+
+    path: Path
+    format: str
+    shape: tuple[int, int, int]
+    wcs: WCS | None
+    instrument: Instrument | None
+    instrument_source: str
+    bands: list[str]
+    energy_edges_kev: np.ndarray | None
+    hdu_label: str
+    problems: list[str] = field(default_factory=list)
+    _hdul: fits.HDUList | None = field(default=None, repr=False)
+    _planes: list[tuple[int, tuple]] = field(default_factory=list, repr=False)  # (hdu index, leading index)
+    _mask_hdu: int | None = field(default=None, repr=False)
+    _loaded: dict = field(default_factory=dict, repr=False)  # HDUs astropy could not section, read whole
+
+    # -- lifetime ----------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._hdul is not None:
+            self._hdul.close()
+            self._hdul = None
+
+    def __enter__(self) -> "ImageFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- facts -------------------------------------------------------------------------------------------------
+    @property
+    def height(self) -> int:
+        return self.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.shape[2]
+
+    @property
+    def pixel_scale_deg(self) -> float | None:
+        """Mean pixel scale in degrees, or None without a WCS."""
+        return None if self.wcs is None else pixel_scale_deg(self.wcs)
+
+    # -- pixels ------------------------------------------------------------------------------------------------
+    def _section(self, index: int, key: tuple) -> np.ndarray:
+        """Pixels of one HDU through astropy's lazy section (only the rows asked for are read from disk)."""
+        if index in self._loaded:
+            return self._loaded[index][key]
+        try:
+            return np.asarray(self._hdul[index].section[key])
+        except (IndexError, TypeError, ValueError) as e:
+            if isinstance(e, ValueError) and "memory-mapped" not in str(e):
+                raise SkyfmError(f"{self.path}: cannot read {self.hdu_label} ({_first_line(e)})") from None
+            # Scaled integer images (BSCALE / BZERO / BLANK) cannot be memory-mapped, and astropy's section fails
+            # on a few BLANK pixels (it indexes .flat with a tuple): read such an HDU whole, once, without memmap.
+            try:
+                self._loaded[index] = fits.getdata(self.path, ext=index, memmap=False)
+            except (OSError, EOFError, ValueError, TypeError) as e2:
+                raise SkyfmError(f"{self.path}: cannot read {self.hdu_label} ({_first_line(e2)})") from None
+            return self._loaded[index][key]
+        except (OSError, EOFError) as e:  # EOFError: a cut gzip stream
+            raise SkyfmError(f"{self.path}: cannot read {self.hdu_label} ({_first_line(e)})") from None
+
+    def read_window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels of rows ``y0:y1``, columns ``x0:x1`` as float32 (C, h, w); invalid pixels, and pixels of the
+        window that lie outside the image, are NaN."""
+        if self._hdul is None:
+            raise SkyfmError(f"{self.path} is closed")
+        if not (y0 < y1 and x0 < x1):
+            raise SkyfmError(f"empty window rows {y0}:{y1}, columns {x0}:{x1}")
+        out = np.full((self.shape[0], y1 - y0, x1 - x0), np.nan, dtype=np.float32)
+        ry0, ry1 = max(y0, 0), min(y1, self.height)
+        rx0, rx1 = max(x0, 0), min(x1, self.width)
+        if ry0 >= ry1 or rx0 >= rx1:
+            return out
+        inner = out[:, ry0 - y0:ry1 - y0, rx0 - x0:rx1 - x0]
+        rows, cols = slice(ry0, ry1), slice(rx0, rx1)
+        plane = 0
+        for index, lead in self._planes:
+            block = self._section(index, lead + (Ellipsis, rows, cols))
+            block = block.reshape((-1,) + block.shape[-2:])
+            inner[plane:plane + len(block)] = block
+            plane += len(block)
+        if self._mask_hdu is not None:  # a MASK image HDU: non-zero pixels are invalid
+            masked = self._section(self._mask_hdu, (Ellipsis, rows, cols)) != 0
+            inner[np.broadcast_to(masked, inner.shape)] = np.nan
+        inner[~np.isfinite(inner)] = np.nan
+        return out
+
+    def read_patch_window(self, y0: int, y1: int, x0: int, x1: int) -> Patch:
+        """Rows ``y0:y1``, columns ``x0:x1`` as a Patch with its own WCS; invalid or outside pixels masked and 0."""
+        data = self.read_window(y0, y1, x0, x1)
+        wcs = None if self.wcs is None else self.wcs.slice((slice(y0, y1), slice(x0, x1)))
+        return _patch_from_pixels(self, data, wcs, meta={"tile_y0": y0, "tile_x0": x0})
+
+    def masked_fraction(self) -> float:
+        """Fraction of pixels invalid in any band, scanned a block of rows at a time (bounded memory)."""
+        rows = max(1, _SCAN_PIXELS // (self.shape[0] * self.width))
+        bad = 0
+        for y0 in range(0, self.height, rows):
+            block = self.read_window(y0, min(y0 + rows, self.height), 0, self.width)
+            bad += int(np.isnan(block).any(axis=0).sum())
+        return bad / (self.height * self.width)
+
+    def require_patchable(self) -> None:
+        """Raise the first problem that stops these pixels from becoming a Patch (unknown instrument or band)."""
+        if self.problems:
+            raise SkyfmError(self.problems[0])
+
+
+def _patch_from_pixels(image: ImageFile, data: np.ndarray, wcs: WCS | None, meta: dict) -> Patch:
+    image.require_patchable()
+    invalid = np.isnan(data).any(axis=0)
+    data[:, invalid] = 0.0
+    return Patch(
+        data=data, instrument=image.instrument.name, bands=list(image.bands), wcs=wcs,
+        mask=invalid if invalid.any() else None, energy_edges_kev=image.energy_edges_kev,
+        meta={"file": image.path.name, "hdu": image.hdu_label, **meta},
+    )
+
+
+def _mask_hdu_for(hdul: fits.HDUList, shape: tuple[int, int, int]) -> int | None:
+    """Index of a user's ``MASK`` image HDU matching the image's (H, W) or (C, H, W), else None."""
+    for i, h in enumerate(hdul):
+        if h.name.upper() == MASK_HDU and h.is_image and h.header.get(_ROLE_KEY) != "MASK":
+            mshape = tuple(int(h.header.get(f"NAXIS{k}", 0)) for k in range(h.header.get("NAXIS", 0), 0, -1))
+            if mshape in (shape[1:], shape):
+                return i
+    return None
+
+
+def _skyfm_science_hdus(hdul: fits.HDUList) -> list[int]:
+    return [i for i, h in enumerate(hdul) if h.is_image and h.header.get(_ROLE_KEY) == "SCIENCE"]
+
+
+def open_image(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None) -> ImageFile:
+    """Open a FITS image lazily (memory-mapped; pixels are read only by ``read_window``). See the module docstring.
+
+    The returned :class:`ImageFile` holds the file open: use it in a ``with`` block or call ``close()``.
+    """
+    hdul = open_fits(path, memmap=True)
+    try:
+        return _describe_image(Path(path), hdul, instrument, hdu, band)
+    except BaseException:
+        hdul.close()
+        raise
+
+
+def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> ImageFile:
+    index = select_hdu(hdul, hdu, path)
+    header = hdul[index].header
+    label = _hdu_label(hdul, index)
+    where = f"{path} {label}" if index else str(path)
+    if not _has_image(hdul[index]):
+        if _is_healpix(hdul[index]):
+            raise SkyfmError(f"{where} is a HEALPix map, not an image: cut it into tiles with skyfm.data.healpix")
+        raise SkyfmError(f"{where} has no image data (it is a {type(hdul[index]).__name__})")
+    shape, dropped = _image_shape(header, where)
+    headers = [header] + ([hdul[0].header] if index else [])
+    inst, inst_source = resolve_instrument(instrument, headers)
+    lead = (0,) * dropped
+    planes = [(index, lead)]
+    science = _skyfm_science_hdus(hdul)
+    fmt = FORMAT_IMAGE
+    problems = []
+    if inst is None:
+        problems.append(f"unknown instrument in {path} {inst_source.removeprefix('unknown ')}; "
+                        "pass instrument= (--instrument NAME or a YAML file)")
+    if hdu is None and "SKYFMINS" in hdul[0].header and science:
+        fmt = FORMAT_SIMULATED
+        if instrument is not None and inst.name != str(hdul[0].header["SKYFMINS"]):
+            raise SkyfmError(f"{path} was simulated for {hdul[0].header['SKYFMINS']}, not {inst.name}")
+        if len(science) > 1:  # a CCD patch: one 2-D image HDU per band
+            planes = [(i, ()) for i in science]
+            shape = (len(science),) + shape[1:]
+    edges = None
+    if EBOUNDS_HDU in [h.name for h in hdul]:
+        edges = read_ebounds(hdul[EBOUNDS_HDU])
+        if len(edges) != shape[0]:
+            raise SkyfmError(f"{where} has {shape[0]} energy plane(s) but its EBOUNDS table has {len(edges)} rows")
+        if fmt == FORMAT_IMAGE and int(header["NAXIS"]) - dropped == 3:
+            fmt = FORMAT_CUBE
+    bands, edges, band_problem = _bands(hdul, planes, shape, inst, band, edges)
+    if band_problem:
+        problems.append(f"{where}: {band_problem}")
+    wcs = celestial_wcs(header, where, hdul)
+    return ImageFile(
+        path=path, format=fmt, shape=shape, wcs=wcs, instrument=inst, instrument_source=inst_source, bands=bands,
+        energy_edges_kev=edges, hdu_label=label, problems=problems, _hdul=hdul, _planes=planes,
+        _mask_hdu=_mask_hdu_for(hdul, shape),
+    )
+
+
+def _bands(hdul, planes, shape, inst: Instrument | None, band: str | None, edges: np.ndarray | None):
+    """(band names, energy edges keV or None, problem or None) for the planes of an image."""
+    n = shape[0]
+    if band is not None and n > 1:
+        return ["?"] * n, edges, f"band= names the band of a one-band image, but this one has {n} planes"
+    if len(planes) > 1:  # a simulated CCD patch: FILTER on each band's HDU
+        return [str(hdul[i].header.get("FILTER", f"band{k}")) for k, (i, _) in enumerate(planes)], None, None
+    header = hdul[planes[0][0]].header
+    if band is not None:
+        if inst is None:
+            return [band], edges, None
+        b = inst.band(band)
+        if b.energy is not None:
+            edges = np.array([[b.energy[0].to_value(u.keV), b.energy[1].to_value(u.keV)]])
+        return [b.name], edges, None
+    if inst is not None and inst.is_counts and edges is None:
+        edges = _dss_energy_kev(header) if n == 1 else None
+        if edges is None and n == len(inst.bands):
+            edges = np.array([[b.energy[0].to_value(u.keV), b.energy[1].to_value(u.keV)] for b in inst.bands])
+    if edges is not None:
+        return band_names_for_energies(edges, inst), edges, None
+    if inst is None:
+        return ["?"] * n, None, None
+    if n == 1:
+        if len(inst.bands) == 1:
+            return [inst.bands[0].name], None, None
+        name, problem = _filter_band(header, inst)
+        return [name or "?"], None, problem
+    if n == len(inst.bands):  # a cube with one plane per band of the instrument, in its order
+        return [b.name for b in inst.bands], None, None
+    return ["?"] * n, None, (f"it has {n} planes but {inst.name} has {len(inst.bands)} bands; "
+                             "read one plane with hdu= or give the planes' bands in EBOUNDS")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def read_image(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None) -> Patch:
+    """Read a FITS image (any image HDU, a gtbin counts cube or a skyfm patch file) into a Patch.
+
+    Args:
+        path: the FITS file (gzip / bzip2 compressed files too).
+        instrument: instrument name or YAML path; default: from the header (TELESCOP / INSTRUME / SKYFMINS).
+        hdu: HDU index or EXTNAME to read; default: the first HDU with image data (a skyfm patch: all bands).
+        band: the band of a one-band image when its header does not say (FILTER / BAND / EBOUNDS).
+
+    Returns:
+        A Patch: ``data`` float32 (C, H, W) with invalid pixels set to 0 and flagged in ``mask``; ``wcs`` the
+        celestial WCS or None (then a :class:`NoWCSWarning` is issued); counts data carry ``energy_edges_kev``.
+        A simulated patch also carries its truth, source image and contaminant mask.
+    """
+    with open_image(path, instrument=instrument, hdu=hdu, band=band) as image:
+        image.require_patchable()
+        if image.format == FORMAT_SIMULATED:
+            patch = read_patch(image.path)
+            invalid = ~np.isfinite(patch.data)
+            patch.data[invalid] = 0.0
+            mask = invalid.any(axis=0)
+            patch.mask = mask if mask.any() else None
+        else:
+            patch = _patch_from_pixels(image, image.read_window(0, image.height, 0, image.width), image.wcs, {})
+    if patch.mask is not None and patch.mask.all():
+        raise SkyfmError(f"{path}: every pixel is NaN, infinite or masked; there is no image to read")
+    return patch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What skyfm sees in a file: `skyfm info`.
+# ----------------------------------------------------------------------------------------------------------------
+def _healpix_index(hdul: fits.HDUList, hdu: int | str | None, path: Path) -> int | None:
+    """Index of the HEALPix table to read (``hdu``, or the first one when the file has no image), else None."""
+    if hdu is None:
+        if any(_has_image(h) for h in hdul):
+            return None
+        return next((i for i, h in enumerate(hdul) if _is_healpix(h)), None)
+    index = select_hdu(hdul, hdu, path)
+    return index if _is_healpix(hdul[index]) else None
+
+
+def _angle_text(deg: float) -> str:
+    """An angle in the unit a person would use for it."""
+    if deg >= 0.05:
+        return f"{deg:.4g} deg"
+    if deg >= 1 / 60:
+        return f"{deg * 60:.4g} arcmin"
+    return f"{deg * 3600:.4g} arcsec"
+
+
+def wcs_summary(wcs: WCS, height: int, width: int) -> list[str]:
+    """Lines describing a celestial WCS: projection, frame, centre (ra/dec and glon/glat), field size."""
+    from astropy.wcs.utils import wcs_to_celestial_frame
+
+    projection = wcs.wcs.ctype[0][5:].strip("-") or "linear"
+    try:
+        frame = wcs_to_celestial_frame(wcs).name
+    except ValueError:
+        frame = "unknown frame"
+    centre = wcs.pixel_to_world((width - 1) / 2, (height - 1) / 2)
+    icrs, gal = centre.icrs, centre.galactic
+    scale = pixel_scale_deg(wcs)
+    return [
+        f"WCS:         {projection} projection, {frame} frame",
+        f"centre:      ra {icrs.ra.deg:.5f}, dec {icrs.dec.deg:+.5f} deg; glon {gal.l.deg:.5f}, glat {gal.b.deg:+.5f} deg",
+        f"field:       {_angle_text(width * scale)} x {_angle_text(height * scale)} (width x height)",
+    ]
+
+
+def _band_text(name: str, edges_kev: np.ndarray | None, k: int, inst: Instrument | None) -> str:
+    if edges_kev is not None:
+        label = energy_label(*edges_kev[k])
+        return name if name == label else f"{name} ({label})"
+    if inst is not None:
+        try:
+            return f"{name} ({inst.band(name).edges_label()})"
+        except SkyfmError:
+            pass
+    return name
+
+
+def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None) -> list[str]:
+    """What skyfm sees in a file, as lines of text: format, instrument (and from where), shape, bands with their
+    energy or wavelength ranges, pixel scale, WCS, masked fraction, truth rows."""
+    hdul = open_fits(path, memmap=True)
+    try:
+        if _healpix_index(hdul, hdu, Path(path)) is not None:
+            hdul.close()
+            from skyfm.data.healpix import describe_healpix
+
+            return describe_healpix(path, instrument=instrument, hdu=hdu)
+        image = _describe_image(Path(path), hdul, instrument, hdu, band)
+    except BaseException:
+        hdul.close()
+        raise
+    with image:
+        inst = image.instrument
+        lines = [
+            f"file:        {image.path} ({image.hdu_label})",
+            f"format:      {image.format}",
+            f"instrument:  {inst.name} (from {image.instrument_source})" if inst else f"instrument:  {image.instrument_source}",
+            f"shape:       {image.shape[0]} band(s) x {image.height} x {image.width} pixels (C, H, W)",
+            "bands:       " + ", ".join(_band_text(b, image.energy_edges_kev, k, inst) for k, b in enumerate(image.bands)),
+        ]
+        if image.wcs is None:
+            lines.append("WCS:         none: no celestial WCS, working in pixels")
+        else:
+            lines.insert(5, f"pixel scale: {_angle_text(image.pixel_scale_deg)}")
+            lines += wcs_summary(image.wcs, image.height, image.width)
+        masked = image.masked_fraction()
+        if masked == 1.0:
+            raise SkyfmError(f"{path}: every pixel is NaN, infinite or masked; there is no image to read")
+        lines.append(f"masked:      {100 * masked:.3g}% of pixels")
+        if image.format == FORMAT_SIMULATED:
+            hdul = image._hdul
+            if "TRUTH" in [h.name for h in hdul]:
+                lines.append(f"truth:       {hdul['TRUTH'].header.get('NAXIS2', 0)} true sources (TRUTH table)")
+        lines += [f"note:        {p}" for p in image.problems]
+    return lines

@@ -1,0 +1,195 @@
+"""Reading the files users have: FITS images, gtbin counts cubes, skyfm patch files; lazily for big ones."""
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from skyfm.cli import main
+from skyfm.data import Patch, open_image, read_image, write_patch
+from skyfm.data.fits_io import ebounds_hdu
+from skyfm.errors import SkyfmError
+from skyfm.instruments import load_instrument
+
+FERMI_EDGES_KEV = np.array([[b.energy[0].to_value("keV"), b.energy[1].to_value("keV")]
+                            for b in load_instrument("fermi-lat").bands])
+
+
+def _sky_wcs(ctype=("RA---TAN", "DEC--TAN"), crval=(150.0, 2.0), crpix=(20.5, 15.5), cd=None, cdelt=1.375 / 3600):
+    w = WCS(naxis=2)
+    w.wcs.ctype = list(ctype)
+    w.wcs.crval = list(crval)
+    w.wcs.crpix = list(crpix)
+    if cd is not None:
+        w.wcs.cd = cd
+    else:
+        w.wcs.cdelt = [-cdelt, cdelt]
+    return w
+
+
+def _ccube_header(wcs, telescop="GLAST"):
+    header = wcs.to_header()
+    header["WCSAXES"] = 3
+    header.update({"CTYPE3": "Energy", "CUNIT3": "MeV", "CRPIX3": 1.0, "CRVAL3": 300.0, "CDELT3": 1.0})
+    header["TELESCOP"], header["INSTRUME"] = telescop, "LAT"
+    return header
+
+
+def test_a_2d_image_becomes_one_band_with_its_wcs_and_mask(tmp_path, rng):
+    data = rng.normal(100, 5, size=(30, 40)).astype(np.float32)
+    data[3, 4], data[5, 6] = np.nan, np.inf
+    # A rotated, non-square pixel grid: fine, its pixel scale is reported as the mean.
+    angle = np.radians(30)
+    scale = np.array([1.0, 1.2]) * 1.375 / 3600
+    cd = np.array([[-np.cos(angle), np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * scale[None, :]
+    header = _sky_wcs(cd=cd).to_header()
+    header.update({"TELESCOP": "WISE", "BAND": 3})  # WISE Atlas images say BAND = 3 for W3
+    fits.PrimaryHDU(data, header=header).writeto(tmp_path / "w3.fits")
+    patch = read_image(tmp_path / "w3.fits")
+    assert patch.instrument == "wise" and patch.bands == ["W3"] and patch.shape == (1, 30, 40)
+    assert patch.mask.sum() == 2 and patch.mask[3, 4] and patch.mask[5, 6]
+    assert patch.data[0, 3, 4] == 0 and patch.data[0, 5, 6] == 0
+    np.testing.assert_array_equal(patch.data[0][~patch.mask], data[~patch.mask])
+    np.testing.assert_allclose(sorted(proj_plane_pixel_scales(patch.wcs)), sorted(scale), rtol=1e-9)
+    with open_image(tmp_path / "w3.fits") as image:
+        assert image.pixel_scale_deg == pytest.approx(scale.mean(), rel=1e-9)
+    sky = patch.wcs.pixel_to_world(12.25, 7.5)
+    x, y = WCS(header).world_to_pixel(sky)
+    assert abs(x - 12.25) < 1e-6 and abs(y - 7.5) < 1e-6
+
+
+def test_a_gtbin_counts_cube_keeps_its_energy_bins(tmp_path, rng):
+    counts = rng.poisson(2.0, size=(6, 24, 32)).astype(np.int32)
+    wcs = _sky_wcs(("GLON-CAR", "GLAT-CAR"), (10.0, 0.0), (16.5, 12.5), cdelt=0.1)
+    ebounds = ebounds_hdu(FERMI_EDGES_KEV / 1e3)  # written in MeV, as some tools do: TUNIT says so
+    ebounds.columns["E_MIN"].unit = ebounds.columns["E_MAX"].unit = "MeV"
+    ebounds = fits.BinTableHDU.from_columns(ebounds.columns, name="EBOUNDS")
+    fits.HDUList([fits.PrimaryHDU(counts, header=_ccube_header(wcs)), ebounds]).writeto(tmp_path / "ccube.fits")
+    patch = read_image(tmp_path / "ccube.fits")
+    assert patch.instrument == "fermi-lat" and patch.bands == ["E0", "E1", "E2", "E3", "E4", "E5"]
+    np.testing.assert_allclose(patch.energy_edges_kev, FERMI_EDGES_KEV)
+    np.testing.assert_array_equal(patch.data, counts)
+    assert patch.data.dtype == np.float32 and patch.wcs.naxis == 2 and patch.mask is None
+    with open_image(tmp_path / "ccube.fits") as image:
+        assert image.format == "counts cube"
+        np.testing.assert_array_equal(image.read_window(5, 9, 10, 20), counts[:, 5:9, 10:20])
+
+
+def test_counts_cube_bins_that_are_not_the_instruments_are_named_by_energy(tmp_path, rng):
+    edges = np.array([[1e5, 1e6], [1e6, 1e7]])
+    wcs = _sky_wcs(("GLON-CAR", "GLAT-CAR"), (0.0, 0.0), (8.5, 8.5), cdelt=0.2)
+    fits.HDUList([fits.PrimaryHDU(np.ones((2, 16, 16), np.float32), header=_ccube_header(wcs)),
+                  ebounds_hdu(edges)]).writeto(tmp_path / "c.fits")
+    patch = read_image(tmp_path / "c.fits")
+    assert patch.bands == ["0.1-1 GeV", "1-10 GeV"]
+    np.testing.assert_allclose(patch.energy_edges_kev, edges)
+
+
+def test_a_gtbin_counts_map_takes_its_band_from_the_energy_keywords(tmp_path):
+    header = _sky_wcs(("RA---CAR", "DEC--CAR"), (83.6, 22.0), (8.5, 8.5), cdelt=0.1).to_header()
+    header.update({"TELESCOP": "GLAST", "INSTRUME": "LAT", "DSTYP1": "POS(RA,DEC)", "DSVAL1": "CIRCLE(83.6,22,15)",
+                   "DSTYP2": "ENERGY", "DSUNI2": "MeV", "DSVAL2": "1159.5:4481.4"})
+    fits.PrimaryHDU(np.ones((16, 16), np.float32), header=header).writeto(tmp_path / "cmap.fits")
+    patch = read_image(tmp_path / "cmap.fits")
+    assert patch.bands == ["E1"]
+    np.testing.assert_allclose(patch.energy_edges_kev, [[1.1595e6, 4.4814e6]])
+
+
+def test_a_simulated_patch_file_is_read_whole_with_its_truth(tmp_path, rng):
+    data = rng.normal(100, 5, size=(3, 20, 24)).astype(np.float32)
+    data[1, 2, 3] = np.nan
+    truth = Table({"x": [1.5, 10.0], "y": [2.0, 7.25], "flux": [10.0, 20.0]})
+    patch = Patch(data, "hubble", ["F435W", "F606W", "F814W"], _sky_wcs(cdelt=0.05 / 3600), truth=truth,
+                  source_image=data * 0.1, contaminant_mask=np.zeros(data.shape, np.uint8))
+    write_patch(patch, tmp_path / "sim.fits")
+    back = read_image(tmp_path / "sim.fits")
+    assert back.bands == ["F435W", "F606W", "F814W"] and back.instrument == "hubble"
+    assert len(back.truth) == 2 and back.source_image.shape == (3, 20, 24)
+    assert back.mask[2, 3] and back.mask.sum() == 1 and back.data[1, 2, 3] == 0
+    with open_image(tmp_path / "sim.fits") as image:  # the lazy view stacks the band HDUs too
+        assert image.format == "simulated patch" and image.shape == (3, 20, 24)
+        np.testing.assert_array_equal(image.read_window(0, 20, 0, 24)[0], data[0])
+    with pytest.raises(SkyfmError, match="simulated for hubble, not wise"):
+        read_image(tmp_path / "sim.fits", instrument="wise")
+
+
+def test_the_band_comes_from_filter_keywords_or_the_option(tmp_path, rng):
+    header = _sky_wcs(cdelt=0.05 / 3600).to_header()
+    header.update({"TELESCOP": "HST", "INSTRUME": "ACS", "FILTER1": "CLEAR1L", "FILTER2": "F814W"})
+    primary = fits.PrimaryHDU(header=fits.Header({"TELESCOP": "HST", "INSTRUME": "ACS"}))
+    sci = fits.ImageHDU(rng.normal(size=(16, 16)).astype(np.float32), header=header, name="SCI")
+    fits.HDUList([primary, sci]).writeto(tmp_path / "acs.fits")
+    patch = read_image(tmp_path / "acs.fits")  # the first HDU with data, here the SCI extension
+    assert patch.instrument == "hubble" and patch.bands == ["F814W"]
+    assert read_image(tmp_path / "acs.fits", hdu="sci").bands == ["F814W"]
+    assert read_image(tmp_path / "acs.fits", hdu=1, band="F606W").bands == ["F606W"]
+    assert read_image(tmp_path / "acs.fits", instrument="meerlicht", band="q").instrument == "meerlicht"
+    with pytest.raises(SkyfmError, match="FILTER2='F814W' is not a band of meerlicht"):
+        read_image(tmp_path / "acs.fits", instrument="meerlicht")
+    with pytest.raises(SkyfmError, match="no HDU named 'DQ'"):
+        read_image(tmp_path / "acs.fits", hdu="DQ")
+
+
+def test_masked_pixels_from_a_mask_hdu_and_blank_integers(tmp_path):
+    raw = np.arange(64, dtype=np.int16).reshape(8, 8)
+    raw[0, 0] = -32768
+    header = _sky_wcs(cdelt=0.56 / 3600).to_header()
+    header.update({"TELESCOP": "MeerLICHT", "FILTER": "r", "BLANK": -32768})
+    mask = np.zeros((8, 8), np.uint8)
+    mask[4, :] = 1  # a bad row
+    fits.HDUList([fits.PrimaryHDU(raw, header=header), fits.ImageHDU(mask, name="MASK")]).writeto(tmp_path / "m.fits")
+    patch = read_image(tmp_path / "m.fits")
+    assert patch.bands == ["r"]
+    expected = mask.astype(bool)
+    expected[0, 0] = True
+    np.testing.assert_array_equal(patch.mask, expected)
+    assert patch.data[0, 0, 0] == 0 and patch.data[0, 1, 1] == 9
+
+
+def test_degenerate_leading_axes_are_dropped(tmp_path):
+    header = _sky_wcs(cdelt=1e-3).to_header()
+    header.update({"WCSAXES": 4, "CTYPE3": "FREQ", "CRVAL3": 1.4e9, "CDELT3": 1e6, "CRPIX3": 1.0,
+                   "CTYPE4": "STOKES", "CRVAL4": 1.0, "CDELT4": 1.0, "CRPIX4": 1.0})
+    fits.PrimaryHDU(np.ones((1, 1, 12, 10), np.float32), header=header).writeto(tmp_path / "radio.fits")
+    patch = read_image(tmp_path / "radio.fits", instrument="wise", band="W1")
+    assert patch.shape == (1, 12, 10) and patch.wcs.naxis == 2
+
+
+def test_open_image_reads_windows_without_loading_the_image(tmp_path, rng):
+    data = rng.normal(size=(3, 200, 300)).astype(np.float32)
+    header = _sky_wcs(cdelt=1.375 / 3600).to_header()
+    header["TELESCOP"] = "WISE"
+    fits.PrimaryHDU(data, header=header).writeto(tmp_path / "cube.fits")
+    with open_image(tmp_path / "cube.fits") as image:
+        assert image.shape == (3, 200, 300)
+        window = image.read_window(50, 60, 100, 130)
+        np.testing.assert_array_equal(window, data[:, 50:60, 100:130])
+        outside = image.read_window(195, 205, -3, 2)  # runs off two edges: NaN there
+        assert np.isnan(outside[:, 5:, :]).all() and np.isnan(outside[:, :, :3]).all()
+        np.testing.assert_array_equal(outside[:, :5, 3:], data[:, 195:, :2])
+        assert not image._hdul[0]._data_loaded  # no full copy: astropy sections read only those rows
+
+
+def test_info_describes_a_counts_cube(tmp_path, capsys, rng):
+    counts = rng.poisson(1.0, size=(6, 20, 30)).astype(np.float32)
+    counts[:, 0, :] = np.nan
+    wcs = _sky_wcs(("GLON-CAR", "GLAT-CAR"), (0.0, 0.0), (15.5, 10.5), cdelt=0.1)
+    fits.HDUList([fits.PrimaryHDU(counts, header=_ccube_header(wcs)), ebounds_hdu(FERMI_EDGES_KEV)]).writeto(
+        tmp_path / "ccube.fits")
+    assert main(["info", str(tmp_path / "ccube.fits")]) == 0
+    out = capsys.readouterr().out
+    for words in ("counts cube", "fermi-lat (from header (TELESCOP='GLAST', INSTRUME='LAT'))", "6 band(s) x 20 x 30",
+                  "E0 (0.3-1.159 GeV)", "E5 (0.2587-1 TeV)", "pixel scale: 0.1 deg", "CAR projection, galactic frame",
+                  "glon 0.00000, glat +0.00000", "3 deg x 2 deg", "masked:      5% of pixels"):
+        assert words in out, (words, out)
+
+
+def test_info_of_a_simulated_patch_counts_its_true_sources(tmp_path, capsys, rng):
+    truth = Table({"x": [1.0, 2.0, 3.0], "y": [1.0, 2.0, 3.0]})
+    patch = Patch(rng.normal(size=(1, 16, 16)), "meerlicht", ["q"], _sky_wcs(cdelt=0.56 / 3600), truth=truth)
+    write_patch(patch, tmp_path / "sim.fits")
+    assert main(["info", str(tmp_path / "sim.fits"), "--instrument", "meerlicht"]) == 0
+    out = capsys.readouterr().out
+    assert "simulated patch" in out and "3 true sources" in out and "q (440-720 nm)" in out and "(from option)" in out
