@@ -127,7 +127,7 @@ DEMO_SCENES = [  # (instrument, simulator options): one patch of every instrumen
     ("ctao", {"population": "plane"}),
     ("meerlicht", {"scene": "crowded"}),
     ("hubble", {"scene": "field"}),
-    ("wise", {"scene": "field"}),
+    ("wise", {"scene": "crowded"}),
 ]
 
 
@@ -165,9 +165,79 @@ def demo_cmd(out_dir, seed):
         patches.append(patch)
     gallery = save_gallery(patches, out / "gallery.png", title="skyfm demo: simulated patches with true sources")
     for patch in patches:
+        save_gallery([patch], out / f"{patch.instrument}.png", ncols=1)
+    for patch in patches:
         click.echo(f"  {patch.instrument:<10} {patch.n_bands} band(s) {patch.height}x{patch.width}, "
                    f"{len(patch.truth)} true sources -> {out / (patch.instrument + '.fits')}")
     click.echo(f"gallery: {gallery}")
+
+
+@cli.command("info")
+@click.argument("file", type=click.Path())
+@click.option("--instrument", "-i", default=None, help="Instrument name or YAML file (default: from the header).")
+@click.option("--hdu", default=None, help="HDU to read, by index or EXTNAME (default: the first with image data).")
+@click.option("--band", default=None, help="Band of a one-band image whose header has no FILTER / BAND keyword.")
+def info_cmd(file, instrument, hdu, band):
+    """Say what skyfm sees in a FITS file: an image, a counts cube, a HEALPix map or a simulated patch.
+
+    Prints the format, the instrument (and whether the header or --instrument named it), the shape, the bands
+    with their energy or wavelength ranges, the pixel scale, the WCS (projection, frame, centre in ra/dec and
+    glon/glat, field size), the fraction of masked pixels and, for simulated patches, the number of true sources.
+
+    \b
+    Examples:
+      skyfm info image.fits
+      skyfm info ccube.fits --instrument fermi-lat
+      skyfm info drizzled.fits --hdu SCI --band F606W
+    """
+    import warnings
+
+    from skyfm.data.readers import inspect_file
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        lines = inspect_file(file, instrument=instrument, hdu=hdu, band=band)
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+        click.echo(f"skyfm: warning: {message}", err=True)
+    click.echo("\n".join(lines))
+
+
+@cli.command("shards")
+@click.option("--instrument", "-i", "instruments", multiple=True, required=True, metavar="NAME=COUNT",
+              help="Instrument and number of patches; repeat for a mixed set (e.g. -i fermi-lat=2000 -i wise=500).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Run seed: the same seed gives the same shards.")
+@click.option("--per-shard", type=click.IntRange(min=1), default=1000, show_default=True, help="Patches per shard.")
+@click.option("--size", type=click.IntRange(min=16), default=None, help="Patch side in pixels (default: the instrument's).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Simulating processes.")
+@click.option("--append", is_flag=True, help="Add to the shard set in --out instead of refusing an existing one.")
+def shards_cmd(instruments, out_dir, seed, per_shard, size, workers, append):
+    """Simulate patches with truth and write them as a sharded training set.
+
+    Writes webdataset-style tar shards (one instrument per shard, --per-shard patches each; every patch its
+    image, source-only image, masks, truth catalog and metadata) and OUT/manifest.json with the sample counts,
+    bands, sizes and sha256 of every shard and this command. Stream them into training with
+    skyfm.data.ShardDataset, which mixes the instruments with any weights. Use one --size for all instruments
+    to batch them together.
+
+    \b
+    Examples:
+      skyfm shards -i fermi-lat=2000 -i meerlicht=2000 --size 256 --out shards/ --seed 1
+      skyfm shards -i wise=500 --out shards/ --seed 2 --append
+    """
+    import shlex
+
+    from skyfm.data.shards import load_manifest, parse_instrument_counts, write_simulated_shards
+
+    counts = parse_instrument_counts(instruments)
+    args = [a for name, n in counts.items() for a in ("-i", f"{name}={n}")] + ["--out", out_dir, "--seed", str(seed),
+            "--per-shard", str(per_shard)] + (["--size", str(size)] if size else []) + (["--append"] if append else [])
+    command = "skyfm shards " + shlex.join(args)  # recorded in the manifest
+    manifest_path = write_simulated_shards(out_dir, counts, seed=seed, patches_per_shard=per_shard, size=size,
+                                           workers=workers, progress=True, append=append, command=command)
+    manifest = load_manifest(manifest_path)
+    mix = ", ".join(f"{n} {name}" for name, n in manifest["instruments"].items())
+    click.echo(f"{manifest_path.parent}/: {len(manifest['shards'])} shards, {manifest['n_samples']} patches ({mix})")
 
 
 def main(argv: list[str] | None = None) -> int:

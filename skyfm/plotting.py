@@ -1,8 +1,8 @@
 """Pictures a person would rather look at than read: patches with their sources overlaid.
 
-Stretches follow what astronomers use: an asinh stretch about the sky level for CCD images; for counts cubes a
-colour composite of low / middle / high energy bins (red / green / blue) smoothed by the PSF scale, as in Fermi
-press images, or one bin in log scale.
+Stretches follow what astronomers use: an asinh stretch with a black sky for CCD images (a colour composite of
+three bands when there are three or more); for counts cubes a counts map summed over energy bins, each bin smoothed
+by a fraction of its PSF, in log scale with a heat colour map, as Fermi-LAT count maps are shown.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ def _asinh_stretch(image: np.ndarray, q: float = 8.0) -> np.ndarray:
         return np.zeros_like(image)
     sky = np.median(finite)
     noise = 1.4826 * np.median(np.abs(finite - sky)) or (np.std(finite) or 1.0)
-    lo = sky - 2.0 * noise
-    hi = np.percentile(finite, 99.8)
-    hi = max(hi, sky + 10 * noise)
+    lo = sky  # a dark sky, so the eye goes to sources rather than to noise
+    hi = max(np.percentile(finite, 99.7), sky + 20 * noise)
     x = np.clip((image - lo) / (hi - lo), 0, 1)
     return np.arcsinh(q * x) / np.arcsinh(q)
 
@@ -42,23 +41,22 @@ def display_image(patch, bands: list[int] | None = None) -> np.ndarray:
     inst = patch.instrument_config()
     if inst.is_counts:
         # Smooth each bin by a fraction of its PSF so that sparse high-energy photons show as sources.
-        sm = [_smooth(data[i], 0.5 * inst.bands[i].psf.fwhm_deg / inst.pixel_scale_deg / 2.355) for i in range(c)]
-        if c >= 3:
-            groups = np.array_split(np.arange(c), 3)
-            rgb = [np.log1p(sum(sm[i] for i in g)) for g in groups[::-1]]  # high energy blue, low energy red
-            rgb = [ch / (np.percentile(ch, 99.9) or 1.0) for ch in rgb[::-1]]
-            return np.clip(np.stack(rgb, axis=-1), 0, 1)
-        img = np.log1p(sum(sm))
-        return img / (img.max() or 1.0)
+        smoothed = sum(_smooth(data[i], 0.5 * inst.bands[i].psf.fwhm_deg / inst.pixel_scale_deg / 2.355)
+                       for i in range(c))
+        img = np.log1p(smoothed / (np.median(smoothed) or 1.0))
+        lo, hi = np.percentile(img, [1.0, 99.9])
+        import matplotlib
+
+        return matplotlib.colormaps["inferno"](np.clip((img - lo) / ((hi - lo) or 1.0), 0, 1))[..., :3]
     if bands is None:
-        bands = [0] if c < 3 else [0, c // 2, min(c - 1, 2 if c == 4 else c - 1)]
+        bands = [0] if c < 3 else [0, 1, c - 1]  # Hubble F435W/F606W/F814W; WISE W1/W2/W4 as in its atlas images
     if len(bands) == 3:
         return np.stack([_asinh_stretch(data[i]) for i in bands[::-1]], axis=-1)  # longest wavelength in red
     return _asinh_stretch(data[bands[0]])
 
 
 def plot_patch(patch, ax=None, catalog=None, truth: bool = True, title: str | None = None, show_mask: bool = True,
-               max_markers: int = 3000):
+               max_markers: int = 3000, min_snr: float | None = 3.0):
     """Show a patch with its true sources (circles, coloured by class) and/or a detection catalog (crosses).
 
     Args:
@@ -66,6 +64,8 @@ def plot_patch(patch, ax=None, catalog=None, truth: bool = True, title: str | No
         ax: matplotlib axes (a new figure when None).
         catalog: optional table with ``x``, ``y`` columns (0-based pixels) to mark as detections.
         truth: mark ``patch.truth`` when present.
+        min_snr: mark only true sources at or above this SNR (``snr`` column), so that the many simulated sources
+            below any detection threshold do not hide the sky; None marks them all.
         show_mask: outline contaminant-mask pixels (cosmic rays, trails, ...) in red.
     """
     import matplotlib.pyplot as plt
@@ -79,6 +79,8 @@ def plot_patch(patch, ax=None, catalog=None, truth: bool = True, title: str | No
         ax.contour(m.astype(float), levels=[0.5], colors="#ff3030", linewidths=0.5)
     if truth and patch.truth is not None and len(patch.truth):
         t = patch.truth
+        if min_snr is not None and "snr" in t.colnames:
+            t = t[np.asarray(t["snr"], dtype=float) >= min_snr]
         if len(t) > max_markers:  # a globular-cluster core: show the brightest
             t = t[np.argsort(-np.asarray(t["flux"]))[:max_markers]]
         flux = np.asarray(t["flux"], dtype=float)
@@ -104,9 +106,11 @@ def _describe(patch) -> str:
     side = h * inst.pixel_scale_deg
     size = f"{side:.3g} deg" if side >= 0.5 else (f"{side * 60:.3g} arcmin" if side * 60 >= 1 else f"{side * 3600:.3g} arcsec")
     n = "" if patch.truth is None else f", {len(patch.truth)} sources"
+    if patch.truth is not None and "snr" in patch.truth.colnames:
+        n += f" ({int((np.asarray(patch.truth['snr']) >= 3).sum())} SNR>=3 circled)"
     scene = patch.meta.get("scene") or patch.meta.get("population") or ""
     scene = f" ({scene})" if scene else ""
-    return f"{inst.name}{scene}: {','.join(patch.bands) if len(patch.bands) <= 4 else f'{len(patch.bands)} bins'}, {size}{n}"
+    return f"{inst.name}{scene}: {patch.bands[0] if len(patch.bands) == 1 else f'{len(patch.bands)} bands'}, {size}{n}"
 
 
 def save_gallery(patches, path, ncols: int = 3, title: str | None = None):
