@@ -67,14 +67,20 @@ def real_simulators_available() -> bool:
     return True
 
 
-def stream(folder, num_workers: int, batch_size: int, n_patches: int, with_truth: bool) -> tuple[float, float, float]:
-    """(patches/s of wall time, patches per CPU-second of all processes, MB/s of image + source) in steady state.
+# What each case decodes: everything (fine-tuning with truth), no truth tables, or what pretraining reads.
+READS = {"all": dict(with_truth=True, with_targets=True),
+         "no truth": dict(with_truth=False, with_targets=True),
+         "pretraining (image only)": dict(with_truth=False, with_targets=False)}
+
+
+def stream(folder, num_workers: int, batch_size: int, n_patches: int, reads: dict) -> tuple[float, float, float]:
+    """(patches/s of wall time, patches per CPU-second of all processes, MB/s of arrays batched) in steady state.
 
     The stream is endless (``resample=True``); timing starts after four batches per worker, once every worker
     has started and filled its shuffle buffer, and covers ``n_patches`` patches. The CPU-time rate is what the
     reader costs whatever else runs on the machine; the wall-time rate is what a training loop would see.
     """
-    dataset = ShardDataset(folder, seed=0, shuffle_buffer=256, with_truth=with_truth, resample=True)
+    dataset = ShardDataset(folder, seed=0, shuffle_buffer=256, resample=True, **reads)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_patches)
     batches = iter(loader)
     for _ in range(4 * max(1, num_workers)):
@@ -85,7 +91,7 @@ def stream(folder, num_workers: int, batch_size: int, n_patches: int, with_truth
     while n < n_patches:
         batch = next(batches)
         n += len(batch["key"])
-        nbytes += batch["image"].nbytes + batch["source"].nbytes
+        nbytes += sum(batch[k].nbytes for k in ("image", "scaled", "source", "contaminant") if k in batch)
     wall, cpu = time.perf_counter() - t0, sum(map(_cpu_seconds, pids)) - cpu0
     del batches
     return n / wall, n / cpu, nbytes / wall / 1e6
@@ -114,7 +120,7 @@ def main() -> None:
     print(f"command: {' '.join(['python'] + sys.argv)}")
     print(f"data: {args.n} patches per set from {source}, shards of 250, batch {args.batch_size}, warm page cache\n")
     print(f"load average before: {os.getloadavg()[0]:.1f}\n")
-    print("| shard set | DataLoader workers | truth tables | patches/s | patches per CPU-s | MB/s |")
+    print("| shard set | DataLoader workers | decoded | patches/s | patches per CPU-s | MB/s |")
     print("|---|---:|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for label, name in SETS:
@@ -126,9 +132,9 @@ def main() -> None:
                     pool.submit(write_simulated_shards, folder, {name: args.n}, seed=1, patches_per_shard=250,
                                 size=256, workers=args.workers, progress=False, simulator=simulator).result()
             for num_workers in (0, 2):
-                for with_truth in (True, False):
-                    rate, cpu_rate, mbps = stream(folder, num_workers, args.batch_size, args.n, with_truth)
-                    print(f"| {label} | {num_workers} | {'decoded' if with_truth else 'skipped'} | {rate:.0f} "
+                for reads_label, reads in READS.items():
+                    rate, cpu_rate, mbps = stream(folder, num_workers, args.batch_size, args.n, reads)
+                    print(f"| {label} | {num_workers} | {reads_label} | {rate:.0f} "
                           f"| {cpu_rate:.0f} | {mbps:.0f} |", flush=True)
     print(f"\nload average after: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores; above that, others share them)")
 

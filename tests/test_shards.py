@@ -405,3 +405,15 @@ def test_rank_and_world_size_come_from_torch_distributed(mixed_set, monkeypatch)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     assert _keys(ShardDataset(folder, seed=3, with_truth=False)) == explicit
     assert 0 < len(explicit) < 42
+
+
+def test_pretraining_reads_skip_targets_but_keep_the_same_samples(mixed_set):
+    folder, _ = mixed_set
+    full = ShardDataset(folder, seed=2, shuffle_buffer=4, with_truth=False)
+    light = ShardDataset(folder, seed=2, shuffle_buffer=4, with_truth=False, with_targets=False)
+    loader = lambda ds: DataLoader(ds, batch_size=5, collate_fn=collate_patches)  # noqa: E731
+    a, b = next(iter(loader(full))), next(iter(loader(light)))
+    assert a["key"] == b["key"]
+    assert torch.equal(a["scaled"], b["scaled"]) and torch.equal(a["image"], b["image"])
+    assert "source" in a and "contaminant" in a
+    assert "source" not in b and "contaminant" not in b

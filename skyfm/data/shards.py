@@ -699,7 +699,7 @@ def _truth_table(array: np.ndarray, info: dict) -> Table:
 
 
 def _decode_arrays(path, key: str, suffixes: Iterable[str], load: Callable[[str], bytearray],
-                   with_truth: bool) -> tuple[dict, dict]:
+                   with_truth: bool, with_targets: bool = True) -> tuple[dict, dict]:
     """The JSON header and the checked arrays of one sample; ``load(suffix)`` returns a member's bytes."""
     suffixes = set(suffixes)
     for required in ("json", "data.npy"):
@@ -707,7 +707,8 @@ def _decode_arrays(path, key: str, suffixes: Iterable[str], load: Callable[[str]
             raise SkyfmError(f"shard {path}: sample '{key}' has no {key}.{required}")
     header = _decode_json(load("json"), path, key)
     arrays = {}
-    for suffix in ("data.npy", "source.npy", "mask.npy", "invalid.npy") + (("truth.npy",) if with_truth else ()):
+    targets = ("source.npy", "mask.npy") if with_targets else ()
+    for suffix in ("data.npy", *targets, "invalid.npy") + (("truth.npy",) if with_truth else ()):
         if suffix in suffixes:
             arrays[suffix] = decode_npy(load(suffix), f"shard {path}: {key}.{suffix}")
     shape = tuple(header["shape"])
@@ -859,9 +860,9 @@ def sample_from_patch(patch: Patch, key: str | None = None, instrument=None) -> 
     return _sample(header, arrays, key, patch.truth)
 
 
-def _decode_sample(path, key: str, loaded: dict[str, bytearray], with_truth: bool) -> dict:
+def _decode_sample(path, key: str, loaded: dict[str, bytearray], with_truth: bool, with_targets: bool) -> dict:
     """A dataset sample from the bytes of its members."""
-    header, arrays = _decode_arrays(path, key, loaded, loaded.__getitem__, with_truth)
+    header, arrays = _decode_arrays(path, key, loaded, loaded.__getitem__, with_truth, with_targets)
     truth = None
     if "truth.npy" in arrays:
         truth = _truth_table(arrays["truth.npy"], header.get("truth") or {})
@@ -951,9 +952,12 @@ class _StreamReader:
     opened.
     """
 
-    def __init__(self, stream: _ShuffledStream, with_truth: bool):
+    def __init__(self, stream: _ShuffledStream, with_truth: bool, with_targets: bool):
         self.stream = stream
         self.with_truth = with_truth
+        self.skipped = set() if with_targets else {"source.npy", "mask.npy"}
+        if not with_truth:
+            self.skipped.add("truth.npy")
         self.pending = set(stream.buffer)
         self.resume_cursor = stream.cursor
         self.position = min([stream.cursor[0]] + [p for p, _ in self.pending])
@@ -968,7 +972,7 @@ class _StreamReader:
         while ident not in self.waiting:
             self._read_next()
         path, key, loaded = self.waiting.pop(ident)
-        return _decode_sample(path, key, loaded, self.with_truth)
+        return _decode_sample(path, key, loaded, self.with_truth, not self.skipped & {"source.npy"})
 
     def _read_next(self) -> None:
         shard = self.stream.shards[self.position]
@@ -988,7 +992,7 @@ class _StreamReader:
         if self._keep(ident):
             key, members, file = item
             # Read the bytes now, while the file is here; decode when the sample is handed out.
-            wanted = [m for m in members if self.with_truth or m != "truth.npy"]
+            wanted = [m for m in members if m not in self.skipped]
             self.waiting[ident] = (shard.path, key, {m: _load_member(file, members, m) for m in wanted})
 
 
@@ -1013,6 +1017,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             shards, in its own random order, pass after pass, so the weights hold exactly for any length of run.
         shuffle_shards: shuffle the shard order per epoch (default); False keeps the manifest's order.
         with_truth: decode truth catalogs into astropy Tables (pretraining does not need them).
+        with_targets: decode the source-only image and the contaminant mask (pretraining does not need them;
+            without them a batch has no ``source`` and ``contaminant`` keys).
 
     Each sample is a dict: ``image``, ``scaled`` (C, H, W) float32 tensors, ``source`` (or None),
     ``contaminant`` (uint8 or None), ``pixel_mask`` (H, W) bool, ``band_coord`` (C,) float32, ``key``,
@@ -1038,7 +1044,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __init__(self, paths_or_manifests, *, instrument_weights: Mapping[str, float] | None = None,
                  shuffle_buffer: int = 256, seed: int = 0, epoch: int = 0, rank: int | None = None,
                  world_size: int | None = None, transform: Callable[[dict], dict] | None = None,
-                 resample: bool = False, shuffle_shards: bool = True, with_truth: bool = True):
+                 resample: bool = False, shuffle_shards: bool = True, with_truth: bool = True,
+                 with_targets: bool = True):
         super().__init__()
         shards = resolve_shards(paths_or_manifests)
         if not shards:
@@ -1058,6 +1065,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.resample = bool(resample)
         self.shuffle_shards = bool(shuffle_shards)
         self.with_truth = bool(with_truth)
+        self.with_targets = bool(with_targets)
         self._consumed: dict[int, int] = {}
         self._consumed_workers: int | None = None
         self._next_worker = 0  # the worker whose batch is due next (DataLoader workers take turns)
@@ -1169,7 +1177,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 break
             position += 1
         # Readers start after the skip: they read only what is still in the buffers and what comes after.
-        readers = {name: _StreamReader(stream, self.with_truth) for name, stream in streams.items()}
+        readers = {name: _StreamReader(stream, self.with_truth, self.with_targets) for name, stream in streams.items()}
         for name, ident in draws:
             sample = readers[name].get(ident)
             if self.transform is not None:
@@ -1268,7 +1276,8 @@ def collate_patches(samples: Sequence[dict | Patch]) -> dict:
 
     ``samples`` are :class:`ShardDataset` samples or :class:`~skyfm.data.Patch` objects. Returns (B = batch,
     C = largest band count): ``image``, ``scaled``, ``source`` (B, C, H, W) float32 and ``contaminant`` uint8,
-    padding zero; ``band_valid`` (B, C) bool; ``band_coord`` (B, C) float32 log10 wavelength (m), 0 for padding;
+    padding zero (``source`` and ``contaminant`` only when some sample has them: not when read with
+    ``with_targets=False``); ``band_valid`` (B, C) bool; ``band_coord`` (B, C) float32 log10 wavelength (m), 0 for padding;
     ``instrument_id`` (B,) int64; ``pixel_scale_deg`` (B,) float32; ``pixel_mask`` (B, H, W) bool, True where
     invalid; and the lists ``instrument``, ``bands``, ``truth``, ``key`` (and ``stream_position`` for dataset
     samples, for :meth:`ShardDataset.mark_consumed`).
@@ -1284,6 +1293,8 @@ def collate_patches(samples: Sequence[dict | Patch]) -> dict:
                              f"{s['key']} is {s['image'].shape[-2]}x{s['image'].shape[-1]} (simulate with --size)")
     n, c_max = len(samples), max(s["image"].shape[0] for s in samples)
     cube = (n, c_max, height, width)
+    # Datasets read with with_targets=False carry no source image or contaminant mask: no zeros to build then.
+    arrays = ["image", "scaled"] + [k for k in ("source", "contaminant") if any(s.get(k) is not None for s in samples)]
     batch = {
         "image": _batch_tensor(cube, torch.float32),
         "scaled": _batch_tensor(cube, torch.float32),
@@ -1292,18 +1303,19 @@ def collate_patches(samples: Sequence[dict | Patch]) -> dict:
         "instrument_id": torch.tensor([s["instrument_id"] for s in samples], dtype=torch.int64),
         "pixel_scale_deg": torch.tensor([s["pixel_scale_deg"] for s in samples], dtype=torch.float32),
         "pixel_mask": torch.stack([s["pixel_mask"] for s in samples], out=_batch_tensor((n, height, width), torch.bool)),
-        "source": _batch_tensor(cube, torch.float32),
-        "contaminant": _batch_tensor(cube, torch.uint8),
         "instrument": [s["instrument"] for s in samples],
         "bands": [list(s["bands"]) for s in samples],
         "truth": [s.get("truth") for s in samples],
         "key": [s["key"] for s in samples],
     }
+    for name, dtype in (("source", torch.float32), ("contaminant", torch.uint8)):
+        if name in arrays:
+            batch[name] = _batch_tensor(cube, dtype)
     for i, s in enumerate(samples):
         c = s["image"].shape[0]
         batch["band_valid"][i, :c] = True
         batch["band_coord"][i, :c] = s["band_coord"]
-        for name in ("image", "scaled", "source", "contaminant"):
+        for name in arrays:
             if s.get(name) is not None:
                 batch[name][i, :c] = s[name]
                 batch[name][i, c:] = 0
