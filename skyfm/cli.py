@@ -240,6 +240,49 @@ def shards_cmd(instruments, out_dir, seed, per_shard, size, workers, append):
     click.echo(f"{manifest_path.parent}/: {len(manifest['shards'])} shards, {manifest['n_samples']} patches ({mix})")
 
 
+@cli.command("pretrain")
+@click.option("--config", "config_path", required=True,
+              help="Pretraining recipe: a YAML file, or the name of a built-in one (tiny, base).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: checkpoints, metrics.csv, TensorBoard logs and the final model/.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many optimizer steps (the schedule still follows the recipe).")
+@click.option("--no-resume", is_flag=True, help="Start from scratch even if OUT holds checkpoints.")
+def pretrain_cmd(config_path, out_dir, max_steps, no_resume):
+    """Pretrain the foundation model, self-supervised, on mixed gamma-ray, optical and infrared patches.
+
+    Stage 1 trains the VQ-VAE tokenizer on every band of every instrument; stage 2 freezes it and trains the
+    backbone to predict the codes of masked tokens. The recipe names the model, the data (a shard set, or
+    instruments to simulate into OUT/shards first) and the optimisation. The full training state is saved every
+    checkpoint.every steps; run the same command again to resume exactly where a stopped or killed run left off.
+    At the end OUT/model/ holds config.json + model.safetensors, for `--init` / create_model(pretrained_dir=...).
+
+    \b
+    Examples:
+      skyfm pretrain --config tiny --out runs/pretrain-tiny
+      skyfm pretrain --config configs/pretrain/tiny.yaml --out runs/pretrain-tiny --max-steps 100
+    \b
+    On two CPU processes, or GPUs and machines (accelerate launch):
+      accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no -m skyfm.pretrain --config tiny --out runs/pretrain-tiny
+    """
+    import os
+
+    from skyfm.pretrain import load_pretrain_config
+    from skyfm.pretrain.train import pretrain
+
+    config = load_pretrain_config(config_path)
+    model_dir = pretrain(config, out_dir, max_steps=max_steps, resume=not no_resume)
+    click.echo(f"model: {model_dir}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo may abort while tearing down at interpreter exit: everything is saved, leave now.
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command group, turning SkyfmError into one clear line and exit status 1."""
     try:
