@@ -12,6 +12,7 @@ import click
 
 from skyfm import __version__
 from skyfm.errors import SkyfmError
+from skyfm.utils import format_angle
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -51,17 +52,9 @@ def instruments_cmd(name: str | None):
                f" frame {inst.frame}, projection {inst.projection}, scaling {inst.scaling['method']}")
     for b in inst.bands:
         psf = b.psf
-        click.echo(f"  {b.name:<6} {b.edges_label():<22} PSF {b.psf_spec['model']:<8} FWHM {_angle(psf.fwhm_deg)} "
-                   f"({psf.fwhm_deg / inst.pixel_scale_deg:.2f} pix), r68 {_angle(psf.containment_radius())}")
+        click.echo(f"  {b.name:<6} {b.edges_label():<22} PSF {b.psf_spec['model']:<8} FWHM {format_angle(psf.fwhm_deg)} "
+                   f"({psf.fwhm_deg / inst.pixel_scale_deg:.2f} pix), r68 {format_angle(psf.containment_radius())}")
 
-
-def _angle(deg: float) -> str:
-    """An angle in the unit a person would use for it."""
-    if deg >= 0.05:
-        return f"{deg:.3g} deg"
-    if deg >= 1 / 60:
-        return f"{deg * 60:.3g} arcmin"
-    return f"{deg * 3600:.3g} arcsec"
 
 @cli.command("simulate")
 @click.option("--instrument", "-i", required=True, help="Instrument name (see `skyfm instruments`) or a YAML file.")

@@ -66,7 +66,7 @@ def plot_patch(patch, ax=None, catalog=None, truth: bool = True, title: str | No
         truth: mark ``patch.truth`` when present.
         min_snr: mark only true sources at or above this SNR (``snr`` column), so that the many simulated sources
             below any detection threshold do not hide the sky; None marks them all.
-        show_mask: outline contaminant-mask pixels (cosmic rays, trails, ...) in red.
+        show_mask: tint contaminant-mask pixels (cosmic rays, trails, ...) red.
     """
     import matplotlib.pyplot as plt
 
@@ -76,7 +76,9 @@ def plot_patch(patch, ax=None, catalog=None, truth: bool = True, title: str | No
     ax.imshow(img, origin="lower", cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
     if show_mask and patch.contaminant_mask is not None and patch.contaminant_mask.any():
         m = patch.contaminant_mask.any(axis=0)
-        ax.contour(m.astype(float), levels=[0.5], colors="#ff3030", linewidths=0.5)
+        overlay = np.zeros(m.shape + (4,))
+        overlay[m] = (1.0, 0.19, 0.19, 0.45)  # translucent red: the artefact stays visible under it
+        ax.imshow(overlay, origin="lower", interpolation="nearest")
     if truth and patch.truth is not None and len(patch.truth):
         t = patch.truth
         if min_snr is not None and "snr" in t.colnames:

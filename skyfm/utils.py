@@ -30,3 +30,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def format_angle(deg: float, digits: int = 3) -> str:
+    """An angle in the unit a person would use for it: deg, arcmin or arcsec, ``digits`` significant digits."""
+    if deg >= 0.05:
+        return f"{deg:.{digits}g} deg"
+    if deg >= 1 / 60:
+        return f"{deg * 60:.{digits}g} arcmin"
+    return f"{deg * 3600:.{digits}g} arcsec"
+
+
+def read_yaml(path: str | Path, what: str):
+    """The parsed content of a YAML file, or a one-line SkyfmError naming the file (and the line) that is wrong."""
+    import yaml
+
+    from skyfm.errors import SkyfmError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SkyfmError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SkyfmError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None

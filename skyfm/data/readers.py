@@ -40,6 +40,7 @@ from skyfm.data.fits_io import EBOUNDS_HDU, MASK_HDU, _ROLE_KEY, read_ebounds, r
 from skyfm.data.patch import Patch
 from skyfm.errors import SkyfmError
 from skyfm.instruments import Instrument, instrument_from_header, load_instrument
+from skyfm.utils import format_angle
 
 FORMAT_IMAGE = "image"
 FORMAT_CUBE = "counts cube"
@@ -580,15 +581,6 @@ def _healpix_index(hdul: fits.HDUList, hdu: int | str | None, path: Path) -> int
     return index if _is_healpix(hdul[index]) else None
 
 
-def _angle_text(deg: float) -> str:
-    """An angle in the unit a person would use for it."""
-    if deg >= 0.05:
-        return f"{deg:.4g} deg"
-    if deg >= 1 / 60:
-        return f"{deg * 60:.4g} arcmin"
-    return f"{deg * 3600:.4g} arcsec"
-
-
 def wcs_summary(wcs: WCS, height: int, width: int) -> list[str]:
     """Lines describing a celestial WCS: projection, frame, centre (ra/dec and glon/glat), field size."""
     from astropy.wcs.utils import wcs_to_celestial_frame
@@ -604,7 +596,7 @@ def wcs_summary(wcs: WCS, height: int, width: int) -> list[str]:
     return [
         f"WCS:         {projection} projection, {frame} frame",
         f"centre:      ra {icrs.ra.deg:.5f}, dec {icrs.dec.deg:+.5f} deg; glon {gal.l.deg:.5f}, glat {gal.b.deg:+.5f} deg",
-        f"field:       {_angle_text(width * scale)} x {_angle_text(height * scale)} (width x height)",
+        f"field:       {format_angle(width * scale, 4)} x {format_angle(height * scale, 4)} (width x height)",
     ]
 
 
@@ -646,7 +638,7 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
         if image.wcs is None:
             lines.append("WCS:         none: no celestial WCS, working in pixels")
         else:
-            lines.insert(5, f"pixel scale: {_angle_text(image.pixel_scale_deg)}")
+            lines.insert(5, f"pixel scale: {format_angle(image.pixel_scale_deg, 4)}")
             lines += wcs_summary(image.wcs, image.height, image.width)
         masked = image.masked_fraction()
         if masked == 1.0:

@@ -40,6 +40,7 @@ import yaml
 
 from skyfm.errors import SkyfmError
 from skyfm.instruments.psf import PSF
+from skyfm.utils import read_yaml
 
 KINDS = ("counts", "ccd")
 SCALINGS = ("log1p", "anscombe", "asinh")
@@ -339,15 +340,7 @@ def parse_instrument(raw: Any, source: str = "<instrument>") -> Instrument:
 
 def read_instrument_file(path: str | Path) -> Instrument:
     path = Path(path)
-    if not path.is_file():
-        raise SkyfmError(f"instrument file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SkyfmError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
-    return parse_instrument(raw, str(path))
+    return parse_instrument(read_yaml(path, "instrument file"), str(path))
 
 
 @lru_cache(maxsize=None)

@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from skyfm.errors import SkyfmError
+from skyfm.utils import read_yaml
 
 
 @dataclass
@@ -162,14 +161,7 @@ def load_pretrain_config(path_or_name: str | Path) -> PretrainConfig:
     path = Path(path_or_name)
     if not path.exists() and not path.suffix:
         path = builtin_pretrain_dir() / f"{path_or_name}.yaml"
-    if not path.is_file():
-        raise SkyfmError(f"pretraining recipe not found: {path_or_name}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark else ""
-        raise SkyfmError(f"{path}: not valid YAML{line}") from None
+    raw = read_yaml(path, "pretraining recipe")
     return validate(_build(PretrainConfig, raw, str(path)), str(path))
 
 
