@@ -36,7 +36,6 @@ from typing import Any
 
 import astropy.units as u
 import numpy as np
-import yaml
 
 from skyfm.errors import SkyfmError
 from skyfm.instruments.psf import PSF
