@@ -38,7 +38,7 @@ CASES = [  # (label, instrument, options)
     ("MeerLICHT 1x256x256, field", "meerlicht", {"scene": "field"}),
     ("MeerLICHT 1x256x256, crowded", "meerlicht", {"scene": "crowded"}),
     ("MeerLICHT 1x256x256, cluster core", "meerlicht", {"scene": "cluster"}),
-    ("Hubble 1x256x256, field", "hubble", {"scene": "field"}),
+    ("Hubble 3x256x256, field", "hubble", {"scene": "field"}),
     ("WISE 4x256x256, field", "wise", {"scene": "field"}),
 ]
 

@@ -117,8 +117,9 @@ def token_labels(patch: Patch, grid: tuple[int, int], stride: int, min_snr: floa
     top, left = np.arange(h) * stride - 0.5, np.arange(w) * stride - 0.5
     noticeable = snr >= clean_snr
     # distance from each source to each cell's square: per axis, how far outside the [lo, lo + stride] interval
-    dy = np.clip(np.maximum(top[None, :] - y[noticeable, None], y[noticeable, None] - (top[None, :] + stride)), 0, None)
-    dx = np.clip(np.maximum(left[None, :] - x[noticeable, None], x[noticeable, None] - (left[None, :] + stride)), 0, None)
+    ys, xs = y[noticeable, None], x[noticeable, None]
+    dy = np.clip(np.maximum(top[None, :] - ys, ys - (top[None, :] + stride)), 0, None)  # (n, h)
+    dx = np.clip(np.maximum(left[None, :] - xs, xs - (left[None, :] + stride)), 0, None)  # (n, w)
     near = (dy[:, :, None] ** 2 + dx[:, None, :] ** 2) <= fwhm_pix**2  # (n, h, w)
     labels[~near.any(axis=0)] = NEGATIVE
     bright = snr >= min_snr
