@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes simulating the shard sets")
     parser.add_argument("--synthetic", action="store_true", help="random patches instead of the simulators")
     parser.add_argument("--dir", default=None, help="keep the shard sets in this folder and reuse them next time")
+    parser.add_argument("--shards", default=None, help="stream this existing shard set instead (e.g. a pretraining "
+                        "run's OUT/shards) and skip the two made-up sets")
     args = parser.parse_args()
     torch.set_num_threads(1)
     simulator = None if (real_simulators_available() and not args.synthetic) else synthetic_patch
@@ -122,6 +124,14 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.1f}\n")
     print("| shard set | DataLoader workers | decoded | patches/s | patches per CPU-s | MB/s |")
     print("|---|---:|---|---:|---:|---:|")
+    if args.shards:
+        for num_workers in (0, 2):
+            for reads_label, reads in READS.items():
+                rate, cpu_rate, mbps = stream(args.shards, num_workers, args.batch_size, args.n, reads)
+                print(f"| {args.shards} | {num_workers} | {reads_label} | {rate:.0f} | {cpu_rate:.0f} | {mbps:.0f} |",
+                      flush=True)
+        print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for label, name in SETS:
             folder = os.path.join(args.dir or tmp, f"{name}-{args.n}-{'synthetic' if simulator else 'simulated'}")
