@@ -55,10 +55,11 @@ def eval_patch_seed(instrument: str, index: int, seed: int = 0) -> int:
     return patch_seed(instrument_seed(EVAL_SEED_OFFSET + int(seed), instrument), index)
 
 
-def simulate_eval_set(instrument: str, n: int, size: int = 64, seed: int = 0) -> list[Patch]:
+def simulate_eval_set(instrument: str, n: int, size: int = 64, seed: int = 0, **options) -> list[Patch]:
     """``n`` fresh ``size`` x ``size`` patches of ``instrument``, with truth, from seeds no training run uses.
 
-    The instrument's default scenes and populations are drawn, as for the training shards.
+    By default the instrument's scenes and populations are drawn as for the training shards; ``options`` go to
+    the simulator (e.g. ``scene="field"`` for a CCD, ``population="real"`` for Fermi-LAT).
     """
     from skyfm.data.simulate import simulate_patch
     from skyfm.instruments import load_instrument
@@ -66,7 +67,7 @@ def simulate_eval_set(instrument: str, n: int, size: int = 64, seed: int = 0) ->
     if n < 1:
         raise SkyfmError(f"the evaluation set needs at least one patch, got n={n}")
     name = load_instrument(instrument).name
-    return [simulate_patch(name, eval_patch_seed(name, i, seed), size=size) for i in range(n)]
+    return [simulate_patch(name, eval_patch_seed(name, i, seed), size=size, **options) for i in range(n)]
 
 
 def patch_fwhm_pix(patch: Patch) -> np.ndarray:

@@ -76,8 +76,14 @@ class PretrainObjective(nn.Module):
 
     def forward(self, batch: dict, stage: int, generator: torch.Generator | None = None) -> dict:
         if stage == 1:
-            out = self.model.tokenizer(batch["scaled"], batch["band_valid"])
-            return {"loss": out.loss, "recon_loss": out.recon_loss, "commit_loss": out.commit_loss,
+            weights = None
+            if "source" in batch:  # simulated shards: weight the pixels where true sources are, so faint ones survive
+                from skyfm.tokenizers.vqvae import source_weights
+
+                weights = source_weights(batch["image"], batch["source"], batch["band_valid"])
+            out = self.model.tokenizer(batch["scaled"], batch["band_valid"], weights=weights)
+            return {"loss": out.loss, "recon_loss": out.recon_loss, "source_loss": out.source_loss,
+                    "commit_loss": out.commit_loss,
                     "perplexity": out.perplexity.detach(), "codebook_usage": torch.as_tensor(out.usage)}
         return self.model.pretraining_loss(batch, mask_ratio=self.mask_ratio, generator=generator)
 
@@ -198,17 +204,19 @@ def prepare_shards(config: PretrainConfig, out_dir: Path, accelerator) -> list[s
     return [str(target)]
 
 
-def make_loader(config: PretrainConfig, shard_dirs: list[str], rank: int, world_size: int, batches_done: int):
+def make_loader(config: PretrainConfig, shard_dirs: list[str], rank: int, world_size: int, batches_done: int,
+                with_targets: bool = False):
     """An endless, deterministic stream of collated batches for this rank, positioned after ``batches_done``.
 
     DataLoader workers hand out batches in turn, each from its own part of the stream, so the position after n
     batches is known without reading them: worker w has made n // W (+1 for the first n % W) batches.
+    ``with_targets`` also reads the source-only images (for the tokenizer's source-weighted loss).
     """
     from skyfm.data.shards import ShardDataset, collate_patches
 
     dataset = ShardDataset(shard_dirs, instrument_weights=config.data.weights or None,
                            shuffle_buffer=config.data.shuffle_buffer, seed=config.seed, rank=rank,
-                           world_size=world_size, resample=True, with_truth=False, with_targets=False)
+                           world_size=world_size, resample=True, with_truth=False, with_targets=with_targets)
     if batches_done:
         workers, size = max(config.data.num_workers, 1), config.train.batch_size
         consumed = [size * (batches_done // workers + (w < batches_done % workers)) for w in range(workers)]
@@ -241,6 +249,9 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, max_steps: int | No
 
     from skyfm.foundation import create_model
 
+    # oneDNN keeps compiled convolutions for every input shape it meets, and the band count of a mixed-instrument
+    # batch changes from batch to batch: unbounded, its cache grew a 600-step CPU run to 6.9 GB.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
     out = Path(out_dir)
     t = config.train
     stop_at = min(max_steps or t.max_steps, t.max_steps)
@@ -287,8 +298,11 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, max_steps: int | No
         step = saved["step"]
         accelerator.print(f"resumed from {checkpoints[-1]} (step {step})")
     shard_dirs = prepare_shards(config, out, accelerator)
-    batches = iter(make_loader(config, shard_dirs, accelerator.process_index, accelerator.num_processes,
-                               batches_done=step * t.grad_accum))
+    def loader_from(step: int):
+        return iter(make_loader(config, shard_dirs, accelerator.process_index, accelerator.num_processes,
+                                batches_done=step * t.grad_accum, with_targets=stage_of(step, config) == 1))
+
+    batches = loader_from(step)
 
     if trackers:
         accelerator.init_trackers("pretrain", config={"model": config.model, "seed": config.seed,
@@ -301,6 +315,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, max_steps: int | No
         stage = stage_of(step, config)
         if step == t.tokenizer_steps and stage == 2:
             set_stage(accelerator.unwrap_model(objective).model, 2)
+            batches = loader_from(step)  # stage 2 needs no source images: a lighter stream, same order
         totals: dict[str, float] = {}
         for micro in range(t.grad_accum):
             batch = to_device(next(batches), accelerator.device)
