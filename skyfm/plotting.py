@@ -96,20 +96,20 @@ def plot_patch(patch, ax=None, catalog=None, truth: bool = True, title: str | No
         ax.scatter(catalog["x"], catalog["y"], marker="+", s=25, c="#00e5ff", linewidths=0.7, label="detected")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
-    ax.set_title(title or _describe(patch), fontsize=9)
+    ax.set_title(title or _describe(patch, min_snr), fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     return ax
 
 
-def _describe(patch) -> str:
+def _describe(patch, min_snr: float | None) -> str:
     inst = patch.instrument_config()
     h, w = patch.height, patch.width
     side = h * inst.pixel_scale_deg
     size = f"{side:.3g} deg" if side >= 0.5 else (f"{side * 60:.3g} arcmin" if side * 60 >= 1 else f"{side * 3600:.3g} arcsec")
     n = "" if patch.truth is None else f", {len(patch.truth)} sources"
-    if patch.truth is not None and "snr" in patch.truth.colnames:
-        n += f" ({int((np.asarray(patch.truth['snr']) >= 3).sum())} SNR>=3 circled)"
+    if min_snr is not None and patch.truth is not None and "snr" in patch.truth.colnames:
+        n += f" ({int((np.asarray(patch.truth['snr']) >= min_snr).sum())} SNR>={min_snr:g} circled)"
     scene = patch.meta.get("scene") or patch.meta.get("population") or ""
     scene = f" ({scene})" if scene else ""
     return f"{inst.name}{scene}: {patch.bands[0] if len(patch.bands) == 1 else f'{len(patch.bands)} bands'}, {size}{n}"

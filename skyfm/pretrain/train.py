@@ -113,12 +113,6 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def resume_step(out_dir: Path, resume: bool) -> int:
-    """The step a run in ``out_dir`` continues from: its last complete checkpoint's, or 0."""
-    checkpoints = checkpoint_dirs(out_dir) if resume else []
-    return json.loads((checkpoints[-1] / TRAINER_STATE).read_text())["step"] if checkpoints else 0
-
-
 def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict, keep: int) -> Path:
     """accelerate's save_state into a temporary folder, then an atomic rename; old checkpoints pruned."""
     final = out_dir / "checkpoints" / f"step_{step:07d}"
@@ -274,11 +268,16 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, max_steps: int | No
     accelerator.wait_for_everyone()
     set_seed(config.seed)  # same initial weights on every rank
 
+    # The last complete checkpoint, read once: its step decides the stage the model is wrapped in.
+    checkpoints = checkpoint_dirs(out) if resume else []
+    saved = json.loads((checkpoints[-1] / TRAINER_STATE).read_text()) if checkpoints else None
+    step = saved["step"] if saved else 0
+
     model = create_model(config.model, **config.model_overrides)
     # Before prepare: DDP only synchronises the parameters that require gradients when it wraps the model.
     # Stage 1 wraps everything (the backbone just gets no gradients); a run resumed in stage 2 never needs the
     # tokenizer's.
-    set_stage(model, 1 if resume_step(out, resume) < t.tokenizer_steps else 2)
+    set_stage(model, stage_of(step, config))
     objective = PretrainObjective(model, t.mask_ratio)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
@@ -287,15 +286,11 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, max_steps: int | No
     objective, optimizer = accelerator.prepare(objective, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    step = 0
-    checkpoints = checkpoint_dirs(out) if resume else []
-    if checkpoints:
-        saved = json.loads((checkpoints[-1] / TRAINER_STATE).read_text())
+    if saved:
         if saved["world_size"] != accelerator.num_processes:
             raise SkyfmError(f"{checkpoints[-1]} was saved by {saved['world_size']} process(es); resume it with as "
                              f"many (this run has {accelerator.num_processes}) or start a new --out")
         accelerator.load_state(str(checkpoints[-1]))
-        step = saved["step"]
         accelerator.print(f"resumed from {checkpoints[-1]} (step {step})")
     shard_dirs = prepare_shards(config, out, accelerator)
     def loader_from(step: int):
