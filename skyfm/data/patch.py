@@ -39,6 +39,9 @@ class Patch:
         source_image: (C, H, W) float32 expected source-only image (no background, no noise, no contaminants).
         contaminant_mask: (C, H, W) uint8 with :data:`CONTAMINANT_BITS`.
         energy_edges_kev: (C, 2) energy edges of counts bins in keV (the EBOUNDS convention), else None.
+        background_image: (C, H, W) float32 expected background counts (interstellar, isotropic, hadronic: the
+            whole model except the sources), for simulated counts patches only; None for real data and CCDs.
+            Kept in memory only: it is not written to FITS files or shards (``read_patch`` gives None).
         meta: scalar facts worth keeping (seed, seeing per band, background model, ...); written to the header.
     """
 
@@ -52,6 +55,7 @@ class Patch:
     contaminant_mask: np.ndarray | None = None
     energy_edges_kev: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    background_image: np.ndarray | None = None
 
     def __post_init__(self):
         self.data = np.asarray(self.data, dtype=np.float32)

@@ -174,7 +174,7 @@ def simulate_counts_patch(
     return Patch(
         data=data, instrument=inst.name, bands=[b.name for b in inst.bands], wcs=wcs, truth=truth,
         source_image=source_image.astype(np.float32), contaminant_mask=np.zeros(data.shape, dtype=np.uint8),
-        energy_edges_kev=edges_mev * 1e3, meta=meta,
+        energy_edges_kev=edges_mev * 1e3, meta=meta, background_image=background.astype(np.float32),
     )
 
 
