@@ -276,6 +276,38 @@ def pretrain_cmd(config_path, out_dir, max_steps, no_resume):
         os._exit(0)
 
 
+@cli.command("denoise")
+@click.argument("input_path", metavar="INPUT", type=click.Path())
+@click.option("--instrument", "-i", default=None, help="Instrument name or YAML file (default: from the header).")
+@click.option("--model", "model_dir", default=None, type=click.Path(),
+              help="Denoiser directory (config.json + model.safetensors; default: the one shipped with skyfm).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Output FITS file.")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Diffusion samples averaged per pixel; their spread is the uncertainty (default: the model's, 4).")
+@click.option("--steps", type=click.IntRange(min=1, max=1000), default=None,
+              help="DDIM steps per sample (default: the model's, 4).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed: the same seed gives the same file.")
+@click.option("--hdu", default=None, help="HDU to read, by index or EXTNAME (default: the first with image data).")
+@click.option("--band", default=None, help="Band of a one-band image whose header has no FILTER / BAND keyword.")
+def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, seed, hdu, band):
+    """Remove backgrounds, noise, cosmic rays and trails: write the source-only image of INPUT.
+
+    INPUT is a FITS image or a gtbin counts cube. OUT gets the clean image (same shape as the input, same units)
+    as its primary HDU, the per-pixel uncertainty (std of the diffusion samples) as HDU UNCERT, the input header
+    and WCS, and the input's EBOUNDS table for counts cubes. Large images are denoised tile by tile.
+
+    \b
+    Examples:
+      skyfm denoise ccube.fits --out clean.fits
+      skyfm denoise ml_q.fits --instrument meerlicht --band q --out clean.fits --samples 8 --steps 8
+    """
+    from skyfm.heads.denoise.apply import denoise_file
+
+    out = denoise_file(input_path, out_path, instrument=instrument, model_dir=model_dir, samples=samples,
+                       steps=steps, seed=seed, hdu=hdu, band=band, progress=True)
+    click.echo(f"clean image: {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command group, turning SkyfmError into one clear line and exit status 1."""
     try:

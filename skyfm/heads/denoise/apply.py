@@ -1,0 +1,223 @@
+"""Run a denoiser on images of any size: tiles, several samples, mean and uncertainty in the data's units.
+
+:func:`denoise_patch` takes a :class:`~skyfm.data.Patch` and returns the clean (source-only) image and its per-pixel
+uncertainty, both (C, H, W) in the patch's units (counts per bin, ADU): the mean and standard deviation of
+``samples`` diffusion samples, each drawn with ``steps`` DDIM steps. Images larger than the model's tile are cut
+into overlapping tiles (:func:`skyfm.data.tiling.tile_grid`); each output pixel comes from the tile that owns it.
+:func:`denoise_file` does the same for a FITS file and writes the result (``skyfm denoise``).
+:func:`generate` samples new source-only images with no observation at all (unconditional, per band).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skyfm.errors import SkyfmError
+from skyfm.heads.denoise.model import Denoiser, pad_to_multiple
+from skyfm.heads.denoise.transforms import band_features, band_transform, instrument_kind
+from skyfm.instruments import load_instrument
+
+
+def default_model_dir() -> Path:
+    """Where the default denoiser ships: ``skyfm/resources/models/denoiser-default``."""
+    import skyfm
+
+    return Path(skyfm.__file__).parent / "resources" / "models" / "denoiser-default"
+
+
+@lru_cache(maxsize=4)
+def _load_cached(path: str) -> Denoiser:
+    return Denoiser.from_pretrained(path)
+
+
+def load_denoiser(model_dir: str | Path | None = None) -> Denoiser:
+    """A denoiser from ``model_dir`` (config.json + model.safetensors), or the default shipped one."""
+    if model_dir is None:
+        path = default_model_dir()
+        if not (path / "model.safetensors").is_file():
+            raise SkyfmError(f"no default denoiser is installed ({path}); pass --model DIR")
+    else:
+        path = Path(model_dir)
+    return _load_cached(str(path.resolve()))
+
+
+def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None = None, steps: int | None = None,
+                  seed: int = 0, tile: int | None = None, overlap: int | None = None, progress=None,
+                  threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Clean image and uncertainty, (C, H, W) float32 each, in the units of ``patch.data``.
+
+    Args:
+        patch: the observed patch (counts cube or CCD image); masked pixels come back as 0 in both arrays.
+        model: a :class:`Denoiser` (default: :func:`load_denoiser`).
+        samples: diffusion samples per pixel (mean and std over them); default the model's ``default_samples``.
+        steps: DDIM steps per sample (default the model's ``default_steps``).
+        seed: the same seed gives the same result.
+        tile, overlap: tile side and overlap in pixels (default the model's ``tile``, ``tile_overlap``).
+        progress: a callable called once per network evaluation (e.g. a tqdm ``update``), or None.
+        threads: torch threads (default: leave torch's setting).
+    """
+    model = model or load_denoiser()
+    cfg = model.config
+    samples = int(samples or cfg.default_samples)
+    if samples < 1:
+        raise SkyfmError(f"--samples must be at least 1, got {samples}")
+    if threads:
+        torch.set_num_threads(threads)
+    inst = load_instrument(patch.instrument)
+    kind = instrument_kind(inst)
+    c, h, w = patch.shape
+    valid = np.ones((h, w), bool) if patch.mask is None else ~np.asarray(patch.mask, bool)
+    transforms = [band_transform(patch.data[i], kind, cfg.ccd_softening, valid=valid) for i in range(c)]
+    obs = np.stack([tr.observation(patch.data[i]) for i, tr in enumerate(transforms)]) * valid
+    feats = torch.from_numpy(np.stack([band_features(inst, inst.band_index(b)) for b in patch.bands]))
+    feats = feats.repeat_interleave(samples, dim=0)  # (C * K, F), band-major
+    clean = np.zeros((c, h, w), np.float32)
+    std = np.zeros((c, h, w), np.float32)
+    from skyfm.data.tiling import tile_grid
+
+    tile = int(tile or cfg.tile)
+    overlap = int(cfg.tile_overlap if overlap is None else overlap)
+    overlap = min(overlap, tile - 1)
+    tiles = tile_grid(h, w, tile, overlap)
+    model.eval()
+    for k, t in enumerate(tiles):
+        y1, x1 = min(t.y1, h), min(t.x1, w)
+        win, (th, tw) = pad_to_multiple(obs[:, t.y0:y1, t.x0:x1], cfg.multiple)
+        pres, _ = pad_to_multiple(valid[None, t.y0:y1, t.x0:x1].astype(np.float32), cfg.multiple)
+        o = torch.from_numpy(win).repeat_interleave(samples, dim=0)[:, None]
+        p = torch.from_numpy(pres).expand(c * samples, -1, -1)[:, None].contiguous()
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0]))
+        x = model.sample(o, p, feats, steps=steps, generator=gen, callback=progress)
+        x = x[:, 0, :th, :tw].numpy().reshape(c, samples, th, tw)
+        data = np.stack([transforms[i].inverse_target(x[i]) for i in range(c)])  # (C, K, th, tw) data units
+        mean, sd = data.mean(axis=1), data.std(axis=1)
+        cy0, cy1, cx0, cx1 = t.core_y0 - t.y0, t.core_y1 - t.y0, t.core_x0 - t.x0, t.core_x1 - t.x0
+        clean[:, t.core_y0:t.core_y1, t.core_x0:t.core_x1] = mean[:, cy0:cy1, cx0:cx1]
+        std[:, t.core_y0:t.core_y1, t.core_x0:t.core_x1] = sd[:, cy0:cy1, cx0:cx1]
+    clean *= valid
+    std *= valid
+    return clean, std
+
+
+def n_evaluations(patch_shape, model: Denoiser, steps: int | None = None, tile: int | None = None,
+                  overlap: int | None = None) -> int:
+    """How many network evaluations (batched over bands and samples) :func:`denoise_patch` makes."""
+    from skyfm.data.tiling import tile_grid
+
+    cfg = model.config
+    tile = int(tile or cfg.tile)
+    overlap = min(int(cfg.tile_overlap if overlap is None else overlap), tile - 1)
+    return len(tile_grid(patch_shape[-2], patch_shape[-1], tile, overlap)) * int(steps or cfg.default_steps)
+
+
+@torch.no_grad()
+def generate(model: Denoiser, instrument, band: str | int, n: int, size: int = 64, steps: int | None = None,
+             seed: int = 0) -> np.ndarray:
+    """``n`` new source-only images (n, size, size) of one band, in network space, with no observation.
+
+    Network space is the variance-stabilised one (:mod:`skyfm.heads.denoise.transforms`): about one unit per noise
+    sigma of a typical observation.
+    """
+    inst = load_instrument(instrument)
+    bi = band if isinstance(band, int) else inst.band_index(band)
+    size = int(np.ceil(size / model.config.multiple) * model.config.multiple)
+    zeros = torch.zeros(n, 1, size, size)
+    feats = torch.from_numpy(np.repeat(band_features(inst, bi)[None], n, axis=0))
+    gen = torch.Generator().manual_seed(int(seed))
+    x = model.sample(zeros, zeros, feats, steps=steps, generator=gen)
+    return np.clip(x[:, 0].numpy(), 0 if inst.is_counts else None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: `skyfm denoise`
+# ----------------------------------------------------------------------------------------------------------------
+_STRUCTURAL = ("SIMPLE", "XTENSION", "BITPIX", "EXTEND", "PCOUNT", "GCOUNT", "BSCALE", "BZERO", "BLANK", "EXTNAME",
+               "EXTVER", "CHECKSUM", "DATASUM", "SKYFMROL")
+
+
+def _clean_header(header):
+    from astropy.io import fits
+
+    out = fits.Header()
+    for card in header.cards:
+        key = card.keyword
+        if key in _STRUCTURAL or key.startswith("NAXIS"):
+            continue
+        out.append(card, end=True)
+    return out
+
+
+def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_dir=None, samples: int | None = None,
+                 steps: int | None = None, seed: int = 0, hdu=None, band: str | None = None, tile: int | None = None,
+                 progress: bool = False, overwrite: bool = True) -> Path:
+    """Denoise a FITS image or counts cube into ``out``: the clean image (primary HDU, same shape as the input
+    image), its uncertainty (``UNCERT`` HDU), the input header and WCS, and the input's ``EBOUNDS`` if any.
+
+    Masked or NaN input pixels are NaN in both outputs. The file is written atomically: on any error nothing is
+    left at ``out``.
+    """
+    import warnings
+
+    from astropy.io import fits
+
+    from skyfm.data.readers import open_fits, read_image, select_hdu
+    from skyfm.utils import atomic_path
+
+    path, out = Path(path), Path(out)
+    if out.exists() and not overwrite:
+        raise SkyfmError(f"{out} exists")
+    if out.resolve() == path.resolve():
+        raise SkyfmError(f"--out {out} is the input file; choose another name")
+    if out.suffix.lower() not in (".fits", ".fit", ".fts") and not out.name.lower().endswith((".fits.gz",)):
+        raise SkyfmError(f"--out should be a FITS file name (.fits), got {out.name}")
+    model = load_denoiser(model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch = read_image(path, instrument=instrument, hdu=hdu, band=band)
+        with open_fits(path) as hdul:
+            index = select_hdu(hdul, hdu, path)
+            header = hdul[index].header.copy()
+            in_shape = tuple(hdul[index].data.shape) if hdul[index].data is not None else patch.shape
+            ebounds = next((h.copy() for h in hdul if h.name == "EBOUNDS"), None)
+            if ebounds is not None:
+                ebounds = fits.BinTableHDU(data=ebounds.data.copy(), header=ebounds.header.copy(), name="EBOUNDS")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_evaluations(patch.shape, model, steps, tile), desc=f"denoising {path.name}",
+                   unit="step", leave=False)
+    try:
+        clean, std = denoise_patch(patch, model, samples=samples, steps=steps, seed=seed, tile=tile,
+                                   progress=None if bar is None else (lambda: bar.update(1)))
+    finally:
+        if bar is not None:
+            bar.close()
+    if patch.mask is not None:
+        clean[:, patch.mask] = np.nan
+        std[:, patch.mask] = np.nan
+    squeeze = len(in_shape) != 3 and patch.n_bands == 1
+    shape_clean = clean.reshape(in_shape) if int(np.prod(in_shape)) == clean.size else (clean[0] if squeeze else clean)
+    shape_std = std.reshape(shape_clean.shape)
+    hdr = _clean_header(header)
+    hdr["DENOISED"] = (True, "source-only image from skyfm denoise")
+    hdr["DNMODEL"] = (str(model_dir or "denoiser-default")[-60:], "denoiser model")
+    hdr["DNSAMPLE"] = (int(samples or model.config.default_samples), "diffusion samples averaged")
+    hdr["DNSTEPS"] = (int(steps or model.config.default_steps), "DDIM steps per sample")
+    hdr["DNSEED"] = (int(seed), "sampling seed")
+    hdr["HISTORY"] = "skyfm denoise: mean of diffusion samples of the source-only image; UNCERT = their std"
+    hdus = [fits.PrimaryHDU(shape_clean.astype(np.float32), header=hdr)]
+    uhdr = hdr.copy()
+    uhdr["COMMENT"] = "Per-pixel standard deviation of the diffusion samples (same units as the primary HDU)."
+    hdus.append(fits.ImageHDU(shape_std.astype(np.float32), header=uhdr, name="UNCERT"))
+    if ebounds is not None:
+        hdus.append(ebounds)
+    with atomic_path(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+            fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="silentfix")
+    return out
