@@ -308,6 +308,162 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
     click.echo(f"clean image: {out}")
 
 
+@cli.command("embed")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Output Parquet file.")
+@click.option("--model", "model_dir", default=None, type=click.Path(),
+              help="Foundation model folder (e.g. runs/pretrain-tiny/model) or detector folder "
+                   "(default: the backbone of the detector shipped with skyfm).")
+@click.option("--instrument", "-i", default=None, help="Instrument name or YAML file (default: from each header).")
+@click.option("--band", default=None, help="Band of one-band images whose header has no FILTER / BAND keyword.")
+@click.option("--sources", "sources", default=None, type=click.Path(dir_okay=False),
+              help="Catalog of sources to embed (FITS / ECSV / VOTable with ra/dec, glon/glat or x/y; a 'file' "
+                   "column assigns rows to inputs). Default: each file's TRUTH table, else the detector.")
+@click.option("--min-snr", type=float, default=5.0, show_default=True,
+              help="TRUTH tables only: embed true sources at least this significant.")
+@click.option("--min-score", type=float, default=0.3, show_default=True, help="Detector sources: minimum score.")
+@click.option("--patches-only", is_flag=True, help="One vector per patch (tile) only, no source vectors.")
+@click.option("--tile", type=click.IntRange(min=8), default=64, show_default=True,
+              help="Tile side in pixels (a multiple of the model's 8-pixel token); smaller images are one tile.")
+@click.option("--overlap", type=click.IntRange(min=0), default=16, show_default=True, help="Tile overlap in pixels.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Tiles per forward pass.")
+def embed_cmd(inputs, out_path, model_dir, instrument, band, sources, min_snr, min_score, patches_only, tile,
+              overlap, batch_size):
+    """Embed images: one vector per patch (tile) and per source, with metadata and thumbnails, into Parquet.
+
+    INPUTS are FITS images, gtbin counts cubes, simulated patch files or folders of them. Images larger than
+    --tile are cut into overlapping tiles; each source is embedded once, by the tile that owns it. A vector is
+    the model's token features and dense features (each unit length) joined: 160 numbers for skyfm-tiny. Each
+    row records file, instrument, bands, pixel x/y, ra/dec and glon/glat, class / flux / snr when known and a
+    PNG thumbnail. Then: `skyfm index`, `skyfm search`, `skyfm umap`.
+
+    \b
+    Examples:
+      skyfm embed sims/fermi sims/wise --model runs/pretrain-tiny/model --out emb.parquet
+      skyfm embed mosaic.fits --sources my_catalog.ecsv --model runs/pretrain-tiny/model --out emb.parquet
+      skyfm embed ccube.fits -i fermi-lat --patches-only --tile 128 --out patches.parquet
+    """
+    import shlex
+
+    from skyfm.latent.embed import embed_command
+
+    command = "skyfm embed " + shlex.join([*map(str, inputs), "--out", str(out_path)]
+                                          + (["--model", str(model_dir)] if model_dir else [])
+                                          + (["--sources", str(sources)] if sources else []))
+    out, summary = embed_command(inputs, out_path, model_dir=model_dir, instrument=instrument, band=band,
+                                 sources=sources, tile=tile, overlap=overlap, batch_size=batch_size, min_snr=min_snr,
+                                 patches_only=patches_only, min_score=min_score, command=command)
+    for note in summary["notes"]:
+        click.echo(f"skyfm: note: {note}", err=True)
+    click.echo(f"{out}: {summary['patches']} patch and {summary['sources']} source vectors ({summary['dim']} dims) "
+               f"from {summary['files']} file{'s' if summary['files'] != 1 else ''}")
+
+
+@cli.command("index")
+@click.argument("embeddings", type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
+@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "ivfpq", "hnsw"]), default="auto", show_default=True,
+              help="auto: exact flat up to 20k vectors, IVF-Flat up to 5M, IVF-PQ beyond; hnsw on request.")
+@click.option("--metric", type=click.Choice(["cosine", "l2"]), default="cosine", show_default=True,
+              help="cosine: unit vectors, distance 1 - cos; l2: raw vectors, Euclidean distance.")
+@click.option("--target-recall", type=float, default=0.95, show_default=True,
+              help="Approximate indexes: tune nprobe / efSearch until recall@10 against exact search reaches this.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of k-means and of the tuning sample.")
+def index_cmd(embeddings, out_dir, kind, metric, target_recall, seed):
+    """Build a FAISS index of an embeddings Parquet file (from `skyfm embed`) in a folder.
+
+    The folder holds index.faiss (FAISS's own format, not a pickle), index.json (kind, parameters chosen by size,
+    the tuned nprobe / efSearch and its measured recall@10), metadata.parquet (row i = id i, with thumbnails)
+    and vectors.npy. Search it with `skyfm search`.
+
+    \b
+    Examples:
+      skyfm index emb.parquet --out emb.index
+      skyfm index big.parquet --out big.index --kind hnsw --target-recall 0.98
+    """
+    from skyfm.latent.index import build_index_dir, search_param_name
+
+    out, params = build_index_dir(embeddings, out_dir, kind=kind, metric=metric, target_recall=target_recall,
+                                  seed=seed, progress=True)
+    name = search_param_name(params["kind"])
+    tuned = f", {name} {params[name]} (recall@10 {params['recall_at_10']:.3f})" if name else " (exact)"
+    extra = f", nlist {params['nlist']}" if "nlist" in params else ""
+    click.echo(f"{out}/: {params['kind']} index of {params['n']} vectors, {params['dim']} dims, {params['metric']}"
+               f"{extra}{tuned}, built in {params['build_seconds']:.2f} s")
+
+
+@cli.command("search")
+@click.option("--index", "index_dir", required=True, type=click.Path(), help="Index folder from `skyfm index`.")
+@click.option("--query", "query", default=None, type=click.Path(),
+              help="Query file: embeddings .parquet (each row), vectors .npy ((D,) or (n, D)), or a FITS image "
+                   "(embedded with the index's model, one query per tile).")
+@click.option("--id", "row_id", type=int, default=None, help="Query with row N of the index (itself left out).")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")
+@click.option("--instrument", "-i", default=None, help="Only neighbours from this instrument.")
+@click.option("--kind", type=click.Choice(["patch", "source"]), default=None, help="Only patch or only source vectors.")
+@click.option("--grid", "grid", default=None, type=click.Path(dir_okay=False),
+              help="Write a PNG grid: each query's thumbnail and its neighbours'.")
+@click.option("--model", "model_dir", default=None, type=click.Path(),
+              help="Model to embed a FITS query with (default: the one the index was built from).")
+@click.option("--max-queries", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Queries taken from a multi-row query file.")
+def search_cmd(index_dir, query, row_id, k, instrument, kind, grid, model_dir, max_queries):
+    """Find the nearest neighbours of a query in an index: print them with distances, draw a thumbnail grid.
+
+    Distances are cosine distances (1 - cos, 0 = same direction) for cosine indexes, Euclidean for l2 ones.
+
+    \b
+    Examples:
+      skyfm search --index emb.index --id 42 -k 10 --grid neighbours.png
+      skyfm search --index emb.index --query new_patch.fits --instrument wise -k 5
+      skyfm search --index emb.index --query some.parquet --kind source --grid grid.png
+    """
+    from skyfm.latent.search import search_command
+
+    lines, _ = search_command(index_dir, query=query, row_id=row_id, k=k, instrument=instrument, kind=kind, grid=grid,
+                              model_dir=model_dir, max_queries=max_queries)
+    click.echo("\n".join(lines))
+
+
+@cli.command("umap")
+@click.argument("embeddings", type=click.Path())
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Static map, PNG.")
+@click.option("--html", "html_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write a self-contained interactive explorer (opens from disk, no server).")
+@click.option("--color-by", type=click.Choice(["instrument", "class", "kind", "origin", "file", "bands", "flux", "snr",
+                                               "score"]), default="instrument", show_default=True)
+@click.option("--kind", type=click.Choice(["patch", "source"]), default=None, help="Map only patch or source vectors.")
+@click.option("--instrument", "-i", default=None, help="Map only this instrument's vectors.")
+@click.option("--max-points", type=click.IntRange(min=5), default=5000, show_default=True,
+              help="Random subsample above this many points (seeded).")
+@click.option("--n-neighbors", type=click.IntRange(min=2), default=15, show_default=True, help="UMAP n_neighbors.")
+@click.option("--min-dist", type=click.FloatRange(min=0.0), default=0.1, show_default=True, help="UMAP min_dist.")
+@click.option("--knn", type=click.IntRange(min=1, max=100), default=10, show_default=True,
+              help="Nearest neighbours listed per point in the HTML explorer.")
+@click.option("--seed", type=int, default=0, show_default=True, help="UMAP and subsample seed.")
+def umap_cmd(embeddings, out_path, html_path, color_by, kind, instrument, max_points, n_neighbors, min_dist, knn,
+             seed):
+    """Draw a 2-D UMAP map of embeddings (PNG) and, with --html, an interactive explorer.
+
+    The explorer is one HTML file with the points, metadata, thumbnails and nearest neighbours inside: hover a
+    point to see its thumbnail and metadata, click it to list its nearest neighbours in the embedding space.
+    UMAP takes a few seconds for 5000 points, plus 10-30 s of numba compilation on first use.
+
+    \b
+    Examples:
+      skyfm umap emb.parquet --color-by instrument --out map.png --html map.html
+      skyfm umap emb.parquet --kind source --color-by class --out classes.png
+      skyfm umap emb.parquet --color-by flux --instrument fermi-lat --out flux.png
+    """
+    from skyfm.latent.explore import umap_command
+
+    summary = umap_command(embeddings, out_path, html=html_path, color_by=color_by, kind=kind, instrument=instrument,
+                           max_points=max_points, n_neighbors=n_neighbors, min_dist=min_dist, seed=seed, knn=knn)
+    click.echo(f"map of {summary['points']} embeddings (UMAP {summary['fit_seconds']:.1f} s): {summary['png']}")
+    if "html" in summary:
+        click.echo(f"explorer: {summary['html']} ({summary['html_bytes'] / 1e6:.1f} MB; open it in a browser)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command group, turning SkyfmError into one clear line and exit status 1."""
     try:
