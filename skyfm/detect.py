@@ -1,0 +1,492 @@
+"""From a sky image to a source catalog: the detector over tiles, peak finding, merging, likelihood refinement.
+
+    from skyfm.detect import detect_patch, detect_file
+    catalog = detect_patch(patch)                          # a Patch in memory -> QTable (DESIGN.md columns)
+    catalog = detect_file("image.fits", "catalog.fits")    # any size; writes catalog + DS9 regions
+
+How:
+
+1. **Tiles.** The image is cut into overlapping tiles (``tile_size``, ``tile_overlap`` of the detector's config;
+   :mod:`skyfm.data.tiling`); each tile owns a core, and a detection is kept only by the tile that owns its
+   position, so sources on tile edges appear once. Files are read tile by tile through a memory map
+   (:func:`skyfm.data.open_image`): a 16k x 16k image is never held whole, nor copied per tile.
+2. **Pixel scale.** The network was trained at the instrument's native pixel scale. An image whose WCS pixel
+   differs by more than 10% is resampled per tile to the native scale (bilinear; counts rescaled to stay counts
+   per pixel), and positions, errors and fluxes are mapped back to the image's own pixels.
+3. **Peaks.** The centre heatmap's 3x3 local maxima above ``min_score`` (:func:`skyfm.heads.localization.find_peaks`),
+   moved by the predicted sub-pixel offset; peaks whose refined positions fall within 1 px of a higher one are
+   merged (neighbouring pixels of one source), pairs further apart stay split. Masked pixels give no detections.
+4. **Counts cubes.** Each detection is refined by a Poisson likelihood fit with the instrument PSF per energy bin
+   against the expected background (the simulator's when known, else
+   :func:`skyfm.catalog.likelihood.estimate_background`): position, flux per bin, and TS; the physical photon flux
+   ``flux_phys`` (ph cm-2 s-1) is the sum over bins of counts / exposure (as the simulator defines it).
+5. **Catalog** via :func:`skyfm.catalog.build_catalog`: x, y, sky coordinates, pos_err, flux, flux_err, score (the
+   heatmap probability), class + class_prob, extension, flux_band (+ ts, sqrt_ts, flux_phys for counts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from skyfm.errors import SkyfmError
+
+MERGE_RADIUS_PIX = 1.0
+RESAMPLE_TOLERANCE = 0.1
+
+_DETECTORS: dict = {}
+
+
+def get_detector(detector=None):
+    """A SourceDetector: the one given, one loaded from a folder, or the shipped default (cached)."""
+    from skyfm.heads import SourceDetector, load_detector
+
+    if isinstance(detector, SourceDetector):
+        return detector
+    key = None if detector is None else str(Path(detector).resolve())
+    if key not in _DETECTORS:
+        _DETECTORS[key] = load_detector(detector)
+    return _DETECTORS[key]
+
+
+# ------------------------------------------------------------------------------------------------ accumulation
+@dataclass
+class _Found:
+    """Detections in full-image pixels, accumulated tile by tile."""
+
+    n_bands: int
+    class_names: list[str]
+    rows: dict = field(default_factory=lambda: {k: [] for k in (
+        "x", "y", "pos_err", "flux", "flux_err", "score", "class_prob", "extension", "flux_band", "flux_band_err")})
+
+    def add(self, **arrays):
+        for k, v in arrays.items():
+            self.rows[k].append(np.asarray(v))
+
+    def arrays(self) -> dict:
+        out = {}
+        for k, v in self.rows.items():
+            if v:
+                out[k] = np.concatenate(v, axis=0)
+            elif k in ("class_prob",):
+                out[k] = np.zeros((0, len(self.class_names)))
+            elif k in ("flux_band", "flux_band_err"):
+                out[k] = np.zeros((0, self.n_bands))
+            else:
+                out[k] = np.zeros(0)
+        return out
+
+
+def _prepare_tile(patch, inst):
+    """Fill invalid pixels so the network sees no artificial edges: the band median (CCDs) or 0 (counts)."""
+    if patch.mask is None:
+        return patch
+    valid = ~patch.mask
+    if not valid.any():
+        return None
+    if not inst.is_counts:
+        for c in range(patch.n_bands):
+            patch.data[c][patch.mask] = float(np.median(patch.data[c][valid]))
+    else:
+        patch.data[:, patch.mask] = 0.0
+    return patch
+
+
+def _zoom_patch(patch, out_size: tuple[int, int], counts: bool):
+    """A tile resampled to ``out_size`` (bilinear), counts rescaled to stay counts per (new) pixel."""
+    from scipy.ndimage import zoom
+
+    from skyfm.data.patch import Patch
+
+    h, w = patch.height, patch.width
+    fy, fx = out_size[0] / h, out_size[1] / w
+    data = zoom(patch.data, (1, fy, fx), order=1, mode="nearest", grid_mode=True)[:, :out_size[0], :out_size[1]]
+    if counts:
+        data = data / (fy * fx)
+    mask = None
+    if patch.mask is not None:
+        mask = zoom(patch.mask.astype(np.float32), (fy, fx), order=0, mode="nearest", grid_mode=True) > 0.5
+        mask = mask[:out_size[0], :out_size[1]]
+    return Patch(data=data.astype(np.float32), instrument=patch.instrument, bands=list(patch.bands), wcs=None,
+                 mask=mask, energy_edges_kev=patch.energy_edges_kev, meta=dict(patch.meta))
+
+
+def _decode_tile(det, out, i: int, patch, units, min_score: float, head):
+    """Detections of tile ``i`` of a batch output, in the tile's (network) pixels."""
+    import torch
+
+    from skyfm.heads.classification import decode_extension
+    from skyfm.heads.flux import decode_flux
+    from skyfm.heads.localization import find_peaks, merge_close
+
+    prob = torch.sigmoid(out.heat[i, 0].float())
+    valid = None
+    if patch.mask is not None:
+        valid = ~torch.from_numpy(np.asarray(patch.mask, bool)).to(prob.device)
+    rows, cols, scores = find_peaks(prob, min_score, valid)
+    if rows.numel() == 0:
+        return None
+    r, c = rows, cols
+    dx = out.offset[i, 0, r, c].float().cpu().numpy()
+    dy = out.offset[i, 1, r, c].float().cpu().numpy()
+    x = c.cpu().numpy() + np.clip(dx, -1.5, 1.5)
+    y = r.cpu().numpy() + np.clip(dy, -1.5, 1.5)
+    score = scores.cpu().numpy().astype(np.float64)
+    keep = merge_close(x, y, score, MERGE_RADIUS_PIX)
+    sel = torch.as_tensor(keep, dtype=torch.long, device=r.device)
+    r, c = r[sel], c[sel]
+    x, y, score = x[keep], y[keep], score[keep]
+    pos_err = np.exp(out.pos_logsigma[i, 0, r, c].float().cpu().numpy())
+    flux, flux_err = decode_flux(out.flux[i, 0, r, c].float().cpu().numpy(), out.flux[i, 1, r, c].float().cpu().numpy(),
+                                 float(np.sum(units)))
+    k = len(head.class_names)
+    logits = out.class_logits[i, :k, r, c].float()  # (K, N)
+    class_prob = torch.softmax(logits, dim=0).T.cpu().numpy()
+    extension = decode_extension(out.extension[i, 0, r, c].float().cpu().numpy(), head.pixel_scale_deg)
+    band_flux = np.full((len(x), patch.n_bands), np.nan)
+    band_err = np.full((len(x), patch.n_bands), np.nan)
+    for j, b in enumerate(patch.bands):
+        if b in head.bands:
+            kb = head.bands.index(b)
+            band_flux[:, j], band_err[:, j] = decode_flux(out.band_flux[i, kb, 0, r, c].float().cpu().numpy(),
+                                                          out.band_flux[i, kb, 1, r, c].float().cpu().numpy(),
+                                                          float(units[j]))
+    return dict(x=x, y=y, pos_err=pos_err, flux=flux, flux_err=flux_err, score=score, class_prob=class_prob,
+                extension=extension, flux_band=band_flux, flux_band_err=band_err)
+
+
+def _native_tile(det, inst, pixel_scale: float | None, tile_size: int) -> tuple[int, float]:
+    """(tile side in image pixels, zoom = network pixels per image pixel) for an image of ``pixel_scale`` deg."""
+    if pixel_scale is None or not np.isfinite(pixel_scale) or pixel_scale <= 0:
+        return tile_size, 1.0
+    zoom = pixel_scale / inst.pixel_scale_deg
+    if abs(zoom - 1.0) <= RESAMPLE_TOLERANCE:
+        return tile_size, 1.0
+    side = max(8, int(round(tile_size / zoom)))
+    return side, tile_size / side
+
+
+def _round_up(n: int, k: int) -> int:
+    return int(math.ceil(n / k) * k)
+
+
+def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None = None, overlap: int | None = None,
+                 batch_size: int = 8, progress: bool = False, pixel_scale: float | None = None) -> dict:
+    """Run the detector over every tile of ``source`` (a Patch or an opened ImageFile) -> full-image arrays."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from skyfm.data.tiling import iter_tiles, tile_grid
+    from skyfm.heads.localization import merge_close
+
+    head = det.head_config(inst.name)
+    stride = det.token_stride
+    tile_size = _round_up(int(tile_size or det.config.tile_size), stride)
+    overlap = int(det.config.tile_overlap if overlap is None else overlap)
+    _, height, width = source.shape
+    side, zoom = _native_tile(det, inst, pixel_scale, tile_size)
+    if zoom == 1.0:  # small images: one tile just big enough (a multiple of the token stride)
+        tile_hw = (min(side, _round_up(height, stride)), min(side, _round_up(width, stride)))
+        over = (min(overlap, tile_hw[0] - stride), min(overlap, tile_hw[1] - stride))
+    else:
+        tile_hw = (side, side)
+        o = max(0, min(int(round(overlap / zoom)), side - 1))
+        over = (o, o)
+    net_hw = tile_hw if zoom == 1.0 else (tile_size, tile_size)
+    over = (max(over[0], 0), max(over[1], 0))
+    grid = tile_grid(height, width, tile_hw, over)
+    found = _Found(n_bands=len(source.bands), class_names=list(head.class_names))
+    bar = tqdm(total=len(grid), desc="detecting", unit="tile", disable=not progress or len(grid) < 4)
+
+    def flush(items):
+        if not items:
+            return
+        tiles, patches = zip(*items)
+        batch = det.make_batch(list(patches))
+        with torch.inference_mode():
+            out = det({k: (v.to(det.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
+        for i, (t, p) in enumerate(items):
+            d = _decode_tile(det, out, i, p, batch["flux_units"][i], min_score, head)
+            if d is None:
+                continue
+            f = 1.0 / zoom  # image pixels per network pixel
+            d["x"] = t.x0 + (d["x"] + 0.5) * f - 0.5
+            d["y"] = t.y0 + (d["y"] + 0.5) * f - 0.5
+            d["pos_err"] = d["pos_err"] * f
+            if zoom != 1.0 and not inst.is_counts:  # surface brightness was kept: sums scale with pixel area
+                for k in ("flux", "flux_err", "flux_band", "flux_band_err"):
+                    d[k] = d[k] * f * f
+            own = t.owns(d["x"], d["y"])
+            if np.any(own):
+                found.add(**{k: v[own] for k, v in d.items()})
+        bar.update(len(items))
+
+    pending = []
+    for t, patch in iter_tiles(source, tile_hw, over):
+        patch = _prepare_tile(patch, inst)
+        if patch is None:
+            bar.update(1)
+            continue
+        if zoom != 1.0:
+            patch = _zoom_patch(patch, net_hw, inst.is_counts)
+            patch = _prepare_tile(patch, inst) or patch
+        patch.truth = None
+        pending.append((t, patch))
+        if len(pending) >= batch_size:
+            flush(pending)
+            pending = []
+    flush(pending)
+    bar.close()
+    arrays = found.arrays()
+    if len(arrays["x"]) > 1:  # two tiles may each own one half of a source split across their core boundary
+        keep = merge_close(arrays["x"], arrays["y"], arrays["score"], MERGE_RADIUS_PIX)
+        keep = np.sort(keep)
+        arrays = {k: v[keep] for k, v in arrays.items()}
+    order = np.argsort(-arrays["score"], kind="stable")
+    return {k: v[order] for k, v in arrays.items()}
+
+
+# --------------------------------------------------------------------------------------------- counts refinement
+def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background=None,
+                  bands: list[str] | None = None) -> dict:
+    """Poisson likelihood refinement of counts-cube detections: position, flux per bin, TS, physical flux."""
+    from skyfm.catalog import likelihood
+    from skyfm.heads.flux import flux_phys
+
+    n = len(arrays["x"])
+    if n == 0:
+        arrays.update(ts=np.zeros(0), flux_phys=np.zeros(0))
+        return arrays
+    band_objs = [inst.band(b) for b in bands] if bands else list(inst.bands)
+    scale = pixel_scale or inst.pixel_scale_deg
+    kernels = []
+    for b in band_objs:
+        r = int(np.clip(np.ceil(b.psf.containment_radius(0.97) / scale), 2, 24))
+        kernels.append(b.psf.stamps(np.zeros(1), np.zeros(1), scale, radius_pix=r)[0])
+    if background is None:
+        background = likelihood.estimate_background(data, kernels)
+    fit = likelihood.fit_point_sources(data, background, kernels, arrays["x"], arrays["y"], arrays["flux"])
+    moved = np.hypot(fit["x"] - arrays["x"], fit["y"] - arrays["y"])
+    ok = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (moved < 3.0)
+    for key in ("x", "y"):
+        arrays[key] = np.where(ok, fit[key], arrays[key])
+    arrays["flux"] = np.where(ok, fit["flux"], arrays["flux"])
+    arrays["flux_err"] = np.where(ok, fit["flux_err"], arrays["flux_err"])
+    arrays["flux_band"] = np.where(ok[:, None], fit["flux_band"], arrays["flux_band"])
+    arrays["flux_band_err"] = np.where(ok[:, None], fit["flux_band_err"], arrays["flux_band_err"])
+    pe = np.asarray(fit["pos_err_pix"], dtype=float)
+    arrays["pos_err"] = np.where(ok & np.isfinite(pe), np.maximum(pe, 0.05), arrays["pos_err"])
+    arrays["ts"] = np.where(ok, fit["ts"], np.nan)
+    exposure = np.array([b.exposure for b in band_objs], dtype=np.float64)
+    arrays["flux_phys"] = flux_phys(np.clip(arrays["flux_band"], 0, None), exposure)
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------------- catalogs
+def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", meta: dict | None = None):
+    import astropy.units as u
+
+    from skyfm.catalog import build_catalog
+
+    extra = {"flux_band": arrays["flux_band"], "flux_band_err": arrays["flux_band_err"]}
+    if "ts" in arrays:
+        extra["ts"] = arrays["ts"]
+        extra["sqrt_ts"] = (np.sqrt(np.clip(arrays["ts"], 0, None)), "Significance sqrt(TS) of the likelihood fit")
+        extra["flux_phys"] = (u.Quantity(arrays["flux_phys"], u.ph / u.cm**2 / u.s),
+                              "Photon flux over the bands of the image (sum of counts / exposure per bin)")
+    return build_catalog(arrays["x"], arrays["y"], pos_err_pix=arrays["pos_err"], flux=arrays["flux"],
+                         flux_err=arrays["flux_err"], score=arrays["score"], class_names=list(head.class_names),
+                         class_prob=arrays["class_prob"], extension_deg=arrays["extension"], wcs=wcs,
+                         instrument=inst, extra=extra, score_kind=score_kind, meta=meta)
+
+
+def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_size: int | None = None,
+                 overlap: int | None = None, refine: bool = True, batch_size: int = 8, progress: bool = False):
+    """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
+
+    Args:
+        patch: the image (simulated or read); its instrument must have a head in the detector.
+        detector: a SourceDetector, a model folder, or None for the shipped default.
+        min_score: heatmap probability threshold (default the detector's, 0.3).
+        refine: for counts cubes, the Poisson likelihood refinement (TS, physical flux).
+    """
+    from skyfm.instruments import load_instrument
+
+    det = get_detector(detector)
+    inst = load_instrument(patch.instrument)
+    head = det.head_config(inst.name)
+    min_score = det.config.min_score if min_score is None else float(min_score)
+    if patch.mask is not None and patch.mask.all():
+        raise SkyfmError("every pixel of the image is masked or invalid: nothing to detect")
+    if not np.isfinite(patch.data).all():
+        patch = _finite_copy(patch)
+    scale = _wcs_scale(patch.wcs)
+    arrays = detect_tiles(patch, inst, det, min_score=min_score, tile_size=tile_size, overlap=overlap,
+                          batch_size=batch_size, progress=progress, pixel_scale=scale)
+    if inst.is_counts and refine:
+        arrays = refine_counts(arrays, patch.data, inst, scale, getattr(patch, "background_image", None),
+                               bands=list(patch.bands))
+    return _catalog(arrays, inst, patch.wcs, head, meta={"min_score": min_score})
+
+
+def _finite_copy(patch):
+    import copy
+
+    p = copy.copy(patch)
+    bad = ~np.isfinite(patch.data)
+    p.data = np.where(bad, 0.0, patch.data).astype(np.float32)
+    m = bad.any(axis=0)
+    p.mask = m if patch.mask is None else (patch.mask | m)
+    return p
+
+
+def _wcs_scale(wcs) -> float | None:
+    if wcs is None:
+        return None
+    from skyfm.data.readers import pixel_scale_deg
+
+    try:
+        return float(pixel_scale_deg(wcs))
+    except Exception:  # noqa: BLE001 - a degenerate WCS: work in native pixels
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------- files
+def detect_file(path, out=None, *, instrument=None, band: str | None = None, model_dir=None,
+                min_score: float | None = None, plot: bool = False, associate=None, hdu=None,
+                tile_size: int | None = None, batch_size: int = 8, progress: bool = True, refine: bool = True):
+    """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
+
+    Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
+    native pixel scale (:func:`skyfm.data.healpix.healpix_tiles`). With ``out``: the catalog (FITS / ECSV /
+    VOTable by extension) and a DS9 region file beside it; with ``plot`` also ``OUT.png`` (images up to ~4k
+    pixels a side). Nothing is written when anything fails. Returns the catalog.
+    """
+    from skyfm.catalog import write_catalog
+    from skyfm.catalog.io import catalog_format
+    from skyfm.data import open_image
+    from skyfm.data.readers import FORMAT_SIMULATED, check_fits_file
+
+    path = Path(path)
+    check_fits_file(path)
+    if out is not None:
+        catalog_format(out)  # a bad extension fails before any work
+    det = get_detector(model_dir)
+    min_score = det.config.min_score if min_score is None else float(min_score)
+    if _is_healpix_file(path, hdu):
+        table, patch_for_plot = _detect_healpix(path, det, instrument, min_score, progress, batch_size)
+    else:
+        with open_image(path, instrument=instrument, hdu=hdu, band=band) as image:
+            image.require_patchable()
+            inst = image.instrument
+            head = det.head_config(inst.name)
+            small = image.shape[0] * image.height * image.width <= 64e6
+            if image.format == FORMAT_SIMULATED or (inst.is_counts and small):
+                from skyfm.data import read_image
+
+                patch = read_image(path, instrument=instrument, hdu=hdu, band=band)
+                table = detect_patch(patch, det, min_score, tile_size=tile_size, refine=refine,
+                                     batch_size=batch_size, progress=progress)
+                patch_for_plot = patch
+            else:
+                if image.masked_fraction() >= 1.0:
+                    raise SkyfmError(f"{path}: every pixel is NaN, infinite or masked; there is no image to read")
+                scale = image.pixel_scale_deg
+                arrays = detect_tiles(image, inst, det, min_score=min_score, tile_size=tile_size,
+                                      batch_size=batch_size, progress=progress, pixel_scale=scale)
+                if inst.is_counts and refine:
+                    data = image.read_window(0, image.height, 0, image.width)
+                    data = np.nan_to_num(data, nan=0.0)
+                    arrays = refine_counts(arrays, data, inst, scale, bands=list(image.bands))
+                table = _catalog(arrays, inst, image.wcs, head, meta={"min_score": min_score})
+                patch_for_plot = None
+                if plot and image.height * image.width <= 4096 * 4096:
+                    patch_for_plot = image.read_patch_window(0, image.height, 0, image.width)
+    table.meta["input"] = path.name
+    if associate is not None:
+        table = associate_catalog(table, associate)
+    if out is not None:
+        out = Path(out)
+        png = out.with_suffix(".png") if plot else None
+        if png is not None and patch_for_plot is not None:
+            save_overlay(patch_for_plot, table, png)
+        write_catalog(table, out)
+    return table
+
+
+def _is_healpix_file(path: Path, hdu) -> bool:
+    from skyfm.data.readers import _is_healpix, open_fits
+
+    with open_fits(path) as hdul:
+        if hdu is not None:
+            try:
+                return _is_healpix(hdul[hdu])
+            except (KeyError, IndexError):
+                return False
+        has_image = any(h.is_image and h.header.get("NAXIS", 0) >= 2 for h in hdul)
+        return not has_image and any(_is_healpix(h) for h in hdul)
+
+
+def _detect_healpix(path: Path, det, instrument, min_score: float, progress: bool, batch_size: int):
+    """Sky tiles of a HEALPix map at the instrument's native pixel scale; sky duplicates merged."""
+    from astropy.table import vstack
+
+    from skyfm.data.healpix import healpix_tiles, read_healpix
+    from skyfm.instruments import load_instrument
+
+    hmap = read_healpix(path)
+    inst_name = instrument or getattr(hmap, "instrument", None)
+    if inst_name is None:
+        raise SkyfmError(f"{path} is a HEALPix map: say which instrument it is with --instrument")
+    inst = load_instrument(inst_name)
+    head = det.head_config(inst.name)
+    tile = det.config.tile_size * 2
+    tables = []
+    for sky_tile, patch in healpix_tiles(hmap, tile, inst.pixel_scale_deg, overlap=det.config.tile_overlap):
+        patch.instrument = inst.name
+        if len(patch.bands) == len(inst.bands):
+            patch.bands = [b.name for b in inst.bands]
+        if patch.mask is not None and patch.mask.all():
+            continue
+        arrays = detect_tiles(patch, inst, det, min_score=min_score, batch_size=batch_size)
+        own = sky_tile.owns(arrays["x"], arrays["y"]) if hasattr(sky_tile, "owns") else np.ones(len(arrays["x"]), bool)
+        arrays = {k: v[own] for k, v in arrays.items()}
+        if len(arrays["x"]):
+            tables.append(_catalog(arrays, inst, patch.wcs, head))
+    if not tables:
+        from skyfm.catalog import empty_catalog
+
+        return empty_catalog(class_names=list(head.class_names), instrument=inst), None
+    return vstack(tables, metadata_conflicts="silent"), None
+
+
+def associate_catalog(table, reference):
+    """Add the name of the associated reference source to each row (skyfm.catalog.associate)."""
+    from skyfm import catalog
+
+    return catalog.associate(table, reference)
+
+
+def save_overlay(patch, table, path) -> Path:
+    """The image with the detections overlaid, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from skyfm.plotting import plot_patch
+    from skyfm.utils import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 7))
+    plot_patch(patch, ax=ax, catalog=table, truth=patch.truth is not None,
+               title=f"{patch.instrument}: {len(table)} detections")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+__all__ = ["detect_file", "detect_patch", "detect_tiles", "get_detector", "refine_counts", "save_overlay"]

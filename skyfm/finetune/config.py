@@ -1,0 +1,152 @@
+"""The fine-tuning recipe: a YAML file (``configs/finetune/*.yaml``) or keyword overrides.
+
+Example (``configs/finetune/default.yaml`` trains the shipped default detector)::
+
+    init: runs/pretrain-tiny/model   # a FoundationModel folder, a detector folder, or null (random backbone)
+    model: skyfm-tiny                # the registry name used when init is null
+    seed: 0
+    backbone: partial                # frozen | partial | full
+    partial_blocks: 2
+    data:
+      size: 64                       # training patch side (pixels)
+      batch_size: 12
+      train_pool: null               # a finite number of distinct training patches per instrument (label-fraction runs)
+      reuse: 2                       # each simulated batch serves this many steps, under random rotations / flips
+      pairs: null                    # a folder of FITS images + reference catalogs instead of simulations
+      instruments:                   # name or YAML path: weight (share of steps) and simulate_patch scenes
+        fermi-lat: {weight: 0.3, scenes: [{weight: 0.6}, {weight: 0.4, population: real, glat: [-8, 8]}]}
+        meerlicht: {weight: 0.3, scenes: [{scene: crowded, weight: 0.5}, {scene: field, weight: 0.5}]}
+    train: {steps: 1500, lr: 2.0e-3, backbone_lr: 3.0e-4, weight_decay: 0.01, warmup_steps: 50, grad_clip: 1.0}
+    checkpoint: {every: 250, keep: 2}
+    log: {every: 10}
+
+A scene is a dict of :func:`skyfm.data.simulate.simulate_patch` options plus ``weight`` and, for counts
+instruments, ``glat`` / ``glon`` ranges (deg) from which the patch centre is drawn (e.g. the Galactic plane).
+Each step simulates one batch of one instrument (drawn by weight): patches of one instrument share a band layout,
+so no compute is spent on padding bands.
+
+Seeds: training patch ``j`` of batch ``s`` (step ``s * reuse`` .. ) uses simulator seed ``TRAIN_SEED_BASE + s * batch_size + j`` (or, with
+``train_pool``, ``TRAIN_SEED_BASE + k`` for k < train_pool); validation uses ``VAL_SEED_BASE + i``. The two ranges
+never meet (training would need 8e8 patches to reach the validation range).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from skyfm.errors import SkyfmError
+from skyfm.utils import read_yaml
+
+TRAIN_SEED_BASE = 100_000_000
+VAL_SEED_BASE = 900_000_000
+BUILTIN_DIR = Path(__file__).resolve().parents[2] / "configs" / "finetune"
+
+
+@dataclass
+class TrainSection:
+    steps: int = 300
+    lr: float = 2.0e-3
+    backbone_lr: float = 3.0e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    threads: int | None = None
+
+
+@dataclass
+class DataSection:
+    size: int = 64
+    batch_size: int = 8
+    train_pool: int | None = None
+    reuse: int = 1
+    pairs: str | None = None
+    instruments: dict = field(default_factory=dict)
+
+
+@dataclass
+class FinetuneConfig:
+    init: str | None = None
+    model: str = "skyfm-tiny"
+    seed: int = 0
+    backbone: str = "partial"
+    partial_blocks: int = 2
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: dict = field(default_factory=lambda: {"every": 250, "keep": 2})
+    log: dict = field(default_factory=lambda: {"every": 10})
+    detector: dict = field(default_factory=dict)  # DetectorConfig overrides (trunk_channels, loss_weights, ...)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "recipe") -> "FinetuneConfig":
+        raw = copy.deepcopy(raw or {})
+        if not isinstance(raw, dict):
+            raise SkyfmError(f"{source}: a fine-tuning recipe is a mapping of keys")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SkyfmError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        try:
+            data = DataSection(**(raw.pop("data", None) or {}))
+            train = TrainSection(**(raw.pop("train", None) or {}))
+            config = cls(data=data, train=train, **raw)
+        except TypeError as e:
+            raise SkyfmError(f"{source}: {e}") from None
+        if isinstance(config.init, str) and config.init.strip().lower() in ("", "none", "null", "scratch", "random"):
+            config.init = None  # a randomly initialised backbone (the from-scratch baseline)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "recipe") -> None:
+        from skyfm.heads.detector import BACKBONE_MODES
+
+        if self.backbone not in BACKBONE_MODES:
+            raise SkyfmError(f"{source}: backbone must be one of {', '.join(BACKBONE_MODES)}, got {self.backbone!r}")
+        if self.data.size % 8 or self.data.size < 16:
+            raise SkyfmError(f"{source}: data.size must be a multiple of 8 pixels (>= 16), got {self.data.size}")
+        if not self.data.instruments and not self.data.pairs:
+            raise SkyfmError(f"{source}: name at least one instrument (data.instruments or --instrument)")
+        if self.train.steps < 1 or self.data.batch_size < 1:
+            raise SkyfmError(f"{source}: train.steps and data.batch_size must be >= 1")
+
+    def instrument_specs(self) -> dict[str, dict]:
+        """{instrument: {"weight": w, "scenes": [options...]}} with defaults filled in."""
+        out = {}
+        for name, spec in self.data.instruments.items():
+            spec = dict(spec or {})
+            scenes = spec.get("scenes") or [{}]
+            out[name] = {"weight": float(spec.get("weight", 1.0)), "scenes": [dict(s) for s in scenes]}
+        return out
+
+
+def load_finetune_config(path_or_name: str | Path | None = None, **overrides) -> FinetuneConfig:
+    """A recipe from a YAML path or a built-in name (``default``), with top-level or dotted overrides applied."""
+    raw: dict = {}
+    source = "recipe"
+    if path_or_name is not None:
+        path = Path(path_or_name)
+        if not path.suffix and not path.exists():
+            path = BUILTIN_DIR / f"{path_or_name}.yaml"
+        raw = read_yaml(path, "fine-tuning recipe") or {}
+        source = str(path)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return FinetuneConfig.from_dict(raw, source)
+
+
+__all__ = ["FinetuneConfig", "TRAIN_SEED_BASE", "VAL_SEED_BASE", "load_finetune_config"]

@@ -1,0 +1,134 @@
+"""Configuration of a :class:`~skyfm.heads.detector.SourceDetector`, saved as ``config.json`` beside the weights.
+
+Diffusers-style: the config is a plain dataclass that round-trips through JSON, and it alone (with the backbone's
+:class:`~skyfm.foundation.config.FoundationConfig`, nested under ``foundation``) rebuilds the network before the
+weights are loaded. One :class:`InstrumentHeadConfig` per instrument: the light heads are per instrument (their
+band count and class names differ), the backbone and the convolutional trunk are shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from skyfm.errors import SkyfmError
+
+DETECTOR_FORMAT = "skyfm-detector"
+DETECTOR_VERSION = 1
+
+# Classes each kind of instrument is trained to tell apart (from the simulators' truth `class_group` / `class`).
+COUNTS_CLASSES = ("agn", "pulsar", "other")
+CCD_CLASSES = ("star", "galaxy")
+
+
+@dataclass
+class InstrumentHeadConfig:
+    """The light heads of one instrument.
+
+    Attributes:
+        name: instrument name (``load_instrument(name)``), or a user's telescope name.
+        kind: ``counts`` or ``ccd`` (decides flux units and the Poisson likelihood refinement).
+        bands: band names, in the order of the per-band flux outputs.
+        class_names: labels of the class logits.
+        heat_sigma_pix: width (pixels) of the Gaussian centre targets; set from the sharpest band's PSF.
+        pixel_scale_deg: the instrument's native pixel scale (extension outputs are learned in these pixels).
+    """
+
+    name: str
+    kind: str
+    bands: list[str]
+    class_names: list[str]
+    heat_sigma_pix: float = 1.0
+    pixel_scale_deg: float = 1.0
+
+    @property
+    def n_bands(self) -> int:
+        return len(self.bands)
+
+    @property
+    def n_outputs(self) -> int:
+        """Channels of this instrument's output convolution (see :data:`skyfm.heads.detector.CHANNELS`)."""
+        return 1 + 2 + 1 + 2 + 2 * self.n_bands + len(self.class_names) + 1
+
+    @classmethod
+    def for_instrument(cls, inst) -> "InstrumentHeadConfig":
+        """Heads for a :class:`~skyfm.instruments.Instrument` (or its name / YAML path)."""
+        from skyfm.instruments import load_instrument
+
+        inst = load_instrument(inst)
+        scale = inst.pixel_scale_deg
+        fwhm_pix = min(b.psf.fwhm_deg for b in inst.bands) / scale
+        # Narrow targets keep the peaks of blended pairs apart; never below one pixel so a peak is learnable.
+        sigma = float(min(max(0.35 * fwhm_pix, 1.0), 2.0))
+        return cls(name=inst.name, kind="counts" if inst.is_counts else "ccd", bands=[b.name for b in inst.bands],
+                   class_names=list(COUNTS_CLASSES if inst.is_counts else CCD_CLASSES), heat_sigma_pix=sigma,
+                   pixel_scale_deg=float(scale))
+
+
+@dataclass
+class DetectorConfig:
+    """Everything that defines a SourceDetector besides its backbone.
+
+    Attributes:
+        heads: one :class:`InstrumentHeadConfig` per instrument the detector knows.
+        trunk_channels: width of the shared convolutional trunk on the dense features.
+        trunk_depth: 3x3 conv layers in the trunk.
+        min_target_snr: true sources at least this significant are positives of the heatmap.
+        ignore_snr: sources between this and ``min_target_snr`` are neither positives nor negatives.
+        contaminant_weight: extra weight of negatives on contaminant pixels (cosmic rays, trails, ...).
+        focal_alpha, focal_beta: CenterNet focal-loss exponents.
+        loss_weights: weights of the loss terms (heat, offset, flux, band_flux, class, extension).
+        tile_size: default tile side for detection on large images (multiple of the token stride).
+        tile_overlap: default overlap of detection tiles, pixels.
+        min_score: default detection threshold.
+        training: how the weights were made (command, recipe, seeds); informational.
+    """
+
+    heads: dict[str, InstrumentHeadConfig] = field(default_factory=dict)
+    trunk_channels: int = 48
+    trunk_depth: int = 2
+    min_target_snr: float = 3.0
+    ignore_snr: float = 1.5
+    contaminant_weight: float = 4.0
+    focal_alpha: float = 2.0
+    focal_beta: float = 4.0
+    loss_weights: dict[str, float] = field(default_factory=lambda: {
+        "heat": 1.0, "offset": 1.0, "flux": 0.5, "band_flux": 0.25, "class": 0.5, "extension": 0.5})
+    tile_size: int = 128
+    tile_overlap: int = 32
+    min_score: float = 0.3
+    training: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {"format": DETECTOR_FORMAT, "version": DETECTOR_VERSION}
+        d.update(dataclasses.asdict(self))
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "DetectorConfig":
+        if not isinstance(data, dict) or data.get("format") != DETECTOR_FORMAT:
+            raise SkyfmError(f"{source} is not a skyfm detector config (no format: {DETECTOR_FORMAT})")
+        if int(data.get("version", 0)) > DETECTOR_VERSION:
+            raise SkyfmError(f"{source} was written by a newer skyfm (detector config version {data['version']})")
+        data = {k: v for k, v in data.items() if k not in ("format", "version")}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SkyfmError(f"{source}: unknown detector config key(s) {', '.join(unknown)}")
+        try:
+            heads = {k: InstrumentHeadConfig(**v) for k, v in (data.pop("heads", None) or {}).items()}
+            return cls(heads=heads, **data)
+        except TypeError as e:
+            raise SkyfmError(f"{source}: bad detector head config ({e})") from None
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SkyfmError(f"{path}: cannot read the {what} ({e})") from None
+
+
+__all__ = ["CCD_CLASSES", "COUNTS_CLASSES", "DetectorConfig", "InstrumentHeadConfig"]
