@@ -127,42 +127,30 @@ DEMO_SCENES = [  # (instrument, simulator options): one patch of every instrumen
 @cli.command("demo")
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=2026, show_default=True)
-def demo_cmd(out_dir, seed):
-    """Run the main job on simulated data of every instrument and write what a person would look at.
+@click.option("--size", type=click.IntRange(min=32), default=128, show_default=True, help="Patch side (pixels).")
+def demo_cmd(out_dir, seed, size):
+    """Run the whole path on simulated data of every instrument: simulate, detect, evaluate, plot.
 
-    For now (detection lands with the task heads): simulate a patch of Fermi-LAT, CTAO, MeerLICHT, Hubble and WISE,
-    write each as FITS in its real format and its truth catalog as ECSV, and a gallery PNG
-    with the true sources overlaid: OUT/gallery.png.
+    For Fermi-LAT, CTAO, MeerLICHT, Hubble and WISE: simulate a patch, write it as FITS in its real format with its
+    truth (NAME.fits, NAME_truth.ecsv), detect its sources with the default detector (NAME_catalog.fits + .reg,
+    NAME_catalog.png with truth circles and detection crosses), score the catalog against the truth
+    (metrics.json: precision, recall, F1 for SNR >= 5), and plot recall against SNR (recall_vs_snr.png) and a
+    gallery of the skies (gallery.png).
 
     \b
     Example:
       skyfm demo --out runs/demo
     """
-    from pathlib import Path
+    from skyfm.detect import run_demo
 
-    from tqdm import tqdm
-
-    from skyfm.data import write_patch
-    from skyfm.data.simulate import patch_seed, simulate_patch
-    from skyfm.plotting import save_gallery
-    from skyfm.utils import atomic_path
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    patches = []
-    for i, (name, options) in enumerate(tqdm(DEMO_SCENES, desc="simulating", unit="instrument")):
-        patch = simulate_patch(name, patch_seed(seed, i), **options)
-        write_patch(patch, out / f"{name}.fits")
-        with atomic_path(out / f"{name}_truth.ecsv") as tmp:
-            patch.truth.write(tmp, format="ascii.ecsv", overwrite=True)
-        patches.append(patch)
-    gallery = save_gallery(patches, out / "gallery.png", title="skyfm demo: simulated patches with true sources")
-    for patch in patches:
-        save_gallery([patch], out / f"{patch.instrument}.png", ncols=1)
-    for patch in patches:
-        click.echo(f"  {patch.instrument:<10} {patch.n_bands} band(s) {patch.height}x{patch.width}, "
-                   f"{len(patch.truth)} true sources -> {out / (patch.instrument + '.fits')}")
-    click.echo(f"gallery: {gallery}")
+    summaries = run_demo(out_dir, DEMO_SCENES, seed=seed, size=size)
+    click.echo(f"{'instrument':<10} {'shape':>14} {'true':>5} {'found':>5} {'prec':>5} {'recall':>6} {'F1':>5} {'s':>5}")
+    for r in summaries:
+        shape = "x".join(str(v) for v in r["shape"])
+        click.echo(f"{r['instrument']:<10} {shape:>14} {r['n_true_snr5']:>5} {r['n_detected']:>5} "
+                   f"{r['precision']:>5.2f} {r['recall']:>6.2f} {r['f1']:>5.2f} {r['detect_seconds']:>5.1f}")
+    click.echo(f"catalogs, overlays, metrics.json, recall_vs_snr.png and gallery.png in {out_dir}/ "
+               "(precision / recall against true sources with SNR >= 5)")
 
 
 @cli.command("info")
@@ -462,6 +450,88 @@ def umap_cmd(embeddings, out_path, html_path, color_by, kind, instrument, max_po
     click.echo(f"map of {summary['points']} embeddings (UMAP {summary['fit_seconds']:.1f} s): {summary['png']}")
     if "html" in summary:
         click.echo(f"explorer: {summary['html']} ({summary['html_bytes'] / 1e6:.1f} MB; open it in a browser)")
+
+
+@cli.command("finetune")
+@click.option("--instrument", "-i", "instruments", multiple=True,
+              help="Instrument name or YAML file of a telescope (repeat for several); default: the recipe's.")
+@click.option("--init", "init", default=None,
+              help="Start from this model folder: a pretrained backbone, a detector, or 'scratch' (random).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: checkpoints, metrics.csv and the trained detector in OUT/model/.")
+@click.option("--config", "config_path", default=None,
+              help="Fine-tuning recipe (YAML or a built-in name: default); options below override it.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps.")
+@click.option("--backbone", type=click.Choice(["frozen", "partial", "full"]), default=None,
+              help="Train only the heads (frozen), also the backbone's last blocks and decoder (partial), or all.")
+@click.option("--pairs", default=None, type=click.Path(),
+              help="Train on your FITS images + reference catalogs in this folder instead of simulations.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Patches per step.")
+@click.option("--size", type=click.IntRange(min=16), default=None, help="Training patch side (pixels).")
+@click.option("--seed", type=int, default=None, help="Run seed.")
+@click.option("--no-resume", is_flag=True, help="Start again even if OUT holds checkpoints.")
+def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, pairs, batch_size, size, seed, no_resume):
+    """Fine-tune detection heads (and some of the backbone) for one or more instruments.
+
+    Trains on patches simulated on the fly from the instrument's YAML (a new telescope is a YAML file), or on
+    your own FITS images with reference catalogs (--pairs). Resumable: run it again to continue.
+
+    \b
+    Examples:
+      skyfm finetune --instrument wise --init runs/pretrain-tiny/model --out runs/ft-wise --steps 500
+      skyfm finetune --instrument my-telescope.yaml --init runs/pretrain-tiny/model --out runs/ft-mine
+      skyfm finetune --config configs/finetune/default.yaml --out runs/detector-default
+      skyfm finetune --instrument meerlicht --pairs my_images/ --init runs/ft-ml/model --out runs/ft-ml2
+    """
+    from skyfm.finetune import finetune, load_finetune_config
+
+    overrides = {"init": init, "backbone": backbone, "seed": seed, "train.steps": steps,
+                 "data.batch_size": batch_size, "data.size": size, "data.pairs": pairs}
+    if config_path is None:
+        overrides.setdefault("train.steps", None)
+    if instruments:
+        overrides["data.instruments"] = {name: {"weight": 1.0} for name in instruments}
+    if config_path is None and init is None:
+        raise SkyfmError("say where the backbone comes from: --init DIR (or --init scratch), or a --config recipe")
+    config = load_finetune_config(config_path, **overrides)
+    model_dir = finetune(config, out_dir, resume=not no_resume)
+    click.echo(f"detector: {model_dir}")
+
+
+@cli.command("detect")
+@click.argument("input_path", metavar="INPUT", type=click.Path())
+@click.option("--instrument", "-i", default=None, help="Instrument name or YAML file (default: from the header).")
+@click.option("--band", default=None, help="Band of a one-band image whose header has no FILTER / BAND keyword.")
+@click.option("--model", "model_dir", default=None, type=click.Path(),
+              help="Detector folder (default: the one shipped with skyfm).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Catalog to write: .fits, .ecsv or .vot (a DS9 .reg file is written beside it).")
+@click.option("--plot", is_flag=True, help="Also write OUT.png: the image with the detections overlaid.")
+@click.option("--associate", default=None, type=click.Path(),
+              help="Reference catalog: add the associated source's name to each detection.")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=None,
+              help="Detection threshold on the heatmap probability (default 0.3).")
+@click.option("--hdu", default=None, help="HDU to read, by index or EXTNAME (default: the first with image data).")
+@click.option("--tile", "tile_size", type=click.IntRange(min=16), default=None, help="Tile side (pixels).")
+def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size):
+    """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
+
+    INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
+    simulated patch, or a HEALPix map. Counts cubes get a Poisson likelihood refinement: TS and physical flux.
+
+    \b
+    Examples:
+      skyfm detect image.fits --out catalog.fits --plot
+      skyfm detect W1.fits --instrument wise --band W1 --out w1.ecsv
+      skyfm detect ccube.fits --instrument fermi-lat --out fermi.vot --associate 4fgl.fits
+    """
+    from skyfm.detect import detect_file
+
+    if hdu is not None and hdu.isdigit():
+        hdu = int(hdu)
+    table = detect_file(input_path, out_path, instrument=instrument, band=band, model_dir=model_dir,
+                        min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size)
+    click.echo(f"{len(table)} sources -> {out_path}")
 
 
 def main(argv: list[str] | None = None) -> int:

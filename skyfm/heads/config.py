@@ -34,6 +34,7 @@ class InstrumentHeadConfig:
         class_names: labels of the class logits.
         heat_sigma_pix: width (pixels) of the Gaussian centre targets; set from the sharpest band's PSF.
         pixel_scale_deg: the instrument's native pixel scale (extension outputs are learned in these pixels).
+        spec: for a telescope that is not built in, its YAML mapping, so the saved detector is self-contained.
     """
 
     name: str
@@ -42,6 +43,7 @@ class InstrumentHeadConfig:
     class_names: list[str]
     heat_sigma_pix: float = 1.0
     pixel_scale_deg: float = 1.0
+    spec: dict | None = None
 
     @property
     def n_bands(self) -> int:
@@ -57,14 +59,30 @@ class InstrumentHeadConfig:
         """Heads for a :class:`~skyfm.instruments.Instrument` (or its name / YAML path)."""
         from skyfm.instruments import load_instrument
 
+        from skyfm.instruments import list_instruments
+
         inst = load_instrument(inst)
+        spec = None
+        if inst.name not in list_instruments() and inst.source and Path(inst.source).is_file():
+            from skyfm.utils import read_yaml
+
+            spec = read_yaml(inst.source, "instrument file")
         scale = inst.pixel_scale_deg
         fwhm_pix = min(b.psf.fwhm_deg for b in inst.bands) / scale
         # Narrow targets keep the peaks of blended pairs apart; never below one pixel so a peak is learnable.
         sigma = float(min(max(0.35 * fwhm_pix, 1.0), 2.0))
         return cls(name=inst.name, kind="counts" if inst.is_counts else "ccd", bands=[b.name for b in inst.bands],
                    class_names=list(COUNTS_CLASSES if inst.is_counts else CCD_CLASSES), heat_sigma_pix=sigma,
-                   pixel_scale_deg=float(scale))
+                   pixel_scale_deg=float(scale), spec=spec)
+
+    def instrument(self):
+        """The :class:`~skyfm.instruments.Instrument` of this head (built in, or rebuilt from ``spec``)."""
+        from skyfm.instruments import load_instrument
+        from skyfm.instruments.instrument import parse_instrument
+
+        if self.spec is not None:
+            return parse_instrument(self.spec, f"<{self.name} in the detector config>")
+        return load_instrument(self.name)
 
 
 @dataclass

@@ -113,6 +113,20 @@ class SourceDetector(nn.Module):
             heads[h.name] = h
         return cls(DetectorConfig(heads=heads, **config), foundation)
 
+    def instrument(self, name):
+        """The Instrument of a head (a user's telescope is rebuilt from the YAML stored in the config)."""
+        if not isinstance(name, str):
+            return name
+        cache = self.__dict__.setdefault("_instrument_cache", {})
+        if name not in cache:
+            if name in self.config.heads:
+                cache[name] = self.config.heads[name].instrument()
+            else:
+                from skyfm.instruments import load_instrument
+
+                cache[name] = load_instrument(name)
+        return cache[name]
+
     def head_config(self, instrument: str) -> InstrumentHeadConfig:
         if instrument not in self.config.heads:
             raise SkyfmError(f"this detector has no head for instrument '{instrument}' (it knows "
@@ -192,7 +206,7 @@ class SourceDetector(nn.Module):
         samples = []
         for i, p in enumerate(patches):
             key = keys[i] if keys else f"p{i}"
-            samples.append(sample_from_patch(p, key=key))
+            samples.append(sample_from_patch(p, key=key, instrument=self.instrument(p.instrument)))
         batch = collate_patches(samples)
         units, heads = [], []
         for s, p in zip(samples, patches):

@@ -1,0 +1,131 @@
+"""skyfm detect: catalogs with the DESIGN.md columns and units, tiles merged without duplicates, bad inputs."""
+
+from __future__ import annotations
+
+import astropy.units as u
+import numpy as np
+import pytest
+import torch
+from astropy.io import fits
+
+from skyfm.cli import main
+from skyfm.data import Patch, write_patch
+from skyfm.data.simulate import simulate_patch
+from skyfm.foundation import create_model
+from skyfm.heads import SourceDetector
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    fm = create_model("skyfm-tiny", backbone={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    det = SourceDetector.from_foundation(fm, ["meerlicht", "fermi-lat", "wise"], trunk_channels=16, trunk_depth=1,
+                                        min_score=0.0101)  # an untrained head: a threshold just above its prior
+    return det.save_pretrained(tmp_path_factory.mktemp("det") / "model")
+
+
+class PeakDetector(SourceDetector):
+    """A stand-in network whose heatmap is the image itself: sources where the scaled image peaks."""
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        img = batch["scaled"][:, :1]
+        out.heat = 20.0 * (img - 4.0)
+        out.offset = torch.zeros_like(out.offset)
+        return out
+
+
+def test_detect_cli_writes_catalog_regions_and_plot(tmp_path, model_dir, capsys):
+    src = tmp_path / "ml.fits"
+    write_patch(simulate_patch("meerlicht", 7, size=64, scene="crowded"), src)
+    out = tmp_path / "cat.fits"
+    rc = main(["detect", str(src), "--model", str(model_dir), "--out", str(out), "--plot"])
+    assert rc == 0, capsys.readouterr().err
+    from skyfm.catalog import read_catalog
+
+    cat = read_catalog(out)
+    for col in ("x", "y", "ra", "dec", "pos_err", "flux", "flux_err", "score", "class", "class_prob", "extension"):
+        assert col in cat.colnames
+    assert cat["x"].unit == u.pix and cat["ra"].unit == u.deg and cat["pos_err"].unit == u.deg
+    assert cat["flux"].unit == u.adu and cat["extension"].unit == u.deg
+    assert len(cat) > 0 and np.all((cat["score"] >= 0) & (cat["score"] <= 1))
+    assert cat.meta["class_names"] == ["star", "galaxy"] or "class_names" in cat.meta
+    assert out.with_suffix(".reg").is_file() and out.with_suffix(".png").is_file()
+
+
+def test_counts_cube_gets_ts_and_physical_flux(model_dir):
+    from skyfm.detect import detect_patch
+
+    p = simulate_patch("fermi-lat", 3, size=48, population="real", center=(20.0, 0.5))
+    cat = detect_patch(p, model_dir, min_score=0.0101)
+    assert {"glon", "glat", "ts", "sqrt_ts", "flux_phys", "flux_band"} <= set(cat.colnames)
+    assert cat["flux"].unit == u.ct and cat["flux_phys"].unit == u.ph / u.cm**2 / u.s
+
+
+def test_tiles_merge_without_duplicates():
+    from skyfm.detect import detect_patch
+
+    torch.manual_seed(0)
+    fm = create_model("skyfm-tiny", backbone={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    base = SourceDetector.from_foundation(fm, ["wise"], trunk_channels=8, trunk_depth=1)
+    det = PeakDetector(base.config, base.foundation).eval()
+    rng = np.random.default_rng(0)
+    data = rng.normal(100.0, 1.0, (4, 96, 96)).astype(np.float32)
+    # sources on and around tile boundaries (tile 32, overlap 16: cores meet at 24, 40, 56, 72)
+    xs = [24.0, 40.0, 39.0, 57.0, 10.0, 72.0, 88.0]
+    ys = [24.0, 40.0, 71.0, 56.0, 56.0, 10.0, 88.0]
+    for x, y in zip(xs, ys):
+        data[:, int(y), int(x)] += 1000.0
+    patch = Patch(data=data, instrument="wise", bands=["W1", "W2", "W3", "W4"])
+    one = detect_patch(patch, det, min_score=0.5, tile_size=96, overlap=0)
+    tiled = detect_patch(patch, det, min_score=0.5, tile_size=32, overlap=16)
+    key = lambda c: sorted(zip(np.round(c["x"].value), np.round(c["y"].value)))
+    assert len(one) == len(xs)
+    assert key(tiled) == key(one)  # every source once: no duplicate at a tile edge, none lost
+
+
+def test_resampled_pixel_scale_maps_back(model_dir):
+    """An image at twice the native pixel size is resampled per tile; positions come back in its own pixels."""
+    from skyfm.data.simulate import simulate_patch
+    from skyfm.detect import detect_patch
+
+    p = simulate_patch("meerlicht", 5, size=64, scene="crowded")
+    p.wcs.wcs.cdelt = p.wcs.wcs.cdelt * 2
+    cat = detect_patch(p, model_dir, min_score=0.0101)
+    if len(cat):
+        assert cat["x"].value.max() < 64 and cat["y"].value.min() > -1
+
+
+@pytest.mark.parametrize("case", ["missing", "not_fits", "nan_only", "no_instrument", "bad_ext"])
+def test_bad_inputs_give_one_line_and_no_output(tmp_path, model_dir, capsys, case):
+    path = tmp_path / "in.fits"
+    out = tmp_path / "cat.fits"
+    if case == "not_fits":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 100)
+    elif case == "nan_only":
+        hdu = fits.PrimaryHDU(np.full((32, 32), np.nan, np.float32))
+        hdu.header["TELESCOP"] = "WISE"
+        hdu.header["BAND"] = 1
+        hdu.writeto(path)
+    elif case in ("no_instrument", "bad_ext"):
+        fits.PrimaryHDU(np.ones((32, 32), np.float32)).writeto(path)
+        if case == "bad_ext":
+            out = tmp_path / "cat.txt"
+    rc = main(["detect", str(path), "--model", str(model_dir), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("skyfm: error:") and err.count("\n") == 1, err
+    assert not out.exists() and not out.with_suffix(".reg").exists()
+
+
+def test_image_without_wcs_is_detected_in_pixels(tmp_path, model_dir, capsys):
+    path = tmp_path / "nowcs.fits"
+    img = simulate_patch("meerlicht", 9, size=64, bands=["q"]).data[0]
+    fits.PrimaryHDU(img).writeto(path)
+    out = tmp_path / "cat.ecsv"
+    rc = main(["detect", str(path), "--instrument", "meerlicht", "--band", "q", "--model", str(model_dir),
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    from skyfm.catalog import read_catalog
+
+    cat = read_catalog(out)
+    assert "ra" not in cat.colnames and cat["pos_err"].unit == u.pix
