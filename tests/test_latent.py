@@ -221,7 +221,8 @@ def test_index_parameters_follow_the_size():
     p5 = choose_params(100_000, 160)
     assert p5["kind"] == "ivf" and p5["nlist"] == round(4 * 100_000 ** 0.5)
     p6 = choose_params(1_000_000, 160)
-    assert p6["nlist"] == 4000 and p6["train_points"] == 64 * 4000
+    assert p6["nlist"] == 4000 and p6["train_points"] == 32 * 4000 and p6["quantizer"] == "hnsw32"
+    assert p5["quantizer"] == "flat" and p5["train_points"] == 64 * p5["nlist"]
     p7 = choose_params(10_000_000, 160)
     assert p7["kind"] == "ivfpq" and 160 % p7["pq_m"] == 0 and p7["pq_m"] == 40
     assert choose_params(1000, 160, "ivf")["nlist"] == 1000 // 39  # at least 39 training points per cell

@@ -13,13 +13,16 @@ Which index, by the number of vectors N (``kind="auto"``)
 * N <= 20 000: ``flat`` (IndexFlatL2), exact; a query costs N x D multiply-adds (well under a millisecond here).
 * N <= 5 000 000: ``ivf`` (IndexIVFFlat): ``nlist = 4 sqrt(N)`` k-means cells (at most N / 39, so that every cell
   trains on at least 39 points; k-means on at most 64 points per cell, 10 iterations) and ``nprobe`` tuned.
+  From ``nlist >= 2048`` (N >= 262 144) the cells are found through an HNSW graph over their centroids (FAISS's
+  "IVF4000_HNSW32"), in k-means too, which trains on 32 points per cell: assigning a million vectors to 4000 cells
+  by brute force would cost more than the rest of the build.
 * larger: ``ivfpq`` (IndexIVFPQ): the same cells, vectors compressed to ``m`` bytes (``m`` the largest divisor of
   D up to D / 4, 8-bit codes): ~16x less memory than float32, at some recall.
 * ``hnsw`` (IndexHNSWFlat, M = 32, efConstruction = 80) on request (``--kind hnsw``): fast queries, slow builds.
 
 The search parameter of an approximate index (``nprobe``, or HNSW's ``efSearch``) is tuned when the index is built:
-the smallest value in 1, 2, 4, ... whose recall@10 against exact search on 256 vectors drawn from the set (each
-query's own row left out) reaches ``target_recall`` (0.95). The measured recall is saved with it.
+the smallest value in 1, 2, 4, ... whose recall@10 against exact search on 256 vectors drawn from the set (128
+above 200k vectors; each query's own row left out) reaches ``target_recall`` (0.95). The measured recall is saved with it.
 
 An index folder holds ``index.faiss`` (``faiss.write_index``: FAISS's own format, not a pickle),
 ``index.json`` (kind, metric, dimension, N, the parameters and their measured recall, the embeddings file and its
@@ -50,6 +53,8 @@ IVF_MAX = 5_000_000
 KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 METRICS = ("cosine", "l2")
 TUNE_QUERIES = 256
+TUNE_QUERIES_LARGE = 128  # above 200k vectors: the exact search that grades the tuning costs N x D per query
+HNSW_QUANTIZER_NLIST = 2048
 TUNE_K = 10
 EXACT_FILTER_MAX = 200_000  # a filtered search over at most this many allowed vectors is done exactly
 
@@ -86,7 +91,9 @@ def choose_params(n: int, dim: int, kind: str = "auto", metric: str = "cosine") 
     params: dict = {"kind": kind, "metric": metric, "dim": int(dim), "n": int(n)}
     if kind in ("ivf", "ivfpq"):
         nlist = int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
-        params.update(nlist=nlist, train_points=int(min(n, 64 * nlist)), kmeans_iter=10)
+        hnsw_quantizer = nlist >= HNSW_QUANTIZER_NLIST
+        params.update(nlist=nlist, quantizer="hnsw32" if hnsw_quantizer else "flat",
+                      train_points=int(min(n, (32 if hnsw_quantizer else 64) * nlist)), kmeans_iter=10)
         if kind == "ivfpq":
             divisors = [m for m in range(1, dim // 4 + 1) if dim % m == 0]
             params.update(pq_m=int(max(divisors)), pq_bits=8 if n >= 256 * 39 else 4)
@@ -107,14 +114,19 @@ def build_index(vectors: np.ndarray, params: dict, target_recall: float = 0.95, 
     if kind == "flat":
         index = faiss.IndexFlatL2(dim)
     elif kind in ("ivf", "ivfpq"):
-        quantizer = faiss.IndexFlatL2(dim)
+        hnsw_quantizer = params.get("quantizer") == "hnsw32"
+        quantizer = faiss.IndexHNSWFlat(dim, 32) if hnsw_quantizer else faiss.IndexFlatL2(dim)
         if kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_L2)
         else:
             index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["pq_m"], params["pq_bits"])
         index.cp.niter = params["kmeans_iter"]
         index.cp.seed = seed
-        index.cp.max_points_per_centroid = 64
+        index.cp.max_points_per_centroid = params["train_points"] // params["nlist"] or 1
+        if hnsw_quantizer:
+            clustering_index = faiss.IndexHNSWFlat(dim, 32)
+            index.clustering_index = clustering_index  # approximate assignment in k-means
+            index.referenced_objects = [*getattr(index, "referenced_objects", []), clustering_index]  # keep it alive
         index.cp.min_points_per_centroid = 1  # the N / 39 cap keeps the cells trainable; no warnings
         sample = vectors if params["train_points"] >= n else vectors[np.sort(rng.choice(n, params["train_points"], replace=False))]
         index.train(sample)  # (FAISS's Python wrapper keeps the quantizer alive with the index)
@@ -137,8 +149,12 @@ def build_index(vectors: np.ndarray, params: dict, target_recall: float = 0.95, 
 
 
 def _set_search_param(index, kind: str, value: int) -> None:
+    faiss = _faiss()
     if kind in ("ivf", "ivfpq"):
         index.nprobe = int(value)
+        quantizer = faiss.downcast_index(index.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = max(64, 2 * int(value))
     elif kind == "hnsw":
         index.hnsw.efSearch = int(value)
 
@@ -167,7 +183,7 @@ def tune_search(index, vectors: np.ndarray, params: dict, target_recall: float, 
     if k < 1:
         _set_search_param(index, kind, 1 if kind != "hnsw" else 16)
         return {search_param_name(kind): 1 if kind != "hnsw" else 16, "recall_at_10": 1.0}
-    rows = np.sort(rng.choice(n, min(TUNE_QUERIES, n), replace=False))
+    rows = np.sort(rng.choice(n, min(TUNE_QUERIES if n <= 200_000 else TUNE_QUERIES_LARGE, n), replace=False))
     queries = vectors[rows]
     _, truth = exact_knn(queries, vectors, k + 1)
     truth = _drop_self(truth, rows, k)
