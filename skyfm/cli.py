@@ -534,6 +534,45 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
     click.echo(f"{len(table)} sources -> {out_path}")
 
 
+@cli.command("evaluate")
+@click.argument("catalog", type=click.Path())
+@click.option("--truth", default=None, type=click.Path(),
+              help="Truth: a simulated skyfm FITS file (its TRUTH table) or any table file with x, y (and snr, flux).")
+@click.option("--reference", default=None, type=click.Path(),
+              help="Reference catalog to associate with (e.g. 4FGL-DR2 gll_psc_v27.fit: within its 95% ellipses).")
+@click.option("--radius", type=float, default=None,
+              help="Match radius in pixels (default: 3 for counts cubes, else 0.75 PSF FWHM, at least 2).")
+@click.option("--snr-min", type=float, default=5.0, show_default=True,
+              help="True sources at least this significant must be found; fainter matches count neither way.")
+@click.option("--min-score", type=float, default=None, help="Keep only detections with score >= this.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="PNG: recall vs SNR/flux, separations in CRB units, flux recovery.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
+def evaluate_cmd(catalog, truth, reference, radius, snr_min, min_score, plot_path, json_path):
+    """Measure a catalog against the truth or a reference catalog: precision, recall, F1 (overall and per SNR and
+    flux bin), localization against the Cramer-Rao bound, flux bias, scatter and 68% coverage, association.
+
+    \b
+    Examples:
+      skyfm evaluate cat.fits --truth sims/fermi/patch_0000.fits --plot eval.png
+      skyfm evaluate cat.ecsv --truth truth.ecsv --radius 2 --json eval.json
+      skyfm evaluate cat.fits --reference ../shared/data/fermi/gll_psc_v27.fit
+    """
+    from skyfm.catalog.evaluate import evaluate, format_results, write_json
+
+    if truth is None and reference is None:
+        raise SkyfmError("give --truth TABLE or --reference CATALOG to evaluate against")
+    if radius is not None and not radius > 0:
+        raise SkyfmError(f"--radius should be a positive number of pixels, got {radius}")
+    results = evaluate(catalog, truth, reference, radius_pix=radius, snr_min=snr_min, min_score=min_score)
+    click.echo(format_results(results))
+    if plot_path:
+        from skyfm.catalog.plots import evaluation_figure
+
+        click.echo(f"plot: {evaluation_figure(results, plot_path, title=str(catalog))}")
+    if json_path:
+        click.echo(f"json: {write_json(results, json_path)}")
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command group, turning SkyfmError into one clear line and exit status 1."""
     try:
