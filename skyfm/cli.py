@@ -309,7 +309,7 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
                    "column assigns rows to inputs). Default: each file's TRUTH table, else the detector.")
 @click.option("--min-snr", type=float, default=5.0, show_default=True,
               help="TRUTH tables only: embed true sources at least this significant.")
-@click.option("--min-score", type=float, default=0.3, show_default=True, help="Detector sources: minimum score.")
+@click.option("--min-score", type=float, default=None, help="Detector sources: minimum score (default: the detector's).")
 @click.option("--patches-only", is_flag=True, help="One vector per patch (tile) only, no source vectors.")
 @click.option("--tile", type=click.IntRange(min=8), default=64, show_default=True,
               help="Tile side in pixels (a multiple of the model's 8-pixel token); smaller images are one tile.")
@@ -564,6 +564,10 @@ def evaluate_cmd(catalog, truth, reference, radius, snr_min, min_score, plot_pat
         raise SkyfmError("give --truth TABLE or --reference CATALOG to evaluate against")
     if radius is not None and not radius > 0:
         raise SkyfmError(f"--radius should be a positive number of pixels, got {radius}")
+    from skyfm.catalog.evaluate import check_output_path
+
+    check_output_path(plot_path, (".png",), "--plot")
+    check_output_path(json_path, (".json",), "--json")
     results = evaluate(catalog, truth, reference, radius_pix=radius, snr_min=snr_min, min_score=min_score)
     click.echo(format_results(results))
     if plot_path:

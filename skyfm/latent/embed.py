@@ -370,7 +370,7 @@ class Embedder:
 
     def __init__(self, model, *, instrument=None, band: str | None = None, catalog=None, tile: int = DEFAULT_TILE,
                  overlap: int = DEFAULT_OVERLAP, batch_size: int = 16, min_snr: float = 5.0, detect: bool = True,
-                 min_score: float = 0.3, detector=None, model_name: str = "", with_sources: bool = True):
+                 min_score: float | None = None, detector=None, model_name: str = "", with_sources: bool = True):
         self.model = model
         self.instrument = instrument
         self.band = band
@@ -388,6 +388,7 @@ class Embedder:
         self.notes: list[str] = []
         self._pending: dict[tuple[int, int], list[_Item]] = {}
         self._wcs: dict[str, object] = {}
+        self._detector_tried = False
         if self.batch_size < 1:
             raise SkyfmError(f"--batch-size must be at least 1, got {batch_size}")
         if not 0 <= self.overlap < self.tile:
@@ -410,16 +411,39 @@ class Embedder:
             return sources_from_table(truth, None, "truth", f"{path} TRUTH", min_snr=self.min_snr)
         return None  # the detector runs per tile
 
+    def _note(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
+
+    def _get_detector(self):
+        """The detector for files without a catalog or truth: the one given, else the default; None (with a note)
+        when there is none."""
+        if self._detector_tried:
+            return self.detector
+        self._detector_tried = True
+        if self.detector is None:
+            load_detector = _detector_loader()
+            why = "the detector is not installed"
+            if load_detector is not None:
+                try:
+                    self.detector = load_detector(None)
+                except SkyfmError as e:
+                    why = str(e).split(";")[0]
+            if self.detector is None:
+                self._note(f"patch vectors only for files without --sources or a TRUTH table: no detector ({why})")
+        return self.detector
+
     def _detector_sources(self, patch) -> SourceList | None:
         if not (self.with_sources and self.detect):
             return None
         detect_patch = _detect_fn()
+        detector = self._get_detector() if detect_patch is not None else None
         if detect_patch is None:
-            note = "no sources embedded for files without --sources or a TRUTH table (the detector is not installed)"
-            if note not in self.notes:
-                self.notes.append(note)
+            self._note("patch vectors only for files without --sources or a TRUTH table: no detector "
+                       "(skyfm.detect is not installed)")
+        if detector is None:
             return None
-        table = detect_patch(patch, detector=self.detector, min_score=self.min_score)
+        table = detect_patch(patch, detector=detector, min_score=self.min_score)
         if table is None or len(table) == 0:
             return SourceList(np.zeros(0), np.zeros(0), "detector")
         return sources_from_table(table, None, "detector", "the detector's catalog")
@@ -673,7 +697,7 @@ def vectors_of(column, where: str) -> np.ndarray:
 
 
 def embed_command(inputs, out, *, model_dir=None, instrument=None, band=None, sources=None, tile=DEFAULT_TILE,
-                  overlap=DEFAULT_OVERLAP, batch_size=16, min_snr=5.0, patches_only=False, min_score=0.3,
+                  overlap=DEFAULT_OVERLAP, batch_size=16, min_snr=5.0, patches_only=False, min_score=None,
                   command: str = "", progress: bool = True) -> tuple[Path, dict]:
     """What ``skyfm embed`` does; returns (output path, summary counts)."""
     import torch
