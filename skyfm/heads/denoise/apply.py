@@ -71,7 +71,7 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
     kind = instrument_kind(inst)
     c, h, w = patch.shape
     valid = np.ones((h, w), bool) if patch.mask is None else ~np.asarray(patch.mask, bool)
-    transforms = [band_transform(patch.data[i], kind, cfg.ccd_softening, valid=valid) for i in range(c)]
+    transforms = [band_transform(patch.data[i], kind, cfg.ccd_softening, valid=valid, compress=cfg.counts_compress) for i in range(c)]
     obs = np.stack([tr.observation(patch.data[i]) for i, tr in enumerate(transforms)]) * valid
     feats = torch.from_numpy(np.stack([band_features(inst, inst.band_index(b)) for b in patch.bands]))
     feats = feats.repeat_interleave(samples, dim=0)  # (C * K, F), band-major

@@ -53,14 +53,14 @@ class Sample:
     instrument: str
 
 
-def patch_samples(patch, softening: float = 1.0, bands=None) -> list[Sample]:
+def patch_samples(patch, softening: float = 1.0, bands=None, compress: float = 0.0) -> list[Sample]:
     """The bands (all, or the indices ``bands``) of a simulated patch as network-space samples."""
     inst = load_instrument(patch.instrument)
     kind = instrument_kind(inst)
     valid = np.ones(patch.data.shape[1:], bool) if patch.mask is None else ~patch.mask
     out = []
     for c in range(patch.n_bands) if bands is None else bands:
-        tr = band_transform(patch.data[c], kind, softening, valid=valid)
+        tr = band_transform(patch.data[c], kind, softening, valid=valid, compress=compress)
         bi = inst.band_index(patch.bands[c])
         out.append(Sample(obs=tr.observation(patch.data[c]) * valid, target=tr.target(patch.source_image[c]),
                           present=valid.astype(np.float32), features=band_features(inst, bi),
@@ -79,7 +79,8 @@ def _augment(s: Sample, rng: np.random.Generator) -> Sample:
 
 
 def draw_batch(step_seed: int, n: int, crop: int, mix: dict | None = None, max_bands_per_patch: int = 3,
-               softening: float = 1.0, fermi_plane_fraction: float = 0.4, seed_of=None) -> list[Sample]:
+               softening: float = 1.0, fermi_plane_fraction: float = 0.4, seed_of=None,
+               compress: float = 0.0) -> list[Sample]:
     """``n`` augmented one-band samples from freshly simulated patches; a function of ``step_seed`` only.
 
     ``seed_of(j)`` gives the simulator seed of the j-th patch drawn (default ``train_seed(step_seed, j)``).
@@ -97,7 +98,7 @@ def draw_batch(step_seed: int, n: int, crop: int, mix: dict | None = None, max_b
         patch = simulate_patch(name, seed_of(j), size=crop, **simulation_options(name, rng, fermi_plane_fraction))
         j += 1
         take = rng.permutation(patch.n_bands)[:max_bands_per_patch]
-        out.extend(_augment(s, rng) for s in patch_samples(patch, softening, bands=take))
+        out.extend(_augment(s, rng) for s in patch_samples(patch, softening, bands=take, compress=compress))
     return out[:n]
 
 

@@ -57,6 +57,7 @@ class DenoiserConfig:
     p_uncond: float = 0.1
     # transforms
     ccd_softening: float = 1.0
+    counts_compress: float = 0.0  # > 0: c asinh(anscombe / c) (transforms module docstring)
     # sampling defaults
     default_steps: int = 4
     default_samples: int = 4

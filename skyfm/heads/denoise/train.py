@@ -137,9 +137,9 @@ def _load_checkpoint(out: Path, model, opt):
     return state, ema
 
 
-def validation_set(tc: TrainConfig, crop: int, softening: float):
+def validation_set(tc: TrainConfig, crop: int, softening: float, compress: float = 0.0):
     samples = draw_batch(VALIDATION_STEP_SEED, tc.n_val, crop, tc.mix, tc.max_bands_per_patch, softening,
-                         tc.fermi_plane_fraction, seed_of=lambda j: HELD_OUT_SEED_BASE + j)
+                         tc.fermi_plane_fraction, seed_of=lambda j: HELD_OUT_SEED_BASE + j, compress=compress)
     return stack(samples)
 
 
@@ -177,12 +177,15 @@ def train_denoiser(out_dir: str | Path, tc: TrainConfig | None = None, model_con
     start, wall_before = 0, 0.0
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loaded = _load_checkpoint(out, model, opt) if resume else None
+    history = []
     if loaded is not None:
         state, ema = loaded
         start, wall_before = int(state["step"]), float(state.get("wall_s", 0.0))
+        history = list(state.get("history", []))
         log(f"resuming from step {start}")
+    history.append({"command": command, "from_step": start, "steps": tc.steps})
     sched = model.train_scheduler()
-    val = validation_set(tc, cfg.crop, cfg.ccd_softening)
+    val = validation_set(tc, cfg.crop, cfg.ccd_softening, cfg.counts_compress)
     metrics_path = out / "metrics.csv"
     if start == 0 or not metrics_path.exists():
         metrics_path.write_text("step,loss,lr,data_s,step_s,wall_s,val_x0_t999,val_x0_t500,val_x0_t100,val_ddim4\n")
@@ -196,7 +199,7 @@ def train_denoiser(out_dir: str | Path, tc: TrainConfig | None = None, model_con
         t0 = time.time()
         step_seed = tc.seed * 1_000_003 + step
         batch = stack(draw_batch(step_seed, tc.batch_size, cfg.crop, tc.mix, tc.max_bands_per_patch,
-                                 cfg.ccd_softening, tc.fermi_plane_fraction))
+                                 cfg.ccd_softening, tc.fermi_plane_fraction, compress=cfg.counts_compress))
         t1 = time.time()
         lr = lr_at(step, tc)
         for g in opt.param_groups:
@@ -234,11 +237,11 @@ def train_denoiser(out_dir: str | Path, tc: TrainConfig | None = None, model_con
             losses, data_s, step_s = [], 0.0, 0.0
         if done % tc.checkpoint_every == 0 or done == stop:
             _save_checkpoint(out, done, model, ema, opt, tc, {"wall_s": wall_before + time.time() - t_start,
-                                                              "val": last_val})
+                                                              "val": last_val, "history": history})
     wall = wall_before + time.time() - t_start
     final_step = max(stop, start)
     if final_step >= tc.steps:
-        cfg.training = {"command": command, "steps": tc.steps, "batch_size": tc.batch_size, "crop": cfg.crop,
+        cfg.training = {"command": command, "history": history, "steps": tc.steps, "batch_size": tc.batch_size, "crop": cfg.crop,
                         "train_config": asdict(tc), "wall_s": round(wall), "threads": tc.threads,
                         "train_seeds": f"draw_batch(seed * 1000003 + step), patch seeds patch_seed(.,j) & 0x7fffffff "
                                        f"(< 2**31), run seed {tc.seed}",
@@ -261,10 +264,12 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--channels", default="32,64,64", help="U-Net block_out_channels")
+    p.add_argument("--counts-compress", type=float, default=0.0, help="c of c*asinh(anscombe/c) for counts (0: off)")
     p.add_argument("--no-resume", action="store_true")
     a = p.parse_args(argv)
     tc = TrainConfig(seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, threads=a.threads)
-    mc = DenoiserConfig(block_out_channels=tuple(int(c) for c in a.channels.split(",")))
+    mc = DenoiserConfig(block_out_channels=tuple(int(c) for c in a.channels.split(",")),
+                        counts_compress=a.counts_compress)
     command = "python -m skyfm.heads.denoise.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         train_denoiser(a.out, tc, mc, max_steps=a.max_steps, resume=not a.no_resume, command=command)

@@ -5,7 +5,10 @@ The network sees one band at a time, in a space where the noise is about one uni
 * **counts** (Fermi-LAT, CTAO; per energy bin): the Anscombe transform shifted to keep zero at zero,
   ``f(x) = 2 sqrt(x + 3/8) - 2 sqrt(3/8)``. Poisson noise is ~1 unit at any count level. The observation and the
   source-only target go through the same ``f``; the inverse ``x = (t / 2 + sqrt(3/8))^2 - 3/8`` is exact for
-  ``t >= 0`` (targets are non-negative, network outputs are clipped at 0 before inverting).
+  ``t >= 0`` (targets are non-negative, network outputs are clipped at 0 before inverting). With
+  ``counts_compress = c > 0`` the Anscombe value is further compressed, ``c asinh(t / c)``: unchanged (noise ~1)
+  below ~c, logarithmic for the brightest pixels, so that a 10^4-count pulsar does not dominate the loss; the
+  inverse ``c sinh(u / c)`` is exact.
 * **ccd** (MeerLICHT, Hubble, WISE; per filter): background-normalised asinh. The sky level and noise sigma of the
   *observed* band are estimated robustly (:func:`skyfm.instruments.scaling.robust_background`); the observation
   becomes ``asinh((x - sky) / (softening * sigma))`` and the source-only target ``asinh(s / (softening * sigma))``,
@@ -37,7 +40,7 @@ def anscombe(x: np.ndarray) -> np.ndarray:
 def inverse_anscombe(t: np.ndarray) -> np.ndarray:
     """Exact inverse of :func:`anscombe` for ``t >= 0`` (negative values clipped to 0 first)."""
     t = np.clip(np.asarray(t, dtype=np.float64), 0, None)
-    return ((t / 2.0 + SQRT_3_8) ** 2 - 0.375).astype(np.float32)
+    return np.maximum((t / 2.0 + SQRT_3_8) ** 2 - 0.375, 0.0).astype(np.float32)
 
 
 @dataclass
@@ -50,36 +53,46 @@ class BandTransform:
     kind: str
     sky: float = 0.0
     scale: float = 1.0
+    compress: float = 0.0
 
     def observation(self, x: np.ndarray) -> np.ndarray:
         """The observed band in network space."""
         if self.kind == "counts":
-            return anscombe(x)
+            return self._squash(anscombe(x))
         return np.arcsinh((np.asarray(x, np.float64) - self.sky) / self.scale).astype(np.float32)
 
     def target(self, s: np.ndarray) -> np.ndarray:
         """The source-only band (no background, no sky) in network space."""
         if self.kind == "counts":
-            return anscombe(s)
+            return self._squash(anscombe(s))
         return np.arcsinh(np.asarray(s, np.float64) / self.scale).astype(np.float32)
 
     def inverse_target(self, t: np.ndarray) -> np.ndarray:
         """Network space back to source-only data units (counts, ADU): the exact inverse of :meth:`target`."""
         if self.kind == "counts":
+            if self.compress > 0:
+                t = self.compress * np.sinh(np.asarray(t, np.float64) / self.compress)
             return inverse_anscombe(t)
         return (np.sinh(np.asarray(t, np.float64)) * self.scale).astype(np.float32)
 
+    def _squash(self, t: np.ndarray) -> np.ndarray:
+        if self.compress > 0:
+            return (self.compress * np.arcsinh(np.asarray(t, np.float64) / self.compress)).astype(np.float32)
+        return t
+
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "sky": float(self.sky), "scale": float(self.scale)}
+        return {"kind": self.kind, "sky": float(self.sky), "scale": float(self.scale), "compress": self.compress}
 
 
-def band_transform(band: np.ndarray, kind: str, softening: float = 1.0, valid: np.ndarray | None = None) -> BandTransform:
+def band_transform(band: np.ndarray, kind: str, softening: float = 1.0, valid: np.ndarray | None = None,
+                   compress: float = 0.0) -> BandTransform:
     """The transform of one observed (H, W) band of a ``counts`` or ``ccd`` instrument.
 
     ``valid`` (H, W) bool marks the pixels to estimate the sky from (ccd); default: every finite pixel.
+    ``compress`` (counts only): see the module docstring (0: plain Anscombe).
     """
     if kind == "counts":
-        return BandTransform("counts")
+        return BandTransform("counts", compress=float(compress))
     if kind != "ccd":
         raise SkyfmError(f"the denoiser knows counts and ccd instruments, not '{kind}'")
     values = np.asarray(band, dtype=np.float32)
