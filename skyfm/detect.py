@@ -185,7 +185,9 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
 
     head = det.head_config(inst.name)
     stride = det.token_stride
-    tile_size = _round_up(int(tile_size or det.config.tile_size), stride)
+    if tile_size is None:  # one-band images: larger tiles waste less on overlaps at the same attention cost
+        tile_size = det.config.tile_size * (2 if len(source.bands) == 1 else 1)
+    tile_size = _round_up(int(tile_size), stride)
     overlap = int(det.config.tile_overlap if overlap is None else overlap)
     _, height, width = source.shape
     side, zoom = _native_tile(det, inst, pixel_scale, tile_size)
@@ -319,7 +321,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     det = get_detector(detector)
     inst = det.instrument(patch.instrument) if patch.instrument in det.config.heads else load_instrument(patch.instrument)
     head = det.head_config(inst.name)
-    min_score = det.config.min_score if min_score is None else float(min_score)
+    min_score = default_min_score(det, head) if min_score is None else float(min_score)
     if patch.mask is not None and patch.mask.all():
         raise SkyfmError("every pixel of the image is masked or invalid: nothing to detect")
     if not np.isfinite(patch.data).all():
@@ -331,6 +333,11 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
         arrays = refine_counts(arrays, patch.data, inst, scale, getattr(patch, "background_image", None),
                                bands=list(patch.bands))
     return _catalog(arrays, inst, patch.wcs, head, meta={"min_score": min_score})
+
+
+def default_min_score(det, head) -> float:
+    """The instrument's threshold chosen on validation patches, else the detector's default."""
+    return float(head.min_score if head.min_score is not None else det.config.min_score)
 
 
 def _finite_copy(patch):
@@ -376,14 +383,15 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     if out is not None:
         catalog_format(out)  # a bad extension fails before any work
     det = get_detector(model_dir)
-    min_score = det.config.min_score if min_score is None else float(min_score)
     if _is_healpix_file(path, hdu):
         table, patch_for_plot = _detect_healpix(path, det, instrument, min_score, progress, batch_size)
+        min_score = table.meta.get("min_score")
     else:
         with open_image(path, instrument=instrument, hdu=hdu, band=band) as image:
             image.require_patchable()
             inst = image.instrument
             head = det.head_config(inst.name)
+            min_score = default_min_score(det, head) if min_score is None else float(min_score)
             small = image.shape[0] * image.height * image.width <= 64e6
             if image.format == FORMAT_SIMULATED or (inst.is_counts and small):
                 from skyfm.data import read_image
@@ -431,37 +439,49 @@ def _is_healpix_file(path: Path, hdu) -> bool:
         return not has_image and any(_is_healpix(h) for h in hdul)
 
 
-def _detect_healpix(path: Path, det, instrument, min_score: float, progress: bool, batch_size: int):
-    """Sky tiles of a HEALPix map at the instrument's native pixel scale; sky duplicates merged."""
+def _detect_healpix(path: Path, det, instrument, min_score: float, progress: bool, batch_size: int,
+                    lon_range=None, lat_range=(-90.0, 90.0)):
+    """Sky tiles of a HEALPix map at the instrument's native pixel scale, each detection kept by the tile whose
+    sky cell owns it (:class:`skyfm.data.healpix.SkyTile`), so the all-sky catalog has each source once."""
     from astropy.table import vstack
+    from astropy.wcs.utils import pixel_to_skycoord
+    from tqdm.auto import tqdm
 
+    from skyfm.catalog import empty_catalog
     from skyfm.data.healpix import healpix_tiles, read_healpix
-    from skyfm.instruments import load_instrument
 
-    hmap = read_healpix(path)
-    inst_name = instrument or getattr(hmap, "instrument", None)
-    if inst_name is None:
-        raise SkyfmError(f"{path} is a HEALPix map: say which instrument it is with --instrument")
-    inst = load_instrument(inst_name)
+    hmap = read_healpix(path, instrument=instrument)
+    if hmap.instrument is None:
+        raise SkyfmError(f"{path} is a HEALPix map of an unknown instrument: pass --instrument NAME")
+    inst = hmap.instrument
     head = det.head_config(inst.name)
+    min_score = default_min_score(det, head) if min_score is None else float(min_score)
     tile = det.config.tile_size * 2
     tables = []
-    for sky_tile, patch in healpix_tiles(hmap, tile, inst.pixel_scale_deg, overlap=det.config.tile_overlap):
-        patch.instrument = inst.name
-        if len(patch.bands) == len(inst.bands):
-            patch.bands = [b.name for b in inst.bands]
+    tiles = healpix_tiles(hmap, tile, inst.pixel_scale_deg, overlap=det.config.tile_overlap, frame=hmap.frame,
+                          lon_range=lon_range, lat_range=lat_range)
+    for sky_tile, patch in tqdm(tiles, desc="detecting", unit="sky tile", disable=not progress):
         if patch.mask is not None and patch.mask.all():
             continue
+        if len(patch.bands) == len(inst.bands) and "?" in patch.bands:
+            patch.bands = [b.name for b in inst.bands]
         arrays = detect_tiles(patch, inst, det, min_score=min_score, batch_size=batch_size)
-        own = sky_tile.owns(arrays["x"], arrays["y"]) if hasattr(sky_tile, "owns") else np.ones(len(arrays["x"]), bool)
+        if not len(arrays["x"]):
+            continue
+        c = pixel_to_skycoord(arrays["x"], arrays["y"], patch.wcs, origin=0).transform_to(hmap.frame)
+        sph = c.spherical
+        own = sky_tile.owns(sph.lon.deg, sph.lat.deg)
         arrays = {k: v[own] for k, v in arrays.items()}
         if len(arrays["x"]):
-            tables.append(_catalog(arrays, inst, patch.wcs, head))
+            t = _catalog(arrays, inst, patch.wcs, head)
+            t["tile"] = np.full(len(t), sky_tile.index)
+            tables.append(t)
     if not tables:
-        from skyfm.catalog import empty_catalog
-
         return empty_catalog(class_names=list(head.class_names), instrument=inst), None
-    return vstack(tables, metadata_conflicts="silent"), None
+    table = vstack(tables, metadata_conflicts="silent")
+    table.meta["min_score"] = min_score
+    table.meta["note"] = "x, y are pixels of each row's sky tile (column tile); use the sky coordinates"
+    return table, None
 
 
 def associate_catalog(table, reference):

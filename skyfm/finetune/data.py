@@ -20,6 +20,9 @@ CATALOG_SUFFIXES = ("_truth.ecsv", ".ecsv", "_catalog.ecsv", "_catalog.fits", "_
 
 
 def _scene_options(inst, scene: dict, rng: np.random.Generator, size: int) -> dict:
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument(inst)
     options = {k: v for k, v in scene.items() if k not in ("weight", "glat", "glon")}
     options["size"] = size
     if inst.is_counts and ("glat" in scene or "glon" in scene):

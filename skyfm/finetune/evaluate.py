@@ -21,10 +21,11 @@ SNR_FAINT = 1.5
 
 
 def match_radius_pix(inst) -> float:
-    """Largest detection-truth separation that counts as a match: max(1.5 px, FWHM/2) for CCDs, max(2 px, FWHM)
-    of the sharpest band for counts cubes."""
-    fwhm = min(b.psf.fwhm_deg for b in inst.bands) / inst.pixel_scale_deg
-    return float(max(2.0, fwhm)) if inst.is_counts else float(max(1.5, 0.5 * fwhm))
+    """The benchmark's match radius (:func:`skyfm.catalog.evaluate.default_radius_pix`): 3 px for counts cubes,
+    else 0.75 FWHM of the sharpest band, at least 2 px."""
+    from skyfm.catalog.evaluate import default_radius_pix
+
+    return float(default_radius_pix(inst))
 
 
 def score_patch(cat, patch, inst, radius: float | None = None) -> dict:
@@ -76,9 +77,29 @@ def score_patch(cat, patch, inst, radius: float | None = None) -> dict:
     return out
 
 
+def _aggregate(rows: list[dict], seconds: float) -> dict:
+    tp, fp, nt = (sum(r[k] for r in rows) for k in ("tp", "fp", "n_true"))
+    prec = tp / max(tp + fp, 1)
+    rec = tp / max(nt, 1)
+    seps = np.concatenate([r["sep"] for r in rows]) if any(r["sep"] for r in rows) else np.zeros(0)
+    cover = np.concatenate([r["cover"] for r in rows]) if any(r["cover"] for r in rows) else np.zeros(0)
+    res = {"precision": round(prec, 3), "recall": round(rec, 3), "f1": round(2 * prec * rec / max(prec + rec, 1e-9), 3),
+           "n_true_snr5": nt, "n_det": sum(r["n_det"] for r in rows),
+           "median_sep_pix": round(float(np.median(seps)), 3) if len(seps) else None,
+           "flux_68_coverage": round(float(cover.mean()), 3) if len(cover) else None,
+           "artefact_detections": sum(r["artefact_det"] for r in rows), "seconds": round(seconds, 1)}
+    for key in ("recall_3_5", "recall_5_10", "recall_10_inf"):
+        m, tot = sum(r[key][0] for r in rows), sum(r[key][1] for r in rows)
+        res[key] = round(m / tot, 3) if tot else None
+    return res
+
+
 def evaluate(detector, config, n: int = 24, size: int = 64, min_score: float | None = None,
-             instruments: list[str] | None = None, refine: bool = False) -> dict:
-    from skyfm.detect import detect_patch, get_detector
+             instruments: list[str] | None = None, refine: bool = False,
+             thresholds: list[float] | None = None) -> dict:
+    """Per instrument: the metrics at ``min_score`` (default: the instrument's own threshold) and, with
+    ``thresholds``, at each of them (``sweep``) and the threshold of best F1 (``best_threshold``)."""
+    from skyfm.detect import default_min_score, detect_patch, get_detector
     from skyfm.finetune.data import validation_patches
     from skyfm.instruments import load_instrument
 
@@ -89,22 +110,22 @@ def evaluate(detector, config, n: int = 24, size: int = 64, min_score: float | N
         if instruments and name not in instruments:
             continue
         inst = load_instrument(name)
+        head = det.head_config(name)
+        th0 = default_min_score(det, head) if min_score is None else float(min_score)
+        ths = sorted(set([th0] + list(thresholds or [])))
         t0 = time.perf_counter()
-        rows = [score_patch(detect_patch(p, det, min_score, refine=refine), p, inst)
-                for p in validation_patches(inst, spec, n, size)]
-        tp, fp, nt = (sum(r[k] for r in rows) for k in ("tp", "fp", "n_true"))
-        prec = tp / max(tp + fp, 1)
-        rec = tp / max(nt, 1)
-        seps = np.concatenate([r["sep"] for r in rows]) if any(r["sep"] for r in rows) else np.zeros(0)
-        cover = np.concatenate([r["cover"] for r in rows]) if any(r["cover"] for r in rows) else np.zeros(0)
-        res = {"precision": round(prec, 3), "recall": round(rec, 3),
-               "f1": round(2 * prec * rec / max(prec + rec, 1e-9), 3), "n_true_snr5": nt, "n_det": sum(r["n_det"] for r in rows),
-               "median_sep_pix": round(float(np.median(seps)), 3) if len(seps) else None,
-               "flux_68_coverage": round(float(cover.mean()), 3) if len(cover) else None,
-               "artefact_detections": sum(r["artefact_det"] for r in rows), "seconds": round(time.perf_counter() - t0, 1)}
-        for key in ("recall_3_5", "recall_5_10", "recall_10_inf"):
-            m, tot = sum(r[key][0] for r in rows), sum(r[key][1] for r in rows)
-            res[key] = round(m / tot, 3) if tot else None
+        per = {th: [] for th in ths}
+        for p in validation_patches(inst, spec, n, size):
+            cat = detect_patch(p, det, ths[0], refine=refine)
+            for th in ths:
+                per[th].append(score_patch(cat[np.asarray(cat["score"]) >= th], p, inst))
+        seconds = time.perf_counter() - t0
+        res = _aggregate(per[th0], seconds)
+        res["min_score"] = th0
+        if thresholds:
+            sweep = {f"{th:.2f}": _aggregate(per[th], seconds) for th in ths}
+            res["sweep"] = {k: {m: v[m] for m in ("precision", "recall", "f1")} for k, v in sweep.items()}
+            res["best_threshold"] = float(max(sweep, key=lambda k: (sweep[k]["f1"], -abs(float(k) - 0.3))))
         results[name] = res
     return results
 
@@ -124,10 +145,12 @@ def main() -> None:
     parser.add_argument("--refine", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sweep", action="store_true", help="F1 at thresholds 0.1 .. 0.7 and the best one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     res = evaluate(args.model_dir, load_finetune_config(args.config), n=args.n, size=args.size,
-                   min_score=args.min_score, instruments=args.instrument, refine=args.refine)
+                   min_score=args.min_score, instruments=args.instrument, refine=args.refine,
+                   thresholds=[0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7] if args.sweep else None)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

@@ -1,6 +1,6 @@
 """Copy a trained detector into the package as the default one (float16 weights, so the wheel stays small).
 
-    python -m skyfm.finetune.ship runs/detector-default/model [--notes runs/detector-default/validation.json]
+    python -m skyfm.finetune.ship runs/detector-default/model --thresholds runs/detector-default/sweep.json
 
 Writes ``skyfm/resources/models/detector-default/{config.json, model.safetensors, README.md}``.
 """
@@ -16,8 +16,16 @@ import torch
 from skyfm.heads.detector import DEFAULT_MODEL_DIR, SourceDetector
 
 
-def ship(model_dir: str | Path, target: str | Path = DEFAULT_MODEL_DIR, notes: str | Path | None = None) -> Path:
+def ship(model_dir: str | Path, target: str | Path = DEFAULT_MODEL_DIR, notes: str | Path | None = None,
+         thresholds: str | Path | None = None) -> Path:
+    """Copy ``model_dir`` to ``target`` in float16; ``thresholds``: a validation JSON (``evaluate --sweep``)
+    whose ``best_threshold`` per instrument becomes that head's ``min_score``."""
     det = SourceDetector.from_pretrained(model_dir)
+    if thresholds is not None:
+        chosen = json.loads(Path(thresholds).read_text())
+        for name, res in chosen.items():
+            if name in det.config.heads and res.get("best_threshold") is not None:
+                det.config.heads[name].min_score = float(res["best_threshold"])
     target = Path(target)
     det.save_pretrained(target, dtype=torch.float16)
     training = det.config.training or {}
@@ -52,8 +60,9 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--notes", default=None)
     parser.add_argument("--target", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument("--thresholds", default=None, help="validation JSON of evaluate --sweep")
     args = parser.parse_args()
-    print(ship(args.model_dir, args.target, args.notes))
+    print(ship(args.model_dir, args.target, args.notes, args.thresholds))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class InstrumentHeadConfig:
         heat_sigma_pix: width (pixels) of the Gaussian centre targets; set from the sharpest band's PSF.
         pixel_scale_deg: the instrument's native pixel scale (extension outputs are learned in these pixels).
         spec: for a telescope that is not built in, its YAML mapping, so the saved detector is self-contained.
+        min_score: this instrument's detection threshold (chosen on validation patches), else the detector's.
     """
 
     name: str
@@ -44,6 +45,7 @@ class InstrumentHeadConfig:
     heat_sigma_pix: float = 1.0
     pixel_scale_deg: float = 1.0
     spec: dict | None = None
+    min_score: float | None = None
 
     @property
     def n_bands(self) -> int:
