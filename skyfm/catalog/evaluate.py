@@ -252,6 +252,24 @@ def to_jsonable(obj):
     return obj
 
 
+def check_output_path(path, suffixes: tuple[str, ...], option: str) -> None:
+    """A one-line SkyfmError before any work when an output path cannot be written."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise SkyfmError(f"{option} {p}: the file name should end in {' or '.join(suffixes)}")
+    if p.is_dir():
+        raise SkyfmError(f"{option} {p} is a folder; give a file name")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    import os
+
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise SkyfmError(f"{option} {p}: cannot write into {parent}")
+
+
 def write_json(results: dict, path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -1,0 +1,213 @@
+"""Catalog tables, writers, matching, the Poisson likelihood and the metrics."""
+
+import astropy.units as u
+import numpy as np
+import pytest
+from astropy.table import QTable, Table
+
+from skyfm.catalog import build_catalog, match_catalogs, read_catalog, write_catalog
+from skyfm.catalog import likelihood as lk
+from skyfm.catalog.metrics import (associate, best_f1, cramer_rao_position, detection_metrics, recall_at_precision,
+                                   score_sweep)
+from skyfm.data.simulate import simulate_patch
+from skyfm.errors import SkyfmError
+from skyfm.instruments import load_instrument
+from skyfm.instruments.psf import PSF
+
+
+@pytest.fixture(scope="module")
+def fermi_patch():
+    return simulate_patch("fermi-lat", seed=3, size=48)
+
+
+def test_build_catalog_columns_units_and_frames(fermi_patch):
+    p = fermi_patch
+    t = p.truth
+    n = len(t)
+    cat = build_catalog(np.asarray(t["x"]), np.asarray(t["y"]), pos_err_pix=np.full(n, 0.5),
+                        flux=np.asarray(t["flux"]), flux_err=np.ones(n), score=np.linspace(1, 0, n),
+                        class_names=["agn", "pulsar", "other"], class_prob=np.tile([0.2, 0.7, 0.1], (n, 1)),
+                        extension_deg=np.zeros(n), wcs=p.wcs, instrument="fermi-lat", score_kind="probability")
+    assert isinstance(cat, QTable)
+    for col in ("x", "y", "glon", "glat", "ra", "dec", "pos_err", "flux", "flux_err", "score", "class",
+                "class_prob", "extension"):
+        assert col in cat.colnames
+        assert cat[col].info.description, col
+    assert cat["x"].unit == u.pix and cat["glon"].unit == u.deg and cat["flux"].unit == u.ct
+    assert cat["pos_err"].unit == u.deg
+    assert np.allclose(cat["pos_err"].value, 0.5 * 0.1)
+    assert np.allclose(cat["glon"].value, np.asarray(t["glon"]), atol=1e-8)
+    assert np.allclose(cat["glat"].value, np.asarray(t["glat"]), atol=1e-8)
+    assert set(cat["class"]) == {"pulsar"} and cat.meta["class_names"] == ["agn", "pulsar", "other"]
+    assert cat.meta["frame"] == "galactic"
+    ml = simulate_patch("meerlicht", seed=1, size=32, scene="field")
+    c2 = build_catalog([3.0], [4.0], flux=[10.0], wcs=ml.wcs, instrument="meerlicht")
+    assert "ra" in c2.colnames and "glon" not in c2.colnames and c2["flux"].unit == u.adu
+    c3 = build_catalog([1.0], [2.0], pos_err_pix=[0.3])
+    assert c3["pos_err"].unit == u.pix and "ra" not in c3.colnames
+    with pytest.raises(SkyfmError):
+        build_catalog([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize("ext", ["fits", "ecsv", "vot"])
+def test_write_catalog_round_trip_with_regions(tmp_path, fermi_patch, ext):
+    t = fermi_patch.truth
+    cat = build_catalog(np.asarray(t["x"]), np.asarray(t["y"]), flux=np.asarray(t["flux"]), score=np.asarray(t["snr"]),
+                        pos_err_pix=np.full(len(t), 0.2), wcs=fermi_patch.wcs, instrument="fermi-lat",
+                        class_names=["a", "b"], class_prob=np.tile([0.6, 0.4], (len(t), 1)))
+    path = write_catalog(cat, tmp_path / f"cat.{ext}")
+    back = read_catalog(path)
+    assert len(back) == len(cat)
+    assert np.allclose(u.Quantity(back["x"]).value, cat["x"].value)
+    assert np.allclose(u.Quantity(back["glon"]).value, cat["glon"].value)
+    if ext != "vot":
+        assert back.meta["class_names"] == ["a", "b"]
+    reg = (tmp_path / "cat.reg").read_text()
+    assert "galactic" in reg and reg.count("circle(") == len(cat) and "text={0" in reg
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"cat.{ext}", "cat.reg"])  # no temp files left
+    with pytest.raises(SkyfmError):
+        write_catalog(cat, tmp_path / "cat.txt")
+
+
+def test_match_catalogs_is_one_to_one_and_optimal():
+    det = (np.array([0.0, 1.0, 2.0, 10.0]), np.zeros(4))
+    truth = (np.array([0.5, 1.6, 30.0]), np.zeros(3))
+    d, t, s = match_catalogs(det, truth, 1.0)
+    assert len(set(d)) == len(d) and len(set(t)) == len(t) and len(d) == 2
+    assert np.all(s <= 1.0)
+    # a greedy match would give truth 0 to det 1 (0.5 px) and leave det 0 alone; the optimal one pairs both
+    det2 = (np.array([0.0, 0.9]), np.zeros(2))
+    truth2 = (np.array([0.45, 1.5]), np.zeros(2))
+    d, t, _ = match_catalogs(det2, truth2, 0.7)
+    assert list(zip(d, t)) == [(0, 0), (1, 1)]
+    assert len(match_catalogs((np.zeros(0), np.zeros(0)), truth, 1.0)[0]) == 0
+    tab = Table({"a": [1]})
+    with pytest.raises(SkyfmError):
+        match_catalogs(tab, truth, 1.0)
+
+
+def _inject(inst, x0, y0, flux, bkg, shape, rng):
+    """Poisson counts of one point source (PSF stamps renormalised as the simulator does) over a flat background."""
+    h, w = shape
+    wts = lk.powerlaw_band_weights(inst)
+    s = inst.pixel_scale_deg
+    src = np.zeros((len(bkg), h, w))
+    ix, iy = int(round(x0)), int(round(y0))
+    for c, b in enumerate(inst.bands):
+        r = b.psf.stamp_radius_pix(s)
+        st = b.psf.stamps(np.array([x0 - ix]), np.array([y0 - iy]), s, radius_pix=r)[0]
+        big = np.zeros((h + 2 * r, w + 2 * r))
+        big[iy:iy + 2 * r + 1, ix:ix + 2 * r + 1] = st / st.sum() * flux * wts[c]
+        src[c] = big[r:r + h, r:r + w]
+    b = np.stack([np.full(shape, v) for v in bkg])
+    return rng.poisson(b + src).astype(np.float64), b
+
+
+def test_point_source_fit_recovers_position_and_flux_with_honest_errors():
+    inst = load_instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    rng = np.random.default_rng(7)
+    bkg = [2.0, 0.5, 0.1, 0.03, 0.01, 0.003]
+    pulls_x, pulls_f, ts = [], [], []
+    for _ in range(24):
+        x0, y0 = 24 + rng.uniform(-0.5, 0.5), 23 + rng.uniform(-0.5, 0.5)
+        n, b = _inject(inst, x0, y0, 300.0, bkg, (48, 48), rng)
+        fit = lk.fit_point_sources(n, b, kernels, [x0 + 0.4], [y0 - 0.3])
+        pulls_x.append((fit["x"][0] - x0) / fit["x_err"][0])
+        pulls_f.append((fit["flux"][0] - 300.0) / fit["flux_err"][0])
+        ts.append(fit["ts"][0])
+    pulls_x, pulls_f = np.array(pulls_x), np.array(pulls_f)
+    assert np.all(np.abs(pulls_x) < 4)  # within its pos_err
+    assert 0.6 < np.std(pulls_x) < 1.5
+    cover = np.mean(np.abs(pulls_f) < 1)
+    assert 0.45 < cover < 0.9, cover
+    assert abs(np.median(pulls_f)) < 0.6
+    assert np.min(ts) > 100
+
+
+def test_ts_map_of_an_empty_field_is_half_chi2_one_and_finds_a_source():
+    inst = load_instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    wts = lk.powerlaw_band_weights(inst)
+    rng = np.random.default_rng(11)
+    bkg = np.stack([np.full((64, 64), v) for v in [3.0, 1.0, 0.3, 0.1, 0.03, 0.01]])
+    vals = []
+    for _ in range(6):
+        ts = lk.ts_map(rng.poisson(bkg).astype(float), bkg, kernels, band_weights=wts)
+        vals.append(ts[4:-4:6, 4:-4:6].ravel())  # pixels ~ a PSF apart: nearly independent
+    vals = np.concatenate(vals)
+    assert np.all(vals >= 0)
+    # 0.5 chi2_0 + 0.5 chi2_1: mean 0.5, P(TS > 4) = 0.023
+    assert 0.3 < vals.mean() < 0.7, vals.mean()
+    assert np.mean(vals > 4) < 0.06
+    assert np.mean(vals > 16) < 0.005
+    n, b = _inject(inst, 30.3, 33.7, 200.0, [3.0, 1.0, 0.3, 0.1, 0.03, 0.01], (64, 64), rng)
+    ts, flux = lk.ts_map(n, b, kernels, band_weights=wts, return_flux=True)
+    x, y, v = lk.find_peaks(ts, 25.0, 3.0)
+    assert len(x) >= 1 and np.hypot(x[0] - 30.3, y[0] - 33.7) < 1.5
+    assert 100 < flux[int(round(y[0])), int(round(x[0]))] < 400
+    free = lk.ts_map(n, b, kernels, spectrum="free")
+    assert free.max() > 25
+
+
+def test_estimate_background_of_a_flat_field_with_a_source():
+    inst = load_instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    rng = np.random.default_rng(2)
+    n, b = _inject(inst, 40.0, 40.0, 3000.0, [5.0, 2.0, 0.5, 0.2, 0.05, 0.02], (80, 80), rng)
+    est = lk.estimate_background(n, kernels)
+    ratio = est[:3].mean(axis=(1, 2)) / b[:3].mean(axis=(1, 2))
+    assert np.all(np.abs(ratio - 1) < 0.15), ratio
+
+
+def test_detection_metrics_counts_faint_matches_as_neither():
+    truth = Table({"x": [10.0, 20.0, 30.0, 40.0], "y": [10.0, 20.0, 30.0, 40.0], "snr": [50.0, 8.0, 3.0, 6.0],
+                   "flux": [100.0, 50.0, 10.0, 40.0]})
+    det = Table({"x": [10.2, 30.1, 60.0], "y": [10.1, 29.8, 60.0], "score": [0.9, 0.8, 0.7]})
+    m = detection_metrics(det, truth, 1.0)
+    assert (m["tp"], m["fp"], m["fn"], m["neither"]) == (1, 1, 2, 1)
+    assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(1 / 3)
+    snr_bins = {(b["lo"], b["hi"]): b for b in m["per_snr"]}
+    assert snr_bins[(3.0, 5.0)]["found"] == 1
+    sw = score_sweep(det, truth, 1.0)
+    best = best_f1(sw)
+    assert best["threshold"] == pytest.approx(0.9) and best["precision"] == 1.0
+    r = recall_at_precision(sw, 0.9, (3.0, 5.0))
+    assert r["recall"] == 1.0 and r["threshold"] == pytest.approx(0.8)
+
+
+def test_cramer_rao_matches_the_analytic_limit():
+    scale = 1.0 / 3600
+    psf = PSF.gaussian(fwhm_deg=6 * scale)  # sigma = 2.55 px: well sampled
+    sigma = 6 / 2.3548
+    crb = cramer_rao_position(psf, [1e4], 0.0, scale)
+    assert crb[0] == pytest.approx(sigma / np.sqrt(1e4), rel=0.05)  # background-free Poisson: sigma / sqrt(N)
+    with_bkg = cramer_rao_position(psf, [1e4], 100.0, scale, gain=1.0, read_noise=5.0)
+    assert with_bkg[0] > crb[0]
+
+
+def test_associate_within_the_95_percent_ellipse():
+    cat = build_catalog([0, 1, 2], [0, 0, 0])
+    cat["glon"] = [10.0, 10.05, 12.0] * u.deg
+    cat["glat"] = [0.0, 0.0, 0.0] * u.deg
+    ref = Table({"Source_Name": ["4FGL A", "4FGL B"], "GLON": [10.0, 11.0], "GLAT": [0.0, 0.0],
+                 "RAJ2000": [0.0, 0.0], "DEJ2000": [0.0, 0.0],
+                 "Conf_95_SemiMajor": [0.08, 0.05], "Conf_95_SemiMinor": [0.08, 0.05], "Conf_95_PosAng": [0.0, 0.0]})
+    del ref["RAJ2000"], ref["DEJ2000"]
+    out = associate(cat, ref)
+    assert list(out["assoc_name"]) == ["4FGL A", "4FGL A", ""]
+    assert out["assoc_sep"][0].to_value(u.deg) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_association_with_4fgl_dr2(shared_data):
+    ref_path = shared_data / "fermi" / "gll_psc_v27.fit"
+    if not ref_path.is_file():
+        pytest.skip("no 4FGL-DR2 file")
+    from skyfm.catalog.metrics import read_reference
+
+    ref = read_reference(ref_path)
+    cat = build_catalog([0.0], [0.0])
+    cat["ra"] = [float(ref["RAJ2000"][100])] * u.deg
+    cat["dec"] = [float(ref["DEJ2000"][100])] * u.deg
+    out = associate(cat, ref_path)
+    assert out["assoc_name"][0] == str(ref["Source_Name"][100]).strip()
