@@ -339,3 +339,30 @@ def test_every_latent_command_has_a_help_with_examples(capsys):
         assert exc.value.code == 0
         out = capsys.readouterr().out
         assert "Examples:" in out and f"skyfm {name}" in out, name
+
+
+def test_embed_with_a_detector_folder_uses_its_backbone_and_its_sources(tmp_path, capsys):
+    """--model DETECTOR_DIR: the detector's backbone embeds, the detector finds the sources of a file without truth."""
+    pytest.importorskip("skyfm.detect")
+    heads = pytest.importorskip("skyfm.heads")
+    import torch
+    from astropy.io import fits
+
+    from skyfm.data.simulate import simulate_patch
+    from skyfm.foundation import create_model
+    from skyfm.latent.embed import read_embeddings
+
+    torch.manual_seed(0)
+    fm = create_model("skyfm-tiny", backbone={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    det = heads.SourceDetector.from_foundation(fm, ["meerlicht"], trunk_channels=16, trunk_depth=1, min_score=0.0101)
+    det_dir = det.save_pretrained(tmp_path / "det")
+    patch = simulate_patch("meerlicht", seed=3, size=64, bands=["q"])
+    fits.PrimaryHDU(patch.data[0], header=patch.wcs.to_header()).writeto(tmp_path / "plain.fits")
+    out = tmp_path / "d.parquet"
+    assert main(["embed", str(tmp_path / "plain.fits"), "-i", "meerlicht", "--band", "q", "--model", str(det_dir),
+                 "--out", str(out)]) == 0
+    meta, vectors, info = read_embeddings(out)
+    assert vectors.shape[1] == 32 + 32 and "detector backbone" in info["model"]
+    rows = meta.to_pylist()
+    assert sum(r["kind"] == "patch" for r in rows) == 1
+    assert all(r["origin"] == "detector" and r["score"] is not None for r in rows if r["kind"] == "source")
