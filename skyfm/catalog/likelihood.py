@@ -419,13 +419,86 @@ def _fisher_and_gradient(n, others, parts, design, fit_position):
     return fisher, grad
 
 
+class _Flat:
+    """The pixels around one source, all bands in one flat vector, for fast likelihood evaluations."""
+
+    def __init__(self, n, others, tables, h, w):
+        self.n, self.others, self.tables, self.h, self.w = n, others, tables, h, w
+        self.cache = {}
+
+    def window(self, ix: int, iy: int):
+        key = (ix, iy)
+        hit = self.cache.get(key)
+        if hit is None:
+            wins = [_Window(ix, iy, t.radius, self.h, self.w) for t in self.tables]
+            nf = [self.n[c][wn.img].ravel() for c, wn in enumerate(wins)]
+            of = [self.others[c][wn.img].ravel() for c, wn in enumerate(wins)]
+            band = np.concatenate([np.full(len(v), c, dtype=np.int64) for c, v in enumerate(nf)])
+            hit = (wins, np.concatenate(nf), np.maximum(np.concatenate(of), 0.0), band)
+            self.cache[key] = hit
+        return hit
+
+    def stamps(self, x: float, y: float, grad: bool):
+        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+        wins, nf, of, band = self.window(ix, iy)
+        dx, dy = x - ix, y - iy
+        ps, gxs, gys = [], [], []
+        for t, wn in zip(self.tables, wins):
+            if grad:
+                p, gx, gy = t.stamp_and_gradient(dx, dy)
+                gxs.append(gx[wn.stamp].ravel())
+                gys.append(gy[wn.stamp].ravel())
+            else:
+                p = t.stamp(dx, dy)
+            ps.append(p[wn.stamp].ravel())
+        p = np.concatenate(ps)
+        if grad:
+            return nf, of, band, p, np.concatenate(gxs), np.concatenate(gys)
+        return nf, of, band, p, None, None
+
+
+def _flat_loglike(nf, of, band, p, a_band):
+    mu = np.maximum(of + a_band[band] * p, 1e-300)
+    return float(np.dot(nf, np.log(mu)) - mu.sum())
+
+
+def _flat_fisher(nf, of, band, p, gx, gy, a_band, design, nb):
+    """Fisher matrix and gradient for (x, y, A_1..A_m), from per-band sums (bincount)."""
+    ab = a_band[band]
+    mu = np.maximum(of + ab * p, 1e-300)
+    inv = 1.0 / mu
+    r = nf * inv - 1.0
+    bc = lambda wts: np.bincount(band, weights=wts, minlength=nb)  # noqa: E731
+    s_pp = bc(p * p * inv)
+    t_x = bc(ab * gx * p * inv)
+    t_y = bc(ab * gy * p * inv)
+    m = design.shape[0]
+    fisher = np.empty((m + 2, m + 2))
+    agx, agy = ab * gx, ab * gy
+    fisher[0, 0] = np.dot(agx * agx, inv)
+    fisher[1, 1] = np.dot(agy * agy, inv)
+    fisher[0, 1] = fisher[1, 0] = np.dot(agx * agy, inv)
+    fisher[0, 2:] = fisher[2:, 0] = design @ t_x
+    fisher[1, 2:] = fisher[2:, 1] = design @ t_y
+    fisher[2:, 2:] = (design * s_pp[None, :]) @ design.T
+    grad = np.empty(m + 2)
+    grad[0] = np.dot(agx, r)
+    grad[1] = np.dot(agy, r)
+    grad[2:] = design @ bc(p * r)
+    return fisher, grad
+
+
 def _fit_one(n, others, tables, design, x, y, amps, fit_position, max_iter, h, w):
     """Fisher-scoring fit of one source's position and amplitudes with everything else held fixed."""
     m = design.shape[0]
-    parts = _source_model(tables, design, x, y, amps, h, w, with_gradient=fit_position)
-    ll = _loglike(n, others, parts)
+    nb = len(tables)
+    flat = _Flat(n, others, tables, h, w)
+    cur = flat.stamps(x, y, True)
+    ll = _flat_loglike(*cur[:4], design.T @ amps)
     for _ in range(max_iter):
-        fisher, grad = _fisher_and_gradient(n, others, parts, design, fit_position)
+        fisher, grad = _flat_fisher(*cur, design.T @ amps, design, nb)
+        if not fit_position:
+            fisher, grad = fisher[2:, 2:], grad[2:]
         reg = 1e-9 * np.maximum(np.diag(fisher), 1e-12)
         try:
             step = np.linalg.solve(fisher + np.diag(reg), grad)
@@ -441,28 +514,25 @@ def _fit_one(n, others, tables, design, x, y, amps, fit_position, max_iter, h, w
             else:
                 nx, ny, na = x, y, amps + step
             na = np.maximum(na, 0.0)
-            nx = float(np.clip(nx, -0.5, w - 0.5))
-            ny = float(np.clip(ny, -0.5, h - 0.5))
-            new_parts = _source_model(tables, design, nx, ny, na, h, w, with_gradient=fit_position)
-            new_ll = _loglike(n, others, new_parts)
+            nx = float(min(max(nx, -0.5), w - 0.5))
+            ny = float(min(max(ny, -0.5), h - 0.5))
+            trial = flat.stamps(nx, ny, True)
+            new_ll = _flat_loglike(*trial[:4], design.T @ na)
             if new_ll >= ll - 1e-9:
                 moved = (abs(nx - x) + abs(ny - y)) if fit_position else 0.0
                 improved = new_ll > ll + 1e-3 or moved > 1e-3
-                x, y, amps, parts, ll = nx, ny, na, new_parts, new_ll
+                x, y, amps, cur, ll = nx, ny, na, trial, new_ll
                 break
             step = step * 0.5
         if not improved:
             break
-    parts = _source_model(tables, design, x, y, amps, h, w, with_gradient=True)
-    fisher, _ = _fisher_and_gradient(n, others, parts, design, True)
-    zero_parts = [(win, p, gx, gy, 0.0) for (win, p, gx, gy, _) in parts]
-    ts = max(2.0 * (ll - _loglike(n, others, zero_parts)), 0.0)
-    # Position errors need a source: evaluate the Fisher matrix with at least a tiny amplitude
+    fisher, _ = _flat_fisher(*cur, design.T @ amps, design, nb)
+    ts = max(2.0 * (ll - _flat_loglike(*cur[:4], np.zeros(nb))), 0.0)
     try:
         cov = np.linalg.inv(fisher + np.diag(1e-12 * np.maximum(np.diag(fisher), 1e-12)))
     except np.linalg.LinAlgError:
         cov = np.full((m + 2, m + 2), np.nan)
-    return x, y, amps, ts, cov, parts
+    return x, y, amps, ts, cov, None
 
 
 def fit_point_sources(counts, background, psf_kernels, x0, y0, flux0=None, *, band_weights=None,
