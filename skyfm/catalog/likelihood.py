@@ -628,10 +628,10 @@ def _kernel_fwhm_pix(k: np.ndarray) -> float:
 
 
 def estimate_background(counts, psf_kernels, *, n_iter: int = 3, mask_sigma: float = 3.0,
-                        min_counts_per_smoothing: float = 100.0) -> np.ndarray:
+                        min_counts_per_smoothing: float = 100.0, smoothing_fwhm: float = 2.0) -> np.ndarray:
     """Expected background counts of a counts cube that comes without a background model.
 
-    Per bin: a Gaussian smoothing of the counts (sigma = 3 PSF FWHM, widened until the smoothing kernel holds
+    Per bin: a Gaussian smoothing of the counts (sigma = ``smoothing_fwhm`` (2) PSF FWHM, widened until the smoothing kernel holds
     about ``min_counts_per_smoothing`` counts, at most a quarter of the image), with the pixels of significant
     sources left out (normalised convolution). Significance: Poisson significance of the counts in a circle of
     radius ~ the PSF's r68 against the current background, above ``mask_sigma`` in that bin or in the sum of the
@@ -646,7 +646,7 @@ def estimate_background(counts, psf_kernels, *, n_iter: int = 3, mask_sigma: flo
     kernels = [_kernel_array(k) for k in psf_kernels]
     fwhm = np.array([_kernel_fwhm_pix(k) for k in kernels])
     rate = n.reshape(c_bins, -1).mean(axis=1)
-    sig_s = np.maximum(3.0 * fwhm, np.sqrt(min_counts_per_smoothing / (4 * np.pi * np.maximum(rate, 1e-9))))
+    sig_s = np.maximum(smoothing_fwhm * fwhm, np.sqrt(min_counts_per_smoothing / (4 * np.pi * np.maximum(rate, 1e-9))))
     sig_s = np.minimum(sig_s, max(h, w) / 4.0)
     r68 = np.maximum(0.85 * fwhm, 1.0)
     keep = np.ones((h, w))
