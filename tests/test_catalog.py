@@ -69,6 +69,25 @@ def test_write_catalog_round_trip_with_regions(tmp_path, fermi_patch, ext):
         write_catalog(cat, tmp_path / "cat.txt")
 
 
+def test_region_files_of_large_catalogs_read_back_with_regions(tmp_path):
+    from regions import Regions
+
+    from skyfm.catalog import io
+
+    r = np.random.default_rng(0)
+    n = io.FAST_REGIONS_ABOVE + 1
+    for wcs in (simulate_patch("hubble", seed=1, size=32).wcs, None):
+        cat = build_catalog(r.uniform(0, 32, n), r.uniform(0, 32, n), pos_err_pix=np.full(n, 2.0),
+                            score=r.uniform(size=n), wcs=wcs, instrument="hubble")
+        write_catalog(cat, tmp_path / "big.ecsv")
+        regs = Regions.read(str(tmp_path / "big.reg"), format="ds9")
+        assert len(regs) == n
+        if wcs is None:
+            assert regs[5].center.x == pytest.approx(cat["x"][5].value) and regs[5].radius == pytest.approx(2.0)
+        else:
+            assert regs[5].radius.to_value(u.deg) == pytest.approx(cat["pos_err"][5].to_value(u.deg), rel=1e-6)
+
+
 def test_match_catalogs_is_one_to_one_and_optimal():
     det = (np.array([0.0, 1.0, 2.0, 10.0]), np.zeros(4))
     truth = (np.array([0.5, 1.6, 30.0]), np.zeros(3))

@@ -4,7 +4,8 @@ Every file is written to a temporary name and renamed (:func:`skyfm.utils.atomic
 half-written catalog. The region file ``<stem>.reg`` holds one circle per source, labelled with its row number and
 score: radius the 1-sigma position error, or half the (sharpest band's) PSF FWHM when there is none (or it is smaller than a pixel,
 which would be invisible), in sky coordinates when the catalog has them, else in image pixels (DS9's ``image``
-frame is 1-based; the conversion is done here).
+frame is 1-based; the conversion is done here). Written with the ``regions`` package; catalogs of more than
+2000 rows get the same text formatted in bulk (regions needs ~0.4 ms per row).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from skyfm.utils import atomic_path
 FORMATS = {".fits": "fits", ".fit": "fits", ".fts": "fits", ".ecsv": "ascii.ecsv", ".vot": "votable",
            ".xml": "votable", ".csv": "ascii.csv"}
 WRITE_SUFFIXES = (".fits", ".fit", ".ecsv", ".vot", ".xml")
+FAST_REGIONS_ABOVE = 2000  # larger catalogs get the same DS9 text formatted in bulk (regions takes ~0.4 ms a row)
 
 
 def catalog_format(path: str | Path, writing: bool = True) -> str:
@@ -120,6 +122,16 @@ def write_regions(table, path: str | Path, *, psf_fwhm_deg: float | None = None,
     radius, unit = _region_radius(table, psf_fwhm_deg, psf_fwhm_pix)
     score = np.asarray(table["score"], dtype=np.float64) if "score" in table.colnames else None
     names = table["assoc_name"] if "assoc_name" in table.colnames else None
+    labels = []
+    for i in range(len(table)):
+        label = str(i)
+        if score is not None and np.isfinite(score[i]):
+            label += f" {score[i]:.3g}"
+        if names is not None and str(names[i]):
+            label += f" {names[i]}"
+        labels.append(label)
+    if len(table) > FAST_REGIONS_ABOVE:
+        return _fast_regions(table, path, radius, unit, labels)
     regs = []
     if unit == "deg":
         if "glon" in table.colnames:
@@ -130,12 +142,7 @@ def write_regions(table, path: str | Path, *, psf_fwhm_deg: float | None = None,
         xs = u.Quantity(table["x"]).value
         ys = u.Quantity(table["y"]).value
     for i in range(len(table)):
-        label = str(i)
-        if score is not None and np.isfinite(score[i]):
-            label += f" {score[i]:.3g}"
-        if names is not None and str(names[i]):
-            label += f" {names[i]}"
-        meta = {"text": label}
+        meta = {"text": labels[i]}
         if unit == "deg":
             regs.append(CircleSkyRegion(coords[i], radius[i] * u.deg, meta=meta))
         else:
@@ -145,6 +152,24 @@ def write_regions(table, path: str | Path, *, psf_fwhm_deg: float | None = None,
             Regions(regs).write(str(tmp), format="ds9", overwrite=True)
         else:
             tmp.write_text("# Region file format: DS9\n# no sources\n")
+    return path
+
+
+def _fast_regions(table, path: Path, radius: np.ndarray, unit: str, labels: list[str]) -> Path:
+    """The same DS9 text the regions package writes, formatted in bulk (large catalogs)."""
+    if unit == "deg":
+        if "glon" in table.colnames:
+            frame, lon, lat = "galactic", u.Quantity(table["glon"], u.deg).value, u.Quantity(table["glat"], u.deg).value
+        else:
+            frame, lon, lat = "icrs", u.Quantity(table["ra"], u.deg).value, u.Quantity(table["dec"], u.deg).value
+        body = [f"circle({a:.8f},{b:.8f},{r:.10g}) # text={{{t}}}" for a, b, r, t in zip(lon, lat, radius, labels)]
+    else:
+        frame = "image"
+        xs = u.Quantity(table["x"]).value + 1.0  # DS9's image frame is 1-based
+        ys = u.Quantity(table["y"]).value + 1.0
+        body = [f"circle({a:.8f},{b:.8f},{r:.10g}) # text={{{t}}}" for a, b, r, t in zip(xs, ys, radius, labels)]
+    with atomic_path(path) as tmp:
+        tmp.write_text("# Region file format: DS9 astropy/regions\n" + frame + "\n" + "\n".join(body) + "\n")
     return path
 
 
