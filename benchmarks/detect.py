@@ -17,7 +17,9 @@ Cases: Fermi-LAT (resampled 4FGL sky anywhere), Fermi-LAT Galactic plane (the re
 Methods: ``sep``, ``photutils-dao``, ``photutils-segmentation`` (every instrument; counts cubes summed over bins),
 ``tsmap-true`` / ``tsmap-estimated`` (counts cubes; true simulated background or one estimated from the counts),
 and ``skyfm`` (``skyfm.detect.detect_patch`` with the default detector shipped in the package, when it imports
-and loads; otherwise the benchmark runs the baselines alone and says so).
+and loads; otherwise the benchmark runs the baselines alone and says so). On counts cubes ``detect_patch``
+refines with the simulator's true background (``patch.background_image``), like ``tsmap-true``;
+``skyfm-estbg`` is the same without it (the background estimated from the counts, as for real data).
 
 **Metrics** (:mod:`skyfm.catalog.metrics`), true sources with snr >= 5 must be found; match radius 3 px for
 counts cubes, else 0.75 PSF FWHM (at least 2 px):
@@ -74,7 +76,7 @@ CASES = [  # (key, label, instrument, options(rng) -> simulate_patch kwargs)
     ("wise", "WISE (4 bands)", "wise", lambda rng: {}),
 ]
 FIXED = {"sep": 5.0, "photutils-dao": 5.0, "photutils-segmentation": 5.0, "tsmap-true": 5.0, "tsmap-estimated": 5.0,
-         "skyfm": None}
+         "skyfm": None, "skyfm-estbg": None}
 
 
 def _simulate(case_index: int, instrument: str, options, n: int, base: int) -> list:
@@ -110,6 +112,10 @@ def _methods(counts: bool, skyfm_fn):
         m["tsmap-estimated"] = lambda p: tsmap_detect(p, background="estimated")
     if skyfm_fn is not None:
         m["skyfm"] = skyfm_fn
+        if counts:  # detect_patch refines with patch.background_image when present: also run it without
+            from dataclasses import replace
+
+            m["skyfm-estbg"] = lambda p: skyfm_fn(replace(p, background_image=None))
     return m
 
 
