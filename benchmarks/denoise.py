@@ -12,10 +12,13 @@ below 2**31, nor in the training run's validation set, 2**31 + j for small j), f
   (data - true background - true sources) / sigma, over all pixels and over source pixels (true source > 1 sigma);
   and the calibration of the uncertainty: rms of (clean - true) / (denoiser std).
 * **flux**: median over true sources (aperture SNR >= 5 in the noiseless truth, per band) of the aperture flux
-  (radius 1 PSF FWHM, at least 1.5 px) in the clean image over the same aperture in the true source image.
+  (radius 1 PSF FWHM, at least 1.5 px) in the clean image over the same aperture in the true source image; first
+  for isolated point sources (the source itself gives >= 70% of the true aperture flux), then for all (where
+  neighbours and unresolved sources share the aperture).
 * **detection**: F1 of :func:`skyfm.baselines.sep_detect` and, for counts cubes, of
   :func:`skyfm.baselines.tsmap_detect` run on the raw image and on the clean one; truth = sources with true
   snr >= 5, a detection matched (:func:`skyfm.catalog.match_catalogs`) to a fainter true source counts neither way.
+  Metrics from :mod:`skyfm.catalog.metrics` (score_sweep, best_f1, metrics_at_threshold).
   F1 is given at the method's usual cut (SNR >= 5, sqrt(TS) >= 5) and at its best score threshold ("best": the
   clean image's noise level is not the raw one's, so its SNR scale differs). The TS map runs on the raw counts with
   the true background (a perfect interstellar model), with the estimated one, and with the denoiser's
@@ -109,22 +112,38 @@ def residual_stats(patch, clean, std):
             "z_rms_src": rms(z), "within_1std_src": float(np.mean(inside)) if inside.size else float("nan")}
 
 
+def _band_psf(patch, c):
+    inst = load_instrument(patch.instrument)
+    band = inst.band(patch.bands[c])
+    seeing = patch.meta.get(f"seeing_{patch.bands[c]}")
+    return band.psf if seeing is None else band.psf_with_fwhm(float(seeing) / 3600)
+
+
 def flux_ratios(patch, clean):
+    """(ratio, true aperture SNR, dominant) per (true source, band) with true aperture SNR >= 5, away from edges.
+
+    ``dominant``: a point source giving >= 70% of the true aperture flux itself (its flux_band x the PSF's
+    aperture containment), i.e. not confused with neighbours or unresolved sources.
+    """
     import sep
 
+    inst = load_instrument(patch.instrument)
     sig = noise_sigma(patch)
     x = np.asarray(patch.truth["x"], np.float64)
     y = np.asarray(patch.truth["y"], np.float64)
+    fb = np.asarray(patch.truth["flux_band"], np.float64).reshape(len(x), -1)
+    point = np.asarray(patch.truth["extension"], np.float64) == 0
     out = []
     for c in range(patch.n_bands):
         r = max(1.5, fwhm_pix(patch, c))
         true, _, _ = sep.sum_circle(np.ascontiguousarray(patch.source_image[c], np.float64), x, y, r, subpix=5)
         var, _, _ = sep.sum_circle(np.ascontiguousarray(sig[c].astype(np.float64) ** 2), x, y, r, subpix=5)
         got, _, _ = sep.sum_circle(np.ascontiguousarray(clean[c], np.float64), x, y, r, subpix=5)
-        ok = (true / np.sqrt(np.maximum(var, 1e-12)) >= TRUTH_SNR) & (x > r) & (y > r) \
-            & (x < patch.width - 1 - r) & (y < patch.height - 1 - r)
         snr = true / np.sqrt(np.maximum(var, 1e-12))
-        out.extend(zip((got[ok] / true[ok]).tolist(), snr[ok].tolist()))
+        ok = (snr >= TRUTH_SNR) & (x > r) & (y > r) & (x < patch.width - 1 - r) & (y < patch.height - 1 - r)
+        own = fb[:, c] * _band_psf(patch, c).containment(r * inst.pixel_scale_deg)
+        dominant = point & (own >= 0.7 * true)
+        out.extend(zip((got[ok] / true[ok]).tolist(), snr[ok].tolist(), dominant[ok].tolist()))
     return out
 
 
@@ -135,58 +154,36 @@ def clean_patch(patch, data, background=None):
 
 
 def match_radius(patch):
-    inst = load_instrument(patch.instrument)
-    if inst.is_counts:
-        return 3.0
-    return max(1.5, min(fwhm_pix(patch, c) for c in range(patch.n_bands)))
+    """The project's benchmark match radius (skyfm.catalog.evaluate.default_radius_pix)."""
+    from skyfm.catalog.evaluate import default_radius_pix
 
-
-def pr_counts(det, truth, radius, cut):
-    """(tp, fp, fn) of detections with score >= cut against truth with snr >= TRUTH_SNR."""
-    from skyfm.catalog import match_catalogs
-
-    keep = np.asarray(det["score"], float) >= cut
-    d = det[keep]
-    bright = np.asarray(truth["snr"], float) >= TRUTH_SNR
-    if len(d) == 0:
-        return 0, 0, int(bright.sum())
-    di, ti, _ = match_catalogs(d, truth, radius)
-    matched_bright = bright[ti]
-    tp = int(matched_bright.sum())
-    fp = len(d) - len(di)  # unmatched; matches to fainter true sources count neither way
-    return tp, fp, int(bright.sum()) - tp
-
-
-def f1(tp, fp, fn):
-    return 2 * tp / max(1, 2 * tp + fp + fn)
+    return float(default_radius_pix(load_instrument(patch.instrument)))
 
 
 class DetTally:
-    """Detection counts summed over the patches of a case, at a fixed cut and over a grid of cuts."""
+    """Score sweeps of one detector over the patches of a case (skyfm.catalog.metrics: greedy matching by score,
+    truth = snr >= 5, matches to fainter true sources count neither way)."""
 
     def __init__(self, cut):
         self.cut = cut
-        self.rows = []  # per patch: (det, truth, radius)
+        self.sweeps = []
 
     def add(self, det, truth, radius):
-        self.rows.append((det, truth, radius))
+        from skyfm.catalog.metrics import score_sweep
 
-    def at(self, cut):
-        tp = fp = fn = 0
-        for det, truth, radius in self.rows:
-            a, b, c = pr_counts(det, truth, radius, cut)
-            tp, fp, fn = tp + a, fp + b, fn + c
-        return tp, fp, fn
+        self.sweeps.append(score_sweep(det, truth, radius))
 
     def summary(self):
-        if not self.rows:
+        from skyfm.catalog.metrics import best_f1, concat_sweeps, metrics_at_threshold
+
+        if not self.sweeps:
             return None
-        scores = np.concatenate([np.asarray(d["score"], float) for d, _, _ in self.rows] + [np.zeros(1)])
-        grid = np.unique(np.quantile(scores, np.linspace(0, 0.995, 40)))
-        best = max((f1(*self.at(c)), c) for c in grid)
-        tp, fp, fn = self.at(self.cut) if self.cut is not None else (0, 0, 0)
-        return {"f1_at_cut": f1(tp, fp, fn) if self.cut is not None else None, "cut": self.cut,
-                "tp": tp, "fp": fp, "fn": fn, "f1_best": best[0], "best_cut": float(best[1])}
+        sweep = concat_sweeps(self.sweeps)
+        best = best_f1(sweep, TRUTH_SNR)
+        at = metrics_at_threshold(sweep, self.cut, TRUTH_SNR) if self.cut is not None else {}
+        return {"f1_at_cut": at.get("f1"), "cut": self.cut, "tp": at.get("tp"), "fp": at.get("fp"),
+                "fn": at.get("fn"), "f1_best": best["f1"], "best_cut": best["threshold"],
+                "precision_best": best["precision"], "recall_best": best["recall"]}
 
 
 def denoiser_background(patch, clean, sigma_pix=3.0):
@@ -198,7 +195,7 @@ def denoiser_background(patch, clean, sigma_pix=3.0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None):
+def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None, eta=None):
     from skyfm.baselines import sep_detect, tsmap_detect
 
     detector = None
@@ -222,7 +219,7 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
                 warnings.simplefilter("ignore")
                 patch = simulate_patch(inst_name, seed, size=size, **opts(rng))
             t1 = time.time()
-            clean, std = denoise_patch(patch, model, samples=samples, steps=steps, seed=i)
+            clean, std = denoise_patch(patch, model, samples=samples, steps=steps, seed=i, eta=eta)
             tden += time.time() - t1
             res.append(residual_stats(patch, clean, std))
             fluxes.extend(flux_ratios(patch, clean))
@@ -250,8 +247,9 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
                     continue
                 tally.setdefault(key, DetTally(cut)).add(det, patch.truth, radius)
         agg = {k: float(np.mean([r[k] for r in res])) for k in res[0]}
-        fl = np.asarray([f for f, _ in fluxes])
-        snr = np.asarray([s for _, s in fluxes])
+        fl = np.asarray([f for f, _, _ in fluxes])
+        snr = np.asarray([s for _, s, _ in fluxes])
+        dom = np.asarray([d for _, _, d in fluxes], bool)
         by_snr = {}
         for lo, hi in ((5, 10), (10, 30), (30, np.inf)):
             sel = (snr >= lo) & (snr < hi)
@@ -260,7 +258,10 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
             "instrument": inst_name, "n": n, "size": size, "residual": agg,
             "flux": {"n_sources": int(fl.size), "median_ratio": float(np.median(fl)) if fl.size else None,
                      "p16": float(np.percentile(fl, 16)) if fl.size else None,
-                     "p84": float(np.percentile(fl, 84)) if fl.size else None, "median_by_true_snr": by_snr},
+                     "p84": float(np.percentile(fl, 84)) if fl.size else None, "median_by_true_snr": by_snr,
+                     "isolated_n": int(dom.sum()), "isolated_median_ratio": float(np.median(fl[dom])) if dom.any() else None,
+                     "isolated_p16": float(np.percentile(fl[dom], 16)) if dom.any() else None,
+                     "isolated_p84": float(np.percentile(fl[dom], 84)) if dom.any() else None},
             "detection": {k: v.summary() for k, v in tally.items()},
             "denoise_s_per_patch": tden / n, "wall_s": time.time() - t0,
         }
@@ -343,17 +344,19 @@ def fmt(v, d=3):
 
 def markdown(r) -> str:
     lines = [f"# Denoiser benchmark\n", f"`{r['command']}`  ", f"model: `{r['model']}`; {r['samples']} samples x "
-             f"{r['steps']} DDIM steps; {r['n']} patches per case ({r['patch_size']} px), seeds {BENCH_SEED_BASE}+; "
+             f"{r['steps']} DDIM steps (eta {r['eta']}); {r['n']} patches per case ({r['patch_size']} px), seeds {BENCH_SEED_BASE}+; "
              f"torch threads {r['threads']}; {r['machine']}; load average at start {r['load']}; total {r['wall_s']:.0f} s\n"]
     lines += ["## Residual and flux\n",
               "| case | rms raw (noise units) | rms clean | rms raw, source px | rms clean, source px | "
-              "(clean-true)/std rms, source px | within 1 std, source px | flux ratio median [16%, 84%] (n) | "
-              "median by true aperture SNR 5-10 / 10-30 / >30 | s/patch |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "(clean-true)/std rms, source px | within 1 std, source px | flux ratio, isolated point sources: "
+              "median [16%, 84%] (n) | all sources | all, by true aperture SNR 5-10 / 10-30 / >30 | s/patch |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in r["quality"].items():
         s, f = c["residual"], c["flux"]
         lines.append(f"| {name} | {fmt(s['rms_raw'])} | {fmt(s['rms_clean'])} | {fmt(s['rms_raw_src'])} | "
                      f"{fmt(s['rms_clean_src'])} | {fmt(s['z_rms_src'], 2)} | {fmt(s['within_1std_src'], 2)} | "
+                     f"{fmt(f['isolated_median_ratio'])} [{fmt(f['isolated_p16'], 2)}, {fmt(f['isolated_p84'], 2)}] "
+                     f"({f['isolated_n']}) | "
                      f"{fmt(f['median_ratio'])} [{fmt(f['p16'], 2)}, {fmt(f['p84'], 2)}] ({f['n_sources']}) | "
                      + " / ".join(f"{fmt(m, 2)} ({k})" for k, m in f["median_by_true_snr"].values()) + " | "
                      f"{c['denoise_s_per_patch']:.1f} |")
@@ -385,6 +388,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="denoiser directory (default: the shipped one)")
     p.add_argument("--samples", type=int, default=None, help="samples per pixel (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the model's)")
     p.add_argument("--gen-n", type=int, default=16, help="generated images per band")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-ts", action="store_true", help="skip the TS maps (the slow part)")
@@ -405,11 +409,12 @@ def main(argv=None) -> int:
     r = {"command": "python benchmarks/denoise.py " + " ".join(sys.argv[1:] if argv is None else argv),
          "model": a.model or "skyfm/resources/models/denoiser-default", "n": a.n, "patch_size": 128,
          "samples": a.samples or model.config.default_samples, "steps": a.steps or model.config.default_steps,
+         "eta": model.config.eta if a.eta is None else a.eta,
          "threads": a.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores",
          "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if "quality" not in skip:
         r["quality"] = run_quality(model, a.n, a.samples, a.steps, not a.no_ts, not a.no_detector, log,
-                                   only=set(filter(None, a.cases.split(","))))
+                                   only=set(filter(None, a.cases.split(","))), eta=a.eta)
     if "speed" not in skip:
         r["speed"] = run_speed(model, log)
     if "generation" not in skip:

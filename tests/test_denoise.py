@@ -20,7 +20,7 @@ from skyfm.heads.denoise.train import TrainConfig, train_denoiser, training_loss
 from skyfm.heads.denoise.transforms import anscombe, band_transform, inverse_anscombe
 
 TINY = dict(block_out_channels=(8, 16), layers_per_block=1, attention_head_dim=8, norm_num_groups=4, crop=16,
-            tile=32, tile_overlap=8, default_steps=2, default_samples=2)
+            tile=32, tile_overlap=8, default_steps=2, default_samples=2, bypass=True, counts_compress=8.0)
 
 
 def tiny_model(seed=0) -> Denoiser:

@@ -47,7 +47,7 @@ def load_denoiser(model_dir: str | Path | None = None) -> Denoiser:
 
 def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None = None, steps: int | None = None,
                   seed: int = 0, tile: int | None = None, overlap: int | None = None, progress=None,
-                  threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  threads: int | None = None, eta: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Clean image and uncertainty, (C, H, W) float32 each, in the units of ``patch.data``.
 
     Args:
@@ -59,6 +59,7 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
         tile, overlap: tile side and overlap in pixels (default the model's ``tile``, ``tile_overlap``).
         progress: a callable called once per network evaluation (e.g. a tqdm ``update``), or None.
         threads: torch threads (default: leave torch's setting).
+        eta: DDIM eta (0: deterministic given the initial noise; 1: DDPM-like); default the model's ``eta``.
     """
     model = model or load_denoiser()
     cfg = model.config
@@ -91,7 +92,7 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
         o = torch.from_numpy(win).repeat_interleave(samples, dim=0)[:, None]
         p = torch.from_numpy(pres).expand(c * samples, -1, -1)[:, None].contiguous()
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0]))
-        x = model.sample(o, p, feats, steps=steps, generator=gen, callback=progress)
+        x = model.sample(o, p, feats, steps=steps, generator=gen, callback=progress, eta=eta)
         x = x[:, 0, :th, :tw].numpy().reshape(c, samples, th, tw)
         data = np.stack([transforms[i].inverse_target(x[i]) for i in range(c)])  # (C, K, th, tw) data units
         mean, sd = data.mean(axis=1), data.std(axis=1)

@@ -10,6 +10,9 @@ One band at a time. The network input, per pixel, is
   classifier-free style),
 * the band's features (:func:`~skyfm.heads.denoise.transforms.band_features`) as constant planes.
 
+With ``bypass`` a 1x1 convolution of the same input is added to the output: the U-Net ends in a GroupNorm, which
+makes absolute intensities over a 10^4 dynamic range hard to reproduce, and the linear path carries them.
+
 The image is folded 2 x 2 into channels (pixel unshuffle) before the U-Net and unfolded after: every pixel is
 still seen, and the U-Net runs at half resolution, four times faster. The U-Net has attention blocks at its lowest
 resolution. It predicts the clean image directly (``prediction_type="sample"``) under a zero-terminal-SNR cosine
@@ -55,6 +58,7 @@ class DenoiserConfig:
     prediction_type: str = "sample"
     rescale_betas_zero_snr: bool = True
     p_uncond: float = 0.1
+    bypass: bool = False  # a 1x1 convolution of the raw input added to the U-Net's output (keeps absolute scale)
     # transforms
     ccd_softening: float = 1.0
     counts_compress: float = 0.0  # > 0: c asinh(anscombe / c) (transforms module docstring)
@@ -121,6 +125,12 @@ class Denoiser(nn.Module):
             norm_num_groups=config.norm_num_groups,
             attention_head_dim=config.attention_head_dim,
         )
+        if config.bypass:
+            # The U-Net ends in a GroupNorm, which makes absolute intensities over a 10^4 dynamic range hard to
+            # reproduce; a linear path from the input (zero at the start) carries them.
+            self.bypass = nn.Conv2d(3 + N_BAND_FEATURES, 1, kernel_size=1)
+            nn.init.zeros_(self.bypass.weight)
+            nn.init.zeros_(self.bypass.bias)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, obs: torch.Tensor, present: torch.Tensor,
                 features: torch.Tensor) -> torch.Tensor:
@@ -129,8 +139,10 @@ class Denoiser(nn.Module):
         feats = features[:, :, None, None].expand(b, features.shape[1], h, w)
         inp = torch.cat([x_t, obs * present, present, feats], dim=1)
         f = self.config.fold
-        out = self.unet(F.pixel_unshuffle(inp, f), t).sample
-        return F.pixel_shuffle(out, f)
+        out = F.pixel_shuffle(self.unet(F.pixel_unshuffle(inp, f), t).sample, f)
+        if self.config.bypass:
+            out = out + self.bypass(inp)
+        return out
 
     # --- save / load -------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> Path:

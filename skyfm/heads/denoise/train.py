@@ -264,12 +264,13 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--channels", default="32,64,64", help="U-Net block_out_channels")
+    p.add_argument("--bypass", action="store_true", help="add the linear input-to-output path (model docstring)")
     p.add_argument("--counts-compress", type=float, default=0.0, help="c of c*asinh(anscombe/c) for counts (0: off)")
     p.add_argument("--no-resume", action="store_true")
     a = p.parse_args(argv)
     tc = TrainConfig(seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, threads=a.threads)
     mc = DenoiserConfig(block_out_channels=tuple(int(c) for c in a.channels.split(",")),
-                        counts_compress=a.counts_compress)
+                        counts_compress=a.counts_compress, bypass=a.bypass)
     command = "python -m skyfm.heads.denoise.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         train_denoiser(a.out, tc, mc, max_steps=a.max_steps, resume=not a.no_resume, command=command)
