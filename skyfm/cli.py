@@ -469,8 +469,11 @@ def umap_cmd(embeddings, out_path, html_path, color_by, kind, instrument, max_po
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Patches per step.")
 @click.option("--size", type=click.IntRange(min=16), default=None, help="Training patch side (pixels).")
 @click.option("--seed", type=int, default=None, help="Run seed.")
+@click.option("--train-pool", type=click.IntRange(min=1), default=None,
+              help="Train on only this many distinct simulated patches (label-fraction experiments).")
 @click.option("--no-resume", is_flag=True, help="Start again even if OUT holds checkpoints.")
-def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, pairs, batch_size, size, seed, no_resume):
+def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, pairs, batch_size, size, seed, train_pool,
+                 no_resume):
     """Fine-tune detection heads (and some of the backbone) for one or more instruments.
 
     Trains on patches simulated on the fly from the instrument's YAML (a new telescope is a YAML file), or on
@@ -487,13 +490,11 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, pairs
 
     overrides = {"init": init, "backbone": backbone, "seed": seed, "train.steps": steps,
                  "data.batch_size": batch_size, "data.size": size, "data.pairs": pairs}
-    if config_path is None:
-        overrides.setdefault("train.steps", None)
-    if instruments:
-        overrides["data.instruments"] = {name: {"weight": 1.0} for name in instruments}
     if config_path is None and init is None:
         raise SkyfmError("say where the backbone comes from: --init DIR (or --init scratch), or a --config recipe")
-    config = load_finetune_config(config_path, **overrides)
+    if train_pool is not None:
+        overrides["data.train_pool"] = train_pool
+    config = load_finetune_config(config_path, instruments=list(instruments) or None, **overrides)
     model_dir = finetune(config, out_dir, resume=not no_resume)
     click.echo(f"detector: {model_dir}")
 

@@ -457,6 +457,8 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
     head = det.head_config(inst.name)
     min_score = default_min_score(det, head) if min_score is None else float(min_score)
     tile = det.config.tile_size * 2
+    if lon_range is None and lat_range == (-90.0, 90.0):
+        lon_range, lat_range = _healpix_coverage(hmap)
     tables = []
     tiles = healpix_tiles(hmap, tile, inst.pixel_scale_deg, overlap=det.config.tile_overlap, frame=hmap.frame,
                           lon_range=lon_range, lat_range=lat_range)
@@ -482,6 +484,31 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
     table.meta["min_score"] = min_score
     table.meta["note"] = "x, y are pixels of each row's sky tile (column tile); use the sky coordinates"
     return table, None
+
+
+def _healpix_coverage(hmap):
+    """(lon_range or None, lat_range) of the pixels of a map that hold data, so a partial map is not tiled
+    over the whole sky."""
+    from astropy_healpix import HEALPix
+
+    valid = np.flatnonzero(np.isfinite(hmap.values).any(axis=0))
+    if valid.size == 0:
+        raise SkyfmError(f"{hmap.source}: the HEALPix map holds no valid pixel")
+    if valid.size > 0.5 * hmap.values.shape[1]:
+        return None, (-90.0, 90.0)
+    hp = HEALPix(nside=hmap.nside, order="nested" if hmap.nested else "ring")
+    lon, lat = hp.healpix_to_lonlat(valid)
+    lon, lat = lon.deg, lat.deg
+    pad = 2.0 * float(hp.pixel_resolution.to_value("deg"))
+    lat_range = (max(-90.0, float(lat.min()) - pad), min(90.0, float(lat.max()) + pad))
+    if np.abs(lat_range).max() > 80:
+        return None, lat_range
+    centred = (lon - float(np.median(lon)) + 180.0) % 360.0 - 180.0  # longitudes around the coverage's middle
+    lo, hi = float(centred.min()) - pad, float(centred.max()) + pad
+    if hi - lo >= 300:
+        return None, lat_range
+    mid = float(np.median(lon))
+    return ((mid + lo) % 360.0, (mid + lo) % 360.0 + (hi - lo)), lat_range
 
 
 def associate_catalog(table, reference):

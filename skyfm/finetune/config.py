@@ -128,8 +128,13 @@ class FinetuneConfig:
         return out
 
 
-def load_finetune_config(path_or_name: str | Path | None = None, **overrides) -> FinetuneConfig:
-    """A recipe from a YAML path or a built-in name (``default``), with top-level or dotted overrides applied."""
+def load_finetune_config(path_or_name: str | Path | None = None, instruments: list[str] | None = None,
+                         **overrides) -> FinetuneConfig:
+    """A recipe from a YAML path or a built-in name (``default``), with top-level or dotted overrides applied.
+
+    ``instruments`` restricts training to these (names or YAML paths); each keeps its scenes from the recipe when
+    the recipe has it, else it gets the simulator's defaults.
+    """
     raw: dict = {}
     source = "recipe"
     if path_or_name is not None:
@@ -138,6 +143,9 @@ def load_finetune_config(path_or_name: str | Path | None = None, **overrides) ->
             path = BUILTIN_DIR / f"{path_or_name}.yaml"
         raw = read_yaml(path, "fine-tuning recipe") or {}
         source = str(path)
+    if instruments:
+        known = (raw.get("data") or {}).get("instruments") or {}
+        raw.setdefault("data", {})["instruments"] = {n: dict(known.get(n) or {"weight": 1.0}) for n in instruments}
     for key, value in overrides.items():
         if value is None:
             continue
