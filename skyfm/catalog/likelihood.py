@@ -627,15 +627,21 @@ def _kernel_fwhm_pix(k: np.ndarray) -> float:
     return 2.0 * np.sqrt(area / np.pi)
 
 
-def estimate_background(counts, psf_kernels, *, n_iter: int = 3, mask_sigma: float = 3.0,
-                        min_counts_per_smoothing: float = 100.0, smoothing_fwhm: float = 2.0) -> np.ndarray:
+def estimate_background(counts, psf_kernels, *, n_iter: int = 1, mask_sigma: float = 8.0,
+                        min_counts_per_smoothing: float = 100.0, smoothing_fwhm: float = 1.0) -> np.ndarray:
     """Expected background counts of a counts cube that comes without a background model.
 
-    Per bin: a Gaussian smoothing of the counts (sigma = ``smoothing_fwhm`` (2) PSF FWHM, widened until the smoothing kernel holds
-    about ``min_counts_per_smoothing`` counts, at most a quarter of the image), with the pixels of significant
-    sources left out (normalised convolution). Significance: Poisson significance of the counts in a circle of
-    radius ~ the PSF's r68 against the current background, above ``mask_sigma`` in that bin or in the sum of the
-    bins; masked regions are grown by the PSF's r68. Repeated ``n_iter`` times.
+    Per bin: a Gaussian smoothing of the counts with sigma = ``smoothing_fwhm`` PSF FWHM, widened until the
+    smoothing kernel holds about ``min_counts_per_smoothing`` counts (at most a quarter of the image). With
+    ``n_iter > 1`` the pixels of significant sources are left out of later smoothings (normalised convolution):
+    Poisson significance of the counts in a circle of radius ~ the PSF's r68 against the current background above
+    ``mask_sigma`` in a bin or in the sum of the bins, grown by r68.
+
+    Defaults (``n_iter=1``, 1 FWHM: the sources stay in, a high-pass filter like a ring background) were chosen on
+    simulated Fermi-LAT skies, TS >= 25 against the truth (2 patches each): Galactic plane precision / recall
+    0.52 / 0.63, high latitude 0.98 / 0.71; with masking at 3 sigma and 2-3 FWHM smoothing the masked background
+    comes out 5-10% low and the plane's precision falls to 0.15-0.2. The price: bright sources lose some of their
+    wings to the background (fluxes biased low). With an interstellar-emission model, use it instead.
     """
     n = np.asarray(counts, dtype=np.float64)
     if n.ndim == 2:
@@ -659,9 +665,11 @@ def estimate_background(counts, psf_kernels, *, n_iter: int = 3, mask_sigma: flo
         fallback = ndimage.gaussian_filter(img, s, mode="reflect", truncate=3.0)
         return np.where(den > 1e-3, out, fallback)
 
-    for _ in range(max(1, n_iter)):
+    for it in range(max(1, n_iter)):
         for c in range(c_bins):
             bkg[c] = np.maximum(smooth(n[c], keep, sig_s[c]), 1e-9)
+        if it == max(1, n_iter) - 1:
+            break
         significant = np.zeros((h, w), dtype=bool)
         grow = np.zeros((h, w), dtype=bool)
         tot_n = np.zeros((h, w))
