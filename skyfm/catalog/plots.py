@@ -55,7 +55,7 @@ def evaluation_figure(results: dict, path: str | Path, title: str = "") -> Path:
         ax.plot(xs, len(v) * width * xs * np.exp(-0.5 * xs**2), "k--", lw=1, label="at the CRB (Rayleigh)")
         ax.set_xlabel("separation / CRB sigma")
         ax.legend(fontsize=8)
-        ax.set_title(f"median sep / CRB = {loc.get('median_sep_over_crb', np.nan):.2f} (n={loc.get('n', 0)})")
+        ax.set_title(f"median sep / (1.18 CRB) = {loc.get('median_sep_over_crb', np.nan):.2f} (n={len(v)})")
     elif "sep_pix" in det and len(det["sep_pix"]):
         ax.hist(np.asarray(det["sep_pix"]), bins=30, color="tab:green", alpha=0.8)
         ax.set_xlabel("separation (pix)")
