@@ -17,8 +17,9 @@ Default sizes take about 5-8 minutes on the shared 2-core CPU.
    the same as ``skyfm embed``) are taken at
 
    * sources: true sources with ``snr >= 5`` (at most ``--max-sources`` per patch, rarer classes kept first);
-   * background: random positions with no true source of ``snr >= 1`` within ``max(2 FWHM, 3)`` pixels (as many
-     as the patch's sources, at least 4, at most ``--max-background``).
+   * background: random positions with no true source of ``snr >= 1`` within ``max(2 FWHM, 3)`` pixels: as many
+     as the patch's sources (at least 4) are evaluated; more, up to ``--max-background`` per patch, only fill
+     the map (section 3).
 
    A cosine kNN classifier (k = 10, votes weighted by similarity) is fit on the first 2/3 of each instrument's
    patches and scored on the rest (so a source never sits on both sides): source vs background, and source class
@@ -93,7 +94,7 @@ def positions(patch, rng, max_sources: int, max_background: int, min_snr: float 
     fwhm = float(np.median(patch_fwhm_pix(patch)))
     clear = max(2.0 * fwhm, 3.0)
     near = snr >= clean_snr
-    n_bg = int(min(max_background, max(4, idx.size)))
+    n_bg = int(max_background)  # the first max(4, n sources) are evaluated, the rest only fill the map
     bg = []
     for _ in range(50 * n_bg):
         if len(bg) >= n_bg:
@@ -137,7 +138,7 @@ def collect(model, items, batch_size: int, with_pixels: bool, with_thumbs: bool 
     from skyfm.latent.thumbs import source_thumbnail
 
     rows = {k: [] for k in ("vec", "pix", "is_source", "cls", "instrument", "patch", "split", "x", "y", "snr", "flux",
-                            "thumb")}
+                            "thumb", "eval")}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         # a batch holds one instrument's patches at a time only where they are consecutive; collate pads bands
@@ -151,6 +152,8 @@ def collect(model, items, batch_size: int, with_pixels: bool, with_thumbs: bool 
             if with_pixels:
                 rows["pix"].append(pixel_stamps(scaled, pos[b]))
             rows["is_source"] += [1] * n_src + [0] * n_bg
+            n_eval_bg = min(n_bg, max(4, n_src))
+            rows["eval"] += [True] * (n_src + n_eval_bg) + [False] * (n_bg - n_eval_bg)
             rows["cls"] += list(it["cls"]) + [""] * n_bg
             rows["instrument"] += [it["instrument"]] * (n_src + n_bg)
             rows["patch"] += [f"{it['instrument']}-{it['index']}"] * (n_src + n_bg)
@@ -369,7 +372,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=64, help="patch side in pixels (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed (patches: base 20000 + seed)")
     parser.add_argument("--max-sources", type=int, default=48, help="sources per patch at most (default 48)")
-    parser.add_argument("--max-background", type=int, default=48, help="background positions per patch at most (48)")
+    parser.add_argument("--max-background", type=int, default=40,
+                        help="background positions per patch (default 40; the evaluation uses max(4, sources))")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sizes", default="100000,1000000", help="index sizes, comma separated ('' to skip)")
     parser.add_argument("--hnsw-max", type=int, default=100_000, help="also time HNSW up to this size")
@@ -433,13 +437,17 @@ def main(argv=None) -> int:
     reps = {r: reps[r] for r in order}
     counts = {}
     for inst in INSTRUMENTS:
-        te = (data["split"] == "test") & (data["instrument"] == inst)
+        te = (data["split"] == "test") & (data["instrument"] == inst) & data["eval"]
         counts[inst] = {"test_sources": int((te & (data["is_source"] == 1)).sum()),
                         "test_background": int((te & (data["is_source"] == 0)).sum()),
-                        "train_positions": int(((data["split"] == "train") & (data["instrument"] == inst)).sum())}
+                        "train_positions": int(((data["split"] == "train") & (data["instrument"] == inst)
+                                                & data["eval"]).sum())}
     res["counts"] = counts
     t0 = time.perf_counter()
-    res["knn"] = evaluate(data, reps)
+    keep = data["eval"]
+    res["knn"] = evaluate({k: (v[keep] if isinstance(v, np.ndarray) and len(v) == len(keep) else v)
+                           for k, v in data.items()}, {r: x[keep] for r, x in reps.items()})
+    res["positions"] = {"evaluated": int(keep.sum()), "map_only_background": int((~keep).sum())}
     res["knn_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(res["knn"]["source_vs_background"], indent=None)[:2000], flush=True)
 
