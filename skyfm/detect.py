@@ -170,6 +170,24 @@ def _native_tile(det, inst, pixel_scale: float | None, tile_size: int) -> tuple[
     return side, tile_size / side
 
 
+def _release_file_pages(source) -> None:
+    """Drop the pages of a memory-mapped image that tiles already read from this process's resident set.
+
+    They are clean file pages (re-read from the page cache if needed again), but a mapping keeps them resident:
+    without this, streaming a 16k x 16k float32 image would end with the whole 1 GB file counted as resident.
+    """
+    import mmap
+
+    hdul = getattr(source, "_hdul", None)
+    m = getattr(getattr(hdul, "_file", None), "_mmap", None)
+    if m is None or not hasattr(m, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        m.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        pass
+
+
 def _round_up(n: int, k: int) -> int:
     return int(math.ceil(n / k) * k)
 
@@ -228,7 +246,9 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
         bar.update(len(items))
 
     pending = []
-    for t, patch in iter_tiles(source, tile_hw, over):
+    for n_tile, (t, patch) in enumerate(iter_tiles(source, tile_hw, over)):
+        if n_tile % 64 == 63:
+            _release_file_pages(source)
         patch = _prepare_tile(patch, inst)
         if patch is None:
             bar.update(1)

@@ -62,6 +62,12 @@ def test_finetune_a_new_telescope_and_resume(tmp_path, telescope, backbone_dir):
     head = det.head_config("my-telescope")
     assert head.bands == ["W1", "W2"] and head.kind == "ccd"
     assert all(np.isfinite(float(r["loss"])) for r in rows)
+    from skyfm.finetune.train import export_checkpoint
+
+    exported = load_detector(export_checkpoint(run))  # the last checkpoint as a model folder
+    assert exported.config.training["stopped_at_step"] == 4
+    for a, b in zip(exported.state_dict().values(), det.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_finetune_cli_with_partial_backbone(tmp_path, telescope, backbone_dir, capsys):

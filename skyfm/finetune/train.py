@@ -200,4 +200,29 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, *, max_steps: int | No
     return model_dir
 
 
-__all__ = ["build_detector", "collate_targets", "finetune", "lr_factor"]
+
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """The detector of a run's last complete checkpoint, saved as a model folder (default RUN/model-step_N):
+    for a run stopped before its last step."""
+    from safetensors.torch import load_file
+
+    from skyfm.instruments import load_instrument
+
+    run = Path(run_dir)
+    checkpoints = checkpoint_dirs(run)
+    if not checkpoints:
+        raise SkyfmError(f"{run} has no complete checkpoint")
+    config = FinetuneConfig.from_dict(json.loads((run / "recipe.json").read_text()), str(run / "recipe.json"))
+    names = [load_instrument(n) for n in config.instrument_specs()]
+    det = build_detector(config, names)
+    state = load_file(str(checkpoints[-1] / "model.safetensors"))
+    det.load_state_dict(state, strict=True)
+    step = json.loads((checkpoints[-1] / TRAINER_STATE).read_text())["step"]
+    det.config.training = {"recipe": config.to_dict(), "command": os.environ.get("SKYFM_COMMAND", ""),
+                           "stopped_at_step": step}
+    out = Path(out_dir) if out_dir else run / f"model-step_{step}"
+    det.eval().save_pretrained(out)
+    return out
+__all__ = ["build_detector", "collate_targets", "export_checkpoint", "finetune", "lr_factor"]
