@@ -714,12 +714,12 @@ def embed_command(inputs, out, *, model_dir=None, instrument=None, band=None, so
         from skyfm.instruments import load_instrument
 
         instrument = load_instrument(instrument)
-    torch.set_grad_enabled(False)
     model, described, detector = load_embedding_model(model_dir)
     embedder = Embedder(model, instrument=instrument, band=band, catalog=catalog, tile=tile, overlap=overlap,
                         batch_size=batch_size, min_snr=min_snr, detector=detector, model_name=described,
                         with_sources=not patches_only, min_score=min_score)
-    embedder.embed_files(files, progress=progress)
+    with torch.inference_mode():  # scoped: a global set_grad_enabled(False) would leak into the caller
+        embedder.embed_files(files, progress=progress)
     table = embedder.table({"command": command, "inputs": [str(f) for f in files]})
     write_embeddings(table, out)
     kinds = table.column("kind").to_pylist()
