@@ -26,7 +26,8 @@ above 200k vectors; each query's own row left out) reaches ``target_recall`` (0.
 
 An index folder holds ``index.faiss`` (``faiss.write_index``: FAISS's own format, not a pickle),
 ``index.json`` (kind, metric, dimension, N, the parameters and their measured recall, the embeddings file and its
-model), ``metadata.parquet`` (the embeddings' metadata and thumbnails, row ``i`` = FAISS id ``i``) and
+model), ``metadata.parquet`` (the embeddings' metadata and thumbnails, row ``i`` = FAISS id ``i``; copied batch
+by batch, and at search time thumbnails are read for the result rows only) and
 ``vectors.npy`` (the normalised float32 vectors: ``--id`` queries and exact filtered search read them).
 """
 
@@ -217,13 +218,31 @@ class LoadedIndex:
 
     index: object
     params: dict
-    metadata: object  # pyarrow Table, row i = FAISS id i
+    metadata: object  # pyarrow Table, row i = FAISS id i (without the thumbnails: see thumbnails())
     vectors: np.ndarray  # (N, D) float32, memory-mapped
     directory: Path
 
     @property
     def dim(self) -> int:
         return int(self.params["dim"])
+
+    def thumbnails(self, ids) -> list[bytes | None]:
+        """PNG thumbnails of rows ``ids``, read from only the row groups that hold them."""
+        import pyarrow.parquet as pq
+
+        ids = [int(i) for i in ids]
+        pf = pq.ParquetFile(self.directory / META_FILE)
+        if "thumbnail" not in pf.schema_arrow.names or not ids:
+            return [None] * len(ids)
+        starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+        groups = sorted({int(np.searchsorted(starts, i, side="right") - 1) for i in ids})
+        found = {}
+        for g in groups:
+            col = pf.read_row_group(g, columns=["thumbnail"]).column("thumbnail").to_pylist()
+            for i in ids:
+                if starts[g] <= i < starts[g + 1]:
+                    found[i] = col[i - starts[g]]
+        return [found.get(i) for i in ids]
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
                exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -289,8 +308,9 @@ def build_index_dir(embeddings: str | Path, out_dir: str | Path, kind: str = "au
 
     if not 0 < target_recall <= 1:
         raise SkyfmError(f"--target-recall must be in (0, 1], got {target_recall}")
-    metadata, vectors, meta = read_embeddings(embeddings)
+    _, vectors, meta = read_embeddings(embeddings, columns=[])  # the vectors only; metadata is streamed below
     x = prepare_vectors(vectors, metric)
+    del vectors
     params = choose_params(len(x), x.shape[1], kind, metric)
     bar = None
     if progress:
@@ -307,11 +327,25 @@ def build_index_dir(embeddings: str | Path, out_dir: str | Path, kind: str = "au
     params.update(embeddings=str(Path(embeddings).resolve()), model=meta.get("model", ""),
                   model_name=meta.get("model_name", ""), embedding_meta=meta, faiss_version=_faiss().__version__)
     out = Path(out_dir)
-    _write_index_folder(out, index, x, metadata, params)
+    _write_index_folder(out, index, x, Path(embeddings), params)
     return out, params
 
 
-def _write_index_folder(out: Path, index, vectors: np.ndarray, metadata, params: dict) -> None:
+def _copy_metadata(embeddings: Path, dest: Path) -> None:
+    """Every column of an embeddings file but the vectors, batch by batch (thumbnails of millions of rows never sit
+    in memory at once)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(embeddings)
+    columns = [c for c in pf.schema_arrow.names if c != "embedding"]
+    schema = pf.schema_arrow
+    schema = schema.remove(schema.get_field_index("embedding"))
+    with pq.ParquetWriter(dest, schema, compression="zstd") as writer:
+        for batch in pf.iter_batches(batch_size=65_536, columns=columns):
+            writer.write_batch(batch)
+
+
+def _write_index_folder(out: Path, index, vectors: np.ndarray, embeddings: Path, params: dict) -> None:
     """Write the four files into a temporary folder beside ``out``, then swap it into place (all or nothing)."""
     import shutil
     import tempfile
@@ -328,7 +362,7 @@ def _write_index_folder(out: Path, index, vectors: np.ndarray, metadata, params:
     try:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         np.save(tmp / VECTORS_FILE, vectors)
-        pq.write_table(metadata, tmp / META_FILE, compression="zstd")
+        _copy_metadata(embeddings, tmp / META_FILE)
         (tmp / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
         tmp.chmod(0o755)
         old = None
@@ -366,7 +400,12 @@ def load_index_dir(directory: str | Path) -> LoadedIndex:
     if search_param_name(kind) is not None and search_param_name(kind) in params:
         _set_search_param(index, kind, params[search_param_name(kind)])
     vectors = np.load(directory / VECTORS_FILE, mmap_mode="r")
-    metadata = pq.read_table(directory / META_FILE)
+    try:
+        meta_file = pq.ParquetFile(directory / META_FILE)
+        names = [c for c in meta_file.schema_arrow.names if c != "thumbnail"]
+        metadata = meta_file.read(columns=names)  # thumbnails are read per result row (LoadedIndex.thumbnails)
+    except (OSError, ValueError) as e:
+        raise SkyfmError(f"{directory / META_FILE} is not readable ({str(e).splitlines()[0]})") from None
     if not (index.ntotal == len(vectors) == metadata.num_rows == params.get("n")):
         raise SkyfmError(f"{directory} is inconsistent: {index.ntotal} indexed vectors, {len(vectors)} stored, "
                          f"{metadata.num_rows} metadata rows")

@@ -27,15 +27,22 @@ def row_label(meta: dict) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _rows(table, ids) -> list[dict]:
-    cols = [c for c in ("id", "kind", "file", "instrument", "x", "y", "class", "flux", "snr", "thumbnail") if c in table.column_names]
-    sub = table.select(cols).take(np.asarray(ids, dtype=np.int64))
-    return sub.to_pylist()
+def _rows(index, ids) -> list[dict]:
+    """Metadata dicts of rows ``ids`` of an index, with their thumbnails."""
+    table = index.metadata
+    cols = [c for c in ("id", "kind", "file", "instrument", "x", "y", "class", "flux", "snr") if c in table.column_names]
+    rows = table.select(cols).take(np.asarray(ids, dtype=np.int64)).to_pylist()
+    for row, thumb in zip(rows, index.thumbnails(ids)):
+        row["thumbnail"] = thumb
+    return rows
 
 
 def _filters(index, instrument: str | None, kind: str | None) -> np.ndarray | None:
     meta = index.metadata
     allowed = None
+    for flag, column in ((instrument, "instrument"), (kind, "kind")):
+        if flag is not None and column not in meta.column_names:
+            raise SkyfmError(f"{index.directory} has no {column!r} column to filter on")
     if instrument is not None:
         names = np.asarray([str(v).lower() for v in meta.column("instrument").to_pylist()])
         wanted = instrument.lower()
@@ -119,7 +126,7 @@ def search_command(index_dir, *, query=None, row_id: int | None = None, k: int =
         if not 0 <= row_id < n:
             raise SkyfmError(f"--id {row_id} is not a row of the index (0 to {n - 1})")
         q = np.asarray(index.vectors[row_id:row_id + 1], dtype=np.float32)
-        qmeta = _rows(index.metadata, [row_id])
+        qmeta = _rows(index, [row_id])
         exclude = [row_id]
     else:
         q, qmeta = _query_vectors(index, query, model_dir)
@@ -133,7 +140,7 @@ def search_command(index_dir, *, query=None, row_id: int | None = None, k: int =
     for qi in range(len(q)):
         qm = dict(qmeta[qi]) if qi < len(qmeta) else {}
         valid = ids[qi] >= 0
-        neigh = _rows(index.metadata, ids[qi][valid])
+        neigh = _rows(index, ids[qi][valid])
         for m, d in zip(neigh, distances[qi][valid]):
             m["distance"] = float(d)
         results.append({"query": qm, "neighbours": neigh})
