@@ -366,3 +366,19 @@ def test_embed_with_a_detector_folder_uses_its_backbone_and_its_sources(tmp_path
     rows = meta.to_pylist()
     assert sum(r["kind"] == "patch" for r in rows) == 1
     assert all(r["origin"] == "detector" and r["score"] is not None for r in rows if r["kind"] == "source")
+
+
+def test_colours_by_category_and_by_flux(embeddings):
+    from skyfm.errors import SkyfmError
+    from skyfm.latent.embed import read_embeddings
+    from skyfm.latent.explore import UNKNOWN_COLOR, _colours
+
+    meta, _, _ = read_embeddings(embeddings)
+    by_kind = _colours(meta, "kind")
+    assert {e[0] for e in by_kind["legend"]} == {"patch", "source"} and len(by_kind["colors"]) == meta.num_rows
+    by_flux = _colours(meta, "flux")
+    flux = meta.column("flux").to_pylist()
+    assert by_flux["numeric"]["label"] == "log10 flux"
+    assert all((c == UNKNOWN_COLOR) == (f is None or f <= 0) for c, f in zip(by_flux["colors"], flux))
+    with pytest.raises(SkyfmError, match="--color-by must be one of"):
+        _colours(meta, "brightness")

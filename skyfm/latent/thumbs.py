@@ -53,7 +53,7 @@ def png_bytes(pixels: np.ndarray, size: int = THUMB_SIZE) -> bytes:
         upsampling = image.size[0] < size
         image = image.resize((size, size), Image.NEAREST if upsampling else Image.BILINEAR)
     buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=True)
+    image.save(buf, format="PNG")
     return buf.getvalue()
 
 
