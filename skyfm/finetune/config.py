@@ -25,9 +25,9 @@ instruments, ``glat`` / ``glon`` ranges (deg) from which the patch centre is dra
 Each step simulates one batch of one instrument (drawn by weight): patches of one instrument share a band layout,
 so no compute is spent on padding bands.
 
-Seeds: training patch ``j`` of batch ``s`` (step ``s * reuse`` .. ) uses simulator seed ``TRAIN_SEED_BASE + s * batch_size + j`` (or, with
-``train_pool``, ``TRAIN_SEED_BASE + k`` for k < train_pool); validation uses ``VAL_SEED_BASE + i``. The two ranges
-never meet (training would need 8e8 patches to reach the validation range).
+Seeds: training patch ``j`` of batch ``s`` (steps ``s * reuse`` ..) uses simulator seed
+``TRAIN_SEED_BASE + SEED_STRIDE * seed + s * batch_size + j`` (with ``train_pool``: ``... + k`` for k < train_pool);
+validation uses ``VAL_SEED_BASE + i``. The ranges never meet for recipe seeds below 80.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from skyfm.errors import SkyfmError
 from skyfm.utils import read_yaml
 
 TRAIN_SEED_BASE = 100_000_000
+SEED_STRIDE = 10_000_000  # runs with different `seed` draw disjoint simulator seeds
 VAL_SEED_BASE = 900_000_000
 BUILTIN_DIR = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 

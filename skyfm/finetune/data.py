@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from skyfm.errors import SkyfmError
-from skyfm.finetune.config import TRAIN_SEED_BASE, VAL_SEED_BASE, FinetuneConfig
+from skyfm.finetune.config import SEED_STRIDE, TRAIN_SEED_BASE, VAL_SEED_BASE, FinetuneConfig
 
 CATALOG_SUFFIXES = ("_truth.ecsv", ".ecsv", "_catalog.ecsv", "_catalog.fits", "_catalog.vot", ".cat.fits")
 
@@ -49,11 +49,12 @@ def simulated_patches(config: FinetuneConfig, step: int, instruments: dict, spec
     B = config.data.batch_size
     patches = []
     for j in range(B):
+        base = TRAIN_SEED_BASE + SEED_STRIDE * int(config.seed)
         if config.data.train_pool:
-            seed = TRAIN_SEED_BASE + int(rng.integers(config.data.train_pool))
+            seed = base + int(rng.integers(config.data.train_pool))
             local = np.random.default_rng([seed, 11])  # a pool patch is the same patch every time it is drawn
         else:
-            seed = TRAIN_SEED_BASE + step * B + j
+            seed = base + step * B + j
             local = rng
         scene = scenes[choose(local, [s.get("weight", 1.0) for s in scenes])]
         patches.append(simulate_patch(inst, seed, **_scene_options(inst, scene, local, config.data.size)))

@@ -21,6 +21,8 @@ from skyfm.heads.config import DetectorConfig, InstrumentHeadConfig
 from skyfm.heads.flux import log_flux_target
 from skyfm.heads.localization import render_gaussian
 
+ARTEFACT_BITS = 1 | 2 | 8 | 16 | 32  # CONTAMINANT_BITS except "saturated" (4)
+
 
 def _column(truth, name, n, default=np.nan) -> np.ndarray:
     if truth is None or name not in truth.colnames:
@@ -39,7 +41,10 @@ def build_targets(truth, shape: tuple[int, int], head: InstrumentHeadConfig, ban
     heat = np.zeros((H, W), np.float32)
     neg_weight = np.ones((H, W), np.float32)
     if contaminant is not None:
-        neg_weight[np.asarray(contaminant).any(axis=0)] = config.contaminant_weight
+        # artefacts (cosmic rays, trails, bleeding, hot and dead pixels) are insisted on as "no source"; saturated
+        # pixels are not: they are the cores of real bright stars, which must be found
+        artefact = (np.asarray(contaminant) & ARTEFACT_BITS).any(axis=0)
+        neg_weight[artefact] = config.contaminant_weight
     reg = np.zeros((H, W), bool)
     best = np.full((H, W), np.inf, np.float32)
     tx, ty = np.zeros((H, W), np.float32), np.zeros((H, W), np.float32)
@@ -73,6 +78,9 @@ def build_targets(truth, shape: tuple[int, int], head: InstrumentHeadConfig, ban
                 continue
             if snr[i] >= config.min_target_snr:
                 render_gaussian(heat, cx, cy, sigma)
+                r = int(np.ceil(2 * sigma))  # a star's own core is never an artefact negative
+                box = neg_weight[max(cy - r, 0):cy + r + 1, max(cx - r, 0):cx + r + 1]
+                np.minimum(box, 1.0, out=box)
                 y0, y1, x0, x1 = max(cy - 1, 0), min(cy + 2, H), max(cx - 1, 0), min(cx + 2, W)
                 yy, xx = np.mgrid[y0:y1, x0:x1]
                 d = (xx - x[i]) ** 2 + (yy - y[i]) ** 2
