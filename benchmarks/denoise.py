@@ -3,7 +3,7 @@
 Run (from the repository root):
 
     MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 \\
-        .venv/bin/python benchmarks/denoise.py [--n 3] [--model DIR] [--out runs/bench-denoise]
+        .venv/bin/python benchmarks/denoise.py [--n 4] [--model DIR] [--out runs/bench-denoise]
 
 On fresh simulated patches with truth (seeds 2**31 + 100000 + i: never seen in training, whose patch seeds are
 below 2**31, nor in the training run's validation set, 2**31 + j for small j), for each case:
@@ -23,7 +23,8 @@ below 2**31, nor in the training run's validation set, 2**31 + j for small j), f
   clean image's noise level is not the raw one's, so its SNR scale differs). The TS map runs on the raw counts with
   the true background (a perfect interstellar model), with the estimated one, and with the denoiser's
   (smoothed data - clean); on the clean image it runs on clean + that background against that background.
-  skyfm's own detector (:func:`skyfm.detect.detect_patch`) on raw and clean, where the default detector exists.
+  skyfm's own detector (:func:`skyfm.detect.detect_patch`, its own default threshold) on raw and clean, where
+  the default detector exists.
 * **speed**: one 256x256 patch, 1 sample, 4 / 10 / 20 DDIM steps.
 * **generation**: unconditional samples (observation dropped, band given) against simulated source-only images of
   the same band in the denoiser's space (1 unit ~ 1 noise sigma): pixel quantiles and KS distance, radially
@@ -129,6 +130,8 @@ def flux_ratios(patch, clean):
 
     inst = load_instrument(patch.instrument)
     sig = noise_sigma(patch)
+    if patch.truth is None or len(patch.truth) == 0:
+        return []
     x = np.asarray(patch.truth["x"], np.float64)
     y = np.asarray(patch.truth["y"], np.float64)
     fb = np.asarray(patch.truth["flux_band"], np.float64).reshape(len(x), -1)
@@ -235,8 +238,8 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
                     "ts clean": (lambda b=bhat: tsmap_detect(clean_patch(patch, clean + b), background=b), 5.0),
                 })
             if detector is not None:
-                runs["skyfm raw"] = (lambda: detect_patch(patch, detector, min_score=0.05), 0.3)
-                runs["skyfm clean"] = (lambda: detect_patch(cp, detector, min_score=0.05), 0.3)
+                runs["skyfm raw"] = (lambda: detect_patch(patch, detector), None)
+                runs["skyfm clean"] = (lambda: detect_patch(cp, detector), None)
             for key, (fn, cut) in runs.items():
                 try:
                     with warnings.catch_warnings():
@@ -384,7 +387,7 @@ def markdown(r) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=3, help="patches per case (default 3)")
+    p.add_argument("--n", type=int, default=4, help="patches per case (default 4)")
     p.add_argument("--model", default=None, help="denoiser directory (default: the shipped one)")
     p.add_argument("--samples", type=int, default=None, help="samples per pixel (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
