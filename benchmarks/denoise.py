@@ -174,6 +174,11 @@ class DetTally:
     def add(self, det, truth, radius):
         from skyfm.catalog.metrics import score_sweep
 
+        if truth is None or len(truth) == 0:  # every detection is a false positive (score_sweep needs a truth)
+            score = np.sort(np.asarray(det["score"], float))[::-1] if len(det) else np.zeros(0)
+            self.sweeps.append({"score": score, "match_snr": np.full(len(score), np.nan), "truth_snr": np.zeros(0),
+                                "match_truth": np.full(len(score), -1)})
+            return
         self.sweeps.append(score_sweep(det, truth, radius))
 
     def summary(self):
