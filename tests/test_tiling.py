@@ -120,3 +120,17 @@ def test_tiles_read_lazily_from_disk_match_tiles_in_memory(tmp_path, rng):
 def test_bad_tile_sizes_are_one_line_errors(tile, overlap):
     with pytest.raises(SkyfmError):
         tile_grid(100, 100, tile, overlap)
+
+
+def test_tiles_carry_their_part_of_the_source_and_background_images(rng):
+    data = rng.poisson(3.0, size=(2, 40, 50)).astype(np.float32)
+    source = rng.random((2, 40, 50)).astype(np.float32)
+    background = rng.random((2, 40, 50)).astype(np.float32)
+    patch = Patch(data=data, instrument="fermi-lat", bands=["E0", "E1"], source_image=source,
+                  background_image=background)
+    for tile, sub in iter_tiles(patch, tile=32, overlap=8):
+        ys = slice(tile.y0, min(tile.y1, 40))
+        xs = slice(tile.x0, min(tile.x1, 50))
+        h, w = ys.stop - ys.start, xs.stop - xs.start
+        np.testing.assert_array_equal(sub.background_image[:, :h, :w], background[:, ys, xs])
+        np.testing.assert_array_equal(sub.source_image[:, :h, :w], source[:, ys, xs])

@@ -151,7 +151,7 @@ def _tile_truth(truth, tile: Tile):
 
 
 def tile_patch(image: Patch, tile: Tile) -> Patch:
-    """The part of a patch under one tile: data, mask, WCS (``wcs.slice``), truth and source image cut alike."""
+    """The part of a patch under one tile: data, mask, WCS (``wcs.slice``), truth, source and background images cut alike."""
     height, width = image.height, image.width
     mask = np.ones(tile.shape, dtype=bool)  # padding is masked
     mask[: min(tile.y1, height) - tile.y0, : min(tile.x1, width) - tile.x0] = False
@@ -168,6 +168,7 @@ def tile_patch(image: Patch, tile: Tile) -> Patch:
         mask=mask if mask.any() else None,
         truth=_tile_truth(image.truth, tile),
         source_image=None if image.source_image is None else _window(image.source_image, tile),
+        background_image=None if image.background_image is None else _window(image.background_image, tile),
         contaminant_mask=None if image.contaminant_mask is None else _window(image.contaminant_mask, tile),
         energy_edges_kev=image.energy_edges_kev,
         meta=dict(image.meta, tile_y0=tile.y0, tile_x0=tile.x0),
