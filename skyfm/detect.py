@@ -545,16 +545,12 @@ def save_overlay(patch, table, path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from skyfm.plotting import plot_patch
-    from skyfm.utils import atomic_path
+    from skyfm.plotting import plot_patch, save_figure
 
     fig, ax = plt.subplots(figsize=(7, 7))
     plot_patch(patch, ax=ax, catalog=table, truth=patch.truth is not None,
                title=f"{patch.instrument}: {len(table)} detections")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 __all__ = ["detect_file", "detect_patch", "detect_tiles", "get_detector", "refine_counts", "save_overlay"]
@@ -580,7 +576,7 @@ def run_demo(out_dir, scenes, seed: int = 2026, size: int | None = None, progres
     from skyfm.data.simulate import patch_seed, simulate_patch
     from skyfm.finetune.evaluate import SNR_MIN, match_radius_pix, score_patch
     from skyfm.instruments import load_instrument
-    from skyfm.plotting import save_gallery
+    from skyfm.plotting import save_figure, save_gallery
     from skyfm.utils import atomic_path
 
     out = Path(out_dir)
@@ -623,9 +619,7 @@ def run_demo(out_dir, scenes, seed: int = 2026, size: int | None = None, progres
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("skyfm demo: recall vs SNR (default detector)")
-    with atomic_path(out / "recall_vs_snr.png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
+    save_figure(fig, out / "recall_vs_snr.png", dpi=110, bbox_inches="tight")
     save_gallery(patches, out / "gallery.png", title="skyfm demo: simulated patches with true sources")
     return summaries
 

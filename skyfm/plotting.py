@@ -7,7 +7,11 @@ by a fraction of its PSF, in log scale with a heat colour map, as Fermi-LAT coun
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from skyfm.utils import atomic_path
 
 CLASS_COLOURS = {
     "star": "#ffd92f", "galaxy": "#66c2a5", "agn": "#fc8d62", "pulsar": "#8da0cb", "other": "#e78ac3",
@@ -122,7 +126,6 @@ def save_gallery(patches, path, ncols: int = 3, title: str | None = None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from skyfm.utils import atomic_path
 
     n = len(patches)
     ncols = min(ncols, n)
@@ -135,7 +138,16 @@ def save_gallery(patches, path, ncols: int = 3, title: str | None = None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path, dpi: int = 110, **savefig_kwargs) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (never a half-written file), close it, return the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png", **savefig_kwargs)
     plt.close(fig)
     return path
+

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skyfm.utils import atomic_path
+from skyfm.plotting import save_figure
 
 
 def evaluation_figure(results: dict, path: str | Path, title: str = "") -> Path:
@@ -74,8 +74,4 @@ def evaluation_figure(results: dict, path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

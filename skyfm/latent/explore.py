@@ -125,7 +125,7 @@ def save_map_png(xy: np.ndarray, colours: dict, path: Path, title: str) -> Path:
     from matplotlib.colors import LinearSegmentedColormap, Normalize
     from matplotlib.lines import Line2D
 
-    from skyfm.utils import atomic_path
+    from skyfm.plotting import save_figure
 
     fig, ax = plt.subplots(figsize=(7.5, 6.2))
     size = float(np.clip(3000 / max(len(xy), 1), 2, 30))
@@ -146,10 +146,7 @@ def save_map_png(xy: np.ndarray, colours: dict, path: Path, title: str) -> Path:
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
 
 
 def _clean(v):

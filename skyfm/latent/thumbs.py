@@ -103,7 +103,7 @@ def save_neighbour_grid(rows: Sequence[dict], path: str | Path, title: str | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from skyfm.utils import atomic_path
+    from skyfm.plotting import save_figure
 
     ncols = 1 + max((len(r["neighbours"]) for r in rows), default=0)
     nrows = max(len(rows), 1)
@@ -131,11 +131,7 @@ def save_neighbour_grid(rows: Sequence[dict], path: str | Path, title: str | Non
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
 
 
 __all__ = ["THUMB_SIZE", "decode_png", "patch_thumbnail", "png_bytes", "render_rgb", "save_neighbour_grid",
