@@ -233,3 +233,11 @@ def test_association_with_4fgl_dr2(shared_data):
     cat["dec"] = [float(ref["DEJ2000"][100])] * u.deg
     out = associate(cat, ref_path)
     assert out["assoc_name"][0] == str(ref["Source_Name"][100]).strip()
+
+
+def test_score_sweep_of_an_image_without_true_sources_counts_every_detection_as_unmatched():
+    det = Table({"x": [3.0, 10.0], "y": [4.0, 12.0], "score": [0.9, 0.5]})
+    truth = Table({"x": np.zeros(0), "y": np.zeros(0), "snr": np.zeros(0)})
+    sweep = score_sweep(det, truth, radius_pix=2.0)
+    assert list(sweep["score"]) == [0.9, 0.5]
+    assert np.isnan(sweep["match_snr"]).all() and (sweep["match_truth"] == -1).all()

@@ -160,7 +160,9 @@ def score_sweep(det, truth, radius_pix: float, snr_key: str = "snr", score_key: 
             if best >= 0:
                 taken[best] = True
                 match[rank] = best
-    return {"score": score[order], "match_snr": np.where(match >= 0, snr[np.maximum(match, 0)], np.nan),
+    match_snr = np.full(len(dx), np.nan)
+    match_snr[match >= 0] = snr[match[match >= 0]]  # an image with no true source matches nothing
+    return {"score": score[order], "match_snr": match_snr,
             "truth_snr": snr, "match_truth": match}
 
 
