@@ -164,8 +164,7 @@ class Denoiser(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Denoiser":
         """Load a denoiser saved by :meth:`save_pretrained`; a one-line SkyfmError for anything wrong with it."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from skyfm.foundation.model import read_safetensors
 
         path = Path(path)
         if not path.is_dir():
@@ -183,10 +182,7 @@ class Denoiser(nn.Module):
             model = cls(config)
         except (TypeError, ValueError) as e:
             raise SkyfmError(f"{cfg_path}: invalid denoiser config ({e})") from None
-        try:
-            state = load_file(str(w_path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise SkyfmError(f"{w_path}: corrupt or truncated weights file ({str(e).splitlines()[0]})") from None
+        state = read_safetensors(w_path)
         own = model.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
