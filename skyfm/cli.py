@@ -462,8 +462,11 @@ def umap_cmd(embeddings, out_path, html_path, color_by, kind, instrument, max_po
 @click.option("--config", "config_path", default=None,
               help="Fine-tuning recipe (YAML or a built-in name: default); options below override it.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps.")
-@click.option("--backbone", type=click.Choice(["frozen", "partial", "full"]), default=None,
-              help="Train only the heads (frozen), also the backbone's last blocks and decoder (partial), or all.")
+@click.option("--backbone", type=click.Choice(["frozen", "partial", "full", "lora"]), default=None,
+              help="Train only the heads (frozen), also the backbone's last blocks and decoder (partial), all of "
+                   "it (full), or low-rank adapters on its transformer blocks (lora; see --lora-rank).")
+@click.option("--lora-rank", type=int, default=None,
+              help="Rank of the LoRA adapters with --backbone lora (default 8; recipe key lora.rank).")
 @click.option("--pairs", default=None, type=click.Path(),
               help="Train on your FITS images + reference catalogs in this folder instead of simulations.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Patches per step.")
@@ -472,8 +475,8 @@ def umap_cmd(embeddings, out_path, html_path, color_by, kind, instrument, max_po
 @click.option("--train-pool", type=click.IntRange(min=1), default=None,
               help="Train on only this many distinct simulated patches (label-fraction experiments).")
 @click.option("--no-resume", is_flag=True, help="Start again even if OUT holds checkpoints.")
-def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, pairs, batch_size, size, seed, train_pool,
-                 no_resume):
+def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_rank, pairs, batch_size, size, seed,
+                 train_pool, no_resume):
     """Fine-tune detection heads (and some of the backbone) for one or more instruments.
 
     Trains on patches simulated on the fly from the instrument's YAML (a new telescope is a YAML file), or on
@@ -483,13 +486,14 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, pairs
     Examples:
       skyfm finetune --instrument wise --init runs/pretrain-tiny/model --out runs/ft-wise --steps 500
       skyfm finetune --instrument my-telescope.yaml --init runs/pretrain-tiny/model --out runs/ft-mine
+      skyfm finetune --instrument hubble --init runs/pretrain-tiny/model --backbone lora --out runs/ft-hst-lora
       skyfm finetune --config configs/finetune/default.yaml --out runs/detector-default
       skyfm finetune --instrument meerlicht --pairs my_images/ --init runs/ft-ml/model --out runs/ft-ml2
     """
     from skyfm.finetune import finetune, load_finetune_config
 
     overrides = {"init": init, "backbone": backbone, "seed": seed, "train.steps": steps,
-                 "data.batch_size": batch_size, "data.size": size, "data.pairs": pairs}
+                 "data.batch_size": batch_size, "data.size": size, "data.pairs": pairs, "lora.rank": lora_rank}
     if config_path is None and init is None:
         raise SkyfmError("say where the backbone comes from: --init DIR (or --init scratch), or a --config recipe")
     if train_pool is not None:

@@ -1,5 +1,5 @@
-"""Fine-tuning the detector heads per instrument (frozen, partly unfrozen or fully trained backbone), on simulated
-patches of any instrument (a new telescope is a YAML file) or on the user's FITS + reference-catalog pairs.
+"""Fine-tuning the detector heads per instrument (frozen, partly unfrozen, fully trained or LoRA backbone), on
+simulated patches of any instrument (a new telescope is a YAML file) or on the user's FITS + reference-catalog pairs.
 
     from skyfm.finetune import finetune, load_finetune_config
     cfg = load_finetune_config("default", **{"train.steps": 100})

@@ -5,8 +5,9 @@ Example (``configs/finetune/default.yaml`` trains the shipped default detector):
     init: runs/pretrain-tiny/model   # a FoundationModel folder, a detector folder, or null (random backbone)
     model: skyfm-tiny                # the registry name used when init is null
     seed: 0
-    backbone: partial                # frozen | partial | full
-    partial_blocks: 2
+    backbone: partial                # frozen | partial | full | lora
+    partial_blocks: 2                # partial: how many of the last transformer blocks train
+    lora: {rank: 8, alpha: 16, dropout: 0.0, targets: [qkv, proj]}   # lora: adapters on the blocks' Linears
     data:
       size: 64                       # training patch side (pixels)
       batch_size: 12
@@ -45,6 +46,8 @@ TRAIN_SEED_BASE = 100_000_000
 SEED_STRIDE = 10_000_000  # runs with different `seed` draw disjoint simulator seeds
 VAL_SEED_BASE = 900_000_000
 BUILTIN_DIR = Path(__file__).resolve().parents[2] / "configs" / "finetune"
+# frozen / partial / full: SourceDetector.set_backbone_mode; lora: skyfm.finetune.lora.apply_lora
+FINETUNE_BACKBONE_MODES = ("frozen", "partial", "full", "lora")
 
 
 @dataclass
@@ -69,12 +72,42 @@ class DataSection:
 
 
 @dataclass
+class LoraSection:
+    """``backbone: lora`` (:mod:`skyfm.finetune.lora`): rank r, scale alpha / r, adapter dropout and which Linear
+    layers of each transformer block get adapters (``qkv``, ``proj``: attention; ``fc1``, ``fc2``: MLP). The
+    adapters train at ``train.backbone_lr``."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: ["qkv", "proj"])
+
+    def validate(self, source: str) -> None:
+        from skyfm.finetune.lora import LORA_TARGETS
+
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise SkyfmError(f"{source}: lora.rank must be an integer >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise SkyfmError(f"{source}: lora.alpha must be a number > 0, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise SkyfmError(f"{source}: lora.dropout must be in [0, 1), got {self.dropout!r}")
+        targets = [self.targets] if isinstance(self.targets, str) else self.targets
+        if (not isinstance(targets, (list, tuple)) or not targets
+                or any(t not in LORA_TARGETS for t in targets) or len(set(targets)) != len(targets)):
+            raise SkyfmError(f"{source}: lora.targets must be a list of distinct names from "
+                             f"{', '.join(LORA_TARGETS)}, got {self.targets!r}")
+        self.targets = list(targets)
+        self.alpha, self.dropout = float(self.alpha), float(self.dropout)
+
+
+@dataclass
 class FinetuneConfig:
     init: str | None = None
     model: str = "skyfm-tiny"
     seed: int = 0
     backbone: str = "partial"
     partial_blocks: int = 2
+    lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: dict = field(default_factory=lambda: {"every": 250, "keep": 2})
@@ -99,7 +132,10 @@ class FinetuneConfig:
         try:
             data = DataSection(**(raw.pop("data", None) or {}))
             train = TrainSection(**(raw.pop("train", None) or {}))
-            config = cls(data=data, train=train, **raw)
+            lora = raw.pop("lora", None) or {}
+            if not isinstance(lora, dict):
+                raise SkyfmError(f"{source}: lora is a mapping (rank, alpha, dropout, targets), got {lora!r}")
+            config = cls(data=data, train=train, lora=LoraSection(**lora), **raw)
         except TypeError as e:
             raise SkyfmError(f"{source}: {e}") from None
         if isinstance(config.init, str) and config.init.strip().lower() in ("", "none", "null", "scratch", "random"):
@@ -108,10 +144,10 @@ class FinetuneConfig:
         return config
 
     def validate(self, source: str = "recipe") -> None:
-        from skyfm.heads.detector import BACKBONE_MODES
-
-        if self.backbone not in BACKBONE_MODES:
-            raise SkyfmError(f"{source}: backbone must be one of {', '.join(BACKBONE_MODES)}, got {self.backbone!r}")
+        if self.backbone not in FINETUNE_BACKBONE_MODES:
+            raise SkyfmError(f"{source}: backbone must be one of {', '.join(FINETUNE_BACKBONE_MODES)}, "
+                             f"got {self.backbone!r}")
+        self.lora.validate(source)
         if self.data.size % 8 or self.data.size < 16:
             raise SkyfmError(f"{source}: data.size must be a multiple of 8 pixels (>= 16), got {self.data.size}")
         if not self.data.instruments and not self.data.pairs:
@@ -153,9 +189,12 @@ def load_finetune_config(path_or_name: str | Path | None = None, instruments: li
         node = raw
         parts = key.split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an empty section in the YAML (`lora:`)
+                node[p] = {}
+            node = node[p]
         node[parts[-1]] = value
     return FinetuneConfig.from_dict(raw, source)
 
 
-__all__ = ["FinetuneConfig", "TRAIN_SEED_BASE", "VAL_SEED_BASE", "load_finetune_config"]
+__all__ = ["FINETUNE_BACKBONE_MODES", "FinetuneConfig", "LoraSection", "TRAIN_SEED_BASE", "VAL_SEED_BASE",
+           "load_finetune_config"]

@@ -1,4 +1,5 @@
-"""Fine-tune detector heads (and some or all of the backbone) with accelerate: seeded, resumable, logged.
+"""Fine-tune detector heads (and some or all of the backbone, or LoRA adapters on it) with accelerate: seeded,
+resumable, logged.
 
 The loop imitates :mod:`skyfm.pretrain.train`: build the model, ``accelerator.prepare``, then
 ``forward -> loss -> backward -> step`` with a warm-up + cosine schedule, ``save_state`` checkpoints every N steps
@@ -8,6 +9,9 @@ have seen.
 
 Writes into OUT: ``recipe.json``, ``checkpoints/step_N/``, ``metrics.csv`` and ``model/`` (the detector:
 ``config.json`` + ``model.safetensors``).
+
+``backbone: lora`` (:mod:`skyfm.finetune.lora`): the checkpoints hold the LoRA adapters next to the frozen base
+weights; ``model/`` holds the merged detector (``W + (alpha / r) B A``), with the ordinary keys.
 """
 
 from __future__ import annotations
@@ -63,6 +67,19 @@ def build_detector(config: FinetuneConfig, instruments: list):
     return det
 
 
+def set_trainable(det, config: FinetuneConfig) -> dict[str, int]:
+    """Apply ``config.backbone`` to ``det`` (a LoRA backbone gets its adapters here); returns the parameter counts
+    of :func:`~skyfm.finetune.lora.count_parameters`."""
+    from skyfm.finetune.lora import apply_lora, count_parameters
+
+    if config.backbone == "lora":
+        lo = config.lora
+        apply_lora(det, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets)
+    else:
+        det.set_backbone_mode(config.backbone, config.partial_blocks)
+    return count_parameters(det)
+
+
 def collate_targets(det, patches, batch) -> dict[str, torch.Tensor]:
     """Stacked :func:`~skyfm.heads.targets.build_targets` maps of a batch of patches."""
     from skyfm.heads.targets import build_targets
@@ -106,7 +123,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, *, max_steps: int | No
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         previous = out / "recipe.json"
-        if previous.exists() and resume and json.loads(previous.read_text()) != config.to_dict():
+        if previous.exists() and resume and _recipe(previous) != config.to_dict():
             raise SkyfmError(f"{out} holds a run with a different recipe; use a new --out or --no-resume")
         previous.write_text(config.to_json())
     set_seed(config.seed)
@@ -122,8 +139,13 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, *, max_steps: int | No
     specs = {load_instrument(n).name: v for n, v in specs.items()}
     names = list(instruments) if pairs is None else [pairs.instrument]
     det = build_detector(config, [instruments.get(n, n) for n in names])
-    det.set_backbone_mode(config.backbone, config.partial_blocks)
-    det.config.training = {"recipe": config.to_dict(), "command": os.environ.get("SKYFM_COMMAND", "")}
+    counts = set_trainable(det, config)
+    accelerator.print(f"backbone: {config.backbone}; trainable parameters: {counts['trainable']:,} of "
+                      f"{counts['total']:,} (trunk + heads {counts['heads']:,}, backbone {counts['backbone']:,}"
+                      + (f", all in LoRA adapters of rank {config.lora.rank}" if config.backbone == "lora" else "")
+                      + ")")
+    det.config.training = {"recipe": config.to_dict(), "command": os.environ.get("SKYFM_COMMAND", ""),
+                           "trainable_parameters": counts["trainable"]}
 
     head_params = [p for n, p in det.named_parameters() if not n.startswith("foundation.")]
     backbone_params = [p for n, p in det.named_parameters() if n.startswith("foundation.") and p.requires_grad]
@@ -194,13 +216,19 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, *, max_steps: int | No
     bar.close()
     model.eval()
     model_dir = out / "model"
+    if config.backbone == "lora":
+        from skyfm.finetune.lora import merge_lora
+
+        merge_lora(model)  # training is over: fold the adapters in, so model/ loads without peft
     if accelerator.is_main_process:
         model.save_pretrained(model_dir)
     accelerator.wait_for_everyone()
     return model_dir
 
 
-
+def _recipe(path: Path) -> dict:
+    """A saved recipe as :meth:`FinetuneConfig.to_dict` writes it today (keys added since get their defaults)."""
+    return FinetuneConfig.from_dict(json.loads(path.read_text()), str(path)).to_dict()
 
 
 def export_checkpoint(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -217,12 +245,20 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path | None = None) ->
     config = FinetuneConfig.from_dict(json.loads((run / "recipe.json").read_text()), str(run / "recipe.json"))
     names = [load_instrument(n) for n in config.instrument_specs()]
     det = build_detector(config, names)
+    if config.backbone == "lora":
+        set_trainable(det, config)  # the checkpoint holds the adapters
     state = load_file(str(checkpoints[-1] / "model.safetensors"))
     det.load_state_dict(state, strict=True)
+    if config.backbone == "lora":
+        from skyfm.finetune.lora import merge_lora
+
+        merge_lora(det)
     step = json.loads((checkpoints[-1] / TRAINER_STATE).read_text())["step"]
     det.config.training = {"recipe": config.to_dict(), "command": os.environ.get("SKYFM_COMMAND", ""),
                            "stopped_at_step": step}
     out = Path(out_dir) if out_dir else run / f"model-step_{step}"
     det.eval().save_pretrained(out)
     return out
-__all__ = ["build_detector", "collate_targets", "export_checkpoint", "finetune", "lr_factor"]
+
+
+__all__ = ["build_detector", "collate_targets", "export_checkpoint", "finetune", "lr_factor", "set_trainable"]
