@@ -517,8 +517,15 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 @click.option("--min-score", type=click.FloatRange(0, 1), default=None,
               help="Detection threshold on the heatmap probability (default 0.3).")
 @click.option("--hdu", default=None, help="HDU to read, by index or EXTNAME (default: the first with image data).")
-@click.option("--tile", "tile_size", type=click.IntRange(min=16), default=None, help="Tile side (pixels).")
-def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size):
+@click.option("--tile", "tile_size", type=click.IntRange(min=16), default=None,
+              help="Tile side (pixels; default 512 for one-band images, 256 for several bands, 128 for counts cubes).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Network arithmetic: auto = bfloat16 where the CPU or GPU has it natively, else float32.")
+@click.option("--attention-window", type=click.IntRange(min=0), default=None,
+              help="Attend within N x N token windows (0 = the whole tile; default: the training patch size for "
+                   "images, the whole tile for counts cubes).")
+def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
+               precision, attention_window):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -535,7 +542,8 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
     if hdu is not None and hdu.isdigit():
         hdu = int(hdu)
     table = detect_file(input_path, out_path, instrument=instrument, band=band, model_dir=model_dir,
-                        min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size)
+                        min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size,
+                        precision=precision, attention_window=attention_window)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

@@ -129,3 +129,43 @@ def test_image_without_wcs_is_detected_in_pixels(tmp_path, model_dir, capsys):
 
     cat = read_catalog(out)
     assert "ra" not in cat.colnames and cat["pos_err"].unit == u.pix
+
+
+def test_inference_settings_and_default_tiling(model_dir):
+    from skyfm.detect import default_tiling, get_detector, inference_context, inference_settings
+    from skyfm.errors import SkyfmError
+    from skyfm.instruments import load_instrument
+
+    det = get_detector(model_dir)
+    assert default_tiling(det, load_instrument("fermi-lat"), 6) == (det.config.tile_size, 0)
+    tile, window = default_tiling(det, load_instrument("meerlicht"), 1)
+    assert tile == 4 * det.config.tile_size and window == 64 // det.token_stride
+    assert inference_settings(det, "fp32", 0) == (False, None)
+    assert inference_settings(det, "bf16", 8) == (True, 8)
+    with pytest.raises(SkyfmError, match="precision"):
+        inference_settings(det, "fp8")
+    with pytest.raises(SkyfmError, match="attention_window"):
+        inference_settings(det, "fp32", -1)
+    p = simulate_patch("meerlicht", 5, size=128, bands=["q"])
+    batch = det.make_batch([p])
+    heats = {}
+    for bf16, window in ((False, None), (True, None), (False, 8)):
+        with inference_context(det, bf16, window):
+            heats[(bf16, window)] = torch.sigmoid(det(batch).heat.float())
+        assert det.foundation.backbone.attention_window is None  # restored
+    assert (heats[(True, None)] - heats[(False, None)]).abs().max() < 0.05
+    assert not torch.equal(heats[(False, 8)], heats[(False, None)])  # the window changes what a token sees
+
+
+def test_windowed_and_global_detection_agree_on_bright_sources(model_dir):
+    """The PeakDetector's heatmap is the image, so tiling settings must not change what it finds."""
+    from skyfm.detect import detect_patch
+    from skyfm.heads import load_detector
+
+    det = load_detector(model_dir)
+    peak = PeakDetector(det.config, det.foundation)
+    peak.load_state_dict(det.state_dict())
+    p = simulate_patch("meerlicht", 11, size=192, bands=["q"], scene="field")
+    a = detect_patch(p, peak, min_score=0.5, precision="fp32", attention_window=0, tile_size=128)
+    b = detect_patch(p, peak, min_score=0.5, precision="bf16", attention_window=4, tile_size=256)
+    assert len(a) > 3 and abs(len(a) - len(b)) <= max(1, len(a) // 20)

@@ -357,3 +357,45 @@ def test_config_and_weights_mismatch_names_the_keys(saved, tmp_path):
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(SkyfmError, match=r"shape mismatch.*tokenizer\.quantizer"):
         FoundationModel.from_pretrained(d)
+
+
+def test_windowed_attention_equals_attention_inside_each_window():
+    """Windows of a grid that is not a multiple of the window: each window's tokens see exactly their window
+    (all bands of it) and no padding token; a window as large as the grid is global attention."""
+    model = create_model("skyfm-tiny", backbone={"depth": 2, "embed_dim": 32, "num_heads": 2}).eval()
+    bb = model.backbone
+    torch.manual_seed(3)
+    B, C, (h, w), D, win = 2, 3, (5, 6), 32, 4
+    x = torch.randn(B, C, h * w, D)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    with torch.no_grad():
+        got = bb._windowed_blocks(x, (h, w), valid, win).reshape(B, C, h, w, D)
+        for y0 in range(0, h, win):
+            for x0 in range(0, w, win):
+                cell = x.reshape(B, C, h, w, D)[:, :, y0:y0 + win, x0:x0 + win]  # (B, C, wh, ww, D)
+                wh, ww = cell.shape[2:4]
+                t = cell.reshape(B, C * wh * ww, D)
+                keys = valid[:, :, None].expand(B, C, wh * ww).reshape(B, 1, 1, -1)
+                for block in bb.blocks:
+                    t = block(t, attn_mask=keys)
+                want = t.reshape(B, C, wh, ww, D)
+                assert torch.allclose(got[:, :, y0:y0 + wh, x0:x0 + ww][valid], want[valid], atol=1e-5)
+        bb.attention_window = 16  # >= the grid: the ordinary global path
+        batch = make_batch([2], size=64)
+        global_out = run(model, batch)
+        bb.attention_window = None
+        assert torch.equal(global_out.token_features, run(model, batch).token_features)
+
+
+def test_windowed_positions_repeat_the_window_patch():
+    bb = create_model("skyfm-tiny", backbone={"depth": 1, "embed_dim": 32, "num_heads": 2}).backbone
+    from skyfm.foundation.embeddings import BackboneInputs
+
+    scale = torch.tensor([1e-3])
+    inputs = BackboneInputs(torch.zeros(1, 1, 128, 128), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1),
+                            torch.zeros(1, dtype=torch.long), scale)
+    with torch.no_grad():
+        bb.attention_window = 8
+        tiled = bb._position_embedding((16, 16), inputs).reshape(16, 16, -1)
+        one = bb.pos_embed((8, 8), bb.token_stride, (64, 64), scale).reshape(8, 8, -1)
+    assert torch.allclose(tiled[8:, 8:], one) and torch.allclose(tiled[:8, 8:], one)

@@ -235,6 +235,9 @@ class FoundationModel(nn.Module):
         grad = contextlib.nullcontext() if not self.tokenizer_frozen else torch.no_grad()
         with grad:
             z = self.tokenizer.encode_latents(inputs.scaled, inputs.band_valid)  # (B, C, Dz, h, w)
+            if kind == "continuous" and not need_codes:  # the nearest-code search is not needed: skip it
+                inputs.codes, inputs.latents = None, z
+                return
             codes, quantized, _ = self.tokenizer.quantize(z, inputs.band_valid)
         inputs.codes = codes
         inputs.latents = {"continuous": z, "quantized": quantized}.get(kind)

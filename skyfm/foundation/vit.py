@@ -102,6 +102,10 @@ class ViTBackbone(nn.Module):
         self.config = config
         D, p = config.embed_dim, config.token_patch
         self.token_patch = p
+        # None: every token attends to every token of the patch. An int n (inference on large tiles): attention
+        # only inside n x n token windows, each with window-local positions, so the cost is linear in the
+        # image size and every window looks like an n x n-token training patch (_windowed_blocks).
+        self.attention_window: int | None = None
         self.token_stride = tokenizer.downsample * p
         self.embed_dim = D
         self.dense_dim = config.dense_dim
@@ -158,8 +162,20 @@ class ViTBackbone(nn.Module):
             x = torch.where(hidden, self.mask_token.to(x.dtype), x)
         band = self.band_embed(inputs.band_coord)[:, :, None]  # (B, C, 1, D)
         inst = self.instrument_embed(inputs.instrument_id)[:, None, None]  # (B, 1, 1, D)
-        pos = self.pos_embed(grid, self.token_stride, inputs.image_size, inputs.pixel_scale_deg)[:, None]  # (B, 1, L, D)
-        return x + band + inst + pos, grid
+        return x + band + inst + self._position_embedding(grid, inputs)[:, None], grid
+
+    def _position_embedding(self, grid: tuple[int, int], inputs: BackboneInputs) -> torch.Tensor:
+        """(B, L, D) sky-position embeddings: offsets from the patch centre, or, when attention is windowed,
+        from the centre of each token's window, so that every window looks to the transformer like a patch of
+        window x window tokens (what it was trained on) wherever it sits in a large tile."""
+        stride, window = self.token_stride, self.attention_window
+        if not window or (grid[0] <= window and grid[1] <= window):
+            return self.pos_embed(grid, stride, inputs.image_size, inputs.pixel_scale_deg)
+        local = self.pos_embed((window, window), stride, (window * stride, window * stride), inputs.pixel_scale_deg)
+        nh, nw = -(-grid[0] // window), -(-grid[1] // window)
+        local = local.reshape(-1, 1, window, 1, window, local.shape[-1])
+        tiled = local.expand(-1, nh, -1, nw, -1, -1).reshape(-1, nh * window, nw * window, local.shape[-1])
+        return tiled[:, :grid[0], :grid[1]].reshape(-1, grid[0] * grid[1], local.shape[-1])
 
     # -------------------------------------------------------------------------------------------- stages
     def forward_features(self, inputs: BackboneInputs, token_mask: torch.Tensor | None = None) -> BackboneOutput:
@@ -167,16 +183,44 @@ class ViTBackbone(nn.Module):
         x, grid = self.embed_tokens(inputs, token_mask)  # (B, C, L, D)
         B, C, L, D = x.shape
         valid = inputs.band_valid  # (B, C)
-        key_valid = valid[:, :, None].expand(B, C, L).reshape(B, 1, 1, C * L)  # padding bands are never keys
-        x = x.reshape(B, C * L, D)
-        for block in self.blocks:
-            x = block(x, attn_mask=key_valid)
+        window = self.attention_window
+        if window and (grid[0] > window or grid[1] > window):
+            x = self._windowed_blocks(x, grid, valid, window)
+        else:
+            key_valid = valid[:, :, None].expand(B, C, L).reshape(B, 1, 1, C * L)  # padding bands are never keys
+            x = x.reshape(B, C * L, D)
+            for block in self.blocks:
+                x = block(x, attn_mask=key_valid)
         x = self.norm(x).reshape(B, C, L, D)
         x = x * valid[:, :, None, None].to(x.dtype)  # zero the padding bands' outputs
         feature_map = masked_band_mean(x, valid)  # (B, L, D)
         pooled = feature_map.mean(dim=1)  # (B, D): every cell has >= 1 valid band
         feature_map = feature_map.transpose(1, 2).reshape(B, D, *grid)  # (B, D, h', w')
         return BackboneOutput(token_features=x, feature_map=feature_map, pooled=pooled, grid=grid)
+
+    def _windowed_blocks(self, x: torch.Tensor, grid: tuple[int, int], valid: torch.Tensor, window: int) -> torch.Tensor:
+        """The transformer blocks with attention inside ``window`` x ``window`` cells of the token grid (every
+        band of a cell together): (B, C, L, D) -> (B, C * L, D). Cost grows linearly with the image, not
+        quadratically; a grid that is not a multiple of the window is padded with tokens that are never keys."""
+        B, C, L, D = x.shape
+        h, w = grid
+        ph, pw = -h % window, -w % window
+        x = x.reshape(B, C, h, w, D)
+        keys = valid[:, :, None, None].expand(B, C, h, w)
+        if ph or pw:
+            x = F.pad(x, (0, 0, 0, pw, 0, ph))
+            keys = F.pad(keys, (0, pw, 0, ph), value=False)
+        nh, nw = (h + ph) // window, (w + pw) // window
+        to_windows = "b c (nh wh) (nw ww) d -> (b nh nw) (c wh ww) d"
+        x = rearrange(x, to_windows, wh=window, ww=window)  # (B * nW, C * window^2, D)
+        keys = rearrange(keys, "b c (nh wh) (nw ww) -> (b nh nw) (c wh ww)", wh=window, ww=window)
+        keys = keys[:, None, None, :]  # (B * nW, 1, 1, C * window^2)
+        empty = ~keys.any(dim=-1, keepdim=True)  # windows of padding only: let them attend to themselves
+        keys = keys | empty
+        for block in self.blocks:
+            x = block(x, attn_mask=keys)
+        x = rearrange(x, "(b nh nw) (c wh ww) d -> b c (nh wh) (nw ww) d", b=B, nh=nh, nw=nw, wh=window, ww=window)
+        return x[:, :, :h, :w].reshape(B, C * L, D)
 
     def forward_dense(self, inputs: BackboneInputs, features: BackboneOutput,
                       token_mask: torch.Tensor | None = None) -> torch.Tensor:
