@@ -144,6 +144,37 @@ def test_point_source_fit_recovers_position_and_flux_with_honest_errors():
     assert np.min(ts) > 100
 
 
+def test_psf_tables_are_cached_by_kernel_and_equal_fresh_ones():
+    kernels = lk.psf_kernels("ctao")
+    a = lk.psf_tables(kernels)
+    b = lk.psf_tables([k.copy() for k in kernels])  # equal bytes, other arrays: the same cached tables
+    assert all(x is y for x, y in zip(a, b))
+    for k, t in zip(kernels, a):
+        assert np.array_equal(t.table, lk.PSFTable.from_kernel(k).table)
+        assert not t.table.flags.writeable
+    bigger = kernels[0] * 2.0
+    assert lk.psf_table(bigger) is not a[0]
+
+
+def test_fast_point_source_fit_equals_the_band_by_band_reference(monkeypatch):
+    """The cached tables + all-bands-at-once stamps give the same fit as fresh tables interpolated band by band,
+    also for sources whose footprint leaves the image."""
+    inst = load_instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    rng = np.random.default_rng(3)
+    bkg = [2.0, 0.5, 0.1, 0.03, 0.01, 0.003]
+    n, b = _inject(inst, 20.3, 17.8, 400.0, bkg, (40, 40), rng)
+    n2, _ = _inject(inst, 2.2, 36.6, 250.0, [0.0] * 6, (40, 40), rng)  # a second source near a corner
+    n = n + n2
+    x0, y0, f0 = [20.0, 2.5, 30.0], [18.2, 36.0, 8.0], [300.0, 200.0, 20.0]
+    fast = lk.fit_point_sources(n, b, kernels, x0, y0, f0)
+    monkeypatch.setattr(lk, "FAST_STAMPS", False)
+    ref = lk.fit_point_sources(n, b, [lk.PSFTable.from_kernel(k) for k in kernels], x0, y0, f0)
+    for key in ("x", "y", "flux", "flux_err", "ts", "pos_err_pix", "flux_band"):
+        np.testing.assert_allclose(fast[key], ref[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    assert fast["ts"][0] > 100 and abs(fast["x"][0] - 20.3) < 0.3
+
+
 def test_ts_map_of_an_empty_field_is_half_chi2_one_and_finds_a_source():
     inst = load_instrument("fermi-lat")
     kernels = lk.psf_kernels(inst)
