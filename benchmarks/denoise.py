@@ -25,7 +25,10 @@ below 2**31, nor in the training run's validation set, 2**31 + j for small j), f
   (smoothed data - clean); on the clean image it runs on clean + that background against that background.
   skyfm's own detector (:func:`skyfm.detect.detect_patch`, its own default threshold) on raw and clean, where
   the default detector exists.
-* **speed**: one 256x256 patch, 1 sample, 4 / 10 / 20 DDIM steps.
+* **speed**: one 256x256 patch, 1 sample, 4 / 10 / 20 DDIM steps (flux correction included).
+
+``--flux-correction none`` measures the denoiser's plain mean of samples; the default, ``forced``, what
+``skyfm denoise`` writes (:mod:`skyfm.heads.denoise.flux`).
 * **generation**: unconditional samples (observation dropped, band given) against simulated source-only images of
   the same band in the denoiser's space (1 unit ~ 1 noise sigma): pixel quantiles and KS distance, radially
   averaged power spectrum, and sep source counts (threshold 2 units, 3 px).
@@ -203,7 +206,7 @@ def denoiser_background(patch, clean, sigma_pix=3.0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None, eta=None):
+def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None, eta=None, flux_correction="forced"):
     from skyfm.baselines import sep_detect, tsmap_detect
 
     detector = None
@@ -227,7 +230,8 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
                 warnings.simplefilter("ignore")
                 patch = simulate_patch(inst_name, seed, size=size, **opts(rng))
             t1 = time.time()
-            clean, std = denoise_patch(patch, model, samples=samples, steps=steps, seed=i, eta=eta)
+            clean, std = denoise_patch(patch, model, samples=samples, steps=steps, seed=i, eta=eta,
+                                       flux_correction=flux_correction)
             tden += time.time() - t1
             res.append(residual_stats(patch, clean, std))
             fluxes.extend(flux_ratios(patch, clean))
@@ -278,17 +282,17 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
     return results
 
 
-def run_speed(model, log):
+def run_speed(model, log, flux_correction="forced"):
     out = {}
     ml = simulate_patch("meerlicht", BENCH_SEED_BASE + 90_000, size=256, scene="field")
     fe = simulate_patch("fermi-lat", BENCH_SEED_BASE + 90_001, size=256)
-    denoise_patch(ml, model, samples=1, steps=1)  # warm-up
+    denoise_patch(ml, model, samples=1, steps=1, flux_correction=flux_correction)  # warm-up
     for label, patch, steps in [("meerlicht 1x256x256", ml, 4), ("meerlicht 1x256x256", ml, 10),
                                 ("meerlicht 1x256x256", ml, 20), ("fermi-lat 6x256x256", fe, 4)]:
         times = []
         for _ in range(2):
             t = time.time()
-            denoise_patch(patch, model, samples=1, steps=steps)
+            denoise_patch(patch, model, samples=1, steps=steps, flux_correction=flux_correction)
             times.append(time.time() - t)
         out[f"{label}, {steps} steps"] = min(times)
         log(f"  speed {label} {steps} steps: {min(times):.2f} s")
@@ -352,7 +356,7 @@ def fmt(v, d=3):
 
 def markdown(r) -> str:
     lines = [f"# Denoiser benchmark\n", f"`{r['command']}`  ", f"model: `{r['model']}`; {r['samples']} samples x "
-             f"{r['steps']} DDIM steps (eta {r['eta']}); {r['n']} patches per case ({r['patch_size']} px), seeds {BENCH_SEED_BASE}+; "
+             f"{r['steps']} DDIM steps (eta {r['eta']}); flux correction {r.get('flux_correction', 'none')}; {r['n']} patches per case ({r['patch_size']} px), seeds {BENCH_SEED_BASE}+; "
              f"torch threads {r['threads']}; {r['machine']}; load average at start {r['load']}; total {r['wall_s']:.0f} s\n"]
     lines += ["## Residual and flux\n",
               "| case | rms raw (noise units) | rms clean | rms raw, source px | rms clean, source px | "
@@ -397,6 +401,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=None, help="samples per pixel (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the model's)")
+    p.add_argument("--flux-correction", default="forced", choices=["none", "forced"],
+                   help="denoise_patch's flux correction (default forced; none: the plain mean of the samples)")
     p.add_argument("--gen-n", type=int, default=16, help="generated images per band")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-ts", action="store_true", help="skip the TS maps (the slow part)")
@@ -417,14 +423,15 @@ def main(argv=None) -> int:
     r = {"command": "python benchmarks/denoise.py " + " ".join(sys.argv[1:] if argv is None else argv),
          "model": a.model or "skyfm/resources/models/denoiser-default", "n": a.n, "patch_size": 128,
          "samples": a.samples or model.config.default_samples, "steps": a.steps or model.config.default_steps,
-         "eta": model.config.eta if a.eta is None else a.eta,
+         "eta": model.config.eta if a.eta is None else a.eta, "flux_correction": a.flux_correction,
          "threads": a.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores",
          "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if "quality" not in skip:
         r["quality"] = run_quality(model, a.n, a.samples, a.steps, not a.no_ts, not a.no_detector, log,
-                                   only=set(filter(None, a.cases.split(","))), eta=a.eta)
+                                   only=set(filter(None, a.cases.split(","))), eta=a.eta,
+                                   flux_correction=a.flux_correction)
     if "speed" not in skip:
-        r["speed"] = run_speed(model, log)
+        r["speed"] = run_speed(model, log, a.flux_correction)
     if "generation" not in skip:
         r["generation"] = run_generation(model, a.gen_n, 10, log)
     r.setdefault("quality", {})

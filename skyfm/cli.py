@@ -273,16 +273,21 @@ def pretrain_cmd(config_path, out_dir, max_steps, no_resume):
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Diffusion samples averaged per pixel; their spread is the uncertainty (default: the model's, 4).")
 @click.option("--steps", type=click.IntRange(min=1, max=1000), default=None,
-              help="DDIM steps per sample (default: the model's, 4).")
+              help="DDIM steps per sample (default: the model's, 10).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed: the same seed gives the same file.")
 @click.option("--hdu", default=None, help="HDU to read, by index or EXTNAME (default: the first with image data).")
 @click.option("--band", default=None, help="Band of a one-band image whose header has no FILTER / BAND keyword.")
-def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, seed, hdu, band):
+@click.option("--flux-correction", type=click.Choice(["none", "forced"]), default="forced", show_default=True,
+              help="forced: rescale each source of the clean image so that its aperture flux (1 PSF FWHM) is the "
+                   "observed one minus the removed background (forced photometry; the denoiser alone keeps "
+                   "0.36-0.87 of an isolated source's flux); none: the plain mean of the samples.")
+def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, seed, hdu, band, flux_correction):
     """Remove backgrounds, noise, cosmic rays and trails: write the source-only image of INPUT.
 
     INPUT is a FITS image or a gtbin counts cube. OUT gets the clean image (same shape as the input, same units)
     as its primary HDU, the per-pixel uncertainty (std of the diffusion samples) as HDU UNCERT, the input header
-    and WCS, and the input's EBOUNDS table for counts cubes. Large images are denoised tile by tile.
+    and WCS, and the input's EBOUNDS table for counts cubes. Large images are denoised tile by tile. By default
+    each source of the clean image is rescaled to its observed aperture flux (its uncertainty with it).
 
     \b
     Examples:
@@ -292,7 +297,7 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
     from skyfm.heads.denoise.apply import denoise_file
 
     out = denoise_file(input_path, out_path, instrument=instrument, model_dir=model_dir, samples=samples,
-                       steps=steps, seed=seed, hdu=hdu, band=band, progress=True)
+                       steps=steps, seed=seed, hdu=hdu, band=band, progress=True, flux_correction=flux_correction)
     click.echo(f"clean image: {out}")
 
 
@@ -524,12 +529,17 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 @click.option("--attention-window", type=click.IntRange(min=0), default=None,
               help="Attend within N x N token windows (0 = the whole tile; default: the training patch size for "
                    "images, the whole tile for counts cubes).")
+@click.option("--no-refine", is_flag=True,
+              help="Keep the network's positions and fluxes: no PSF fit (CCD images) or Poisson likelihood fit "
+                   "(counts cubes, which then get no TS). Faster, less accurate.")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
-               precision, attention_window):
+               precision, attention_window, no_refine):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
     simulated patch, or a HEALPix map. Counts cubes get a Poisson likelihood refinement: TS and physical flux.
+    CCD images get a PSF-fit refinement of the bright detections (seeing fitted on the image): positions and
+    point-source fluxes with their errors.
 
     \b
     Examples:
@@ -543,7 +553,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
         hdu = int(hdu)
     table = detect_file(input_path, out_path, instrument=instrument, band=band, model_dir=model_dir,
                         min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size,
-                        precision=precision, attention_window=attention_window)
+                        precision=precision, attention_window=attention_window, refine=not no_refine)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

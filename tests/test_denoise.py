@@ -206,3 +206,99 @@ def test_cli_bad_inputs_one_line_no_output(tmp_path, model_dir, capsys, case):
     assert len(lines) == 1 and lines[0].startswith("skyfm: error: "), cap.err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flux preservation: forced photometry of the clean image's sources, averaging the samples in data units
+# ----------------------------------------------------------------------------------------------------------------
+def _compact_source(shape, y, x, flux, fwhm):
+    """A Gaussian of ``fwhm`` px and total ``flux`` at (y, x), exactly zero beyond 2 FWHM (a finite footprint)."""
+    yy, xx = np.indices(shape)
+    r2 = (yy - y) ** 2 + (xx - x) ** 2
+    g = np.exp(-r2 / (2 * (fwhm / 2.3548) ** 2)) * (r2 <= (2 * fwhm) ** 2)
+    return flux * g / g.sum()
+
+
+def _aperture(img, y, x, r):
+    yy, xx = np.indices(img.shape)
+    return float(img[(yy - y) ** 2 + (xx - x) ** 2 <= r * r].sum())
+
+
+@pytest.mark.parametrize("kind,background", [("ccd", 100.0), ("counts", 2.0)])
+def test_forced_flux_restores_the_aperture_flux_of_a_shrunken_source(kind, background):
+    from skyfm.heads.denoise.flux import forced_flux_correction
+
+    shape, fwhm = (64, 64), 3.0
+    src = _compact_source(shape, 30, 33, 400.0, fwhm) + _compact_source(shape, 12, 10, 150.0, fwhm)
+    observed = background + src  # noiseless: the background is exactly recoverable
+    clean = 0.3 * src  # the denoiser's posterior-mean shrinkage
+    clean[50:53, 50:53] += 1e-3  # a noise-level bump: below the footprint threshold, must stay as it is
+    std = np.full(shape, 0.5) * (src > 0)
+    out, out_std, info = forced_flux_correction(observed, clean, std, fwhm, kind, sigma=1.0)
+    assert out.dtype == np.float32 and out.shape == shape
+    for y, x in ((30, 33), (12, 10)):
+        assert _aperture(out, y, x, fwhm) == pytest.approx(_aperture(src, y, x, fwhm), rel=1e-5)
+    bright, faint = clean > 0.2, clean < 0.01  # well inside / outside the footprints (0.05-0.07 sigma)
+    np.testing.assert_allclose(out[bright], src[bright], rtol=1e-5)  # the shape kept, x 1/0.3
+    np.testing.assert_array_equal(out[faint], clean[faint].astype(np.float32))  # noise-level pixels untouched
+    np.testing.assert_allclose(out_std[bright], 0.5 / 0.3, rtol=1e-5)  # the uncertainty follows the source
+    np.testing.assert_allclose(info["background"], background, atol=1e-3)  # (the 1e-3 bump is in data - clean)
+    again, _, _ = forced_flux_correction(observed, clean, std, fwhm, kind, sigma=1.0)
+    assert np.array_equal(out, again)
+
+
+def test_forced_flux_does_not_bring_back_a_cosmic_ray():
+    from skyfm.heads.denoise.flux import forced_flux_correction
+
+    rng = np.random.default_rng(1)
+    shape, fwhm = (48, 48), 2.0
+    sky = 50.0 + rng.normal(0, 1.0, shape)
+    track = np.zeros(shape)
+    track[np.arange(20, 28), np.arange(20, 28)] = 300.0  # a cosmic-ray track the denoiser removed ...
+    clean = _compact_source(shape, 24, 24, 40.0, 4.0)  # ... leaving a faint smooth ghost
+    out, _, info = forced_flux_correction(sky + track, clean, None, fwhm, "ccd", sigma=1.0)
+    assert np.abs(out - clean).max() < 1e-5 and np.all(info["scale"] == 1.0)
+
+
+def test_samples_are_averaged_in_data_units(model_dir, monkeypatch):
+    """The mean image is the mean of the inverted samples (not the inverse of a network-space mean, which the
+    convex inverse transforms bias low), and their spread is the uncertainty."""
+    from skyfm.heads.denoise.transforms import band_transform
+
+    model = Denoiser.from_pretrained(model_dir)
+    values = torch.tensor([0.0, 6.0])  # network-space value of sample 0 and sample 1, everywhere
+
+    def fake_sample(obs, present, features, steps=None, generator=None, eta=None, callback=None):
+        k = obs.shape[0]
+        return values.repeat(k // 2)[:, None, None, None].expand(obs.shape).clone()
+
+    monkeypatch.setattr(model, "sample", fake_sample)
+    patch = simulate_patch("ctao", seed=3, size=24)
+    clean, std = denoise_patch(patch, model, samples=2, flux_correction="none")
+    inv = band_transform(patch.data[0], "counts", compress=model.config.counts_compress).inverse_target(
+        values.numpy())
+    np.testing.assert_allclose(clean, inv.mean(), rtol=1e-6)
+    np.testing.assert_allclose(std, inv.std(), rtol=1e-6)
+    assert inv.mean() > float(band_transform(patch.data[0], "counts", compress=model.config.counts_compress)
+                              .inverse_target(values.numpy().mean(keepdims=True))[0])
+
+
+def test_flux_correction_option(tmp_path, model_dir, capsys):
+    model = Denoiser.from_pretrained(model_dir)
+    patch = simulate_patch("ctao", seed=3, size=24)
+    with pytest.raises(SkyfmError, match="--flux-correction must be one of none, forced"):
+        denoise_patch(patch, model, flux_correction="bogus")
+    plain, _ = denoise_patch(patch, model, seed=1, flux_correction="none")
+    forced, _ = denoise_patch(patch, model, seed=1)
+    assert forced.shape == plain.shape and np.isfinite(forced).all() and np.all(forced >= 0)
+    src = write_patch(patch, tmp_path / "c.fits")
+    for choice in ("none", "forced"):
+        out = tmp_path / f"{choice}.fits"
+        code, cap = _run(["denoise", str(src), "--model", str(model_dir), "--out", str(out), "--samples", "2",
+                          "--steps", "2", "--flux-correction", choice], capsys)
+        assert code == 0, cap.err
+        with fits.open(out) as b:
+            assert b[0].header["DNFLUX"] == choice and [h.name for h in b] == ["PRIMARY", "UNCERT", "EBOUNDS"]
+    code, cap = _run(["denoise", str(src), "--model", str(model_dir), "--out", str(tmp_path / "x.fits"),
+                      "--flux-correction", "bogus"], capsys)
+    assert code != 0 and "flux-correction" in cap.err and not (tmp_path / "x.fits").exists()

@@ -3,7 +3,8 @@
 * :class:`Denoiser` / :class:`DenoiserConfig` (:mod:`.model`): a small diffusers ``UNet2DModel`` predicting the
   clean image, DDPM for training and DDIM for few-step sampling.
 * :mod:`.transforms`: the variance-stabilised spaces (Anscombe for counts, background-normalised asinh for CCDs).
-* :func:`denoise_patch`, :func:`denoise_file` (:mod:`.apply`): any size of image, tiled; mean and std of samples.
+* :func:`denoise_patch`, :func:`denoise_file` (:mod:`.apply`): any size of image, tiled; mean and std of samples,
+  then (by default) forced photometry of each source against the data (:mod:`.flux`), so that fluxes are kept.
 * :func:`train_denoiser` (:mod:`.train`): seeded, resumable training on simulated patches.
 * :func:`load_denoiser`: the default denoiser shipped in ``skyfm/resources/models/denoiser-default``, or yours.
 """

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 from skyfm.errors import SkyfmError
+from skyfm.heads.denoise.flux import check_flux_correction, forced_flux_correction
 from skyfm.heads.denoise.model import Denoiser, pad_to_multiple
 from skyfm.heads.denoise.transforms import band_features, band_transform, instrument_kind
 from skyfm.instruments import load_instrument
+from skyfm.instruments.scaling import robust_background
 
 
 def default_model_dir() -> Path:
@@ -47,8 +49,13 @@ def load_denoiser(model_dir: str | Path | None = None) -> Denoiser:
 
 def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None = None, steps: int | None = None,
                   seed: int = 0, tile: int | None = None, overlap: int | None = None, progress=None,
-                  threads: int | None = None, eta: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  threads: int | None = None, eta: float | None = None,
+                  flux_correction: str = "forced") -> tuple[np.ndarray, np.ndarray]:
     """Clean image and uncertainty, (C, H, W) float32 each, in the units of ``patch.data``.
+
+    The samples are averaged in data units (each is inverted from network space first), so the mean image is the
+    mean of the samples' fluxes, not the inverse of a network-space mean (biased low by Jensen's inequality: the
+    inverse transforms are convex).
 
     Args:
         patch: the observed patch (counts cube or CCD image); masked pixels come back as 0 in both arrays.
@@ -60,7 +67,11 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
         progress: a callable called once per network evaluation (e.g. a tqdm ``update``), or None.
         threads: torch threads (default: leave torch's setting).
         eta: DDIM eta (0: deterministic given the initial noise; 1: DDPM-like); default the model's ``eta``.
+        flux_correction: ``forced`` (default): each source of the clean image is rescaled so that its aperture
+            flux is the observed one minus the background the denoiser removed (:mod:`.flux`; the denoiser alone
+            keeps 0.1-0.9 of it); ``none``: the plain mean of the samples.
     """
+    check_flux_correction(flux_correction)
     model = model or load_denoiser()
     cfg = model.config
     samples = int(samples or cfg.default_samples)
@@ -101,7 +112,37 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
         std[:, t.core_y0:t.core_y1, t.core_x0:t.core_x1] = sd[:, cy0:cy1, cx0:cx1]
     clean *= valid
     std *= valid
+    if flux_correction == "forced":
+        clean, std = correct_fluxes(patch, clean, std, valid)
     return clean, std
+
+
+def band_fwhm_pix(patch, c: int, inst=None) -> float:
+    """PSF FWHM in pixels of band ``c`` of a patch: the patch's measured seeing where it has one, else nominal."""
+    inst = inst or load_instrument(patch.instrument)
+    seeing = (patch.meta or {}).get(f"seeing_{patch.bands[c]}")
+    if seeing is not None and np.isfinite(float(seeing)) and float(seeing) > 0:
+        return float(seeing) / 3600 / inst.pixel_scale_deg
+    return float(inst.band(patch.bands[c]).psf.fwhm_deg / inst.pixel_scale_deg)
+
+
+def correct_fluxes(patch, clean: np.ndarray, std: np.ndarray, valid=None, config=None):
+    """(clean, std) with every source's aperture flux forced to the observed one, band by band
+    (:func:`skyfm.heads.denoise.flux.forced_flux_correction`)."""
+    inst = load_instrument(patch.instrument)
+    kind = instrument_kind(inst)
+    c, h, w = patch.shape
+    if valid is None:
+        valid = np.ones((h, w), bool) if patch.mask is None else ~np.asarray(patch.mask, bool)
+    out, out_std = clean.copy(), std.copy()
+    for i in range(c):
+        sigma = None
+        if kind == "ccd":  # the robust sky sigma, as the CCD transform uses
+            sigma = robust_background(np.where(valid, np.asarray(patch.data[i], np.float32), np.nan))[1]
+        out[i], out_std[i], _ = forced_flux_correction(patch.data[i], clean[i], std[i],
+                                                       band_fwhm_pix(patch, i, inst), kind, sigma=sigma,
+                                                       valid=valid, config=config)
+    return out * valid, out_std * valid
 
 
 def n_evaluations(patch_shape, model: Denoiser, steps: int | None = None, tile: int | None = None,
@@ -154,12 +195,12 @@ def _clean_header(header):
 
 def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_dir=None, samples: int | None = None,
                  steps: int | None = None, seed: int = 0, hdu=None, band: str | None = None, tile: int | None = None,
-                 progress: bool = False, overwrite: bool = True) -> Path:
+                 progress: bool = False, overwrite: bool = True, flux_correction: str = "forced") -> Path:
     """Denoise a FITS image or counts cube into ``out``: the clean image (primary HDU, same shape as the input
     image), its uncertainty (``UNCERT`` HDU), the input header and WCS, and the input's ``EBOUNDS`` if any.
 
     Masked or NaN input pixels are NaN in both outputs. The file is written atomically: on any error nothing is
-    left at ``out``.
+    left at ``out``. ``flux_correction``: see :func:`denoise_patch` (recorded as header keyword ``DNFLUX``).
     """
     import warnings
 
@@ -168,6 +209,7 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     from skyfm.data.readers import open_fits, read_image, select_hdu
     from skyfm.utils import atomic_path
 
+    check_flux_correction(flux_correction)
     path, out = Path(path), Path(out)
     if out.exists() and not overwrite:
         raise SkyfmError(f"{out} exists")
@@ -194,7 +236,8 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
                    unit="step", leave=False)
     try:
         clean, std = denoise_patch(patch, model, samples=samples, steps=steps, seed=seed, tile=tile,
-                                   progress=None if bar is None else (lambda: bar.update(1)))
+                                   progress=None if bar is None else (lambda: bar.update(1)),
+                                   flux_correction=flux_correction)
     finally:
         if bar is not None:
             bar.close()
@@ -210,7 +253,10 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     hdr["DNSAMPLE"] = (int(samples or model.config.default_samples), "diffusion samples averaged")
     hdr["DNSTEPS"] = (int(steps or model.config.default_steps), "DDIM steps per sample")
     hdr["DNSEED"] = (int(seed), "sampling seed")
+    hdr["DNFLUX"] = (flux_correction, "source flux correction (forced: aperture photometry)")
     hdr["HISTORY"] = "skyfm denoise: mean of diffusion samples of the source-only image; UNCERT = their std"
+    if flux_correction == "forced":
+        hdr["HISTORY"] = "skyfm denoise: sources rescaled to their observed aperture flux; UNCERT with them"
     hdus = [fits.PrimaryHDU(shape_clean.astype(np.float32), header=hdr)]
     uhdr = hdr.copy()
     uhdr["COMMENT"] = "Per-pixel standard deviation of the diffusion samples (same units as the primary HDU)."
