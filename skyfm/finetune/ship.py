@@ -1,19 +1,43 @@
 """Copy a trained detector into the package as the default one (float16 weights, so the wheel stays small).
 
     python -m skyfm.finetune.ship runs/detector-default/model --thresholds runs/detector-default/sweep.json
+    python -m skyfm.finetune.ship --calibrate-errors [MODEL_DIR]   # error scales into MODEL_DIR/config.json
 
 Writes ``skyfm/resources/models/detector-default/{config.json, model.safetensors, README.md}``.
+
+**Error calibration** (:func:`calibrate_errors`). The network's ``flux_err`` and ``pos_err`` come from its
+variance heads and the counts-cube likelihood fit's from the inverse Fisher matrix; neither is guaranteed to be
+calibrated (a network under- or over-estimates its variances, a fit ignores unmodelled neighbours, diffuse
+structure and the model's own approximations). Per instrument, on validation patches (seeds ``VAL_SEED_BASE +
+seed_offset + i``, never the benchmark's) at the detector's own threshold, true sources with SNR >= 5 are matched
+to detections (the benchmark's radius) and two multiplicative factors are chosen: on ``flux_err``, the one that
+makes ``|flux - true flux| <= k flux_err`` hold for 68.27% of the matches (:func:`flux_err_scale`), and on
+``pos_err`` the one that makes the median of separation / ``pos_err`` 1.1774 = sqrt(2 ln 2), the median of a
+2-D Gaussian with that sigma per axis (:func:`pos_err_scale`). The matches are pooled, as the benchmark pools
+them; a crowded cluster (hundreds of matched stars a patch) then weighs most, and where the errors of its scenes
+differ the factor depends on how many clusters a seed range draws (``--balance-scenes`` weights every scene alike
+instead, :func:`scene_weights`; with a handful of matches in a field scene that is noisier). Counts cubes get a second pair for the fit's errors
+(rows the fit refined), since those replace the network's. They are written into ``heads.<instrument>`` of the
+detector's ``config.json`` and applied in :mod:`skyfm.detect`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from skyfm.errors import SkyfmError
 from skyfm.heads.detector import DEFAULT_MODEL_DIR, SourceDetector
+
+COVERAGE_68 = math.erf(1.0 / math.sqrt(2.0))  # 0.6827: the share of a Gaussian within one sigma
+MEDIAN_2D = math.sqrt(2.0 * math.log(2.0))  # 1.1774: median radius of a circular 2-D Gaussian of unit sigma
+MIN_MATCHES = 20  # fewer matched sources than this: the factor is too noisy, keep 1.0 (and say so)
+SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale")
 
 
 def ship(model_dir: str | Path, target: str | Path = DEFAULT_MODEL_DIR, notes: str | Path | None = None,
@@ -42,6 +66,7 @@ def ship(model_dir: str | Path, target: str | Path = DEFAULT_MODEL_DIR, notes: s
         str(training.get("command") or "skyfm finetune --config configs/finetune/default.yaml --out runs/detector-default"),
         f"python -m skyfm.finetune.evaluate {model_dir} --config default --n 12 --size 128 --sweep --seed-offset 0 --out sweep.json",
         f"python -m skyfm.finetune.ship {model_dir} --thresholds sweep.json --notes validation.txt",
+        "python -m skyfm.finetune.ship --calibrate-errors --n 12 --size 256 --seed-offset 0 --out calibration.json",
         "```",
         "",
         "Recipe (as run):",
@@ -56,14 +81,258 @@ def ship(model_dir: str | Path, target: str | Path = DEFAULT_MODEL_DIR, notes: s
     return target
 
 
+# ---------------------------------------------------------------------------------------------- error calibration
+def _weights(weights, n: int) -> np.ndarray:
+    if weights is None:
+        return np.ones(n)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if len(w) != n or not (np.isfinite(w) & (w >= 0)).all():
+        raise SkyfmError(f"weights should be {n} non-negative numbers")
+    return w
+
+
+def weighted_quantile(values, q: float, weights=None) -> float:
+    """The ``q`` quantile of ``values`` where each counts with its weight (``np.quantile``'s linear rule when the
+    weights are equal)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    w = _weights(weights, len(v))
+    keep = w > 0
+    v, w = v[keep], w[keep]
+    if not len(v):
+        raise SkyfmError("no value with a positive weight")
+    if np.all(w == w[0]):
+        return float(np.quantile(v, q))
+    order = np.argsort(v, kind="stable")
+    v, w = v[order], w[order]
+    cum = np.cumsum(w) - w  # weight below each value; the linear rule on (cum / (total - w_last))
+    pos = cum / (cum[-1] if cum[-1] > 0 else 1.0)
+    return float(np.interp(q, pos, v))
+
+
+def _pairs(arrays, names, weights):
+    arrs = [np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays]
+    if len({len(a) for a in arrs}) != 1:
+        raise SkyfmError(f"{', '.join(names)} should have one length, got {', '.join(str(len(a)) for a in arrs)}")
+    w = _weights(weights, len(arrs[0]))
+    ok = np.logical_and.reduce([np.isfinite(a) for a in arrs]) & (arrs[1] > 0) & (w > 0)
+    if not ok.any():
+        raise SkyfmError(f"no pair with a finite, positive {names[1]} to calibrate on")
+    return [a[ok] for a in arrs], w[ok]
+
+
+def flux_err_scale(flux, flux_err, true_flux, level: float = COVERAGE_68, weights=None) -> float:
+    """The factor ``k`` for which ``|flux - true_flux| <= k flux_err`` holds for ``level`` of the pairs (the
+    ``level`` quantile of the pulls ``|flux - true| / flux_err``, each pair counted with its weight); pairs with a
+    non-finite or non-positive error are left out."""
+    if not 0 < level < 1:
+        raise SkyfmError(f"level should be in (0, 1), got {level}")
+    (f, e, t), w = _pairs((flux, flux_err, true_flux), ("flux", "flux_err", "true_flux"), weights)
+    return weighted_quantile(np.abs(f - t) / e, level, w)
+
+
+def pos_err_scale(sep, pos_err, weights=None) -> float:
+    """The factor ``k`` for which the (weighted) median of ``sep / (k pos_err)`` is sqrt(2 ln 2) = 1.1774, the
+    median radius of a circular 2-D Gaussian with ``k pos_err`` per axis."""
+    (d, e), w = _pairs((sep, pos_err), ("sep", "pos_err"), weights)
+    return weighted_quantile(d / e, 0.5, w) / MEDIAN_2D
+
+
+def flux_coverage(flux, flux_err, true_flux, scale: float = 1.0, weights=None) -> float:
+    """(Weighted) share of pairs with ``|flux - true| <= scale flux_err`` (the benchmark's 68% flux coverage)."""
+    try:
+        (f, e, t), w = _pairs((flux, flux_err, true_flux), ("flux", "flux_err", "true_flux"), weights)
+    except SkyfmError:
+        return float("nan")
+    return float(np.average(np.abs(f - t) <= scale * e, weights=w))
+
+
+def scene_weights(scenes) -> np.ndarray:
+    """Weights that give every scene the same total (1 / its number of matches), so that a crowded cluster with
+    hundreds of matched stars does not outvote the fields (as the threshold choice's mean scene F1)."""
+    scenes = np.asarray(scenes, dtype=object).reshape(-1)
+    names, inverse, counts = np.unique(scenes.astype(str), return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse].astype(np.float64)
+
+
+def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: float = 5.0) -> dict:
+    """Detections of ``cat`` matched one-to-one to the true sources of ``patch`` with SNR >= ``snr_min``: arrays
+    ``flux``, ``flux_err``, ``true_flux``, ``sep`` and ``pos_err`` (pixels), ``fit`` (the row was refined by the
+    likelihood fit: a finite ``ts``) and ``scene`` (the patch's scene or population)."""
+    import astropy.units as u
+
+    from skyfm.catalog import match_catalogs
+    from skyfm.catalog.evaluate import default_radius_pix
+    from skyfm.catalog.table import wcs_pixel_scale_deg
+
+    radius = float(default_radius_pix(inst) if radius_pix is None else radius_pix)
+    val = lambda t, k: np.asarray(getattr(t[k], "value", t[k]), dtype=np.float64)  # noqa: E731
+    scene = str(patch.meta.get("scene") or patch.meta.get("population") or "patch")
+    keys = ("flux", "flux_err", "true_flux", "sep", "pos_err")
+    empty = {k: np.zeros(0) for k in keys} | {"fit": np.zeros(0, dtype=bool), "scene": np.zeros(0, dtype=object)}
+    truth = patch.truth
+    if truth is None or not len(truth) or not len(cat):
+        return empty
+    di, ti, sep = match_catalogs((val(cat, "x"), val(cat, "y")), truth, radius)
+    bright = val(truth, "snr")[ti] >= snr_min
+    di, ti, sep = di[bright], ti[bright], sep[bright]
+    pe = u.Quantity(cat["pos_err"])
+    if pe.unit.physical_type == "angle":
+        if patch.wcs is None:
+            raise SkyfmError("the catalog's pos_err is an angle but the patch has no WCS to turn it into pixels")
+        pe_pix = pe.to_value(u.deg) / wcs_pixel_scale_deg(patch.wcs)
+    else:
+        pe_pix = pe.value
+    ts = val(cat, "ts") if "ts" in cat.colnames else np.full(len(cat), np.nan)
+    return {"flux": val(cat, "flux")[di], "flux_err": val(cat, "flux_err")[di], "true_flux": val(truth, "flux")[ti],
+            "sep": np.asarray(sep, dtype=np.float64), "pos_err": np.asarray(pe_pix, dtype=np.float64)[di],
+            "fit": np.isfinite(ts[di]), "scene": np.full(len(di), scene, dtype=object)}
+
+
+def _concat(rows: list[dict]) -> dict:
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]} if rows else {}
+
+
+def _factors(m: dict, select, prefix: str, current: dict, out: dict, balance_scenes: bool = False) -> None:
+    """Fill out[prefix + flux_err_scale] etc. from the matches ``m[select]`` (pooled, or with ``balance_scenes``
+    every scene weighted alike), relative to the current scales; also the coverage (pooled and scene-balanced)
+    and the median separation / error, before and after."""
+    n = int(np.sum(select)) if len(m) else 0
+    out[f"{prefix}n_matched"] = n
+    w = wb = None
+    if n:
+        sc = m["scene"][select] if "scene" in m else np.full(n, "patch", dtype=object)
+        wb = scene_weights(sc)
+        w = wb if balance_scenes else None
+        out[f"{prefix}n_matched_per_scene"] = {str(k): int(v) for k, v in zip(*np.unique(sc.astype(str),
+                                                                                          return_counts=True))}
+    for kind in ("flux", "pos"):
+        key = f"{prefix}{kind}_err_scale"
+        if n < MIN_MATCHES:
+            out[key] = float(current[key])
+            out.setdefault("notes", []).append(f"{key}: {n} matched sources (< {MIN_MATCHES}), kept {current[key]}")
+            continue
+        if kind == "flux":
+            f, e, t = m["flux"][select], m["flux_err"][select], m["true_flux"][select]
+            k = flux_err_scale(f, e, t, weights=w)
+            out[f"{prefix}flux_cov68_before"] = round(flux_coverage(f, e, t), 4)
+            out[f"{prefix}flux_cov68_after"] = round(flux_coverage(f, e, t, k), 4)
+            out[f"{prefix}flux_cov68_scene_balanced_before"] = round(flux_coverage(f, e, t, weights=wb), 4)
+            out[f"{prefix}flux_cov68_scene_balanced_after"] = round(flux_coverage(f, e, t, k, weights=wb), 4)
+            out[f"{prefix}median_flux_ratio"] = round(float(np.median(f / np.maximum(t, 1e-30))), 4)
+        else:
+            d, e = m["sep"][select], m["pos_err"][select]
+            k = pos_err_scale(d, e, weights=w)
+            med = weighted_quantile(d / e, 0.5, w)
+            out[f"{prefix}median_sep_over_pos_err_before"] = round(med, 4)
+            out[f"{prefix}median_sep_over_pos_err_after"] = round(med / k, 4)
+        out[key] = float(current[key]) * k  # the matches carry the current scales already
+
+
+def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 128, seed_offset: int = 0,
+                     instruments: list[str] | None = None, min_score: float | None = None,
+                     balance_scenes: bool = False) -> dict:
+    """Per instrument, the error scales of the module docstring, chosen on ``n`` validation patches.
+
+    The patches carry the detector's current scales; the factors returned are the new scales (current times the
+    correction), so calibrating a calibrated detector returns about the same numbers. Counts cubes: the network's
+    scales from ``detect_patch(refine=False)``, the fit's from the refined rows of ``detect_patch(refine=True)``
+    (the true background, as the benchmark). Returns ``{instrument: {flux_err_scale, pos_err_scale, [fit_...],
+    n_matched, flux_cov68_before / after, median_sep_over_pos_err_before / after, ...}}``.
+    """
+    from skyfm.detect import default_min_score, detect_patch, get_detector
+    from skyfm.finetune.config import load_finetune_config
+    from skyfm.finetune.data import VAL_SEED_BASE, validation_patches
+    from skyfm.instruments import load_instrument
+
+    det = get_detector(detector)
+    cfg = load_finetune_config(config) if isinstance(config, (str, Path)) else config
+    specs = {load_instrument(k).name: v for k, v in cfg.instrument_specs().items()}
+    results = {}
+    for name, spec in specs.items():
+        if instruments and name not in instruments:
+            continue
+        if name not in det.config.heads:
+            continue
+        inst = load_instrument(name)
+        head = det.head_config(name)
+        current = {k: float(getattr(head, k)) for k in SCALE_KEYS}
+        th = default_min_score(det, head) if min_score is None else float(min_score)
+        net, fit = [], []
+        for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset):
+            net.append(matched_errors(detect_patch(p, det, th, refine=False), p, inst))
+            if inst.is_counts:
+                fit.append(matched_errors(detect_patch(p, det, th, refine=True), p, inst))
+        res = {"min_score": th, "n_patches": n, "size": size, "seeds": f"{VAL_SEED_BASE} + {seed_offset} + i",
+               "weighting": "scene-balanced" if balance_scenes else "pooled"}
+        m = _concat(net)
+        _factors(m, np.ones(len(m.get("flux", [])), dtype=bool), "", current, res, balance_scenes)
+        if inst.is_counts:
+            mf = _concat(fit)
+            _factors(mf, mf["fit"] if mf else np.zeros(0, bool), "fit_", current, res, balance_scenes)
+        results[name] = res
+    return results
+
+
+def write_error_scales(model_dir, scales: dict) -> Path:
+    """Write the ``*_err_scale`` values of ``scales`` ({instrument: {...}}) into ``heads.<instrument>`` of
+    ``model_dir/config.json``, leaving every other key (and the weights) as they are."""
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SkyfmError(f"{path}: cannot read the detector config ({e})") from None
+    heads = cfg.get("heads") or {}
+    for name, res in scales.items():
+        if name not in heads:
+            raise SkyfmError(f"{path}: no head for instrument {name!r} (heads: {', '.join(heads)})")
+        for key in SCALE_KEYS:
+            if key in res:
+                v = float(res[key])
+                if not (v > 0 and math.isfinite(v)):
+                    raise SkyfmError(f"{name}: {key} should be a positive number, got {v}")
+                heads[name][key] = round(v, 4)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir")
+    parser.add_argument("model_dir", nargs="?", default=None,
+                        help="trained detector to ship (with --calibrate-errors: the detector folder to calibrate "
+                             "in place, default --target, the shipped one)")
     parser.add_argument("--notes", default=None)
     parser.add_argument("--target", default=str(DEFAULT_MODEL_DIR))
     parser.add_argument("--thresholds", default=None, help="validation JSON of evaluate --sweep")
+    parser.add_argument("--calibrate-errors", action="store_true",
+                        help="choose the flux / position error scales on validation patches and write them into the "
+                             "detector's config.json (run it after shipping)")
+    parser.add_argument("--config", default="default", help="fine-tuning recipe whose scenes the patches follow")
+    parser.add_argument("--n", type=int, default=12, help="validation patches per instrument")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--seed-offset", type=int, default=0)
+    parser.add_argument("--instrument", action="append", default=None)
+    parser.add_argument("--balance-scenes", action="store_true",
+                        help="weight every scene alike instead of pooling the matches")
+    parser.add_argument("--out", default=None, help="also write the calibration JSON here")
+    parser.add_argument("--dry-run", action="store_true", help="print the factors, write nothing")
     args = parser.parse_args()
-    print(ship(args.model_dir, args.target, args.notes, args.thresholds))
+    if not args.calibrate_errors:
+        if args.model_dir is None:
+            parser.error("MODEL_DIR is needed to ship a detector")
+        print(ship(args.model_dir, args.target, args.notes, args.thresholds))
+        return
+    torch.set_num_threads(1)
+    target = Path(args.model_dir if args.model_dir is not None else args.target)
+    res = calibrate_errors(target, args.config, n=args.n, size=args.size, seed_offset=args.seed_offset,
+                           instruments=args.instrument, balance_scenes=args.balance_scenes)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if not args.dry_run:
+        print(write_error_scales(target, res))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,12 @@ class InstrumentHeadConfig:
         pixel_scale_deg: the instrument's native pixel scale (extension outputs are learned in these pixels).
         spec: for a telescope that is not built in, its YAML mapping, so the saved detector is self-contained.
         min_score: this instrument's detection threshold (chosen on validation patches), else the detector's.
+        flux_err_scale, pos_err_scale: multipliers of the network's ``flux_err`` (and ``flux_band_err``) and
+            ``pos_err``, calibrated on validation patches (:func:`skyfm.finetune.ship.calibrate_errors`) so that
+            ``flux +- flux_err`` holds 68% of true fluxes and the median separation is 1.177 ``pos_err`` (the 2-D
+            Gaussian value); 1.0 = as the network predicts them.
+        fit_flux_err_scale, fit_pos_err_scale: the same for the errors of the Poisson likelihood fit of counts cubes
+            (:func:`skyfm.detect.refine_counts`), which replace the network's there.
     """
 
     name: str
@@ -46,6 +52,26 @@ class InstrumentHeadConfig:
     pixel_scale_deg: float = 1.0
     spec: dict | None = None
     min_score: float | None = None
+    flux_err_scale: float = 1.0
+    pos_err_scale: float = 1.0
+    fit_flux_err_scale: float = 1.0
+    fit_pos_err_scale: float = 1.0
+
+    def error_scales(self, fit: bool = False) -> tuple[float, float]:
+        """(flux_err, pos_err) multipliers: those of the network's errors, or with ``fit`` of the likelihood fit's."""
+        names = ("fit_flux_err_scale", "fit_pos_err_scale") if fit else ("flux_err_scale", "pos_err_scale")
+        out = []
+        for name in names:
+            v = getattr(self, name)
+            v = 1.0 if v is None else v
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                v = float("nan")
+            if not (0.0 < v < float("inf")):
+                raise SkyfmError(f"head {self.name}: {name} should be a positive number, got {getattr(self, name)!r}")
+            out.append(v)
+        return out[0], out[1]
 
     @property
     def n_bands(self) -> int:

@@ -1,0 +1,163 @@
+"""Calibrated uncertainties: the per-instrument error scales, their default, where detect applies them, and the
+choosers of skyfm.finetune.ship on synthetic matched pairs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from skyfm.data.simulate import simulate_patch
+from skyfm.errors import SkyfmError
+from skyfm.finetune import ship
+from skyfm.foundation import create_model
+from skyfm.heads import SourceDetector
+from skyfm.heads.config import DetectorConfig, InstrumentHeadConfig
+
+SCALES = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    fm = create_model("skyfm-tiny", backbone={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    det = SourceDetector.from_foundation(fm, ["fermi-lat", "wise"], trunk_channels=16, trunk_depth=1,
+                                        min_score=0.0101)  # an untrained head: a threshold just above its prior
+    return det.save_pretrained(tmp_path_factory.mktemp("det") / "model")
+
+
+def test_scales_default_to_one_and_old_configs_load_unchanged(model_dir):
+    head = InstrumentHeadConfig.for_instrument("wise")
+    assert all(getattr(head, k) == 1.0 for k in SCALES)
+    assert head.error_scales() == (1.0, 1.0) and head.error_scales(fit=True) == (1.0, 1.0)
+    head.fit_pos_err_scale = 2.5
+    assert head.error_scales(fit=True) == (1.0, 2.5) and head.error_scales() == (1.0, 1.0)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    for h in cfg["heads"].values():  # a checkpoint written before the scales existed
+        for k in SCALES:
+            h.pop(k, None)
+    cfg.pop("foundation")
+    old = DetectorConfig.from_dict(cfg)
+    assert all(getattr(old.heads["fermi-lat"], k) == 1.0 for k in SCALES)
+    for bad in (-1.0, 0.0, float("nan"), "x"):
+        head.flux_err_scale = bad
+        with pytest.raises(SkyfmError, match="flux_err_scale"):
+            head.error_scales()
+
+
+def _rows(cat):
+    val = lambda k: np.asarray(getattr(cat[k], "value", cat[k]), dtype=np.float64)  # noqa: E731
+    return {k: val(k) for k in ("x", "flux", "flux_err", "pos_err")} | (
+        {"ts": val("ts")} if "ts" in cat.colnames else {})
+
+
+def test_detect_applies_the_network_and_fit_scales(model_dir):
+    from skyfm.detect import detect_patch
+
+    p = simulate_patch("fermi-lat", 3, size=48, population="real", center=(20.0, 0.5))
+    det = SourceDetector.from_pretrained(model_dir)
+    base_net = _rows(detect_patch(p, det, min_score=0.0101, refine=False))
+    base_fit = _rows(detect_patch(p, det, min_score=0.0101, refine=True))
+    assert len(base_net["x"]) > 0 and np.isfinite(base_fit["ts"]).any()
+    head = det.head_config("fermi-lat")
+    head.flux_err_scale, head.pos_err_scale, head.fit_flux_err_scale, head.fit_pos_err_scale = 2.0, 3.0, 5.0, 7.0
+    net = _rows(detect_patch(p, det, min_score=0.0101, refine=False))
+    fit = _rows(detect_patch(p, det, min_score=0.0101, refine=True))
+    np.testing.assert_array_equal(net["flux"], base_net["flux"])
+    np.testing.assert_allclose(net["flux_err"], 2.0 * base_net["flux_err"], rtol=1e-6)
+    np.testing.assert_allclose(net["pos_err"], 3.0 * base_net["pos_err"], rtol=1e-6)
+    refined = np.isfinite(fit["ts"])
+    np.testing.assert_array_equal(fit["flux"], base_fit["flux"])
+    np.testing.assert_allclose(fit["flux_err"][refined], 5.0 * base_fit["flux_err"][refined], rtol=1e-6)
+    np.testing.assert_allclose(fit["flux_err"][~refined], 2.0 * base_fit["flux_err"][~refined], rtol=1e-6)
+    from skyfm.catalog.table import wcs_pixel_scale_deg
+
+    above_floor = base_fit["pos_err"] > 0.05 * wcs_pixel_scale_deg(p.wcs) * 1.001  # refine floors it at 0.05 px
+    assert (refined & above_floor).any()
+    np.testing.assert_allclose(fit["pos_err"][refined & above_floor], 7.0 * base_fit["pos_err"][refined & above_floor],
+                               rtol=1e-6)
+    np.testing.assert_allclose(fit["pos_err"][~refined], 3.0 * base_fit["pos_err"][~refined], rtol=1e-6)
+
+
+def test_flux_err_scale_gives_68_percent_coverage_on_synthetic_pairs():
+    rng = np.random.default_rng(0)
+    true = rng.uniform(50, 500, 40000)
+    err = np.sqrt(true)
+    flux = true + rng.normal(0.0, 2.5 * err)  # the reported errors are 2.5x too small
+    k = ship.flux_err_scale(flux, err, true)
+    assert k == pytest.approx(2.5, rel=0.02)
+    assert ship.flux_coverage(flux, err, true) == pytest.approx(math.erf(0.4 / math.sqrt(2)), abs=0.01)
+    assert ship.flux_coverage(flux, err, true, k) == pytest.approx(ship.COVERAGE_68, abs=1e-3)
+    err_bad = err.copy()
+    err_bad[:10] = np.nan  # non-finite errors are left out
+    assert ship.flux_err_scale(flux, err_bad, true) == pytest.approx(k, rel=0.01)
+    with pytest.raises(SkyfmError, match="no pair"):
+        ship.flux_err_scale([1.0], [0.0], [1.0])
+    with pytest.raises(SkyfmError, match="one length"):
+        ship.flux_err_scale([1.0, 2.0], [1.0], [1.0])
+
+
+def test_pos_err_scale_matches_the_2d_gaussian_median_on_synthetic_pairs():
+    rng = np.random.default_rng(1)
+    sigma = rng.uniform(0.1, 1.0, 40000)
+    sep = np.hypot(*rng.normal(0.0, 0.6 * sigma, (2, len(sigma))))  # true per-axis sigma is 0.6x the reported
+    k = ship.pos_err_scale(sep, sigma)
+    assert k == pytest.approx(0.6, rel=0.02)
+    assert np.median(sep / (k * sigma)) == pytest.approx(math.sqrt(2 * math.log(2)), rel=1e-6)
+    with pytest.raises(SkyfmError, match="no pair"):
+        ship.pos_err_scale([0.1], [np.nan])
+
+
+def test_factors_multiply_the_current_scales():
+    rng = np.random.default_rng(2)
+    true = rng.uniform(50, 500, 5000)
+    err = np.sqrt(true)
+    m = {"flux": true + rng.normal(0.0, 2.0 * err), "flux_err": err, "true_flux": true,
+         "sep": np.hypot(*rng.normal(0.0, 0.5, (2, 5000))), "pos_err": np.full(5000, 1.0)}
+    out = {}
+    ship._factors(m, np.ones(5000, bool), "", {k: 1.5 for k in SCALES}, out)
+    assert out["flux_err_scale"] == pytest.approx(1.5 * 2.0, rel=0.05)
+    assert out["pos_err_scale"] == pytest.approx(1.5 * 0.5, rel=0.05)
+    assert out["flux_cov68_after"] == pytest.approx(ship.COVERAGE_68, abs=0.01)
+    few = {}
+    ship._factors({k: v[:5] for k, v in m.items()}, np.ones(5, bool), "fit_", {k: 1.5 for k in SCALES}, few)
+    assert few["fit_flux_err_scale"] == 1.5 and few["notes"]  # too few matches: the current scale is kept
+
+
+def test_write_error_scales_into_a_detector_config(model_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "det"
+    shutil.copytree(model_dir, d)
+    ship.write_error_scales(d, {"fermi-lat": {"flux_err_scale": 1.23456, "fit_flux_err_scale": 3.0, "n_matched": 40}})
+    det = SourceDetector.from_pretrained(d)
+    head = det.head_config("fermi-lat")
+    assert head.flux_err_scale == 1.2346 and head.fit_flux_err_scale == 3.0 and head.pos_err_scale == 1.0
+    assert det.head_config("wise").flux_err_scale == 1.0
+    with pytest.raises(SkyfmError, match="no head"):
+        ship.write_error_scales(d, {"hubble": {"flux_err_scale": 2.0}})
+    with pytest.raises(SkyfmError, match="positive"):
+        ship.write_error_scales(d, {"wise": {"pos_err_scale": 0.0}})
+
+
+def test_every_scene_counts_alike():
+    rng = np.random.default_rng(4)
+    # a crowded scene with 4000 matches whose errors are 3x too small, a field with 200 honest ones
+    e = np.ones(4200)
+    pulls = np.concatenate([rng.normal(0.0, 3.0, 4000), rng.normal(0.0, 1.0, 200)])
+    scenes = np.array(["cluster"] * 4000 + ["field"] * 200, dtype=object)
+    w = ship.scene_weights(scenes)
+    assert w[:4000].sum() == pytest.approx(1.0) and w[4000:].sum() == pytest.approx(1.0)
+    pooled = ship.flux_err_scale(pulls, e, np.zeros(4200))
+    balanced = ship.flux_err_scale(pulls, e, np.zeros(4200), weights=w)
+    assert pooled == pytest.approx(3.0, rel=0.06) and 1.2 < balanced < 2.6
+    assert ship.flux_coverage(pulls, e, np.zeros(4200), balanced, weights=w) == pytest.approx(ship.COVERAGE_68,
+                                                                                               abs=0.01)
+    v = rng.normal(size=101)
+    assert ship.weighted_quantile(v, 0.3) == np.quantile(v, 0.3)
+    assert ship.weighted_quantile([1.0, 2.0, 3.0], 0.5, [1.0, 0.0, 1.0]) == 2.0  # zero weight: left out
+    rep = ship.weighted_quantile(np.repeat(v[:20], 3), 0.5)  # integer weights ~ repeated values
+    assert ship.weighted_quantile(v[:20], 0.5, np.full(20, 3.0)) == pytest.approx(rep, abs=0.2)
