@@ -161,8 +161,9 @@ def _decode_tile(det, out, i: int, patch, units, min_score: float, head):
             band_flux[:, j], band_err[:, j] = decode_flux(out.band_flux[i, kb, 0, r, c].float().cpu().numpy(),
                                                           out.band_flux[i, kb, 1, r, c].float().cpu().numpy(),
                                                           float(units[j]))
-    return dict(x=x, y=y, pos_err=pos_err, flux=flux, flux_err=flux_err, score=score, class_prob=class_prob,
-                extension=extension, flux_band=band_flux, flux_band_err=band_err)
+    flux_scale, pos_scale = head.error_scales()  # calibrated on validation patches (1.0: as predicted)
+    return dict(x=x, y=y, pos_err=pos_err * pos_scale, flux=flux, flux_err=flux_err * flux_scale, score=score,
+                class_prob=class_prob, extension=extension, flux_band=band_flux, flux_band_err=band_err * flux_scale)
 
 
 def _native_tile(det, inst, pixel_scale: float | None, tile_size: int) -> tuple[int, float]:
@@ -280,10 +281,12 @@ def _round_up(n: int, k: int) -> int:
 
 def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None = None, overlap: int | None = None,
                  batch_size: int | None = None, progress: bool = False, pixel_scale: float | None = None,
-                 precision: str = "auto", attention_window: int | None = None) -> dict:
+                 precision: str = "auto", attention_window: int | None = None, refine: bool = True) -> dict:
     """Run the detector over every tile of ``source`` (a Patch or an opened ImageFile) -> full-image arrays.
 
-    ``precision`` and ``attention_window``: see :func:`inference_settings`.
+    ``precision`` and ``attention_window``: see :func:`inference_settings`. ``refine``: PSF-fit refinement of
+    the bright detections of CCD tiles (:func:`refine_ccd_tile`); counts cubes are refined after all tiles
+    (:func:`refine_counts`).
     """
     import torch
     from tqdm.auto import tqdm
@@ -327,6 +330,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             d = _decode_tile(det, out, i, p, batch["flux_units"][i], min_score, head)
             if d is None:
                 continue
+            if refine and not inst.is_counts:
+                d = refine_ccd_tile(d, p, inst, head)
             f = 1.0 / zoom  # image pixels per network pixel
             d["x"] = t.x0 + (d["x"] + 0.5) * f - 0.5
             d["y"] = t.y0 + (d["y"] + 0.5) * f - 0.5
@@ -366,10 +371,69 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     return {k: v[order] for k, v in arrays.items()}
 
 
+# ------------------------------------------------------------------------------------------------ CCD refinement
+PSF_FIT_MIN_SNR = 8.0  # detections whose PSF fit has a lower SNR keep the network's values
+
+
+def refine_ccd_tile(d: dict, patch, inst, head) -> dict:
+    """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
+
+    Every detection is modelled (so that neighbours share their light), but only those whose fit converged with
+    an SNR >= ``PSF_FIT_MIN_SNR`` take the fitted position and position error; of these, the
+    point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
+    The seeing of each band is fitted on the tile's bright isolated detections (:func:`estimate_fwhm`).
+    """
+    from skyfm.catalog.psf_fit import background_and_rms, estimate_fwhm, fit_psf_sources
+
+    n = len(d["x"])
+    if n == 0:
+        return d
+    data = np.asarray(patch.data, dtype=np.float64)
+    mask = None if patch.mask is None else np.asarray(patch.mask, bool)
+    scale = inst.pixel_scale_deg
+    h, w = data.shape[1:]
+    iy = np.clip(np.rint(d["y"]).astype(int), 0, h - 1)
+    ix = np.clip(np.rint(d["x"]).astype(int), 0, w - 1)
+    bg, rms, psfs = [], [], []
+    for c, name in enumerate(patch.bands):
+        b, s = background_and_rms(data[c], mask)
+        bg.append(b)
+        rms.append(s)
+        band = inst.band(name)
+        # a quick SNR to rank sources for the seeing fit: peak / rms x the PSF's effective width
+        quick = (data[c] - b)[iy, ix] / s[iy, ix] * 1.5 * band.psf.fwhm_deg / scale
+        fwhm = estimate_fwhm(data[c], b, s, band.psf_with_fwhm, band.psf.fwhm_deg, scale, d["x"], d["y"], quick)
+        fwhm = band.psf.fwhm_deg * round(fwhm / band.psf.fwhm_deg / 0.02) * 0.02  # 2% steps: tiles share stamp tables
+        psfs.append(band.psf_with_fwhm(fwhm))
+    gain = float((inst.noise or {}).get("gain", 1.0))
+    flux0 = np.nan_to_num(d["flux_band"], nan=0.0)  # only weights the first linear fit
+    fit = fit_psf_sources(data, np.stack(bg), np.stack(rms), psfs, scale, d["x"], d["y"], flux0, gain=gain, mask=mask)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fit_snr = np.nan_to_num(fit["flux"] / fit["flux_err"], nan=0.0)
+    ok = fit["ok"] & (fit_snr >= PSF_FIT_MIN_SNR)
+    flux_scale, pos_scale = head.error_scales(fit=True)  # calibrated on validation patches (1.0: as fitted)
+    d = dict(d)
+    d["x"] = np.where(ok, fit["x"], d["x"])
+    d["y"] = np.where(ok, fit["y"], d["y"])
+    d["pos_err"] = np.where(ok, fit["pos_err"] * pos_scale, d["pos_err"])
+    names = list(head.class_names)
+    star = d["class_prob"][:, names.index("star")] if "star" in names else np.ones(n)
+    ext_pix = np.nan_to_num(d["extension"] / scale, nan=0.0)
+    point = ok & (star >= 0.5) & (ext_pix < 1.0)
+    d["flux"] = np.where(point, fit["flux"], d["flux"])
+    d["flux_err"] = np.where(point, fit["flux_err"] * flux_scale, d["flux_err"])
+    d["flux_band"] = np.where(point[:, None], fit["flux_band"], d["flux_band"])
+    d["flux_band_err"] = np.where(point[:, None], fit["flux_band_err"] * flux_scale, d["flux_band_err"])
+    return d
+
+
 # --------------------------------------------------------------------------------------------- counts refinement
 def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background=None,
-                  bands: list[str] | None = None) -> dict:
-    """Poisson likelihood refinement of counts-cube detections: position, flux per bin, TS, physical flux."""
+                  bands: list[str] | None = None, head=None) -> dict:
+    """Poisson likelihood refinement of counts-cube detections: position, flux per bin, TS, physical flux.
+
+    The fit's flux and position errors are multiplied by the head's ``fit_flux_err_scale`` and
+    ``fit_pos_err_scale`` (calibrated on validation patches; 1.0 without a head)."""
     from skyfm.catalog import likelihood
     from skyfm.heads.flux import flux_phys
 
@@ -385,16 +449,18 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
         kernels.append(b.psf.stamps(np.zeros(1), np.zeros(1), scale, radius_pix=r)[0])
     if background is None:
         background = likelihood.estimate_background(data, kernels)
-    fit = likelihood.fit_point_sources(data, background, kernels, arrays["x"], arrays["y"], arrays["flux"])
+    tables = likelihood.psf_tables(kernels)  # cached by kernel: built once per instrument and pixel scale
+    fit = likelihood.fit_point_sources(data, background, tables, arrays["x"], arrays["y"], arrays["flux"])
+    flux_scale, pos_scale = head.error_scales(fit=True) if head is not None else (1.0, 1.0)
     moved = np.hypot(fit["x"] - arrays["x"], fit["y"] - arrays["y"])
     ok = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (moved < 3.0)
     for key in ("x", "y"):
         arrays[key] = np.where(ok, fit[key], arrays[key])
     arrays["flux"] = np.where(ok, fit["flux"], arrays["flux"])
-    arrays["flux_err"] = np.where(ok, fit["flux_err"], arrays["flux_err"])
+    arrays["flux_err"] = np.where(ok, fit["flux_err"] * flux_scale, arrays["flux_err"])
     arrays["flux_band"] = np.where(ok[:, None], fit["flux_band"], arrays["flux_band"])
-    arrays["flux_band_err"] = np.where(ok[:, None], fit["flux_band_err"], arrays["flux_band_err"])
-    pe = np.asarray(fit["pos_err_pix"], dtype=float)
+    arrays["flux_band_err"] = np.where(ok[:, None], fit["flux_band_err"] * flux_scale, arrays["flux_band_err"])
+    pe = np.asarray(fit["pos_err_pix"], dtype=float) * pos_scale
     arrays["pos_err"] = np.where(ok & np.isfinite(pe), np.maximum(pe, 0.05), arrays["pos_err"])
     arrays["ts"] = np.where(ok, fit["ts"], np.nan)
     exposure = np.array([b.exposure for b in band_objs], dtype=np.float64)
@@ -446,10 +512,10 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     scale = _wcs_scale(patch.wcs)
     arrays = detect_tiles(patch, inst, det, min_score=min_score, tile_size=tile_size, overlap=overlap,
                           batch_size=batch_size, progress=progress, pixel_scale=scale, precision=precision,
-                          attention_window=attention_window)
+                          attention_window=attention_window, refine=refine)
     if inst.is_counts and refine:
         arrays = refine_counts(arrays, patch.data, inst, scale, getattr(patch, "background_image", None),
-                               bands=list(patch.bands))
+                               bands=list(patch.bands), head=head)
     return _catalog(arrays, inst, patch.wcs, head, meta={"min_score": min_score})
 
 
@@ -527,11 +593,11 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 scale = image.pixel_scale_deg
                 arrays = detect_tiles(image, inst, det, min_score=min_score, tile_size=tile_size,
                                       batch_size=batch_size, progress=progress, pixel_scale=scale,
-                                      precision=precision, attention_window=attention_window)
+                                      precision=precision, attention_window=attention_window, refine=refine)
                 if inst.is_counts and refine:
                     data = image.read_window(0, image.height, 0, image.width)
                     data = np.nan_to_num(data, nan=0.0)
-                    arrays = refine_counts(arrays, data, inst, scale, bands=list(image.bands))
+                    arrays = refine_counts(arrays, data, inst, scale, bands=list(image.bands), head=head)
                 table = _catalog(arrays, inst, image.wcs, head, meta={"min_score": min_score})
                 patch_for_plot = None
                 if plot and image.height * image.width <= 4096 * 4096:
