@@ -67,7 +67,8 @@ class _Found:
     n_bands: int
     class_names: list[str]
     rows: dict = field(default_factory=lambda: {k: [] for k in (
-        "x", "y", "pos_err", "flux", "flux_err", "score", "class_prob", "extension", "flux_band", "flux_band_err")})
+        "x", "y", "pos_err", "flux", "flux_err", "score", "class_prob", "extension", "flux_band", "flux_band_err",
+        "fit")})
 
     def add(self, **arrays):
         for k, v in arrays.items():
@@ -163,7 +164,8 @@ def _decode_tile(det, out, i: int, patch, units, min_score: float, head):
                                                           float(units[j]))
     flux_scale, pos_scale = head.error_scales()  # calibrated on validation patches (1.0: as predicted)
     return dict(x=x, y=y, pos_err=pos_err * pos_scale, flux=flux, flux_err=flux_err * flux_scale, score=score,
-                class_prob=class_prob, extension=extension, flux_band=band_flux, flux_band_err=band_err * flux_scale)
+                class_prob=class_prob, extension=extension, flux_band=band_flux, flux_band_err=band_err * flux_scale,
+                fit=np.zeros(len(x), dtype=np.int8))
 
 
 def _native_tile(det, inst, pixel_scale: float | None, tile_size: int) -> tuple[int, float]:
@@ -424,6 +426,7 @@ def refine_ccd_tile(d: dict, patch, inst, head) -> dict:
     d["flux_err"] = np.where(point, fit["flux_err"] * flux_scale, d["flux_err"])
     d["flux_band"] = np.where(point[:, None], fit["flux_band"], d["flux_band"])
     d["flux_band_err"] = np.where(point[:, None], fit["flux_band_err"] * flux_scale, d["flux_band_err"])
+    d["fit"] = (ok.astype(np.int8) + point.astype(np.int8)).astype(np.int8)
     return d
 
 
@@ -463,6 +466,7 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     pe = np.asarray(fit["pos_err_pix"], dtype=float) * pos_scale
     arrays["pos_err"] = np.where(ok & np.isfinite(pe), np.maximum(pe, 0.05), arrays["pos_err"])
     arrays["ts"] = np.where(ok, fit["ts"], np.nan)
+    arrays["fit"] = np.where(ok, 2, 0).astype(np.int8)
     exposure = np.array([b.exposure for b in band_objs], dtype=np.float64)
     arrays["flux_phys"] = flux_phys(np.clip(arrays["flux_band"], 0, None), exposure)
     return arrays
@@ -475,6 +479,10 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
     from skyfm.catalog import build_catalog
 
     extra = {"flux_band": arrays["flux_band"], "flux_band_err": arrays["flux_band_err"]}
+    if "fit" in arrays and len(arrays["fit"]) == len(arrays["x"]):
+        extra["fit"] = (np.asarray(arrays["fit"], dtype=np.int8),
+                        "0: network position and flux; 1: position from the PSF fit; 2: position and flux from the "
+                        "PSF fit (CCD point sources) or the Poisson likelihood fit (counts cubes)")
     if "ts" in arrays:
         extra["ts"] = arrays["ts"]
         extra["sqrt_ts"] = (np.sqrt(np.clip(arrays["ts"], 0, None)), "Significance sqrt(TS) of the likelihood fit")

@@ -182,10 +182,13 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
         pe_pix = pe.to_value(u.deg) / wcs_pixel_scale_deg(patch.wcs)
     else:
         pe_pix = pe.value
-    ts = val(cat, "ts") if "ts" in cat.colnames else np.full(len(cat), np.nan)
+    if "fit" in cat.colnames:  # 2: position and flux from the PSF / likelihood fit
+        fitted = np.asarray(cat["fit"]) >= 2
+    else:
+        fitted = np.isfinite(val(cat, "ts")) if "ts" in cat.colnames else np.zeros(len(cat), bool)
     return {"flux": val(cat, "flux")[di], "flux_err": val(cat, "flux_err")[di], "true_flux": val(truth, "flux")[ti],
             "sep": np.asarray(sep, dtype=np.float64), "pos_err": np.asarray(pe_pix, dtype=np.float64)[di],
-            "fit": np.isfinite(ts[di]), "scene": np.full(len(di), scene, dtype=object)}
+            "fit": fitted[di], "scene": np.full(len(di), scene, dtype=object)}
 
 
 def _concat(rows: list[dict]) -> dict:
@@ -234,9 +237,10 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
     """Per instrument, the error scales of the module docstring, chosen on ``n`` validation patches.
 
     The patches carry the detector's current scales; the factors returned are the new scales (current times the
-    correction), so calibrating a calibrated detector returns about the same numbers. Counts cubes: the network's
-    scales from ``detect_patch(refine=False)``, the fit's from the refined rows of ``detect_patch(refine=True)``
-    (the true background, as the benchmark). Returns ``{instrument: {flux_err_scale, pos_err_scale, [fit_...],
+    correction), so calibrating a calibrated detector returns about the same numbers. The network's scales come
+    from ``detect_patch(refine=False)``, the fit's from the refined rows (catalog column ``fit`` == 2) of
+    ``detect_patch(refine=True)``: the likelihood fit of counts cubes (the true background, as the benchmark)
+    and the PSF fit of CCD point sources. Returns ``{instrument: {flux_err_scale, pos_err_scale, [fit_...],
     n_matched, flux_cov68_before / after, median_sep_over_pos_err_before / after, ...}}``.
     """
     from skyfm.detect import default_min_score, detect_patch, get_detector
@@ -260,15 +264,13 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
         net, fit = [], []
         for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset):
             net.append(matched_errors(detect_patch(p, det, th, refine=False), p, inst))
-            if inst.is_counts:
-                fit.append(matched_errors(detect_patch(p, det, th, refine=True), p, inst))
+            fit.append(matched_errors(detect_patch(p, det, th, refine=True), p, inst))
         res = {"min_score": th, "n_patches": n, "size": size, "seeds": f"{VAL_SEED_BASE} + {seed_offset} + i",
                "weighting": "scene-balanced" if balance_scenes else "pooled"}
         m = _concat(net)
         _factors(m, np.ones(len(m.get("flux", [])), dtype=bool), "", current, res, balance_scenes)
-        if inst.is_counts:
-            mf = _concat(fit)
-            _factors(mf, mf["fit"] if mf else np.zeros(0, bool), "fit_", current, res, balance_scenes)
+        mf = _concat(fit)  # the refined rows: likelihood fit (counts) or PSF fit (CCD point sources)
+        _factors(mf, mf["fit"] if mf else np.zeros(0, bool), "fit_", current, res, balance_scenes)
         results[name] = res
     return results
 
