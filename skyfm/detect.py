@@ -409,23 +409,26 @@ def refine_ccd_tile(d: dict, patch, inst, head) -> dict:
         psfs.append(band.psf_with_fwhm(fwhm))
     gain = float((inst.noise or {}).get("gain", 1.0))
     flux0 = np.nan_to_num(d["flux_band"], nan=0.0)  # only weights the first linear fit
-    fit = fit_psf_sources(data, np.stack(bg), np.stack(rms), psfs, scale, d["x"], d["y"], flux0, gain=gain, mask=mask)
+    fit = fit_psf_sources(data, np.stack(bg), np.stack(rms), psfs, scale, d["x"], d["y"], flux0, gain=gain, mask=mask,
+                          passes=2, n_iter=4)
     with np.errstate(invalid="ignore", divide="ignore"):
         fit_snr = np.nan_to_num(fit["flux"] / fit["flux_err"], nan=0.0)
     ok = fit["ok"] & (fit_snr >= PSF_FIT_MIN_SNR)
     flux_scale, pos_scale = head.error_scales(fit=True)  # calibrated on validation patches (1.0: as fitted)
+    flux_floor, pos_floor = head.error_floors()  # systematic errors, in quadrature (0: none)
     d = dict(d)
     d["x"] = np.where(ok, fit["x"], d["x"])
     d["y"] = np.where(ok, fit["y"], d["y"])
-    d["pos_err"] = np.where(ok, fit["pos_err"] * pos_scale, d["pos_err"])
+    d["pos_err"] = np.where(ok, np.hypot(fit["pos_err"] * pos_scale, pos_floor), d["pos_err"])
     names = list(head.class_names)
     star = d["class_prob"][:, names.index("star")] if "star" in names else np.ones(n)
     ext_pix = np.nan_to_num(d["extension"] / scale, nan=0.0)
     point = ok & (star >= 0.5) & (ext_pix < 1.0)
     d["flux"] = np.where(point, fit["flux"], d["flux"])
-    d["flux_err"] = np.where(point, fit["flux_err"] * flux_scale, d["flux_err"])
+    d["flux_err"] = np.where(point, np.hypot(fit["flux_err"] * flux_scale, flux_floor * fit["flux"]), d["flux_err"])
     d["flux_band"] = np.where(point[:, None], fit["flux_band"], d["flux_band"])
-    d["flux_band_err"] = np.where(point[:, None], fit["flux_band_err"] * flux_scale, d["flux_band_err"])
+    band_err = np.hypot(fit["flux_band_err"] * flux_scale, flux_floor * fit["flux_band"])
+    d["flux_band_err"] = np.where(point[:, None], band_err, d["flux_band_err"])
     d["fit"] = (ok.astype(np.int8) + point.astype(np.int8)).astype(np.int8)
     return d
 

@@ -161,3 +161,22 @@ def test_every_scene_counts_alike():
     assert ship.weighted_quantile([1.0, 2.0, 3.0], 0.5, [1.0, 0.0, 1.0]) == 2.0  # zero weight: left out
     rep = ship.weighted_quantile(np.repeat(v[:20], 3), 0.5)  # integer weights ~ repeated values
     assert ship.weighted_quantile(v[:20], 0.5, np.full(20, 3.0)) == pytest.approx(rep, abs=0.2)
+
+
+def test_error_floors_recover_a_systematic_error():
+    """Statistical errors plus an unmodelled systematic one: the floor chooser finds the systematic part."""
+    from skyfm.finetune.ship import flux_err_floor, pos_err_floor
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    stat = rng.uniform(0.01, 0.2, n)  # per-axis statistical position errors, pixels
+    sys_pix = 0.08
+    total = np.hypot(stat, sys_pix)
+    sep = np.hypot(rng.normal(0, total), rng.normal(0, total))
+    assert pos_err_floor(sep, stat) == pytest.approx(sys_pix, rel=0.1)
+    assert pos_err_floor(sep, 10 * total) == 0.0  # errors already too large: no floor
+    flux = rng.uniform(1e3, 1e5, n)
+    ferr = np.sqrt(flux)
+    true = flux + rng.normal(0, np.hypot(ferr, 0.03 * flux))
+    assert flux_err_floor(flux, ferr, true) == pytest.approx(0.03, rel=0.15)
+    assert flux_err_floor(flux, 100 * ferr, true) == 0.0

@@ -38,6 +38,7 @@ COVERAGE_68 = math.erf(1.0 / math.sqrt(2.0))  # 0.6827: the share of a Gaussian 
 MEDIAN_2D = math.sqrt(2.0 * math.log(2.0))  # 1.1774: median radius of a circular 2-D Gaussian of unit sigma
 MIN_MATCHES = 20  # fewer matched sources than this: the factor is too noisy, keep 1.0 (and say so)
 SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale")
+FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor")  # CCD PSF fits: systematic errors added in quadrature
 
 
 def ship(model_dir: str | Path, target: str | Path = DEFAULT_MODEL_DIR, notes: str | Path | None = None,
@@ -137,6 +138,47 @@ def pos_err_scale(sep, pos_err, weights=None) -> float:
     return weighted_quantile(d / e, 0.5, w) / MEDIAN_2D
 
 
+def _bisect(fn, lo: float, hi: float, iters: int = 60) -> float:
+    """The root of a monotone ``fn`` in [lo, hi] (fn(lo) and fn(hi) of opposite signs)."""
+    f_lo = fn(lo)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if (fn(mid) > 0) == (f_lo > 0):
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def pos_err_floor(sep, pos_err, weights=None) -> float:
+    """The systematic error ``f`` (pixels) for which the (weighted) median of ``sep / sqrt(pos_err^2 + f^2)`` is
+    1.1774; 0 when the errors are already large enough."""
+    (d, e), w = _pairs((sep, pos_err), ("sep", "pos_err"), weights)
+
+    def excess(f):
+        return weighted_quantile(d / np.hypot(e, f), 0.5, w) - MEDIAN_2D
+
+    if excess(0.0) <= 0:
+        return 0.0
+    return _bisect(excess, 0.0, 10.0 * float(np.max(d)) + 1e-9)
+
+
+def flux_err_floor(flux, flux_err, true_flux, level: float = COVERAGE_68, weights=None) -> float:
+    """The relative systematic error ``r`` for which ``|flux - true| <= sqrt(flux_err^2 + (r flux)^2)`` holds for
+    ``level`` of the (weighted) pairs; 0 when the errors already cover that much."""
+    (f, e, t), w = _pairs((flux, flux_err, true_flux), ("flux", "flux_err", "true_flux"), weights)
+
+    def shortfall(r):
+        inside = np.abs(f - t) <= np.hypot(e, r * np.abs(f))
+        return float(np.sum(w * inside) / np.sum(w)) - level
+
+    if shortfall(0.0) >= 0:
+        return 0.0
+    if shortfall(100.0) < 0:
+        return 100.0
+    return _bisect(shortfall, 0.0, 100.0)
+
+
 def flux_coverage(flux, flux_err, true_flux, scale: float = 1.0, weights=None) -> float:
     """(Weighted) share of pairs with ``|flux - true| <= scale flux_err`` (the benchmark's 68% flux coverage)."""
     try:
@@ -231,6 +273,32 @@ def _factors(m: dict, select, prefix: str, current: dict, out: dict, balance_sce
         out[key] = float(current[key]) * k  # the matches carry the current scales already
 
 
+def _floors(m: dict, select, head, out: dict, balance_scenes: bool = False) -> None:
+    """out[fit_flux_err_floor], out[fit_pos_err_floor] (CCD PSF fits) from the matches ``m[select]``: the floors
+    that, added in quadrature to the catalog's errors (which carry the current floors), give 68% flux coverage
+    and a median separation of 1.177 errors; the new floor is the current one and that addition combined."""
+    n = int(np.sum(select)) if len(m) else 0
+    out["fit_n_matched"] = n
+    flux_floor, pos_floor = head.error_floors()
+    if n < MIN_MATCHES:
+        out["fit_flux_err_floor"], out["fit_pos_err_floor"] = flux_floor, pos_floor
+        out.setdefault("notes", []).append(f"fit floors: {n} matched PSF-fitted sources (< {MIN_MATCHES}), kept")
+        return
+    sc = m["scene"][select] if "scene" in m else np.full(n, "patch", dtype=object)
+    w = scene_weights(sc) if balance_scenes else None
+    f, e, t = m["flux"][select], m["flux_err"][select], m["true_flux"][select]
+    r = flux_err_floor(f, e, t, weights=w)
+    out["fit_flux_cov68_before"] = round(flux_coverage(f, e, t), 4)
+    out["fit_flux_cov68_after"] = round(float(np.mean(np.abs(f - t) <= np.hypot(e, r * np.abs(f)))), 4)
+    out["fit_median_flux_ratio"] = round(float(np.median(f / np.maximum(t, 1e-30))), 4)
+    out["fit_flux_err_floor"] = float(np.hypot(flux_floor, r))
+    d, pe = m["sep"][select], m["pos_err"][select]
+    fp = pos_err_floor(d, pe, weights=w)
+    out["fit_median_sep_over_pos_err_before"] = round(float(np.median(d / pe)), 4)
+    out["fit_median_sep_over_pos_err_after"] = round(float(np.median(d / np.hypot(pe, fp))), 4)
+    out["fit_pos_err_floor"] = float(np.hypot(pos_floor, fp))
+
+
 def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 128, seed_offset: int = 0,
                      instruments: list[str] | None = None, min_score: float | None = None,
                      balance_scenes: bool = False) -> dict:
@@ -270,7 +338,10 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
         m = _concat(net)
         _factors(m, np.ones(len(m.get("flux", [])), dtype=bool), "", current, res, balance_scenes)
         mf = _concat(fit)  # the refined rows: likelihood fit (counts) or PSF fit (CCD point sources)
-        _factors(mf, mf["fit"] if mf else np.zeros(0, bool), "fit_", current, res, balance_scenes)
+        if inst.is_counts:
+            _factors(mf, mf["fit"] if mf else np.zeros(0, bool), "fit_", current, res, balance_scenes)
+        else:
+            _floors(mf, mf["fit"] if mf else np.zeros(0, bool), head, res, balance_scenes)
         results[name] = res
     return results
 
@@ -293,6 +364,12 @@ def write_error_scales(model_dir, scales: dict) -> Path:
                 if not (v > 0 and math.isfinite(v)):
                     raise SkyfmError(f"{name}: {key} should be a positive number, got {v}")
                 heads[name][key] = round(v, 4)
+        for key in FLOOR_KEYS:
+            if key in res:
+                v = float(res[key])
+                if not (v >= 0 and math.isfinite(v)):
+                    raise SkyfmError(f"{name}: {key} should be a number >= 0, got {v}")
+                heads[name][key] = round(v, 5)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     tmp.replace(path)

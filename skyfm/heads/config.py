@@ -42,6 +42,10 @@ class InstrumentHeadConfig:
             Gaussian value); 1.0 = as the network predicts them.
         fit_flux_err_scale, fit_pos_err_scale: the same for the errors of the Poisson likelihood fit of counts cubes
             (:func:`skyfm.detect.refine_counts`), which replace the network's there.
+        fit_flux_err_floor, fit_pos_err_floor: systematic errors added in quadrature to the PSF fit's statistical
+            ones on CCD images (:func:`skyfm.detect.refine_ccd_tile`): a fraction of the flux, and native pixels.
+            Crowding, the PSF model and the background add an error that does not shrink with the SNR, so a floor
+            (not a factor) is what makes bright and faint sources' errors honest together.
     """
 
     name: str
@@ -56,6 +60,22 @@ class InstrumentHeadConfig:
     pos_err_scale: float = 1.0
     fit_flux_err_scale: float = 1.0
     fit_pos_err_scale: float = 1.0
+    fit_flux_err_floor: float = 0.0
+    fit_pos_err_floor: float = 0.0
+
+    def error_floors(self) -> tuple[float, float]:
+        """(relative flux, position in pixels) floors of the PSF fit's errors, added in quadrature."""
+        out = []
+        for name in ("fit_flux_err_floor", "fit_pos_err_floor"):
+            v = getattr(self, name)
+            try:
+                v = 0.0 if v is None else float(v)
+            except (TypeError, ValueError):
+                v = float("nan")
+            if not (0.0 <= v < float("inf")):
+                raise SkyfmError(f"head {self.name}: {name} should be a number >= 0, got {getattr(self, name)!r}")
+            out.append(v)
+        return out[0], out[1]
 
     def error_scales(self, fit: bool = False) -> tuple[float, float]:
         """(flux_err, pos_err) multipliers: those of the network's errors, or with ``fit`` of the likelihood fit's."""
