@@ -13,8 +13,9 @@ simulated images with seeds from 1.7e9 (never used in training) -
 * Fermi-LAT counts cube, six energy bins, 512 x 512 at 0.1 deg, Galactic plane (the TS map with an estimated
   background beside it; skyfm includes its Poisson likelihood refinement).
 
-For skyfm both the default inference (``precision="auto"``, :func:`skyfm.detect.default_tiling`) and the
-previous release's (float32, global attention, 256/128-px tiles) are timed, each after one warm-up call, with
+For skyfm three settings are timed: the default (``precision="auto"``, :func:`skyfm.detect.default_tiling`, PSF-fit
+or likelihood refinement), the same with ``refine=False`` (the network alone), and the previous release's network
+settings (float32, global attention, 256/128-px tiles, with refinement), each after one warm-up call, with
 F1 against the simulated truth (SNR >= 5, the match radius of :mod:`skyfm.finetune.evaluate`), so speed is never
 reported without the quality it came with. Mpix/s = image pixels (H x W) / wall seconds of the method alone.
 
@@ -85,14 +86,15 @@ def speed_cases(threads: int, log) -> list[dict]:
         pix = patch.height * patch.width
         methods = {
             "skyfm (default)": (lambda p: detect_patch(p, det), True),
-            "skyfm (previous: fp32, global attention)": (
+            "skyfm --no-refine": (lambda p: detect_patch(p, det, refine=False), True),
+            "skyfm (previous network settings: fp32, global attention)": (
                 lambda p: detect_patch(p, det, **PREVIOUS, **previous_tiles), True),
             "sep": (sep_detect, False),
             "photutils-segmentation": (lambda p: photutils_detect(p, "segmentation"), False),
         }
         if name == "fermi-lat":
             methods["tsmap-estimated"] = (lambda p: tsmap_detect(p, background="estimated"), False)
-            for key in ("skyfm (default)", "skyfm (previous: fp32, global attention)"):
+            for key in [k for k in methods if k.startswith("skyfm")]:
                 fn = methods[key][0]
                 methods[key] = ((lambda f: lambda p: f(_without_background(p)))(fn), True)
         for method, (fn, needs_warmup) in methods.items():

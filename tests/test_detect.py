@@ -189,3 +189,19 @@ def test_psf_refinement_moves_bright_stars_onto_their_true_positions(model_dir):
         assert bright.sum() >= 3
         errors[refine] = np.median(sep[bright])
     assert errors[True] < 0.5 * errors[False] and errors[True] < 0.15
+
+
+def test_heads_without_psf_fit_keep_the_network_values(model_dir):
+    from skyfm.detect import detect_patch
+    from skyfm.heads import load_detector
+
+    det = load_detector(model_dir)
+    peak = PeakDetector(det.config, det.foundation)
+    peak.load_state_dict(det.state_dict())
+    p = simulate_patch("meerlicht", 12, size=128, bands=["q"], scene="crowded")
+    fitted = detect_patch(p, peak, min_score=0.5, precision="fp32")
+    peak.config.heads["meerlicht"].psf_fit = False
+    plain = detect_patch(p, peak, min_score=0.5, precision="fp32")
+    assert (np.asarray(fitted["fit"]) > 0).any() and (np.asarray(plain["fit"]) == 0).all()
+    raw = detect_patch(p, peak, min_score=0.5, precision="fp32", refine=False)
+    assert np.allclose(np.asarray(plain["x"]), np.asarray(raw["x"]))

@@ -80,15 +80,20 @@ class StampTable:
         n = int(round(2 * TABLE_REACH_PIX * phases))
         offsets = np.linspace(-TABLE_REACH_PIX, TABLE_REACH_PIX, n + 1)
         dy, dx = np.meshgrid(offsets, offsets, indexing="ij")
-        st = psf.stamps(dx.ravel(), dy.ravel(), scale, radius_pix=r, oversample=_oversample(psf, scale))
-        self.table = st.reshape(n + 1, n + 1, 2 * r + 1, 2 * r + 1)
+        dx, dy = dx.ravel(), dy.ravel()
+        k, os_ = 2 * r + 1, _oversample(psf, scale)
+        table = np.empty((dx.size, k, k))
+        chunk = max(1, int(4e6 // (k * k * os_ * os_)))  # the oversampled profile of a chunk stays ~32 MB
+        for i in range(0, dx.size, chunk):
+            table[i:i + chunk] = psf.stamps(dx[i:i + chunk], dy[i:i + chunk], scale, radius_pix=r, oversample=os_)
+        self.table = table.reshape(n + 1, n + 1, k, k)
         self.steps = n
 
     @classmethod
     def get(cls, psf, scale: float, r: int, phases: int = TABLE_PHASES) -> "StampTable":
         key = (psf.model, round(psf.width_deg / scale, 4), round(float(psf.beta), 4), r, phases)
         if key not in _TABLES:
-            if len(_TABLES) > 32:
+            if len(_TABLES) >= 8:  # ~20 MB each
                 _TABLES.pop(next(iter(_TABLES)))
             _TABLES[key] = cls(psf, scale, r, phases)
         return _TABLES[key]

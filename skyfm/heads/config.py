@@ -46,6 +46,8 @@ class InstrumentHeadConfig:
             ones on CCD images (:func:`skyfm.detect.refine_ccd_tile`): a fraction of the flux, and native pixels.
             Crowding, the PSF model and the background add an error that does not shrink with the SNR, so a floor
             (not a factor) is what makes bright and faint sources' errors honest together.
+        psf_fit: whether CCD detections of this instrument are refined by the PSF fit (chosen on validation
+            seeds: it is off where it made positions worse, as on the undersampled, crowded Hubble scenes).
     """
 
     name: str
@@ -62,6 +64,7 @@ class InstrumentHeadConfig:
     fit_pos_err_scale: float = 1.0
     fit_flux_err_floor: float = 0.0
     fit_pos_err_floor: float = 0.0
+    psf_fit: bool = True
 
     def error_floors(self) -> tuple[float, float]:
         """(relative flux, position in pixels) floors of the PSF fit's errors, added in quadrature."""
