@@ -319,6 +319,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     grid = tile_grid(height, width, tile_hw, over)
     found = _Found(n_bands=len(source.bands), class_names=list(head.class_names))
     bf16, window = inference_settings(det, precision, attention_window)
+    seeing: dict = {}  # per band, the PSF fit's seeing estimates of the tiles so far
     bar = tqdm(total=len(grid), desc="detecting", unit="tile", disable=not progress or len(grid) < 4)
 
     def flush(items):
@@ -333,7 +334,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             if d is None:
                 continue
             if refine and not inst.is_counts:
-                d = refine_ccd_tile(d, p, inst, head)
+                d = refine_ccd_tile(d, p, inst, head, seeing)
             f = 1.0 / zoom  # image pixels per network pixel
             d["x"] = t.x0 + (d["x"] + 0.5) * f - 0.5
             d["y"] = t.y0 + (d["y"] + 0.5) * f - 0.5
@@ -377,14 +378,14 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
 PSF_FIT_MIN_SNR = 8.0  # detections whose PSF fit has a lower SNR keep the network's values
 
 
-def refine_ccd_tile(d: dict, patch, inst, head) -> dict:
+def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> dict:
     """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
 
     Every detection is modelled (so that neighbours share their light), but only those whose fit converged with
     an SNR >= ``PSF_FIT_MIN_SNR`` take the fitted position and position error; of these, the
     point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
-    The seeing of each band is fitted on the tile's bright isolated detections (:func:`estimate_fwhm`).
-    Heads with ``psf_fit`` False (chosen on validation seeds) keep the network's values.
+    The seeing of each band is fitted on the tile's bright isolated detections (:func:`estimate_fwhm`); with
+    ``seeing`` (a dict kept across the tiles of one image) the median of all tiles' estimates so far is used. Heads with ``psf_fit`` False (chosen on validation seeds) keep the network's values.
     """
     from skyfm.catalog.psf_fit import background_and_rms, estimate_fwhm, fit_psf_sources
 
@@ -406,7 +407,10 @@ def refine_ccd_tile(d: dict, patch, inst, head) -> dict:
         # a quick SNR to rank sources for the seeing fit: peak / rms x the PSF's effective width
         quick = (data[c] - b)[iy, ix] / s[iy, ix] * 1.5 * band.psf.fwhm_deg / scale
         fwhm = estimate_fwhm(data[c], b, s, band.psf_with_fwhm, band.psf.fwhm_deg, scale, d["x"], d["y"], quick)
-        fwhm = band.psf.fwhm_deg * round(fwhm / band.psf.fwhm_deg / 0.02) * 0.02  # 2% steps: tiles share stamp tables
+        if seeing is not None:  # one image, one seeing: the median of its tiles' estimates so far
+            seeing.setdefault(name, []).append(fwhm)
+            fwhm = float(np.median(seeing[name]))
+        fwhm = band.psf.fwhm_deg * round(fwhm / band.psf.fwhm_deg / 0.03) * 0.03  # 3% steps: tiles share stamp tables
         psfs.append(band.psf_with_fwhm(fwhm))
     gain = float((inst.noise or {}).get("gain", 1.0))
     flux0 = np.nan_to_num(d["flux_band"], nan=0.0)  # only weights the first linear fit

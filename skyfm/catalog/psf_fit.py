@@ -91,12 +91,13 @@ class StampTable:
 
     @classmethod
     def get(cls, psf, scale: float, r: int, phases: int = TABLE_PHASES) -> "StampTable":
-        key = (psf.model, round(psf.width_deg / scale, 4), round(float(psf.beta), 4), r, phases)
-        if key not in _TABLES:
-            if len(_TABLES) >= 8:  # ~20 MB each
-                _TABLES.pop(next(iter(_TABLES)))
-            _TABLES[key] = cls(psf, scale, r, phases)
-        return _TABLES[key]
+        key = (psf.model, round(psf.width_deg / scale, 4), round(float(psf.beta), 4), r)
+        cache = _TABLES.setdefault(phases, {})  # coarse tables (the seeing search) never evict the fit's
+        if key not in cache:
+            if len(cache) >= 16:  # a fit table is ~20 MB
+                cache.pop(next(iter(cache)))
+            cache[key] = cls(psf, scale, r, phases)
+        return cache[key]
 
     def __call__(self, dx: np.ndarray, dy: np.ndarray, grad: bool = False):
         n, reach = self.steps, TABLE_REACH_PIX
