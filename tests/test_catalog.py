@@ -272,3 +272,21 @@ def test_score_sweep_of_an_image_without_true_sources_counts_every_detection_as_
     sweep = score_sweep(det, truth, radius_pix=2.0)
     assert list(sweep["score"]) == [0.9, 0.5]
     assert np.isnan(sweep["match_snr"]).all() and (sweep["match_truth"] == -1).all()
+
+
+def test_an_empty_ecsv_catalog_reads_back(tmp_path):
+    """astropy cannot read the empty multi-dimensional columns it writes; read_catalog must still work."""
+    import astropy.units as u
+    import numpy as np
+    from astropy.table import QTable
+
+    from skyfm.catalog import read_catalog, write_catalog
+
+    t = QTable({"x": np.zeros(0) * u.pix, "y": np.zeros(0) * u.pix, "class_prob": np.zeros((0, 2)),
+                "flux_band": np.zeros((0, 3)) * u.adu})
+    t.meta["class_names"] = ["star", "galaxy"]
+    path = tmp_path / "empty.ecsv"
+    write_catalog(t, path)
+    back = read_catalog(path)
+    assert len(back) == 0 and back["class_prob"].shape == (0, 2) and back["flux_band"].unit == u.adu
+    assert back.meta["class_names"] == ["star", "galaxy"]

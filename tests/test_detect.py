@@ -205,3 +205,18 @@ def test_heads_without_psf_fit_keep_the_network_values(model_dir):
     assert (np.asarray(fitted["fit"]) > 0).any() and (np.asarray(plain["fit"]) == 0).all()
     raw = detect_patch(p, peak, min_score=0.5, precision="fp32", refine=False)
     assert np.allclose(np.asarray(plain["x"]), np.asarray(raw["x"]))
+
+
+def test_detect_cli_inference_options(tmp_path, model_dir, capsys):
+    from skyfm.catalog import read_catalog
+
+    src = tmp_path / "q.fits"
+    write_patch(simulate_patch("meerlicht", 12, size=96, bands=["q"], scene="crowded"), src)
+    out = tmp_path / "cat.ecsv"
+    rc = main(["detect", str(src), "--model", str(model_dir), "--out", str(out), "--no-refine", "--precision", "fp32",
+               "--attention-window", "4"])
+    assert rc == 0, capsys.readouterr().err
+    cat = read_catalog(out)
+    assert len(cat) > 0 and (np.asarray(cat["fit"]) == 0).all()
+    rc = main(["detect", str(src), "--model", str(model_dir), "--out", str(out), "--precision", "fp8"])
+    assert rc != 0 and "fp8" in capsys.readouterr().err

@@ -202,7 +202,12 @@ def read_table(path: str | Path, hdu: str | int | None = None) -> Table:
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t = Table.read(path, format=fmt)
+                try:
+                    t = Table.read(path, format=fmt)
+                except ValueError:
+                    t = _empty_ecsv(path) if fmt == "ascii.ecsv" else None
+                    if t is None:
+                        raise
     except SkyfmError:
         raise
     except Exception as e:  # astropy raises many types for unreadable files
@@ -212,6 +217,36 @@ def read_table(path: str | Path, hdu: str | int | None = None) -> Table:
     if isinstance(cn, str):
         t.meta["class_names"] = cn.split(",")
     return t
+
+
+def _empty_ecsv(path: Path) -> Table | None:
+    """An ECSV file with a header and no rows, read from its header: astropy cannot read back the empty
+    multi-dimensional columns (``class_prob``, ``flux_band``) it writes for a catalog with no sources. None when
+    the file has data rows (the failure was something else)."""
+    from astropy.io.misc import yaml  # astropy's SafeLoader with its own tags (units), no arbitrary objects
+
+    lines = path.read_text().splitlines()
+    header = [ln[2:] for ln in lines if ln.startswith("# ")]
+    body = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
+    if len(body) > 1:
+        return None
+    try:
+        spec = yaml.load("\n".join(ln for ln in header if not ln.startswith("%ECSV")))
+        cols = []
+        for c in spec["datatype"]:
+            sub = c.get("subtype", "")
+            dtype, shape = (sub.split("[")[0], tuple(int(n) for n in sub.split("[")[1].rstrip("]").split(","))) \
+                if "[" in sub else (c["datatype"], ())
+            dtype = "U1" if dtype == "string" else dtype
+            col = Table.Column(np.zeros((0, *shape), dtype=dtype), name=c["name"], description=c.get("description"))
+            if c.get("unit"):
+                col.unit = u.Unit(c["unit"])
+            cols.append(col)
+        meta = dict(spec.get("meta") or {})
+        meta.pop("__serialized_columns__", None)
+        return Table(cols, meta=meta)
+    except Exception:  # noqa: BLE001 - not an empty skyfm catalog either: report the original error
+        return None
 
 
 def read_catalog(path: str | Path) -> QTable:
