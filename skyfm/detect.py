@@ -385,12 +385,13 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     an SNR >= ``PSF_FIT_MIN_SNR`` take the fitted position and position error; of these, the
     point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
     The seeing of each band is fitted on the tile's bright isolated detections (:func:`estimate_fwhm`); with
-    ``seeing`` (a dict kept across the tiles of one image) the median of all tiles' estimates so far is used. Heads with ``psf_fit`` False (chosen on validation seeds) keep the network's values.
+    ``seeing`` (a dict kept across the tiles of one image) the median of all tiles' estimates so far is used.
+    Heads with ``psf_fit`` False (chosen on validation seeds) keep the network's values.
     """
     from skyfm.catalog.psf_fit import background_and_rms, estimate_fwhm, fit_psf_sources
 
     n = len(d["x"])
-    if n == 0 or not getattr(head, "psf_fit", True):
+    if n == 0 or not head.psf_fit:
         return d
     data = np.asarray(patch.data, dtype=np.float64)
     mask = None if patch.mask is None else np.asarray(patch.mask, bool)

@@ -152,11 +152,9 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
     x0 = np.asarray(x0, dtype=np.float64).ravel()
     y0 = np.asarray(y0, dtype=np.float64).ravel()
     n = x0.size
-    empty = dict(x=x0.copy(), y=y0.copy(), pos_err=np.full(n, np.nan), flux_band=np.full((n, C), np.nan),
-                 flux_band_err=np.full((n, C), np.nan), flux=np.full(n, np.nan), flux_err=np.full(n, np.nan),
-                 ok=np.zeros(n, bool))
     if n == 0:
-        return empty
+        return dict(x=x0, y=y0, pos_err=np.zeros(0), flux_band=np.zeros((0, C)), flux_band_err=np.zeros((0, C)),
+                    flux=np.zeros(0), flux_err=np.zeros(0), ok=np.zeros(0, bool))
     resid_src = data - np.asarray(background, dtype=np.float64)  # (C, H, W): sources + noise
     var_sky = np.asarray(rms, dtype=np.float64) ** 2
     bad = np.zeros((C, H, W), bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), (C, H, W))
@@ -170,8 +168,6 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
     flux = np.zeros((n, C))
     if flux0 is not None:
         flux[:] = np.nan_to_num(np.asarray(flux0, dtype=np.float64).reshape(n, -1)[:, :C], nan=0.0)
-    ok = np.ones(n, bool)
-    fisher = None
     for pass_index in range(max(1, passes)):
         x_prev, y_prev, flux_prev = x.copy(), y.copy(), flux.copy()
         models = _render(x, y, flux, psfs, pixel_scale_deg, r, (C, H, W), phases)  # (C, H, W) every source's model

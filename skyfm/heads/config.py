@@ -66,35 +66,28 @@ class InstrumentHeadConfig:
     fit_pos_err_floor: float = 0.0
     psf_fit: bool = True
 
+    def _number(self, name: str, default: float, allow_zero: bool) -> float:
+        """Field ``name`` as a finite float (``default`` when None); positive, or >= 0 with ``allow_zero``."""
+        raw = getattr(self, name)
+        try:
+            v = default if raw is None else float(raw)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not ((0.0 <= v if allow_zero else 0.0 < v) and v < float("inf")):
+            need = "a number >= 0" if allow_zero else "a positive number"
+            raise SkyfmError(f"head {self.name}: {name} should be {need}, got {raw!r}")
+        return v
+
     def error_floors(self) -> tuple[float, float]:
         """(relative flux, position in pixels) floors of the PSF fit's errors, added in quadrature."""
-        out = []
-        for name in ("fit_flux_err_floor", "fit_pos_err_floor"):
-            v = getattr(self, name)
-            try:
-                v = 0.0 if v is None else float(v)
-            except (TypeError, ValueError):
-                v = float("nan")
-            if not (0.0 <= v < float("inf")):
-                raise SkyfmError(f"head {self.name}: {name} should be a number >= 0, got {getattr(self, name)!r}")
-            out.append(v)
-        return out[0], out[1]
+        return (self._number("fit_flux_err_floor", 0.0, allow_zero=True),
+                self._number("fit_pos_err_floor", 0.0, allow_zero=True))
 
     def error_scales(self, fit: bool = False) -> tuple[float, float]:
         """(flux_err, pos_err) multipliers: those of the network's errors, or with ``fit`` of the likelihood fit's."""
-        names = ("fit_flux_err_scale", "fit_pos_err_scale") if fit else ("flux_err_scale", "pos_err_scale")
-        out = []
-        for name in names:
-            v = getattr(self, name)
-            v = 1.0 if v is None else v
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                v = float("nan")
-            if not (0.0 < v < float("inf")):
-                raise SkyfmError(f"head {self.name}: {name} should be a positive number, got {getattr(self, name)!r}")
-            out.append(v)
-        return out[0], out[1]
+        prefix = "fit_" if fit else ""
+        return (self._number(f"{prefix}flux_err_scale", 1.0, allow_zero=False),
+                self._number(f"{prefix}pos_err_scale", 1.0, allow_zero=False))
 
     @property
     def n_bands(self) -> int:
