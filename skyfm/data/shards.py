@@ -1279,7 +1279,8 @@ def collate_patches(samples: Sequence[dict | Patch]) -> dict:
     padding zero (``source`` and ``contaminant`` only when some sample has them: not when read with
     ``with_targets=False``); ``band_valid`` (B, C) bool; ``band_coord`` (B, C) float32 log10 wavelength (m), 0 for padding;
     ``instrument_id`` (B,) int64; ``pixel_scale_deg`` (B,) float32; ``pixel_mask`` (B, H, W) bool, True where
-    invalid; and the lists ``instrument``, ``bands``, ``truth``, ``key`` (and ``stream_position`` for dataset
+    invalid; and the lists ``instrument``, ``bands``, ``truth``, ``key``, ``scaling`` (each sample's scaling
+    parameters, :func:`apply_scaling`) (and ``stream_position`` for dataset
     samples, for :meth:`ShardDataset.mark_consumed`).
     """
     samples = [s if isinstance(s, Mapping) else sample_from_patch(s, key=f"{s.instrument}-{i}")
@@ -1307,6 +1308,7 @@ def collate_patches(samples: Sequence[dict | Patch]) -> dict:
         "bands": [list(s["bands"]) for s in samples],
         "truth": [s.get("truth") for s in samples],
         "key": [s["key"] for s in samples],
+        "scaling": [s["meta"]["scaling"] for s in samples],
     }
     for name, dtype in (("source", torch.float32), ("contaminant", torch.uint8)):
         if name in arrays:

@@ -121,6 +121,9 @@ class FoundationConfig:
         mask_ratio: default share of (band, cell) tokens masked by :meth:`pretraining_loss`.
         mask_block_fraction: share of the masked tokens drawn as rectangular blocks (the rest uniformly).
         pixel_loss_weight: weight of the optional masked pixel reconstruction term (0 disables it).
+        denoise_loss_weight: weight of the optional denoising term (0 disables it): the backbone sees one of two
+            independent noisy copies of the image and every token regresses its cell of the other
+            (:mod:`skyfm.pretrain.noise_split`), so token features learn the noise-free sky.
         freeze_tokenizer: the tokenizer starts frozen (no gradients, eval mode) in a new model.
     """
 
@@ -132,6 +135,7 @@ class FoundationConfig:
     mask_ratio: float = 0.5
     mask_block_fraction: float = 0.5
     pixel_loss_weight: float = 0.0
+    denoise_loss_weight: float = 0.0
     freeze_tokenizer: bool = True
 
     def __post_init__(self):
@@ -182,8 +186,8 @@ class FoundationConfig:
                                      f"num_heads ({b.num_heads})")
         if not 0 < self.mask_ratio < 1 or not 0 <= self.mask_block_fraction <= 1:
             raise SkyfmError("mask_ratio must be in (0, 1) and mask_block_fraction in [0, 1]")
-        if not 0 <= self.instrument_dropout < 1 or self.pixel_loss_weight < 0:
-            raise SkyfmError("instrument_dropout must be in [0, 1) and pixel_loss_weight >= 0")
+        if not 0 <= self.instrument_dropout < 1 or self.pixel_loss_weight < 0 or self.denoise_loss_weight < 0:
+            raise SkyfmError("instrument_dropout must be in [0, 1), pixel_loss_weight and denoise_loss_weight >= 0")
 
     # ---------------------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict:

@@ -140,7 +140,8 @@ class FoundationModel(nn.Module):
         self.backbone = backbone_cls(config.backbone, config.tokenizer, len(config.instruments))
         p = config.token_patch
         self.mtm_head = nn.Linear(self.embed_dim, p * p * self.tokenizer.num_codes)
-        self.pixel_head = (nn.Linear(self.embed_dim, config.token_stride**2) if config.pixel_loss_weight > 0 else None)
+        wants_pixels = config.pixel_loss_weight > 0 or config.denoise_loss_weight > 0
+        self.pixel_head = nn.Linear(self.embed_dim, config.token_stride**2) if wants_pixels else None
         if config.freeze_tokenizer:
             self.set_tokenizer_trainable(False)
 
@@ -286,14 +287,19 @@ class FoundationModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------- pretraining
     def pretraining_loss(self, batch: dict, mask_ratio: float | None = None,
-                         generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                         generator: torch.Generator | None = None,
+                         denoise_target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Masked token modeling on a batch dict: predict the tokenizer codes of masked (band, cell) tokens.
 
         The codes come from the (frozen) tokenizer on the unmasked data; the token mask is drawn by
         :func:`sample_token_mask` from ``generator`` (same generator state, same mask); with probability
         ``config.instrument_dropout`` a patch's instrument is replaced by "unknown". Each masked token predicts
         its ``token_patch**2`` codes with a cross-entropy loss. With ``config.pixel_loss_weight > 0`` a linear
-        head also regresses the masked token's scaled pixels (MSE), added with that weight.
+        head also regresses the masked token's scaled pixels (MSE), added with that weight. With
+        ``config.denoise_loss_weight > 0`` and a ``denoise_target`` (B, C, H, W), an independent noisy copy of
+        the image ``batch["scaled"]`` holds (:func:`skyfm.pretrain.noise_split.noise_split`), every valid token,
+        masked or not, regresses its cell of that copy (MSE, ``denoise_loss``): its conditional mean is the
+        noise-free sky, so the features learn where the sources are without any truth.
 
         Returns a dict of scalar tensors: ``loss`` (to backpropagate), ``mtm_loss``, ``accuracy`` (top-1 on the
         masked codes), ``mask_fraction``, ``code_perplexity`` (of the target codes: ~1 means the tokenizer has
@@ -327,11 +333,18 @@ class FoundationModel(nn.Module):
             "mask_fraction": selected.sum().float().detach() / (inputs.band_valid.sum() * grid[0] * grid[1]),
             "code_perplexity": codebook_perplexity(code_histogram(out.codes.detach(), K)).to(self.device),
         }
-        if self.pixel_head is not None:
+        if self.config.pixel_loss_weight > 0:
             pixels = rearrange(inputs.scaled, "b c (h s1) (w s2) -> b c (h w) (s1 s2)", s1=s, s2=s)[selected]
             pixel_loss = F.mse_loss(self.pixel_head(features).float(), pixels)
             loss = loss + self.config.pixel_loss_weight * pixel_loss
             result["pixel_loss"] = pixel_loss.detach()
+        if denoise_target is not None and self.config.denoise_loss_weight > 0:
+            valid = inputs.band_valid  # (B, C): every cell of a valid band
+            cells = rearrange(denoise_target.to(out.token_features.device), "b c (h s1) (w s2) -> b c (h w) (s1 s2)",
+                              s1=s, s2=s)[valid]  # (N, L, s*s)
+            denoise_loss = F.mse_loss(self.pixel_head(out.token_features[valid]).float(), cells.float())
+            loss = loss + self.config.denoise_loss_weight * denoise_loss
+            result["denoise_loss"] = denoise_loss.detach()
         return {"loss": loss, **result}
 
     # ------------------------------------------------------------------------------------------ save/load

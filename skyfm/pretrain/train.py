@@ -85,7 +85,14 @@ class PretrainObjective(nn.Module):
             return {"loss": out.loss, "recon_loss": out.recon_loss, "source_loss": out.source_loss,
                     "commit_loss": out.commit_loss,
                     "perplexity": out.perplexity.detach(), "codebook_usage": torch.as_tensor(out.usage)}
-        return self.model.pretraining_loss(batch, mask_ratio=self.mask_ratio, generator=generator)
+        denoise_target = None
+        if self.model.config.denoise_loss_weight > 0:  # the backbone sees one noisy copy and regresses the other
+            from skyfm.pretrain.noise_split import noise_split
+
+            scaled, denoise_target = noise_split(batch, generator)
+            batch = {**batch, "scaled": scaled}
+        return self.model.pretraining_loss(batch, mask_ratio=self.mask_ratio, generator=generator,
+                                           denoise_target=denoise_target)
 
 
 def set_stage(model: nn.Module, stage: int) -> None:
