@@ -14,6 +14,7 @@ from skyfm.pretrain.evaluate import (
     AMBIGUOUS,
     NEGATIVE,
     POSITIVE,
+    cell_source_snr,
     eval_patch_seed,
     faint_source_photometry,
     linear_probe,
@@ -40,20 +41,20 @@ def hand_made_patch(sources: list[tuple[float, float, float]], size: int = 32, s
 def test_labels_mark_the_source_cell_a_ring_of_ambiguous_cells_and_clean_background():
     # 32x32 pixels, 8-pixel tokens: a 4x4 grid. A bright source at (x=14, y=6) is in cell (row 0, col 1).
     patch = hand_made_patch([(14.0, 6.0, 20.0)])
-    labels = token_labels(patch, (4, 4), 8, fwhm_pix=3.0)
+    labels = token_labels(patch, (4, 4), 8, fwhm_pix=3.0, background="distance")
     expected = np.full((4, 4), NEGATIVE)
     expected[0, 1] = POSITIVE
     # cells whose square comes within 3 px of (14, 6): (0, 2) 1.5 px right, (1, 1) 1.5 px below, (1, 2) 2.1 px
     expected[0, 2] = expected[1, 1] = expected[1, 2] = AMBIGUOUS
     np.testing.assert_array_equal(labels, expected)
     # (0, 0) is 6.5 px away: clean with a 3-px FWHM, ambiguous with a 7-px one
-    assert token_labels(patch, (4, 4), 8, fwhm_pix=7.0)[0, 0] == AMBIGUOUS
+    assert token_labels(patch, (4, 4), 8, fwhm_pix=7.0, background="distance")[0, 0] == AMBIGUOUS
 
 
 def test_labels_use_pixel_centres_faint_sources_and_the_seeing():
     # pixel centres are integers: x = 7.4 is still in column 0 of 8-px cells (which ends at 7.5), 7.6 is in column 1
     patch = hand_made_patch([(7.4, 20.0, 9.0), (7.6, 4.0, 9.0), (28.0, 28.0, 3.0), (20.0, 12.0, 0.5)])
-    labels = token_labels(patch, (4, 4), 8, fwhm_pix=1.0)
+    labels = token_labels(patch, (4, 4), 8, fwhm_pix=1.0, background="distance")
     assert labels[2, 0] == POSITIVE and labels[0, 1] == POSITIVE
     assert labels[3, 3] == AMBIGUOUS  # snr 3: neither a source (>= 5) nor clean background (none >= 1)
     assert labels[1, 2] == NEGATIVE  # snr 0.5 does not spoil a background cell
@@ -61,9 +62,34 @@ def test_labels_use_pixel_centres_faint_sources_and_the_seeing():
     # the default FWHM is the patch's seeing (meta, arcsec) in pixels: 2.8" / 0.56"/px = 5 px
     seeing = hand_made_patch([(14.0, 6.0, 20.0)], seeing_arcsec=2.8)
     assert patch_fwhm_pix(seeing)[0] == pytest.approx(5.0)
-    np.testing.assert_array_equal(token_labels(seeing, (4, 4), 8), token_labels(seeing, (4, 4), 8, fwhm_pix=5.0))
+    np.testing.assert_array_equal(token_labels(seeing, (4, 4), 8, background="distance"), token_labels(seeing, (4, 4), 8, fwhm_pix=5.0, background="distance"))
     with pytest.raises(SkyfmError, match="does not fit"):
         token_labels(patch, (5, 4), 8)
+
+
+def test_light_labels_call_a_cell_background_only_when_the_sources_light_in_it_is_below_the_noise():
+    # a bright source at (14, 6) in cell (0, 1) whose wide wing (sigma 6 px) reaches the next cells, on unit noise
+    yy, xx = np.mgrid[0:32, 0:32]
+    source = 20.0 * np.exp(-((xx - 14.0) ** 2 + (yy - 6.0) ** 2) / (2 * 6.0**2))[None].astype(np.float32)
+    noise = np.random.default_rng(1).normal(0.0, 1.0, source.shape).astype(np.float32)
+    patch = hand_made_patch([(14.0, 6.0, 50.0)], data=source + noise)
+    patch.source_image = source
+    light = cell_source_snr(patch, (4, 4), 8)
+    # the cell's summed source light over sigma * 8 (the noise of 64 unit-sigma pixels)
+    expected = source[0].reshape(4, 8, 4, 8).sum(axis=(1, 3)) / 8.0
+    np.testing.assert_allclose(light, expected, rtol=0.1)  # sigma is estimated from data - source
+    labels = token_labels(patch, (4, 4), 8)
+    assert labels[0, 1] == POSITIVE
+    np.testing.assert_array_equal(labels == NEGATIVE, (light < 1.0) & (labels != POSITIVE))
+    assert (labels == NEGATIVE).sum() >= 1 and (labels == AMBIGUOUS).sum() >= 1
+    # by distance with a 3-px FWHM, cells far inside the wing count as background; by light they do not
+    by_distance = token_labels(patch, (4, 4), 8, fwhm_pix=3.0, background="distance")
+    assert ((by_distance == NEGATIVE) & (labels == AMBIGUOUS)).any()
+    with pytest.raises(SkyfmError, match="labelling"):
+        token_labels(patch, (4, 4), 8, background="nearby")
+    patch.source_image = None
+    with pytest.raises(SkyfmError, match="source-only image"):
+        token_labels(patch, (4, 4), 8)
 
 
 def test_evaluation_seeds_are_not_training_seeds():
@@ -174,8 +200,10 @@ def test_token_features_give_one_row_per_token_with_its_label(tiny_setup):
     np.testing.assert_array_equal(tokens.patch_index, np.repeat(np.arange(len(patches)), grid * grid))
     assert list(tokens.instrument[:: grid * grid]) == [p.instrument for p in patches]
     for i in (0, 4):
-        np.testing.assert_array_equal(tokens.labels[tokens.patch_index == i],
-                                      token_labels(patches[i], (grid, grid), model.token_stride).reshape(-1))
+        for labelling in ("light", "distance"):
+            np.testing.assert_array_equal(tokens.labels[labelling][tokens.patch_index == i],
+                                          token_labels(patches[i], (grid, grid), model.token_stride,
+                                                       background=labelling).reshape(-1))
     assert not model.training
 
 

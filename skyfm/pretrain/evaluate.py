@@ -37,6 +37,7 @@ EVAL_SEED_OFFSET = 10_000  # evaluation streams start from base seed EVAL_SEED_O
 EVAL_INSTRUMENTS = ("fermi-lat", "ctao", "meerlicht", "hubble", "wise")
 
 POSITIVE, NEGATIVE, AMBIGUOUS = 1, 0, -1
+LABELLINGS = ("light", "distance")  # how token_labels finds clean background cells
 
 FAINT_SNR = (5.0, 10.0)  # the faint sources of the tokenizer report: 5 <= snr < 10
 DETECT_SNR = 3.0  # aperture S/N for "detectable"
@@ -88,41 +89,82 @@ def patch_fwhm_pix(patch: Patch) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ token labels
+def cell_source_snr(patch: Patch, grid: tuple[int, int], stride: int) -> np.ndarray:
+    """(h', w') signal-to-noise of the true sources' expected light inside each token cell.
+
+    Per band, the cell's sum of ``patch.source_image`` over the cell's noise: for counts the Poisson noise of the
+    expected background counts in the cell (``patch.background_image``; without it, the data minus the source
+    image), at least ``MIN_BACKGROUND_COUNTS``; for CCDs the band's robust sigma (of the data minus the source
+    image) times sqrt(pixels). Bands are added in quadrature, as an optimal combination would.
+    """
+    from skyfm.instruments import load_instrument
+    from skyfm.instruments.scaling import robust_background
+
+    if patch.source_image is None:
+        raise SkyfmError(f"a {patch.instrument} patch without its source-only image cannot be labelled by light")
+    h, w = grid
+    C = patch.n_bands
+
+    def cell_sums(image: np.ndarray) -> np.ndarray:  # (C, H, W) -> (C, h, w)
+        return image[:, :h * stride, :w * stride].reshape(C, h, stride, w, stride).sum(axis=(2, 4))
+
+    source = np.asarray(patch.source_image, dtype=np.float64)
+    residual = np.asarray(patch.data, dtype=np.float64) - source
+    if load_instrument(patch.instrument).is_counts:
+        expected = patch.background_image if patch.background_image is not None else residual
+        variance = np.maximum(cell_sums(np.clip(np.asarray(expected, dtype=np.float64), 0, None)),
+                              MIN_BACKGROUND_COUNTS)
+    else:
+        sigma = np.asarray([robust_background(band)[1] for band in residual])
+        variance = np.broadcast_to((sigma**2 * stride**2)[:, None, None], (C, h, w))
+    return np.sqrt((cell_sums(source) ** 2 / variance).sum(axis=0))
+
+
 def token_labels(patch: Patch, grid: tuple[int, int], stride: int, min_snr: float = 5.0, clean_snr: float = 1.0,
-                 fwhm_pix: float | None = None) -> np.ndarray:
+                 background: str = "light", fwhm_pix: float | None = None) -> np.ndarray:
     """Source / background label of each token cell of ``patch``: (h', w') int8.
 
     * ``1`` (source): a true source with ``snr >= min_snr`` has its centre in the cell;
-    * ``0`` (clean background): no true source with ``snr >= clean_snr`` lies within ``fwhm_pix`` of the cell
-      (distance from the source centre to the nearest point of the cell's square);
-    * ``-1`` (ambiguous, ignored): anything else, e.g. a faint source inside, or a source's core reaching in.
+    * ``0`` (clean background), by ``background``:
 
-    ``fwhm_pix`` defaults to the median PSF FWHM over the patch's bands (:func:`patch_fwhm_pix`): the wide
-    low-energy bins of a counts cube would otherwise leave no background at all. ``snr`` is the truth catalog's
-    (CCD: best band; counts: sqrt(TS) over all bins). Sources centred outside the patch have no truth row and are
-    not seen here; their light may reach the edge cells.
+      - ``"light"`` (default): the true sources' expected light in the cell is below ``clean_snr`` sigma of the
+        cell's noise (:func:`cell_source_snr`; every source counts, also those centred outside the patch);
+      - ``"distance"``: no true source with ``snr >= clean_snr`` lies within ``fwhm_pix`` of the cell (distance
+        from the source centre to the nearest point of the cell's square; ``fwhm_pix`` defaults to the median
+        PSF FWHM over the patch's bands, :func:`patch_fwhm_pix`). The wings of bright sources under wide or
+        heavy-tailed PSFs (the LAT's King function at low energies) reach much further than one median FWHM,
+        so "background" cells by distance can hold a bright neighbour's light at many sigma;
+
+    * ``-1`` (ambiguous, ignored): anything else, e.g. a faint source inside, or a source's wing reaching in.
+
+    ``snr`` is the truth catalog's (CCD: best band; counts: sqrt(TS) over all bins).
     """
     h, w = grid
     if patch.truth is None:
         raise SkyfmError(f"a {patch.instrument} patch without a truth catalog cannot be labelled")
     if h * stride > patch.height or w * stride > patch.width:
         raise SkyfmError(f"a {h}x{w} grid of {stride}-pixel tokens does not fit a {patch.height}x{patch.width} patch")
-    if fwhm_pix is None:
-        fwhm_pix = float(np.median(patch_fwhm_pix(patch)))
+    if background not in LABELLINGS:
+        raise SkyfmError(f"background labelling must be one of {', '.join(LABELLINGS)}, got {background!r}")
     x = np.asarray(patch.truth["x"], dtype=float)
     y = np.asarray(patch.truth["y"], dtype=float)
     snr = np.asarray(patch.truth["snr"], dtype=float)
 
     labels = np.full((h, w), AMBIGUOUS, dtype=np.int8)
-    # cell edges in pixel coordinates (pixel centres are integers)
-    top, left = np.arange(h) * stride - 0.5, np.arange(w) * stride - 0.5
-    noticeable = snr >= clean_snr
-    # distance from each source to each cell's square: per axis, how far outside the [lo, lo + stride] interval
-    ys, xs = y[noticeable, None], x[noticeable, None]
-    dy = np.clip(np.maximum(top[None, :] - ys, ys - (top[None, :] + stride)), 0, None)  # (n, h)
-    dx = np.clip(np.maximum(left[None, :] - xs, xs - (left[None, :] + stride)), 0, None)  # (n, w)
-    near = (dy[:, :, None] ** 2 + dx[:, None, :] ** 2) <= fwhm_pix**2  # (n, h, w)
-    labels[~near.any(axis=0)] = NEGATIVE
+    if background == "light":
+        labels[cell_source_snr(patch, grid, stride) < clean_snr] = NEGATIVE
+    else:
+        if fwhm_pix is None:
+            fwhm_pix = float(np.median(patch_fwhm_pix(patch)))
+        # cell edges in pixel coordinates (pixel centres are integers)
+        top, left = np.arange(h) * stride - 0.5, np.arange(w) * stride - 0.5
+        noticeable = snr >= clean_snr
+        # distance from each source to each cell's square: per axis, how far outside the [lo, lo + stride] interval
+        ys, xs = y[noticeable, None], x[noticeable, None]
+        dy = np.clip(np.maximum(top[None, :] - ys, ys - (top[None, :] + stride)), 0, None)  # (n, h)
+        dx = np.clip(np.maximum(left[None, :] - xs, xs - (left[None, :] + stride)), 0, None)  # (n, w)
+        near = (dy[:, :, None] ** 2 + dx[:, None, :] ** 2) <= fwhm_pix**2  # (n, h, w)
+        labels[~near.any(axis=0)] = NEGATIVE
     bright = snr >= min_snr
     rows = np.floor((y[bright] + 0.5) / stride).astype(int)
     cols = np.floor((x[bright] + 0.5) / stride).astype(int)
@@ -173,28 +215,32 @@ class TokenFeatures:
 
     Attributes:
         features: (N, D) float32, :attr:`FoundationOutput.feature_map` (token features averaged over valid bands).
-        labels: (N,) int8, :func:`token_labels` (1 source, 0 background, -1 ambiguous).
+        labels: {labelling: (N,) int8}, :func:`token_labels` by each way of finding background cells
+            (``"light"``, ``"distance"``; 1 source, 0 background, -1 ambiguous).
         patch_index: (N,) int, which patch of the input list the token comes from (the probe splits by it).
         instrument: (N,) str, the patch's instrument.
     """
 
     features: np.ndarray
-    labels: np.ndarray
+    labels: dict[str, np.ndarray]
     patch_index: np.ndarray
     instrument: np.ndarray
 
     def select(self, keep: np.ndarray) -> "TokenFeatures":
-        return TokenFeatures(self.features[keep], self.labels[keep], self.patch_index[keep], self.instrument[keep])
+        return TokenFeatures(self.features[keep], {k: v[keep] for k, v in self.labels.items()},
+                             self.patch_index[keep], self.instrument[keep])
 
 
-def token_features(model, patches: Sequence[Patch], batch_size: int = 32, min_snr: float = 5.0) -> TokenFeatures:
+def token_features(model, patches: Sequence[Patch], batch_size: int = 32, min_snr: float = 5.0,
+                   labellings: Sequence[str] = LABELLINGS) -> TokenFeatures:
     """Token features and labels of every token cell of ``patches`` (no gradients, model in eval mode).
 
-    The model is left in eval mode. ``min_snr`` is passed to :func:`token_labels`.
+    The model is left in eval mode. ``min_snr`` is passed to :func:`token_labels`, once per labelling.
     """
     model.eval()
     stride = model.token_stride
-    features, labels, index, instrument = [], [], [], []
+    features, index, instrument = [], [], []
+    labels: dict[str, list] = {name: [] for name in labellings}
     offset = 0
     with torch.no_grad():
         for chunk in _batches(patches, batch_size):
@@ -203,11 +249,14 @@ def token_features(model, patches: Sequence[Patch], batch_size: int = 32, min_sn
             B, D, h, w = fmap.shape
             features.append(fmap.permute(0, 2, 3, 1).reshape(B * h * w, D).numpy())
             for b, patch in enumerate(chunk.patches):
-                labels.append(token_labels(patch, (h, w), stride, min_snr=min_snr).reshape(-1))
+                for name in labellings:
+                    labels[name].append(token_labels(patch, (h, w), stride, min_snr=min_snr,
+                                                     background=name).reshape(-1))
                 index.append(np.full(h * w, offset + b))
                 instrument.append(np.full(h * w, patch.instrument, dtype=object))
             offset += B
-    return TokenFeatures(np.concatenate(features).astype(np.float32), np.concatenate(labels),
+    return TokenFeatures(np.concatenate(features).astype(np.float32),
+                         {name: np.concatenate(rows) for name, rows in labels.items()},
                          np.concatenate(index), np.concatenate(instrument).astype(str))
 
 
@@ -266,9 +315,9 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, s
     }
 
 
-def probe_per_instrument(tokens: TokenFeatures, seed: int = 0) -> dict[str, dict]:
-    """:func:`linear_probe` on each instrument's tokens alone: {instrument: result}."""
-    return {name: linear_probe(sub.features, sub.labels, sub.patch_index, seed=seed)
+def probe_per_instrument(tokens: TokenFeatures, seed: int = 0, labelling: str = "light") -> dict[str, dict]:
+    """:func:`linear_probe` on each instrument's tokens alone, with ``labelling``'s labels: {instrument: result}."""
+    return {name: linear_probe(sub.features, sub.labels[labelling], sub.patch_index, seed=seed)
             for name in dict.fromkeys(tokens.instrument)
             for sub in [tokens.select(tokens.instrument == name)]}
 
@@ -442,9 +491,11 @@ def _summarise(acc: dict[str, list], meter, n_patches: int) -> dict:
 __all__ = [
     "EVAL_INSTRUMENTS",
     "EVAL_SEED_OFFSET",
+    "LABELLINGS",
     "TokenFeatures",
     "aperture_noise",
     "aperture_photometry",
+    "cell_source_snr",
     "eval_patch_seed",
     "faint_source_photometry",
     "linear_probe",
