@@ -136,6 +136,25 @@ def test_token_inputs_and_pixel_loss_variants():
     model = create_model("skyfm-tiny", pixel_loss_weight=1.0, backbone={"depth": 1})
     losses = model.pretraining_loss(batch, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(losses["pixel_loss"]) and losses["loss"] > losses["mtm_loss"]
+    # pixel tokens: each token also embeds its cell's pixels, so a pixel the tokenizer ignores changes the tokens
+    torch.manual_seed(0)
+    model = create_model("skyfm-tiny", backbone={"depth": 1, "pixel_tokens": True}).eval()
+    assert model.backbone.pixel_embed.in_features == model.token_stride**2
+    out = run(model, batch)
+    assert out.token_features.shape == (2, 2, 16, 128)
+    poked = {**batch, "scaled": batch["scaled"].clone()}
+    poked["scaled"][0, 0, 3, 3] += 1.0
+    plain = create_model("skyfm-tiny", backbone={"depth": 1}).eval()
+    assert plain.backbone.pixel_embed is None
+    with torch.no_grad():
+        inputs = [model.prepare_inputs(*(b[k] for k in ("scaled", "band_valid", "band_coord", "instrument_id",
+                                                           "pixel_scale_deg"))) for b in (batch, poked)]
+        for i in inputs:
+            model.tokenize(i, need_codes=False)
+        inputs[1].latents = inputs[0].latents  # the same tokenizer output: only the pixel embedding sees the poke
+        a, b = (model.backbone.embed_tokens(i, None)[0] for i in inputs)
+    changed = (a - b).abs().sum(-1)[0, 0]  # (L,) over band 0's tokens
+    assert changed[0] > 0 and (changed[1:] == 0).all()  # only the token whose cell holds pixel (3, 3)
 
 
 # ------------------------------------------------------------------------------------------- embeddings

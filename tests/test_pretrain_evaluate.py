@@ -205,6 +205,13 @@ def test_token_features_give_one_row_per_token_with_its_label(tiny_setup):
                                           token_labels(patches[i], (grid, grid), model.token_stride,
                                                        background=labelling).reshape(-1))
     assert not model.training
+    # a block's output as the features: same rows and labels, other values; the hook is removed afterwards
+    block = token_features(model, patches, batch_size=2, layer=0)
+    assert block.features.shape == tokens.features.shape and not np.allclose(block.features, tokens.features)
+    np.testing.assert_array_equal(block.labels["light"], tokens.labels["light"])
+    assert not model.backbone.blocks[0]._forward_hooks
+    with pytest.raises(SkyfmError, match="not a block"):
+        token_features(model, patches, layer=5)
 
 
 def test_tokenizer_report_runs_on_an_untrained_model_and_returns_the_documented_keys(tiny_setup):

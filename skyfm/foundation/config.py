@@ -45,6 +45,9 @@ class ViTConfig:
             (``log2(tokenizer.downsample * token_patch) - 1`` values); a pixel shuffle then reaches full resolution.
         stem_channels: width of the pixel stem (on 2x2-pixel cells) fused into the dense features.
         dense_dim: channels Df of the full-resolution dense features the heads read.
+        pixel_tokens: also embed each (band, cell) token's scaled pixels (a linear patch embedding, as a plain
+            ViT's) and add them to its tokenizer latents, so that what the tokenizer drops (isolated high-energy
+            photons of a counts cube) still reaches the transformer.
     """
 
     kind: str = "vit"
@@ -61,6 +64,7 @@ class ViTConfig:
     decoder_channels: tuple[int, ...] = (64, 32)
     stem_channels: int = 16
     dense_dim: int = 32
+    pixel_tokens: bool = False
 
     def __post_init__(self):
         self.decoder_channels = tuple(int(c) for c in self.decoder_channels)

@@ -1,7 +1,8 @@
 """A ViT over (band, position) tokens, with a light decoder to full-resolution dense features.
 
 A patch of C bands on an h' x w' token grid is C * h' * w' tokens. Token (c, i, j) is made of the tokenizer's
-latents of band c in the ``token_patch`` x ``token_patch`` latent cells of grid cell (i, j), projected to D, plus
+latents of band c in the ``token_patch`` x ``token_patch`` latent cells of grid cell (i, j), projected to D
+(with ``pixel_tokens``, plus a linear embedding of the cell's scaled pixels of band c), plus
 
 * the band embedding of band c (its wavelength),
 * the instrument embedding of the patch,
@@ -112,6 +113,7 @@ class ViTBackbone(nn.Module):
         if config.token_input == "code":
             self.code_embed = nn.Embedding(tokenizer.num_codes, tokenizer.latent_dim)
         self.token_embed = nn.Linear(p * p * tokenizer.latent_dim, D)
+        self.pixel_embed = nn.Linear(self.token_stride**2, D) if config.pixel_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, D))
         self.band_embed = BandEmbedding(D, config.band_frequencies)
         self.instrument_embed = InstrumentEmbedding(num_instruments, D)
@@ -136,7 +138,7 @@ class ViTBackbone(nn.Module):
     def _init_weights(self) -> None:
         """timm's ViT initialisation for the transformer and the token projections."""
         trunc_normal_(self.mask_token, std=0.02)
-        for module in [self.token_embed, *self.blocks, self.norm]:
+        for module in [self.token_embed, *([self.pixel_embed] if self.pixel_embed else []), *self.blocks, self.norm]:
             for m in module.modules():
                 if isinstance(m, nn.Linear):
                     trunc_normal_(m.weight, std=0.02)
@@ -157,6 +159,10 @@ class ViTBackbone(nn.Module):
             cells = rearrange(inputs.latents, "b c d (h p1) (w p2) -> b c h w (p1 p2 d)", p1=p, p2=p)
         grid = (cells.shape[2], cells.shape[3])
         x = self.token_embed(cells.flatten(2, 3))  # (B, C, L, D)
+        if self.pixel_embed is not None:
+            s = self.token_stride
+            pixels = rearrange(inputs.scaled, "b c (h s1) (w s2) -> b c (h w) (s1 s2)", s1=s, s2=s)
+            x = x + self.pixel_embed(pixels.to(x.dtype))
         if token_mask is not None:
             hidden = token_mask.flatten(2)[..., None]  # (B, C, L, 1)
             x = torch.where(hidden, self.mask_token.to(x.dtype), x)

@@ -232,29 +232,51 @@ class TokenFeatures:
 
 
 def token_features(model, patches: Sequence[Patch], batch_size: int = 32, min_snr: float = 5.0,
-                   labellings: Sequence[str] = LABELLINGS) -> TokenFeatures:
+                   labellings: Sequence[str] = LABELLINGS, layer: int | None = None) -> TokenFeatures:
     """Token features and labels of every token cell of ``patches`` (no gradients, model in eval mode).
 
     The model is left in eval mode. ``min_snr`` is passed to :func:`token_labels`, once per labelling.
+    ``layer``: None for the backbone's output (:attr:`FoundationOutput.feature_map`), or the index of a ViT
+    block whose output tokens, averaged over the valid bands, are the features instead (as linear probes of
+    masked-modeling backbones often read a block below the last).
     """
+    from skyfm.foundation.embeddings import masked_band_mean
+
     model.eval()
     stride = model.token_stride
     features, index, instrument = [], [], []
     labels: dict[str, list] = {name: [] for name in labellings}
+    captured: list[torch.Tensor] = []
+    hook = None
+    if layer is not None:
+        blocks = getattr(model.backbone, "blocks", None)
+        if blocks is None or not -len(blocks) <= layer < len(blocks):
+            raise SkyfmError(f"layer {layer} is not a block of this backbone "
+                             f"({0 if blocks is None else len(blocks)} ViT blocks)")
+        hook = blocks[layer].register_forward_hook(lambda module, args, output: captured.append(output))
     offset = 0
-    with torch.no_grad():
-        for chunk in _batches(patches, batch_size):
-            out = model(*_model_inputs(model, chunk.batch), dense=False, codes=False)
-            fmap = out.feature_map.float().cpu()  # (B, D, h', w')
-            B, D, h, w = fmap.shape
-            features.append(fmap.permute(0, 2, 3, 1).reshape(B * h * w, D).numpy())
-            for b, patch in enumerate(chunk.patches):
-                for name in labellings:
-                    labels[name].append(token_labels(patch, (h, w), stride, min_snr=min_snr,
-                                                     background=name).reshape(-1))
-                index.append(np.full(h * w, offset + b))
-                instrument.append(np.full(h * w, patch.instrument, dtype=object))
-            offset += B
+    try:
+        with torch.no_grad():
+            for chunk in _batches(patches, batch_size):
+                captured.clear()
+                out = model(*_model_inputs(model, chunk.batch), dense=False, codes=False)
+                fmap = out.feature_map.float().cpu()  # (B, D, h', w')
+                B, D, h, w = fmap.shape
+                if layer is not None:  # the block's (B, C * L, D) tokens, band-averaged like feature_map
+                    valid = chunk.batch["band_valid"]
+                    tokens = captured[-1].float().cpu().reshape(B, valid.shape[1], h * w, D)
+                    fmap = masked_band_mean(tokens, valid).transpose(1, 2).reshape(B, D, h, w)
+                features.append(fmap.permute(0, 2, 3, 1).reshape(B * h * w, D).numpy())
+                for b, patch in enumerate(chunk.patches):
+                    for name in labellings:
+                        labels[name].append(token_labels(patch, (h, w), stride, min_snr=min_snr,
+                                                         background=name).reshape(-1))
+                    index.append(np.full(h * w, offset + b))
+                    instrument.append(np.full(h * w, patch.instrument, dtype=object))
+                offset += B
+    finally:
+        if hook is not None:
+            hook.remove()
     return TokenFeatures(np.concatenate(features).astype(np.float32),
                          {name: np.concatenate(rows) for name, rows in labels.items()},
                          np.concatenate(index), np.concatenate(instrument).astype(str))
