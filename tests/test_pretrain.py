@@ -60,6 +60,9 @@ def test_builtin_recipes_load_and_bad_ones_are_clear_errors(tmp_path):
     from skyfm.pretrain import load_pretrain_config
 
     assert load_pretrain_config("tiny").model == "skyfm-tiny"
+    experiment = load_pretrain_config("tiny-denoise-pixels")  # measured in docs/benchmarks.md, run 3
+    assert experiment.model_overrides == {"denoise_loss_weight": 1.0, "backbone": {"pixel_tokens": True}}
+    assert experiment.train == load_pretrain_config("tiny").train
     assert load_pretrain_config(REPO / "configs/pretrain/base.yaml").train.mixed_precision == "bf16"
     with pytest.raises(SkyfmError, match="unknown key"):
         config_from_dict({"train": {"batch": 3}, "data": {"shards": ["x"]}})
