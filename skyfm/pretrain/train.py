@@ -9,7 +9,9 @@ Two stages, told apart by the step number alone (so a resumed run knows where it
 
 1. steps [0, tokenizer_steps): the VQ-VAE tokenizer learns to reconstruct every band of every instrument;
 2. steps [tokenizer_steps, max_steps): the tokenizer is frozen and the backbone predicts the codes of masked
-   (band, cell) tokens from the visible ones (masked token modeling, as BEiT / 4M / AION-1).
+   (band, cell) tokens from the visible ones (masked token modeling, as BEiT / 4M / AION-1); with the model's
+   ``denoise_loss_weight > 0`` it sees one of two independent noisy copies of each image and every token also
+   regresses its pixels of the other (:mod:`skyfm.pretrain.noise_split`).
 
 Exact resume: the data order is a pure function of (seed, rank, world size, samples consumed), the token masks of
 step s come from a generator seeded by (seed, s, rank), and accelerate's ``save_state`` keeps the model, optimizer,
