@@ -10,7 +10,11 @@ below 2**31, nor in the training run's validation set, 2**31 + j for small j), f
 
 * **residual**: rms of (clean - true source-only image) / noise sigma per pixel, against the raw image's
   (data - true background - true sources) / sigma, over all pixels and over source pixels (true source > 1 sigma);
-  and the calibration of the uncertainty: rms of (clean - true) / (denoiser std).
+  and the calibration of the uncertainty: the share of source pixels with |clean - true| <= the uncertainty
+  (68.27% for a calibrated 1-sigma error) and the rms of (clean - true) / uncertainty, for the uncertainty
+  denoise_patch returns (calibrated on validation seeds where the model has a calibration,
+  :mod:`skyfm.heads.denoise.calibrate`), for the samples' raw spread (std, ddof=1) and for the ddof=0 spread
+  the denoiser returned before the calibration existed.
 * **flux**: median over true sources (aperture SNR >= 5 in the noiseless truth, per band) of the aperture flux
   (radius 1 PSF FWHM, at least 1.5 px) in the clean image over the same aperture in the true source image; first
   for isolated point sources (the source itself gives >= 70% of the true aperture flux), then for all (where
@@ -55,6 +59,7 @@ import torch  # noqa: E402
 from skyfm.data.patch import Patch  # noqa: E402
 from skyfm.data.simulate import simulate_patch  # noqa: E402
 from skyfm.heads.denoise.apply import denoise_patch, generate, load_denoiser  # noqa: E402
+from skyfm.heads.denoise.calibrate import apply_calibration, uncertainty_kind  # noqa: E402
 from skyfm.heads.denoise.data import HELD_OUT_SEED_BASE, patch_samples  # noqa: E402
 from skyfm.instruments import load_instrument  # noqa: E402
 from skyfm.instruments.scaling import robust_background  # noqa: E402
@@ -101,19 +106,37 @@ def raw_background(patch):
                      for b, d in zip(patch.bands, patch.data)])
 
 
-def residual_stats(patch, clean, std):
+def residual_stats(patch, clean, std, spread=None, samples=None):
+    """Residuals in noise units and the calibration of the uncertainty ``std`` (what denoise_patch returns);
+    ``spread``: the raw std of the samples (ddof=1) for the same comparison before calibration, and with it,
+    ``samples`` K, the ddof=0 std of the earlier runs (spread * sqrt((K - 1) / K))."""
     sig = noise_sigma(patch)
     src = patch.source_image
     good = np.ones(src.shape, bool) if patch.contaminant_mask is None else patch.contaminant_mask == 0
     raw = ((patch.data - raw_background(patch) - src) / sig)[good]
     res = ((clean - src) / sig)[good]
     on = (src > sig)[good]
-    # calibration where there is a source: (clean - true) / std of the samples
-    z = ((clean - src) / np.maximum(std, 1e-3 * sig))[good][on]
-    inside = (np.abs(clean - src) <= std)[good][on]
     rms = lambda a: float(np.sqrt(np.mean(a**2))) if a.size else float("nan")  # noqa: E731
-    return {"rms_raw": rms(raw), "rms_clean": rms(res), "rms_raw_src": rms(raw[on]), "rms_clean_src": rms(res[on]),
-            "z_rms_src": rms(z), "within_1std_src": float(np.mean(inside)) if inside.size else float("nan")}
+    share = lambda a: float(np.mean(a)) if a.size else float("nan")  # noqa: E731
+    # calibration where there is a source: (clean - true) / std
+    z = ((clean - src) / np.maximum(std, 1e-3 * sig))[good][on]
+    inside = (np.abs(clean - src) <= std)[good]
+    out = {"rms_raw": rms(raw), "rms_clean": rms(res), "rms_raw_src": rms(raw[on]), "rms_clean_src": rms(res[on]),
+           "z_rms_src": rms(z), "within_1std_src": share(inside[on]), "within_1std_bkg": share(inside[~on])}
+    if spread is not None:
+        z_raw = ((clean - src) / np.maximum(spread, 1e-3 * sig))[good][on]
+        out["z_rms_src_spread"] = rms(z_raw)
+        out["within_1std_src_spread"] = share((np.abs(clean - src) <= spread)[good][on])
+        out["within_1std_bkg_spread"] = share((np.abs(clean - src) <= spread)[good][~on])
+        if samples and samples > 1:
+            ddof0 = spread * np.sqrt((samples - 1) / samples)
+            out["within_1std_src_ddof0"] = share((np.abs(clean - src) <= ddof0)[good][on])
+    return out
+
+
+def _nanmean(values) -> float:
+    v = np.asarray(values, np.float64)
+    return float(np.mean(v[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")
 
 
 def _band_psf(patch, c):
@@ -223,17 +246,22 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
             continue
         t0 = time.time()
         rng = np.random.default_rng([ci, 99])
-        res, fluxes, tally, tden = [], [], {}, 0.0
+        res, fluxes, tally, tden, kinds = [], [], {}, 0.0, set()
         for i in range(n):
             seed = BENCH_SEED_BASE + 1000 * ci + i
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 patch = simulate_patch(inst_name, seed, size=size, **opts(rng))
             t1 = time.time()
-            clean, std = denoise_patch(patch, model, samples=samples, steps=steps, seed=i, eta=eta,
-                                       flux_correction=flux_correction)
+            clean, spread = denoise_patch(patch, model, samples=samples, steps=steps, seed=i, eta=eta,
+                                          flux_correction=flux_correction, calibrated=False)
+            # exactly what denoise_patch(calibrated=True) returns, from the same samples
+            valid = None if patch.mask is None else ~np.asarray(patch.mask, bool)
+            std = apply_calibration(patch, clean, spread, model.config, flux_correction, valid=valid)
+            kinds.add(uncertainty_kind(model.config, load_instrument(inst_name).name, patch.bands, flux_correction,
+                                       samples or model.config.default_samples))
             tden += time.time() - t1
-            res.append(residual_stats(patch, clean, std))
+            res.append(residual_stats(patch, clean, std, spread, samples or model.config.default_samples))
             fluxes.extend(flux_ratios(patch, clean))
             radius = match_radius(patch)
             cp = clean_patch(patch, clean)
@@ -258,7 +286,9 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
                     log(f"  {name} {key}: failed ({str(e).splitlines()[0]})")
                     continue
                 tally.setdefault(key, DetTally(cut)).add(det, patch.truth, radius)
-        agg = {k: float(np.mean([r[k] for r in res])) for k in res[0]}
+        # means over the patches; a patch with no source pixel has none of the "source px" numbers (NaN) and is
+        # left out of their means (before, one such patch made the case's mean NaN)
+        agg = {k: _nanmean([r[k] for r in res]) for k in res[0]}
         fl = np.asarray([f for f, _, _ in fluxes])
         snr = np.asarray([s for _, s, _ in fluxes])
         dom = np.asarray([d for _, _, d in fluxes], bool)
@@ -267,7 +297,7 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
             sel = (snr >= lo) & (snr < hi)
             by_snr[f"{lo}-{hi}"] = [int(sel.sum()), float(np.median(fl[sel])) if sel.any() else None]
         results[name] = {
-            "instrument": inst_name, "n": n, "size": size, "residual": agg,
+            "instrument": inst_name, "n": n, "size": size, "residual": agg, "uncertainty": sorted(kinds),
             "flux": {"n_sources": int(fl.size), "median_ratio": float(np.median(fl)) if fl.size else None,
                      "p16": float(np.percentile(fl, 16)) if fl.size else None,
                      "p84": float(np.percentile(fl, 84)) if fl.size else None, "median_by_true_snr": by_snr,
@@ -372,6 +402,20 @@ def markdown(r) -> str:
                      f"{fmt(f['median_ratio'])} [{fmt(f['p16'], 2)}, {fmt(f['p84'], 2)}] ({f['n_sources']}) | "
                      + " / ".join(f"{fmt(m, 2)} ({k})" for k, m in f["median_by_true_snr"].values()) + " | "
                      f"{c['denoise_s_per_patch']:.1f} |")
+    lines += ["\n## Uncertainty: is |clean - true| <= the uncertainty for 68% of the pixels?\n",
+              "std: what denoise_patch returns (calibrated where the model has a calibration: 'uncertainty'); "
+              "spread: the samples' raw std (ddof=1); ddof=0: the std the denoiser gave before the calibration. "
+              "Source px: true source > 1 noise sigma; background px: the others. Means over patches (those "
+              "with source pixels for the source-pixel columns).\n",
+              "| case | uncertainty | within 1 std, source px: ddof=0 spread / ddof=1 spread / **std** | "
+              "background px: spread / std | (clean-true)/uncertainty rms, source px: spread / std |",
+              "|---|---|---|---|---|"]
+    for name, c in r["quality"].items():
+        s = c["residual"]
+        lines.append(f"| {name} | {', '.join(c.get('uncertainty', []))} | {fmt(s.get('within_1std_src_ddof0'), 2)} / "
+                     f"{fmt(s.get('within_1std_src_spread'), 2)} / **{fmt(s['within_1std_src'], 2)}** | "
+                     f"{fmt(s.get('within_1std_bkg_spread'), 2)} / {fmt(s.get('within_1std_bkg'), 2)} | "
+                     f"{fmt(s.get('z_rms_src_spread'), 2)} / {fmt(s['z_rms_src'], 2)} |")
     lines += ["\n## Detection: F1 on raw vs clean images (truth: snr >= 5)\n",
               "| case | detector | F1 at usual cut | F1 at best cut (cut) | tp / fp / fn at usual cut |", "|---|---|---|---|---|"]
     for name, c in r["quality"].items():

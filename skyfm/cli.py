@@ -271,7 +271,8 @@ def pretrain_cmd(config_path, out_dir, max_steps, no_resume):
               help="Denoiser directory (config.json + model.safetensors; default: the one shipped with skyfm).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Output FITS file.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
-              help="Diffusion samples averaged per pixel; their spread is the uncertainty (default: the model's, 4).")
+              help="Diffusion samples averaged per pixel; their spread, calibrated, is the uncertainty (default: the "
+                   "model's, 4; with 1 there is no spread and UNCERT is NaN).")
 @click.option("--steps", type=click.IntRange(min=1, max=1000), default=None,
               help="DDIM steps per sample (default: the model's, 10).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed: the same seed gives the same file.")
@@ -285,9 +286,10 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
     """Remove backgrounds, noise, cosmic rays and trails: write the source-only image of INPUT.
 
     INPUT is a FITS image or a gtbin counts cube. OUT gets the clean image (same shape as the input, same units)
-    as its primary HDU, the per-pixel uncertainty (std of the diffusion samples) as HDU UNCERT, the input header
-    and WCS, and the input's EBOUNDS table for counts cubes. Large images are denoised tile by tile. By default
-    each source of the clean image is rescaled to its observed aperture flux (its uncertainty with it).
+    as its primary HDU, the per-pixel 1-sigma uncertainty as HDU UNCERT (the spread of the diffusion samples,
+    calibrated per instrument on validation simulations; header keyword DNUNCERT says whether it is), the input
+    header and WCS, and the input's EBOUNDS table for counts cubes. Large images are denoised tile by tile. By
+    default each source of the clean image is rescaled to its observed aperture flux (its uncertainty with it).
 
     \b
     Examples:
@@ -296,6 +298,9 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
     """
     from skyfm.heads.denoise.apply import denoise_file
 
+    if samples == 1:
+        click.echo("skyfm: warning: 1 sample has no spread: the UNCERT HDU will be NaN (use --samples 2 or more)",
+                   err=True)
     out = denoise_file(input_path, out_path, instrument=instrument, model_dir=model_dir, samples=samples,
                        steps=steps, seed=seed, hdu=hdu, band=band, progress=True, flux_correction=flux_correction)
     click.echo(f"clean image: {out}")

@@ -278,7 +278,7 @@ def test_samples_are_averaged_in_data_units(model_dir, monkeypatch):
     inv = band_transform(patch.data[0], "counts", compress=model.config.counts_compress).inverse_target(
         values.numpy())
     np.testing.assert_allclose(clean, inv.mean(), rtol=1e-6)
-    np.testing.assert_allclose(std, inv.std(), rtol=1e-6)
+    np.testing.assert_allclose(std, inv.std(ddof=1), rtol=1e-6)  # the unbiased variance of K samples
     assert inv.mean() > float(band_transform(patch.data[0], "counts", compress=model.config.counts_compress)
                               .inverse_target(values.numpy().mean(keepdims=True))[0])
 
@@ -302,3 +302,198 @@ def test_flux_correction_option(tmp_path, model_dir, capsys):
     code, cap = _run(["denoise", str(src), "--model", str(model_dir), "--out", str(tmp_path / "x.fits"),
                       "--flux-correction", "bogus"], capsys)
     assert code != 0 and "flux-correction" in cap.err and not (tmp_path / "x.fits").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Uncertainty: ddof=1 spread, one sample has none, calibration chosen on validation pixels and applied
+# ----------------------------------------------------------------------------------------------------------------
+def _calibrated_model(model_dir, calibration):
+    model = Denoiser.from_pretrained(model_dir)
+    cfg = DenoiserConfig.from_dict({**model.config.to_dict(), "uncertainty_calibration": calibration})
+    model.config = cfg
+    return model
+
+
+def test_one_sample_has_no_spread(tmp_path, model_dir, capsys):
+    model = Denoiser.from_pretrained(model_dir)
+    patch = simulate_patch("ctao", seed=3, size=24)
+    clean, std = denoise_patch(patch, model, samples=1, flux_correction="none")
+    assert np.isfinite(clean).all() and np.isnan(std).all()  # unknown, not a pretended 0
+    src = write_patch(patch, tmp_path / "c.fits")
+    out = tmp_path / "one.fits"
+    code, cap = _run(["denoise", str(src), "--model", str(model_dir), "--out", str(out), "--samples", "1",
+                      "--steps", "2"], capsys)
+    assert code == 0 and "no spread" in cap.err
+    with fits.open(out) as b:
+        assert np.isnan(b["UNCERT"].data).all() and b[0].header["DNUNCERT"] == "none"
+        assert "NaN" in str(b["UNCERT"].header["COMMENT"])
+
+
+def test_old_config_loads_unchanged(tmp_path, model_dir):
+    """A config.json written before the calibration existed has no uncertainty_calibration: it loads, and the
+    uncertainty is the raw spread of the samples."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    cfg = json.loads((old / "config.json").read_text())
+    cfg.pop("uncertainty_calibration", None)
+    (old / "config.json").write_text(json.dumps(cfg))
+    model = Denoiser.from_pretrained(old)
+    assert model.config.uncertainty_calibration == {}
+    patch = simulate_patch("ctao", seed=3, size=24)
+    for mode in ("none", "forced"):
+        a = denoise_patch(patch, model, seed=2, flux_correction=mode)
+        b = denoise_patch(patch, model, seed=2, flux_correction=mode, calibrated=False)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    from skyfm.heads.denoise.calibrate import uncertainty_kind
+
+    assert uncertainty_kind(model.config, "ctao", patch.bands, "forced", 4) == "spread"
+
+
+def test_calibration_is_applied(tmp_path, model_dir, capsys):
+    from skyfm.heads.denoise.apply import band_fwhm_pix
+    from skyfm.heads.denoise.calibrate import calibrated_sigma, noise_sigma, write_calibration
+
+    patch = simulate_patch("ctao", seed=3, size=24)  # bands T0, T1, T2
+    base = Denoiser.from_pretrained(model_dir)
+    clean, raw = denoise_patch(patch, base, seed=2, flux_correction="none", calibrated=False)
+    cal = {"none": {"ctao": {"scale": 3.0, "clean_floor": 0.5, "bands": {"T1": {"scale": 2.0}}}},
+           "forced": {"ctao": {"scale": 7.0}}}
+    model = _calibrated_model(model_dir, cal)
+    c2, std = denoise_patch(patch, model, seed=2, flux_correction="none")
+    assert np.array_equal(c2, clean)  # the clean image is untouched
+    np.testing.assert_allclose(std[0], np.hypot(3.0 * raw[0], 0.5 * clean[0]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(std[1], 2.0 * raw[1], rtol=1e-6)  # the band's own numbers
+    np.testing.assert_allclose(std[2], np.hypot(3.0 * raw[2], 0.5 * clean[2]), rtol=1e-5, atol=1e-7)
+    # the forced flux correction has its own calibration
+    _, raw_f = denoise_patch(patch, base, seed=2, calibrated=False)
+    _, std_f = denoise_patch(patch, model, seed=2)
+    np.testing.assert_allclose(std_f, 7.0 * raw_f, rtol=1e-6)
+    # a noise floor: the estimated noise sigma, here sqrt(background + clean) counts
+    model = _calibrated_model(model_dir, {"none": {"ctao": {"scale": 1.0, "noise_floor": 0.4}}})
+    _, std_n = denoise_patch(patch, model, seed=2, flux_correction="none")
+    noise = noise_sigma(patch.data[0], clean[0], "counts", band_fwhm_pix(patch, 0))
+    assert np.all(noise > 0) and np.all(std_n >= raw - 1e-7)
+    np.testing.assert_allclose(std_n[0], calibrated_sigma(raw[0], clean[0], noise, 1.0, 0.0, 0.4), rtol=1e-5)
+    # skyfm denoise writes it, and says so
+    target = tmp_path / "cal"
+    target.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (target / f).write_bytes((model_dir / f).read_bytes())
+    write_calibration(target, cal)
+    assert Denoiser.from_pretrained(target).config.uncertainty_calibration == cal
+    src = write_patch(patch, tmp_path / "c.fits")
+    out = tmp_path / "cal.fits"
+    code, cap = _run(["denoise", str(src), "--model", str(target), "--out", str(out), "--seed", "2",
+                      "--flux-correction", "none"], capsys)
+    assert code == 0, cap.err
+    with fits.open(out) as b:
+        assert b[0].header["DNUNCERT"] == "calibrated" and "calibrated 1-sigma" in str(b["UNCERT"].header["COMMENT"])
+        np.testing.assert_allclose(b["UNCERT"].data, std, rtol=1e-5)
+
+
+def test_bad_calibration_gives_one_line(tmp_path, model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+    for cal, msg in [({"forced": {"ctao": {"scale": -1}}}, "scale should be a positive number"),
+                     ({"forced": {"ctao": {"scale": 1, "noise_floor": "x"}}}, "noise_floor should be a number >= 0"),
+                     ({"forced": {"ctao": {"sclae": 1}}}, "unknown keys sclae"),
+                     ({"forcd": {}}, "unknown keys forcd")]:
+        (bad / "config.json").write_text(json.dumps({**cfg, "uncertainty_calibration": cal}))
+        with pytest.raises(SkyfmError, match=msg):
+            Denoiser.from_pretrained(bad)
+
+
+def _synthetic_pixels(rng, n, scale, clean_floor, noise_floor):
+    """Pixels whose errors are Gaussian with the model's sigma for the given parameters: a known miscalibration
+    of the spread. Sources from 0 to ~300 sigma (snr = clean / noise), a third of them background."""
+    noise = rng.uniform(0.5, 2.0, n)
+    snr = np.where(rng.random(n) < 0.33, rng.uniform(0, 1, n), np.exp(rng.uniform(0, np.log(300), n)))
+    clean = snr * noise
+    spread = rng.lognormal(-1.0, 0.7, n)  # (independent of the noise: else a noise floor ~ a larger scale)
+    sigma = np.sqrt((scale * spread) ** 2 + (clean_floor * clean) ** 2 + (noise_floor * noise) ** 2)
+    return sigma * rng.normal(size=n), spread, clean, noise, snr
+
+
+def test_chooser_recovers_a_known_miscalibration():
+    from skyfm.heads.denoise.calibrate import COVERAGE_68, choose, scale_only
+
+    rng = np.random.default_rng(0)
+    err, spread, clean, noise, snr = _synthetic_pixels(rng, 60_000, 2.5, 0.0, 0.0)
+    assert scale_only(err, spread) == pytest.approx(2.5, rel=0.03)
+    r = choose(err, spread, clean, noise, snr, floors=False)
+    assert r["scale"] == pytest.approx(2.5, rel=0.03) and r["coverage_source_before"] < 0.35
+    assert r["coverage_source_after"] == pytest.approx(COVERAGE_68, abs=0.002)
+    r = choose(err, spread, clean, noise, snr)  # floors allowed, none needed
+    assert r["scale"] == pytest.approx(2.5, rel=0.05) and r["clean_floor"] <= 0.02 and r["noise_floor"] <= 0.1
+    # a spread 1.5x too small plus errors that do not shrink with it: 20% of the clean value, 0.3 noise sigma
+    err, spread, clean, noise, snr = _synthetic_pixels(rng, 120_000, 1.5, 0.2, 0.3)
+    grid_a, grid_b = [0.0, 0.1, 0.2, 0.3, 0.4], [0.0, 0.15, 0.3, 0.45]
+    r = choose(err, spread, clean, noise, snr, clean_grid=grid_a, noise_grid=grid_b)
+    assert (r["clean_floor"], r["noise_floor"]) == (0.2, 0.3)
+    assert r["scale"] == pytest.approx(1.5, rel=0.05)
+    assert r["coverage_source_after"] == pytest.approx(COVERAGE_68, abs=0.002)
+    for n_pix, cov in r["coverage_by_snr_after"].values():
+        assert n_pix > 1000 and abs(cov - COVERAGE_68) < 0.02
+    # one factor cannot fit faint and bright pixels at once here
+    k_only = choose(err, spread, clean, noise, snr, floors=False)
+    assert k_only["bin_rms_after"] > 3 * r["bin_rms_after"]
+    assert choose(err, spread, clean, noise, snr, clean_grid=grid_a, noise_grid=grid_b) == r  # deterministic
+
+
+def test_choose_calibration_per_band_and_instrument():
+    """choose_calibration: per instrument; a band of its own only with enough pixels from enough patches."""
+    from skyfm.heads.denoise.calibrate import check_calibration, choose_calibration, evaluate_calibration
+
+    rng = np.random.default_rng(1)
+
+    def case(inst, bands_scales, n_patches, n):
+        cols = {k: [] for k in ("band", "patch", "true", "snr")}
+        for mode in ("forced", "none"):
+            for k in ("clean", "std", "noise"):
+                cols[f"{k}_{mode}"] = []
+        for band, scale in bands_scales.items():
+            err, spread, clean, noise, snr = _synthetic_pixels(rng, n, scale, 0.0, 0.0)
+            for mode in ("forced", "none"):
+                cols[f"clean_{mode}"].append(clean)
+                cols[f"std_{mode}"].append(spread)
+                cols[f"noise_{mode}"].append(noise)
+            cols["true"].append(clean - err)
+            cols["snr"].append(snr)
+            cols["band"].append(np.full(n, band, dtype=object))
+            cols["patch"].append(rng.integers(0, n_patches, n))
+        return {"instrument": inst, "seeds": "test", **{k: np.concatenate(v) for k, v in cols.items()}}
+
+    pixels = {"a": case("ctao", {"T0": 2.0, "T1": 4.0}, 16, 6000), "b": case("wise", {"W1": 3.0}, 3, 6000)}
+    cal, report = choose_calibration(pixels, floors=False)
+    check_calibration(cal)
+    assert set(cal) == {"forced", "none"} and set(cal["forced"]) == {"ctao", "wise"}
+    bands = cal["forced"]["ctao"]["bands"]
+    assert bands["T0"]["scale"] == pytest.approx(2.0, rel=0.05) and bands["T1"]["scale"] == pytest.approx(4.0, rel=0.05)
+    assert "bands" not in cal["forced"]["wise"]  # 3 patches: the instrument's numbers
+    assert cal["forced"]["wise"]["scale"] == pytest.approx(3.0, rel=0.05)
+    assert report["forced"]["wise"]["bands_using_instrument"]["W1"]["patches"] == 3
+    ev = evaluate_calibration(pixels, cal)
+    assert all(abs(v["within_1std_src_calibrated"] - 0.6827) < 0.02 and v["within_1std_src_raw"] < 0.4
+               for v in ev.values())
+
+
+def test_validation_pixels_seeds_and_round_trip(tmp_path, model_dir):
+    from skyfm.heads.denoise.calibrate import (CALIBRATION_SEED_BASE, load_pixels, save_pixels, validation_pixels)
+
+    model = Denoiser.from_pretrained(model_dir)
+    px = validation_pixels(model, n=1, size=32, cases={"ctao-plane", "meerlicht-field"})
+    assert set(px) == {"ctao-plane", "meerlicht-field"}
+    d = px["meerlicht-field"]
+    assert sorted(set(d["band"].tolist())) == sorted(["u", "g", "q", "r", "i", "z"])  # all bands here
+    assert d["patch"][0] == CALIBRATION_SEED_BASE + 1000 * 3 and CALIBRATION_SEED_BASE > 2**31 + 900_000
+    for k in ("true", "snr", "clean_forced", "std_forced", "noise_forced", "clean_none", "std_none", "noise_none"):
+        assert d[k].shape == d["band"].shape and np.isfinite(d[k]).all()
+    assert np.all(d["std_none"] >= 0) and np.all(d["noise_forced"] > 0)
+    save_pixels(tmp_path / "p.npz", px, {"n": 1})
+    back, settings = load_pixels(tmp_path / "p.npz")
+    assert settings == {"n": 1} and back["ctao-plane"]["instrument"] == "ctao"
+    assert all(np.array_equal(back[c][k], px[c][k]) for c in px for k in px[c] if k not in ("instrument", "seeds"))

@@ -4,7 +4,9 @@
   clean image, DDPM for training and DDIM for few-step sampling.
 * :mod:`.transforms`: the variance-stabilised spaces (Anscombe for counts, background-normalised asinh for CCDs).
 * :func:`denoise_patch`, :func:`denoise_file` (:mod:`.apply`): any size of image, tiled; mean and std of samples,
-  then (by default) forced photometry of each source against the data (:mod:`.flux`), so that fluxes are kept.
+  then (by default) forced photometry of each source against the data (:mod:`.flux`), so that fluxes are kept;
+  the spread of the samples made a calibrated 1-sigma error per instrument and band (:mod:`.calibrate`, chosen on
+  validation seeds and stored in the model's config.json).
 * :func:`train_denoiser` (:mod:`.train`): seeded, resumable training on simulated patches.
 * :func:`load_denoiser`: the default denoiser shipped in ``skyfm/resources/models/denoiser-default``, or yours.
 """

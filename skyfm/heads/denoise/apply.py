@@ -1,8 +1,9 @@
 """Run a denoiser on images of any size: tiles, several samples, mean and uncertainty in the data's units.
 
 :func:`denoise_patch` takes a :class:`~skyfm.data.Patch` and returns the clean (source-only) image and its per-pixel
-uncertainty, both (C, H, W) in the patch's units (counts per bin, ADU): the mean and standard deviation of
-``samples`` diffusion samples, each drawn with ``steps`` DDIM steps. Images larger than the model's tile are cut
+uncertainty, both (C, H, W) in the patch's units (counts per bin, ADU): the mean of ``samples`` diffusion samples,
+each drawn with ``steps`` DDIM steps, and the calibrated 1-sigma error built from their spread
+(:mod:`skyfm.heads.denoise.calibrate`). Images larger than the model's tile are cut
 into overlapping tiles (:func:`skyfm.data.tiling.tile_grid`); each output pixel comes from the tile that owns it.
 :func:`denoise_file` does the same for a FITS file and writes the result (``skyfm denoise``).
 :func:`generate` samples new source-only images with no observation at all (unconditional, per band).
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from skyfm.errors import SkyfmError
+from skyfm.heads.denoise.calibrate import UNCERT_MEANING, apply_calibration, uncertainty_kind
 from skyfm.heads.denoise.flux import check_flux_correction, forced_flux_correction
 from skyfm.heads.denoise.model import Denoiser, pad_to_multiple
 from skyfm.heads.denoise.transforms import band_features, band_transform, instrument_kind
@@ -50,12 +52,19 @@ def load_denoiser(model_dir: str | Path | None = None) -> Denoiser:
 def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None = None, steps: int | None = None,
                   seed: int = 0, tile: int | None = None, overlap: int | None = None, progress=None,
                   threads: int | None = None, eta: float | None = None,
-                  flux_correction: str = "forced") -> tuple[np.ndarray, np.ndarray]:
+                  flux_correction: str = "forced", calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Clean image and uncertainty, (C, H, W) float32 each, in the units of ``patch.data``.
 
     The samples are averaged in data units (each is inverted from network space first), so the mean image is the
     mean of the samples' fluxes, not the inverse of a network-space mean (biased low by Jensen's inequality: the
     inverse transforms are convex).
+
+    The uncertainty is the samples' standard deviation (``ddof=1``: the unbiased variance of K samples; with
+    ``ddof=0`` the std of K = 4 samples is 13% smaller), scaled with each source by the flux correction, then,
+    with ``calibrated`` and where the model's config has an ``uncertainty_calibration`` for this instrument and
+    flux correction, turned into a calibrated 1-sigma error by :func:`skyfm.heads.denoise.calibrate.apply_calibration`
+    (a factor on the spread and floors added in quadrature, chosen on validation seeds). One sample (``samples=1``)
+    has no spread: the uncertainty is then NaN everywhere (unknown), never a pretended 0.
 
     Args:
         patch: the observed patch (counts cube or CCD image); masked pixels come back as 0 in both arrays.
@@ -70,6 +79,8 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
         flux_correction: ``forced`` (default): each source of the clean image is rescaled so that its aperture
             flux is the observed one minus the background the denoiser removed (:mod:`.flux`; the denoiser alone
             keeps 0.1-0.9 of it); ``none``: the plain mean of the samples.
+        calibrated: apply the model's uncertainty calibration (default); False: the raw spread of the samples
+            (what :mod:`skyfm.heads.denoise.calibrate` chooses the calibration from).
     """
     check_flux_correction(flux_correction)
     model = model or load_denoiser()
@@ -106,14 +117,17 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
         x = model.sample(o, p, feats, steps=steps, generator=gen, callback=progress, eta=eta)
         x = x[:, 0, :th, :tw].numpy().reshape(c, samples, th, tw)
         data = np.stack([transforms[i].inverse_target(x[i]) for i in range(c)])  # (C, K, th, tw) data units
-        mean, sd = data.mean(axis=1), data.std(axis=1)
+        mean = data.mean(axis=1)
+        sd = data.std(axis=1, ddof=1) if samples > 1 else np.full_like(mean, np.nan)
         cy0, cy1, cx0, cx1 = t.core_y0 - t.y0, t.core_y1 - t.y0, t.core_x0 - t.x0, t.core_x1 - t.x0
         clean[:, t.core_y0:t.core_y1, t.core_x0:t.core_x1] = mean[:, cy0:cy1, cx0:cx1]
         std[:, t.core_y0:t.core_y1, t.core_x0:t.core_x1] = sd[:, cy0:cy1, cx0:cx1]
     clean *= valid
-    std *= valid
+    std = np.where(valid, std, 0.0).astype(np.float32)  # (NaN * 0 would stay NaN where samples == 1)
     if flux_correction == "forced":
         clean, std = correct_fluxes(patch, clean, std, valid)
+    if calibrated and samples > 1:  # (one sample: NaN, nothing to calibrate)
+        std = apply_calibration(patch, clean, std, cfg, flux_correction, valid=valid)
     return clean, std
 
 
@@ -142,7 +156,7 @@ def correct_fluxes(patch, clean: np.ndarray, std: np.ndarray, valid=None, config
         out[i], out_std[i], _ = forced_flux_correction(patch.data[i], clean[i], std[i],
                                                        band_fwhm_pix(patch, i, inst), kind, sigma=sigma,
                                                        valid=valid, config=config)
-    return out * valid, out_std * valid
+    return out * valid, np.where(valid, out_std, 0.0).astype(np.float32)
 
 
 def n_evaluations(patch_shape, model: Denoiser, steps: int | None = None, tile: int | None = None,
@@ -201,6 +215,10 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
 
     Masked or NaN input pixels are NaN in both outputs. The file is written atomically: on any error nothing is
     left at ``out``. ``flux_correction``: see :func:`denoise_patch` (recorded as header keyword ``DNFLUX``).
+    ``UNCERT`` is the calibrated 1-sigma error of the clean image where the model has a calibration for the
+    instrument (:mod:`skyfm.heads.denoise.calibrate`), else the samples' std; NaN with one sample. Header keyword
+    ``DNUNCERT`` says which (``calibrated``, ``partly calibrated``, ``spread``, ``none``), a COMMENT in the
+    ``UNCERT`` header what it means.
     """
     import warnings
 
@@ -254,12 +272,16 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     hdr["DNSTEPS"] = (int(steps or model.config.default_steps), "DDIM steps per sample")
     hdr["DNSEED"] = (int(seed), "sampling seed")
     hdr["DNFLUX"] = (flux_correction, "source flux correction (forced: aperture photometry)")
-    hdr["HISTORY"] = "skyfm denoise: mean of diffusion samples of the source-only image; UNCERT = their std"
+    n_samples = int(samples or model.config.default_samples)
+    kind = uncertainty_kind(model.config, load_instrument(patch.instrument).name, patch.bands, flux_correction,
+                            n_samples)
+    hdr["DNUNCERT"] = (kind, "UNCERT: calibrated, spread or none (NaN)")
+    hdr["HISTORY"] = "skyfm denoise: mean of diffusion samples of the source-only image"
     if flux_correction == "forced":
         hdr["HISTORY"] = "skyfm denoise: sources rescaled to their observed aperture flux; UNCERT with them"
     hdus = [fits.PrimaryHDU(shape_clean.astype(np.float32), header=hdr)]
     uhdr = hdr.copy()
-    uhdr["COMMENT"] = "Per-pixel standard deviation of the diffusion samples (same units as the primary HDU)."
+    uhdr["COMMENT"] = f"UNCERT (same units as the primary HDU): {UNCERT_MEANING[kind]}."
     hdus.append(fits.ImageHDU(shape_std.astype(np.float32), header=uhdr, name="UNCERT"))
     if ebounds is not None:
         hdus.append(ebounds)

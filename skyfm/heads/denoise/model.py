@@ -68,6 +68,9 @@ class DenoiserConfig:
     eta: float = 0.0
     tile: int = 256
     tile_overlap: int = 32
+    # calibrated uncertainty: {flux_correction: {instrument: {scale, clean_floor, noise_floor[, bands]}},
+    # "provenance": {...}} chosen on validation seeds (skyfm.heads.denoise.calibrate); empty: the raw spread
+    uncertainty_calibration: dict = field(default_factory=dict)
     # provenance (filled by training)
     training: dict = field(default_factory=dict)
 
@@ -101,6 +104,10 @@ class DenoiserConfig:
         kwargs = {k: v for k, v in d.items() if k in known}
         if "block_out_channels" in kwargs:
             kwargs["block_out_channels"] = tuple(int(c) for c in kwargs["block_out_channels"])
+        if kwargs.get("uncertainty_calibration"):
+            from skyfm.heads.denoise.calibrate import check_calibration
+
+            check_calibration(kwargs["uncertainty_calibration"], where=f"{where}: uncertainty_calibration")
         return cls(**kwargs)
 
 
