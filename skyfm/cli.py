@@ -233,9 +233,11 @@ def pretrain_cmd(config_path, out_dir, max_steps, no_resume):
     """Pretrain the foundation model, self-supervised, on mixed gamma-ray, optical and infrared patches.
 
     Stage 1 trains the VQ-VAE tokenizer on every band of every instrument; stage 2 freezes it and trains the
-    backbone to predict the codes of masked tokens. The recipe names the model, the data (a shard set, or
-    instruments to simulate into OUT/shards first) and the optimisation. The full training state is saved every
-    checkpoint.every steps; run the same command again to resume exactly where a stopped or killed run left off.
+    backbone to predict the codes of masked tokens (with `model_overrides: {denoise_loss_weight: W}`, also to
+    regress every token's pixels of an independent noisy copy of the image: recipe tiny-denoise). The recipe
+    names the model, the data (a shard set, or instruments to simulate into OUT/shards first) and the
+    optimisation. The full training state is saved every checkpoint.every steps; run the same command again to
+    resume exactly where a stopped or killed run left off.
     At the end OUT/model/ holds config.json + model.safetensors, for `--init` / create_model(pretrained_dir=...).
 
     \b
