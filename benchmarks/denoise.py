@@ -58,8 +58,10 @@ import torch  # noqa: E402
 
 from skyfm.data.patch import Patch  # noqa: E402
 from skyfm.data.simulate import simulate_patch  # noqa: E402
+from skyfm.heads.denoise.apply import band_fwhm_pix as fwhm_pix  # noqa: E402
 from skyfm.heads.denoise.apply import denoise_patch, generate, load_denoiser  # noqa: E402
-from skyfm.heads.denoise.calibrate import apply_calibration, uncertainty_kind  # noqa: E402
+from skyfm.heads.denoise.calibrate import apply_calibration, plane_center, uncertainty_kind  # noqa: E402
+from skyfm.heads.denoise.calibrate import true_noise_sigma as noise_sigma  # noqa: E402
 from skyfm.heads.denoise.data import HELD_OUT_SEED_BASE, patch_samples  # noqa: E402
 from skyfm.instruments import load_instrument  # noqa: E402
 from skyfm.instruments.scaling import robust_background  # noqa: E402
@@ -68,12 +70,8 @@ BENCH_SEED_BASE = HELD_OUT_SEED_BASE + 100_000
 TRUTH_SNR = 5.0
 
 
-def _plane_center(rng):
-    return (float(rng.uniform(-40, 40) % 360), float(rng.uniform(-2, 2)))
-
-
 CASES = [  # name, instrument, simulator options (callable of rng), size
-    ("fermi-plane", "fermi-lat", lambda r: {"population": "resampled", "center": _plane_center(r)}, 128),
+    ("fermi-plane", "fermi-lat", lambda r: {"population": "resampled", "center": plane_center(r)}, 128),
     ("ctao-plane", "ctao", lambda r: {"population": "plane"}, 128),
     ("meerlicht-crowded", "meerlicht", lambda r: {"scene": "crowded"}, 128),
     ("meerlicht-field", "meerlicht", lambda r: {"scene": "field"}, 128),
@@ -84,21 +82,6 @@ GEN_BANDS = [("fermi-lat", "E1"), ("ctao", "T1"), ("meerlicht", "q"), ("hubble",
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def fwhm_pix(patch, c):
-    inst = load_instrument(patch.instrument)
-    seeing = patch.meta.get(f"seeing_{patch.bands[c]}")
-    if seeing is not None:
-        return float(seeing) / 3600 / inst.pixel_scale_deg
-    return inst.band(patch.bands[c]).psf.fwhm_deg / inst.pixel_scale_deg
-
-
-def noise_sigma(patch):
-    """(C, H, W) noise sigma per pixel: sqrt(expected counts), or the robust sky sigma of each CCD band."""
-    if load_instrument(patch.instrument).is_counts:
-        return np.sqrt(np.maximum(patch.source_image + patch.background_image, 0.25))
-    return np.stack([np.full(patch.data.shape[1:], robust_background(b)[1], np.float32) for b in patch.data])
-
-
 def raw_background(patch):
     if patch.background_image is not None:
         return patch.background_image

@@ -76,7 +76,8 @@ MIN_PIXELS = 200  # fewer validation source pixels than this: no parameters of i
 MIN_PATCHES = 8  # a band gets its own parameters only when its source pixels come from this many patches
 
 
-def _plane_center(rng):
+def plane_center(rng):
+    """A random (glon, glat) in the inner Galactic plane: the Fermi-plane scenes of the benchmark and calibration."""
     return (float(rng.uniform(-40, 40) % 360), float(rng.uniform(-2, 2)))
 
 
@@ -89,7 +90,7 @@ def _all_bands(instrument: str) -> list[str]:
 # The benchmark's scenes (benchmarks/denoise.py CASES), other seeds. MeerLICHT patches carry all six bands here (the
 # benchmark's carry one drawn at random), so that every band is seen in the same scenes and can have its own numbers.
 VALIDATION_CASES = [
-    ("fermi-plane", "fermi-lat", lambda r: {"population": "resampled", "center": _plane_center(r)}),
+    ("fermi-plane", "fermi-lat", lambda r: {"population": "resampled", "center": plane_center(r)}),
     ("ctao-plane", "ctao", lambda r: {"population": "plane"}),
     ("meerlicht-crowded", "meerlicht", lambda r: {"scene": "crowded", "bands": _all_bands("meerlicht")}),
     ("meerlicht-field", "meerlicht", lambda r: {"scene": "field", "bands": _all_bands("meerlicht")}),
