@@ -63,6 +63,7 @@ from skyfm.heads.denoise.apply import denoise_patch, generate, load_denoiser  # 
 from skyfm.heads.denoise.calibrate import apply_calibration, plane_center, uncertainty_kind  # noqa: E402
 from skyfm.heads.denoise.calibrate import true_noise_sigma as noise_sigma  # noqa: E402
 from skyfm.heads.denoise.data import HELD_OUT_SEED_BASE, patch_samples  # noqa: E402
+from skyfm.heads.denoise.flux import LOCAL_BACKGROUND  # noqa: E402
 from skyfm.instruments import load_instrument  # noqa: E402
 from skyfm.instruments.scaling import robust_background  # noqa: E402
 
@@ -212,7 +213,8 @@ def denoiser_background(patch, clean, sigma_pix=3.0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None, eta=None, flux_correction="forced"):
+def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None, eta=None, flux_correction="forced",
+                seed_offset=0, flux_config=None):
     from skyfm.baselines import sep_detect, tsmap_detect
 
     detector = None
@@ -228,16 +230,17 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
         if only and name not in only:
             continue
         t0 = time.time()
-        rng = np.random.default_rng([ci, 99])
+        rng = np.random.default_rng([ci, 99] if seed_offset == 0 else [ci, 99, seed_offset])
         res, fluxes, tally, tden, kinds = [], [], {}, 0.0, set()
         for i in range(n):
-            seed = BENCH_SEED_BASE + 1000 * ci + i
+            seed = BENCH_SEED_BASE + seed_offset + 1000 * ci + i
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 patch = simulate_patch(inst_name, seed, size=size, **opts(rng))
             t1 = time.time()
             clean, spread = denoise_patch(patch, model, samples=samples, steps=steps, seed=i, eta=eta,
-                                          flux_correction=flux_correction, calibrated=False)
+                                          flux_correction=flux_correction, calibrated=False,
+                                          flux_config=flux_config)
             # exactly what denoise_patch(calibrated=True) returns, from the same samples
             valid = None if patch.mask is None else ~np.asarray(patch.mask, bool)
             std = apply_calibration(patch, clean, spread, model.config, flux_correction, valid=valid)
@@ -369,7 +372,7 @@ def fmt(v, d=3):
 
 def markdown(r) -> str:
     lines = [f"# Denoiser benchmark\n", f"`{r['command']}`  ", f"model: `{r['model']}`; {r['samples']} samples x "
-             f"{r['steps']} DDIM steps (eta {r['eta']}); flux correction {r.get('flux_correction', 'none')}; {r['n']} patches per case ({r['patch_size']} px), seeds {BENCH_SEED_BASE}+; "
+             f"{r['steps']} DDIM steps (eta {r['eta']}); flux correction {r.get('flux_correction', 'none')} ({r.get('flux_config', 'default')} settings); {r['n']} patches per case ({r['patch_size']} px), seeds {BENCH_SEED_BASE + r.get('seed_offset', 0)}+; "
              f"torch threads {r['threads']}; {r['machine']}; load average at start {r['load']}; total {r['wall_s']:.0f} s\n"]
     lines += ["## Residual and flux\n",
               "| case | rms raw (noise units) | rms clean | rms raw, source px | rms clean, source px | "
@@ -430,6 +433,9 @@ def main(argv=None) -> int:
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the model's)")
     p.add_argument("--flux-correction", default="forced", choices=["none", "forced"],
                    help="denoise_patch's flux correction (default forced; none: the plain mean of the samples)")
+    p.add_argument("--flux-config", default="default", choices=["default", "local"],
+                   help="settings of the forced correction: default (shipped) or local (skyfm.heads.denoise.flux."
+                        "LOCAL_BACKGROUND: background from near the sources, exact apertures; measured, not shipped)")
     p.add_argument("--gen-n", type=int, default=16, help="generated images per band")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-ts", action="store_true", help="skip the TS maps (the slow part)")
@@ -437,6 +443,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip", default="", help="comma list of sections to skip: quality, speed, generation")
     p.add_argument("--cases", default="", help="comma list of quality cases to run (default: all: "
                    + ", ".join(c[0] for c in CASES) + ")")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="added to every quality seed (default 0: the test seeds reported in docs/benchmarks.md); "
+                        "700000 gives the diagnostic seeds on which settings are chosen")
     p.add_argument("--out", default="runs/bench-denoise")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -451,12 +460,14 @@ def main(argv=None) -> int:
          "model": a.model or "skyfm/resources/models/denoiser-default", "n": a.n, "patch_size": 128,
          "samples": a.samples or model.config.default_samples, "steps": a.steps or model.config.default_steps,
          "eta": model.config.eta if a.eta is None else a.eta, "flux_correction": a.flux_correction,
+         "seed_offset": a.seed_offset, "flux_config": a.flux_config,
          "threads": a.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores",
          "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if "quality" not in skip:
         r["quality"] = run_quality(model, a.n, a.samples, a.steps, not a.no_ts, not a.no_detector, log,
                                    only=set(filter(None, a.cases.split(","))), eta=a.eta,
-                                   flux_correction=a.flux_correction)
+                                   flux_correction=a.flux_correction, seed_offset=a.seed_offset,
+                                   flux_config=LOCAL_BACKGROUND if a.flux_config == "local" else None)
     if "speed" not in skip:
         r["speed"] = run_speed(model, log, a.flux_correction)
     if "generation" not in skip:

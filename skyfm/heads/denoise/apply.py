@@ -52,7 +52,8 @@ def load_denoiser(model_dir: str | Path | None = None) -> Denoiser:
 def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None = None, steps: int | None = None,
                   seed: int = 0, tile: int | None = None, overlap: int | None = None, progress=None,
                   threads: int | None = None, eta: float | None = None,
-                  flux_correction: str = "forced", calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  flux_correction: str = "forced", calibrated: bool = True,
+                  flux_config=None) -> tuple[np.ndarray, np.ndarray]:
     """Clean image and uncertainty, (C, H, W) float32 each, in the units of ``patch.data``.
 
     The samples are averaged in data units (each is inverted from network space first), so the mean image is the
@@ -81,6 +82,8 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
             keeps 0.1-0.9 of it); ``none``: the plain mean of the samples.
         calibrated: apply the model's uncertainty calibration (default); False: the raw spread of the samples
             (what :mod:`skyfm.heads.denoise.calibrate` chooses the calibration from).
+        flux_config: :class:`~skyfm.heads.denoise.flux.ForcedFluxConfig` of the forced correction (default: its
+            defaults, which the shipped calibration was chosen with).
     """
     check_flux_correction(flux_correction)
     model = model or load_denoiser()
@@ -125,7 +128,7 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
     clean *= valid
     std = np.where(valid, std, 0.0).astype(np.float32)  # (NaN * 0 would stay NaN where samples == 1)
     if flux_correction == "forced":
-        clean, std = correct_fluxes(patch, clean, std, valid)
+        clean, std = correct_fluxes(patch, clean, std, valid, config=flux_config)
     if calibrated and samples > 1:  # (one sample: NaN, nothing to calibrate)
         std = apply_calibration(patch, clean, std, cfg, flux_correction, valid=valid)
     return clean, std
