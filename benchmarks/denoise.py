@@ -214,7 +214,7 @@ def denoiser_background(patch, clean, sigma_pix=3.0):
 
 # ----------------------------------------------------------------------------------------------------------------
 def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None, eta=None, flux_correction="forced",
-                seed_offset=0, flux_config=None):
+                seed_offset=0, flux_config=None, precision="auto"):
     from skyfm.baselines import sep_detect, tsmap_detect
 
     detector = None
@@ -240,7 +240,7 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
             t1 = time.time()
             clean, spread = denoise_patch(patch, model, samples=samples, steps=steps, seed=i, eta=eta,
                                           flux_correction=flux_correction, calibrated=False,
-                                          flux_config=flux_config)
+                                          flux_config=flux_config, precision=precision)
             # exactly what denoise_patch(calibrated=True) returns, from the same samples
             valid = None if patch.mask is None else ~np.asarray(patch.mask, bool)
             std = apply_calibration(patch, clean, spread, model.config, flux_correction, valid=valid)
@@ -298,20 +298,28 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
     return results
 
 
-def run_speed(model, log, flux_correction="forced"):
+def run_speed(model, log, flux_correction="forced", precisions=("fp32", "bf16")):
+    """Best of two runs per (patch, steps, precision), 1 sample; bf16 only where it is native here."""
+    from skyfm.detect import bf16_is_fast
+
     out = {}
     ml = simulate_patch("meerlicht", BENCH_SEED_BASE + 90_000, size=256, scene="field")
     fe = simulate_patch("fermi-lat", BENCH_SEED_BASE + 90_001, size=256)
-    denoise_patch(ml, model, samples=1, steps=1, flux_correction=flux_correction)  # warm-up
-    for label, patch, steps in [("meerlicht 1x256x256", ml, 4), ("meerlicht 1x256x256", ml, 10),
-                                ("meerlicht 1x256x256", ml, 20), ("fermi-lat 6x256x256", fe, 4)]:
-        times = []
-        for _ in range(2):
-            t = time.time()
-            denoise_patch(patch, model, samples=1, steps=steps, flux_correction=flux_correction)
-            times.append(time.time() - t)
-        out[f"{label}, {steps} steps"] = min(times)
-        log(f"  speed {label} {steps} steps: {min(times):.2f} s")
+    for precision in precisions:
+        if precision == "bf16" and not bf16_is_fast("cpu"):
+            log("  speed: bf16 is not native on this CPU; skipped")
+            continue
+        denoise_patch(ml, model, samples=1, steps=1, flux_correction=flux_correction, precision=precision)  # warm-up
+        for label, patch, steps in [("meerlicht 1x256x256", ml, 4), ("meerlicht 1x256x256", ml, 10),
+                                    ("meerlicht 1x256x256", ml, 20), ("fermi-lat 6x256x256", fe, 4)]:
+            times = []
+            for _ in range(2):
+                t = time.time()
+                denoise_patch(patch, model, samples=1, steps=steps, flux_correction=flux_correction,
+                              precision=precision)
+                times.append(time.time() - t)
+            out[f"{label}, {steps} steps, {precision}"] = min(times)
+            log(f"  speed {label} {steps} steps {precision}: {min(times):.2f} s")
     return out
 
 
@@ -325,7 +333,7 @@ def radial_power(images):
     return np.array([p[(k >= a) & (k < b)].mean() for a, b in zip(edges[:-1], edges[1:])])
 
 
-def run_generation(model, n, steps, log):
+def run_generation(model, n, steps, log, precision="auto"):
     import sep
     from scipy.stats import ks_2samp
 
@@ -333,7 +341,7 @@ def run_generation(model, n, steps, log):
     for gi, (inst_name, band) in enumerate(GEN_BANDS):
         inst = load_instrument(inst_name)
         bi = inst.band_index(band)
-        gen = generate(model, inst_name, band, n=n, size=64, steps=steps, seed=gi)
+        gen = generate(model, inst_name, band, n=n, size=64, steps=steps, seed=gi, precision=precision)
         sims = []
         for i in range(n):
             seed = BENCH_SEED_BASE + 50_000 + 100 * gi + i
@@ -373,7 +381,7 @@ def fmt(v, d=3):
 def markdown(r) -> str:
     lines = [f"# Denoiser benchmark\n", f"`{r['command']}`  ", f"model: `{r['model']}`; {r['samples']} samples x "
              f"{r['steps']} DDIM steps (eta {r['eta']}); flux correction {r.get('flux_correction', 'none')} ({r.get('flux_config', 'default')} settings); {r['n']} patches per case ({r['patch_size']} px), seeds {BENCH_SEED_BASE + r.get('seed_offset', 0)}+; "
-             f"torch threads {r['threads']}; {r['machine']}; load average at start {r['load']}; total {r['wall_s']:.0f} s\n"]
+             f"torch threads {r['threads']}; precision {r.get('precision', 'fp32')}; {r['machine']}; load average at start {r['load']}; total {r['wall_s']:.0f} s\n"]
     lines += ["## Residual and flux\n",
               "| case | rms raw (noise units) | rms clean | rms raw, source px | rms clean, source px | "
               "(clean-true)/std rms, source px | within 1 std, source px | flux ratio, isolated point sources: "
@@ -436,6 +444,9 @@ def main(argv=None) -> int:
     p.add_argument("--flux-config", default="default", choices=["default", "local"],
                    help="settings of the forced correction: default (shipped) or local (skyfm.heads.denoise.flux."
                         "LOCAL_BACKGROUND: background from near the sources, exact apertures; measured, not shipped)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="network arithmetic of the quality and generation runs (default auto: bf16 where native); "
+                        "the speed section times fp32 and bf16")
     p.add_argument("--gen-n", type=int, default=16, help="generated images per band")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-ts", action="store_true", help="skip the TS maps (the slow part)")
@@ -460,18 +471,19 @@ def main(argv=None) -> int:
          "model": a.model or "skyfm/resources/models/denoiser-default", "n": a.n, "patch_size": 128,
          "samples": a.samples or model.config.default_samples, "steps": a.steps or model.config.default_steps,
          "eta": model.config.eta if a.eta is None else a.eta, "flux_correction": a.flux_correction,
-         "seed_offset": a.seed_offset, "flux_config": a.flux_config,
+         "seed_offset": a.seed_offset, "flux_config": a.flux_config, "precision": a.precision,
          "threads": a.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores",
          "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if "quality" not in skip:
         r["quality"] = run_quality(model, a.n, a.samples, a.steps, not a.no_ts, not a.no_detector, log,
                                    only=set(filter(None, a.cases.split(","))), eta=a.eta,
                                    flux_correction=a.flux_correction, seed_offset=a.seed_offset,
-                                   flux_config=LOCAL_BACKGROUND if a.flux_config == "local" else None)
+                                   flux_config=LOCAL_BACKGROUND if a.flux_config == "local" else None,
+                                   precision=a.precision)
     if "speed" not in skip:
         r["speed"] = run_speed(model, log, a.flux_correction)
     if "generation" not in skip:
-        r["generation"] = run_generation(model, a.gen_n, 10, log)
+        r["generation"] = run_generation(model, a.gen_n, 10, log, a.precision)
     r.setdefault("quality", {})
     r["wall_s"] = time.time() - t0
     out = Path(a.out)

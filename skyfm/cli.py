@@ -284,7 +284,10 @@ def pretrain_cmd(config_path, out_dir, max_steps, no_resume):
               help="forced: rescale each source of the clean image so that its aperture flux (1 PSF FWHM) is the "
                    "observed one minus the removed background (forced photometry; the denoiser alone keeps "
                    "0.36-0.87 of an isolated source's flux); none: the plain mean of the samples.")
-def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, seed, hdu, band, flux_correction):
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Network arithmetic: auto = bfloat16 where the CPU or GPU has it natively, else float32.")
+def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, seed, hdu, band, flux_correction,
+                precision):
     """Remove backgrounds, noise, cosmic rays and trails: write the source-only image of INPUT.
 
     INPUT is a FITS image or a gtbin counts cube. OUT gets the clean image (same shape as the input, same units)
@@ -304,7 +307,8 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
         click.echo("skyfm: warning: 1 sample has no spread: the UNCERT HDU will be NaN (use --samples 2 or more)",
                    err=True)
     out = denoise_file(input_path, out_path, instrument=instrument, model_dir=model_dir, samples=samples,
-                       steps=steps, seed=seed, hdu=hdu, band=band, progress=True, flux_correction=flux_correction)
+                       steps=steps, seed=seed, hdu=hdu, band=band, progress=True, flux_correction=flux_correction,
+                       precision=precision)
     click.echo(f"clean image: {out}")
 
 

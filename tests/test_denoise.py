@@ -315,7 +315,7 @@ def test_samples_are_averaged_in_data_units(model_dir, monkeypatch):
     model = Denoiser.from_pretrained(model_dir)
     values = torch.tensor([0.0, 6.0])  # network-space value of sample 0 and sample 1, everywhere
 
-    def fake_sample(obs, present, features, steps=None, generator=None, eta=None, callback=None):
+    def fake_sample(obs, present, features, steps=None, generator=None, eta=None, callback=None, bf16=False):
         k = obs.shape[0]
         return values.repeat(k // 2)[:, None, None, None].expand(obs.shape).clone()
 
@@ -349,6 +349,28 @@ def test_flux_correction_option(tmp_path, model_dir, capsys):
     code, cap = _run(["denoise", str(src), "--model", str(model_dir), "--out", str(tmp_path / "x.fits"),
                       "--flux-correction", "bogus"], capsys)
     assert code != 0 and "flux-correction" in cap.err and not (tmp_path / "x.fits").exists()
+
+
+def test_precision_option(tmp_path, model_dir, capsys):
+    """bf16 autocast runs the network only: same shapes, finite, close to float32; a bad value is one clear line."""
+    model = Denoiser.from_pretrained(model_dir)
+    patch = simulate_patch("meerlicht", seed=4, size=32)
+    with pytest.raises(SkyfmError, match="--precision must be one of auto, fp32, bf16"):
+        denoise_patch(patch, model, precision="double")
+    full, _ = denoise_patch(patch, model, seed=1, precision="fp32", flux_correction="none")
+    half, _ = denoise_patch(patch, model, seed=1, precision="bf16", flux_correction="none")
+    again, _ = denoise_patch(patch, model, seed=1, precision="bf16", flux_correction="none")
+    assert half.shape == full.shape and np.isfinite(half).all() and np.array_equal(half, again)
+    scale = float(np.abs(full).mean())
+    assert 0 < float(np.abs(half - full).mean()) < 0.05 * scale  # bf16 differs, but little
+    src = write_patch(patch, tmp_path / "m.fits")
+    out = tmp_path / "bf16.fits"
+    code, cap = _run(["denoise", str(src), "--model", str(model_dir), "--out", str(out), "--samples", "2",
+                      "--steps", "2", "--precision", "bf16"], capsys)
+    assert code == 0 and out.exists(), cap.err
+    code, cap = _run(["denoise", str(src), "--model", str(model_dir), "--out", str(tmp_path / "x.fits"),
+                      "--precision", "double"], capsys)
+    assert code != 0 and "precision" in cap.err and not (tmp_path / "x.fits").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------

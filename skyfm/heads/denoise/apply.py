@@ -38,6 +38,16 @@ def _load_cached(path: str) -> Denoiser:
     return Denoiser.from_pretrained(path)
 
 
+def use_bf16(precision: str, device="cpu") -> bool:
+    """Whether ``precision`` (``auto``, ``fp32``, ``bf16``) means bfloat16 autocast on ``device``; ``auto``: where
+    bfloat16 is native (:func:`skyfm.detect.bf16_is_fast`)."""
+    from skyfm.detect import PRECISIONS, bf16_is_fast
+
+    if precision not in PRECISIONS:
+        raise SkyfmError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    return precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
+
+
 def load_denoiser(model_dir: str | Path | None = None) -> Denoiser:
     """A denoiser from ``model_dir`` (config.json + model.safetensors), or the default shipped one."""
     if model_dir is None:
@@ -53,7 +63,7 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
                   seed: int = 0, tile: int | None = None, overlap: int | None = None, progress=None,
                   threads: int | None = None, eta: float | None = None,
                   flux_correction: str = "forced", calibrated: bool = True,
-                  flux_config=None) -> tuple[np.ndarray, np.ndarray]:
+                  flux_config=None, precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Clean image and uncertainty, (C, H, W) float32 each, in the units of ``patch.data``.
 
     The samples are averaged in data units (each is inverted from network space first), so the mean image is the
@@ -84,8 +94,11 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
             (what :mod:`skyfm.heads.denoise.calibrate` chooses the calibration from).
         flux_config: :class:`~skyfm.heads.denoise.flux.ForcedFluxConfig` of the forced correction (default: its
             defaults, which the shipped calibration was chosen with).
+        precision: ``auto`` (default: bfloat16 autocast where the CPU or GPU has it natively, else float32),
+            ``fp32`` or ``bf16``.
     """
     check_flux_correction(flux_correction)
+    bf16 = use_bf16(precision)
     model = model or load_denoiser()
     cfg = model.config
     samples = int(samples or cfg.default_samples)
@@ -109,7 +122,9 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
     overlap = int(cfg.tile_overlap if overlap is None else overlap)
     overlap = min(overlap, tile - 1)
     tiles = tile_grid(h, w, tile, overlap)
-    model.eval()
+    # channels-last: oneDNN's faster convolution layout on CPU (1.2-1.3x here on 256 x 256 patches); set on every
+    # call, so that a model gives the same numbers however it was loaded
+    model.eval().to(memory_format=torch.channels_last)
     for k, t in enumerate(tiles):
         y1, x1 = min(t.y1, h), min(t.x1, w)
         win, (th, tw) = pad_to_multiple(obs[:, t.y0:y1, t.x0:x1], cfg.multiple)
@@ -117,7 +132,7 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
         o = torch.from_numpy(win).repeat_interleave(samples, dim=0)[:, None]
         p = torch.from_numpy(pres).expand(c * samples, -1, -1)[:, None].contiguous()
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0]))
-        x = model.sample(o, p, feats, steps=steps, generator=gen, callback=progress, eta=eta)
+        x = model.sample(o, p, feats, steps=steps, generator=gen, callback=progress, eta=eta, bf16=bf16)
         x = x[:, 0, :th, :tw].numpy().reshape(c, samples, th, tw)
         data = np.stack([transforms[i].inverse_target(x[i]) for i in range(c)])  # (C, K, th, tw) data units
         mean = data.mean(axis=1)
@@ -175,7 +190,7 @@ def n_evaluations(patch_shape, model: Denoiser, steps: int | None = None, tile: 
 
 @torch.no_grad()
 def generate(model: Denoiser, instrument, band: str | int, n: int, size: int = 64, steps: int | None = None,
-             seed: int = 0) -> np.ndarray:
+             seed: int = 0, precision: str = "auto") -> np.ndarray:
     """``n`` new source-only images (n, size, size) of one band, in network space, with no observation.
 
     Network space is the variance-stabilised one (:mod:`skyfm.heads.denoise.transforms`): about one unit per noise
@@ -187,7 +202,7 @@ def generate(model: Denoiser, instrument, band: str | int, n: int, size: int = 6
     zeros = torch.zeros(n, 1, size, size)
     feats = torch.from_numpy(np.repeat(band_features(inst, bi)[None], n, axis=0))
     gen = torch.Generator().manual_seed(int(seed))
-    x = model.sample(zeros, zeros, feats, steps=steps, generator=gen)
+    x = model.sample(zeros, zeros, feats, steps=steps, generator=gen, bf16=use_bf16(precision))
     return np.clip(x[:, 0].numpy(), 0 if inst.is_counts else None, None)
 
 
@@ -212,12 +227,14 @@ def _clean_header(header):
 
 def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_dir=None, samples: int | None = None,
                  steps: int | None = None, seed: int = 0, hdu=None, band: str | None = None, tile: int | None = None,
-                 progress: bool = False, overwrite: bool = True, flux_correction: str = "forced") -> Path:
+                 progress: bool = False, overwrite: bool = True, flux_correction: str = "forced",
+                 precision: str = "auto") -> Path:
     """Denoise a FITS image or counts cube into ``out``: the clean image (primary HDU, same shape as the input
     image), its uncertainty (``UNCERT`` HDU), the input header and WCS, and the input's ``EBOUNDS`` if any.
 
     Masked or NaN input pixels are NaN in both outputs. The file is written atomically: on any error nothing is
-    left at ``out``. ``flux_correction``: see :func:`denoise_patch` (recorded as header keyword ``DNFLUX``).
+    left at ``out``. ``flux_correction``: see :func:`denoise_patch` (recorded as header keyword ``DNFLUX``);
+    ``precision`` as there.
     ``UNCERT`` is the calibrated 1-sigma error of the clean image where the model has a calibration for the
     instrument (:mod:`skyfm.heads.denoise.calibrate`), else the samples' std; NaN with one sample. Header keyword
     ``DNUNCERT`` says which (``calibrated``, ``partly calibrated``, ``spread``, ``none``), a COMMENT in the
@@ -231,6 +248,7 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     from skyfm.utils import atomic_path
 
     check_flux_correction(flux_correction)
+    use_bf16(precision)  # a bad value fails before anything is read
     path, out = Path(path), Path(out)
     if out.exists() and not overwrite:
         raise SkyfmError(f"{out} exists")
@@ -258,7 +276,7 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     try:
         clean, std = denoise_patch(patch, model, samples=samples, steps=steps, seed=seed, tile=tile,
                                    progress=None if bar is None else (lambda: bar.update(1)),
-                                   flux_correction=flux_correction)
+                                   flux_correction=flux_correction, precision=precision)
     finally:
         if bar is not None:
             bar.close()

@@ -24,6 +24,8 @@ Saved as a directory: ``config.json`` (architecture, scheduler, transforms, how 
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -218,11 +220,13 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, present: torch.Tensor, features: torch.Tensor, steps: int | None = None,
-               generator: torch.Generator | None = None, eta: float | None = None, callback=None) -> torch.Tensor:
+               generator: torch.Generator | None = None, eta: float | None = None, callback=None,
+               bf16: bool = False) -> torch.Tensor:
         """Sample clean images (B, 1, H, W) in network space given obs/present (B, 1, H, W), features (B, F).
 
         H and W must be multiples of ``config.multiple`` (pad first; see :func:`pad_to_multiple`).
         DDIM with ``steps`` steps (default ``config.default_steps``) from pure noise drawn with ``generator``.
+        ``bf16``: run the network under bfloat16 autocast (the scheduler's arithmetic stays float32).
         """
         steps = int(steps or self.config.default_steps)
         if steps < 1 or steps > self.config.num_train_timesteps:
@@ -231,9 +235,12 @@ class Denoiser(nn.Module):
         sched = self.sample_scheduler()
         sched.set_timesteps(steps)
         x = torch.randn(obs.shape, generator=generator, dtype=obs.dtype)
+        autocast = torch.autocast(obs.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         for t in sched.timesteps:
             tt = torch.full((obs.shape[0],), int(t), dtype=torch.long)
-            x0 = self(x, tt, obs, present, features)
+            with autocast:
+                x0 = self(x, tt, obs, present, features)
+            x0 = x0.float()
             x = sched.step(x0, t, x, eta=eta, generator=generator).prev_sample
             if callback is not None:
                 callback()
