@@ -310,8 +310,8 @@ def part_two(args, recipe) -> dict:
     import torch
 
     from skyfm.instruments import load_instrument
-    from skyfm.pretrain.evaluate import (EVAL_INSTRUMENTS, LABELLINGS, TokenFeatures, probe_per_instrument,
-                                         simulate_eval_set, token_features, tokenizer_report)
+    from skyfm.pretrain.evaluate import (EVAL_INSTRUMENTS, LABELLINGS, TokenFeatures, probe_errors,
+                                         probe_per_instrument, simulate_eval_set, token_features, tokenizer_report)
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -356,6 +356,23 @@ def part_two(args, recipe) -> dict:
     print("pixels: the same probe on the scaled pixels around each cell (3 x 3 cells, 4 x 4-pixel means); "
           "TS map: on the cell's largest sqrt(TS) of a Poisson point-source TS map with the true background "
           "(counts only; what a likelihood analysis knows).\n")
+
+    label = "pretrained" if pretrained is not None else "random"
+    errors = probe_errors(tokens[label], patches, models[label].token_stride, seed=args.seed)
+    results["probe_errors"] = errors
+    print(f"Where the {label} probe errs (light labels, held-out tokens): source recall by the snr of the "
+          f"brightest source centred in the cell; background false-positive rate by quartile of the patch's mean "
+          f"true background per pixel and band (lowest to highest):\n")
+    print("| instrument | recall, snr 5-7 / 7-10 / 10-20 / >= 20 | false positives, background quartile 1 / 2 / 3 / 4 "
+          "| background per pixel, quartile edges |")
+    print("|---|---|---|---|")
+    for name, e in errors.items():
+        recall = " / ".join(f"{fmt(r, 2)} ({n})" for _, _, n, r in e["recall_by_snr"])
+        fpr = " / ".join(f"{fmt(r, 2)}" for _, _, _, r in e["fpr_by_background"]) or "-"
+        edges = ", ".join(f"{lo:.3g}" for lo, _, _, _ in e["fpr_by_background"])
+        edges = f"{edges}, {e['fpr_by_background'][-1][1]:.3g}" if e["fpr_by_background"] else "-"
+        print(f"| {name} | {recall} | {fpr} | {edges} |")
+    print()
 
     model = pretrained if pretrained is not None else random
     report = tokenizer_report(model, patches)

@@ -229,3 +229,36 @@ def test_tokenizer_report_runs_on_an_untrained_model_and_returns_the_documented_
     assert report["all"]["n_patches"] == 5
     assert report["all"]["n_faint"] == report["fermi-lat"]["n_faint"] + report["meerlicht"]["n_faint"]
     assert report["all"]["codebook_usage"] >= max(report[n]["codebook_usage"] for n in ("fermi-lat", "meerlicht"))
+
+
+def test_probe_errors_show_a_probe_that_reads_intensity_not_excess():
+    """A feature that grows with the patch's background level fires on bright backgrounds: probe_errors says so
+    (false positives by background quartile rise), and counts recall by the centred source's snr."""
+    from skyfm.pretrain.evaluate import TokenFeatures, centred_source_snr, probe_errors
+
+    rng = np.random.default_rng(3)
+    stride, size = 8, 32
+    patches, feats, labels = [], [], []
+    for i in range(60):
+        level = float(rng.uniform(1.0, 10.0))
+        snr = float(rng.choice([6.0, 30.0]))
+        patch = hand_made_patch([(12.0, 12.0, snr)], size=size)
+        patch.background_image = np.full((1, size, size), level, np.float32)
+        patches.append(patch)
+        grid = (size // stride, size // stride)
+        lab = np.full(grid, NEGATIVE, np.int8)
+        lab[1, 1] = POSITIVE
+        assert centred_source_snr(patch, grid, stride)[1, 1] == snr
+        intensity = 0.3 * level + 2.0 * (lab == POSITIVE) + rng.normal(0, 0.3, grid)
+        feats.append(np.stack([intensity.ravel(), rng.normal(size=lab.size)], axis=1))
+        labels.append(lab.ravel())
+    n = len(patches) * (size // stride) ** 2
+    tokens = TokenFeatures(np.concatenate(feats).astype(np.float32), {"light": np.concatenate(labels)},
+                           np.repeat(np.arange(len(patches)), n // len(patches)), np.full(n, "meerlicht"))
+    errors = probe_errors(tokens, patches, stride, seed=0)["meerlicht"]
+    fpr = [r for _, _, _, r in errors["fpr_by_background"]]
+    assert len(fpr) == 4 and fpr[3] > fpr[0] + 0.1
+    bins = errors["recall_by_snr"]
+    assert [n for _, _, n, _ in bins][1:3] == [0, 0] and bins[0][2] + bins[3][2] > 0
+    with pytest.raises(SkyfmError, match="token cells"):
+        probe_errors(tokens, patches[:-1], stride)

@@ -284,7 +284,7 @@ def token_features(model, patches: Sequence[Patch], batch_size: int = 32, min_sn
 
 # ------------------------------------------------------------------------------------------ linear probe
 def linear_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, seed: int = 0,
-                 test_fraction: float = 0.3) -> dict:
+                 test_fraction: float = 0.3, return_predictions: bool = False) -> dict:
     """Logistic regression on standardised features, trained and scored on disjoint groups (patches).
 
     Tokens labelled -1 are dropped. The split is by ``groups`` (scikit-learn's ``GroupShuffleSplit``, about
@@ -296,7 +296,8 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, s
     chance is 0.5 whatever the mix), ``majority`` (the accuracy of always answering the commoner class).
 
     Returns a dict: accuracy, balanced_accuracy, majority, n_train, n_test, n_test_source, n_test_background,
-    n_train_patches, n_test_patches.
+    n_train_patches, n_test_patches; with ``return_predictions`` also ``test_rows`` (the held-out tokens' rows
+    of ``features``) and ``predicted`` (their predicted labels), to see which tokens the probe gets wrong.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
@@ -324,6 +325,7 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, s
     probe.fit(X[train], y[train])
     predicted = probe.predict(X[test])
     n_source = int((y[test] == POSITIVE).sum())
+    extra = {"test_rows": np.flatnonzero(keep)[test], "predicted": predicted} if return_predictions else {}
     return {
         "accuracy": float(accuracy_score(y[test], predicted)),
         "balanced_accuracy": float(balanced_accuracy_score(y[test], predicted)),
@@ -334,6 +336,7 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, s
         "n_test_background": int(len(test) - n_source),
         "n_train_patches": int(np.unique(g[train]).size),
         "n_test_patches": int(np.unique(g[test]).size),
+        **extra,
     }
 
 
@@ -345,6 +348,68 @@ def probe_per_instrument(tokens: TokenFeatures, seed: int = 0, labelling: str = 
 
 
 # --------------------------------------------------------------------------------------- tokenizer report
+SNR_BINS = ((5.0, 7.0), (7.0, 10.0), (10.0, 20.0), (20.0, np.inf))
+
+
+def centred_source_snr(patch: Patch, grid: tuple[int, int], stride: int) -> np.ndarray:
+    """(h', w') snr of the brightest true source centred in each token cell (0 where none)."""
+    h, w = grid
+    out = np.zeros((h, w))
+    if patch.truth is None or len(patch.truth) == 0:
+        return out
+    x, y = np.asarray(patch.truth["x"], float), np.asarray(patch.truth["y"], float)
+    snr = np.asarray(patch.truth["snr"], float)
+    rows, cols = np.floor((y + 0.5) / stride).astype(int), np.floor((x + 0.5) / stride).astype(int)
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    np.maximum.at(out, (rows[inside], cols[inside]), snr[inside])
+    return out
+
+
+def probe_errors(tokens: TokenFeatures, patches: Sequence[Patch], stride: int, seed: int = 0,
+                 labelling: str = "light") -> dict[str, dict]:
+    """Where each instrument's probe (:func:`probe_per_instrument`, same split) errs, on its held-out tokens.
+
+    ``patches`` and ``tokens`` as :func:`token_features` made them (one row per cell, patch by patch). Returns
+    {instrument: {"recall_by_snr": [(lo, hi, n, recall)], "fpr_by_background": [(lo, hi, n, false-positive
+    rate)]}}: source-token recall by the snr of the brightest source centred in the cell (:data:`SNR_BINS`), and
+    the background tokens' false-positive rate by quartile of their patch's mean true background per pixel and
+    band (``patch.background_image``; empty where the simulation has none). A probe that fires on bright
+    backgrounds reads intensity, not a source's excess over its background.
+    """
+    snr_rows, level_rows = [], []
+    for patch in patches:
+        grid = (patch.height // stride, patch.width // stride)
+        snr_rows.append(centred_source_snr(patch, grid, stride).ravel())
+        level = np.nan if patch.background_image is None else float(np.mean(patch.background_image))
+        level_rows.append(np.full(grid[0] * grid[1], level))
+    snr_all, level_all = np.concatenate(snr_rows), np.concatenate(level_rows)
+    if len(snr_all) != len(tokens.features):
+        raise SkyfmError(f"{len(patches)} patches give {len(snr_all)} token cells at stride {stride}, "
+                         f"the features have {len(tokens.features)} rows")
+    out = {}
+    for name in dict.fromkeys(tokens.instrument):
+        keep = tokens.instrument == name
+        sub = tokens.select(keep)
+        res = linear_probe(sub.features, sub.labels[labelling], sub.patch_index, seed=seed, return_predictions=True)
+        rows, predicted = res["test_rows"], res["predicted"]
+        truth = sub.labels[labelling][rows]
+        snr, level = snr_all[keep][rows], level_all[keep][rows]
+        by_snr = []
+        for lo, hi in SNR_BINS:
+            sel = (truth == POSITIVE) & (snr >= lo) & (snr < hi)
+            by_snr.append((lo, hi, int(sel.sum()), float(np.mean(predicted[sel] == POSITIVE)) if sel.any() else np.nan))
+        by_level = []
+        background = (truth == NEGATIVE) & np.isfinite(level)
+        if background.sum() >= 8:
+            edges = np.quantile(level[background], [0.0, 0.25, 0.5, 0.75, 1.0])
+            for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+                sel = background & (level >= lo) & ((level < hi) if i < 3 else (level <= hi))
+                by_level.append((float(lo), float(hi), int(sel.sum()),
+                                 float(np.mean(predicted[sel] == POSITIVE)) if sel.any() else np.nan))
+        out[name] = {"recall_by_snr": by_snr, "fpr_by_background": by_level}
+    return out
+
+
 def aperture_photometry(image: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float) -> dict[str, np.ndarray]:
     """Background-subtracted aperture fluxes of a 2-D image at (x, y), with photutils.
 
@@ -517,11 +582,14 @@ __all__ = [
     "TokenFeatures",
     "aperture_noise",
     "aperture_photometry",
+    "SNR_BINS",
     "cell_source_snr",
+    "centred_source_snr",
     "eval_patch_seed",
     "faint_source_photometry",
     "linear_probe",
     "patch_fwhm_pix",
+    "probe_errors",
     "probe_per_instrument",
     "simulate_eval_set",
     "token_features",
