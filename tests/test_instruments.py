@@ -174,3 +174,24 @@ def test_scaling_round_trips_and_normalises_noise(rng):
     np.testing.assert_allclose(unscale_image(scaled, params), sky, rtol=1e-5)
     anscombe, _ = scale_image(rng.poisson(20.0, size=(1, 128, 128)), "anscombe")
     assert np.std(anscombe) == pytest.approx(1.0, abs=0.05)
+
+
+def test_counts_asinh_scaling_is_background_normalised_and_inverts():
+    """counts-asinh: each bin's background (a clipped mean, not the median of sparse counts) maps to 0 and its
+    Poisson sigma to about one unit, whatever the background level; stored as asinh parameters, so that
+    unscale_image and the shards' torch scaling are the same functions."""
+    import numpy as np
+
+    from skyfm.data.shards import apply_scaling
+    from skyfm.instruments.scaling import poisson_background, scale_image, unscale_image
+
+    rng = np.random.default_rng(0)
+    for level in (0.05, 3.0, 80.0):
+        image = rng.poisson(level, (2, 64, 64)).astype(np.float32)
+        image[:, 30:33, 30:33] += 500.0  # a bright source must not raise the background
+        scaled, params = scale_image(image, "counts-asinh")
+        assert params["method"] == "asinh" and params["estimator"] == "poisson"
+        assert abs(poisson_background(image[0]) - level) < 0.1 * level + 0.02
+        assert abs(float(np.median(scaled[0][image[0] < 400]))) < 0.5
+        np.testing.assert_allclose(unscale_image(scaled, params), image, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(apply_scaling(image, params).numpy(), scaled, rtol=1e-5, atol=1e-5)

@@ -74,7 +74,7 @@ def noise_split(batch: dict, generator: torch.Generator | None = None, fraction:
     for i, params in enumerate(batch["scaling"]):
         c = int(valid[i].sum())
         raw = image[i, :c].float().cpu()
-        if params["method"] in COUNTS_SCALINGS:
+        if params["method"] in COUNTS_SCALINGS or params.get("estimator") == "poisson":  # counts-asinh
             noisy, target = split_counts(raw, fraction, generator)
         elif params["method"] == "asinh":
             sigma = torch.tensor(params["sigma"], dtype=torch.float32)
