@@ -543,8 +543,11 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 @click.option("--no-refine", is_flag=True,
               help="Keep the network's positions and fluxes: no PSF fit (CCD images) or Poisson likelihood fit "
                    "(counts cubes, which then get no TS). Faster, less accurate.")
+@click.option("--drop-trails", is_flag=True,
+              help="CCD images: find satellite trails in each tile (straight ridges of light across it) and drop "
+                   "the detections on them; a star on a bright trail goes with it. Costs ~0.2 s per 512^2 tile.")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
-               precision, attention_window, no_refine):
+               precision, attention_window, no_refine, drop_trails):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -564,7 +567,8 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
         hdu = int(hdu)
     table = detect_file(input_path, out_path, instrument=instrument, band=band, model_dir=model_dir,
                         min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size,
-                        precision=precision, attention_window=attention_window, refine=not no_refine)
+                        precision=precision, attention_window=attention_window, refine=not no_refine,
+                        drop_trails=drop_trails)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

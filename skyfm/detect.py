@@ -283,12 +283,14 @@ def _round_up(n: int, k: int) -> int:
 
 def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None = None, overlap: int | None = None,
                  batch_size: int | None = None, progress: bool = False, pixel_scale: float | None = None,
-                 precision: str = "auto", attention_window: int | None = None, refine: bool = True) -> dict:
+                 precision: str = "auto", attention_window: int | None = None, refine: bool = True,
+                 drop_trails: bool = False) -> dict:
     """Run the detector over every tile of ``source`` (a Patch or an opened ImageFile) -> full-image arrays.
 
     ``precision`` and ``attention_window``: see :func:`inference_settings`. ``refine``: PSF-fit refinement of
     the bright detections of CCD tiles (:func:`refine_ccd_tile`); counts cubes are refined after all tiles
-    (:func:`refine_counts`).
+    (:func:`refine_counts`). ``drop_trails``: on CCD tiles, drop the detections on satellite trails that the
+    tile's image shows (:func:`drop_trail_detections`).
     """
     import torch
     from tqdm.auto import tqdm
@@ -336,6 +338,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             if refine and not inst.is_counts:
                 d = refine_ccd_tile(d, p, inst, head, seeing)
             f = 1.0 / zoom  # image pixels per network pixel
+            if drop_trails and not inst.is_counts:
+                d = drop_trail_detections(d, p, inst, pixel_scale=(pixel_scale or inst.pixel_scale_deg) * f)
             d["x"] = t.x0 + (d["x"] + 0.5) * f - 0.5
             d["y"] = t.y0 + (d["y"] + 0.5) * f - 0.5
             d["pos_err"] = d["pos_err"] * f
@@ -440,6 +444,22 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
 
 
 # --------------------------------------------------------------------------------------------- counts refinement
+def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None) -> dict:
+    """The detections of one CCD tile (``d``, tile pixels) less those on satellite trails that the tile shows
+    (:func:`skyfm.catalog.trails.find_trails` on its pixels; ``pixel_scale`` in deg per tile pixel)."""
+    from skyfm.catalog.trails import find_trails, on_trail
+
+    if len(d["x"]) == 0:
+        return d
+    scale = pixel_scale or inst.pixel_scale_deg
+    fwhm = float(np.median([inst.band(b).psf.fwhm_deg / scale for b in patch.bands]))
+    trails = find_trails(patch.data, fwhm)
+    if not trails:
+        return d
+    keep = ~on_trail(d["x"], d["y"], trails)
+    return {k: (v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v) for k, v in d.items()}
+
+
 def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background=None,
                   bands: list[str] | None = None, head=None) -> dict:
     """Poisson likelihood refinement of counts-cube detections: position, flux per bin, TS, physical flux.
@@ -505,7 +525,7 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
 
 def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_size: int | None = None,
                  overlap: int | None = None, refine: bool = True, batch_size: int | None = None, progress: bool = False,
-                 precision: str = "auto", attention_window: int | None = None):
+                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False):
     """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
 
     Args:
@@ -515,6 +535,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
         refine: for counts cubes, the Poisson likelihood refinement (TS, physical flux).
         precision, attention_window: how the network runs (:func:`inference_settings`): by default bf16 where
             the hardware has it natively, and the tiling of :func:`default_tiling`.
+        drop_trails: CCD images: drop the detections on satellite trails (:func:`drop_trail_detections`).
     """
     from skyfm.instruments import load_instrument
 
@@ -529,7 +550,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     scale = _wcs_scale(patch.wcs)
     arrays = detect_tiles(patch, inst, det, min_score=min_score, tile_size=tile_size, overlap=overlap,
                           batch_size=batch_size, progress=progress, pixel_scale=scale, precision=precision,
-                          attention_window=attention_window, refine=refine)
+                          attention_window=attention_window, refine=refine, drop_trails=drop_trails)
     if inst.is_counts and refine:
         arrays = refine_counts(arrays, patch.data, inst, scale, getattr(patch, "background_image", None),
                                bands=list(patch.bands), head=head)
@@ -567,7 +588,7 @@ def _wcs_scale(wcs) -> float | None:
 def detect_file(path, out=None, *, instrument=None, band: str | None = None, model_dir=None,
                 min_score: float | None = None, plot: bool = False, associate=None, hdu=None,
                 tile_size: int | None = None, batch_size: int | None = None, progress: bool = True, refine: bool = True,
-                precision: str = "auto", attention_window: int | None = None):
+                precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -601,6 +622,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
 
                 patch = read_image(path, instrument=instrument, hdu=hdu, band=band)
                 table = detect_patch(patch, det, min_score, tile_size=tile_size, refine=refine,
+                                     drop_trails=drop_trails,
                                      batch_size=batch_size, progress=progress, precision=precision,
                                      attention_window=attention_window)
                 patch_for_plot = patch
@@ -610,7 +632,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 scale = image.pixel_scale_deg
                 arrays = detect_tiles(image, inst, det, min_score=min_score, tile_size=tile_size,
                                       batch_size=batch_size, progress=progress, pixel_scale=scale,
-                                      precision=precision, attention_window=attention_window, refine=refine)
+                                      precision=precision, attention_window=attention_window, refine=refine,
+                                      drop_trails=drop_trails)
                 if inst.is_counts and refine:
                     data = image.read_window(0, image.height, 0, image.width)
                     data = np.nan_to_num(data, nan=0.0)

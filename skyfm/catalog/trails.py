@@ -1,0 +1,262 @@
+"""Satellite trails: straight ridges of light across a CCD image, found so that ``skyfm detect`` drops the
+detections a trail breaks into.
+
+A trail is a straight line with the PSF's line-spread profile across it, often far brighter than the stars (the
+detector then fires along its flanks, not on its centre line). :func:`find_trails` looks for it in the image:
+
+1. the bands' background-subtracted images in noise units are averaged into blocks (``block`` px, about a PSF
+   FWHM), and for every line (1-degree steps, one block apart) the *median* of the blocks along it is taken: a
+   median along a line through a star field is the sky between the stars, whatever stars it crosses, while a
+   trail lifts the whole line (a Radon transform with a median instead of a sum);
+2. a line is a trail when its median exceeds the medians of the parallel lines 3 to 6 blocks to either side
+   (the larger of the two sides) by ``min_excess`` noise sigma per pixel, by ``min_sigmas`` times the median's
+   own noise and by ``min_sigmas`` times the scatter of that excess over all lines of the image (crowded
+   fields scatter it far beyond the pixel noise), over at least ``min_length`` px and half the image's side;
+   candidates are taken brightest first (at most ``max_candidates``);
+3. at full resolution the candidate's centre is refined and its half-width measured (the offsets where the
+   median profile across it stays above ``edge_sigma`` noise sigma, plus one FWHM), and it must be lit from
+   end to end: in each quarter of its length the median along it rises ``min_excess`` sigma above the mean
+   of the medians beside it (a satellite crosses the whole image; a bleed column, a cluster's core or a
+   galaxy lifts a line only where they are). A trail found is masked out and the search repeated, up to
+   ``max_trails``.
+
+:func:`on_trail` marks the detections within a trail's half-width; ``skyfm detect`` drops them. A star that
+lies on a bright trail is lost with it, as it is under a masked trail.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+ANGLE_STEP_DEG = 1.0
+RHO_STEP_PIX = 2.0
+
+
+@dataclass
+class Trail:
+    """A straight trail: the points (x, y) with ``x cos(theta) + y sin(theta) = rho`` (pixels, radians)."""
+
+    theta: float
+    rho: float
+    excess: float  # the line's median over the brighter side's, in noise sigma per pixel
+    half_width: float  # px: where the trail stays above edge_sigma, plus one PSF FWHM
+
+    def distance(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Perpendicular distance (px) of the points (x, y) from the trail's line."""
+        return np.abs(np.asarray(x) * np.cos(self.theta) + np.asarray(y) * np.sin(self.theta) - self.rho)
+
+
+def _noise_units(image: np.ndarray) -> np.ndarray:
+    """(H, W): the bands' background-subtracted images in noise units, averaged and rescaled to unit noise."""
+    from skyfm.instruments.scaling import robust_background
+
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim == 2:
+        image = image[None]
+    planes = []
+    for band in image:
+        finite = np.isfinite(band)
+        if finite.sum() < 16:
+            continue
+        sky, sigma = robust_background(band)
+        planes.append(np.where(finite, (band - sky) / max(sigma, 1e-12), 0.0))
+    if not planes:
+        return np.zeros(image.shape[1:])
+    return np.sum(planes, axis=0) / np.sqrt(len(planes))
+
+
+def _line_medians(z: np.ndarray, theta: float, rho: float, offsets: np.ndarray) -> tuple[np.ndarray, int]:
+    """Median of ``z`` along the line (theta, rho) shifted by each offset (px), nearest-pixel samples 1 px apart
+    over the part of the line inside the image; returns (medians, samples per line)."""
+    h, w = z.shape
+    c, s = np.cos(theta), np.sin(theta)
+    t = np.arange(-np.hypot(h, w), np.hypot(h, w), 1.0)
+    x0, y0 = rho * c - t * s, rho * s + t * c  # the line, parametrised by t along it
+    inside = (x0 >= 0) & (x0 <= w - 1) & (y0 >= 0) & (y0 <= h - 1)
+    x0, y0 = x0[inside], y0[inside]
+    out = np.full(len(offsets), np.nan)
+    for i, o in enumerate(offsets):
+        xi = np.rint(x0 + o * c).astype(int)
+        yi = np.rint(y0 + o * s).astype(int)
+        ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        if ok.sum() >= 8:
+            out[i] = float(np.median(z[yi[ok], xi[ok]]))
+    return out, int(inside.sum())
+
+
+def _block_mean(z: np.ndarray, block: int) -> np.ndarray:
+    h, w = (z.shape[0] // block) * block, (z.shape[1] // block) * block
+    return z[:h, :w].reshape(h // block, block, w // block, block).mean(axis=(1, 3))
+
+
+def _radon_median(z: np.ndarray, thetas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median of ``z`` (NaN: ignored) along every line (theta, rho), rho in 1-pixel steps: (medians (n_theta,
+    n_rho), finite samples per line, rho values). Lines with fewer than 8 samples are NaN."""
+    h, w = z.shape
+    half = float(np.ceil(np.hypot(h, w) / 2.0))
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    rho_c = np.arange(-half, half + 1.0)  # about the image centre, so that every line crosses the image
+    t = np.arange(-half, half + 1.0)
+    med = np.full((len(thetas), len(rho_c)), np.nan)
+    count = np.zeros((len(thetas), len(rho_c)), dtype=np.int32)
+    rows = np.arange(len(rho_c))
+    for i, theta in enumerate(thetas):
+        c, s = np.cos(theta), np.sin(theta)
+        xs = np.rint(cx + rho_c[:, None] * c - t[None, :] * s).astype(int)  # (n_rho, n_t)
+        ys = np.rint(cy + rho_c[:, None] * s + t[None, :] * c).astype(int)
+        inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+        values = np.where(inside, z[np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)], np.nan)
+        values = np.sort(values, axis=1)  # NaNs (outside, masked) sort last
+        n = np.isfinite(values).sum(axis=1)
+        ok = n >= 8
+        lo, hi = np.maximum(n - 1, 0) // 2, n // 2
+        med[i, ok] = 0.5 * (values[rows, lo] + values[rows, hi])[ok]
+        count[i] = n
+    return med, count, rho_c
+
+
+def find_trails(image: np.ndarray, fwhm_pix: float, *, block: int | None = None, min_excess: float = 5.0,
+                min_sigmas: float = 8.0, min_length: float = 64.0, edge_sigma: float = 3.0,
+                max_trails: int = 4, max_candidates: int = 12) -> list[Trail]:
+    """Trails across ``image`` ((C, H, W) or (H, W), data units, sky included); see the module docstring.
+
+    ``fwhm_pix``: the PSF FWHM in pixels (blocks of about two FWHMs, at least 4 px, and the width margin).
+    """
+    z = _noise_units(image)
+    h, w = z.shape
+    fwhm = max(float(fwhm_pix), 1.0)
+    block = int(block or max(4, 2 * round(fwhm)))
+    if min(h, w) < 8 * block:
+        return []
+    thetas = np.deg2rad(np.arange(0.0, 180.0, ANGLE_STEP_DEG))
+    hb, wb = h // block, w // block
+    cxb, cyb = (wb - 1) / 2.0, (hb - 1) / 2.0
+    yy, xx = np.mgrid[0:h, 0:w]
+    trails: list[Trail] = []
+    score, rhos = _line_scores(_block_mean(z, block), thetas, block, min_excess, min_sigmas,
+                               max(min_length, 0.5 * min(h, w)))
+    for _ in range(max_candidates):
+        if len(trails) >= max_trails or score is None or not np.isfinite(score).any():
+            break
+        it, ir = np.unravel_index(int(np.argmax(score)), score.shape)
+        theta, excess = float(thetas[it]), float(score[it, ir])
+        # block coordinates (about the block grid's centre) -> pixels (about the image's origin)
+        rho_blocks = rhos[ir] + cxb * np.cos(theta) + cyb * np.sin(theta)
+        rho = float(rho_blocks * block + 0.5 * (block - 1) * (np.cos(theta) + np.sin(theta)))
+        trail = _refine(z, theta, rho, fwhm, block, edge_sigma, excess)
+        if _lit_end_to_end(z, trail, min_excess):
+            trails.append(trail)
+            # look again without it
+            z = np.where(trail.distance(xx, yy) <= trail.half_width + block, np.nan, z)
+            score, rhos = _line_scores(_block_mean(z, block), thetas, block, min_excess, min_sigmas,
+                                       max(min_length, 0.5 * min(h, w)))
+        else:  # a partial ridge (a bleed column, a cluster's core, a galaxy): not this line nor its neighbours
+            near_theta = np.abs(((thetas - theta + np.pi / 2) % np.pi) - np.pi / 2) <= np.deg2rad(3.0)
+            score[np.ix_(near_theta, np.abs(rhos - rhos[ir]) <= 2)] = -np.inf
+    return trails
+
+
+def _line_scores(zb: np.ndarray, thetas: np.ndarray, block: int, min_excess: float, min_sigmas: float,
+                 min_length: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """(excess of every trail-like line (n_theta, n_rho), -inf for the others; rho about the block grid's
+    centre, in blocks)."""
+    med, count, rhos = _radon_median(zb, thetas)
+    sides = []
+    with warnings.catch_warnings():  # lines off the image are NaN: so are their sides' medians
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for sign in (-1, 1):
+            shifted = [np.roll(med, sign * k, axis=1) for k in range(3, 7)]
+            sides.append(np.nanmedian(np.stack(shifted), axis=0))
+    floor = np.fmax(sides[0], sides[1])
+    noise = 1.2533 / (block * np.sqrt(np.maximum(count, 1)))  # a block mean has noise 1 / block
+    excess = med - floor
+    long_enough = (count * block >= min_length) & np.isfinite(excess)
+    if not long_enough.any():
+        return None, rhos
+    # crowded fields scatter line medians far beyond the pixel noise: measure the scatter over all lines
+    values = excess[long_enough]
+    scatter = 1.4826 * float(np.median(np.abs(values - np.median(values))))
+    good = long_enough & (excess >= min_excess) & (excess >= min_sigmas * noise) & (excess >= min_sigmas * scatter)
+    return np.where(good, excess, -np.inf), rhos
+
+
+def _lit_end_to_end(z: np.ndarray, trail: "Trail", min_excess: float, segments: int = 4) -> bool:
+    """Whether the trail's ridge runs across the whole image: in each of ``segments`` equal stretches of the
+    line, the median along it is ``min_excess`` sigma above the median beside it (3 half-widths away and more,
+    the mean of the two sides: a ridge rises above both, the edge of a cluster or a gradient only above one).
+    A satellite crosses the whole image; a bleed column, a cluster's core or a galaxy lifts the
+    line only where it is."""
+    h, w = z.shape
+    c, s = np.cos(trail.theta), np.sin(trail.theta)
+    t = np.arange(-np.hypot(h, w), np.hypot(h, w), 1.0)
+    x0, y0 = trail.rho * c - t * s, trail.rho * s + t * c
+    inside = (x0 >= 0) & (x0 <= w - 1) & (y0 >= 0) & (y0 <= h - 1)
+    t = t[inside]
+    if t.size < 8 * segments:
+        return False
+    bounds = np.linspace(t.min(), t.max() + 1e-9, segments + 1)
+    side = 3.0 * max(trail.half_width, 2.0)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        stretch = t[(t >= lo) & (t < hi)]
+        values = {}
+        for name, offsets in (("on", (-1.0, 0.0, 1.0)), ("left", (-side, -1.5 * side, -2.0 * side)),
+                              ("right", (side, 1.5 * side, 2.0 * side))):
+            samples = []
+            for o in offsets:
+                xi = np.rint(trail.rho * c - stretch * s + o * c).astype(int)
+                yi = np.rint(trail.rho * s + stretch * c + o * s).astype(int)
+                ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+                samples.append(z[yi[ok], xi[ok]])
+            v = np.concatenate(samples)
+            v = v[np.isfinite(v)]
+            values[name] = float(np.median(v)) if v.size >= 4 else np.nan
+        sides = [v for v in (values["left"], values["right"]) if np.isfinite(v)]
+        beside = float(np.mean(sides)) if sides else 0.0  # the mean: a ridge rises above both, an edge does not
+        if not np.isfinite(values["on"]) or values["on"] - beside < min_excess:
+            return False
+    return True
+
+
+def _refine(z: np.ndarray, theta: float, rho: float, fwhm: float, block: int, edge_sigma: float,
+            excess: float) -> "Trail":
+    """The trail at full resolution: the angle (within a degree, quarter-degree steps, about the line's point
+    nearest the image centre) and offset (within a block) whose median along the line is highest, and the
+    half-width (module docstring)."""
+    h, w = z.shape
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    d = cx * np.cos(theta) + cy * np.sin(theta) - rho
+    px, py = cx - d * np.cos(theta), cy - d * np.sin(theta)  # the line's point nearest the image centre
+    offsets = np.arange(-float(block), block + 0.5, 0.5)
+    best = (-np.inf, theta, rho)
+    for dtheta in np.deg2rad(np.arange(-1.0, 1.01, 0.25)):
+        th = theta + dtheta
+        r0 = px * np.cos(th) + py * np.sin(th)
+        prof, _ = _line_medians(z, th, r0, offsets)
+        if np.isfinite(prof).any() and np.nanmax(prof) > best[0]:
+            best = (float(np.nanmax(prof)), th, r0 + float(offsets[int(np.nanargmax(prof))]))
+    _, theta, rho = best
+    if not 0.0 <= theta < np.pi:  # the same line with the angle in [0, pi): the normal and rho flip
+        theta, rho = theta % np.pi, -rho
+    reach = np.arange(0.0, 64.0, 1.0)
+    half = 0.0
+    for sign in (-1.0, 1.0):
+        side, _ = _line_medians(z, theta, rho, sign * reach)
+        above = np.isfinite(side) & (side >= edge_sigma)
+        k = int(np.argmin(above)) if not above.all() else len(reach)  # first offset below edge_sigma
+        half = max(half, float(reach[k - 1]) if k > 0 else 0.0)
+    return Trail(float(theta), float(rho), float(excess), half + fwhm)
+
+
+def on_trail(x: np.ndarray, y: np.ndarray, trails: list[Trail]) -> np.ndarray:
+    """(N,) bool: which points (x, y) lie within a trail's half-width of any of ``trails``."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    hit = np.zeros(x.shape, dtype=bool)
+    for trail in trails:
+        hit |= trail.distance(x, y) <= trail.half_width
+    return hit
+
+
+__all__ = ["Trail", "find_trails", "on_trail"]

@@ -1,0 +1,95 @@
+"""Satellite trails: found in the image as straight ridges, never in star fields, clusters or bleed columns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from skyfm.catalog.trails import Trail, find_trails, on_trail
+
+SIZE, FWHM, SKY, NOISE = 256, 3.5, 100.0, 5.0
+
+
+def star_field(rng, n_stars=250, cluster=True) -> np.ndarray:
+    """(H, W) sky + Gaussian stars (a uniform field and, optionally, a dense cluster) + Gaussian noise."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    image = np.full((SIZE, SIZE), SKY)
+    xs, ys = rng.uniform(0, SIZE, n_stars), rng.uniform(0, SIZE, n_stars)
+    if cluster:
+        xs = np.concatenate([xs, rng.normal(90, 12, 150)])
+        ys = np.concatenate([ys, rng.normal(160, 12, 150)])
+    sigma = FWHM / 2.3548
+    for x, y, flux in zip(xs, ys, 10 ** rng.uniform(2.0, 4.0, len(xs))):
+        r = slice(max(0, int(y) - 10), int(y) + 11), slice(max(0, int(x) - 10), int(x) + 11)
+        image[r] += flux / (2 * np.pi * sigma**2) * np.exp(-((xx[r] - x) ** 2 + (yy[r] - y) ** 2) / (2 * sigma**2))
+    return image + rng.normal(0, NOISE, image.shape)
+
+
+def add_line(image, theta_deg, rho, peak_sigma, extent=None) -> np.ndarray:
+    """A straight line (x cos t + y sin t = rho) with a Gaussian line-spread profile of the PSF's FWHM; with
+    ``extent`` = (lo, hi) only over that stretch of its length (a bleed column rather than a trail)."""
+    t = np.deg2rad(theta_deg)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(float)
+    d = xx * np.cos(t) + yy * np.sin(t) - rho
+    line = peak_sigma * NOISE * np.exp(-d**2 / (2 * (FWHM / 2.3548) ** 2))
+    if extent is not None:
+        along = -xx * np.sin(t) + yy * np.cos(t)
+        line *= (along >= extent[0]) & (along <= extent[1])
+    return image + line
+
+
+@pytest.mark.parametrize("theta_deg,rho,peak", [(30.0, 150.0, 200.0), (100.0, 40.0, 25.0), (0.0, 77.0, 50.0)])
+def test_a_trail_across_a_crowded_field_is_found_where_it_is(theta_deg, rho, peak):
+    rng = np.random.default_rng(int(theta_deg))
+    image = add_line(star_field(rng), theta_deg, rho, peak)
+    trails = find_trails(image[None], FWHM)
+    assert len(trails) == 1
+    trail = trails[0]
+    dtheta = abs(((np.degrees(trail.theta) - theta_deg + 90) % 180) - 90)
+    assert dtheta <= 1.5
+    # the same line: points of the true line lie within a pixel or two of the found one across the image
+    t = np.deg2rad(theta_deg)
+    along = np.linspace(-180, 180, 50)
+    x, y = rho * np.cos(t) - along * np.sin(t), rho * np.sin(t) + along * np.cos(t)
+    inside = (x >= 0) & (x < SIZE) & (y >= 0) & (y < SIZE)
+    assert np.all(trail.distance(x[inside], y[inside]) <= 2.5)
+    assert trail.half_width >= FWHM and trail.excess > 5
+    # detections on it are marked, those well off it are not
+    assert on_trail(x[inside], y[inside], trails).all()
+    assert not on_trail(x[inside] + 3 * trail.half_width * np.cos(t),
+                        y[inside] + 3 * trail.half_width * np.sin(t), trails).any()
+
+
+def test_no_trail_in_star_fields_clusters_or_bleed_columns():
+    rng = np.random.default_rng(7)
+    for seed in range(3):
+        field = star_field(np.random.default_rng(seed))
+        assert find_trails(field, FWHM) == []
+    # a saturated star's bleed column lifts a line only over part of the image: not a satellite trail
+    bleed = add_line(star_field(rng), 0.0, 120.0, 300.0, extent=(60.0, 140.0))
+    assert find_trails(bleed, FWHM) == []
+    # too small an image to tell
+    assert find_trails(np.zeros((16, 16)), FWHM) == []
+
+
+def test_drop_trail_detections_keeps_the_rest():
+    from skyfm.detect import drop_trail_detections
+    from skyfm.instruments import load_instrument
+
+    class Tile:  # what drop_trail_detections reads of a tile
+        bands = ["q"]
+
+    inst = load_instrument("meerlicht")
+    fwhm = inst.band("q").psf.fwhm_deg / inst.pixel_scale_deg
+    rng = np.random.default_rng(3)
+    Tile.data = add_line(star_field(rng), 45.0, 180.0, 100.0)[None]
+    t = np.deg2rad(45.0)
+    on = np.array([[180 * np.cos(t) - a * np.sin(t), 180 * np.sin(t) + a * np.cos(t)] for a in (-60.0, 0.0, 60.0)])
+    off = np.array([[30.0, 30.0], [220.0, 220.0]])
+    xy = np.concatenate([on, off])
+    d = {"x": xy[:, 0], "y": xy[:, 1], "score": np.linspace(0.9, 0.5, 5), "flux_band": np.ones((5, 1))}
+    kept = drop_trail_detections(d, Tile, inst)
+    np.testing.assert_allclose(np.c_[kept["x"], kept["y"]], off)
+    assert kept["flux_band"].shape == (2, 1) and len(kept["score"]) == 2
+    assert abs(fwhm - FWHM) < 3  # the test's image is near MeerLICHT's seeing
+    assert isinstance(Trail(0.0, 1.0, 1.0, 1.0).distance(np.zeros(2), np.ones(2)), np.ndarray)
