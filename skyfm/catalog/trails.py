@@ -4,10 +4,10 @@ detections a trail breaks into.
 A trail is a straight line with the PSF's line-spread profile across it, often far brighter than the stars (the
 detector then fires along its flanks, not on its centre line). :func:`find_trails` looks for it in the image:
 
-1. the bands' background-subtracted images in noise units are averaged into blocks (``block`` px, about a PSF
-   FWHM), and for every line (1-degree steps, one block apart) the *median* of the blocks along it is taken: a
-   median along a line through a star field is the sky between the stars, whatever stars it crosses, while a
-   trail lifts the whole line (a Radon transform with a median instead of a sum);
+1. the bands' background-subtracted images in noise units are averaged into blocks (``block`` px, by default
+   two PSF FWHMs and at least 4 px), and for every line (1-degree steps, one block apart) the *median* of the
+   blocks along it is taken: a median along a line through a star field is the sky between the stars, whatever
+   stars it crosses, while a trail lifts the whole line (a Radon transform with a median instead of a sum);
 2. a line is a trail when its median exceeds the medians of the parallel lines 3 to 6 blocks to either side
    (the larger of the two sides) by ``min_excess`` noise sigma per pixel, by ``min_sigmas`` times the median's
    own noise and by ``min_sigmas`` times the scatter of that excess over all lines of the image (crowded
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import numpy as np
 
 ANGLE_STEP_DEG = 1.0
-RHO_STEP_PIX = 2.0
 
 
 @dataclass
