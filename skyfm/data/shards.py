@@ -804,9 +804,10 @@ def apply_scaling(image: np.ndarray | torch.Tensor, params: Mapping) -> torch.Te
     if method == "anscombe":
         return 2.0 * torch.sqrt(x.clamp(min=0) + 0.375)
     if method == "asinh":
-        sky = torch.tensor(params["sky"], dtype=torch.float32)[:, None, None]
-        sigma = torch.tensor(params["sigma"], dtype=torch.float32)[:, None, None] * params.get("softening", 1.0)
-        return _asinh((x - sky) / sigma)
+        from skyfm.instruments.scaling import sky_sigma_maps
+
+        sky, sigma = (torch.from_numpy(a) for a in sky_sigma_maps(params, tuple(x.shape)))
+        return _asinh((x - sky) / (sigma * params.get("softening", 1.0)))
     raise SkyfmError(f"unknown scaling method '{method}' in a shard sample")
 
 

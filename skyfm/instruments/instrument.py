@@ -19,7 +19,7 @@ A YAML file (see ``configs/instruments/*.yaml`` for five complete examples) has 
                   saturation: ADU}``.
 ``background``    instrument-specific background parameters, read by the simulators (documented in each YAML).
 ``contaminants``  ``ccd`` only: rates of cosmic rays, satellite trails, hot and bad pixels, bleed trails.
-``scaling``       how images are scaled for the networks: ``{method: log1p | anscombe | asinh | counts-asinh}``.
+``scaling``       how images are scaled for the networks: ``{method: log1p | anscombe | asinh | counts-asinh[-mesh]}``.
 ``simulation``    optional parameters of the simulators (populations, densities, bands per image), documented
                   in :mod:`skyfm.data.simulate`.
 
@@ -42,7 +42,7 @@ from skyfm.instruments.psf import PSF
 from skyfm.utils import read_yaml
 
 KINDS = ("counts", "ccd")
-SCALINGS = ("log1p", "anscombe", "asinh", "counts-asinh")
+SCALINGS = ("log1p", "anscombe", "asinh", "counts-asinh", "counts-asinh-mesh")
 PSF_MODELS = ("gaussian", "moffat", "king")
 
 

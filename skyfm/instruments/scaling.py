@@ -12,6 +12,9 @@ one. Each instrument's YAML names one method:
   sparse counts) and sigma its Poisson sigma, ``sqrt(sky + 1)`` (the 1: a bin with almost no background must not
   turn a single photon into tens of sigma). Its parameters are stored as ``asinh``'s, so that everything that
   applies or inverts ``asinh`` does the same with these.
+* ``counts-asinh-mesh``: the same with a background that varies across the image: the clipped mean in a mesh of
+  ``MESH_PIX`` x ``MESH_PIX`` boxes (a box far above its neighbours takes their median, as in SExtractor's
+  background mesh), interpolated bilinearly to every pixel (:func:`sky_sigma_maps`); the mesh is stored in the parameters.
 
 :func:`scale_image` returns the scaled array and the per-band parameters that :func:`unscale_image` needs.
 """
@@ -73,7 +76,58 @@ def scale_image(image: np.ndarray, method: str, softening: float = 1.0) -> tuple
         params = {"method": "asinh", "estimator": "poisson", "sky": list(map(float, sky)),
                   "sigma": sigma, "softening": softening}
         return np.arcsinh((image - sky_a) / sig_a).astype(np.float32), params
-    raise SkyfmError(f"unknown scaling method '{method}'; use log1p, anscombe, asinh or counts-asinh")
+    if method == "counts-asinh-mesh":
+        mesh = [poisson_mesh(b) for b in image]
+        params = {"method": "asinh", "estimator": "poisson-mesh", "sky_mesh": [m.tolist() for m in mesh],
+                  "softening": softening}
+        sky, sigma = sky_sigma_maps(params, image.shape)
+        return np.arcsinh((image - sky) / (sigma * softening)).astype(np.float32), params
+    raise SkyfmError(f"unknown scaling method '{method}'; use log1p, anscombe, asinh, counts-asinh or "
+                     f"counts-asinh-mesh")
+
+
+MESH_PIX = 8  # counts-asinh-mesh: the background mesh's box side (pixels)
+
+
+def poisson_mesh(band: np.ndarray, box: int = MESH_PIX) -> np.ndarray:
+    """(ceil(H / box), ceil(W / box)) background counts per pixel of one counts band: each box's clipped mean
+    (:func:`poisson_background`); a box far above the median of its 3 x 3 neighbourhood (1.5 x it plus 3 sigma:
+    a source's wings) takes that median instead, as SExtractor's BACK_FILTERTHRESH does, so that a smooth ridge
+    keeps its peak."""
+    from scipy.ndimage import median_filter
+
+    h, w = band.shape
+    mesh = np.zeros((-(-h // box), -(-w // box)))
+    for i in range(mesh.shape[0]):
+        for j in range(mesh.shape[1]):
+            cell = band[i * box:(i + 1) * box, j * box:(j + 1) * box]
+            mesh[i, j] = poisson_background(cell) if np.isfinite(cell).any() else np.nan
+    if np.isnan(mesh).any():
+        mesh = np.where(np.isnan(mesh), np.nanmean(mesh) if np.isfinite(mesh).any() else 0.0, mesh)
+    filtered = median_filter(mesh, size=3, mode="nearest")
+    noise = 3.0 * np.sqrt(np.maximum(filtered, 0.0) + 1.0) / box  # 3 sigma of a box's mean
+    return np.where(mesh > 1.5 * filtered + noise, filtered, mesh)
+
+
+def _upsample(mesh: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear interpolation of a box mesh to pixels (box centres at (k + 0.5) * H / n - 0.5), flat beyond the
+    outermost centres."""
+    h, w = shape
+    ys = np.clip((np.arange(h) + 0.5) * mesh.shape[0] / h - 0.5, 0, mesh.shape[0] - 1)
+    xs = np.clip((np.arange(w) + 0.5) * mesh.shape[1] / w - 0.5, 0, mesh.shape[1] - 1)
+    rows = np.stack([np.interp(ys, np.arange(mesh.shape[0]), mesh[:, j]) for j in range(mesh.shape[1])], axis=1)
+    return np.stack([np.interp(xs, np.arange(mesh.shape[1]), r) for r in rows])
+
+
+def sky_sigma_maps(params: dict, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(sky, sigma) of ``asinh`` parameters, broadcastable to a (C, H, W) image: per band numbers, or for
+    ``counts-asinh-mesh`` per-pixel maps (sigma = sqrt(sky + 1)), without the softening."""
+    if "sky_mesh" in params:
+        sky = np.stack([_upsample(np.asarray(m, dtype=np.float64), shape[-2:]) for m in params["sky_mesh"]])
+        sky = np.maximum(sky, 0.0).astype(np.float32)
+        return sky, np.sqrt(sky + 1.0).astype(np.float32)
+    return (np.asarray(params["sky"], dtype=np.float32)[:, None, None],
+            np.asarray(params["sigma"], dtype=np.float32)[:, None, None])
 
 
 def poisson_background(band: np.ndarray, clip: float = 5.0, n_iter: int = 3) -> float:
@@ -100,7 +154,6 @@ def unscale_image(scaled: np.ndarray, params: dict) -> np.ndarray:
     if method == "anscombe":
         return (scaled / 2.0) ** 2 - 0.375
     if method == "asinh":
-        sky = np.asarray(params["sky"], dtype=np.float32)[:, None, None]
-        sigma = np.asarray(params["sigma"], dtype=np.float32)[:, None, None] * params.get("softening", 1.0)
-        return np.sinh(scaled) * sigma + sky
+        sky, sigma = sky_sigma_maps(params, scaled.shape)
+        return np.sinh(scaled) * sigma * params.get("softening", 1.0) + sky
     raise SkyfmError(f"unknown scaling method '{method}'")

@@ -74,11 +74,11 @@ def noise_split(batch: dict, generator: torch.Generator | None = None, fraction:
     for i, params in enumerate(batch["scaling"]):
         c = int(valid[i].sum())
         raw = image[i, :c].float().cpu()
-        if params["method"] in COUNTS_SCALINGS or params.get("estimator") == "poisson":  # counts-asinh
+        if params["method"] in COUNTS_SCALINGS or str(params.get("estimator", "")).startswith("poisson"):
             noisy, target = split_counts(raw, fraction, generator)
         elif params["method"] == "asinh":
             sigma = torch.tensor(params["sigma"], dtype=torch.float32)
-            noisy, target = split_gaussian(raw, sigma, alpha, generator)
+            noisy, target = split_gaussian(raw, sigma, alpha, generator)  # CCD asinh: per-band sigma
         else:
             raise SkyfmError(f"noise_split does not know the scaling method {params['method']!r}")
         inputs[i, :c] = apply_scaling(noisy, params).to(inputs.device)
