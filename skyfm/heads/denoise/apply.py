@@ -98,8 +98,9 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
             ``fp32`` or ``bf16``.
     """
     check_flux_correction(flux_correction)
-    bf16 = use_bf16(precision)
+    use_bf16(precision)  # a bad value fails first
     model = model or load_denoiser()
+    bf16 = use_bf16(precision, next(model.parameters()).device)
     cfg = model.config
     samples = int(samples or cfg.default_samples)
     if samples < 1:
@@ -202,7 +203,7 @@ def generate(model: Denoiser, instrument, band: str | int, n: int, size: int = 6
     zeros = torch.zeros(n, 1, size, size)
     feats = torch.from_numpy(np.repeat(band_features(inst, bi)[None], n, axis=0))
     gen = torch.Generator().manual_seed(int(seed))
-    x = model.sample(zeros, zeros, feats, steps=steps, generator=gen, bf16=use_bf16(precision))
+    x = model.sample(zeros, zeros, feats, steps=steps, generator=gen, bf16=use_bf16(precision, next(model.parameters()).device))
     return np.clip(x[:, 0].numpy(), 0 if inst.is_counts else None, None)
 
 
