@@ -203,7 +203,8 @@ def generate(model: Denoiser, instrument, band: str | int, n: int, size: int = 6
     zeros = torch.zeros(n, 1, size, size)
     feats = torch.from_numpy(np.repeat(band_features(inst, bi)[None], n, axis=0))
     gen = torch.Generator().manual_seed(int(seed))
-    x = model.sample(zeros, zeros, feats, steps=steps, generator=gen, bf16=use_bf16(precision, next(model.parameters()).device))
+    bf16 = use_bf16(precision, next(model.parameters()).device)
+    x = model.sample(zeros, zeros, feats, steps=steps, generator=gen, bf16=bf16)
     return np.clip(x[:, 0].numpy(), 0 if inst.is_counts else None, None)
 
 
