@@ -300,7 +300,7 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
 
 def run_speed(model, log, flux_correction="forced", precisions=("fp32", "bf16")):
     """Best of two runs per (patch, steps, precision), 1 sample; bf16 only where it is native here."""
-    from skyfm.detect import bf16_is_fast
+    from skyfm.utils import bf16_is_fast
 
     out = {}
     ml = simulate_patch("meerlicht", BENCH_SEED_BASE + 90_000, size=256, scene="field")

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from skyfm.errors import SkyfmError
+from skyfm.utils import PRECISIONS, bf16_is_fast, use_bf16  # noqa: F401 (PRECISIONS, bf16_is_fast: re-exported)
 
 MERGE_RADIUS_PIX = 1.0
 RESAMPLE_TOLERANCE = 0.1
@@ -197,9 +198,6 @@ def _release_file_pages(source) -> None:
         pass
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
 def training_patch_size(det) -> int:
     """The side (pixels) of the patches the detector was fine-tuned on (its recipe's ``data.size``), else 64."""
     recipe = (det.config.training or {}).get("recipe") or {}
@@ -225,37 +223,19 @@ def default_tiling(det, inst, n_bands: int) -> tuple[int, int]:
     return base * (4 if n_bands == 1 else 2), window
 
 
-def bf16_is_fast(device) -> bool:
-    """Whether bfloat16 matmuls and convolutions run natively: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 /
-    AMX (elsewhere bf16 is emulated and slower than float32)."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def inference_settings(det, precision: str = "auto", attention_window: int | None = None) -> tuple[bool, int | None]:
     """(bf16, window) for running ``det`` over tiles; see :func:`inference_context`.
 
     precision: ``fp32``; ``bf16`` (autocast: matmuls and convolutions in bfloat16, heatmaps within ~0.01 of
-        float32); ``auto`` = bf16 where it is native (:func:`bf16_is_fast`), else fp32.
+        float32); ``auto`` = bf16 where it is native (:func:`skyfm.utils.bf16_is_fast`), else fp32.
     attention_window: tokens per side of the windows the ViT attends within (0: global attention over the
         whole tile; None: :func:`default_tiling`'s choice).
     """
-    if precision not in PRECISIONS:
-        raise SkyfmError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_fast(det.device))
+    bf16 = use_bf16(precision, det.device)
     window = 0 if attention_window is None else int(attention_window)
     if window < 0:
         raise SkyfmError(f"attention_window must be >= 0 tokens (0 = global attention), got {window}")
-    return use_bf16, (window or None)
+    return bf16, (window or None)
 
 
 @contextlib.contextmanager

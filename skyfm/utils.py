@@ -56,3 +56,37 @@ def read_yaml(path: str | Path, what: str):
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise SkyfmError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bf16_is_fast(device) -> bool:
+    """Whether bfloat16 matmuls and convolutions run natively: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 /
+    AMX (elsewhere bf16 is emulated and slower than float32)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a one-line SkyfmError."""
+    from skyfm.errors import SkyfmError
+
+    if precision not in PRECISIONS:
+        raise SkyfmError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    return precision
+
+
+def use_bf16(precision: str, device) -> bool:
+    """Whether ``precision`` means bfloat16 autocast on ``device``: ``bf16``, or ``auto`` where bfloat16 is native
+    (:func:`bf16_is_fast`); ``fp32`` never."""
+    return check_precision(precision) == "bf16" or (precision == "auto" and bf16_is_fast(device))

@@ -64,26 +64,25 @@ def scale_image(image: np.ndarray, method: str, softening: float = 1.0) -> tuple
         return 2.0 * np.sqrt(np.clip(image, 0, None) + 0.375), {"method": method}
     if method == "asinh":
         sky, sigma = zip(*(robust_background(b) for b in image))
-        sky_a = np.asarray(sky, dtype=np.float32)[:, None, None]
-        sig_a = np.asarray(sigma, dtype=np.float32)[:, None, None] * softening
         params = {"method": method, "sky": list(map(float, sky)), "sigma": list(map(float, sigma)), "softening": softening}
-        return np.arcsinh((image - sky_a) / sig_a).astype(np.float32), params
-    if method == "counts-asinh":
+    elif method == "counts-asinh":
         sky = [poisson_background(b) for b in image]
-        sigma = [float(np.sqrt(b + 1.0)) for b in sky]
-        sky_a = np.asarray(sky, dtype=np.float32)[:, None, None]
-        sig_a = np.asarray(sigma, dtype=np.float32)[:, None, None] * softening
-        params = {"method": "asinh", "estimator": "poisson", "sky": list(map(float, sky)),
-                  "sigma": sigma, "softening": softening}
-        return np.arcsinh((image - sky_a) / sig_a).astype(np.float32), params
-    if method == "counts-asinh-mesh":
-        mesh = [poisson_mesh(b) for b in image]
-        params = {"method": "asinh", "estimator": "poisson-mesh", "sky_mesh": [m.tolist() for m in mesh],
-                  "softening": softening}
-        sky, sigma = sky_sigma_maps(params, image.shape)
-        return np.arcsinh((image - sky) / (sigma * softening)).astype(np.float32), params
-    raise SkyfmError(f"unknown scaling method '{method}'; use log1p, anscombe, asinh, counts-asinh or "
-                     f"counts-asinh-mesh")
+        params = {"method": "asinh", "estimator": "poisson", "sky": sky,
+                  "sigma": [float(np.sqrt(b + 1.0)) for b in sky], "softening": softening}
+    elif method == "counts-asinh-mesh":
+        params = {"method": "asinh", "estimator": "poisson-mesh",
+                  "sky_mesh": [poisson_mesh(b).tolist() for b in image], "softening": softening}
+    else:
+        raise SkyfmError(f"unknown scaling method '{method}'; use log1p, anscombe, asinh, counts-asinh or "
+                         f"counts-asinh-mesh")
+    sky_a, sig_a = sky_sigma_maps(params, image.shape)
+    return np.arcsinh((image - sky_a) / (sig_a * softening)).astype(np.float32), params
+
+
+def counts_scaled(params: dict) -> bool:
+    """Whether scaling parameters are those of a counts cube (log1p, anscombe, or asinh estimated the Poisson way:
+    counts-asinh[-mesh]), so that Poisson statistics apply to the raw image."""
+    return params["method"] in ("log1p", "anscombe") or str(params.get("estimator", "")).startswith("poisson")
 
 
 MESH_PIX = 8  # counts-asinh-mesh: the background mesh's box side (pixels)

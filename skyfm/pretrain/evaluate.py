@@ -146,14 +146,13 @@ def token_labels(patch: Patch, grid: tuple[int, int], stride: int, min_snr: floa
         raise SkyfmError(f"a {h}x{w} grid of {stride}-pixel tokens does not fit a {patch.height}x{patch.width} patch")
     if background not in LABELLINGS:
         raise SkyfmError(f"background labelling must be one of {', '.join(LABELLINGS)}, got {background!r}")
-    x = np.asarray(patch.truth["x"], dtype=float)
-    y = np.asarray(patch.truth["y"], dtype=float)
-    snr = np.asarray(patch.truth["snr"], dtype=float)
-
     labels = np.full((h, w), AMBIGUOUS, dtype=np.int8)
     if background == "light":
         labels[cell_source_snr(patch, grid, stride) < clean_snr] = NEGATIVE
     else:
+        x = np.asarray(patch.truth["x"], dtype=float)
+        y = np.asarray(patch.truth["y"], dtype=float)
+        snr = np.asarray(patch.truth["snr"], dtype=float)
         if fwhm_pix is None:
             fwhm_pix = float(np.median(patch_fwhm_pix(patch)))
         # cell edges in pixel coordinates (pixel centres are integers)
@@ -165,11 +164,7 @@ def token_labels(patch: Patch, grid: tuple[int, int], stride: int, min_snr: floa
         dx = np.clip(np.maximum(left[None, :] - xs, xs - (left[None, :] + stride)), 0, None)  # (n, w)
         near = (dy[:, :, None] ** 2 + dx[:, None, :] ** 2) <= fwhm_pix**2  # (n, h, w)
         labels[~near.any(axis=0)] = NEGATIVE
-    bright = snr >= min_snr
-    rows = np.floor((y[bright] + 0.5) / stride).astype(int)
-    cols = np.floor((x[bright] + 0.5) / stride).astype(int)
-    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    labels[rows[inside], cols[inside]] = POSITIVE
+    labels[centred_source_snr(patch, grid, stride) >= min_snr] = POSITIVE
     return labels
 
 
@@ -347,7 +342,6 @@ def probe_per_instrument(tokens: TokenFeatures, seed: int = 0, labelling: str = 
             for sub in [tokens.select(tokens.instrument == name)]}
 
 
-# --------------------------------------------------------------------------------------- tokenizer report
 SNR_BINS = ((5.0, 7.0), (7.0, 10.0), (10.0, 20.0), (20.0, np.inf))
 
 
@@ -410,6 +404,7 @@ def probe_errors(tokens: TokenFeatures, patches: Sequence[Patch], stride: int, s
     return out
 
 
+# --------------------------------------------------------------------------------------- tokenizer report
 def aperture_photometry(image: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float) -> dict[str, np.ndarray]:
     """Background-subtracted aperture fluxes of a 2-D image at (x, y), with photutils.
 
@@ -579,10 +574,10 @@ __all__ = [
     "EVAL_INSTRUMENTS",
     "EVAL_SEED_OFFSET",
     "LABELLINGS",
+    "SNR_BINS",
     "TokenFeatures",
     "aperture_noise",
     "aperture_photometry",
-    "SNR_BINS",
     "cell_source_snr",
     "centred_source_snr",
     "eval_patch_seed",

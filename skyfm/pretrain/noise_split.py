@@ -28,7 +28,6 @@ from skyfm.errors import SkyfmError
 
 INPUT_FRACTION = 0.7  # counts: share of each pixel's counts in the input copy (the target gets the rest)
 RECORRUPTION_ALPHA = 0.5  # CCDs: input noise sqrt(1 + alpha^2) sigma, target noise sqrt(1 + 1 / alpha^2) sigma
-COUNTS_SCALINGS = ("log1p", "anscombe")
 
 
 def split_counts(counts: torch.Tensor, fraction: float, generator: torch.Generator | None = None):
@@ -61,6 +60,7 @@ def noise_split(batch: dict, generator: torch.Generator | None = None, fraction:
     Padding bands stay zero in both.
     """
     from skyfm.data.shards import apply_scaling
+    from skyfm.instruments.scaling import counts_scaled
 
     if "scaling" not in batch:
         raise SkyfmError("noise_split needs the batch's per-sample scaling parameters (collate_patches 'scaling')")
@@ -74,11 +74,11 @@ def noise_split(batch: dict, generator: torch.Generator | None = None, fraction:
     for i, params in enumerate(batch["scaling"]):
         c = int(valid[i].sum())
         raw = image[i, :c].float().cpu()
-        if params["method"] in COUNTS_SCALINGS or str(params.get("estimator", "")).startswith("poisson"):
+        if counts_scaled(params):
             noisy, target = split_counts(raw, fraction, generator)
         elif params["method"] == "asinh":
             sigma = torch.tensor(params["sigma"], dtype=torch.float32)
-            noisy, target = split_gaussian(raw, sigma, alpha, generator)  # CCD asinh: per-band sigma
+            noisy, target = split_gaussian(raw, sigma, alpha, generator)
         else:
             raise SkyfmError(f"noise_split does not know the scaling method {params['method']!r}")
         inputs[i, :c] = apply_scaling(noisy, params).to(inputs.device)

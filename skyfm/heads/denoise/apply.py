@@ -22,6 +22,7 @@ from skyfm.heads.denoise.calibrate import UNCERT_MEANING, apply_calibration, unc
 from skyfm.heads.denoise.flux import check_flux_correction, forced_flux_correction
 from skyfm.heads.denoise.model import Denoiser, pad_to_multiple
 from skyfm.heads.denoise.transforms import band_features, band_transform, instrument_kind
+from skyfm.utils import check_precision, use_bf16
 from skyfm.instruments import load_instrument
 from skyfm.instruments.scaling import robust_background
 
@@ -36,16 +37,6 @@ def default_model_dir() -> Path:
 @lru_cache(maxsize=4)
 def _load_cached(path: str) -> Denoiser:
     return Denoiser.from_pretrained(path)
-
-
-def use_bf16(precision: str, device="cpu") -> bool:
-    """Whether ``precision`` (``auto``, ``fp32``, ``bf16``) means bfloat16 autocast on ``device``; ``auto``: where
-    bfloat16 is native (:func:`skyfm.detect.bf16_is_fast`)."""
-    from skyfm.detect import PRECISIONS, bf16_is_fast
-
-    if precision not in PRECISIONS:
-        raise SkyfmError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-    return precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
 
 
 def load_denoiser(model_dir: str | Path | None = None) -> Denoiser:
@@ -98,7 +89,7 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
             ``fp32`` or ``bf16``.
     """
     check_flux_correction(flux_correction)
-    use_bf16(precision)  # a bad value fails first
+    check_precision(precision)
     model = model or load_denoiser()
     bf16 = use_bf16(precision, next(model.parameters()).device)
     cfg = model.config
@@ -250,7 +241,7 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     from skyfm.utils import atomic_path
 
     check_flux_correction(flux_correction)
-    use_bf16(precision)  # a bad value fails before anything is read
+    check_precision(precision)  # a bad value fails before anything is read
     path, out = Path(path), Path(out)
     if out.exists() and not overwrite:
         raise SkyfmError(f"{out} exists")

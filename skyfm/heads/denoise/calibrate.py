@@ -577,6 +577,7 @@ def write_calibration(model_dir, calibration: dict) -> Path:
     """Write ``calibration`` as ``uncertainty_calibration`` into ``model_dir/config.json`` (every other key and the
     weights untouched), after checking it."""
     from skyfm.heads.denoise.model import CONFIG_NAME, MODEL_TYPE
+    from skyfm.utils import atomic_path
 
     check_calibration(calibration)
     path = Path(model_dir) / CONFIG_NAME
@@ -587,9 +588,8 @@ def write_calibration(model_dir, calibration: dict) -> Path:
     if cfg.get("model_type") != MODEL_TYPE:
         raise SkyfmError(f"{path} is not a skyfm denoiser config")
     cfg["uncertainty_calibration"] = calibration
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     return path
 
 

@@ -25,7 +25,6 @@ Saved as a directory: ``config.json`` (architecture, scheduler, transforms, how 
 from __future__ import annotations
 
 import contextlib
-
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
