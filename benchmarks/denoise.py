@@ -25,8 +25,10 @@ below 2**31, nor in the training run's validation set, 2**31 + j for small j), f
   Metrics from :mod:`skyfm.catalog.metrics` (score_sweep, best_f1, metrics_at_threshold).
   F1 is given at the method's usual cut (SNR >= 5, sqrt(TS) >= 5) and at its best score threshold ("best": the
   clean image's noise level is not the raw one's, so its SNR scale differs). The TS map runs on the raw counts with
-  the true background (a perfect interstellar model), with the estimated one, and with the denoiser's
-  (smoothed data - clean); on the clean image it runs on clean + that background against that background.
+  the true background (a perfect interstellar model), with the estimated one, and with the denoiser's (the
+  ``BACKGROUND`` that ``skyfm denoise`` writes: data minus the plain mean of the samples, smoothed,
+  :func:`skyfm.heads.denoise.apply.removed_background`); on the clean image it runs on clean + that background
+  against that background.
   skyfm's own detector (:func:`skyfm.detect.detect_patch`, its own default threshold) on raw and clean, where
   the default detector exists.
 * **speed**: one 256x256 patch, 1 sample, 4 / 10 / 20 DDIM steps (flux correction included).
@@ -204,14 +206,6 @@ class DetTally:
                 "precision_best": best["precision"], "recall_best": best["recall"]}
 
 
-def denoiser_background(patch, clean, sigma_pix=3.0):
-    """The background the denoiser removed: data - clean, smoothed (counts cubes), at least 1e-3."""
-    from scipy.ndimage import gaussian_filter
-
-    return np.stack([np.maximum(gaussian_filter(np.maximum(d - c, 0), sigma_pix), 1e-3)
-                     for d, c in zip(patch.data, clean)]).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None, eta=None, flux_correction="forced",
                 seed_offset=0, flux_config=None, precision="auto"):
@@ -238,9 +232,10 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
                 warnings.simplefilter("ignore")
                 patch = simulate_patch(inst_name, seed, size=size, **opts(rng))
             t1 = time.time()
-            clean, spread = denoise_patch(patch, model, samples=samples, steps=steps, seed=i, eta=eta,
-                                          flux_correction=flux_correction, calibrated=False,
-                                          flux_config=flux_config, precision=precision)
+            clean, spread, bhat = denoise_patch(patch, model, samples=samples, steps=steps, seed=i, eta=eta,
+                                                flux_correction=flux_correction, calibrated=False,
+                                                flux_config=flux_config, precision=precision,
+                                                return_background=True)
             # exactly what denoise_patch(calibrated=True) returns, from the same samples
             valid = None if patch.mask is None else ~np.asarray(patch.mask, bool)
             std = apply_calibration(patch, clean, spread, model.config, flux_correction, valid=valid)
@@ -253,7 +248,6 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
             cp = clean_patch(patch, clean)
             runs = {"sep raw": (lambda: sep_detect(patch), 5.0), "sep clean": (lambda: sep_detect(cp), None)}
             if with_ts and patch.background_image is not None:
-                bhat = denoiser_background(patch, clean)
                 runs.update({
                     "ts raw (true bkg)": (lambda: tsmap_detect(patch, background="true"), 5.0),
                     "ts raw (estimated bkg)": (lambda: tsmap_detect(patch, background="estimated"), 5.0),

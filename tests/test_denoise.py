@@ -175,8 +175,9 @@ def test_cli_2d_image(tmp_path, model_dir, capsys):
     code, cap = _run(["denoise", str(src), "-i", "meerlicht", "--model", str(model_dir), "--out", str(out)], capsys)
     assert code == 0, cap.err
     with fits.open(out) as b:
-        assert b[0].data.shape == (30, 30) and b[1].name == "UNCERT"
+        assert b[0].data.shape == (30, 30) and b[1].name == "UNCERT" and b["BACKGROUND"].data.shape == (30, 30)
         assert np.isnan(b[0].data[3, 4]) and np.isfinite(b[0].data[5, 5])
+        assert np.isnan(b["BACKGROUND"].data[3, 4]) and np.isfinite(b["BACKGROUND"].data[5, 5])
         assert b[0].header["CRVAL1"] == hdr["CRVAL1"]
 
 
@@ -345,7 +346,8 @@ def test_flux_correction_option(tmp_path, model_dir, capsys):
                           "--steps", "2", "--flux-correction", choice], capsys)
         assert code == 0, cap.err
         with fits.open(out) as b:
-            assert b[0].header["DNFLUX"] == choice and [h.name for h in b] == ["PRIMARY", "UNCERT", "EBOUNDS"]
+            assert b[0].header["DNFLUX"] == choice
+            assert [h.name for h in b] == ["PRIMARY", "UNCERT", "BACKGROUND", "EBOUNDS"]
     code, cap = _run(["denoise", str(src), "--model", str(model_dir), "--out", str(tmp_path / "x.fits"),
                       "--flux-correction", "bogus"], capsys)
     assert code != 0 and "flux-correction" in cap.err and not (tmp_path / "x.fits").exists()
@@ -566,3 +568,47 @@ def test_validation_pixels_seeds_and_round_trip(tmp_path, model_dir):
     back, settings = load_pixels(tmp_path / "p.npz")
     assert settings == {"n": 1} and back["ctao-plane"]["instrument"] == "ctao"
     assert all(np.array_equal(back[c][k], px[c][k]) for c in px for k in px[c] if k not in ("instrument", "seeds"))
+
+
+def test_removed_background_is_the_smoothed_rest():
+    from skyfm.heads.denoise.apply import BACKGROUND_FLOOR_COUNTS, removed_background
+
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[:64, :64]
+    true_bkg = np.stack([2.0 + 0.05 * xx, np.full((64, 64), 0.02)])  # a gradient; a nearly empty band
+    src = np.zeros_like(true_bkg)
+    src[:, 30:34, 20:24] = 40.0
+    data = rng.poisson(true_bkg + src).astype(np.float32)
+    valid = np.ones((64, 64), bool)
+    valid[10, :] = False
+    bkg = removed_background(data, src.astype(np.float32), "counts", valid)
+    assert bkg.shape == data.shape and bkg.dtype == np.float32
+    inner = valid & (xx > 8) & (xx < 56) & (yy > 8) & (yy < 56)
+    assert np.median(np.abs(bkg[0] - true_bkg[0])[inner] / true_bkg[0][inner]) < 0.15  # the gradient, not the noise
+    assert np.all(bkg[:, ~valid] == 0) and np.all(bkg[:, valid] >= BACKGROUND_FLOOR_COUNTS)
+    # a source the clean image missed stays in the background; on CCD images negative values are allowed
+    assert abs(bkg[0, 32, 22] - true_bkg[0, 32, 22]) < 3
+    missed = removed_background(data, np.zeros_like(src, dtype=np.float32), "counts", valid)
+    assert missed[0, 32, 22] > bkg[0, 32, 22] + 5
+    ccd = removed_background(np.full((1, 16, 16), -5.0, np.float32), np.zeros((1, 16, 16), np.float32), "ccd")
+    np.testing.assert_allclose(ccd, -5.0, rtol=1e-6)
+
+
+def test_background_comes_from_the_plain_mean(tmp_path, model_dir, capsys):
+    from skyfm.heads.denoise.apply import removed_background
+
+    model = Denoiser.from_pretrained(model_dir)
+    patch = simulate_patch("fermi-lat", seed=8, size=32)
+    plain, _ = denoise_patch(patch, model, seed=2, flux_correction="none")
+    forced, _, bkg = denoise_patch(patch, model, seed=2, return_background=True)
+    np.testing.assert_allclose(bkg, removed_background(patch.data, plain, "counts"), rtol=1e-6)
+    _, _, bkg_none = denoise_patch(patch, model, seed=2, flux_correction="none", return_background=True)
+    np.testing.assert_array_equal(bkg, bkg_none)
+    src = write_patch(patch, tmp_path / "cube.fits")
+    out = tmp_path / "clean.fits"
+    code, cap = _run(["denoise", str(src), "--model", str(model_dir), "--out", str(out), "--seed", "2"], capsys)
+    assert code == 0, cap.err
+    with fits.open(out) as b:
+        np.testing.assert_allclose(b["BACKGROUND"].data, bkg, rtol=1e-6)
+        assert b["BACKGROUND"].header["CRVAL1"] == b[0].header["CRVAL1"] and "Poisson TS map" in str(
+            b["BACKGROUND"].header["COMMENT"])

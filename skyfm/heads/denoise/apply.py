@@ -5,6 +5,7 @@ uncertainty, both (C, H, W) in the patch's units (counts per bin, ADU): the mean
 each drawn with ``steps`` DDIM steps, and the calibrated 1-sigma error built from their spread
 (:mod:`skyfm.heads.denoise.calibrate`). Images larger than the model's tile are cut
 into overlapping tiles (:func:`skyfm.data.tiling.tile_grid`); each output pixel comes from the tile that owns it.
+With ``return_background`` it also returns the background the denoiser removed (:func:`removed_background`).
 :func:`denoise_file` does the same for a FITS file and writes the result (``skyfm denoise``).
 :func:`generate` samples new source-only images with no observation at all (unconditional, per band).
 """
@@ -25,6 +26,39 @@ from skyfm.heads.denoise.transforms import band_features, band_transform, instru
 from skyfm.utils import check_precision, use_bf16
 from skyfm.instruments import load_instrument
 from skyfm.instruments.scaling import robust_background
+
+
+BACKGROUND_SMOOTHING_PIX = 3.0  # Gaussian sigma (pixels) that takes the noise out of data - clean
+BACKGROUND_FLOOR_COUNTS = 1e-3  # counts cubes: a Poisson rate, never 0 (a likelihood needs log(rate))
+
+
+def removed_background(data: np.ndarray, clean: np.ndarray, kind: str, valid=None,
+                       sigma_pix: float = BACKGROUND_SMOOTHING_PIX) -> np.ndarray:
+    """What the denoiser took away, without the noise: ``data - clean`` smoothed with a Gaussian of ``sigma_pix``
+    per band, (C, H, W) float32 in the data's units.
+
+    ``clean`` should be the plain mean of the samples (no flux correction): the network's own split of every pixel
+    into sources and the rest, so the background holds what it judged not to be a source (diffuse emission, sky,
+    unresolved faint sources, the artefacts it removed). On counts cubes (``kind == "counts"``) it is an expected
+    background rate per pixel, at least :data:`BACKGROUND_FLOOR_COUNTS`: what a Poisson likelihood TS map takes as
+    its background model. Masked pixels (``valid`` False) neither enter the smoothing (a normalised convolution)
+    nor get a value (0).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    c, h, w = data.shape
+    valid = np.ones((h, w), bool) if valid is None else np.asarray(valid, bool)
+    weight = gaussian_filter(valid.astype(np.float64), sigma_pix)
+    out = np.zeros((c, h, w), np.float32)
+    for i in range(c):
+        removed = np.where(valid, np.asarray(data[i], np.float64) - clean[i], 0.0)
+        if kind == "counts":
+            removed = np.maximum(removed, 0.0)  # a pixel's counts below the clean mean: noise, no negative rate
+        smooth = gaussian_filter(removed, sigma_pix) / np.maximum(weight, 1e-12)
+        if kind == "counts":
+            smooth = np.maximum(smooth, BACKGROUND_FLOOR_COUNTS)
+        out[i] = np.where(valid, smooth, 0.0)
+    return out
 
 
 def default_model_dir() -> Path:
@@ -54,8 +88,9 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
                   seed: int = 0, tile: int | None = None, overlap: int | None = None, progress=None,
                   threads: int | None = None, eta: float | None = None,
                   flux_correction: str = "forced", calibrated: bool = True,
-                  flux_config=None, precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Clean image and uncertainty, (C, H, W) float32 each, in the units of ``patch.data``.
+                  flux_config=None, precision: str = "auto", return_background: bool = False):
+    """Clean image and uncertainty, (C, H, W) float32 each, in the units of ``patch.data`` (and with
+    ``return_background`` the removed background as a third array).
 
     The samples are averaged in data units (each is inverted from network space first), so the mean image is the
     mean of the samples' fluxes, not the inverse of a network-space mean (biased low by Jensen's inequality: the
@@ -87,6 +122,8 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
             defaults, which the shipped calibration was chosen with).
         precision: ``auto`` (default: bfloat16 autocast where the CPU or GPU has it natively, else float32),
             ``fp32`` or ``bf16``.
+        return_background: also return :func:`removed_background` of the plain mean of the samples (before any
+            flux correction): ``clean, std, background``.
     """
     check_flux_correction(flux_correction)
     check_precision(precision)
@@ -134,11 +171,12 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
         std[:, t.core_y0:t.core_y1, t.core_x0:t.core_x1] = sd[:, cy0:cy1, cx0:cx1]
     clean *= valid
     std = np.where(valid, std, 0.0).astype(np.float32)  # (NaN * 0 would stay NaN where samples == 1)
+    background = removed_background(patch.data, clean, kind, valid) if return_background else None
     if flux_correction == "forced":
         clean, std = correct_fluxes(patch, clean, std, valid, config=flux_config)
     if calibrated and samples > 1:  # (one sample: NaN, nothing to calibrate)
         std = apply_calibration(patch, clean, std, cfg, flux_correction, valid=valid)
-    return clean, std
+    return (clean, std, background) if return_background else (clean, std)
 
 
 def band_fwhm_pix(patch, c: int, inst=None) -> float:
@@ -223,7 +261,9 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
                  progress: bool = False, overwrite: bool = True, flux_correction: str = "forced",
                  precision: str = "auto") -> Path:
     """Denoise a FITS image or counts cube into ``out``: the clean image (primary HDU, same shape as the input
-    image), its uncertainty (``UNCERT`` HDU), the input header and WCS, and the input's ``EBOUNDS`` if any.
+    image), its uncertainty (``UNCERT`` HDU), the background it removed (``BACKGROUND`` HDU,
+    :func:`removed_background`: for counts cubes an expected-counts model a TS map can use), the input header and
+    WCS, and the input's ``EBOUNDS`` if any.
 
     Masked or NaN input pixels are NaN in both outputs. The file is written atomically: on any error nothing is
     left at ``out``. ``flux_correction``: see :func:`denoise_patch` (recorded as header keyword ``DNFLUX``);
@@ -267,18 +307,21 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
         bar = tqdm(total=n_evaluations(patch.shape, model, steps, tile), desc=f"denoising {path.name}",
                    unit="step", leave=False)
     try:
-        clean, std = denoise_patch(patch, model, samples=samples, steps=steps, seed=seed, tile=tile,
-                                   progress=None if bar is None else (lambda: bar.update(1)),
-                                   flux_correction=flux_correction, precision=precision)
+        clean, std, background = denoise_patch(patch, model, samples=samples, steps=steps, seed=seed, tile=tile,
+                                               progress=None if bar is None else (lambda: bar.update(1)),
+                                               flux_correction=flux_correction, precision=precision,
+                                               return_background=True)
     finally:
         if bar is not None:
             bar.close()
     if patch.mask is not None:
         clean[:, patch.mask] = np.nan
         std[:, patch.mask] = np.nan
+        background[:, patch.mask] = np.nan
     squeeze = len(in_shape) != 3 and patch.n_bands == 1
     shape_clean = clean.reshape(in_shape) if int(np.prod(in_shape)) == clean.size else (clean[0] if squeeze else clean)
     shape_std = std.reshape(shape_clean.shape)
+    shape_background = background.reshape(shape_clean.shape)
     hdr = _clean_header(header)
     hdr["DENOISED"] = (True, "source-only image from skyfm denoise")
     hdr["DNMODEL"] = (str(model_dir or "denoiser-default")[-60:], "denoiser model")
@@ -297,6 +340,13 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     uhdr = hdr.copy()
     uhdr["COMMENT"] = f"UNCERT (same units as the primary HDU): {UNCERT_MEANING[kind]}."
     hdus.append(fits.ImageHDU(shape_std.astype(np.float32), header=uhdr, name="UNCERT"))
+    bhdr = hdr.copy()
+    bhdr["DNBKGSIG"] = (BACKGROUND_SMOOTHING_PIX, "BACKGROUND: Gaussian smoothing sigma (pixels)")
+    bhdr["COMMENT"] = ("BACKGROUND (same units as the input): input minus the denoiser's mean source-only image "
+                       "(before any flux correction), smoothed: diffuse emission, sky, unresolved sources and removed "
+                       "artefacts." + (" An expected-counts model (>= 1e-3) for a Poisson TS map."
+                                       if instrument_kind(load_instrument(patch.instrument)) == "counts" else ""))
+    hdus.append(fits.ImageHDU(shape_background.astype(np.float32), header=bhdr, name="BACKGROUND"))
     if ebounds is not None:
         hdus.append(ebounds)
     with atomic_path(out) as tmp:
