@@ -445,7 +445,8 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     """Poisson likelihood refinement of counts-cube detections: position, flux per bin, TS, physical flux.
 
     The fit's flux and position errors are multiplied by the head's ``fit_flux_err_scale`` and
-    ``fit_pos_err_scale`` (calibrated on validation patches; 1.0 without a head)."""
+    ``fit_pos_err_scale``, and its ``fit_flux_err_floor`` (a relative error) and ``fit_pos_err_floor`` (pixels)
+    are added in quadrature (calibrated on validation patches; 1.0 and 0 without a head)."""
     from skyfm.catalog import likelihood
     from skyfm.heads.flux import flux_phys
 
@@ -464,15 +465,18 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     tables = likelihood.psf_tables(kernels)  # cached by kernel: built once per instrument and pixel scale
     fit = likelihood.fit_point_sources(data, background, tables, arrays["x"], arrays["y"], arrays["flux"])
     flux_scale, pos_scale = head.error_scales(fit=True) if head is not None else (1.0, 1.0)
+    flux_floor, pos_floor = head.error_floors() if head is not None else (0.0, 0.0)
     moved = np.hypot(fit["x"] - arrays["x"], fit["y"] - arrays["y"])
     ok = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (moved < 3.0)
     for key in ("x", "y"):
         arrays[key] = np.where(ok, fit[key], arrays[key])
     arrays["flux"] = np.where(ok, fit["flux"], arrays["flux"])
-    arrays["flux_err"] = np.where(ok, fit["flux_err"] * flux_scale, arrays["flux_err"])
+    arrays["flux_err"] = np.where(ok, np.hypot(fit["flux_err"] * flux_scale, flux_floor * np.abs(fit["flux"])),
+                                  arrays["flux_err"])
     arrays["flux_band"] = np.where(ok[:, None], fit["flux_band"], arrays["flux_band"])
-    arrays["flux_band_err"] = np.where(ok[:, None], fit["flux_band_err"] * flux_scale, arrays["flux_band_err"])
-    pe = np.asarray(fit["pos_err_pix"], dtype=float) * pos_scale
+    band_err = np.hypot(fit["flux_band_err"] * flux_scale, flux_floor * np.abs(fit["flux_band"]))
+    arrays["flux_band_err"] = np.where(ok[:, None], band_err, arrays["flux_band_err"])
+    pe = np.hypot(np.asarray(fit["pos_err_pix"], dtype=float) * pos_scale, pos_floor)
     arrays["pos_err"] = np.where(ok & np.isfinite(pe), np.maximum(pe, 0.05), arrays["pos_err"])
     arrays["ts"] = np.where(ok, fit["ts"], np.nan)
     arrays["fit"] = np.where(ok, 2, 0).astype(np.int8)

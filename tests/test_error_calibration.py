@@ -80,6 +80,11 @@ def test_detect_applies_the_network_and_fit_scales(model_dir):
     np.testing.assert_allclose(fit["pos_err"][refined & above_floor], 7.0 * base_fit["pos_err"][refined & above_floor],
                                rtol=1e-6)
     np.testing.assert_allclose(fit["pos_err"][~refined], 3.0 * base_fit["pos_err"][~refined], rtol=1e-6)
+    head.fit_flux_err_floor = 0.2  # a relative systematic error, in quadrature, on the fitted rows only
+    floored = _rows(detect_patch(p, det, min_score=0.0101, refine=True))
+    np.testing.assert_allclose(floored["flux_err"][refined], np.hypot(5.0 * base_fit["flux_err"][refined],
+                                                                      0.2 * np.abs(base_fit["flux"][refined])), rtol=1e-6)
+    np.testing.assert_allclose(floored["flux_err"][~refined], 2.0 * base_fit["flux_err"][~refined], rtol=1e-6)
 
 
 def test_flux_err_scale_gives_68_percent_coverage_on_synthetic_pairs():
@@ -180,3 +185,22 @@ def test_error_floors_recover_a_systematic_error():
     true = flux + rng.normal(0, np.hypot(ferr, 0.03 * flux))
     assert flux_err_floor(flux, ferr, true) == pytest.approx(0.03, rel=0.15)
     assert flux_err_floor(flux, 100 * ferr, true) == 0.0
+
+
+def test_scale_and_floor_split_statistical_and_systematic_errors():
+    """Errors too small by 2x plus a 3% bias-like error that grows with flux: one factor cannot cover faint and
+    bright sources alike; the scale (from the fainter half) and the floor (for all) recover both."""
+    from skyfm.finetune.ship import flux_coverage, flux_err_scale, flux_err_scale_and_floor
+
+    rng = np.random.default_rng(11)
+    true = 10 ** rng.uniform(1, 5, 6000)
+    stat = np.sqrt(true)
+    flux = true + rng.normal(0, np.hypot(2.0 * stat, 0.03 * true))
+    k, r = flux_err_scale_and_floor(flux, stat, true)
+    assert k == pytest.approx(2.0, rel=0.1) and r == pytest.approx(0.03, rel=0.2)
+    new = np.hypot(k * stat, r * np.abs(flux))
+    bright = true > np.quantile(true, 0.8)
+    assert abs(flux_coverage(flux, new, true) - 0.6827) < 0.01
+    assert abs(flux_coverage(flux[bright], new[bright], true[bright]) - 0.6827) < 0.05
+    one = flux_err_scale(flux, stat, true)  # a single factor: the bright fifth is under-covered
+    assert flux_coverage(flux[bright], one * stat[bright], true[bright]) < 0.55

@@ -38,7 +38,7 @@ COVERAGE_68 = math.erf(1.0 / math.sqrt(2.0))  # 0.6827: the share of a Gaussian 
 MEDIAN_2D = math.sqrt(2.0 * math.log(2.0))  # 1.1774: median radius of a circular 2-D Gaussian of unit sigma
 MIN_MATCHES = 20  # fewer matched sources than this: the factor is too noisy, keep 1.0 (and say so)
 SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale")
-FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor")  # CCD PSF fits: systematic errors added in quadrature
+FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor")  # the fits' systematic errors, added in quadrature
 
 
 def ship(model_dir: str | Path, target: str | Path = DEFAULT_MODEL_DIR, notes: str | Path | None = None,
@@ -179,6 +179,19 @@ def flux_err_floor(flux, flux_err, true_flux, level: float = COVERAGE_68, weight
     return _bisect(shortfall, 0.0, 100.0)
 
 
+def flux_err_scale_and_floor(flux, flux_err, true_flux, level: float = COVERAGE_68, weights=None) -> tuple[float, float]:
+    """``(k, r)`` for errors ``sqrt((k flux_err)^2 + (r flux)^2)``: ``k`` makes the fainter half of the pairs (by
+    their own SNR, ``|flux| / flux_err``) covered at ``level`` (:func:`flux_err_scale`), where the statistical
+    error dominates; then ``r`` makes all of them covered at ``level`` (:func:`flux_err_floor`): a relative
+    systematic error, for biases that grow with flux (unresolved neighbours in the fit) where a single factor
+    over-covers the faint sources and under-covers the bright ones."""
+    (f, e, t), w = _pairs((flux, flux_err, true_flux), ("flux", "flux_err", "true_flux"), weights)
+    own = np.abs(f) / e
+    faint = own <= weighted_quantile(own, 0.5, w)
+    k = flux_err_scale(f[faint], e[faint], t[faint], level, w[faint])
+    return k, flux_err_floor(f, k * e, t, level, w)
+
+
 def flux_coverage(flux, flux_err, true_flux, scale: float = 1.0, weights=None) -> float:
     """(Weighted) share of pairs with ``|flux - true| <= scale flux_err`` (the benchmark's 68% flux coverage)."""
     try:
@@ -299,6 +312,30 @@ def _floors(m: dict, select, head, out: dict, balance_scenes: bool = False) -> N
     out["fit_pos_err_floor"] = float(np.hypot(pos_floor, fp))
 
 
+def _counts_fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = False) -> None:
+    """out[fit_flux_err_scale], out[fit_flux_err_floor] (counts cubes' likelihood fit) from the matches
+    ``m[select]``, by :func:`flux_err_scale_and_floor` on the fit's own errors (the catalog's, with the current
+    scale and floor taken out); also the coverage before / after, overall and in the fainter and brighter half."""
+    n = int(np.sum(select)) if len(m) else 0
+    if n < MIN_MATCHES:
+        return  # _factors kept the scale and said so; the floor stays as it is
+    sc = m["scene"][select]
+    w = scene_weights(sc) if balance_scenes else None
+    f, e, t = m["flux"][select], m["flux_err"][select], m["true_flux"][select]
+    scale_now, floor_now = head.error_scales(fit=True)[0], head.error_floors()[0]
+    stat = np.sqrt(np.maximum(e ** 2 - (floor_now * f) ** 2, 0.0)) / scale_now
+    k, r = flux_err_scale_and_floor(f, stat, t, weights=w)
+    new = np.hypot(k * stat, r * np.abs(f))
+    faint = np.abs(f) / np.maximum(stat, 1e-30) <= np.median(np.abs(f) / np.maximum(stat, 1e-30))
+    out["fit_flux_err_scale"], out["fit_flux_err_floor"] = float(k), float(r)
+    out["fit_flux_cov68_after"] = round(flux_coverage(f, new, t), 4)
+    out["fit_flux_cov68_faint_half_before_after"] = [round(flux_coverage(f[faint], e[faint], t[faint]), 4),
+                                                      round(flux_coverage(f[faint], new[faint], t[faint]), 4)]
+    out["fit_flux_cov68_bright_half_before_after"] = [round(flux_coverage(f[~faint], e[~faint], t[~faint]), 4),
+                                                       round(flux_coverage(f[~faint], new[~faint], t[~faint]), 4)]
+    out["fit_flux_cov68_scene_balanced_after"] = round(flux_coverage(f, new, t, weights=scene_weights(sc)), 4)
+
+
 def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 128, seed_offset: int = 0,
                      instruments: list[str] | None = None, min_score: float | None = None,
                      balance_scenes: bool = False) -> dict:
@@ -340,6 +377,7 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
         mf = _concat(fit)  # the refined rows: likelihood fit (counts) or PSF fit (CCD point sources)
         if inst.is_counts:
             _factors(mf, mf["fit"] if mf else np.zeros(0, bool), "fit_", current, res, balance_scenes)
+            _counts_fit_flux_errors(mf, mf["fit"] if mf else np.zeros(0, bool), head, res, balance_scenes)
         else:
             _floors(mf, mf["fit"] if mf else np.zeros(0, bool), head, res, balance_scenes)
         results[name] = res

@@ -79,7 +79,8 @@ class InstrumentHeadConfig:
         return v
 
     def error_floors(self) -> tuple[float, float]:
-        """(relative flux, position in pixels) floors of the PSF fit's errors, added in quadrature."""
+        """(relative flux, position in pixels) floors of the fit's errors (the PSF fit of CCD images, the likelihood
+        fit of counts cubes), added in quadrature."""
         return (self._number("fit_flux_err_floor", 0.0, allow_zero=True),
                 self._number("fit_pos_err_floor", 0.0, allow_zero=True))
 
