@@ -22,7 +22,10 @@ and ``skyfm`` (``skyfm.detect.detect_patch`` with the default detector shipped i
 and loads; otherwise the benchmark runs the baselines alone and says so). On counts cubes ``detect_patch``
 refines with the simulator's true background (``patch.background_image``), like ``tsmap-true``;
 ``skyfm-estbg`` is the same without it (the background estimated from the counts, as for real data). On CCD
-images ``skyfm-trails`` is ``skyfm`` with ``drop_trails=True`` (``skyfm detect --drop-trails``).
+images ``skyfm-trails`` is ``skyfm`` with ``drop_trails=True`` (``skyfm detect --drop-trails``). With
+``--with-denoiser``, counts cubes also get ``tsmap-denoiser``: the TS map with the background the shipped diffusion
+denoiser removed (``skyfm denoise``'s ``BACKGROUND`` HDU, :func:`skyfm.heads.denoise.apply.denoise_patch` with
+``return_background=True``, its default samples and steps; its Mpix/s includes the denoiser).
 
 **Metrics** (:mod:`skyfm.catalog.metrics`), true sources with snr >= 5 must be found; match radius 3 px for
 counts cubes, else 0.75 PSF FWHM (at least 2 px):
@@ -87,6 +90,7 @@ CASES = [  # (key, label, instrument, options(rng) -> simulate_patch kwargs)
 ]
 SEED_CASE = {"fermi-plane-ichalo": 1}  # the same seeds (sky positions, sources, noise draws) as fermi-plane
 FIXED = {"sep": 5.0, "photutils-dao": 5.0, "photutils-segmentation": 5.0, "tsmap-true": 5.0, "tsmap-estimated": 5.0,
+         "tsmap-denoiser": 5.0,
          "skyfm": None, "skyfm-estbg": None, "skyfm-trails": None}
 
 
@@ -121,7 +125,21 @@ def _skyfm_runner(min_score=None, drop_trails=False):
                  "(sweeps start there; F1@fixed at its own per-instrument min_score)")
 
 
-def _methods(counts: bool, skyfm_fn):
+def _denoiser_tsmap():
+    """tsmap_detect with the shipped denoiser's removed background (``--with-denoiser``)."""
+    from skyfm.baselines import tsmap_detect
+    from skyfm.heads.denoise.apply import denoise_patch, load_denoiser
+
+    model = load_denoiser()
+
+    def run(patch):
+        _, _, background = denoise_patch(patch, model, seed=0, return_background=True)
+        return tsmap_detect(patch, background=background)
+
+    return run
+
+
+def _methods(counts: bool, skyfm_fn, with_denoiser: bool = False):
     from skyfm.baselines import photutils_detect, sep_detect, tsmap_detect
 
     m = {"sep": sep_detect, "photutils-dao": lambda p: photutils_detect(p, "dao"),
@@ -129,6 +147,8 @@ def _methods(counts: bool, skyfm_fn):
     if counts:
         m["tsmap-true"] = lambda p: tsmap_detect(p, background="true")
         m["tsmap-estimated"] = lambda p: tsmap_detect(p, background="estimated")
+        if with_denoiser:
+            m["tsmap-denoiser"] = _denoiser_tsmap()
     if skyfm_fn is not None:
         m["skyfm"] = skyfm_fn
         if counts:  # detect_patch refines with patch.background_image when present: also run it without
@@ -210,7 +230,8 @@ def _association(cat, patch, conf95: dict) -> dict:
     return res
 
 
-def run_case(case_index, key, label, instrument, options, n, n_cal, skyfm_fn, conf95, log) -> dict:
+def run_case(case_index, key, label, instrument, options, n, n_cal, skyfm_fn, conf95, log,
+             with_denoiser: bool = False) -> dict:
     from skyfm.catalog.evaluate import default_radius_pix, truth_crb
     from skyfm.catalog.metrics import (best_f1, concat_sweeps, detection_metrics, localization_metrics,
                                        metrics_at_threshold, recall_at_precision, score_sweep)
@@ -223,7 +244,7 @@ def run_case(case_index, key, label, instrument, options, n, n_cal, skyfm_fn, co
     cal = _simulate(case_index, instrument, options, n_cal, CALIB_SEED_BASE)
     log(f"[{key}] simulated {n} + {n_cal} patches in {time.perf_counter() - t0:.1f} s; radius {radius:.2f} px")
     crbs = [truth_crb(p.truth, p) for p in test]
-    methods = _methods(inst.is_counts, skyfm_fn)
+    methods = _methods(inst.is_counts, skyfm_fn, with_denoiser)
     out = {"label": label, "instrument": instrument, "n_test": n, "n_cal": n_cal, "radius_pix": radius,
            "n_true_snr5": int(sum(np.sum(np.asarray(p.truth["snr"]) >= SNR_MIN) for p in test)),
            "n_true_snr3_5": int(sum(np.sum((np.asarray(p.truth["snr"]) >= 3) & (np.asarray(p.truth["snr"]) < 5))
@@ -360,6 +381,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skyfm-min-score", type=float, default=None,
                     help="run skyfm at this min_score so its sweeps reach lower (default: its own threshold; "
                          "lower is slower on counts cubes, where every candidate gets a likelihood fit)")
+    ap.add_argument("--with-denoiser", action="store_true",
+                    help="counts cubes: also the TS map with the shipped denoiser's removed background (slow: "
+                         "~13 s per 256 x 256 Fermi-LAT cube on one thread)")
     ap.add_argument("--seeds", choices=["test", "validation"], default="test",
                     help="test: the reported seeds (default); validation: seeds from 9.5e8 and 9.6e8, to choose "
                          "settings (tile sizes, refinement) without looking at the test images")
@@ -388,7 +412,7 @@ def main(argv=None) -> int:
         if wanted is not None and key not in wanted:
             continue
         results["cases"][key] = run_case(SEED_CASE.get(key, i), key, label, instrument, options, args.n, args.calib_n,
-                                         skyfm_fn, conf95, log)
+                                         skyfm_fn, conf95, log, args.with_denoiser)
     results["total_s"] = time.perf_counter() - t0
     md = markdown(results)
     out = Path(args.out)

@@ -293,9 +293,9 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
     INPUT is a FITS image or a gtbin counts cube. OUT gets the clean image (same shape as the input, same units)
     as its primary HDU, the per-pixel 1-sigma uncertainty as HDU UNCERT (the spread of the diffusion samples,
     calibrated per instrument on validation simulations; header keyword DNUNCERT says whether it is), the
-    background it removed as HDU BACKGROUND (input minus the mean clean image, smoothed; for counts cubes an
-    expected-counts model for a likelihood TS map), the input header and WCS, and the input's EBOUNDS table for
-    counts cubes. Large images are denoised tile by tile. By
+    background it removed as HDU BACKGROUND (input minus the mean clean image before the flux correction,
+    smoothed: diffuse emission, sky, unresolved sources, removed artefacts), the input header and WCS, and the
+    input's EBOUNDS table for counts cubes. Large images are denoised tile by tile. By
     default each source of the clean image is rescaled to its observed aperture flux (its uncertainty with it).
 
     \b

@@ -610,5 +610,5 @@ def test_background_comes_from_the_plain_mean(tmp_path, model_dir, capsys):
     assert code == 0, cap.err
     with fits.open(out) as b:
         np.testing.assert_allclose(b["BACKGROUND"].data, bkg, rtol=1e-6)
-        assert b["BACKGROUND"].header["CRVAL1"] == b[0].header["CRVAL1"] and "Poisson TS map" in str(
+        assert b["BACKGROUND"].header["CRVAL1"] == b[0].header["CRVAL1"] and "Counts per pixel" in str(
             b["BACKGROUND"].header["COMMENT"])

@@ -39,10 +39,13 @@ def removed_background(data: np.ndarray, clean: np.ndarray, kind: str, valid=Non
 
     ``clean`` should be the plain mean of the samples (no flux correction): the network's own split of every pixel
     into sources and the rest, so the background holds what it judged not to be a source (diffuse emission, sky,
-    unresolved faint sources, the artefacts it removed). On counts cubes (``kind == "counts"``) it is an expected
-    background rate per pixel, at least :data:`BACKGROUND_FLOOR_COUNTS`: what a Poisson likelihood TS map takes as
-    its background model. Masked pixels (``valid`` False) neither enter the smoothing (a normalised convolution)
-    nor get a value (0).
+    unresolved faint sources, the artefacts it removed). On counts cubes (``kind == "counts"``) it is a background
+    rate per pixel, at least :data:`BACKGROUND_FLOOR_COUNTS`. Masked pixels (``valid`` False) neither enter the
+    smoothing (a normalised convolution) nor get a value (0).
+
+    Caution: as the background of a likelihood test it is circular, since data minus it is the clean image (plus
+    noise): a TS map run against it finds the denoiser's own sources, faint false ones included. On the detection
+    benchmark's Fermi-LAT skies that cost precision (docs/benchmarks.md, "The removed background as a product").
     """
     from scipy.ndimage import gaussian_filter
 
@@ -262,7 +265,7 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
                  precision: str = "auto") -> Path:
     """Denoise a FITS image or counts cube into ``out``: the clean image (primary HDU, same shape as the input
     image), its uncertainty (``UNCERT`` HDU), the background it removed (``BACKGROUND`` HDU,
-    :func:`removed_background`: for counts cubes an expected-counts model a TS map can use), the input header and
+    :func:`removed_background`), the input header and
     WCS, and the input's ``EBOUNDS`` if any.
 
     Masked or NaN input pixels are NaN in both outputs. The file is written atomically: on any error nothing is
@@ -344,7 +347,7 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     bhdr["DNBKGSIG"] = (BACKGROUND_SMOOTHING_PIX, "BACKGROUND: Gaussian smoothing sigma (pixels)")
     bhdr["COMMENT"] = ("BACKGROUND (same units as the input): input minus the denoiser's mean source-only image "
                        "(before any flux correction), smoothed: diffuse emission, sky, unresolved sources and removed "
-                       "artefacts." + (" An expected-counts model (>= 1e-3) for a Poisson TS map."
+                       "artefacts." + (" Counts per pixel, >= 1e-3."
                                        if instrument_kind(load_instrument(patch.instrument)) == "counts" else ""))
     hdus.append(fits.ImageHDU(shape_background.astype(np.float32), header=bhdr, name="BACKGROUND"))
     if ebounds is not None:
