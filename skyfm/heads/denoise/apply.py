@@ -265,8 +265,7 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
                  precision: str = "auto") -> Path:
     """Denoise a FITS image or counts cube into ``out``: the clean image (primary HDU, same shape as the input
     image), its uncertainty (``UNCERT`` HDU), the background it removed (``BACKGROUND`` HDU,
-    :func:`removed_background`), the input header and
-    WCS, and the input's ``EBOUNDS`` if any.
+    :func:`removed_background`), the input header and WCS, and the input's ``EBOUNDS`` if any.
 
     Masked or NaN input pixels are NaN in both outputs. The file is written atomically: on any error nothing is
     left at ``out``. ``flux_correction``: see :func:`denoise_patch` (recorded as header keyword ``DNFLUX``);
