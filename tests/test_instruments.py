@@ -219,3 +219,43 @@ def test_counts_asinh_mesh_follows_a_background_gradient_and_inverts():
     assert float(np.median(flat[0, 28:36])) > 2.0
     np.testing.assert_allclose(unscale_image(scaled, params), image, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(apply_scaling(image, params).numpy(), scaled, rtol=1e-5, atol=1e-5)
+
+
+def test_counts_asinh_model_takes_the_background_from_its_model():
+    """counts-asinh-model: the given background model (its 4-px box means) is the sky, whatever the counts say: a
+    source on a ridge keeps its excess; no model, or one of another shape, is a clear error; shards carry a
+    simulated patch's background_image into the parameters; exact inverse, numpy and torch alike."""
+    import numpy as np
+    import pytest
+
+    from skyfm.data.shards import apply_scaling, encode_patch
+    from skyfm.data.simulate import simulate_patch
+    from skyfm.errors import SkyfmError
+    from skyfm.instruments import load_instrument
+    from skyfm.instruments.scaling import box_means, scale_image, sky_sigma_maps, unscale_image
+
+    rng = np.random.default_rng(2)
+    yy = np.arange(62)[:, None] * np.ones((1, 62))  # 62 px: the last boxes are partial
+    model = np.stack([2.0 + 40.0 * np.exp(-0.5 * ((yy - 31) / 8.0) ** 2)])
+    image = rng.poisson(model).astype(np.float32)
+    image[0, 30:33, 40:43] += 300.0  # a source on the ridge
+    scaled, params = scale_image(image, "counts-asinh-model", background=model)
+    mesh = box_means(model[0])
+    assert mesh.shape == (16, 16) and mesh[0, 0] == pytest.approx(model[0, :4, :4].mean())
+    assert mesh[-1, -1] == pytest.approx(model[0, 60:, 60:].mean())
+    sky, _ = sky_sigma_maps(params, image.shape)
+    assert abs(float(sky[0, 31, 10]) - 42.0) < 2 and abs(float(sky[0, 1, 10]) - 2.0) < 1
+    assert abs(float(np.median(scaled[0, 26:36, :30]))) < 0.3 and float(scaled[0, 31, 41]) > 3.0
+    np.testing.assert_allclose(unscale_image(scaled, params), image, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(apply_scaling(image, params).numpy(), scaled, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SkyfmError, match="needs the image's background model"):
+        scale_image(image, "counts-asinh-model")
+    with pytest.raises(SkyfmError, match="background model has shape"):
+        scale_image(image, "counts-asinh-model", background=model[:, :10])
+    patch = simulate_patch("fermi-lat", 3, size=32)
+    from dataclasses import replace
+
+    inst = replace(load_instrument("fermi-lat"), scaling={"method": "counts-asinh-model"})
+    header, _ = encode_patch(patch, "k", instrument=inst)
+    got = np.asarray(header["scaling"]["sky_mesh"])
+    np.testing.assert_allclose(got, np.stack([box_means(b) for b in patch.background_image]), rtol=1e-6)

@@ -141,11 +141,12 @@ def _band_edges(inst, patch: Patch) -> dict:
     return {"energy_edges_kev": None, "wavelength_edges_nm": waves}
 
 
-def _scaling_parameters(inst, data: np.ndarray) -> dict:
-    """The instrument's scaling parameters for this image (sky and noise per band for ``asinh``)."""
+def _scaling_parameters(inst, data: np.ndarray, background=None) -> dict:
+    """The instrument's scaling parameters for this image (sky and noise per band for ``asinh``); ``background``:
+    the image's background model, for ``counts-asinh-model``."""
     from skyfm.instruments.scaling import scale_image
 
-    _, params = scale_image(data, inst.scaling["method"], **_scaling_options(inst))
+    _, params = scale_image(data, inst.scaling["method"], background=background, **_scaling_options(inst))
     return params
 
 
@@ -174,7 +175,7 @@ def encode_patch(patch: Patch, key: str, instrument=None, seed: int | None = Non
         **_band_edges(inst, patch),
         "seed": _jsonable(seed if seed is not None else patch.meta.get("seed"), f"{where}: seed"),
         "wcs_header": None if patch.wcs is None else patch.wcs.to_header(relax=True).tostring(sep="\n"),
-        "scaling": _jsonable(_scaling_parameters(inst, data), f"{where}: scaling"),
+        "scaling": _jsonable(_scaling_parameters(inst, data, patch.background_image), f"{where}: scaling"),
         "finite": bool(np.isfinite(data).all()),
         "meta": _jsonable(dict(patch.meta), f"{where}: meta"),
         "truth": None,

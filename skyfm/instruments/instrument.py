@@ -42,7 +42,7 @@ from skyfm.instruments.psf import PSF
 from skyfm.utils import read_yaml
 
 KINDS = ("counts", "ccd")
-SCALINGS = ("log1p", "anscombe", "asinh", "counts-asinh", "counts-asinh-mesh")
+SCALINGS = ("log1p", "anscombe", "asinh", "counts-asinh", "counts-asinh-mesh", "counts-asinh-model")
 PSF_MODELS = ("gaussian", "moffat", "king")
 
 

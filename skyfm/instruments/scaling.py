@@ -15,6 +15,9 @@ one. Each instrument's YAML names one method:
 * ``counts-asinh-mesh``: the same with a background that varies across the image: the clipped mean in a mesh of
   ``MESH_PIX`` x ``MESH_PIX`` boxes (a box far above its neighbours takes their median, as in SExtractor's
   background mesh), interpolated bilinearly to every pixel (:func:`sky_sigma_maps`); the mesh is stored in the parameters.
+* ``counts-asinh-model``: the same with the background taken from a model of it rather than from the counts: the
+  image's expected background cube (a Fermi-LAT analysis's interstellar-emission and isotropic model; a simulated
+  patch's ``background_image``), as ``MODEL_MESH_PIX`` box means. Without a model it is an error.
 
 :func:`scale_image` returns the scaled array and the per-band parameters that :func:`unscale_image` needs.
 """
@@ -53,8 +56,10 @@ def robust_background(band: np.ndarray, n_iter: int = 3, clip: float = 3.0, max_
     return med, sigma
 
 
-def scale_image(image: np.ndarray, method: str, softening: float = 1.0) -> tuple[np.ndarray, dict]:
-    """Scale a (C, H, W) image; returns (scaled float32 array, parameters for :func:`unscale_image`)."""
+def scale_image(image: np.ndarray, method: str, softening: float = 1.0,
+                background: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Scale a (C, H, W) image; returns (scaled float32 array, parameters for :func:`unscale_image`).
+    ``background``: the (C, H, W) expected background counts that ``counts-asinh-model`` needs (others ignore it)."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3:
         raise SkyfmError(f"scaling expects a (bands, height, width) array, got shape {image.shape}")
@@ -72,9 +77,18 @@ def scale_image(image: np.ndarray, method: str, softening: float = 1.0) -> tuple
     elif method == "counts-asinh-mesh":
         params = {"method": "asinh", "estimator": "poisson-mesh",
                   "sky_mesh": [poisson_mesh(b).tolist() for b in image], "softening": softening}
+    elif method == "counts-asinh-model":
+        if background is None:
+            raise SkyfmError("scaling counts-asinh-model needs the image's background model (expected background "
+                             "counts per pixel and bin, e.g. from the interstellar-emission model); none was given")
+        background = np.asarray(background, dtype=np.float64)
+        if background.shape != image.shape:
+            raise SkyfmError(f"the background model has shape {background.shape}, the image {image.shape}")
+        params = {"method": "asinh", "estimator": "poisson-mesh",
+                  "sky_mesh": [box_means(b).tolist() for b in background], "softening": softening}
     else:
-        raise SkyfmError(f"unknown scaling method '{method}'; use log1p, anscombe, asinh, counts-asinh or "
-                         f"counts-asinh-mesh")
+        raise SkyfmError(f"unknown scaling method '{method}'; use log1p, anscombe, asinh, counts-asinh, "
+                         f"counts-asinh-mesh or counts-asinh-model")
     sky_a, sig_a = sky_sigma_maps(params, image.shape)
     return np.arcsinh((image - sky_a) / (sig_a * softening)).astype(np.float32), params
 
@@ -86,6 +100,17 @@ def counts_scaled(params: dict) -> bool:
 
 
 MESH_PIX = 8  # counts-asinh-mesh: the background mesh's box side (pixels)
+MODEL_MESH_PIX = 4  # counts-asinh-model: a background model is smooth; 4-px boxes keep the ridge, not the bytes
+
+
+def box_means(band: np.ndarray, box: int = MODEL_MESH_PIX) -> np.ndarray:
+    """(ceil(H / box), ceil(W / box)) means of ``box`` x ``box`` blocks of one band (edge blocks over the pixels
+    they have), the mesh :func:`sky_sigma_maps` interpolates back to pixels."""
+    h, w = band.shape
+    ny, nx = -(-h // box), -(-w // box)
+    padded = np.full((ny * box, nx * box), np.nan)
+    padded[:h, :w] = band
+    return np.nanmean(padded.reshape(ny, box, nx, box), axis=(1, 3))
 
 
 def poisson_mesh(band: np.ndarray, box: int = MESH_PIX) -> np.ndarray:
