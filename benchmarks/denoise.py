@@ -27,8 +27,8 @@ below 2**31, nor in the training run's validation set, 2**31 + j for small j), f
   clean image's noise level is not the raw one's, so its SNR scale differs). The TS map runs on the raw counts with
   the true background (a perfect interstellar model), with the estimated one, and with the denoiser's (the
   ``BACKGROUND`` that ``skyfm denoise`` writes: data minus the plain mean of the samples, smoothed,
-  :func:`skyfm.heads.denoise.apply.removed_background`); on the clean image it runs on clean + that background
-  against that background.
+  :func:`skyfm.heads.denoise.apply.removed_background`; circular as a likelihood background: docs/benchmarks.md);
+  on the clean image it runs on clean + that background against that background.
   skyfm's own detector (:func:`skyfm.detect.detect_patch`, its own default threshold) on raw and clean, where
   the default detector exists.
 * **speed**: one 256x256 patch, 1 sample, 4 / 10 / 20 DDIM steps (flux correction included).

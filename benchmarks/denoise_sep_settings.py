@@ -34,7 +34,7 @@ from skyfm.heads.denoise.apply import denoise_patch, load_denoiser  # noqa: E402
 GRID = {"thresh": (1.5, 3.0), "minarea": (5, 3), "deblend_cont": (1e-4, 1e-3, 5e-3), "filter": (True, False)}
 
 
-def sep_catalog(patch, thresh: float, minarea: int, deblend_cont: float, filter: bool):
+def sep_catalog(patch, thresh: float, minarea: int, deblend_cont: float, use_filter: bool):
     """skyfm.baselines.sep_detect with the filter as a choice (the baseline always filters)."""
     import sep
 
@@ -42,7 +42,7 @@ def sep_catalog(patch, thresh: float, minarea: int, deblend_cont: float, filter:
     sep.set_extract_pixstack(3_000_000)
     sep.set_sub_object_limit(4096)
     objs = sep.extract(np.ascontiguousarray(prep.detect), thresh, err=prep.detect_rms, mask=prep.mask,
-                       minarea=minarea, filter_kernel=sep.default_kernel if filter else None, filter_type="matched",
+                       minarea=minarea, filter_kernel=sep.default_kernel if use_filter else None, filter_type="matched",
                        deblend_nthresh=32, deblend_cont=deblend_cont, clean=True, clean_param=1.0)
     x, y = np.asarray(objs["x"], float), np.asarray(objs["y"], float)
     ok = baselines._inside(x, y, patch.data.shape[1:])
