@@ -548,8 +548,12 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 @click.option("--drop-trails", is_flag=True,
               help="CCD images: find satellite trails in each tile (straight ridges of light across it) and drop "
                    "the detections on them; a star on a bright trail goes with it. Costs ~0.2 s per 512^2 tile.")
+@click.option("--background", "background_path", default=None, type=click.Path(),
+              help="Counts cubes: FITS file with the expected background counts (same bins and pixels as INPUT, e.g. "
+                   "the interstellar-emission + isotropic model cube from gtmodel); the likelihood refinement fits "
+                   "against it. Default: estimated from the counts (TS and flux errors are then less reliable).")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
-               precision, attention_window, no_refine, drop_trails):
+               precision, attention_window, no_refine, drop_trails, background_path):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -562,6 +566,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
       skyfm detect image.fits --out catalog.fits --plot
       skyfm detect W1.fits --instrument wise --band W1 --out w1.ecsv
       skyfm detect ccube.fits --instrument fermi-lat --out fermi.vot --associate 4fgl.fits
+      skyfm detect ccube.fits --instrument fermi-lat --background model_cube.fits --out fermi.fits
     """
     from skyfm.detect import detect_file
 
@@ -570,7 +575,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
     table = detect_file(input_path, out_path, instrument=instrument, band=band, model_dir=model_dir,
                         min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size,
                         precision=precision, attention_window=attention_window, refine=not no_refine,
-                        drop_trails=drop_trails)
+                        drop_trails=drop_trails, background=background_path)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

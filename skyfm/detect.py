@@ -569,16 +569,44 @@ def _wcs_scale(wcs) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------------------- files
+def read_background_model(path, shape: tuple) -> np.ndarray:
+    """A counts cube's background model from a FITS file: expected background counts per pixel and bin, (C, H, W)
+    float32 of ``shape``. The ``BACKGROUND`` HDU when there is one (``skyfm denoise`` writes it), else the first
+    HDU with image data (a gtmodel / gtsrcmaps model cube). Wrong shape, NaN or negative values are errors."""
+    from skyfm.data.readers import open_fits
+
+    with open_fits(path) as hdul:
+        chosen = next((h for h in hdul if h.name == "BACKGROUND" and h.is_image and h.data is not None), None)
+        chosen = chosen or next((h for h in hdul if h.is_image and h.data is not None and h.data.ndim >= 2), None)
+        if chosen is None:
+            raise SkyfmError(f"--background {path}: no image data in the file")
+        model = np.asarray(chosen.data, dtype=np.float32)
+    if model.ndim == 2:
+        model = model[None]
+    if model.shape != tuple(shape):
+        raise SkyfmError(f"--background {path}: shape {model.shape} does not match the counts cube's {tuple(shape)} "
+                         "(bins, height, width)")
+    if not np.isfinite(model).all() or (model < 0).any():
+        raise SkyfmError(f"--background {path}: the model has NaN, infinite or negative values; it should be "
+                         "expected counts per pixel and bin")
+    return model
+
+
 def detect_file(path, out=None, *, instrument=None, band: str | None = None, model_dir=None,
                 min_score: float | None = None, plot: bool = False, associate=None, hdu=None,
                 tile_size: int | None = None, batch_size: int | None = None, progress: bool = True, refine: bool = True,
-                precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False):
+                precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
+                background=None):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
     native pixel scale (:func:`skyfm.data.healpix.healpix_tiles`). With ``out``: the catalog (FITS / ECSV /
     VOTable by extension) and a DS9 region file beside it; with ``plot`` also ``OUT.png`` (images up to ~4k
     pixels a side). Nothing is written when anything fails. Returns the catalog.
+
+    ``background``: for a counts cube (not a HEALPix map), a FITS file with its background model
+    (:func:`read_background_model`), which the Poisson likelihood refinement fits against instead of an estimate
+    from the counts (the detector's error scales were calibrated that way).
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -590,7 +618,11 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     if out is not None:
         catalog_format(out)  # a bad extension fails before any work
     det = get_detector(model_dir)
+    if background is not None:
+        check_fits_file(background)
     if _is_healpix_file(path, hdu):
+        if background is not None:
+            raise SkyfmError("--background is for counts cubes in pixel images, not HEALPix maps")
         table, patch_for_plot = _detect_healpix(path, det, instrument, min_score, progress, batch_size,
                                                 precision=precision, attention_window=attention_window)
         min_score = table.meta.get("min_score")
@@ -598,6 +630,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
         with open_image(path, instrument=instrument, hdu=hdu, band=band) as image:
             image.require_patchable()
             inst = image.instrument
+            if background is not None and not inst.is_counts:
+                raise SkyfmError(f"--background is for counts cubes; {path.name} is a {inst.name} image")
+            model = None if background is None else read_background_model(background, image.shape)
             head = det.head_config(inst.name)
             min_score = default_min_score(det, head) if min_score is None else float(min_score)
             small = image.shape[0] * image.height * image.width <= 64e6
@@ -605,6 +640,10 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 from skyfm.data import read_image
 
                 patch = read_image(path, instrument=instrument, hdu=hdu, band=band)
+                if model is not None:
+                    from dataclasses import replace
+
+                    patch = replace(patch, background_image=model)
                 table = detect_patch(patch, det, min_score, tile_size=tile_size, refine=refine,
                                      drop_trails=drop_trails,
                                      batch_size=batch_size, progress=progress, precision=precision,
@@ -621,7 +660,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 if inst.is_counts and refine:
                     data = image.read_window(0, image.height, 0, image.width)
                     data = np.nan_to_num(data, nan=0.0)
-                    arrays = refine_counts(arrays, data, inst, scale, bands=list(image.bands), head=head)
+                    arrays = refine_counts(arrays, data, inst, scale, background=model, bands=list(image.bands),
+                                           head=head)
                 table = _catalog(arrays, inst, image.wcs, head, meta={"min_score": min_score})
                 patch_for_plot = None
                 if plot and image.height * image.width <= 4096 * 4096:

@@ -220,3 +220,44 @@ def test_detect_cli_inference_options(tmp_path, model_dir, capsys):
     assert len(cat) > 0 and (np.asarray(cat["fit"]) == 0).all()
     rc = main(["detect", str(src), "--model", str(model_dir), "--out", str(out), "--precision", "fp8"])
     assert rc != 0 and "fp8" in capsys.readouterr().err
+
+
+def test_background_model_drives_the_counts_refinement(tmp_path, model_dir, capsys):
+    """--background: the likelihood refinement fits against the given model cube (the primary HDU of a model file,
+    or the BACKGROUND HDU skyfm denoise writes), not an estimate; a model of the wrong shape, with NaN, or given
+    for a CCD image is a one-line error and writes nothing."""
+    from skyfm.catalog import read_catalog
+    from skyfm.detect import detect_patch
+
+    p = simulate_patch("fermi-lat", 3, size=48, population="real", center=(20.0, 0.5))
+    src = write_patch(p, tmp_path / "cube.fits")  # a file without the simulator's background
+    model = tmp_path / "model.fits"
+    fits.PrimaryHDU(p.background_image).writeto(model)
+    denoised = tmp_path / "denoised.fits"
+    fits.HDUList([fits.PrimaryHDU(np.zeros_like(p.data)),
+                  fits.ImageHDU(p.background_image, name="BACKGROUND")]).writeto(denoised)
+    truth_bkg = detect_patch(p, model_dir, min_score=0.0101)  # the patch carries its true background
+    tables = {}
+    for name, extra in (("model", ["--background", str(model)]), ("denoised", ["--background", str(denoised)]),
+                        ("estimated", [])):
+        out = tmp_path / f"{name}.fits"
+        rc = main(["detect", str(src), "--model", str(model_dir), "--min-score", "0.0101", "--out", str(out)] + extra)
+        assert rc == 0, capsys.readouterr().err
+        tables[name] = read_catalog(out)
+    assert len(truth_bkg) > 0
+    for name in ("model", "denoised"):
+        np.testing.assert_allclose(np.asarray(tables[name]["ts"]), np.asarray(truth_bkg["ts"]), rtol=1e-4)
+    assert not np.allclose(np.asarray(tables["estimated"]["ts"]), np.asarray(truth_bkg["ts"]), rtol=1e-2)
+    bad_shape, nan_model = tmp_path / "small.fits", tmp_path / "nan.fits"
+    fits.PrimaryHDU(p.background_image[:, :10]).writeto(bad_shape)
+    broken = p.background_image.copy()
+    broken[0, 3, 3] = np.nan
+    fits.PrimaryHDU(broken).writeto(nan_model)
+    ml = write_patch(simulate_patch("meerlicht", 1, size=32), tmp_path / "ml.fits")
+    for image, bg, words in ((src, bad_shape, "does not match"), (src, nan_model, "NaN"),
+                             (ml, model, "for counts cubes"), (src, tmp_path / "none.fits", "not found")):
+        out = tmp_path / "bad.fits"
+        rc = main(["detect", str(image), "--model", str(model_dir), "--background", str(bg), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 1 and words in err and err.count("\n") == 1, err
+        assert not out.exists()
