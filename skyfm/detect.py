@@ -577,7 +577,8 @@ def read_background_model(path, shape: tuple) -> np.ndarray:
 
     with open_fits(path) as hdul:
         chosen = next((h for h in hdul if h.name == "BACKGROUND" and h.is_image and h.data is not None), None)
-        chosen = chosen or next((h for h in hdul if h.is_image and h.data is not None and h.data.ndim >= 2), None)
+        if chosen is None:
+            chosen = next((h for h in hdul if h.is_image and h.data is not None and h.data.ndim >= 2), None)
         if chosen is None:
             raise SkyfmError(f"--background {path}: no image data in the file")
         model = np.asarray(chosen.data, dtype=np.float32)
