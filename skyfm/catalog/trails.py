@@ -67,23 +67,37 @@ def _noise_units(image: np.ndarray) -> np.ndarray:
     return np.sum(planes, axis=0) / np.sqrt(len(planes))
 
 
+def _line_points(shape: tuple[int, int], theta: float, rho: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(t, x, y): the points of the line (theta, rho) 1 px apart (t: the position along it) inside an image of
+    ``shape``."""
+    h, w = shape
+    c, s = np.cos(theta), np.sin(theta)
+    t = np.arange(-np.hypot(h, w), np.hypot(h, w), 1.0)
+    x, y = rho * c - t * s, rho * s + t * c
+    inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    return t[inside], x[inside], y[inside]
+
+
+def _shifted_samples(z: np.ndarray, x: np.ndarray, y: np.ndarray, theta: float, offset: float) -> np.ndarray:
+    """``z`` at the nearest pixels of the points (x, y) moved ``offset`` px along the line's normal (those that
+    stay inside the image)."""
+    h, w = z.shape
+    xi = np.rint(x + offset * np.cos(theta)).astype(int)
+    yi = np.rint(y + offset * np.sin(theta)).astype(int)
+    ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+    return z[yi[ok], xi[ok]]
+
+
 def _line_medians(z: np.ndarray, theta: float, rho: float, offsets: np.ndarray) -> tuple[np.ndarray, int]:
     """Median of ``z`` along the line (theta, rho) shifted by each offset (px), nearest-pixel samples 1 px apart
     over the part of the line inside the image; returns (medians, samples per line)."""
-    h, w = z.shape
-    c, s = np.cos(theta), np.sin(theta)
-    t = np.arange(-np.hypot(h, w), np.hypot(h, w), 1.0)
-    x0, y0 = rho * c - t * s, rho * s + t * c  # the line, parametrised by t along it
-    inside = (x0 >= 0) & (x0 <= w - 1) & (y0 >= 0) & (y0 <= h - 1)
-    x0, y0 = x0[inside], y0[inside]
+    _, x0, y0 = _line_points(z.shape, theta, rho)
     out = np.full(len(offsets), np.nan)
     for i, o in enumerate(offsets):
-        xi = np.rint(x0 + o * c).astype(int)
-        yi = np.rint(y0 + o * s).astype(int)
-        ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        if ok.sum() >= 8:
-            out[i] = float(np.median(z[yi[ok], xi[ok]]))
-    return out, int(inside.sum())
+        values = _shifted_samples(z, x0, y0, theta, o)
+        if values.size >= 8:
+            out[i] = float(np.median(values))
+    return out, len(x0)
 
 
 def _block_mean(z: np.ndarray, block: int) -> np.ndarray:
@@ -188,28 +202,17 @@ def _lit_end_to_end(z: np.ndarray, trail: "Trail", min_excess: float, segments: 
     the mean of the two sides: a ridge rises above both, the edge of a cluster or a gradient only above one).
     A satellite crosses the whole image; a bleed column, a cluster's core or a galaxy lifts the
     line only where it is."""
-    h, w = z.shape
-    c, s = np.cos(trail.theta), np.sin(trail.theta)
-    t = np.arange(-np.hypot(h, w), np.hypot(h, w), 1.0)
-    x0, y0 = trail.rho * c - t * s, trail.rho * s + t * c
-    inside = (x0 >= 0) & (x0 <= w - 1) & (y0 >= 0) & (y0 <= h - 1)
-    t = t[inside]
+    t, x0, y0 = _line_points(z.shape, trail.theta, trail.rho)
     if t.size < 8 * segments:
         return False
     bounds = np.linspace(t.min(), t.max() + 1e-9, segments + 1)
     side = 3.0 * max(trail.half_width, 2.0)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        stretch = t[(t >= lo) & (t < hi)]
+        stretch = (t >= lo) & (t < hi)
         values = {}
         for name, offsets in (("on", (-1.0, 0.0, 1.0)), ("left", (-side, -1.5 * side, -2.0 * side)),
                               ("right", (side, 1.5 * side, 2.0 * side))):
-            samples = []
-            for o in offsets:
-                xi = np.rint(trail.rho * c - stretch * s + o * c).astype(int)
-                yi = np.rint(trail.rho * s + stretch * c + o * s).astype(int)
-                ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-                samples.append(z[yi[ok], xi[ok]])
-            v = np.concatenate(samples)
+            v = np.concatenate([_shifted_samples(z, x0[stretch], y0[stretch], trail.theta, o) for o in offsets])
             v = v[np.isfinite(v)]
             values[name] = float(np.median(v)) if v.size >= 4 else np.nan
         sides = [v for v in (values["left"], values["right"]) if np.isfinite(v)]

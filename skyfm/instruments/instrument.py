@@ -19,7 +19,7 @@ A YAML file (see ``configs/instruments/*.yaml`` for five complete examples) has 
                   saturation: ADU}``.
 ``background``    instrument-specific background parameters, read by the simulators (documented in each YAML).
 ``contaminants``  ``ccd`` only: rates of cosmic rays, satellite trails, hot and bad pixels, bleed trails.
-``scaling``       how images are scaled for the networks: ``{method: log1p | anscombe | asinh | counts-asinh[-mesh]}``.
+``scaling``       how images are scaled for the networks: ``{method: log1p | anscombe | asinh | counts-asinh[-mesh|-model]}``.
 ``simulation``    optional parameters of the simulators (populations, densities, bands per image), documented
                   in :mod:`skyfm.data.simulate`.
 

@@ -95,7 +95,7 @@ def scale_image(image: np.ndarray, method: str, softening: float = 1.0,
 
 def counts_scaled(params: dict) -> bool:
     """Whether scaling parameters are those of a counts cube (log1p, anscombe, or asinh estimated the Poisson way:
-    counts-asinh[-mesh]), so that Poisson statistics apply to the raw image."""
+    counts-asinh[-mesh|-model]), so that Poisson statistics apply to the raw image."""
     return params["method"] in ("log1p", "anscombe") or str(params.get("estimator", "")).startswith("poisson")
 
 
@@ -145,7 +145,8 @@ def _upsample(mesh: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def sky_sigma_maps(params: dict, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
     """(sky, sigma) of ``asinh`` parameters, broadcastable to a (C, H, W) image: per band numbers, or for
-    ``counts-asinh-mesh`` per-pixel maps (sigma = sqrt(sky + 1)), without the softening."""
+    ``counts-asinh-mesh`` and ``counts-asinh-model`` per-pixel maps from their mesh (sigma = sqrt(sky + 1)),
+    without the softening."""
     if "sky_mesh" in params:
         sky = np.stack([_upsample(np.asarray(m, dtype=np.float64), shape[-2:]) for m in params["sky_mesh"]])
         sky = np.maximum(sky, 0.0).astype(np.float32)
