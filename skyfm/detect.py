@@ -368,7 +368,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     Every detection is modelled (so that neighbours share their light), but only those whose fit converged with
     an SNR >= ``PSF_FIT_MIN_SNR`` take the fitted position and position error; of these, the
     point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
-    The seeing of each band is fitted on the tile's bright isolated detections (:func:`estimate_fwhm`); with
+    The seeing of each band is fitted on the tile's bright point-like detections, the others subtracted
+    (:func:`estimate_fwhm`); with
     ``seeing`` (a dict kept across the tiles of one image) the median of all tiles' estimates so far is used.
     Heads with ``psf_fit`` False (chosen on validation seeds) keep the network's values.
     """
@@ -383,6 +384,9 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     h, w = data.shape[1:]
     iy = np.clip(np.rint(d["y"]).astype(int), 0, h - 1)
     ix = np.clip(np.rint(d["x"]).astype(int), 0, w - 1)
+    names = list(head.class_names)
+    star = d["class_prob"][:, names.index("star")] if "star" in names else np.ones(n)
+    point = (star >= 0.5) & (np.nan_to_num(d["extension"] / scale, nan=0.0) < 1.0)  # seeing from point sources
     bg, rms, psfs = [], [], []
     for c, name in enumerate(patch.bands):
         b, s = background_and_rms(data[c], mask)
@@ -391,7 +395,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
         band = inst.band(name)
         # a quick SNR to rank sources for the seeing fit: peak / rms x the PSF's effective width
         quick = (data[c] - b)[iy, ix] / s[iy, ix] * 1.5 * band.psf.fwhm_deg / scale
-        fwhm = estimate_fwhm(data[c], b, s, band.psf_with_fwhm, band.psf.fwhm_deg, scale, d["x"], d["y"], quick)
+        fwhm = estimate_fwhm(data[c], b, s, band.psf_with_fwhm, band.psf.fwhm_deg, scale, d["x"], d["y"], quick,
+                             point=point)
         if seeing is not None:  # one image, one seeing: the median of its tiles' estimates so far
             seeing.setdefault(name, []).append(fwhm)
             fwhm = float(np.median(seeing[name]))
@@ -410,10 +415,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     d["x"] = np.where(ok, fit["x"], d["x"])
     d["y"] = np.where(ok, fit["y"], d["y"])
     d["pos_err"] = np.where(ok, np.hypot(fit["pos_err"] * pos_scale, pos_floor), d["pos_err"])
-    names = list(head.class_names)
-    star = d["class_prob"][:, names.index("star")] if "star" in names else np.ones(n)
-    ext_pix = np.nan_to_num(d["extension"] / scale, nan=0.0)
-    point = ok & (star >= 0.5) & (ext_pix < 1.0)
+    point = ok & point
     d["flux"] = np.where(point, fit["flux"], d["flux"])
     d["flux_err"] = np.where(point, np.hypot(fit["flux_err"] * flux_scale, flux_floor * fit["flux"]), d["flux_err"])
     d["flux_band"] = np.where(point[:, None], fit["flux_band"], d["flux_band"])

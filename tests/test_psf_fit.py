@@ -94,6 +94,21 @@ def test_estimate_fwhm_finds_the_seeing():
     assert estimate_fwhm(img[0], bg, rms, _psf, nominal, SCALE, x[:2], y[:2], np.full(2, 100.0)) == nominal
 
 
+def test_estimate_fwhm_in_a_crowded_field_subtracts_the_neighbours():
+    """Sources 2-3 FWHM apart: none has its box clear, so only the neighbour-subtracted estimate finds the seeing."""
+    rng = np.random.default_rng(5)
+    true = _psf(2.9)
+    img, x, y, f = _scene(rng, 150, size=200, flux=(1e4, 4e4), psf=true, min_sep=11.0)
+    bg, rms = background_and_rms(img[0])
+    nominal = _psf(2.5).fwhm_deg
+    psf_for_fwhm = load_instrument("meerlicht").band("q").psf_with_fwhm
+    snr = np.full(x.size, 100.0)
+    assert estimate_fwhm(img[0], bg, rms, psf_for_fwhm, nominal, SCALE, x, y, snr, subtract_others=False) == nominal
+    start_x, start_y = x + rng.normal(0, 0.2, x.size), y + rng.normal(0, 0.2, y.size)
+    est = estimate_fwhm(img[0], bg, rms, psf_for_fwhm, nominal, SCALE, start_x, start_y, snr)
+    assert est == pytest.approx(true.fwhm_deg, rel=0.03)
+
+
 def test_empty_masked_and_bad_shapes():
     img = np.random.default_rng(4).normal(100, 5, (1, 40, 40))
     bg, rms = np.full((1, 40, 40), 100.0), np.full((1, 40, 40), 5.0)

@@ -69,6 +69,7 @@ def _oversample(psf, scale: float) -> int:
 TABLE_PHASES = 32  # sub-pixel phases per pixel of a StampTable (bilinear between them)
 TABLE_REACH_PIX = 1.5  # offsets from the box centre the table covers: a fit may move a source off its pixel
 _TABLES: dict = {}
+SEEING_PHASES = 4  # the seeing search's tables: 13 widths per band, built once per process, kept
 
 
 class StampTable:
@@ -78,15 +79,27 @@ class StampTable:
 
     def __init__(self, psf, scale: float, r: int, phases: int = TABLE_PHASES):
         n = int(round(2 * TABLE_REACH_PIX * phases))
-        offsets = np.linspace(-TABLE_REACH_PIX, TABLE_REACH_PIX, n + 1)
-        dy, dx = np.meshgrid(offsets, offsets, indexing="ij")
-        dx, dy = dx.ravel(), dy.ravel()
-        k, os_ = 2 * r + 1, _oversample(psf, scale)
-        table = np.empty((dx.size, k, k))
-        chunk = max(1, int(4e6 // (k * k * os_ * os_)))  # the oversampled profile of a chunk stays ~32 MB
-        for i in range(0, dx.size, chunk):
-            table[i:i + chunk] = psf.stamps(dx[i:i + chunk], dy[i:i + chunk], scale, radius_pix=r, oversample=os_)
-        self.table = table.reshape(n + 1, n + 1, k, k)
+        k = 2 * r + 1
+        # Every entry is the profile integrated over one pixel, and the table's offsets step by 1 / phases px:
+        # on a fine grid of cells 1 / (phases q) px wide, each entry is a box of (phases q)^2 cells, so one
+        # summed-area table of the profile gives them all (the midpoint rule at >= _oversample cells per pixel).
+        q = max(1, int(np.ceil(_oversample(psf, scale) / phases)))
+        per_pix = phases * q
+        cells = (k * phases + n) * q  # fine cells per axis: the stamp plus the table's reach on both sides
+        h = 1.0 / per_pix
+        centres = -(r + 0.5 + TABLE_REACH_PIX) + (np.arange(cells) + 0.5) * h  # pixels from the box centre
+        rr = np.hypot(centres[:, None], centres[None, :]) * scale
+        summed = np.zeros((cells + 1, cells + 1))
+        summed[1:, 1:] = (psf.profile(rr) * (h * scale) ** 2).cumsum(0).cumsum(1)
+        # first cell of pixel j (0..k-1) for table offset m (0..n, offset -reach + m / phases): (j phases + n - m) q
+        start = (np.arange(k)[None, :] * phases + n - np.arange(n + 1)[:, None]) * q  # (n + 1, k)
+        table = np.empty((n + 1, n + 1, k, k))
+        ax = start[None, :, None, :]  # (1, n + 1, 1, k): the x offset and column
+        for m in range(n + 1):  # one row of y offsets at a time: the gathers stay small
+            ay = start[m][None, :, None]  # (1, k, 1)
+            table[m] = (summed[ay + per_pix, ax[0] + per_pix] - summed[ay, ax[0] + per_pix]
+                        - summed[ay + per_pix, ax[0]] + summed[ay, ax[0]])
+        self.table = table
         self.steps = n
 
     @classmethod
@@ -94,7 +107,7 @@ class StampTable:
         key = (psf.model, round(psf.width_deg / scale, 4), round(float(psf.beta), 4), r)
         cache = _TABLES.setdefault(phases, {})  # coarse tables (the seeing search) never evict the fit's
         if key not in cache:
-            if len(cache) >= 16:  # a fit table is ~20 MB
+            if len(cache) >= (16 if phases >= TABLE_PHASES else 128):  # a fit table is ~20 MB, a coarse one ~1
                 cache.pop(next(iter(cache)))
             cache[key] = cls(psf, scale, r, phases)
         return cache[key]
@@ -286,48 +299,73 @@ def _render(x, y, flux, psfs, scale, r, shape, phases=TABLE_PHASES) -> np.ndarra
 
 
 def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, pixel_scale_deg: float, x, y,
-                  snr, *, factors=np.linspace(0.6, 1.8, 13), n_max: int = 30, min_sources: int = 5) -> float:
-    """The PSF FWHM (deg) of one band that fits its brightest isolated sources best (least squares over a grid
-    of ``factors`` x nominal), or the nominal FWHM when fewer than ``min_sources`` such sources exist.
+                  snr, *, subtract_others: bool = True, point=None, factors=np.linspace(0.6, 1.8, 13),
+                  n_max: int = 30, min_sources: int = 5) -> float:
+    """The PSF FWHM (deg) of one band from its brightest isolated point sources, or the nominal FWHM when fewer
+    than ``min_sources`` such sources give an estimate.
+
+    Each source is fitted (position and flux) at every width of a grid of ``factors`` x nominal, on the same
+    pixels (a box of 1.5 nominal FWHM); its best width is the minimum of its chi-square curve (a parabola through
+    the lowest three points), and the estimate is the median over sources, so that a few bad ones (a compact
+    galaxy, a saturated star, a blend) do not pull it. Sources whose minimum lies on the grid's edge give none.
 
     ``psf_for_fwhm(fwhm_deg)`` gives the band's PSF at that width; x, y, snr: (N,) detections of the band.
+    ``subtract_others``: first subtract every detection not used for the estimate (fluxes from a linear fit at
+    the nominal PSF, positions as given), so that a source need only be two nominal FWHM from its nearest
+    detection to be used. Without it a source needs its fit box clear of other detections, which few sources of a
+    crowded field are: the estimate then falls back to the nominal seeing. ``point``: (N,) bool, the detections
+    preferred (point-like ones); all are candidates when fewer than ``min_sources`` of them qualify.
     """
     x = np.asarray(x, float)
     y = np.asarray(y, float)
     snr = np.asarray(snr, float)
     H, W = data.shape
     fwhm_pix = nominal_fwhm_deg / pixel_scale_deg
-    r = int(max(2, np.ceil(1.5 * fwhm_pix * factors.max())))
+    r = int(max(2, np.ceil(1.5 * fwhm_pix)))  # the nominal core: the same pixels judge every trial width
     if x.size < min_sources:
         return nominal_fwhm_deg
     from scipy.spatial import cKDTree
 
     d, _ = cKDTree(np.c_[x, y]).query(np.c_[x, y], k=2) if x.size > 1 else (np.full((1, 2), np.inf), None)
-    isolated = (d[:, 1] > 1.5 * r) & (x > r) & (x < W - 1 - r) & (y > r) & (y < H - 1 - r) & (snr > 20)
+    clear = 2.0 * fwhm_pix if subtract_others else 1.5 * r * factors.max()
+    isolated = (d[:, 1] > clear) & (x > r) & (x < W - 1 - r) & (y > r) & (y < H - 1 - r) & (snr > 20)
+    if point is not None and np.sum(isolated & np.asarray(point, bool)) >= min_sources:
+        isolated &= np.asarray(point, bool)
     idx = np.flatnonzero(isolated)
     if idx.size < min_sources:
         return nominal_fwhm_deg
     idx = idx[np.argsort(-snr[idx])][:n_max]
     sub = np.asarray(data, float) - np.asarray(background, float)
     var = np.asarray(rms, float) ** 2
-    chi2 = []
-    for f in factors:
-        fit = fit_psf_sources(sub[None], np.zeros((1, H, W)), np.sqrt(var)[None], [psf_for_fwhm(f * nominal_fwhm_deg)],
-                              pixel_scale_deg, x[idx], y[idx], radius_pix=r, passes=1, n_iter=4, phases=8)
+    if subtract_others:  # the other detections' light, wings included, out of the chosen sources' boxes
+        nominal = psf_for_fwhm(nominal_fwhm_deg)
+        wings = int(max(r, np.ceil(3.0 * fwhm_pix)))
+        others = np.ones(x.size, bool)
+        others[idx] = False
+        linear = fit_psf_sources(sub[None], np.zeros((1, H, W)), np.sqrt(var)[None], [nominal], pixel_scale_deg,
+                                 x[others], y[others], radius_pix=r, passes=2, n_iter=0, phases=SEEING_PHASES)
+        sub = sub - _render(x[others], y[others], np.clip(linear["flux_band"], 0, None), [nominal], pixel_scale_deg,
+                            wings, (1, H, W), phases=SEEING_PHASES)[0]
+    chi2 = np.zeros((idx.size, len(factors)))  # (sources, widths)
+    for j, f in enumerate(factors):
+        psf = psf_for_fwhm(f * nominal_fwhm_deg)
+        fit = fit_psf_sources(sub[None], np.zeros((1, H, W)), np.sqrt(var)[None], [psf], pixel_scale_deg, x[idx],
+                              y[idx], radius_pix=r, passes=1, n_iter=4, phases=SEEING_PHASES)
         ix, iy, flat, inside = _stamp_indices(x[idx], y[idx], r, H, W)
-        p = _stamps(psf_for_fwhm(f * nominal_fwhm_deg), fit["x"] - ix, fit["y"] - iy, pixel_scale_deg, r, 8)
-        model = fit["flux_band"][:, 0, None, None] * p
+        model = fit["flux_band"][:, 0, None, None] * _stamps(psf, fit["x"] - ix, fit["y"] - iy, pixel_scale_deg, r,
+                                                                SEEING_PHASES)
         res = (sub.ravel()[flat] - model) ** 2 / var.ravel()[flat]
-        chi2.append(float(np.sum(np.where(inside & fit["ok"][:, None, None], res, 0.0))))
-    best = int(np.argmin(chi2))
-    if best in (0, len(factors) - 1):  # on the edge of the grid: nothing trustworthy
+        chi2[:, j] = np.where(fit["ok"], np.where(inside, res, 0.0).sum((1, 2)), np.nan)
+    best = np.argmin(np.nan_to_num(chi2, nan=np.inf), axis=1)
+    usable = np.isfinite(chi2).all(axis=1) & (best > 0) & (best < len(factors) - 1)
+    if usable.sum() < min_sources:
         return nominal_fwhm_deg
-    # parabola through the minimum and its neighbours
-    c0, c1, c2 = chi2[best - 1], chi2[best], chi2[best + 1]
+    rows, b = np.flatnonzero(usable), best[usable]
+    c0, c1, c2 = chi2[rows, b - 1], chi2[rows, b], chi2[rows, b + 1]
     denom = c0 - 2 * c1 + c2
-    shift = 0.5 * (c0 - c2) / denom if denom > 0 else 0.0
+    shift = np.where(denom > 0, 0.5 * (c0 - c2) / np.where(denom > 0, denom, 1.0), 0.0)
     step = factors[1] - factors[0]
-    return float((factors[best] + np.clip(shift, -1, 1) * step) * nominal_fwhm_deg)
+    return float(np.median(factors[b] + np.clip(shift, -1, 1) * step) * nominal_fwhm_deg)
 
 
 __all__ = ["background_and_rms", "estimate_fwhm", "fit_psf_sources"]
