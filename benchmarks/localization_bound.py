@@ -1,0 +1,202 @@
+"""How close to the Cramér–Rao bound can any estimator localize the detection benchmark's isolated sources?
+
+Run (from the repository root):
+
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 \\
+        .venv/bin/python benchmarks/localization_bound.py [--n 8] [--cases meerlicht,wise] [--seeds test]
+
+The detection benchmark (``benchmarks/detect.py``) reports ``loc/CRB``: the median separation of isolated point
+sources with snr >= 10 (no neighbour brighter than 10% of their flux within two PSF FWHM) divided by 1.177 x their
+Cramér–Rao sigma, computed for the source alone on its true background. This script asks what that number can be
+on the same images (same seeds, same selection) by fitting each selected source with everything the simulator
+knows — the image's exact PSF (per-band seeing), the true background, a start at the true position — by weighted
+least squares on a box of 1.5 FWHM (+1 px), with
+
+* ``oracle, data``: the image as it is (every other source's light still there);
+* ``oracle, detectable subtracted``: the image minus every other true source with snr >= 5 (what a perfect
+  detector and a perfect simultaneous fit of the detected neighbours could remove);
+* ``oracle, all subtracted``: the image minus every other true source (the source really alone: the bound's
+  assumption);
+
+beside ``skyfm`` (the shipped default detector at its own threshold, as the benchmark runs it). Ratios are
+reported overall and by true snr (10-30, 30-100, >= 100). Writes ``OUT/results.json`` and ``OUT/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import detect as bench  # noqa: E402  (the detection benchmark's cases and seeds)
+
+SNR_BINS = ((10.0, 30.0), (30.0, 100.0), (100.0, np.inf))
+CCD_CASES = ("meerlicht", "meerlicht-crowded", "hubble", "wise")
+
+
+def _paste(target: np.ndarray, stamp: np.ndarray, x0: int, y0: int) -> None:
+    """Add ``stamp`` (C, s, s) to ``target`` (C, k, k) with the stamp's corner at (x0, y0) of the target."""
+    s, k = stamp.shape[-1], target.shape[-1]
+    ya, yb, xa, xb = max(0, y0), min(k, y0 + s), max(0, x0), min(k, x0 + s)
+    if ya < yb and xa < xb:
+        target[:, ya:yb, xa:xb] += stamp[:, ya - y0:yb - y0, xa - x0:xb - x0]
+
+
+def oracle_fits(patch, selected: np.ndarray) -> dict[str, np.ndarray]:
+    """{variant: (N,) separation (pixels) of the oracle fit} for the true sources ``selected`` (indices)."""
+    import astropy.units as u
+    from scipy.optimize import least_squares
+
+    inst = patch.instrument_config()
+    scale = inst.pixel_scale_deg
+    psfs = []
+    for name in patch.bands:
+        band = inst.band(name)
+        seeing = patch.meta.get(f"seeing_{name}")
+        psfs.append(band.psf if seeing is None else band.psf_with_fwhm(float(seeing) / 3600.0))
+    nb = len(psfs)
+    truth = patch.truth
+    tx = np.asarray(u.Quantity(truth["x"]).value, float)
+    ty = np.asarray(u.Quantity(truth["y"]).value, float)
+    snr = np.asarray(truth["snr"], float)
+    fb = np.asarray(u.Quantity(truth["flux_band"]).value, float).reshape(len(truth), -1)
+    r = int(np.ceil(1.5 * max(p.fwhm_deg for p in psfs) / scale)) + 1
+    gain = float(inst.noise.get("gain", 1.0))
+    rn = float(inst.noise.get("read_noise", 0.0))
+    out = {"data": [], "detectable subtracted": [], "all subtracted": []}
+    for t in selected:
+        ix, iy = int(round(tx[t])), int(round(ty[t]))
+        if not (r <= ix < patch.width - r and r <= iy < patch.height - r):
+            for v in out.values():
+                v.append(np.nan)
+            continue
+        box = (slice(None), slice(iy - r, iy + r + 1), slice(ix - r, ix + r + 1))
+        data = patch.data[box].astype(float)
+        if patch.background_image is not None:
+            sky = patch.background_image[box].astype(float)
+        else:
+            sky = np.stack([np.full((2 * r + 1,) * 2, float(patch.meta.get(f"sky_{b}", 0.0))) for b in patch.bands])
+        own = np.stack([fb[t, c] * psfs[c].stamps(tx[t] - ix, ty[t] - iy, scale, radius_pix=r)[0] for c in range(nb)])
+        others = patch.source_image[box] - own
+        faint = np.zeros_like(others)  # the light of the other sources with snr < 5, on the box
+        reach = r + 8
+        near = (snr < 5) & (np.abs(tx - tx[t]) < reach + r) & (np.abs(ty - ty[t]) < reach + r)
+        for j in np.flatnonzero(near):
+            jx, jy = int(round(tx[j])), int(round(ty[j]))
+            stamp = np.stack([fb[j, c] * psfs[c].stamps(tx[j] - jx, ty[j] - jy, scale, radius_pix=reach)[0]
+                              for c in range(nb)])
+            _paste(faint, stamp, jx - reach - (ix - r), jy - reach - (iy - r))
+        sigma = np.sqrt(np.maximum((sky + patch.source_image[box]) / gain + (rn / gain) ** 2, 1e-6))
+
+        def residual(q, image):
+            model = np.stack([q[2 + c] * psfs[c].stamps(q[0], q[1], scale, radius_pix=r)[0] for c in range(nb)])
+            return ((image - sky - model) / sigma).ravel()
+
+        start = np.r_[tx[t] - ix, ty[t] - iy, fb[t]]
+        lower = np.r_[-2.0, -2.0, np.full(nb, -np.inf)]
+        upper = np.r_[2.0, 2.0, np.full(nb, np.inf)]
+        for name, image in (("data", data), ("detectable subtracted", data - others + faint),
+                            ("all subtracted", data - others)):
+            q = least_squares(residual, start, args=(image,), bounds=(lower, upper)).x
+            out[name].append(np.hypot(q[0] - start[0], q[1] - start[1]))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def run_case(case_index: int, key: str, instrument: str, options, n: int, base: int, skyfm_fn) -> dict:
+    from skyfm.catalog.evaluate import default_radius_pix, truth_crb
+    from skyfm.catalog.metrics import detection_metrics, xy_of
+
+    rows: dict[str, list] = {"skyfm": [], "oracle, data": [], "oracle, detectable subtracted": [],
+                             "oracle, all subtracted": []}
+    snrs: dict[str, list] = {k: [] for k in rows}
+    for patch in bench._simulate(case_index, instrument, options, n, base):
+        crb, iso = truth_crb(patch.truth, patch)
+        snr = np.asarray(patch.truth["snr"], float)
+        selected = np.flatnonzero(iso & (snr >= 10) & np.isfinite(crb))
+        for name, sep in oracle_fits(patch, selected).items():
+            ok = np.isfinite(sep)
+            rows[f"oracle, {name}"].append(sep[ok] / (1.1774 * crb[selected][ok]))
+            snrs[f"oracle, {name}"].append(snr[selected][ok])
+        if skyfm_fn is not None:
+            cat = skyfm_fn(patch)
+            cat = cat[np.asarray(cat["score"], float) >= skyfm_fn.fixed_threshold(instrument)]
+            m = detection_metrics(cat, patch.truth, default_radius_pix(patch.instrument_config()))
+            d_idx, t_idx = np.asarray(m["det_idx"], int), np.asarray(m["truth_idx"], int)
+            keep = np.isin(t_idx, selected)
+            dx, dy = xy_of(cat)
+            tx, ty = xy_of(patch.truth)
+            d_idx, t_idx = d_idx[keep], t_idx[keep]
+            rows["skyfm"].append(np.hypot(dx[d_idx] - tx[t_idx], dy[d_idx] - ty[t_idx]) / (1.1774 * crb[t_idx]))
+            snrs["skyfm"].append(snr[t_idx])
+    out = {}
+    for name in rows:
+        if not rows[name]:
+            continue
+        ratio, s = np.concatenate(rows[name]), np.concatenate(snrs[name])
+        out[name] = {"n": int(ratio.size), "median": float(np.median(ratio)) if ratio.size else float("nan"),
+                     "by_snr": [(lo, hi, int(((s >= lo) & (s < hi)).sum()),
+                                 float(np.median(ratio[(s >= lo) & (s < hi)])) if ((s >= lo) & (s < hi)).any()
+                                 else float("nan")) for lo, hi in SNR_BINS]}
+    return out
+
+
+def markdown(results: dict, command: str) -> str:
+    lines = [f"command: `{command}`", "",
+             "| case | estimator | loc/CRB, all (n) | snr 10-30 (n) | snr 30-100 (n) | snr >= 100 (n) |",
+             "|---|---|---|---|---|---|"]
+    for case, methods in results["cases"].items():
+        for name, r in methods.items():
+            bins = " | ".join(f"{m:.2f} ({k})" if np.isfinite(m) else f"- ({k})" for _, _, k, m in r["by_snr"])
+            lines.append(f"| {case} | {name} | {r['median']:.2f} ({r['n']}) | {bins} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks/localization_bound.py", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8, help="patches per case (default 8, as benchmarks/detect.py)")
+    ap.add_argument("--cases", default=",".join(CCD_CASES), help="comma-separated CCD cases of benchmarks/detect.py")
+    ap.add_argument("--seeds", choices=["test", "validation"], default="test",
+                    help="test: the detection benchmark's test seeds (default); validation: seeds from 9.5e8")
+    ap.add_argument("--no-skyfm", action="store_true", help="the oracle fits only")
+    ap.add_argument("--out", default="runs/bench-localization-bound", help="output folder")
+    args = ap.parse_args(argv)
+    wanted = [c for c in args.cases.split(",") if c]
+    known = {c[0]: (i, c) for i, c in enumerate(bench.CASES)}
+    unknown = [c for c in wanted if c not in known or c not in CCD_CASES]
+    if unknown:
+        print(f"error: not a CCD case of benchmarks/detect.py: {', '.join(unknown)} (choose from "
+              f"{', '.join(CCD_CASES)})", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(1)
+    skyfm_fn = None if args.no_skyfm else bench._skyfm_runner()[0]
+    base = bench.BENCH_SEED_BASE if args.seeds == "test" else bench.VALIDATION_SEED_BASES[0]
+    results: dict = {"seeds": args.seeds, "n": args.n, "cases": {}}
+    started = time.perf_counter()
+    for case in wanted:
+        index, (key, _label, instrument, options) = known[case]
+        index = bench.SEED_CASE.get(key, index)
+        results["cases"][key] = run_case(index, key, instrument, options, args.n, base, skyfm_fn)
+        print(f"[{key}] done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    command = "benchmarks/localization_bound.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(results, command.strip())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
