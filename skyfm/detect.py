@@ -362,16 +362,31 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
 PSF_FIT_MIN_SNR = 8.0  # detections whose PSF fit has a lower SNR keep the network's values
 
 
+def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
+    """(C, H, W) bool: pixels at or above 99.9% of the instrument's saturation level (``noise.saturation``,
+    ADU), grown by one pixel (a clipped core's edge pixels are already non-linear). All False when the instrument
+    gives no level."""
+    from scipy import ndimage
+
+    level = (inst.noise or {}).get("saturation")
+    if not level or not np.isfinite(float(level)):
+        return np.zeros(data.shape, bool)
+    full = data >= 0.999 * float(level)
+    if not full.any():
+        return full
+    return ndimage.binary_dilation(full, structure=np.ones((1, 3, 3), bool))
+
+
 def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> dict:
     """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
 
-    Every detection is modelled (so that neighbours share their light), but only those whose fit converged with
-    an SNR >= ``PSF_FIT_MIN_SNR`` take the fitted position and position error; of these, the
+    Every detection is modelled (so that neighbours share their light) on the pixels below the instrument's
+    saturation level (:func:`saturation_mask`: a clipped core or a bleed column is no PSF), but only those whose
+    fit converged with an SNR >= ``PSF_FIT_MIN_SNR`` take the fitted position and position error; of these, the
     point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
     The seeing of each band is fitted on the tile's bright point-like detections, the others subtracted
-    (:func:`estimate_fwhm`); with
-    ``seeing`` (a dict kept across the tiles of one image) the median of all tiles' estimates so far is used.
-    Heads with ``psf_fit`` False (chosen on validation seeds) keep the network's values.
+    (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of all tiles'
+    estimates so far is used. Heads with ``psf_fit`` False (chosen on validation seeds) keep the network's values.
     """
     from skyfm.catalog.psf_fit import background_and_rms, estimate_fwhm, fit_psf_sources
 
@@ -379,7 +394,9 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     if n == 0 or not head.psf_fit:
         return d
     data = np.asarray(patch.data, dtype=np.float64)
-    mask = None if patch.mask is None else np.asarray(patch.mask, bool)
+    mask = saturation_mask(data, inst)  # (C, H, W): a saturated core or bleed column is no PSF
+    if patch.mask is not None:
+        mask |= np.asarray(patch.mask, bool)
     scale = inst.pixel_scale_deg
     h, w = data.shape[1:]
     iy = np.clip(np.rint(d["y"]).astype(int), 0, h - 1)
@@ -389,7 +406,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     point = (star >= 0.5) & (np.nan_to_num(d["extension"] / scale, nan=0.0) < 1.0)  # seeing from point sources
     bg, rms, psfs = [], [], []
     for c, name in enumerate(patch.bands):
-        b, s = background_and_rms(data[c], mask)
+        b, s = background_and_rms(data[c], mask[c])
         bg.append(b)
         rms.append(s)
         band = inst.band(name)

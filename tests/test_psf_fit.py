@@ -121,3 +121,23 @@ def test_empty_masked_and_bad_shapes():
 
     with pytest.raises(SkyfmError, match="PSFs for"):
         fit_psf_sources(img, bg, rms, [_psf(), _psf()], SCALE, [20.0], [20.0])
+
+
+def test_saturated_core_is_masked_and_the_wings_give_the_flux():
+    from types import SimpleNamespace
+
+    from skyfm.detect import saturation_mask
+
+    rng = np.random.default_rng(6)
+    psf = _psf(2.5)
+    img, x, y, f = _scene(rng, 1, size=64, flux=(4e6, 4e6), psf=psf)
+    level = 60000.0
+    clipped = np.minimum(img, level)
+    mask = saturation_mask(clipped, SimpleNamespace(noise={"saturation": level}))
+    assert mask.shape == clipped.shape and 1 < (clipped >= level).sum() < mask.sum()
+    assert not saturation_mask(clipped, SimpleNamespace(noise={})).any()
+    bg, rms = np.full((1, 64, 64), 100.0), np.full((1, 64, 64), 11.0)
+    blind = fit_psf_sources(clipped, bg, rms, [psf], SCALE, x + 0.2, y - 0.2)
+    masked = fit_psf_sources(clipped, bg, rms, [psf], SCALE, x + 0.2, y - 0.2, mask=mask)
+    assert abs(masked["flux"][0] / f[0] - 1) < 0.05
+    assert abs(blind["flux"][0] / f[0] - 1) > 0.1  # the clipped core pulls the blind fit down (19% here)

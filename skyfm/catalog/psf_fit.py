@@ -17,8 +17,8 @@ vectorised Gauss–Newton loop:
 * errors: the inverse Fisher matrix at the solution (position: the mean of the x and y variances).
 
 The background B and its rms come from :func:`background_and_rms` (``sep``'s SExtractor background mesh). The PSF
-width of each band comes from :func:`estimate_fwhm` (a grid fit on the brightest isolated sources), because the
-seeing of a real image is not the instrument's nominal one.
+width of each band comes from :func:`estimate_fwhm` (a grid fit on the brightest point sources, the other
+detections subtracted), because the seeing of a real image is not the instrument's nominal one.
 """
 
 from __future__ import annotations
