@@ -360,6 +360,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
 
 # ------------------------------------------------------------------------------------------------ CCD refinement
 PSF_FIT_MIN_SNR = 8.0  # detections whose PSF fit has a lower SNR keep the network's values
+SEEING_TILES = 5  # tiles of one image whose seeing estimates are enough: later tiles take their median
 
 
 def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
@@ -385,8 +386,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     fit converged with an SNR >= ``PSF_FIT_MIN_SNR`` take the fitted position and position error; of these, the
     point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
     The seeing of each band is fitted on the tile's bright point-like detections, the others subtracted
-    (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of all tiles'
-    estimates so far is used. Heads with ``psf_fit`` False (chosen on validation seeds) keep the network's values.
+    (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of the tiles'
+    estimates so far is used, and once ``SEEING_TILES`` tiles have given one no more are made. Heads with ``psf_fit`` False (chosen on validation seeds) keep the network's values.
     """
     from skyfm.catalog.psf_fit import background_and_rms, estimate_fwhm, fit_psf_sources
 
@@ -410,13 +411,18 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
         bg.append(b)
         rms.append(s)
         band = inst.band(name)
-        # a quick SNR to rank sources for the seeing fit: peak / rms x the PSF's effective width
-        quick = (data[c] - b)[iy, ix] / s[iy, ix] * 1.5 * band.psf.fwhm_deg / scale
-        fwhm = estimate_fwhm(data[c], b, s, band.psf_with_fwhm, band.psf.fwhm_deg, scale, d["x"], d["y"], quick,
-                             point=point)
-        if seeing is not None:  # one image, one seeing: the median of its tiles' estimates so far
-            seeing.setdefault(name, []).append(fwhm)
-            fwhm = float(np.median(seeing[name]))
+        known = [] if seeing is None else seeing.setdefault(name, [])  # one image, one seeing: its tiles' estimates
+        if len(known) >= SEEING_TILES:  # settled: the median of the first tiles' estimates
+            fwhm = float(np.median(known))
+        else:
+            # a quick SNR to rank sources for the seeing fit: peak / rms x the PSF's effective width
+            quick = (data[c] - b)[iy, ix] / s[iy, ix] * 1.5 * band.psf.fwhm_deg / scale
+            fwhm = estimate_fwhm(data[c], b, s, band.psf_with_fwhm, band.psf.fwhm_deg, scale, d["x"], d["y"], quick,
+                                 point=point)
+            if fwhm != band.psf.fwhm_deg:  # an estimate, not the nominal fallback of a tile with too few stars
+                known.append(fwhm)
+            if known:
+                fwhm = float(np.median(known))
         fwhm = band.psf.fwhm_deg * round(fwhm / band.psf.fwhm_deg / 0.03) * 0.03  # 3% steps: tiles share stamp tables
         psfs.append(band.psf_with_fwhm(fwhm))
     gain = float((inst.noise or {}).get("gain", 1.0))
