@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="run part 2 on a random model of the recipe's config only (checks the machinery)")
     two.add_argument("--n", type=int, default=80, help="evaluation patches per instrument (default 80)")
     two.add_argument("--eval-size", type=int, default=64, help="evaluation patch side in pixels (default 64)")
+    two.add_argument("--band-features", choices=["mean", "concat"], default="mean",
+                     help="token features the probe reads: the band-averaged map (mean, default) or every band's "
+                          "output token side by side (concat)")
     two.add_argument("--instruments", nargs="+", default=None,
                      help="instruments to evaluate (default: fermi-lat ctao meerlicht hubble wise)")
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed (patch seeds: skyfm.pretrain.evaluate)")
@@ -320,11 +323,13 @@ def part_two(args, recipe) -> dict:
     what = f"`{args.model}`" if pretrained is not None else f"a random {recipe.model} only (--random-only)"
     print(f"## 2. Linear probe and tokenizer: {what}\n")
     patches = [p for name in instruments for p in simulate_eval_set(name, args.n, args.eval_size, args.seed)]
+    print(f"Probe features: {'every band output token side by side' if args.band_features == 'concat' else 'the band-averaged token map'}"
+          f" (--band-features {args.band_features})\n")
     print(f"{args.n} fresh {args.eval_size}x{args.eval_size} patches per instrument "
           f"(simulated in {time.perf_counter() - started:.0f} s); probe split 70/30 by patch\n")
     results: dict = {"models": {}}
     models = {"pretrained": pretrained, "random": random} if pretrained is not None else {"random": random}
-    tokens = {label: token_features(model, patches) for label, model in models.items()}
+    tokens = {label: token_features(model, patches, bands=args.band_features) for label, model in models.items()}
     references = {"pixels": reference_features(patches, random.token_stride, "pixels")}
     if any(load_instrument(name).is_counts for name in instruments):
         references["TS map"] = reference_features(patches, random.token_stride, "tsmap")

@@ -212,6 +212,19 @@ def test_token_features_give_one_row_per_token_with_its_label(tiny_setup):
     assert not model.backbone.blocks[0]._forward_hooks
     with pytest.raises(SkyfmError, match="not a block"):
         token_features(model, patches, layer=5)
+    # every band's token side by side: Fermi-LAT's 6 bins fill the row, MeerLICHT's one band leaves zeros after it;
+    # the valid bands' mean is the band-averaged map (batches of 2 mix the two instruments here)
+    per_band = token_features(model, patches, batch_size=2, bands="concat")
+    D, n_bands = model.embed_dim, max(p.n_bands for p in patches)
+    assert per_band.features.shape == (n, n_bands * D)
+    rows = per_band.features.reshape(n, n_bands, D)
+    counts = np.array([patches[i].n_bands for i in per_band.patch_index])
+    assert np.all(rows[counts == 1, 1:] == 0) and np.all(np.abs(rows[counts == n_bands]).sum(axis=2) > 0)
+    mean = rows.sum(axis=1) / counts[:, None]
+    np.testing.assert_allclose(mean, tokens.features, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(per_band.labels["light"], tokens.labels["light"])
+    with pytest.raises(SkyfmError, match="'mean' or 'concat'"):
+        token_features(model, patches, bands="max")
 
 
 def test_tokenizer_report_runs_on_an_untrained_model_and_returns_the_documented_keys(tiny_setup):

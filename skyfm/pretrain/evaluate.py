@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from skyfm.data.patch import Patch
 from skyfm.errors import SkyfmError
@@ -227,14 +228,23 @@ class TokenFeatures:
 
 
 def token_features(model, patches: Sequence[Patch], batch_size: int = 32, min_snr: float = 5.0,
-                   labellings: Sequence[str] = LABELLINGS, layer: int | None = None) -> TokenFeatures:
+                   labellings: Sequence[str] = LABELLINGS, layer: int | None = None,
+                   bands: str = "mean") -> TokenFeatures:
     """Token features and labels of every token cell of ``patches`` (no gradients, model in eval mode).
 
     The model is left in eval mode. ``min_snr`` is passed to :func:`token_labels`, once per labelling.
     ``layer``: None for the backbone's output (:attr:`FoundationOutput.feature_map`), or the index of a ViT
     block whose output tokens, averaged over the valid bands, are the features instead (as linear probes of
     masked-modeling backbones often read a block below the last).
+    ``bands``: ``"mean"`` (the band-averaged map, D features per cell) or ``"concat"`` (each band's output token
+    side by side, in the instrument's band order, zeros for bands a patch lacks: max bands x D features; the ViT
+    keeps one token per band and cell, and a source may stand out in a few bands only).
     """
+    if bands not in ("mean", "concat"):
+        raise SkyfmError(f"bands should be 'mean' or 'concat', got {bands!r}")
+    if bands == "concat" and layer is not None:
+        raise SkyfmError("bands='concat' reads the backbone's output tokens; it does not combine with layer")
+    n_bands = max((p.n_bands for p in patches), default=1)
     from skyfm.foundation.embeddings import masked_band_mean
 
     model.eval()
@@ -261,7 +271,12 @@ def token_features(model, patches: Sequence[Patch], batch_size: int = 32, min_sn
                     valid = chunk.batch["band_valid"]
                     tokens = captured[-1].float().cpu().reshape(B, valid.shape[1], h * w, D)
                     fmap = masked_band_mean(tokens, valid).transpose(1, 2).reshape(B, D, h, w)
-                features.append(fmap.permute(0, 2, 3, 1).reshape(B * h * w, D).numpy())
+                if bands == "concat":  # (B, C, L, D) output tokens, padding bands already zero
+                    tokens = out.token_features.float().cpu()
+                    tokens = F.pad(tokens, (0, 0, 0, 0, 0, n_bands - tokens.shape[1]))  # (B, n_bands, L, D)
+                    features.append(tokens.permute(0, 2, 1, 3).reshape(B * h * w, n_bands * D).numpy())
+                else:
+                    features.append(fmap.permute(0, 2, 3, 1).reshape(B * h * w, D).numpy())
                 for b, patch in enumerate(chunk.patches):
                     for name in labellings:
                         labels[name].append(token_labels(patch, (h, w), stride, min_snr=min_snr,
