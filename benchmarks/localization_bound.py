@@ -161,7 +161,8 @@ def markdown(results: dict, command: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="benchmarks/localization_bound.py", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8, help="patches per case (default 8, as benchmarks/detect.py)")
     ap.add_argument("--cases", default=",".join(CCD_CASES), help="comma-separated CCD cases of benchmarks/detect.py")
     ap.add_argument("--seeds", choices=["test", "validation"], default="test",

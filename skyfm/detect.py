@@ -387,7 +387,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
     The seeing of each band is fitted on the tile's bright point-like detections, the others subtracted
     (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of the tiles'
-    estimates so far is used, and once ``SEEING_TILES`` tiles have given one no more are made. Heads with ``psf_fit`` False (chosen on validation seeds) keep the network's values.
+    estimates so far is used, and once ``SEEING_TILES`` tiles have given one no more are made. Heads with
+    ``psf_fit`` False (chosen on validation seeds) keep the network's values.
     """
     from skyfm.catalog.psf_fit import background_and_rms, estimate_fwhm, fit_psf_sources
 

@@ -107,7 +107,7 @@ class StampTable:
         key = (psf.model, round(psf.width_deg / scale, 4), round(float(psf.beta), 4), r)
         cache = _TABLES.setdefault(phases, {})  # coarse tables (the seeing search) never evict the fit's
         if key not in cache:
-            if len(cache) >= (16 if phases >= TABLE_PHASES else 128):  # a fit table is ~20 MB, a coarse one ~1
+            if len(cache) >= (16 if phases >= TABLE_PHASES else 128):  # a fit table is ~20 MB, a coarse one ~1 MB
                 cache.pop(next(iter(cache)))
             cache[key] = cls(psf, scale, r, phases)
         return cache[key]

@@ -210,7 +210,8 @@ class TokenFeatures:
     """Frozen token features of an evaluation set, one row per token cell.
 
     Attributes:
-        features: (N, D) float32, :attr:`FoundationOutput.feature_map` (token features averaged over valid bands).
+        features: (N, D) float32, :attr:`FoundationOutput.feature_map` (token features averaged over valid bands);
+            (N, max bands x D) with :func:`token_features`' ``bands="concat"``.
         labels: {labelling: (N,) int8}, :func:`token_labels` by each way of finding background cells
             (``"light"``, ``"distance"``; 1 source, 0 background, -1 ambiguous).
         patch_index: (N,) int, which patch of the input list the token comes from (the probe splits by it).
