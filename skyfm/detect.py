@@ -439,7 +439,11 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     d["x"] = np.where(ok, fit["x"], d["x"])
     d["y"] = np.where(ok, fit["y"], d["y"])
     d["pos_err"] = np.where(ok, np.hypot(fit["pos_err"] * pos_scale, pos_floor), d["pos_err"])
-    point = ok & point
+    # the PSF flux where it is the more precise estimate (its statistical error below the network's calibrated
+    # one): a band in which a faint source is lost in the noise (WISE W4) would otherwise swamp its total flux,
+    # and the SNR cut above would keep only the upward fluctuations
+    with np.errstate(invalid="ignore"):
+        point = ok & point & (fit["flux_err"] * flux_scale < np.nan_to_num(d["flux_err"], nan=np.inf))
     d["flux"] = np.where(point, fit["flux"], d["flux"])
     d["flux_err"] = np.where(point, np.hypot(fit["flux_err"] * flux_scale, flux_floor * fit["flux"]), d["flux_err"])
     d["flux_band"] = np.where(point[:, None], fit["flux_band"], d["flux_band"])

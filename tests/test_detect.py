@@ -191,6 +191,34 @@ def test_psf_refinement_moves_bright_stars_onto_their_true_positions(model_dir):
     assert errors[True] < 0.5 * errors[False] and errors[True] < 0.15
 
 
+def test_psf_flux_replaces_the_network_flux_only_where_it_is_more_precise(model_dir):
+    """A band lost in the noise must not swamp a faint source's total: the fit's flux is taken only when its
+    error is below the network's."""
+    from skyfm.detect import refine_ccd_tile
+    from skyfm.heads import load_detector
+    from skyfm.instruments import load_instrument
+
+    det = load_detector(model_dir)
+    inst = load_instrument("meerlicht")
+    head = det.head_config("meerlicht")
+    p = simulate_patch("meerlicht", 12, size=128, bands=["q"], scene="crowded")
+    t = p.truth[(np.asarray(p.truth["snr"]) >= 20) & (np.asarray(p.truth["class"]) == "star")
+                & ~np.asarray(p.truth["saturated"], bool)]
+    assert len(t) >= 3
+    n = len(t)
+    flux = np.asarray(t["flux"], float)
+    base = {"x": np.asarray(t["x"], float) + 0.3, "y": np.asarray(t["y"], float) - 0.2, "pos_err": np.full(n, 0.5),
+            "score": np.ones(n), "class_prob": np.tile([1.0, 0.0], (n, 1)), "extension": np.zeros(n),
+            "flux": 0.5 * flux, "flux_band": 0.5 * flux[:, None]}
+    sure = refine_ccd_tile({**base, "flux_err": 1e-6 * flux, "flux_band_err": 1e-6 * flux[:, None]}, p, inst, head)
+    unsure = refine_ccd_tile({**base, "flux_err": 10 * flux, "flux_band_err": 10 * flux[:, None]}, p, inst, head)
+    fitted = sure["fit"] >= 1  # the fit converged (a few blends in this crowded field do not)
+    assert fitted.mean() > 0.8 and np.all(sure["fit"][fitted] == 1)  # positions fitted ...
+    assert np.allclose(sure["flux"], 0.5 * flux)  # ... fluxes kept
+    assert np.all(unsure["fit"][fitted] == 2) and np.median(np.abs(unsure["flux"][fitted] / flux[fitted] - 1)) < 0.1
+    assert np.allclose(sure["x"], unsure["x"])
+
+
 def test_heads_without_psf_fit_keep_the_network_values(model_dir):
     from skyfm.detect import detect_patch
     from skyfm.heads import load_detector

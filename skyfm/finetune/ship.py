@@ -211,8 +211,9 @@ def scene_weights(scenes) -> np.ndarray:
 
 def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: float = 5.0) -> dict:
     """Detections of ``cat`` matched one-to-one to the true sources of ``patch`` with SNR >= ``snr_min``: arrays
-    ``flux``, ``flux_err``, ``true_flux``, ``sep`` and ``pos_err`` (pixels), ``fit`` (the row was refined by the
-    likelihood fit: a finite ``ts``) and ``scene`` (the patch's scene or population)."""
+    ``flux``, ``flux_err``, ``true_flux``, ``sep`` and ``pos_err`` (pixels), ``fit`` (the row's position and flux
+    come from the PSF or likelihood fit: catalog column ``fit`` == 2, or a finite ``ts``), ``fit_pos`` (its position
+    does: ``fit`` >= 1) and ``scene`` (the patch's scene or population)."""
     import astropy.units as u
 
     from skyfm.catalog import match_catalogs
@@ -223,7 +224,8 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
     val = lambda t, k: np.asarray(getattr(t[k], "value", t[k]), dtype=np.float64)  # noqa: E731
     scene = str(patch.meta.get("scene") or patch.meta.get("population") or "patch")
     keys = ("flux", "flux_err", "true_flux", "sep", "pos_err")
-    empty = {k: np.zeros(0) for k in keys} | {"fit": np.zeros(0, dtype=bool), "scene": np.zeros(0, dtype=object)}
+    empty = {k: np.zeros(0) for k in keys} | {"fit": np.zeros(0, dtype=bool), "fit_pos": np.zeros(0, dtype=bool),
+                                              "scene": np.zeros(0, dtype=object)}
     truth = patch.truth
     if truth is None or not len(truth) or not len(cat):
         return empty
@@ -237,13 +239,14 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
         pe_pix = pe.to_value(u.deg) / wcs_pixel_scale_deg(patch.wcs)
     else:
         pe_pix = pe.value
-    if "fit" in cat.colnames:  # 2: position and flux from the PSF / likelihood fit
-        fitted = np.asarray(cat["fit"]) >= 2
+    if "fit" in cat.colnames:  # 2: position and flux from the PSF / likelihood fit, 1: the position only
+        fitted, positioned = np.asarray(cat["fit"]) >= 2, np.asarray(cat["fit"]) >= 1
     else:
         fitted = np.isfinite(val(cat, "ts")) if "ts" in cat.colnames else np.zeros(len(cat), bool)
+        positioned = fitted
     return {"flux": val(cat, "flux")[di], "flux_err": val(cat, "flux_err")[di], "true_flux": val(truth, "flux")[ti],
             "sep": np.asarray(sep, dtype=np.float64), "pos_err": np.asarray(pe_pix, dtype=np.float64)[di],
-            "fit": fitted[di], "scene": np.full(len(di), scene, dtype=object)}
+            "fit": fitted[di], "fit_pos": positioned[di], "scene": np.full(len(di), scene, dtype=object)}
 
 
 def _concat(rows: list[dict]) -> dict:
@@ -287,9 +290,10 @@ def _factors(m: dict, select, prefix: str, current: dict, out: dict, balance_sce
 
 
 def _floors(m: dict, select, head, out: dict, balance_scenes: bool = False) -> None:
-    """out[fit_flux_err_floor], out[fit_pos_err_floor] (CCD PSF fits) from the matches ``m[select]``: the floors
-    that, added in quadrature to the catalog's errors (which carry the current floors), give 68% flux coverage
-    and a median separation of 1.177 errors; the new floor is the current one and that addition combined."""
+    """out[fit_flux_err_floor], out[fit_pos_err_floor] (CCD PSF fits) from the matches ``m[select]`` (the PSF
+    flux) and, for the position, ``m["fit_pos"]`` (the PSF position, with or without its flux): the floors that,
+    added in quadrature to the catalog's errors (which carry the current floors), give 68% flux coverage and a
+    median separation of 1.177 errors; the new floor is the current one and that addition combined."""
     n = int(np.sum(select)) if len(m) else 0
     out["fit_n_matched"] = n
     flux_floor, pos_floor = head.error_floors()
@@ -305,7 +309,10 @@ def _floors(m: dict, select, head, out: dict, balance_scenes: bool = False) -> N
     out["fit_flux_cov68_after"] = round(float(np.mean(np.abs(f - t) <= np.hypot(e, r * np.abs(f)))), 4)
     out["fit_median_flux_ratio"] = round(float(np.median(f / np.maximum(t, 1e-30))), 4)
     out["fit_flux_err_floor"] = float(np.hypot(flux_floor, r))
-    d, pe = m["sep"][select], m["pos_err"][select]
+    positioned = m.get("fit_pos", select)
+    d, pe = m["sep"][positioned], m["pos_err"][positioned]
+    out["fit_pos_n_matched"] = int(np.sum(positioned))
+    w = scene_weights(m["scene"][positioned]) if balance_scenes and "scene" in m else None
     fp = pos_err_floor(d, pe, weights=w)
     out["fit_median_sep_over_pos_err_before"] = round(float(np.median(d / pe)), 4)
     out["fit_median_sep_over_pos_err_after"] = round(float(np.median(d / np.hypot(pe, fp))), 4)
