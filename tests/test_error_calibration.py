@@ -204,3 +204,33 @@ def test_scale_and_floor_split_statistical_and_systematic_errors():
     assert abs(flux_coverage(flux[bright], new[bright], true[bright]) - 0.6827) < 0.05
     one = flux_err_scale(flux, stat, true)  # a single factor: the bright fifth is under-covered
     assert flux_coverage(flux[bright], one * stat[bright], true[bright]) < 0.55
+
+
+def test_fresh_floors_are_chosen_from_zero_and_leave_the_detector_as_it_was(model_dir):
+    """The PSF-fit floors are added to the current ones by default; with fresh_floors they are chosen from zero
+    (the catalogs made without them), and the detector passed in keeps its floors either way."""
+    from types import SimpleNamespace
+
+    det = SourceDetector.from_pretrained(model_dir)
+    head = det.head_config("wise")
+    head.fit_flux_err_floor, head.fit_pos_err_floor = 0.3, 0.2
+    res = ship.calibrate_errors(det, "default", n=1, size=64, instruments=["wise"], fresh_floors=True)["wise"]
+    assert res["floors"] == "from zero" and (head.fit_flux_err_floor, head.fit_pos_err_floor) == (0.3, 0.2)
+    if res["fit_n_matched"] < ship.MIN_MATCHES:  # an untrained head finds few: the floors there are are kept
+        assert (res["fit_flux_err_floor"], res["fit_pos_err_floor"]) == (0.3, 0.2)
+    # the floor arithmetic on synthetic matches: from zero it is the chooser's own answer, else added in quadrature
+    rng = np.random.default_rng(2)
+    n = 2000
+    flux = rng.uniform(1e3, 1e4, n)
+    stat = np.sqrt(flux)
+    true = flux + rng.normal(0, np.hypot(stat, 0.05 * flux))
+    sep = np.hypot(*rng.normal(0, 0.1, (2, n)))
+    m = {"flux": flux, "flux_err": stat, "true_flux": true, "sep": sep, "pos_err": np.full(n, 0.05),
+         "fit": np.ones(n, bool), "fit_pos": np.ones(n, bool), "scene": np.full(n, "field", dtype=object)}
+    zero, some = {}, {}
+    ship._floors(m, m["fit"], SimpleNamespace(error_floors=lambda: (0.0, 0.0)), zero)
+    ship._floors(m, m["fit"], SimpleNamespace(error_floors=lambda: (0.3, 0.2)), some)
+    assert zero["fit_flux_err_floor"] == pytest.approx(ship.flux_err_floor(flux, stat, true))
+    assert zero["fit_flux_err_floor"] == pytest.approx(0.05, rel=0.2)
+    assert some["fit_flux_err_floor"] == pytest.approx(np.hypot(0.3, zero["fit_flux_err_floor"]))
+    assert some["fit_pos_err_floor"] == pytest.approx(np.hypot(0.2, zero["fit_pos_err_floor"]))

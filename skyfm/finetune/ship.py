@@ -345,7 +345,7 @@ def _counts_fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bo
 
 def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 128, seed_offset: int = 0,
                      instruments: list[str] | None = None, min_score: float | None = None,
-                     balance_scenes: bool = False) -> dict:
+                     balance_scenes: bool = False, fresh_floors: bool = False) -> dict:
     """Per instrument, the error scales of the module docstring, chosen on ``n`` validation patches.
 
     The patches carry the detector's current scales; the factors returned are the new scales (current times the
@@ -354,6 +354,9 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
     ``detect_patch(refine=True)``: the likelihood fit of counts cubes (the true background, as the benchmark)
     and the PSF fit of CCD point sources. Returns ``{instrument: {flux_err_scale, pos_err_scale, [fit_...],
     n_matched, flux_cov68_before / after, median_sep_over_pos_err_before / after, ...}}``.
+
+    ``fresh_floors``: CCD heads' PSF-fit floors are chosen from zero (the detector's current floors are set to 0
+    for the run, in memory) instead of added to the current ones, as after a change that makes the fit better.
     """
     from skyfm.detect import default_min_score, detect_patch, get_detector
     from skyfm.finetune.config import load_finetune_config
@@ -373,10 +376,17 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
         head = det.head_config(name)
         current = {k: float(getattr(head, k)) for k in SCALE_KEYS}
         th = default_min_score(det, head) if min_score is None else float(min_score)
+        floors = (head.fit_flux_err_floor, head.fit_pos_err_floor)
+        fresh = fresh_floors and not inst.is_counts
         net, fit = [], []
-        for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset):
-            net.append(matched_errors(detect_patch(p, det, th, refine=False), p, inst))
-            fit.append(matched_errors(detect_patch(p, det, th, refine=True), p, inst))
+        try:
+            if fresh:  # the catalogs carry no floor, so the chosen floors are whole, not additions
+                head.fit_flux_err_floor, head.fit_pos_err_floor = 0.0, 0.0
+            for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset):
+                net.append(matched_errors(detect_patch(p, det, th, refine=False), p, inst))
+                fit.append(matched_errors(detect_patch(p, det, th, refine=True), p, inst))
+        finally:
+            head.fit_flux_err_floor, head.fit_pos_err_floor = floors  # the caller's detector is left as it was
         res = {"min_score": th, "n_patches": n, "size": size, "seeds": f"{VAL_SEED_BASE} + {seed_offset} + i",
                "weighting": "scene-balanced" if balance_scenes else "pooled"}
         m = _concat(net)
@@ -386,7 +396,15 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
             _factors(mf, mf["fit"] if mf else np.zeros(0, bool), "fit_", current, res, balance_scenes)
             _counts_fit_flux_errors(mf, mf["fit"] if mf else np.zeros(0, bool), head, res, balance_scenes)
         else:
-            _floors(mf, mf["fit"] if mf else np.zeros(0, bool), head, res, balance_scenes)
+            if fresh:
+                head.fit_flux_err_floor, head.fit_pos_err_floor = 0.0, 0.0
+            try:
+                _floors(mf, mf["fit"] if mf else np.zeros(0, bool), head, res, balance_scenes)
+            finally:
+                head.fit_flux_err_floor, head.fit_pos_err_floor = floors
+            if fresh and res["fit_n_matched"] < MIN_MATCHES:  # too few to choose: keep the floors there are
+                res["fit_flux_err_floor"], res["fit_pos_err_floor"] = floors
+            res["floors"] = "from zero" if fresh else "added to the current ones"
         results[name] = res
     return results
 
@@ -439,6 +457,9 @@ def main() -> None:
     parser.add_argument("--instrument", action="append", default=None)
     parser.add_argument("--balance-scenes", action="store_true",
                         help="weight every scene alike instead of pooling the matches")
+    parser.add_argument("--fresh-floors", action="store_true",
+                        help="choose the CCD PSF-fit floors from zero instead of adding to the current ones (after a "
+                             "change that makes the fit's errors better)")
     parser.add_argument("--out", default=None, help="also write the calibration JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the factors, write nothing")
     args = parser.parse_args()
@@ -450,7 +471,8 @@ def main() -> None:
     torch.set_num_threads(1)
     target = Path(args.model_dir if args.model_dir is not None else args.target)
     res = calibrate_errors(target, args.config, n=args.n, size=args.size, seed_offset=args.seed_offset,
-                           instruments=args.instrument, balance_scenes=args.balance_scenes)
+                           instruments=args.instrument, balance_scenes=args.balance_scenes,
+                           fresh_floors=args.fresh_floors)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
