@@ -16,12 +16,16 @@ How:
 3. **Peaks.** The centre heatmap's 3x3 local maxima above ``min_score`` (:func:`skyfm.heads.localization.find_peaks`),
    moved by the predicted sub-pixel offset; peaks whose refined positions fall within 1 px of a higher one are
    merged (neighbouring pixels of one source), pairs further apart stay split. Masked pixels give no detections.
+   CCD images: a saturated star the network left out is added (score 1), and saturated stars take aperture
+   fluxes (:func:`add_saturated_stars`); the PSF fit refines positions and point-source fluxes
+   (:func:`refine_ccd_tile`).
 4. **Counts cubes.** Each detection is refined by a Poisson likelihood fit with the instrument PSF per energy bin
    against the expected background (the simulator's when known, else
    :func:`skyfm.catalog.likelihood.estimate_background`): position, flux per bin, and TS; the physical photon flux
    ``flux_phys`` (ph cm-2 s-1) is the sum over bins of counts / exposure (as the simulator defines it).
 5. **Catalog** via :func:`skyfm.catalog.build_catalog`: x, y, sky coordinates, pos_err, flux, flux_err, score (the
-   heatmap probability), class + class_prob, extension, flux_band (+ ts, sqrt_ts, flux_phys for counts).
+   heatmap probability; 1 for saturated stars the saturation rule added), class + class_prob, extension,
+   flux_band (+ ts, sqrt_ts, flux_phys for counts).
 """
 
 from __future__ import annotations
@@ -313,6 +317,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             out = det({k: (v.to(det.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
         for i, (t, p) in enumerate(items):
             d = _decode_tile(det, out, i, p, batch["flux_units"][i], min_score, head)
+            if not inst.is_counts:
+                d = add_saturated_stars(d, p, inst, head)
             if d is None:
                 continue
             if refine and not inst.is_counts:
@@ -376,6 +382,83 @@ def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
     if not full.any():
         return full
     return ndimage.binary_dilation(full, structure=np.ones((1, 3, 3), bool))
+
+
+MAX_MASKED_SHARE = 0.1  # a source whose fit box is masked beyond this (a saturated core) keeps its own flux
+
+
+def _masked_share(mask: np.ndarray, x, y, psfs, scale: float) -> np.ndarray:
+    """(N,) share of masked pixels (any band) in each source's PSF-fit box (1.5 x the widest FWHM)."""
+    from skyfm.catalog.psf_fit import _stamp_indices
+
+    h, w = mask.shape[1:]
+    r = int(max(2, np.ceil(1.5 * max(p.fwhm_deg for p in psfs) / scale)))
+    _, _, flat, inside = _stamp_indices(np.asarray(x, float), np.asarray(y, float), r, h, w)
+    masked = mask.any(axis=0).ravel()[flat] & inside
+    return masked.sum(axis=(1, 2)) / np.maximum(inside.sum(axis=(1, 2)), 1)
+
+
+def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
+    """The detections of one CCD tile (``d``, tile pixels; None for none) plus one row for each saturated star the
+    network left out; a saturated star the network did find takes the aperture flux below.
+
+    A star bright enough to fill its core at the saturation level is a source whatever the network makes of its
+    flat top and bleed column (bright ones are rare in training). Every connected region of
+    :func:`saturation_mask` (all bands) that holds a 2 x 2 block of saturated pixels (a cosmic ray or a hot pixel
+    rarely does) and has no detection within one PSF FWHM of it gets a row: at the region's centroid, score 1,
+    class star, extension 0, and aperture photometry (the background-subtracted sum over the region grown by two
+    FWHM, which keeps the charge a full well bled into its column) with its Poisson and sky error. The PSF fit on
+    the unsaturated wings (:func:`refine_ccd_tile`) then gives the position; it keeps this flux, since a fit that
+    sees only a ring around a masked core comes out low.
+    """
+    from scipy import ndimage
+
+    data = np.asarray(patch.data, dtype=np.float64)
+    saturated = saturation_mask(data, inst).any(axis=0)
+    if not saturated.any():
+        return d
+    core = ndimage.binary_erosion(saturated, structure=np.ones((2, 2), bool), border_value=0)
+    labels, n_regions = ndimage.label(saturated)
+    fwhm = max(inst.band(b).psf.fwhm_deg for b in patch.bands) / inst.pixel_scale_deg
+    gain = float((inst.noise or {}).get("gain", 1.0)) or 1.0
+    x0 = np.zeros(0) if d is None else np.asarray(d["x"], float)
+    y0 = np.zeros(0) if d is None else np.asarray(d["y"], float)
+    sky = [np.median(data[c]) for c in range(data.shape[0])]
+    sky_var = np.array([(1.4826 * np.median(np.abs(data[c] - sky[c]))) ** 2 for c in range(data.shape[0])])
+    d = None if d is None else {k: np.array(v, copy=True) for k, v in d.items()}
+    rows = []
+    for k, region in enumerate(ndimage.find_objects(labels), start=1):
+        inside = labels[region] == k
+        if not (core[region] & inside).any():
+            continue
+        ys, xs = np.nonzero(inside)
+        yc, xc = ys.mean() + region[0].start, xs.mean() + region[1].start
+        (y_lo, y_hi), (x_lo, x_hi) = (region[0].start, region[0].stop - 1), (region[1].start, region[1].stop - 1)
+        # aperture photometry over the region grown by two FWHM: a full well spills into its column (bleeding),
+        # so the sum keeps the charge the clipped core lost; error: Poisson (gain) plus the sky's scatter
+        grown = ndimage.binary_dilation(labels == k, iterations=int(np.ceil(2 * fwhm)))
+        band_flux = np.array([np.sum((data[c] - sky[c])[grown]) for c in range(data.shape[0])])
+        band_err = np.sqrt(np.abs(band_flux) / gain + grown.sum() * sky_var)
+        near = np.flatnonzero((x0 >= x_lo - fwhm) & (x0 <= x_hi + fwhm) & (y0 >= y_lo - fwhm) & (y0 <= y_hi + fwhm))
+        if near.size:  # the network found it: the nearest detection takes the aperture flux
+            j = near[np.argmin(np.hypot(x0[near] - xc, y0[near] - yc))]
+            d["flux"][j], d["flux_err"][j] = band_flux.sum(), np.sqrt(np.sum(band_err ** 2))
+            d["flux_band"][j], d["flux_band_err"][j] = band_flux, band_err
+            continue
+        rows.append((xc, yc, 0.5 * max(x_hi - x_lo, y_hi - y_lo) + 0.5, band_flux, band_err))
+    if not rows:
+        return d
+    n, names = len(rows), list(head.class_names)
+    class_prob = np.zeros((n, len(names)))
+    class_prob[:, names.index("star") if "star" in names else 0] = 1.0
+    band_flux, band_err = np.stack([r[3] for r in rows]), np.stack([r[4] for r in rows])
+    new = dict(x=np.array([r[0] for r in rows]), y=np.array([r[1] for r in rows]),
+               pos_err=np.array([r[2] for r in rows]), flux=band_flux.sum(axis=1),
+               flux_err=np.sqrt(np.sum(band_err ** 2, axis=1)), score=np.ones(n), class_prob=class_prob,
+               extension=np.zeros(n), flux_band=band_flux, flux_band_err=band_err, fit=np.zeros(n, dtype=np.int8))
+    if d is None:
+        return new
+    return {k: np.concatenate([d[k], new[k].astype(d[k].dtype, copy=False)]) if k in new else d[k] for k in d}
 
 
 def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> dict:
@@ -444,6 +527,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     # and the SNR cut above would keep only the upward fluctuations
     with np.errstate(invalid="ignore"):
         point = ok & point & (fit["flux_err"] * flux_scale < np.nan_to_num(d["flux_err"], nan=np.inf))
+    point &= _masked_share(mask, d["x"], d["y"], psfs, scale) < MAX_MASKED_SHARE  # a saturated core: not a PSF flux
     d["flux"] = np.where(point, fit["flux"], d["flux"])
     d["flux_err"] = np.where(point, np.hypot(fit["flux_err"] * flux_scale, flux_floor * fit["flux"]), d["flux_err"])
     d["flux_band"] = np.where(point[:, None], fit["flux_band"], d["flux_band"])

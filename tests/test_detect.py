@@ -219,6 +219,37 @@ def test_psf_flux_replaces_the_network_flux_only_where_it_is_more_precise(model_
     assert np.allclose(sure["x"], unsure["x"])
 
 
+def test_saturated_stars_the_network_missed_are_added(model_dir):
+    from skyfm.detect import add_saturated_stars, refine_ccd_tile
+    from skyfm.heads import load_detector
+    from skyfm.instruments import load_instrument
+
+    det = load_detector(model_dir)
+    inst, head = load_instrument("meerlicht"), det.head_config("meerlicht")
+    p = simulate_patch("meerlicht", 3, size=96, bands=["q"], scene="empty",
+                       inject={"x": [48.3], "y": [47.6], "mag": [11.0]})
+    assert (p.data >= 0.999 * inst.noise["saturation"]).sum() > 4  # a flat top, maybe a bleed column
+    empty = {k: np.zeros((0,) + shape) for k, shape in
+             (("x", ()), ("y", ()), ("pos_err", ()), ("flux", ()), ("flux_err", ()), ("score", ()), ("extension", ()),
+              ("class_prob", (2,)), ("flux_band", (1,)), ("flux_band_err", (1,)))} | {"fit": np.zeros(0, np.int8)}
+    found = add_saturated_stars(empty, p, inst, head)
+    assert len(found["x"]) == 1 and found["score"][0] == 1.0 and found["class_prob"][0, 0] == 1.0
+    assert abs(found["x"][0] - 48.3) < 1.0 and abs(found["y"][0] - 47.6) < 3.0  # a bleed column smears y
+    star = p.truth[np.argmax(np.asarray(p.truth["flux"]))]
+    assert abs(found["flux"][0] / float(star["flux"]) - 1) < 0.05  # the aperture keeps the charge that bled
+    assert 0 < found["flux_err"][0] < 0.01 * found["flux"][0]
+    refined = refine_ccd_tile(found, p, inst, head)  # the position from the wings; the flux stays the aperture's
+    assert refined["fit"][0] == 1 and np.hypot(refined["x"][0] - 48.3, refined["y"][0] - 47.6) < 0.3
+    assert refined["flux"][0] == found["flux"][0]
+    network = {k: v.copy() for k, v in found.items()}
+    network["x"] += 0.7
+    network["flux"][:] = 1.0  # a network detection of it with a poor flux: nothing added, the aperture flux taken
+    again = add_saturated_stars(network, p, inst, head)
+    assert again["x"].shape == (1,) and again["flux"][0] == found["flux"][0] and network["flux"][0] == 1.0
+    assert add_saturated_stars(None, simulate_patch("meerlicht", 3, size=64, bands=["q"], scene="empty"), inst,
+                               head) is None
+
+
 def test_heads_without_psf_fit_keep_the_network_values(model_dir):
     from skyfm.detect import detect_patch
     from skyfm.heads import load_detector
