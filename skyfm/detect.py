@@ -418,7 +418,7 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
     if not saturated.any():
         return d
     core = ndimage.binary_erosion(saturated, structure=np.ones((2, 2), bool), border_value=0)
-    labels, n_regions = ndimage.label(saturated)
+    labels, _ = ndimage.label(saturated)
     fwhm = max(inst.band(b).psf.fwhm_deg for b in patch.bands) / inst.pixel_scale_deg
     gain = float((inst.noise or {}).get("gain", 1.0)) or 1.0
     x0 = np.zeros(0) if d is None else np.asarray(d["x"], float)
