@@ -42,18 +42,12 @@ SNR_BINS = ((10.0, 30.0), (30.0, 100.0), (100.0, np.inf))
 CCD_CASES = ("meerlicht", "meerlicht-crowded", "hubble", "wise")
 
 
-def _paste(target: np.ndarray, stamp: np.ndarray, x0: int, y0: int) -> None:
-    """Add ``stamp`` (C, s, s) to ``target`` (C, k, k) with the stamp's corner at (x0, y0) of the target."""
-    s, k = stamp.shape[-1], target.shape[-1]
-    ya, yb, xa, xb = max(0, y0), min(k, y0 + s), max(0, x0), min(k, x0 + s)
-    if ya < yb and xa < xb:
-        target[:, ya:yb, xa:xb] += stamp[:, ya - y0:yb - y0, xa - x0:xb - x0]
-
-
 def oracle_fits(patch, selected: np.ndarray) -> dict[str, np.ndarray]:
     """{variant: (N,) separation (pixels) of the oracle fit} for the true sources ``selected`` (indices)."""
     import astropy.units as u
     from scipy.optimize import least_squares
+
+    from skyfm.data.simulate.render import add_point_sources
 
     inst = patch.instrument_config()
     scale = inst.pixel_scale_deg
@@ -89,11 +83,9 @@ def oracle_fits(patch, selected: np.ndarray) -> dict[str, np.ndarray]:
         faint = np.zeros_like(others)  # the light of the other sources with snr < 5, on the box
         reach = r + 8
         near = (snr < 5) & (np.abs(tx - tx[t]) < reach + r) & (np.abs(ty - ty[t]) < reach + r)
-        for j in np.flatnonzero(near):
-            jx, jy = int(round(tx[j])), int(round(ty[j]))
-            stamp = np.stack([fb[j, c] * psfs[c].stamps(tx[j] - jx, ty[j] - jy, scale, radius_pix=reach)[0]
-                              for c in range(nb)])
-            _paste(faint, stamp, jx - reach - (ix - r), jy - reach - (iy - r))
+        for c in range(nb):  # box coordinates: the box's corner pixel is (ix - r, iy - r)
+            add_point_sources(faint[c], tx[near] - (ix - r), ty[near] - (iy - r), fb[near, c], psfs[c], scale,
+                              radius_pix=reach, method="stamps")
         sigma = np.sqrt(np.maximum((sky + patch.source_image[box]) / gain + (rn / gain) ** 2, 1e-6))
 
         def residual(q, image):

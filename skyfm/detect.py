@@ -389,10 +389,10 @@ MAX_MASKED_SHARE = 0.1  # a source whose fit box is masked beyond this (a satura
 
 def _masked_share(mask: np.ndarray, x, y, psfs, scale: float) -> np.ndarray:
     """(N,) share of masked pixels (any band) in each source's PSF-fit box (1.5 x the widest FWHM)."""
-    from skyfm.catalog.psf_fit import _stamp_indices
+    from skyfm.catalog.psf_fit import _stamp_indices, fit_radius_pix
 
     h, w = mask.shape[1:]
-    r = int(max(2, np.ceil(1.5 * max(p.fwhm_deg for p in psfs) / scale)))
+    r = fit_radius_pix(psfs, scale)
     _, _, flat, inside = _stamp_indices(np.asarray(x, float), np.asarray(y, float), r, h, w)
     masked = mask.any(axis=0).ravel()[flat] & inside
     return masked.sum(axis=(1, 2)) / np.maximum(inside.sum(axis=(1, 2)), 1)

@@ -138,6 +138,11 @@ def _psf_and_gradient(psf, dx, dy, scale, r, grad: bool, phases=TABLE_PHASES):
     return StampTable.get(psf, scale, r, phases)(np.asarray(dx, float), np.asarray(dy, float), grad)
 
 
+def fit_radius_pix(psfs, pixel_scale_deg: float) -> int:
+    """The default half-size (pixels) of a source's fit box: 1.5 x the widest band's FWHM, at least 2."""
+    return int(max(2, np.ceil(1.5 * max(p.fwhm_deg for p in psfs) / pixel_scale_deg)))
+
+
 def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0, flux0=None, *,
                     gain: float = 1.0, mask=None, radius_pix: int | None = None, passes: int = 3,
                     n_iter: int = 5, phases: int = TABLE_PHASES) -> dict:
@@ -171,10 +176,7 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
     resid_src = data - np.asarray(background, dtype=np.float64)  # (C, H, W): sources + noise
     var_sky = np.asarray(rms, dtype=np.float64) ** 2
     bad = np.zeros((C, H, W), bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), (C, H, W))
-    if radius_pix is None:
-        fwhm = max(p.fwhm_deg for p in psfs) / pixel_scale_deg
-        radius_pix = int(max(2, np.ceil(1.5 * fwhm)))
-    r = int(radius_pix)
+    r = fit_radius_pix(psfs, pixel_scale_deg) if radius_pix is None else int(radius_pix)
     gain = float(gain) if gain and gain > 0 else 1.0
 
     x, y = x0.copy(), y0.copy()
@@ -368,4 +370,4 @@ def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, 
     return float(np.median(factors[b] + np.clip(shift, -1, 1) * step) * nominal_fwhm_deg)
 
 
-__all__ = ["background_and_rms", "estimate_fwhm", "fit_psf_sources"]
+__all__ = ["background_and_rms", "estimate_fwhm", "fit_psf_sources", "fit_radius_pix"]
