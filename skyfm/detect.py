@@ -73,7 +73,7 @@ class _Found:
     class_names: list[str]
     rows: dict = field(default_factory=lambda: {k: [] for k in (
         "x", "y", "pos_err", "flux", "flux_err", "score", "class_prob", "extension", "flux_band", "flux_band_err",
-        "fit")})
+        "fit", "fit_chi2")})
 
     def add(self, **arrays):
         for k, v in arrays.items():
@@ -170,7 +170,7 @@ def _decode_tile(det, out, i: int, patch, units, min_score: float, head):
     flux_scale, pos_scale = head.error_scales()  # calibrated on validation patches (1.0: as predicted)
     return dict(x=x, y=y, pos_err=pos_err * pos_scale, flux=flux, flux_err=flux_err * flux_scale, score=score,
                 class_prob=class_prob, extension=extension, flux_band=band_flux, flux_band_err=band_err * flux_scale,
-                fit=np.zeros(len(x), dtype=np.int8))
+                fit=np.zeros(len(x), dtype=np.int8), fit_chi2=np.full(len(x), np.nan))
 
 
 def _native_tile(det, inst, pixel_scale: float | None, tile_size: int) -> tuple[int, float]:
@@ -455,7 +455,8 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
     new = dict(x=np.array([r[0] for r in rows]), y=np.array([r[1] for r in rows]),
                pos_err=np.array([r[2] for r in rows]), flux=band_flux.sum(axis=1),
                flux_err=np.sqrt(np.sum(band_err ** 2, axis=1)), score=np.ones(n), class_prob=class_prob,
-               extension=np.zeros(n), flux_band=band_flux, flux_band_err=band_err, fit=np.zeros(n, dtype=np.int8))
+               extension=np.zeros(n), flux_band=band_flux, flux_band_err=band_err, fit=np.zeros(n, dtype=np.int8),
+               fit_chi2=np.full(n, np.nan))
     if d is None:
         return new
     return {k: np.concatenate([d[k], new[k].astype(d[k].dtype, copy=False)]) if k in new else d[k] for k in d}
@@ -518,10 +519,14 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     ok = fit["ok"] & (fit_snr >= PSF_FIT_MIN_SNR)
     flux_scale, pos_scale = head.error_scales(fit=True)  # calibrated on validation patches (1.0: as fitted)
     flux_floor, pos_floor = head.error_floors()  # systematic errors, in quadrature (0: none)
+    # a fit that leaves more residual than the noise explains (an undetected neighbour, a blend, a galaxy taken
+    # for a star) is less certain than its Fisher errors say: they grow with sqrt(reduced chi-square), as in
+    # DAOPHOT; on validation patches this is what separates the good fits from the blends of cluster cores
+    inflate = np.sqrt(np.clip(np.nan_to_num(fit["chi2_red"], nan=1.0), 1.0, None))
     d = dict(d)
     d["x"] = np.where(ok, fit["x"], d["x"])
     d["y"] = np.where(ok, fit["y"], d["y"])
-    d["pos_err"] = np.where(ok, np.hypot(fit["pos_err"] * pos_scale, pos_floor), d["pos_err"])
+    d["pos_err"] = np.where(ok, np.hypot(fit["pos_err"] * inflate * pos_scale, pos_floor), d["pos_err"])
     # the PSF flux where it is the more precise estimate (its statistical error below the network's calibrated
     # one): a band in which a faint source is lost in the noise (WISE W4) would otherwise swamp its total flux,
     # and the SNR cut above would keep only the upward fluctuations
@@ -529,11 +534,13 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
         point = ok & point & (fit["flux_err"] * flux_scale < np.nan_to_num(d["flux_err"], nan=np.inf))
     point &= _masked_share(mask, d["x"], d["y"], psfs, scale) < MAX_MASKED_SHARE  # a saturated core: not a PSF flux
     d["flux"] = np.where(point, fit["flux"], d["flux"])
-    d["flux_err"] = np.where(point, np.hypot(fit["flux_err"] * flux_scale, flux_floor * fit["flux"]), d["flux_err"])
+    flux_err = np.hypot(fit["flux_err"] * inflate * flux_scale, flux_floor * fit["flux"])
+    d["flux_err"] = np.where(point, flux_err, d["flux_err"])
     d["flux_band"] = np.where(point[:, None], fit["flux_band"], d["flux_band"])
-    band_err = np.hypot(fit["flux_band_err"] * flux_scale, flux_floor * fit["flux_band"])
+    band_err = np.hypot(fit["flux_band_err"] * (inflate * flux_scale)[:, None], flux_floor * fit["flux_band"])
     d["flux_band_err"] = np.where(point[:, None], band_err, d["flux_band_err"])
     d["fit"] = (ok.astype(np.int8) + point.astype(np.int8)).astype(np.int8)
+    d["fit_chi2"] = np.where(fit["ok"], fit["chi2_red"], np.nan)
     return d
 
 
@@ -610,6 +617,11 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
         extra["fit"] = (np.asarray(arrays["fit"], dtype=np.int8),
                         "0: network position and flux; 1: position from the PSF fit; 2: position and flux from the "
                         "PSF fit (CCD point sources) or the Poisson likelihood fit (counts cubes)")
+    if "fit_chi2" in arrays and not inst.is_counts:
+        extra["fit_chi2"] = (np.asarray(arrays["fit_chi2"], dtype=np.float32),
+                             "Reduced chi-square of the PSF fit over the source's fit box, the other detections "
+                             "subtracted (about 1: a point source well fitted; NaN: no converged fit); errors of fitted rows grow with "
+                             "its square root")
     if "ts" in arrays:
         extra["ts"] = arrays["ts"]
         extra["sqrt_ts"] = (np.sqrt(np.clip(arrays["ts"], 0, None)), "Significance sqrt(TS) of the likelihood fit")

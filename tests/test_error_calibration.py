@@ -206,31 +206,38 @@ def test_scale_and_floor_split_statistical_and_systematic_errors():
     assert flux_coverage(flux[bright], one * stat[bright], true[bright]) < 0.55
 
 
-def test_fresh_floors_are_chosen_from_zero_and_leave_the_detector_as_it_was(model_dir):
-    """The PSF-fit floors are added to the current ones by default; with fresh_floors they are chosen from zero
-    (the catalogs made without them), and the detector passed in keeps its floors either way."""
+def test_fit_errors_are_chosen_on_their_statistical_part(model_dir):
+    """The fits' scales and floors come from the catalog's errors with the current scale and floor taken out: a
+    detector that carried other values gets the same answer, and the answer covers 68% of the fluxes and puts the
+    median separation at 1.1774 errors; calibrate_errors leaves the detector passed in as it was."""
     from types import SimpleNamespace
 
     det = SourceDetector.from_pretrained(model_dir)
     head = det.head_config("wise")
     head.fit_flux_err_floor, head.fit_pos_err_floor = 0.3, 0.2
-    res = ship.calibrate_errors(det, "default", n=1, size=64, instruments=["wise"], fresh_floors=True)["wise"]
-    assert res["floors"] == "from zero" and (head.fit_flux_err_floor, head.fit_pos_err_floor) == (0.3, 0.2)
-    if res["fit_n_matched"] < ship.MIN_MATCHES:  # an untrained head finds few: the floors there are are kept
-        assert (res["fit_flux_err_floor"], res["fit_pos_err_floor"]) == (0.3, 0.2)
-    # the floor arithmetic on synthetic matches: from zero it is the chooser's own answer, else added in quadrature
+    res = ship.calibrate_errors(det, "default", n=1, size=64, instruments=["wise"])["wise"]
+    assert (head.fit_flux_err_floor, head.fit_pos_err_floor) == (0.3, 0.2)
+    if res["fit_n_matched"] < ship.MIN_MATCHES:  # an untrained head finds few: the values there are are kept
+        assert res["fit_flux_err_floor"] == 0.3
     rng = np.random.default_rng(2)
-    n = 2000
-    flux = rng.uniform(1e3, 1e4, n)
+    n = 4000
+    flux = 10 ** rng.uniform(1, 5, n)
     stat = np.sqrt(flux)
-    true = flux + rng.normal(0, np.hypot(stat, 0.05 * flux))
-    sep = np.hypot(*rng.normal(0, 0.1, (2, n)))
-    m = {"flux": flux, "flux_err": stat, "true_flux": true, "sep": sep, "pos_err": np.full(n, 0.05),
-         "fit": np.ones(n, bool), "fit_pos": np.ones(n, bool), "scene": np.full(n, "field", dtype=object)}
-    zero, some = {}, {}
-    ship._floors(m, m["fit"], SimpleNamespace(error_floors=lambda: (0.0, 0.0)), zero)
-    ship._floors(m, m["fit"], SimpleNamespace(error_floors=lambda: (0.3, 0.2)), some)
-    assert zero["fit_flux_err_floor"] == pytest.approx(ship.flux_err_floor(flux, stat, true))
-    assert zero["fit_flux_err_floor"] == pytest.approx(0.05, rel=0.2)
-    assert some["fit_flux_err_floor"] == pytest.approx(np.hypot(0.3, zero["fit_flux_err_floor"]))
-    assert some["fit_pos_err_floor"] == pytest.approx(np.hypot(0.2, zero["fit_pos_err_floor"]))
+    true = flux + rng.normal(0, np.hypot(2.0 * stat, 0.05 * flux))
+    pos_stat = 1.0 / stat  # pixels: 0.003 .. 0.3
+    sep = np.hypot(*rng.normal(0, np.hypot(1.5 * pos_stat, 0.02), (2, n)))
+    answers = []
+    for scale, floor in ((1.0, 0.0), (3.0, 0.3)):  # what the catalogs carried
+        carried = SimpleNamespace(error_scales=lambda fit=True, s=scale: (s, s), error_floors=lambda f=floor: (f, f / 10))
+        m = {"flux": flux, "flux_err": np.hypot(scale * stat, floor * flux), "true_flux": true, "sep": sep,
+             "pos_err": np.hypot(scale * pos_stat, floor / 10), "fit": np.ones(n, bool), "fit_pos": np.ones(n, bool),
+             "scene": np.full(n, "field", dtype=object)}
+        out = {}
+        ship._fit_flux_errors(m, m["fit"], carried, out)
+        ship._fit_pos_errors(m, carried, out)
+        answers.append(out)
+    for key in ("fit_flux_err_scale", "fit_flux_err_floor", "fit_pos_err_scale", "fit_pos_err_floor"):
+        assert answers[0][key] == pytest.approx(answers[1][key], rel=1e-6), key
+    out = answers[0]
+    assert out["fit_flux_err_scale"] == pytest.approx(2.0, rel=0.15) and out["fit_flux_cov68_after"] == pytest.approx(0.6827, abs=0.01)
+    assert out["fit_pos_err_floor"] > 0 and out["fit_median_sep_over_pos_err_after"] == pytest.approx(ship.MEDIAN_2D, rel=0.01)

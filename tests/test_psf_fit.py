@@ -141,3 +141,33 @@ def test_saturated_core_is_masked_and_the_wings_give_the_flux():
     masked = fit_psf_sources(clipped, bg, rms, [psf], SCALE, x + 0.2, y - 0.2, mask=mask)
     assert abs(masked["flux"][0] / f[0] - 1) < 0.05
     assert abs(blind["flux"][0] / f[0] - 1) > 0.1  # the clipped core pulls the blind fit down (19% here)
+
+
+def test_chi2_is_about_one_for_a_good_fit_and_large_beside_an_undetected_neighbour():
+    """The reduced chi-square (which detect uses to widen a fit's errors) tells a well-modelled star from one with
+    an unmodelled neighbour: isolated stars sit near 1; the same stars with a neighbour of half their flux at
+    0.8 FWHM, not in the source list, are well above it and their fluxes are off by more than the Fisher errors."""
+    rng = np.random.default_rng(4)
+    img, x, y, f = _scene(rng, 30, flux=(1e4, 2e4), min_sep=30.0, size=200)
+    bg, rms = background_and_rms(img[0])
+    clean = fit_psf_sources(img, bg[None], rms[None], [_psf()], SCALE, x, y, gain=1.0)
+    assert clean["ok"].all() and 0.8 < np.median(clean["chi2_red"]) < 1.3
+    # a neighbour at 0.8 FWHM (about 3.6 px here) with half the flux, painted in but not fitted
+    fwhm_pix = 2.5 / 3600.0 / SCALE
+    psf, r = _psf(), 12
+    nx, ny = x + 0.8 * fwhm_pix, y.copy()
+    ix, iy = np.rint(nx).astype(int), np.rint(ny).astype(int)
+    stamps = psf.stamps(nx - ix, ny - iy, SCALE, radius_pix=r, oversample=8)
+    blended = img.copy()
+    for k in range(len(x)):
+        y0, x0 = iy[k] - r, ix[k] - r
+        if y0 >= 0 and x0 >= 0 and y0 + 2 * r + 1 <= 200 and x0 + 2 * r + 1 <= 200:
+            blended[0, y0:y0 + 2 * r + 1, x0:x0 + 2 * r + 1] += 0.5 * f[k] * stamps[k]
+    fit = fit_psf_sources(blended, bg[None], rms[None], [_psf()], SCALE, x, y, gain=1.0)
+    ok = fit["ok"]
+    assert ok.mean() > 0.8
+    assert np.median(fit["chi2_red"][ok]) > 2.5 * np.median(clean["chi2_red"])
+    pulls = np.abs(fit["flux"] - f)[ok] / fit["flux_err"][ok]
+    assert np.median(pulls) > 2  # the Fisher errors alone would claim too much ...
+    widened = pulls / np.sqrt(np.maximum(fit["chi2_red"][ok], 1.0))
+    assert np.median(widened) < 0.6 * np.median(pulls)  # ... the chi-square widening takes much of that back

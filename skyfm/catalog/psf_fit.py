@@ -159,7 +159,9 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
         phases: sub-pixel phases of the stamp tables (:class:`StampTable`).
     Returns:
         dict of ``x``, ``y``, ``pos_err`` (pixels), ``flux_band``, ``flux_band_err`` (N, C), ``flux``, ``flux_err``
-        (sums over bands), ``ok`` (N,) (the fit converged and stayed within MAX_SHIFT_PIX).
+        (sums over bands), ``ok`` (N,) (the fit converged and stayed within MAX_SHIFT_PIX), ``chi2_red`` (N,)
+        (the reduced chi-square of each source's box, the others' models subtracted: about 1 where the model
+        explains the pixels).
     """
     data = np.asarray(data, dtype=np.float64)
     if data.ndim != 3:
@@ -172,7 +174,7 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
     n = x0.size
     if n == 0:
         return dict(x=x0, y=y0, pos_err=np.zeros(0), flux_band=np.zeros((0, C)), flux_band_err=np.zeros((0, C)),
-                    flux=np.zeros(0), flux_err=np.zeros(0), ok=np.zeros(0, bool))
+                    flux=np.zeros(0), flux_err=np.zeros(0), ok=np.zeros(0, bool), chi2_red=np.zeros(0))
     resid_src = data - np.asarray(background, dtype=np.float64)  # (C, H, W): sources + noise
     var_sky = np.asarray(rms, dtype=np.float64) ** 2
     bad = np.zeros((C, H, W), bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), (C, H, W))
@@ -220,7 +222,9 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
         ok = enough & np.isfinite(x) & np.isfinite(y) & (moved < MAX_SHIFT_PIX) & np.isfinite(flux).all(axis=1)
         x, y = np.where(ok, x, x0), np.where(ok, y, y0)  # a failed source goes back to where it was found
         flux = np.where(ok[:, None], flux, np.nan_to_num(flux))
+    dof = use.sum((1, 2, 3)) - (2 + 2 * C)  # the last pass's residuals, in each source's box
     with np.errstate(invalid="ignore", divide="ignore"):
+        chi2_red = np.where(dof > 0, (wgt * res ** 2).sum((1, 2, 3)) / np.maximum(dof, 1), np.nan)
         try:
             cov = np.linalg.pinv(fisher)
         except np.linalg.LinAlgError:
@@ -231,7 +235,7 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
     total_err = np.sqrt(np.clip(cov[:, 2:2 + C, 2:2 + C].sum((1, 2)), 0, None))
     ok &= np.isfinite(pos_err) & (pos_err > 0)
     return dict(x=x, y=y, pos_err=pos_err, flux_band=flux, flux_band_err=flux_err, flux=flux.sum(axis=1),
-                flux_err=total_err, ok=ok)
+                flux_err=total_err, ok=ok, chi2_red=chi2_red)
 
 
 def _linear_fit(P, target, use, sky, gain, flux_guess):

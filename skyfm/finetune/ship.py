@@ -289,53 +289,34 @@ def _factors(m: dict, select, prefix: str, current: dict, out: dict, balance_sce
         out[key] = float(current[key]) * k  # the matches carry the current scales already
 
 
-def _floors(m: dict, select, head, out: dict, balance_scenes: bool = False) -> None:
-    """out[fit_flux_err_floor], out[fit_pos_err_floor] (CCD PSF fits) from the matches ``m[select]`` (the PSF
-    flux) and, for the position, ``m["fit_pos"]`` (the PSF position, with or without its flux): the floors that,
-    added in quadrature to the catalog's errors (which carry the current floors), give 68% flux coverage and a
-    median separation of 1.177 errors; the new floor is the current one and that addition combined."""
+def _stat_errors(err, floor_term, scale: float) -> np.ndarray:
+    """The statistical errors inside catalog errors ``hypot(scale stat, floor_term)``."""
+    return np.sqrt(np.maximum(np.asarray(err) ** 2 - np.asarray(floor_term) ** 2, 0.0)) / scale
+
+
+def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = False) -> None:
+    """out[fit_flux_err_scale], out[fit_flux_err_floor] (the likelihood fit of counts cubes, the PSF fit of CCD
+    point sources) from the matches ``m[select]``, by :func:`flux_err_scale_and_floor` on the fit's own errors
+    (the catalog's with the current scale and floor taken out, so the answer does not depend on them); also the
+    coverage before / after, overall and in the fainter and brighter half."""
     n = int(np.sum(select)) if len(m) else 0
     out["fit_n_matched"] = n
-    flux_floor, pos_floor = head.error_floors()
     if n < MIN_MATCHES:
-        out["fit_flux_err_floor"], out["fit_pos_err_floor"] = flux_floor, pos_floor
-        out.setdefault("notes", []).append(f"fit floors: {n} matched PSF-fitted sources (< {MIN_MATCHES}), kept")
+        out["fit_flux_err_scale"], out["fit_flux_err_floor"] = head.error_scales(fit=True)[0], head.error_floors()[0]
+        out.setdefault("notes", []).append(f"fit flux errors: {n} matched fitted sources (< {MIN_MATCHES}), kept")
         return
-    sc = m["scene"][select] if "scene" in m else np.full(n, "patch", dtype=object)
-    w = scene_weights(sc) if balance_scenes else None
-    f, e, t = m["flux"][select], m["flux_err"][select], m["true_flux"][select]
-    r = flux_err_floor(f, e, t, weights=w)
-    out["fit_flux_cov68_before"] = round(flux_coverage(f, e, t), 4)
-    out["fit_flux_cov68_after"] = round(float(np.mean(np.abs(f - t) <= np.hypot(e, r * np.abs(f)))), 4)
-    out["fit_median_flux_ratio"] = round(float(np.median(f / np.maximum(t, 1e-30))), 4)
-    out["fit_flux_err_floor"] = float(np.hypot(flux_floor, r))
-    positioned = m.get("fit_pos", select)
-    d, pe = m["sep"][positioned], m["pos_err"][positioned]
-    out["fit_pos_n_matched"] = int(np.sum(positioned))
-    w = scene_weights(m["scene"][positioned]) if balance_scenes and "scene" in m else None
-    fp = pos_err_floor(d, pe, weights=w)
-    out["fit_median_sep_over_pos_err_before"] = round(float(np.median(d / pe)), 4)
-    out["fit_median_sep_over_pos_err_after"] = round(float(np.median(d / np.hypot(pe, fp))), 4)
-    out["fit_pos_err_floor"] = float(np.hypot(pos_floor, fp))
-
-
-def _counts_fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = False) -> None:
-    """out[fit_flux_err_scale], out[fit_flux_err_floor] (counts cubes' likelihood fit) from the matches
-    ``m[select]``, by :func:`flux_err_scale_and_floor` on the fit's own errors (the catalog's, with the current
-    scale and floor taken out); also the coverage before / after, overall and in the fainter and brighter half."""
-    n = int(np.sum(select)) if len(m) else 0
-    if n < MIN_MATCHES:
-        return  # _factors kept the scale and said so; the floor stays as it is
     sc = m["scene"][select]
     w = scene_weights(sc) if balance_scenes else None
     f, e, t = m["flux"][select], m["flux_err"][select], m["true_flux"][select]
     scale_now, floor_now = head.error_scales(fit=True)[0], head.error_floors()[0]
-    stat = np.sqrt(np.maximum(e ** 2 - (floor_now * f) ** 2, 0.0)) / scale_now
+    stat = _stat_errors(e, floor_now * f, scale_now)
     k, r = flux_err_scale_and_floor(f, stat, t, weights=w)
     new = np.hypot(k * stat, r * np.abs(f))
     faint = np.abs(f) / np.maximum(stat, 1e-30) <= np.median(np.abs(f) / np.maximum(stat, 1e-30))
     out["fit_flux_err_scale"], out["fit_flux_err_floor"] = float(k), float(r)
+    out["fit_flux_cov68_before"] = round(flux_coverage(f, e, t), 4)
     out["fit_flux_cov68_after"] = round(flux_coverage(f, new, t), 4)
+    out["fit_median_flux_ratio"] = round(float(np.median(f / np.maximum(t, 1e-30))), 4)
     out["fit_flux_cov68_faint_half_before_after"] = [round(flux_coverage(f[faint], e[faint], t[faint]), 4),
                                                       round(flux_coverage(f[faint], new[faint], t[faint]), 4)]
     out["fit_flux_cov68_bright_half_before_after"] = [round(flux_coverage(f[~faint], e[~faint], t[~faint]), 4),
@@ -343,9 +324,33 @@ def _counts_fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bo
     out["fit_flux_cov68_scene_balanced_after"] = round(flux_coverage(f, new, t, weights=scene_weights(sc)), 4)
 
 
+def _fit_pos_errors(m: dict, head, out: dict, balance_scenes: bool = False) -> None:
+    """out[fit_pos_err_scale], out[fit_pos_err_floor] (the PSF fit of CCD images) from the matches whose position
+    was fitted (``m["fit_pos"]``, catalog column ``fit`` >= 1, as the errors are applied): the scale makes the
+    fainter half's median separation 1.1774 errors, then the floor (pixels, in quadrature) all of them; the
+    catalog's errors with the current scale and floor taken out, as for the flux."""
+    sel = m["fit_pos"] if len(m) else np.zeros(0, bool)
+    n = int(np.sum(sel))
+    out["fit_pos_n_matched"] = n
+    if n < MIN_MATCHES:
+        out["fit_pos_err_scale"], out["fit_pos_err_floor"] = head.error_scales(fit=True)[1], head.error_floors()[1]
+        out.setdefault("notes", []).append(f"fit position errors: {n} matched fitted sources (< {MIN_MATCHES}), kept")
+        return
+    w = scene_weights(m["scene"][sel]) if balance_scenes else np.ones(n)
+    d, pe = m["sep"][sel], m["pos_err"][sel]
+    stat = _stat_errors(pe, head.error_floors()[1], head.error_scales(fit=True)[1])
+    own = np.abs(m["flux"][sel]) / np.maximum(m["flux_err"][sel], 1e-30)  # the brighter, the smaller its error
+    faint = own <= weighted_quantile(own, 0.5, w)
+    k = pos_err_scale(d[faint], stat[faint], weights=w[faint])
+    floor = pos_err_floor(d, k * stat, weights=w)
+    out["fit_pos_err_scale"], out["fit_pos_err_floor"] = float(k), float(floor)
+    out["fit_median_sep_over_pos_err_before"] = round(float(np.median(d / pe)), 4)
+    out["fit_median_sep_over_pos_err_after"] = round(float(np.median(d / np.hypot(k * stat, floor))), 4)
+
+
 def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 128, seed_offset: int = 0,
                      instruments: list[str] | None = None, min_score: float | None = None,
-                     balance_scenes: bool = False, fresh_floors: bool = False) -> dict:
+                     balance_scenes: bool = False) -> dict:
     """Per instrument, the error scales of the module docstring, chosen on ``n`` validation patches.
 
     The patches carry the detector's current scales; the factors returned are the new scales (current times the
@@ -355,8 +360,9 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
     and the PSF fit of CCD point sources. Returns ``{instrument: {flux_err_scale, pos_err_scale, [fit_...],
     n_matched, flux_cov68_before / after, median_sep_over_pos_err_before / after, ...}}``.
 
-    ``fresh_floors``: CCD heads' PSF-fit floors are chosen from zero (the detector's current floors are set to 0
-    for the run, in memory) instead of added to the current ones, as after a change that makes the fit better.
+    The fits' errors (counts and CCD alike) get a scale and a floor chosen on their statistical part: the
+    catalog's errors with the current scale and floor taken out (:func:`_fit_flux_errors`, :func:`_fit_pos_errors`),
+    so they do not depend on what the detector carried before.
     """
     from skyfm.detect import default_min_score, detect_patch, get_detector
     from skyfm.finetune.config import load_finetune_config
@@ -376,35 +382,21 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
         head = det.head_config(name)
         current = {k: float(getattr(head, k)) for k in SCALE_KEYS}
         th = default_min_score(det, head) if min_score is None else float(min_score)
-        floors = (head.fit_flux_err_floor, head.fit_pos_err_floor)
-        fresh = fresh_floors and not inst.is_counts
         net, fit = [], []
-        try:
-            if fresh:  # the catalogs carry no floor, so the chosen floors are whole, not additions
-                head.fit_flux_err_floor, head.fit_pos_err_floor = 0.0, 0.0
-            for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset):
-                net.append(matched_errors(detect_patch(p, det, th, refine=False), p, inst))
-                fit.append(matched_errors(detect_patch(p, det, th, refine=True), p, inst))
-        finally:
-            head.fit_flux_err_floor, head.fit_pos_err_floor = floors  # the caller's detector is left as it was
+        for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset):
+            net.append(matched_errors(detect_patch(p, det, th, refine=False), p, inst))
+            fit.append(matched_errors(detect_patch(p, det, th, refine=True), p, inst))
         res = {"min_score": th, "n_patches": n, "size": size, "seeds": f"{VAL_SEED_BASE} + {seed_offset} + i",
                "weighting": "scene-balanced" if balance_scenes else "pooled"}
         m = _concat(net)
         _factors(m, np.ones(len(m.get("flux", [])), dtype=bool), "", current, res, balance_scenes)
         mf = _concat(fit)  # the refined rows: likelihood fit (counts) or PSF fit (CCD point sources)
+        fitted = mf["fit"] if mf else np.zeros(0, bool)
         if inst.is_counts:
-            _factors(mf, mf["fit"] if mf else np.zeros(0, bool), "fit_", current, res, balance_scenes)
-            _counts_fit_flux_errors(mf, mf["fit"] if mf else np.zeros(0, bool), head, res, balance_scenes)
+            _factors(mf, fitted, "fit_", current, res, balance_scenes)
         else:
-            if fresh:
-                head.fit_flux_err_floor, head.fit_pos_err_floor = 0.0, 0.0
-            try:
-                _floors(mf, mf["fit"] if mf else np.zeros(0, bool), head, res, balance_scenes)
-            finally:
-                head.fit_flux_err_floor, head.fit_pos_err_floor = floors
-            if fresh and res["fit_n_matched"] < MIN_MATCHES:  # too few to choose: keep the floors there are
-                res["fit_flux_err_floor"], res["fit_pos_err_floor"] = floors
-            res["floors"] = "from zero" if fresh else "added to the current ones"
+            _fit_pos_errors(mf, head, res, balance_scenes)
+        _fit_flux_errors(mf, fitted, head, res, balance_scenes)
         results[name] = res
     return results
 
@@ -457,9 +449,6 @@ def main() -> None:
     parser.add_argument("--instrument", action="append", default=None)
     parser.add_argument("--balance-scenes", action="store_true",
                         help="weight every scene alike instead of pooling the matches")
-    parser.add_argument("--fresh-floors", action="store_true",
-                        help="choose the CCD PSF-fit floors from zero instead of adding to the current ones (after a "
-                             "change that makes the fit's errors better)")
     parser.add_argument("--out", default=None, help="also write the calibration JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the factors, write nothing")
     args = parser.parse_args()
@@ -471,8 +460,7 @@ def main() -> None:
     torch.set_num_threads(1)
     target = Path(args.model_dir if args.model_dir is not None else args.target)
     res = calibrate_errors(target, args.config, n=args.n, size=args.size, seed_offset=args.seed_offset,
-                           instruments=args.instrument, balance_scenes=args.balance_scenes,
-                           fresh_floors=args.fresh_floors)
+                           instruments=args.instrument, balance_scenes=args.balance_scenes)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
