@@ -16,9 +16,10 @@ makes ``|flux - true flux| <= k flux_err`` hold for 68.27% of the matches (:func
 2-D Gaussian with that sigma per axis (:func:`pos_err_scale`). The matches are pooled, as the benchmark pools
 them; a crowded cluster (hundreds of matched stars a patch) then weighs most, and where the errors of its scenes
 differ the factor depends on how many clusters a seed range draws (``--balance-scenes`` weights every scene alike
-instead, :func:`scene_weights`; with a handful of matches in a field scene that is noisier). Counts cubes get a second pair for the fit's errors
-(rows the fit refined), since those replace the network's. They are written into ``heads.<instrument>`` of the
-detector's ``config.json`` and applied in :mod:`skyfm.detect`.
+instead, :func:`scene_weights`; with a handful of matches in a field scene that is noisier). The rows a fit refined
+(the likelihood fit of counts cubes, the PSF fit of CCD point sources) get their own scales and floors, since
+their errors replace the network's (:func:`_fit_flux_errors`, :func:`_fit_pos_errors`). They are written into
+``heads.<instrument>`` of the detector's ``config.json`` and applied in :mod:`skyfm.detect`.
 """
 
 from __future__ import annotations
