@@ -365,7 +365,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
 
 
 # ------------------------------------------------------------------------------------------------ CCD refinement
-PSF_FIT_MIN_SNR = 8.0  # detections whose PSF fit has a lower SNR keep the network's values
+PSF_FIT_MIN_SNR = 5.0  # detections whose PSF fit has a lower SNR keep the network's values
 SEEING_TILES = 5  # tiles of one image whose seeing estimates are enough: later tiles take their median
 
 

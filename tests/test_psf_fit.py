@@ -171,3 +171,33 @@ def test_chi2_is_about_one_for_a_good_fit_and_large_beside_an_undetected_neighbo
     assert np.median(pulls) > 2  # the Fisher errors alone would claim too much ...
     widened = pulls / np.sqrt(np.maximum(fit["chi2_red"][ok], 1.0))
     assert np.median(widened) < 0.6 * np.median(pulls)  # ... the chi-square widening takes much of that back
+
+
+def test_each_band_fits_its_own_box():
+    """WISE W1 (4.4 px FWHM) beside W4 (8.7 px): a star with an unmodelled neighbour 12 px away (outside W1's own box,
+    inside the broad band's) is pulled less when every band fits a box of 1.5 of its own FWHM than with one common
+    box of the broad band's size (not to zero: the neighbour's Moffat wings still reach the sharp band's box)."""
+    wise = load_instrument("wise")
+    scale = wise.pixel_scale_deg
+    psfs = [wise.band("W1").psf, wise.band("W4").psf]
+    rng = np.random.default_rng(5)
+    size, r, n = 80, 20, 12
+    shifts_own, shifts_common = [], []
+    for _ in range(n):
+        x, y = 40 + rng.uniform(-0.5, 0.5), 40 + rng.uniform(-0.5, 0.5)
+        angle = rng.uniform(0, 2 * np.pi)
+        nx, ny = x + 12 * np.cos(angle), y + 12 * np.sin(angle)
+        img = np.zeros((2, size, size))
+        for c, (psf, flux) in enumerate(zip(psfs, (2e4, 2e3))):
+            for sx, sy, f in ((x, y, flux), (nx, ny, 0.6 * flux)):
+                ix, iy = int(round(sx)), int(round(sy))
+                img[c, iy - r:iy + r + 1, ix - r:ix + r + 1] += f * psf.stamps(np.array([sx - ix]), np.array([sy - iy]),
+                                                                                 scale, radius_pix=r, oversample=8)[0]
+        img += rng.normal(0, 2.0, img.shape)
+        bg, rms = np.zeros_like(img), np.full_like(img, 2.0)
+        own = fit_psf_sources(img, bg, rms, psfs, scale, [x], [y], gain=1e6)
+        common = fit_psf_sources(img, bg, rms, psfs, scale, [x], [y], gain=1e6,
+                                 radius_pix=int(np.ceil(1.5 * psfs[1].fwhm_deg / scale)))
+        shifts_own.append(np.hypot(own["x"][0] - x, own["y"][0] - y))
+        shifts_common.append(np.hypot(common["x"][0] - x, common["y"][0] - y))
+    assert np.median(shifts_own) < 0.75 * np.median(shifts_common)

@@ -155,7 +155,8 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
         flux0: (N, C) starting fluxes (ADU) or None (from the data).
         gain: e-/ADU, for the sources' own Poisson noise.
         mask: (H, W) or (C, H, W) bool, True = a pixel not to use (saturated, cosmic ray, off the image).
-        radius_pix: fit box half-size; default 1.5 x the widest band's FWHM (at least 2).
+        radius_pix: fit box half-size, every band; default 1.5 x each band's FWHM (at least 2), in a common array
+            of the widest band's size.
         phases: sub-pixel phases of the stamp tables (:class:`StampTable`).
     Returns:
         dict of ``x``, ``y``, ``pos_err`` (pixels), ``flux_band``, ``flux_band_err`` (N, C), ``flux``, ``flux_err``
@@ -179,6 +180,11 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
     var_sky = np.asarray(rms, dtype=np.float64) ** 2
     bad = np.zeros((C, H, W), bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), (C, H, W))
     r = fit_radius_pix(psfs, pixel_scale_deg) if radius_pix is None else int(radius_pix)
+    # each band fits its own box (1.5 of its FWHM): a sharp band's position is not confused by neighbours that
+    # only the broadest band's box reaches (WISE: W1 4.4 px FWHM, W4 8.7 px)
+    band_r = [min(r, fit_radius_pix([p], pixel_scale_deg)) for p in psfs] if radius_pix is None else [r] * C
+    off = np.abs(np.arange(-r, r + 1))
+    band_box = np.stack([np.maximum(off[:, None], off[None, :]) <= rb for rb in band_r])  # (C, k, k)
     gain = float(gain) if gain and gain > 0 else 1.0
 
     x, y = x0.copy(), y0.copy()
@@ -192,7 +198,7 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
         # each source sees the data minus everyone else's model: add its own model back below
         others = np.stack([(resid_src[c] - models[c]).ravel()[flat] for c in range(C)], axis=1)  # (N, C, k, k)
         sky = np.stack([var_sky[c].ravel()[flat] for c in range(C)], axis=1)
-        use = inside[:, None] & ~np.stack([bad[c].ravel()[flat] for c in range(C)], axis=1)
+        use = inside[:, None] & ~np.stack([bad[c].ravel()[flat] for c in range(C)], axis=1) & band_box[None]
         own = _own_models(x, y, flux, ix, iy, psfs, pixel_scale_deg, r, phases)  # (N, C, k, k) at the current fit
         target = others + own
         for it in range(n_iter + 1):
