@@ -92,9 +92,10 @@ def summarize(m: dict) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Validation patches: {results['n']} per instrument, 256 px, seeds 900000000 + {results['seed_offset']} + i; "
-             f"total {results['wall_s']:.0f} s.", "",
-             "| instrument | chi2 | n | q68 pull, Fisher | q68 pull, widened | median abs(dF)/F | coverage as shipped |",
+    lines = [f"Validation patches: {results['n']} per instrument, 256 px, seeds 900000000 + {results['seed_offset']} "
+             f"+ i; total {results['wall_s']:.0f} s.", "",
+             "| instrument | chi2 | n | q68 pull, Fisher | q68 pull, widened | median abs(dF)/F "
+             "| coverage as shipped |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results["instruments"].items():
         for b in r["bins"]:

@@ -469,6 +469,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     saturation level (:func:`saturation_mask`: a clipped core or a bleed column is no PSF), but only those whose
     fit converged with an SNR >= ``PSF_FIT_MIN_SNR`` take the fitted position and position error; of these, the
     point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
+    The fit's Fisher errors grow with sqrt(max(1, reduced chi-square)) of each source's box (column ``fit_chi2``),
+    then take the head's calibrated scales and floors.
     The seeing of each band is fitted on the tile's bright point-like detections, the others subtracted
     (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of the tiles'
     estimates so far is used, and once ``SEEING_TILES`` tiles have given one no more are made. Heads with
@@ -620,8 +622,8 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
     if "fit_chi2" in arrays and not inst.is_counts:
         extra["fit_chi2"] = (np.asarray(arrays["fit_chi2"], dtype=np.float32),
                              "Reduced chi-square of the PSF fit over the source's fit box, the other detections "
-                             "subtracted (about 1: a point source well fitted; NaN: no converged fit); errors of fitted rows grow with "
-                             "its square root")
+                             "subtracted (about 1: a point source well fitted; NaN: no converged fit); the errors "
+                             "of fitted rows grow with its square root")
     if "ts" in arrays:
         extra["ts"] = arrays["ts"]
         extra["sqrt_ts"] = (np.sqrt(np.clip(arrays["ts"], 0, None)), "Significance sqrt(TS) of the likelihood fit")

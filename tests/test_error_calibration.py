@@ -239,5 +239,46 @@ def test_fit_errors_are_chosen_on_their_statistical_part(model_dir):
     for key in ("fit_flux_err_scale", "fit_flux_err_floor", "fit_pos_err_scale", "fit_pos_err_floor"):
         assert answers[0][key] == pytest.approx(answers[1][key], rel=1e-6), key
     out = answers[0]
-    assert out["fit_flux_err_scale"] == pytest.approx(2.0, rel=0.15) and out["fit_flux_cov68_after"] == pytest.approx(0.6827, abs=0.01)
-    assert out["fit_pos_err_floor"] > 0 and out["fit_median_sep_over_pos_err_after"] == pytest.approx(ship.MEDIAN_2D, rel=0.01)
+    assert out["fit_flux_err_scale"] == pytest.approx(2.0, rel=0.15)
+    assert out["fit_flux_cov68_after"] == pytest.approx(0.6827, abs=0.01)
+    assert out["fit_pos_err_floor"] > 0
+    assert out["fit_median_sep_over_pos_err_after"] == pytest.approx(ship.MEDIAN_2D, rel=0.01)
+
+
+def test_ccd_fit_errors_grow_with_the_square_root_of_chi2(monkeypatch):
+    """The PSF-fitted rows of a CCD catalog carry their Fisher errors times sqrt(max(1, fit_chi2)) (scale 1 and no
+    floor here): against the same run with every chi-square forced to 1, the errors differ by exactly that."""
+    import skyfm.catalog.psf_fit as psf_fit
+    from skyfm.detect import detect_patch
+    from skyfm.heads import load_detector
+
+    det = load_detector()
+    head = det.head_config("meerlicht")
+    kept = {k: getattr(head, k) for k in ("fit_flux_err_scale", "fit_pos_err_scale", "fit_flux_err_floor",
+                                          "fit_pos_err_floor")}
+    try:
+        head.fit_flux_err_scale, head.fit_pos_err_scale, head.fit_flux_err_floor, head.fit_pos_err_floor = 1, 1, 0, 0
+        p = simulate_patch("meerlicht", 11, size=96, scene="crowded")
+        widened = detect_patch(p, det)
+        fit = psf_fit.fit_psf_sources
+
+        def chi2_one(*args, **kwargs):
+            out = fit(*args, **kwargs)
+            return out | {"chi2_red": np.ones(len(out["x"]))}
+
+        monkeypatch.setattr(psf_fit, "fit_psf_sources", chi2_one)
+        plain = detect_patch(p, det)
+    finally:
+        for k, v in kept.items():
+            setattr(head, k, v)
+    chi2 = np.asarray(widened["fit_chi2"], dtype=float)
+    fitted = np.asarray(widened["fit"]) >= 1
+    assert fitted.sum() >= 5 and (chi2[fitted] > 1.5).any()  # a crowded field: some fits leave residuals
+    np.testing.assert_array_equal(np.asarray(plain["fit"]), np.asarray(widened["fit"]))
+    w, q = _rows(widened), _rows(plain)
+    np.testing.assert_allclose(w["pos_err"][fitted], np.sqrt(np.maximum(chi2[fitted], 1.0)) * q["pos_err"][fitted],
+                               rtol=1e-5)
+    both = np.asarray(widened["fit"]) == 2
+    assert both.any()
+    np.testing.assert_allclose(w["flux_err"][both], np.sqrt(np.maximum(chi2[both], 1.0)) * q["flux_err"][both],
+                               rtol=1e-5)
