@@ -549,17 +549,28 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
 # --------------------------------------------------------------------------------------------- counts refinement
 def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None) -> dict:
     """The detections of one CCD tile (``d``, tile pixels) less those on satellite trails that the tile shows
-    (:func:`skyfm.catalog.trails.find_trails` on its pixels; ``pixel_scale`` in deg per tile pixel)."""
-    from skyfm.catalog.trails import find_trails, on_trail
+    (:func:`skyfm.catalog.trails.find_trails` on its pixels, saturated stars and their bleed columns left out;
+    ``pixel_scale`` in deg per tile pixel); a detection on a trail stays where a point source of its own stands
+    above the trail's profile (:func:`skyfm.catalog.trails.point_sources_on_trail`)."""
+    from scipy import ndimage
+
+    from skyfm.catalog.trails import find_trails, on_trail, point_sources_on_trail
 
     if len(d["x"]) == 0:
         return d
     scale = pixel_scale or inst.pixel_scale_deg
     fwhm = float(np.median([inst.band(b).psf.fwhm_deg / scale for b in patch.bands]))
-    trails = find_trails(patch.data, fwhm)
+    data = np.asarray(patch.data, dtype=np.float64)
+    saturated = saturation_mask(data, inst).any(axis=0)
+    if saturated.any():  # a bleed column is a straight ridge too, and a saturated star's halo lifts lines
+        saturated = ndimage.binary_dilation(saturated, iterations=int(np.ceil(2 * fwhm)))
+    trails = find_trails(data, fwhm, mask=saturated)
     if not trails:
         return d
-    keep = ~on_trail(d["x"], d["y"], trails)
+    on = on_trail(d["x"], d["y"], trails)
+    if on.any():
+        on[on] = ~point_sources_on_trail(data, trails, d["x"][on], d["y"][on], fwhm, mask=saturated)
+    keep = ~on
     return {k: (v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v) for k, v in d.items()}
 
 

@@ -73,6 +73,9 @@ def test_no_trail_in_star_fields_clusters_or_bleed_columns():
 
 
 def test_drop_trail_detections_keeps_the_rest():
+    """Detections on a trail's empty stretches go; those off it, and a star of its own under the trail, stay."""
+    from scipy import ndimage
+
     from skyfm.detect import drop_trail_detections
     from skyfm.instruments import load_instrument
 
@@ -82,14 +85,48 @@ def test_drop_trail_detections_keeps_the_rest():
     inst = load_instrument("meerlicht")
     fwhm = inst.band("q").psf.fwhm_deg / inst.pixel_scale_deg
     rng = np.random.default_rng(3)
-    Tile.data = add_line(star_field(rng), 45.0, 180.0, 100.0)[None]
+    stars = star_field(rng)
     t = np.deg2rad(45.0)
-    on = np.array([[180 * np.cos(t) - a * np.sin(t), 180 * np.sin(t) + a * np.cos(t)] for a in (-60.0, 0.0, 60.0)])
+    along = lambda a: np.array([180 * np.cos(t) - a * np.sin(t), 180 * np.sin(t) + a * np.cos(t)])  # noqa: E731
+    # trail points with no star near them (the matched-filtered star field below 1 sigma there)
+    quiet = ndimage.gaussian_filter((stars - SKY) / NOISE, FWHM / 2.3548)
+    empty = [a for a in np.arange(-100.0, 101.0, 5.0) if quiet[tuple(np.rint(along(a)[::-1]).astype(int))] < 1.0]
+    assert len(empty) >= 4
+    on = np.array([along(a) for a in empty[:3]])
+    star_xy = along(empty[3])  # a star of its own under the trail, 20 sigma in the matched filter
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    sigma = FWHM / 2.3548
+    stars = stars + 3000.0 / (2 * np.pi * sigma**2) * np.exp(-((xx - star_xy[0]) ** 2 + (yy - star_xy[1]) ** 2)
+                                                              / (2 * sigma**2))
+    Tile.data = add_line(stars, 45.0, 180.0, 100.0)[None]
     off = np.array([[30.0, 30.0], [220.0, 220.0]])
-    xy = np.concatenate([on, off])
-    d = {"x": xy[:, 0], "y": xy[:, 1], "score": np.linspace(0.9, 0.5, 5), "flux_band": np.ones((5, 1))}
+    xy = np.concatenate([on, off, star_xy[None]])
+    d = {"x": xy[:, 0], "y": xy[:, 1], "score": np.linspace(0.9, 0.4, 6), "flux_band": np.ones((6, 1))}
     kept = drop_trail_detections(d, Tile, inst)
-    np.testing.assert_allclose(np.c_[kept["x"], kept["y"]], off)
-    assert kept["flux_band"].shape == (2, 1) and len(kept["score"]) == 2
+    np.testing.assert_allclose(np.c_[kept["x"], kept["y"]], np.concatenate([off, star_xy[None]]))
+    assert kept["flux_band"].shape == (3, 1) and len(kept["score"]) == 3
     assert abs(fwhm - FWHM) < 3  # the test's image is near MeerLICHT's seeing
     assert isinstance(Trail(0.0, 1.0, 1.0, 1.0).distance(np.zeros(2), np.ones(2)), np.ndarray)
+
+
+def test_a_bleed_column_across_the_tile_is_no_trail():
+    """A saturated star whose bleed column runs the whole height of the tile is a straight ridge that the line
+    search alone takes for a trail; drop_trail_detections leaves saturated pixels out, so nothing is dropped."""
+    from skyfm.detect import drop_trail_detections
+    from skyfm.instruments import load_instrument
+
+    class Tile:
+        bands = ["q"]
+
+    inst = load_instrument("meerlicht")
+    fwhm = inst.band("q").psf.fwhm_deg / inst.pixel_scale_deg
+    image = star_field(np.random.default_rng(8), cluster=False)
+    full_well = float(inst.noise["saturation"])
+    image[:, 119:122] = full_well  # the bleed column, the whole tile high
+    image[100:110, 112:129] = full_well  # the star's clipped core
+    assert find_trails(image, fwhm)  # unmasked, the column is a ridge across the tile
+    Tile.data = image[None]
+    xy = np.array([[116.0, 40.0], [124.0, 200.0], [60.0, 60.0]])  # beside the column, and elsewhere
+    d = {"x": xy[:, 0], "y": xy[:, 1], "score": np.ones(3), "flux_band": np.ones((3, 1))}
+    kept = drop_trail_detections(d, Tile, inst)
+    assert len(kept["x"]) == 3

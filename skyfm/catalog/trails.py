@@ -20,8 +20,10 @@ detector then fires along its flanks, not on its centre line). :func:`find_trail
    galaxy lifts a line only where they are). A trail found is masked out and the search repeated, up to
    ``max_trails``.
 
-:func:`on_trail` marks the detections within a trail's half-width; ``skyfm detect`` drops them. A star that
-lies on a bright trail is lost with it, as it is under a masked trail.
+:func:`on_trail` marks the detections within a trail's half-width; ``skyfm detect`` drops them, except those
+where :func:`point_sources_on_trail` sees a point source of its own standing above the trail (a star the trail
+crosses). Saturated stars and their bleed columns are straight ridges too: ``skyfm detect`` leaves them out of
+the search (``mask``).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def _line_medians(z: np.ndarray, theta: float, rho: float, offsets: np.ndarray) 
     out = np.full(len(offsets), np.nan)
     for i, o in enumerate(offsets):
         values = _shifted_samples(z, x0, y0, theta, o)
+        values = values[np.isfinite(values)]  # masked pixels (saturated, a trail already found) do not count
         if values.size >= 8:
             out[i] = float(np.median(values))
     return out, len(x0)
@@ -131,14 +134,18 @@ def _radon_median(z: np.ndarray, thetas: np.ndarray) -> tuple[np.ndarray, np.nda
     return med, count, rho_c
 
 
-def find_trails(image: np.ndarray, fwhm_pix: float, *, block: int | None = None, min_excess: float = 5.0,
-                min_sigmas: float = 8.0, min_length: float = 64.0, edge_sigma: float = 3.0,
+def find_trails(image: np.ndarray, fwhm_pix: float, *, mask: np.ndarray | None = None, block: int | None = None,
+                min_excess: float = 5.0, min_sigmas: float = 8.0, min_length: float = 64.0, edge_sigma: float = 3.0,
                 max_trails: int = 4, max_candidates: int = 12) -> list[Trail]:
     """Trails across ``image`` ((C, H, W) or (H, W), data units, sky included); see the module docstring.
 
     ``fwhm_pix``: the PSF FWHM in pixels (blocks of about two FWHMs, at least 4 px, and the width margin).
+    ``mask``: (H, W) bool, pixels to leave out (saturated stars and their bleed columns, which are straight
+    ridges too: :func:`skyfm.detect.drop_trail_detections` passes the saturated pixels grown by two FWHM).
     """
     z = _noise_units(image)
+    if mask is not None:
+        z = np.where(np.asarray(mask, bool), np.nan, z)
     h, w = z.shape
     fwhm = max(float(fwhm_pix), 1.0)
     block = int(block or max(4, 2 * round(fwhm)))
@@ -261,4 +268,43 @@ def on_trail(x: np.ndarray, y: np.ndarray, trails: list[Trail]) -> np.ndarray:
     return hit
 
 
-__all__ = ["Trail", "find_trails", "on_trail"]
+def point_sources_on_trail(image: np.ndarray, trails: list[Trail], x: np.ndarray, y: np.ndarray, fwhm_pix: float,
+                           *, min_snr: float = 3.0, mask: np.ndarray | None = None) -> np.ndarray:
+    """(N,) bool: which points (x, y) hold a point source of their own above the trails they lie on.
+
+    The image is matched-filtered (a Gaussian of ``fwhm_pix``); at each point on a trail the filtered value is
+    compared with the filtered values all along the trail at the same offset across it: their median is what
+    the trail itself gives there (its flanks, its photon noise, wherever along its length), their scatter the
+    noise, and a point source of its own must stand ``min_snr`` times that scatter above the median. A star
+    under a trail passes; the detections a trail's flanks break into look like every other point of the flank.
+    ``image`` and ``mask`` as for :func:`find_trails`.
+    """
+    from scipy import ndimage
+
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    out = np.zeros(x.shape, dtype=bool)
+    if not trails or x.size == 0:
+        return out
+    z = _noise_units(image)
+    if mask is not None:
+        z = np.where(np.asarray(mask, bool), np.nan, z)
+    filtered = ndimage.gaussian_filter(np.nan_to_num(z, nan=0.0), max(float(fwhm_pix), 1.0) / 2.3548)
+    if mask is not None:
+        filtered[np.asarray(mask, bool)] = np.nan
+    h, w = z.shape
+    for trail in trails:
+        _, x0, y0 = _line_points(z.shape, trail.theta, trail.rho)
+        for j in np.flatnonzero(trail.distance(x, y) <= trail.half_width):
+            ix, iy = int(np.clip(round(x[j]), 0, w - 1)), int(np.clip(round(y[j]), 0, h - 1))
+            offset = x[j] * np.cos(trail.theta) + y[j] * np.sin(trail.theta) - trail.rho
+            along = _shifted_samples(filtered, x0, y0, trail.theta, offset)
+            along = along[np.isfinite(along)]
+            if along.size < 16 or not np.isfinite(filtered[iy, ix]):
+                continue
+            level = float(np.median(along))
+            scatter = 1.4826 * float(np.median(np.abs(along - level)))
+            out[j] |= filtered[iy, ix] - level >= min_snr * max(scatter, 1e-12)
+    return out
+
+
+__all__ = ["Trail", "find_trails", "on_trail", "point_sources_on_trail"]
