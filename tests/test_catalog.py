@@ -54,10 +54,12 @@ def test_write_catalog_round_trip_with_regions(tmp_path, fermi_patch, ext):
     t = fermi_patch.truth
     cat = build_catalog(np.asarray(t["x"]), np.asarray(t["y"]), flux=np.asarray(t["flux"]), score=np.asarray(t["snr"]),
                         pos_err_pix=np.full(len(t), 0.2), wcs=fermi_patch.wcs, instrument="fermi-lat",
-                        class_names=["a", "b"], class_prob=np.tile([0.6, 0.4], (len(t), 1)))
-    path = write_catalog(cat, tmp_path / f"cat.{ext}")
+                        class_names=["a", "b"], class_prob=np.tile([0.6, 0.4], (len(t), 1)),
+                        extra={"fit": (np.full(len(t), 2, dtype=np.int8), "int8, as detect writes it")})
+    path = write_catalog(cat, tmp_path / f"cat.{ext}")  # int8: FITS read it back as bool, VOTable has none
     back = read_catalog(path)
     assert len(back) == len(cat)
+    assert np.array_equal(np.asarray(back["fit"]), np.full(len(t), 2))
     assert np.allclose(u.Quantity(back["x"]).value, cat["x"].value)
     assert np.allclose(u.Quantity(back["glon"]).value, cat["glon"].value)
     if ext != "vot":

@@ -52,6 +52,16 @@ def _fits_ready(table: QTable) -> QTable:
     return t
 
 
+def _without_int8(table: QTable) -> QTable:
+    """A copy with signed 8-bit integer columns (the ``fit`` column) made 16-bit: VOTable has no such type and
+    FITS reads it back as booleans."""
+    t = table.copy(copy_data=False)
+    for name in t.colnames:
+        if getattr(t[name], "dtype", None) == np.int8:
+            t[name] = t[name].astype(np.int16)
+    return t
+
+
 def write_catalog(table: QTable | Table, path: str | Path, *, regions: bool = True, psf_fwhm_deg: float | None = None,
                   psf_fwhm_pix: float | None = None) -> Path:
     """Write ``table`` to ``path`` (``.fits``, ``.ecsv``, ``.vot`` / ``.xml``), atomically, and ``<stem>.reg``.
@@ -67,7 +77,7 @@ def write_catalog(table: QTable | Table, path: str | Path, *, regions: bool = Tr
     fmt = catalog_format(path)
     if path.is_dir():
         raise SkyfmError(f"{path} is a folder; give a catalog file name")
-    out = _fits_ready(table) if fmt == "fits" else table
+    out = _fits_ready(_without_int8(table)) if fmt == "fits" else _without_int8(table) if fmt == "votable" else table
     with atomic_path(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # VOUnit / HIERARCH chatter
