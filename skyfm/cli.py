@@ -6,6 +6,7 @@ are reported as one line on stderr (``skyfm: error: ...``) with exit status 1, n
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -171,16 +172,24 @@ def info_cmd(file, instrument, hdu, band):
       skyfm info ccube.fits --instrument fermi-lat
       skyfm info drizzled.fits --hdu SCI --band F606W
     """
-    import warnings
-
     from skyfm.data.readers import inspect_file
+
+    with _warnings_as_lines():
+        lines = inspect_file(file, instrument=instrument, hdu=hdu, band=band)
+    click.echo("\n".join(lines))
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Each distinct UserWarning of the block (no WCS, a denoised input, ...) becomes one line on stderr, said
+    once the block has succeeded: a failure stays the one line of its error."""
+    import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        lines = inspect_file(file, instrument=instrument, hdu=hdu, band=band)
+        yield
     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
         click.echo(f"skyfm: warning: {message}", err=True)
-    click.echo("\n".join(lines))
 
 
 @cli.command("shards")
@@ -573,10 +582,11 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
 
     if hdu is not None and hdu.isdigit():
         hdu = int(hdu)
-    table = detect_file(input_path, out_path, instrument=instrument, band=band, model_dir=model_dir,
-                        min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size,
-                        precision=precision, attention_window=attention_window, refine=not no_refine,
-                        drop_trails=drop_trails, background=background_path)
+    with _warnings_as_lines():
+        table = detect_file(input_path, out_path, instrument=instrument, band=band, model_dir=model_dir,
+                            min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size,
+                            precision=precision, attention_window=attention_window, refine=not no_refine,
+                            drop_trails=drop_trails, background=background_path)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

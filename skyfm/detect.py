@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -732,6 +733,25 @@ def read_background_model(path, shape: tuple) -> np.ndarray:
     return model
 
 
+class DenoisedInputWarning(UserWarning):
+    """The input is a ``skyfm denoise`` output, not an observed image."""
+
+
+def _warn_if_denoised(path: Path) -> None:
+    """Warn when ``path`` is a ``skyfm denoise`` output (primary header ``DENOISED = T``): the detectors are
+    trained on observed images, and on a clean one, whose noise is gone, they fire on structure everywhere."""
+    from astropy.io import fits
+
+    try:
+        denoised = bool(fits.getheader(path, 0).get("DENOISED", False))
+    except (OSError, ValueError):  # the readers give the one-line error for a file they cannot read
+        return
+    if denoised:
+        warnings.warn(f"{path.name} is a skyfm denoise output (DENOISED = T); the detector was trained on observed "
+                      "images and finds spurious sources on clean ones: run skyfm detect on the observed image",
+                      DenoisedInputWarning, stacklevel=3)
+
+
 def detect_file(path, out=None, *, instrument=None, band: str | None = None, model_dir=None,
                 min_score: float | None = None, plot: bool = False, associate=None, hdu=None,
                 tile_size: int | None = None, batch_size: int | None = None, progress: bool = True, refine: bool = True,
@@ -757,6 +777,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     check_fits_file(path)
     if out is not None:
         catalog_format(out)  # a bad extension fails before any work
+    _warn_if_denoised(path)
     det = get_detector(model_dir)
     if background is not None:
         check_fits_file(background)

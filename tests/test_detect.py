@@ -320,3 +320,22 @@ def test_background_model_drives_the_counts_refinement(tmp_path, model_dir, caps
         err = capsys.readouterr().err
         assert rc == 1 and words in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_detect_warns_on_a_denoised_input(tmp_path, model_dir, capsys):
+    """A skyfm denoise output (DENOISED = T) is not what the detector was trained on: one warning line, and the
+    catalog is still written; an observed image gets no such line."""
+    from astropy.io import fits
+
+    src = tmp_path / "clean.fits"
+    write_patch(simulate_patch("meerlicht", 7, size=64, scene="crowded"), src)
+    with fits.open(src, mode="update") as hdul:
+        hdul[0].header["DENOISED"] = (True, "source-only image from skyfm denoise")
+    rc = main(["detect", str(src), "--model", str(model_dir), "--out", str(tmp_path / "c.ecsv")])
+    err = capsys.readouterr().err
+    assert rc == 0 and (tmp_path / "c.ecsv").is_file()
+    assert err.count("skyfm: warning:") == 1 and "skyfm denoise output" in err
+    observed = tmp_path / "observed.fits"
+    write_patch(simulate_patch("meerlicht", 7, size=64, scene="crowded"), observed)
+    assert main(["detect", str(observed), "--model", str(model_dir), "--out", str(tmp_path / "o.ecsv")]) == 0
+    assert "denoise output" not in capsys.readouterr().err
