@@ -547,7 +547,6 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     return d
 
 
-# --------------------------------------------------------------------------------------------- counts refinement
 def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None) -> dict:
     """The detections of one CCD tile (``d``, tile pixels) less those on satellite trails that the tile shows
     (:func:`skyfm.catalog.trails.find_trails` on its pixels, saturated stars and their bleed columns left out;
@@ -575,6 +574,7 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
     return {k: (v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v) for k, v in d.items()}
 
 
+# --------------------------------------------------------------------------------------------- counts refinement
 def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background=None,
                   bands: list[str] | None = None, head=None) -> dict:
     """Poisson likelihood refinement of counts-cube detections: position, flux per bin, TS, physical flux.
