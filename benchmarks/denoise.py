@@ -255,8 +255,9 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
                     "ts clean": (lambda b=bhat: tsmap_detect(clean_patch(patch, clean + b), background=b), 5.0),
                 })
             if detector is not None:
-                runs["skyfm raw"] = (lambda: detect_patch(patch, detector), None)
-                runs["skyfm clean"] = (lambda: detect_patch(cp, detector), None)
+                # the network's selection: the question is what the denoised image does to the network
+                runs["skyfm raw"] = (lambda: detect_patch(patch, detector, selection="network"), None)
+                runs["skyfm clean"] = (lambda: detect_patch(cp, detector, selection="network"), None)
             for key, (fn, cut) in runs.items():
                 try:
                     with warnings.catch_warnings():

@@ -20,8 +20,10 @@ Methods: ``sep``, ``photutils-dao``, ``photutils-segmentation`` (every instrumen
 ``tsmap-true`` / ``tsmap-estimated`` (counts cubes; true simulated background or one estimated from the counts),
 and ``skyfm`` (``skyfm.detect.detect_patch`` with the default detector shipped in the package, when it imports
 and loads; otherwise the benchmark runs the baselines alone and says so). On counts cubes ``detect_patch``
-refines with the simulator's true background (``patch.background_image``), like ``tsmap-true``;
-``skyfm-estbg`` is the same without it (the background estimated from the counts, as for real data). On CCD
+gets the simulator's true background (``patch.background_image``), like ``tsmap-true``, and so selects by the
+likelihood (the network's and the TS map's peaks fitted together, kept at TS >= 25, score sqrt(TS):
+``skyfm detect --background``); ``skyfm-estbg`` is the same without it (the network's selection, with the
+background estimated from the counts for the refinement, as for real data without a model). On CCD
 images ``skyfm-trails`` is ``skyfm`` with ``drop_trails=True`` (``skyfm detect --drop-trails``). With
 ``--with-denoiser``, counts cubes also get ``tsmap-denoiser``: the TS map with the background the shipped diffusion
 denoiser removed (``skyfm denoise``'s ``BACKGROUND`` HDU, :func:`skyfm.heads.denoise.apply.denoise_patch` with
@@ -32,7 +34,7 @@ counts cubes, else 0.75 PSF FWHM (at least 2 px):
 
 * ``F1@fixed``: at each method's documented threshold: SNR >= 5 (sep, photutils), TS >= 25 (TS map: score =
   sqrt(TS) >= 5), the detector's own per-instrument ``min_score`` (skyfm; it is run there, so its sweeps and
-  F1@cal only go upward from it unless ``--skyfm-min-score`` is lower);
+  F1@cal only go upward from it unless ``--skyfm-min-score`` is lower; with likelihood selection TS >= 25);
 * ``F1@cal``: at the threshold of best F1 on the calibration patches, applied to the test patches;
 * ``R(3-5)@P0.9``: recall of true SNR 3-5 sources at the lowest threshold whose precision (against sources with
   snr >= 3) is >= 0.9, on the test patches;
@@ -265,6 +267,8 @@ def run_case(case_index, key, label, instrument, options, n, n_cal, skyfm_fn, co
                 t = time.perf_counter()
                 cat = fn(p)
                 wall += time.perf_counter() - t
+                if name.startswith("skyfm") and cat.meta.get("selection") == "likelihood":
+                    fixed_thr = float(np.sqrt(cat.meta["min_ts"]))  # score is sqrt(TS), cut at min_ts
                 pix += p.height * p.width
                 sweeps.append(score_sweep(cat, p.truth, radius))
                 kept = cat if fixed_thr is None else cat[_score(cat) >= fixed_thr]

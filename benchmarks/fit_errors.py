@@ -55,7 +55,7 @@ def matched_fit_rows(inst_name: str, n: int, seed_offset: int) -> dict:
     scale, floor = head.error_scales(fit=True)[0], head.error_floors()[0]
     rows = {k: [] for k in ("flux", "err", "fisher", "chi2", "true", "scene")}
     for p in validation_patches(inst, specs[inst.name], n, 256, seed_offset=seed_offset):
-        cat = detect_patch(p, det, default_min_score(det, head))
+        cat = detect_patch(p, det, default_min_score(det, head), selection="network")
         val = lambda k: np.asarray(u.Quantity(cat[k]).value, dtype=np.float64)  # noqa: E731
         di, ti, _ = match_catalogs((val("x"), val("y")), p.truth, default_radius_pix(inst))
         keep = (np.asarray(p.truth["snr"])[ti] >= 5) & (np.asarray(cat["fit"])[di] == 2)

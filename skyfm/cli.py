@@ -561,9 +561,17 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 @click.option("--background", "background_path", default=None, type=click.Path(),
               help="Counts cubes: FITS file with the expected background counts (same bins and pixels as INPUT, e.g. "
                    "the interstellar-emission + isotropic model cube from gtmodel); the likelihood refinement fits "
-                   "against it. Default: estimated from the counts (TS and flux errors are then less reliable).")
+                   "against it, and sources are kept by their TS (see --selection). Default: estimated from the "
+                   "counts (TS and flux errors are then less reliable).")
+@click.option("--selection", type=click.Choice(["auto", "network", "likelihood"]), default="auto", show_default=True,
+              help="Counts cubes: which detections the catalog keeps. network = heatmap probability >= --min-score; "
+                   "likelihood = the network's peaks and the Poisson TS map's, fitted together, kept at TS >= "
+                   "--min-ts (score is then sqrt(TS), net_score the network's probability); auto = likelihood with "
+                   "--background, else network.")
+@click.option("--min-ts", type=click.FloatRange(min=0), default=25.0, show_default=True,
+              help="Likelihood selection: the least fitted TS a source needs (25: the 4FGL convention).")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
-               precision, attention_window, no_refine, drop_trails, background_path):
+               precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -586,7 +594,8 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
         table = detect_file(input_path, out_path, instrument=instrument, band=band, model_dir=model_dir,
                             min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size,
                             precision=precision, attention_window=attention_window, refine=not no_refine,
-                            drop_trails=drop_trails, background=background_path)
+                            drop_trails=drop_trails, background=background_path, selection=selection,
+                            min_ts=min_ts)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

@@ -23,9 +23,15 @@ How:
    against the expected background (the simulator's when known, else
    :func:`skyfm.catalog.likelihood.estimate_background`): position, flux per bin, and TS; the physical photon flux
    ``flux_phys`` (ph cm-2 s-1) is the sum over bins of counts / exposure (as the simulator defines it).
+   With a background model (``--background``) the likelihood also selects (``selection="likelihood"``): the TS
+   map's peaks join the network's, all are fitted together, and the catalog keeps fitted TS >= 25
+   (:func:`add_ts_map_candidates`, :func:`select_by_ts`). Against a known background the Poisson TS is the
+   test a point source cannot beat, and on validation skies it kept what the TS map finds while the network's
+   peaks split the blends the TS map merges.
 5. **Catalog** via :func:`skyfm.catalog.build_catalog`: x, y, sky coordinates, pos_err, flux, flux_err, score (the
-   heatmap probability; 1 for saturated stars the saturation rule added), class + class_prob, extension,
-   flux_band (+ ts, sqrt_ts, flux_phys for counts).
+   heatmap probability; 1 for saturated stars the saturation rule added; sqrt(TS) with likelihood selection, the
+   probability then in ``net_score``), class + class_prob, extension, flux_band (+ ts, sqrt_ts, flux_phys for
+   counts).
 """
 
 from __future__ import annotations
@@ -590,11 +596,7 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
         arrays.update(ts=np.zeros(0), flux_phys=np.zeros(0))
         return arrays
     band_objs = [inst.band(b) for b in bands] if bands else list(inst.bands)
-    scale = pixel_scale or inst.pixel_scale_deg
-    kernels = []
-    for b in band_objs:
-        r = int(np.clip(np.ceil(b.psf.containment_radius(0.97) / scale), 2, 24))
-        kernels.append(b.psf.stamps(np.zeros(1), np.zeros(1), scale, radius_pix=r)[0])
+    kernels = _counts_kernels(band_objs, pixel_scale or inst.pixel_scale_deg)
     if background is None:
         background = likelihood.estimate_background(data, kernels)
     tables = likelihood.psf_tables(kernels)  # cached by kernel: built once per instrument and pixel scale
@@ -620,6 +622,127 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     return arrays
 
 
+def _counts_kernels(band_objs, scale: float) -> list[np.ndarray]:
+    """Centred PSF kernels per bin out to the 97% containment radius (2 to 24 pixels)."""
+    kernels = []
+    for b in band_objs:
+        r = int(np.clip(np.ceil(b.psf.containment_radius(0.97) / scale), 2, 24))
+        kernels.append(b.psf.stamps(np.zeros(1), np.zeros(1), scale, radius_pix=r)[0])
+    return kernels
+
+
+# ------------------------------------------------------------------------------------------ likelihood selection
+SELECTIONS = ("auto", "network", "likelihood")
+LIKELIHOOD_MIN_TS = 25.0  # the 4FGL convention: TS >= 25, about 4 sigma for 4 free parameters
+TS_MAP_INDEX = 2.2  # photon index of the TS map's test source (the TS-map baseline's)
+WEAK_SCORE = 0.05  # network peaks this weak only lend their class and extension to TS-map candidates
+CANDIDATE_TS = 16.0  # TS-map peaks fitted as candidates (the fit, neighbours included, then decides)
+# A second pass looks for sources in the TS map of the background plus the sources found. On validation skies
+# (benchmarks/likelihood_selection.py) it found more Fermi-LAT sources (F1 0.906 -> 0.923) but fitted the residuals
+# of extended CTAO sources as point sources (0.812 -> 0.761) and left the Fermi plane as it was: one by default.
+LIKELIHOOD_PASSES = 1
+
+
+def resolve_selection(selection: str, inst, background, refine: bool = True) -> str:
+    """``"network"`` (heatmap probability >= min_score) or ``"likelihood"`` (fitted TS >= min_ts).
+
+    ``"auto"``: the likelihood where it can be trusted, i.e. a refined counts cube with a background model; else
+    the network (an estimated background is biased near sources, and CCD images have no Poisson likelihood here)."""
+    if selection not in SELECTIONS:
+        raise SkyfmError(f"selection should be one of {', '.join(SELECTIONS)}; got {selection!r}")
+    if selection == "auto":
+        return "likelihood" if inst.is_counts and background is not None and refine else "network"
+    if selection == "likelihood" and not inst.is_counts:
+        raise SkyfmError(f"likelihood selection is for counts cubes; {inst.name} is a {inst.kind} instrument")
+    if selection == "likelihood" and not refine:
+        raise SkyfmError("likelihood selection needs the likelihood refinement; drop --no-refine or choose "
+                         "--selection network")
+    return selection
+
+
+def _rows_like(arrays: dict, n: int, **values) -> dict:
+    """``n`` new rows with the keys (and trailing shapes) of ``arrays``: given ``values``, else NaN / 0."""
+    out = {}
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        fill = np.nan if np.issubdtype(v.dtype, np.floating) else 0
+        out[k] = np.full((n,) + v.shape[1:], fill, dtype=v.dtype)
+    for k, v in values.items():
+        out[k] = np.broadcast_to(np.asarray(v, dtype=out[k].dtype), out[k].shape).copy()
+    return out
+
+
+def add_ts_map_candidates(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background,
+                          bands: list[str] | None, min_score: float, candidate_ts: float = CANDIDATE_TS,
+                          exclude: tuple | None = None) -> dict:
+    """Likelihood selection's candidates: the network's peaks at ``min_score`` and the peaks of the Poisson TS map
+    (against ``background``, a power law of index 2.2 as test source) with ``TS >= candidate_ts`` that no such
+    network peak, nor any position of ``exclude`` (x, y), lies near (within the sharpest bin's PSF FWHM, at
+    least 2 px).
+
+    ``arrays`` holds the network's peaks down to :data:`WEAK_SCORE`: the weaker ones give a TS-map candidate
+    their probability (column ``score`` before the selection), class probabilities and extension when within that
+    distance, and are otherwise dropped; a TS-map candidate with none gets probability 0, equal class
+    probabilities and no extension. The sources a TS map alone would miss (blends the network splits) and those
+    the network misses (faint sources the background model makes significant) are then fitted together."""
+    from skyfm.catalog import likelihood
+
+    band_objs = [inst.band(b) for b in bands] if bands else list(inst.bands)
+    scale = pixel_scale or inst.pixel_scale_deg
+    kernels = _counts_kernels(band_objs, scale)
+    edges = np.array([[b.energy[0].to_value("keV"), b.energy[1].to_value("keV")] for b in band_objs])
+    weights = likelihood.powerlaw_band_weights(inst, TS_MAP_INDEX, edges)
+    counts = np.nan_to_num(np.asarray(data, dtype=np.float64))
+    ts, flux = likelihood.ts_map(counts, np.asarray(background, dtype=np.float64), kernels, band_weights=weights,
+                                 return_flux=True)
+    separation = max(2.0, min(b.psf.fwhm_deg for b in band_objs) / scale)
+    px, py, _ = likelihood.find_peaks(ts, candidate_ts, separation)
+    strong = np.asarray(arrays["score"]) >= min_score
+    net = {k: np.asarray(v)[strong] for k, v in arrays.items()}
+    weak = {k: np.asarray(v)[~strong] for k, v in arrays.items()}
+    ex_x, ex_y = net["x"], net["y"]
+    if exclude is not None:
+        ex_x, ex_y = np.concatenate([ex_x, exclude[0]]), np.concatenate([ex_y, exclude[1]])
+    if len(px) and len(ex_x):
+        d = np.hypot(px[:, None] - ex_x[None], py[:, None] - ex_y[None])
+        new = d.min(axis=1) > separation
+        px, py = px[new], py[new]
+    n = len(px)
+    if n == 0:
+        return net
+    k = np.asarray(arrays["class_prob"]).shape[1]
+    iy = np.clip(np.round(py).astype(int), 0, ts.shape[0] - 1)
+    ix = np.clip(np.round(px).astype(int), 0, ts.shape[1] - 1)
+    rows = _rows_like(arrays, n, x=px, y=py, score=0.0, pos_err=1.0, flux=flux[iy, ix], class_prob=1.0 / k,
+                      extension=0.0)
+    if len(weak["x"]):
+        d = np.hypot(px[:, None] - weak["x"][None], py[:, None] - weak["y"][None])
+        j = np.argmin(d, axis=1)
+        near = d[np.arange(n), j] <= separation
+        for key in ("score", "class_prob", "extension"):
+            rows[key][near] = weak[key][j[near]]
+    return {key: np.concatenate([net[key], rows[key]]) for key in net}
+
+
+def select_by_ts(arrays: dict, min_ts: float, separation: float) -> dict:
+    """Rows with fitted ``TS >= min_ts``, one per source: of two fits that converged within half ``separation``
+    the higher TS stays. Sorted by TS, highest first."""
+    from scipy.spatial import cKDTree
+
+    ts = np.nan_to_num(np.asarray(arrays["ts"], dtype=np.float64), nan=-np.inf)
+    keep = ts >= min_ts
+    order = np.argsort(-ts, kind="stable")
+    if keep.sum() > 1:
+        tree = cKDTree(np.stack([arrays["x"], arrays["y"]], axis=1))
+        for i in order:
+            if keep[i]:
+                for j in tree.query_ball_point([arrays["x"][i], arrays["y"][i]], 0.5 * separation):
+                    if j != i and ts[j] <= ts[i]:
+                        keep[j] = False
+    order = order[keep[order]]
+    return {k: np.asarray(v)[order] for k, v in arrays.items()}
+
+
 # ---------------------------------------------------------------------------------------------------- catalogs
 def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", meta: dict | None = None):
     import astropy.units as u
@@ -636,6 +759,10 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
                              "Reduced chi-square of the PSF fit over the source's fit box, the other detections "
                              "subtracted (about 1: a point source well fitted; NaN: no converged fit); the errors "
                              "of fitted rows grow with its square root")
+    if "net_score" in arrays:
+        extra["net_score"] = (np.asarray(arrays["net_score"], dtype=np.float32),
+                              "The network's heatmap probability at the source (0: a TS-map candidate the network "
+                              "did not see); with likelihood selection ``score`` is sqrt(TS)")
     if "ts" in arrays:
         extra["ts"] = arrays["ts"]
         extra["sqrt_ts"] = (np.sqrt(np.clip(arrays["ts"], 0, None)), "Significance sqrt(TS) of the likelihood fit")
@@ -649,7 +776,8 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
 
 def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_size: int | None = None,
                  overlap: int | None = None, refine: bool = True, batch_size: int | None = None, progress: bool = False,
-                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False):
+                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
+                 selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int = LIKELIHOOD_PASSES):
     """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
 
     Args:
@@ -660,6 +788,12 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
         precision, attention_window: how the network runs (:func:`inference_settings`): by default bf16 where
             the hardware has it natively, and the tiling of :func:`default_tiling`.
         drop_trails: CCD images: drop the detections on satellite trails (:func:`drop_trail_detections`).
+        selection: which detections the catalog keeps (:func:`resolve_selection`). ``"network"``: heatmap
+            probability >= ``min_score``. ``"likelihood"`` (counts cubes; the default when the patch carries a
+            background model, ``patch.background_image``): the network's peaks and the TS map's
+            (:func:`add_ts_map_candidates`), fitted together, kept at fitted ``TS >= min_ts``; ``score`` is then
+            sqrt(TS) and ``net_score`` the network's probability. ``passes`` > 1: look again, in the TS map of
+            the background plus the sources found, for sources beside them (:data:`LIKELIHOOD_PASSES`).
     """
     from skyfm.instruments import load_instrument
 
@@ -672,13 +806,46 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     if not np.isfinite(patch.data).all():
         patch = _finite_copy(patch)
     scale = _wcs_scale(patch.wcs)
+    background = getattr(patch, "background_image", None)
+    if resolve_selection(selection, inst, background, refine) == "likelihood":
+        return _detect_likelihood(patch, det, inst, head, scale, background, min_score, min_ts, passes=passes,
+                                  tile_size=tile_size, overlap=overlap, batch_size=batch_size, progress=progress,
+                                  precision=precision, attention_window=attention_window)
     arrays = detect_tiles(patch, inst, det, min_score=min_score, tile_size=tile_size, overlap=overlap,
                           batch_size=batch_size, progress=progress, pixel_scale=scale, precision=precision,
                           attention_window=attention_window, refine=refine, drop_trails=drop_trails)
     if inst.is_counts and refine:
-        arrays = refine_counts(arrays, patch.data, inst, scale, getattr(patch, "background_image", None),
-                               bands=list(patch.bands), head=head)
-    return _catalog(arrays, inst, patch.wcs, head, meta={"min_score": min_score})
+        arrays = refine_counts(arrays, patch.data, inst, scale, background, bands=list(patch.bands), head=head)
+    return _catalog(arrays, inst, patch.wcs, head, meta={"min_score": min_score, "selection": "network"})
+
+
+def _detect_likelihood(patch, det, inst, head, scale, background, min_score: float, min_ts: float,
+                       candidate_ts: float = CANDIDATE_TS, passes: int = LIKELIHOOD_PASSES, **tiling):
+    """detect_patch's likelihood selection (its docstring)."""
+    from skyfm.catalog import likelihood
+
+    bands = list(patch.bands)
+    kernels = _counts_kernels([inst.band(b) for b in bands], scale or inst.pixel_scale_deg)
+    if background is None:
+        background = likelihood.estimate_background(np.nan_to_num(patch.data.astype(np.float64)), kernels)
+    found = detect_tiles(patch, inst, det, min_score=min(WEAK_SCORE, min_score), pixel_scale=scale, **tiling)
+    weak = {k: np.asarray(v)[np.asarray(found["score"]) < min_score] for k, v in found.items()}
+    arrays = add_ts_map_candidates(found, patch.data, inst, scale, background, bands, min_score, candidate_ts)
+    arrays = refine_counts(arrays, patch.data, inst, scale, background, bands=bands, head=head)
+    separation = max(2.0, min(inst.band(b).psf.fwhm_deg for b in bands) / (scale or inst.pixel_scale_deg))
+    arrays = select_by_ts(arrays, min_ts, separation)
+    for _ in range(passes - 1):  # sources beside those found: in the TS map of the background plus them
+        model = likelihood.add_point_sources(background, kernels, arrays["x"], arrays["y"], arrays["flux_band"])
+        more = add_ts_map_candidates(weak, patch.data, inst, scale, model, bands, np.inf, candidate_ts,
+                                     exclude=(arrays["x"], arrays["y"]))
+        if len(more["x"]) == 0:
+            break
+        more = refine_counts(more, patch.data, inst, scale, model, bands=bands, head=head)
+        arrays = select_by_ts({k: np.concatenate([arrays[k], more[k]]) for k in arrays}, min_ts, separation)
+    arrays["net_score"] = arrays["score"]
+    arrays["score"] = np.sqrt(np.clip(arrays["ts"], 0, None))
+    return _catalog(arrays, inst, patch.wcs, head, score_kind="sqrt_ts",
+                    meta={"min_score": min_score, "selection": "likelihood", "min_ts": float(min_ts)})
 
 
 def default_min_score(det, head) -> float:
@@ -756,7 +923,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 min_score: float | None = None, plot: bool = False, associate=None, hdu=None,
                 tile_size: int | None = None, batch_size: int | None = None, progress: bool = True, refine: bool = True,
                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
-                background=None):
+                background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -766,7 +933,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
 
     ``background``: for a counts cube (not a HEALPix map), a FITS file with its background model
     (:func:`read_background_model`), which the Poisson likelihood refinement fits against instead of an estimate
-    from the counts (the detector's error scales were calibrated that way).
+    from the counts (the detector's error scales were calibrated that way); ``selection`` and ``min_ts`` as
+    :func:`detect_patch` (likelihood selection, the default with a model, on cubes up to 64 M voxels).
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -806,13 +974,21 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
 
                     patch = replace(patch, background_image=model)
                 table = detect_patch(patch, det, min_score, tile_size=tile_size, refine=refine,
-                                     drop_trails=drop_trails,
+                                     drop_trails=drop_trails, selection=selection, min_ts=min_ts,
                                      batch_size=batch_size, progress=progress, precision=precision,
                                      attention_window=attention_window)
                 patch_for_plot = patch
             else:
                 if image.masked_fraction() >= 1.0:
                     raise SkyfmError(f"{path}: every pixel is NaN, infinite or masked; there is no image to read")
+                if resolve_selection(selection, inst, model, refine) == "likelihood":
+                    if selection == "likelihood":  # the TS map is computed on the whole cube at once
+                        raise SkyfmError("likelihood selection is for counts cubes up to 64 M voxels; this one has "
+                                         f"{image.shape[0] * image.height * image.width / 1e6:.0f} M: choose "
+                                         "--selection network")
+                    warnings.warn("the cube is over 64 M voxels: detections are selected by the network's "
+                                  "probability (likelihood selection computes the TS map on the whole cube)",
+                                  stacklevel=2)
                 scale = image.pixel_scale_deg
                 arrays = detect_tiles(image, inst, det, min_score=min_score, tile_size=tile_size,
                                       batch_size=batch_size, progress=progress, pixel_scale=scale,

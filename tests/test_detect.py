@@ -295,15 +295,20 @@ def test_background_model_drives_the_counts_refinement(tmp_path, model_dir, caps
     denoised = tmp_path / "denoised.fits"
     fits.HDUList([fits.PrimaryHDU(np.zeros_like(p.data)),
                   fits.ImageHDU(p.background_image, name="BACKGROUND")]).writeto(denoised)
-    truth_bkg = detect_patch(p, model_dir, min_score=0.0101)  # the patch carries its true background
+    # the patch carries its true background; the network's selection, so that every run fits the same rows
+    truth_bkg = detect_patch(p, model_dir, min_score=0.0101, selection="network")
     tables = {}
     for name, extra in (("model", ["--background", str(model)]), ("denoised", ["--background", str(denoised)]),
-                        ("estimated", [])):
-        out = tmp_path / f"{name}.fits"
-        rc = main(["detect", str(src), "--model", str(model_dir), "--min-score", "0.0101", "--out", str(out)] + extra)
+                        ("estimated", []), ("model-ts", ["--background", str(model), "--selection", "auto"])):
+        out = tmp_path / f"cat-{name}.fits"  # not model.fits: that is the background model
+        sel = [] if name.endswith("-ts") else ["--selection", "network"]
+        rc = main(["detect", str(src), "--model", str(model_dir), "--min-score", "0.0101", "--out", str(out)]
+                  + extra + sel)
         assert rc == 0, capsys.readouterr().err
         tables[name] = read_catalog(out)
     assert len(truth_bkg) > 0
+    by_ts = tables["model-ts"]  # a background model: sources kept by TS (the default, auto)
+    assert 0 < len(by_ts) < len(tables["model"]) and np.all(np.asarray(by_ts["ts"]) >= 25.0)
     for name in ("model", "denoised"):
         np.testing.assert_allclose(np.asarray(tables[name]["ts"]), np.asarray(truth_bkg["ts"]), rtol=1e-4)
     assert not np.allclose(np.asarray(tables["estimated"]["ts"]), np.asarray(truth_bkg["ts"]), rtol=1e-2)
@@ -339,3 +344,89 @@ def test_detect_warns_on_a_denoised_input(tmp_path, model_dir, capsys):
     write_patch(simulate_patch("meerlicht", 7, size=64, scene="crowded"), observed)
     assert main(["detect", str(observed), "--model", str(model_dir), "--out", str(tmp_path / "o.ecsv")]) == 0
     assert "denoise output" not in capsys.readouterr().err
+
+
+def test_likelihood_selection_keeps_what_the_ts_map_finds(model_dir):
+    """With a background model a counts cube's sources are kept by fitted TS: an untrained network at a threshold
+    it never reaches still yields the bright sources, from the TS map's peaks; score is sqrt(TS)."""
+    from skyfm.baselines import tsmap_detect
+    from skyfm.catalog.match import match_catalogs
+    from skyfm.detect import detect_patch
+
+    p = simulate_patch("fermi-lat", 5, size=64, population="resampled")
+    cat = detect_patch(p, model_dir, min_score=0.999)  # no network peak reaches 0.999
+    assert cat.meta["selection"] == "likelihood" and cat.meta["score_kind"] == "sqrt_ts"
+    assert len(cat) > 0 and np.all(np.asarray(cat["ts"]) >= 25.0)
+    np.testing.assert_allclose(np.asarray(cat["score"]), np.sqrt(np.asarray(cat["ts"])))
+    assert np.all(np.asarray(cat["net_score"]) < 0.999)
+    ts = tsmap_detect(p, background="true")
+    ts = ts[np.asarray(ts["ts"]) >= 25.0]
+    d_idx, _, _ = match_catalogs(cat, ts, 3.0)
+    assert len(d_idx) >= 0.8 * len(ts) and abs(len(cat) - len(ts)) <= max(2, 0.2 * len(ts))
+    bright = np.asarray(p.truth["snr"]) >= 15
+    _, t_idx, _ = match_catalogs(cat, p.truth[bright], 3.0)
+    assert bright.sum() > 0 and len(t_idx) >= 0.8 * bright.sum()
+    twice = detect_patch(p, model_dir, min_score=0.999, passes=2)  # the second pass only adds sources
+    assert len(twice) >= len(cat) and np.all(np.asarray(twice["ts"]) >= 25.0)
+    net = detect_patch(p, model_dir, min_score=0.999, selection="network")
+    assert net.meta["selection"] == "network" and len(net) == 0 and "net_score" not in net.colnames
+
+
+def test_likelihood_selection_merges_candidates_and_refuses_what_it_cannot_do(model_dir):
+    from skyfm.detect import add_ts_map_candidates, detect_patch, resolve_selection, select_by_ts
+    from skyfm.errors import SkyfmError
+    from skyfm.instruments import load_instrument
+
+    fermi, ml = load_instrument("fermi-lat"), load_instrument("meerlicht")
+    assert resolve_selection("auto", fermi, np.zeros(1)) == "likelihood"
+    assert resolve_selection("auto", fermi, None) == "network"
+    assert resolve_selection("auto", ml, None) == "network"
+    for args in (("likelihood", ml, None), ("best", fermi, None)):
+        with pytest.raises(SkyfmError):
+            resolve_selection(*args)
+    p = simulate_patch("fermi-lat", 5, size=64, population="resampled")
+    assert resolve_selection("auto", fermi, np.zeros(1), refine=False) == "network"
+    with pytest.raises(SkyfmError, match="refinement"):
+        detect_patch(p, model_dir, refine=False, selection="likelihood")
+    ml_patch = simulate_patch("meerlicht", 1, size=32)
+    with pytest.raises(SkyfmError, match="counts cubes"):
+        detect_patch(ml_patch, model_dir, selection="likelihood")
+    # one duplicate pair within half the separation: the higher TS stays; TS < 25 goes
+    arrays = {"x": np.array([10.0, 10.5, 30.0, 50.0]), "y": np.array([10.0, 10.0, 30.0, 50.0]),
+              "ts": np.array([40.0, 90.0, 24.0, 30.0]), "score": np.array([0.9, 0.1, 0.8, 0.0])}
+    kept = select_by_ts(arrays, 25.0, separation=2.0)
+    np.testing.assert_array_equal(kept["ts"], [90.0, 30.0])
+    # a TS-map peak next to a weak network peak takes its probability and class; a strong network peak stays alone
+    truth = p.truth[np.argsort(-np.asarray(p.truth["snr"]))]
+    x0, y0 = float(truth["x"][0]), float(truth["y"][0])
+    x1, y1 = float(truth["x"][1]), float(truth["y"][1])
+    net = {"x": np.array([x0, x1 + 0.5]), "y": np.array([y0, y1]), "score": np.array([0.9, 0.2]),
+           "class_prob": np.array([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]]), "extension": np.array([0.0, 0.05]),
+           "pos_err": np.ones(2), "flux": np.full(2, 50.0), "fit": np.zeros(2, dtype=np.int8)}
+    out = add_ts_map_candidates(net, p.data, fermi, None, p.background_image, list(p.bands), min_score=0.5)
+    assert out["score"][0] == 0.9 and out["x"][0] == x0  # the strong network peak, first
+    assert not np.any(np.hypot(out["x"][1:] - x0, out["y"][1:] - y0) < 2.0)  # no TS-map duplicate of it
+    j = np.argmin(np.hypot(out["x"] - x1, out["y"] - y1))
+    assert np.hypot(out["x"][j] - x1, out["y"][j] - y1) < 2.0 and out["score"][j] == 0.2
+    np.testing.assert_allclose(out["class_prob"][j], [0.6, 0.3, 0.1])
+    others = np.ones(len(out["x"]), bool)
+    others[[0, j]] = False
+    np.testing.assert_allclose(out["class_prob"][others], 1.0 / 3)
+    assert np.all(out["score"][others] == 0) and out["fit"].dtype == np.int8
+
+
+def test_point_sources_added_to_a_background_hold_their_counts():
+    from skyfm.catalog.likelihood import add_point_sources
+    from skyfm.detect import _counts_kernels
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("fermi-lat")
+    kernels = _counts_kernels(list(inst.bands)[:2], inst.pixel_scale_deg)
+    bkg = np.full((2, 96, 96), 0.5)  # the sources' kernels (up to 24 px) inside the image
+    out = add_point_sources(bkg, kernels, [47.3, 60.0, np.nan], [48.7, 40.0, 5.0], [[100.0, 50.0], [0.0, 10.0],
+                                                                                     [5.0, 5.0]])
+    assert np.all(bkg == 0.5)  # a copy
+    held = [k.sum() for k in kernels]  # the fraction of the PSF each kernel holds
+    np.testing.assert_allclose((out - bkg).sum(axis=(1, 2)), [100.0 * held[0], 50.0 * held[1] + 10.0 * held[1]],
+                               rtol=1e-3)
+    assert np.unravel_index(np.argmax(out[0]), (96, 96)) in ((49, 47), (48, 47))

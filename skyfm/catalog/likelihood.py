@@ -710,6 +710,26 @@ def fit_point_sources(counts, background, psf_kernels, x0, y0, flux0=None, *, ba
         }
 
 
+def add_point_sources(image, psf_kernels, x, y, flux_band) -> np.ndarray:
+    """``image`` (C, H, W) plus the PSF images of point sources at ``x``, ``y`` with counts ``flux_band`` (N, C):
+    a copy (e.g. the background and the sources found so far, to look for more in what is left)."""
+    out = np.array(image, dtype=np.float64, copy=True)
+    c_bins, h, w = out.shape
+    tables = psf_tables(psf_kernels)
+    flux_band = np.asarray(flux_band, dtype=np.float64).reshape(len(x), c_bins)
+    for c, table in enumerate(tables):
+        r = table.radius
+        for xs, ys, a in zip(x, y, flux_band[:, c]):
+            if not (np.isfinite(xs) and np.isfinite(ys) and np.isfinite(a)) or a <= 0:
+                continue
+            ix, iy = int(np.floor(xs + 0.5)), int(np.floor(ys + 0.5))
+            y0, y1, x0, x1 = max(iy - r, 0), min(iy + r + 1, h), max(ix - r, 0), min(ix + r + 1, w)
+            if y1 > y0 and x1 > x0:
+                st = table.stamp(xs - ix, ys - iy) * a
+                out[c, y0:y1, x0:x1] += st[y0 - (iy - r):y1 - (iy - r), x0 - (ix - r):x1 - (ix - r)]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Background without a model
 # ----------------------------------------------------------------------------------------------------------------

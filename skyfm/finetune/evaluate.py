@@ -120,7 +120,7 @@ def evaluate(detector, config, n: int = 24, size: int = 64, min_score: float | N
         per = {th: [] for th in ths}
         scenes = []
         for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset):
-            cat = detect_patch(p, det, ths[0], refine=refine)
+            cat = detect_patch(p, det, ths[0], refine=refine, selection="network")  # sweeps over the probability
             scenes.append(str(p.meta.get("scene") or p.meta.get("population") or "patch"))
             for th in ths:
                 per[th].append(score_patch(cat[np.asarray(cat["score"]) >= th], p, inst))

@@ -385,8 +385,8 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
         th = default_min_score(det, head) if min_score is None else float(min_score)
         net, fit = [], []
         for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset):
-            net.append(matched_errors(detect_patch(p, det, th, refine=False), p, inst))
-            fit.append(matched_errors(detect_patch(p, det, th, refine=True), p, inst))
+            net.append(matched_errors(detect_patch(p, det, th, refine=False, selection="network"), p, inst))
+            fit.append(matched_errors(detect_patch(p, det, th, refine=True, selection="network"), p, inst))
         res = {"min_score": th, "n_patches": n, "size": size, "seeds": f"{VAL_SEED_BASE} + {seed_offset} + i",
                "weighting": "scene-balanced" if balance_scenes else "pooled"}
         m = _concat(net)

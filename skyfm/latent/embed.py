@@ -443,7 +443,7 @@ class Embedder:
                        "(skyfm.detect is not installed)")
         if detector is None:
             return None
-        table = detect_patch(patch, detector=detector, min_score=self.min_score)
+        table = detect_patch(patch, detector=detector, min_score=self.min_score, selection="network")
         if table is None or len(table) == 0:
             return SourceList(np.zeros(0), np.zeros(0), "detector")
         return sources_from_table(table, None, "detector", "the detector's catalog")
