@@ -351,7 +351,7 @@ def _fit_pos_errors(m: dict, head, out: dict, balance_scenes: bool = False) -> N
 
 def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 128, seed_offset: int = 0,
                      instruments: list[str] | None = None, min_score: float | None = None,
-                     balance_scenes: bool = False) -> dict:
+                     balance_scenes: bool = False, selection: str = "network") -> dict:
     """Per instrument, the error scales of the module docstring, chosen on ``n`` validation patches.
 
     The patches carry the detector's current scales; the factors returned are the new scales (current times the
@@ -363,7 +363,9 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
 
     The fits' errors (counts and CCD alike) get a scale and a floor chosen on their statistical part: the
     catalog's errors with the current scale and floor taken out (:func:`_fit_flux_errors`, :func:`_fit_pos_errors`),
-    so they do not depend on what the detector carried before.
+    so they do not depend on what the detector carried before. ``selection``: which rows the refined catalogs keep
+    (:func:`skyfm.detect.detect_patch`; ``"auto"`` selects counts-cube rows by their TS, the patches carrying
+    their true background).
     """
     from skyfm.detect import default_min_score, detect_patch, get_detector
     from skyfm.finetune.config import load_finetune_config
@@ -386,9 +388,9 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
         net, fit = [], []
         for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset):
             net.append(matched_errors(detect_patch(p, det, th, refine=False, selection="network"), p, inst))
-            fit.append(matched_errors(detect_patch(p, det, th, refine=True, selection="network"), p, inst))
+            fit.append(matched_errors(detect_patch(p, det, th, refine=True, selection=selection), p, inst))
         res = {"min_score": th, "n_patches": n, "size": size, "seeds": f"{VAL_SEED_BASE} + {seed_offset} + i",
-               "weighting": "scene-balanced" if balance_scenes else "pooled"}
+               "weighting": "scene-balanced" if balance_scenes else "pooled", "selection": selection}
         m = _concat(net)
         _factors(m, np.ones(len(m.get("flux", [])), dtype=bool), "", current, res, balance_scenes)
         mf = _concat(fit)  # the refined rows: likelihood fit (counts) or PSF fit (CCD point sources)
@@ -450,6 +452,9 @@ def main() -> None:
     parser.add_argument("--instrument", action="append", default=None)
     parser.add_argument("--balance-scenes", action="store_true",
                         help="weight every scene alike instead of pooling the matches")
+    parser.add_argument("--selection", choices=["network", "auto"], default="network",
+                        help="rows of the refined catalogs: the network's (default) or, with auto, counts-cube rows "
+                             "selected by their likelihood TS (skyfm detect --background)")
     parser.add_argument("--out", default=None, help="also write the calibration JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the factors, write nothing")
     args = parser.parse_args()
@@ -461,7 +466,8 @@ def main() -> None:
     torch.set_num_threads(1)
     target = Path(args.model_dir if args.model_dir is not None else args.target)
     res = calibrate_errors(target, args.config, n=args.n, size=args.size, seed_offset=args.seed_offset,
-                           instruments=args.instrument, balance_scenes=args.balance_scenes)
+                           instruments=args.instrument, balance_scenes=args.balance_scenes,
+                           selection=args.selection)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
