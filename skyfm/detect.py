@@ -21,7 +21,8 @@ How:
    (:func:`refine_ccd_tile`).
 4. **Counts cubes.** Each detection is refined by a Poisson likelihood fit with the instrument PSF per energy bin
    against the expected background (the simulator's when known, else
-   :func:`skyfm.catalog.likelihood.estimate_background`): position, flux per bin, and TS; the physical photon flux
+   :func:`skyfm.catalog.likelihood.estimate_background` with the detections masked): position, flux per bin, and
+   TS; the physical photon flux
    ``flux_phys`` (ph cm-2 s-1) is the sum over bins of counts / exposure (as the simulator defines it).
    With a background model (``--background``) the likelihood also selects (``selection="likelihood"``): the TS
    map's peaks join the network's, all are fitted together, and the catalog keeps fitted TS >= 25
@@ -582,12 +583,14 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
 
 # --------------------------------------------------------------------------------------------- counts refinement
 def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background=None,
-                  bands: list[str] | None = None, head=None) -> dict:
+                  bands: list[str] | None = None, head=None, estimated: bool | None = None) -> dict:
     """Poisson likelihood refinement of counts-cube detections: position, flux per bin, TS, physical flux.
 
     The fit's flux and position errors are multiplied by the head's ``fit_flux_err_scale`` and
     ``fit_pos_err_scale``, and its ``fit_flux_err_floor`` (a relative error) and ``fit_pos_err_floor`` (pixels)
-    are added in quadrature (calibrated on validation patches; 1.0 and 0 without a head)."""
+    are added in quadrature (calibrated on validation patches; 1.0 and 0 without a head); against a background
+    ``estimated`` from the counts (default: when ``background`` is None) the ``_estbg`` scales and floor where the
+    head has them."""
     from skyfm.catalog import likelihood
     from skyfm.heads.flux import flux_phys
 
@@ -597,12 +600,13 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
         return arrays
     band_objs = [inst.band(b) for b in bands] if bands else list(inst.bands)
     kernels = _counts_kernels(band_objs, pixel_scale or inst.pixel_scale_deg)
-    if background is None:
-        background = likelihood.estimate_background(data, kernels)
+    estimated = background is None if estimated is None else estimated
+    if background is None:  # the detections masked: their own wings would otherwise count as background
+        background = likelihood.estimate_background(data, kernels, sources=(arrays["x"], arrays["y"]))
     tables = likelihood.psf_tables(kernels)  # cached by kernel: built once per instrument and pixel scale
     fit = likelihood.fit_point_sources(data, background, tables, arrays["x"], arrays["y"], arrays["flux"])
-    flux_scale, pos_scale = head.error_scales(fit=True) if head is not None else (1.0, 1.0)
-    flux_floor, pos_floor = head.error_floors() if head is not None else (0.0, 0.0)
+    flux_scale, pos_scale = head.error_scales(fit=True, estimated=estimated) if head is not None else (1.0, 1.0)
+    flux_floor, pos_floor = head.error_floors(estimated) if head is not None else (0.0, 0.0)
     moved = np.hypot(fit["x"] - arrays["x"], fit["y"] - arrays["y"])
     ok = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (moved < 3.0)
     for key in ("x", "y"):
@@ -826,12 +830,15 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
 
     bands = list(patch.bands)
     kernels = _counts_kernels([inst.band(b) for b in bands], scale or inst.pixel_scale_deg)
-    if background is None:
-        background = likelihood.estimate_background(np.nan_to_num(patch.data.astype(np.float64)), kernels)
+    estimated = background is None
+    counts = np.nan_to_num(patch.data.astype(np.float64))
     found = detect_tiles(patch, inst, det, min_score=min(WEAK_SCORE, min_score), pixel_scale=scale, **tiling)
     weak = {k: np.asarray(v)[np.asarray(found["score"]) < min_score] for k, v in found.items()}
-    arrays = add_ts_map_candidates(found, patch.data, inst, scale, background, bands, min_score, candidate_ts)
-    arrays = refine_counts(arrays, patch.data, inst, scale, background, bands=bands, head=head)
+    search = likelihood.estimate_background(counts, kernels) if estimated else background
+    arrays = add_ts_map_candidates(found, patch.data, inst, scale, search, bands, min_score, candidate_ts)
+    if estimated:  # to find sources the estimate keeps them in (a high-pass filter); to fit them it leaves them out
+        background = likelihood.estimate_background(counts, kernels, sources=(arrays["x"], arrays["y"]))
+    arrays = refine_counts(arrays, patch.data, inst, scale, background, bands=bands, head=head, estimated=estimated)
     separation = max(2.0, min(inst.band(b).psf.fwhm_deg for b in bands) / (scale or inst.pixel_scale_deg))
     arrays = select_by_ts(arrays, min_ts, separation)
     for _ in range(passes - 1):  # sources beside those found: in the TS map of the background plus them
@@ -840,7 +847,7 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
                                      exclude=(arrays["x"], arrays["y"]))
         if len(more["x"]) == 0:
             break
-        more = refine_counts(more, patch.data, inst, scale, model, bands=bands, head=head)
+        more = refine_counts(more, patch.data, inst, scale, model, bands=bands, head=head, estimated=estimated)
         arrays = select_by_ts({k: np.concatenate([arrays[k], more[k]]) for k in arrays}, min_ts, separation)
     arrays["net_score"] = arrays["score"]
     arrays["score"] = np.sqrt(np.clip(arrays["ts"], 0, None))

@@ -215,6 +215,23 @@ def test_estimate_background_of_a_flat_field_with_a_source():
         assert np.all(np.abs(far - 1) < 0.1), (kw, far)
 
 
+def test_known_sources_are_left_out_of_the_estimated_background():
+    """Under a bright source the plain estimate (a high-pass filter) holds much of the source; with the source's
+    position given it stays near the true background, and a fit against it recovers the flux."""
+    inst = load_instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    rng = np.random.default_rng(3)
+    n, b = _inject(inst, 40.0, 40.0, 3000.0, [5.0, 2.0, 0.5, 0.2, 0.05, 0.02], (80, 80), rng)
+    plain = lk.estimate_background(n, kernels)
+    masked = lk.estimate_background(n, kernels, sources=([40.0], [40.0]))
+    at = (slice(0, 3), slice(37, 44), slice(37, 44))
+    assert plain[at].sum() > 2.0 * b[at].sum()  # the low bins' wide PSF: the source more than doubles it
+    assert abs(masked[at].sum() / b[at].sum() - 1) < 0.15  # its far wings (beyond 2 r68) still count
+    fits = {name: lk.fit_point_sources(n, bg, kernels, [40.0], [40.0])["flux"][0]
+            for name, bg in (("plain", plain), ("masked", masked), ("true", b))}
+    assert fits["plain"] < 0.6 * 3000.0 and fits["masked"] > 0.85 * 3000.0 and fits["true"] > 0.9 * 3000.0
+
+
 def test_detection_metrics_counts_faint_matches_as_neither():
     truth = Table({"x": [10.0, 20.0, 30.0, 40.0], "y": [10.0, 20.0, 30.0, 40.0], "snr": [50.0, 8.0, 3.0, 6.0],
                    "flux": [100.0, 50.0, 10.0, 40.0]})

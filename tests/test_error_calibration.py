@@ -228,7 +228,8 @@ def test_fit_errors_are_chosen_on_their_statistical_part(model_dir):
     sep = np.hypot(*rng.normal(0, np.hypot(1.5 * pos_stat, 0.02), (2, n)))
     answers = []
     for scale, floor in ((1.0, 0.0), (3.0, 0.3)):  # what the catalogs carried
-        carried = SimpleNamespace(error_scales=lambda fit=True, s=scale: (s, s), error_floors=lambda f=floor: (f, f / 10))
+        carried = SimpleNamespace(error_scales=lambda fit=True, estimated=False, s=scale: (s, s),
+                                  error_floors=lambda estimated=False, f=floor: (f, f / 10))
         m = {"flux": flux, "flux_err": np.hypot(scale * stat, floor * flux), "true_flux": true, "sep": sep,
              "pos_err": np.hypot(scale * pos_stat, floor / 10), "fit": np.ones(n, bool), "fit_pos": np.ones(n, bool),
              "scene": np.full(n, "field", dtype=object)}
@@ -282,3 +283,37 @@ def test_ccd_fit_errors_grow_with_the_square_root_of_chi2(monkeypatch):
     assert both.any()
     np.testing.assert_allclose(w["flux_err"][both], np.sqrt(np.maximum(chi2[both], 1.0)) * q["flux_err"][both],
                                rtol=1e-5)
+
+
+def test_a_background_estimated_from_the_counts_has_its_own_fit_scales(model_dir, tmp_path):
+    """The _estbg scales and floor apply to the fit against an estimated background only; unset, the model's."""
+    import shutil
+    from dataclasses import replace
+
+    from skyfm.detect import detect_patch
+
+    p = simulate_patch("fermi-lat", 3, size=48, population="real", center=(20.0, 0.5))
+    blind = replace(p, background_image=None)
+    det = SourceDetector.from_pretrained(model_dir)
+    head = det.head_config("fermi-lat")
+    assert head.error_scales(fit=True, estimated=True) == (1.0, 1.0) and head.error_floors(True) == (0.0, 0.0)
+    base_est = _rows(detect_patch(blind, det, min_score=0.0101))
+    base_model = _rows(detect_patch(p, det, min_score=0.0101, selection="network"))
+    head.fit_flux_err_scale = 2.0  # the estimate falls back to the model's scale while it has none of its own
+    assert head.error_scales(fit=True, estimated=True) == (2.0, 1.0)
+    head.fit_flux_err_scale_estbg, head.fit_pos_err_scale_estbg, head.fit_flux_err_floor_estbg = 3.0, 4.0, 0.1
+    assert head.error_scales(fit=True, estimated=True) == (3.0, 4.0) and head.error_floors(True) == (0.1, 0.0)
+    est = _rows(detect_patch(blind, det, min_score=0.0101))
+    model = _rows(detect_patch(p, det, min_score=0.0101, selection="network"))
+    fitted = np.isfinite(base_est["ts"])
+    assert fitted.any()
+    np.testing.assert_allclose(est["flux_err"][fitted], np.hypot(3.0 * base_est["flux_err"][fitted],
+                                                                 0.1 * np.abs(base_est["flux"][fitted])), rtol=1e-6)
+    fitted_m = np.isfinite(base_model["ts"])
+    np.testing.assert_allclose(model["flux_err"][fitted_m], 2.0 * base_model["flux_err"][fitted_m], rtol=1e-6)
+    d = tmp_path / "det"
+    shutil.copytree(model_dir, d)
+    ship.write_error_scales(d, {"fermi-lat": {"fit_flux_err_scale_estbg": 2.5, "fit_flux_err_floor_estbg": 0.05}})
+    written = SourceDetector.from_pretrained(d).head_config("fermi-lat")
+    assert (written.fit_flux_err_scale_estbg, written.fit_flux_err_floor_estbg) == (2.5, 0.05)
+    assert written.fit_pos_err_scale_estbg is None and written.error_scales(fit=True, estimated=True) == (2.5, 1.0)

@@ -18,8 +18,10 @@ them; a crowded cluster (hundreds of matched stars a patch) then weighs most, an
 differ the factor depends on how many clusters a seed range draws (``--balance-scenes`` weights every scene alike
 instead, :func:`scene_weights`; with a handful of matches in a field scene that is noisier). The rows a fit refined
 (the likelihood fit of counts cubes, the PSF fit of CCD point sources) get their own scales and floors, since
-their errors replace the network's (:func:`_fit_flux_errors`, :func:`_fit_pos_errors`). They are written into
-``heads.<instrument>`` of the detector's ``config.json`` and applied in :mod:`skyfm.detect`.
+their errors replace the network's (:func:`_fit_flux_errors`, :func:`_fit_pos_errors`); on counts cubes twice,
+against the true background (what a user's model stands for) and against one estimated from the counts (the
+``_estbg`` keys: that estimate's own error is then part of the fit's, :func:`_estimated_background_errors`). They
+are written into ``heads.<instrument>`` of the detector's ``config.json`` and applied in :mod:`skyfm.detect`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,9 @@ MEDIAN_2D = math.sqrt(2.0 * math.log(2.0))  # 1.1774: median radius of a circula
 MIN_MATCHES = 20  # fewer matched sources than this: the factor is too noisy, keep 1.0 (and say so)
 SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale")
 FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor")  # the fits' systematic errors, added in quadrature
+# counts cubes fitted against a background estimated from the counts (no model): their own scales and floor
+ESTBG_SCALE_KEYS = ("fit_flux_err_scale_estbg", "fit_pos_err_scale_estbg")
+ESTBG_FLOOR_KEYS = ("fit_flux_err_floor_estbg",)
 
 
 def ship(model_dir: str | Path, target: str | Path = DEFAULT_MODEL_DIR, notes: str | Path | None = None,
@@ -295,21 +301,23 @@ def _stat_errors(err, floor_term, scale: float) -> np.ndarray:
     return np.sqrt(np.maximum(np.asarray(err) ** 2 - np.asarray(floor_term) ** 2, 0.0)) / scale
 
 
-def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = False) -> None:
+def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = False, estimated: bool = False) -> None:
     """out[fit_flux_err_scale], out[fit_flux_err_floor] (the likelihood fit of counts cubes, the PSF fit of CCD
     point sources) from the matches ``m[select]``, by :func:`flux_err_scale_and_floor` on the fit's own errors
     (the catalog's with the current scale and floor taken out, so the answer does not depend on them); also the
-    coverage before / after, overall and in the fainter and brighter half."""
+    coverage before / after, overall and in the fainter and brighter half. ``estimated``: the rows were fitted
+    against a background estimated from the counts (the head's ``_estbg`` scale and floor are theirs)."""
+    scale_now = head.error_scales(fit=True, estimated=estimated)[0]
+    floor_now = head.error_floors(estimated)[0]
     n = int(np.sum(select)) if len(m) else 0
     out["fit_n_matched"] = n
     if n < MIN_MATCHES:
-        out["fit_flux_err_scale"], out["fit_flux_err_floor"] = head.error_scales(fit=True)[0], head.error_floors()[0]
+        out["fit_flux_err_scale"], out["fit_flux_err_floor"] = scale_now, floor_now
         out.setdefault("notes", []).append(f"fit flux errors: {n} matched fitted sources (< {MIN_MATCHES}), kept")
         return
     sc = m["scene"][select]
     w = scene_weights(sc) if balance_scenes else None
     f, e, t = m["flux"][select], m["flux_err"][select], m["true_flux"][select]
-    scale_now, floor_now = head.error_scales(fit=True)[0], head.error_floors()[0]
     stat = _stat_errors(e, floor_now * f, scale_now)
     k, r = flux_err_scale_and_floor(f, stat, t, weights=w)
     new = np.hypot(k * stat, r * np.abs(f))
@@ -385,10 +393,13 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
         head = det.head_config(name)
         current = {k: float(getattr(head, k)) for k in SCALE_KEYS}
         th = default_min_score(det, head) if min_score is None else float(min_score)
-        net, fit = [], []
+        net, fit, est = [], [], []
         for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset):
             net.append(matched_errors(detect_patch(p, det, th, refine=False, selection="network"), p, inst))
             fit.append(matched_errors(detect_patch(p, det, th, refine=True, selection=selection), p, inst))
+            if inst.is_counts:  # and against a background estimated from the counts, as without a model
+                cat = detect_patch(replace(p, background_image=None), det, th, refine=True, selection="network")
+                est.append(matched_errors(cat, p, inst))
         res = {"min_score": th, "n_patches": n, "size": size, "seeds": f"{VAL_SEED_BASE} + {seed_offset} + i",
                "weighting": "scene-balanced" if balance_scenes else "pooled", "selection": selection}
         m = _concat(net)
@@ -400,8 +411,23 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
         else:
             _fit_pos_errors(mf, head, res, balance_scenes)
         _fit_flux_errors(mf, fitted, head, res, balance_scenes)
+        if inst.is_counts:
+            res.update(_estimated_background_errors(_concat(est), head, balance_scenes))
         results[name] = res
     return results
+
+
+def _estimated_background_errors(m: dict, head, balance_scenes: bool = False) -> dict:
+    """The ``_estbg`` scales and floor (and their coverage numbers, ``estbg_...``) from the fitted rows of counts
+    cubes whose background was estimated from the counts."""
+    fitted = m["fit"] if m else np.zeros(0, bool)
+    flux_scale, pos_scale = head.error_scales(fit=True, estimated=True)
+    sub: dict = {}
+    _factors(m, fitted, "fit_", {"fit_flux_err_scale": flux_scale, "fit_pos_err_scale": pos_scale}, sub,
+             balance_scenes)
+    _fit_flux_errors(m, fitted, head, sub, balance_scenes, estimated=True)
+    keys = ("fit_flux_err_scale", "fit_pos_err_scale", "fit_flux_err_floor")
+    return {(f"{k}_estbg" if k in keys else f"estbg_{k}"): v for k, v in sub.items()}
 
 
 def write_error_scales(model_dir, scales: dict) -> Path:
@@ -416,13 +442,13 @@ def write_error_scales(model_dir, scales: dict) -> Path:
     for name, res in scales.items():
         if name not in heads:
             raise SkyfmError(f"{path}: no head for instrument {name!r} (heads: {', '.join(heads)})")
-        for key in SCALE_KEYS:
+        for key in SCALE_KEYS + ESTBG_SCALE_KEYS:
             if key in res:
                 v = float(res[key])
                 if not (v > 0 and math.isfinite(v)):
                     raise SkyfmError(f"{name}: {key} should be a positive number, got {v}")
                 heads[name][key] = round(v, 4)
-        for key in FLOOR_KEYS:
+        for key in FLOOR_KEYS + ESTBG_FLOOR_KEYS:
             if key in res:
                 v = float(res[key])
                 if not (v >= 0 and math.isfinite(v)):

@@ -46,6 +46,9 @@ class InstrumentHeadConfig:
             ones on CCD images (:func:`skyfm.detect.refine_ccd_tile`): a fraction of the flux, and native pixels.
             Crowding, the PSF model and the background add an error that does not shrink with the SNR, so a floor
             (not a factor) is what makes bright and faint sources' errors honest together.
+        fit_flux_err_scale_estbg, fit_flux_err_floor_estbg, fit_pos_err_scale_estbg: counts cubes whose background
+            was estimated from the counts (no model given): the fit's errors then also carry the estimate's, so
+            they get their own scales and floor (None: those of a fit against a model).
         psf_fit: whether CCD detections of this instrument are refined by the PSF fit (chosen on validation
             seeds: it is off where it made positions worse, as on the undersampled, crowded Hubble scenes).
     """
@@ -64,6 +67,9 @@ class InstrumentHeadConfig:
     fit_pos_err_scale: float = 1.0
     fit_flux_err_floor: float = 0.0
     fit_pos_err_floor: float = 0.0
+    fit_flux_err_scale_estbg: float | None = None
+    fit_flux_err_floor_estbg: float | None = None
+    fit_pos_err_scale_estbg: float | None = None
     psf_fit: bool = True
 
     def _number(self, name: str, default: float, allow_zero: bool) -> float:
@@ -78,17 +84,24 @@ class InstrumentHeadConfig:
             raise SkyfmError(f"head {self.name}: {name} should be {need}, got {raw!r}")
         return v
 
-    def error_floors(self) -> tuple[float, float]:
+    def _fit_key(self, key: str, estimated: bool) -> str:
+        """``key`` or, for a fit against an estimated background, its ``_estbg`` twin when that is set."""
+        return f"{key}_estbg" if estimated and getattr(self, f"{key}_estbg", None) is not None else key
+
+    def error_floors(self, estimated: bool = False) -> tuple[float, float]:
         """(relative flux, position in pixels) floors of the fit's errors (the PSF fit of CCD images, the likelihood
-        fit of counts cubes), added in quadrature."""
-        return (self._number("fit_flux_err_floor", 0.0, allow_zero=True),
+        fit of counts cubes), added in quadrature; ``estimated``: a counts cube's background estimated from it."""
+        return (self._number(self._fit_key("fit_flux_err_floor", estimated), 0.0, allow_zero=True),
                 self._number("fit_pos_err_floor", 0.0, allow_zero=True))
 
-    def error_scales(self, fit: bool = False) -> tuple[float, float]:
-        """(flux_err, pos_err) multipliers: those of the network's errors, or with ``fit`` of the likelihood fit's."""
-        prefix = "fit_" if fit else ""
-        return (self._number(f"{prefix}flux_err_scale", 1.0, allow_zero=False),
-                self._number(f"{prefix}pos_err_scale", 1.0, allow_zero=False))
+    def error_scales(self, fit: bool = False, estimated: bool = False) -> tuple[float, float]:
+        """(flux_err, pos_err) multipliers: those of the network's errors, or with ``fit`` of the likelihood fit's
+        (against a background model, or with ``estimated`` one estimated from the counts)."""
+        if not fit:
+            return (self._number("flux_err_scale", 1.0, allow_zero=False),
+                    self._number("pos_err_scale", 1.0, allow_zero=False))
+        return (self._number(self._fit_key("fit_flux_err_scale", estimated), 1.0, allow_zero=False),
+                self._number(self._fit_key("fit_pos_err_scale", estimated), 1.0, allow_zero=False))
 
     @property
     def n_bands(self) -> int:
