@@ -20,15 +20,14 @@ How:
    fluxes (:func:`add_saturated_stars`); the PSF fit refines positions and point-source fluxes
    (:func:`refine_ccd_tile`).
 4. **Counts cubes.** Each detection is refined by a Poisson likelihood fit with the instrument PSF per energy bin
-   against the expected background (the simulator's when known, else
-   :func:`skyfm.catalog.likelihood.estimate_background` with the detections masked): position, flux per bin, and
-   TS; the physical photon flux
-   ``flux_phys`` (ph cm-2 s-1) is the sum over bins of counts / exposure (as the simulator defines it).
-   With a background model (``--background``) the likelihood also selects (``selection="likelihood"``): the TS
-   map's peaks join the network's, all are fitted together, and the catalog keeps fitted TS >= 25
-   (:func:`add_ts_map_candidates`, :func:`select_by_ts`). Against a known background the Poisson TS is the
-   test a point source cannot beat, and on validation skies it kept what the TS map finds while the network's
-   peaks split the blends the TS map merges.
+   against the expected background (the simulator's or the user's model when given, else estimated from the
+   counts, :func:`refine_counts`): position, flux per bin, and TS; the physical photon flux ``flux_phys``
+   (ph cm-2 s-1) is the sum over bins of counts / exposure (as the simulator defines it). With a background model
+   (``--background``) the likelihood also selects (``selection="likelihood"``): the TS map's peaks join the
+   network's, all are fitted together, and the catalog keeps fitted TS >= 25 (:func:`add_ts_map_candidates`,
+   :func:`select_by_ts`). Against a known background the likelihood-ratio test is close to the best a point-source
+   detector can do, and the network, which never sees the model, did not beat it on validation skies; together
+   they keep what the TS map finds, and the network's peaks split blends the TS map merges.
 5. **Catalog** via :func:`skyfm.catalog.build_catalog`: x, y, sky coordinates, pos_err, flux, flux_err, score (the
    heatmap probability; 1 for saturated stars the saturation rule added; sqrt(TS) with likelihood selection, the
    probability then in ``net_score``), class + class_prob, extension, flux_band (+ ts, sqrt_ts, flux_phys for

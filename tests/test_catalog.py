@@ -215,6 +215,15 @@ def test_estimate_background_of_a_flat_field_with_a_source():
         assert np.all(np.abs(far - 1) < 0.1), (kw, far)
 
 
+def test_power_law_weights_of_a_subset_of_bins_use_those_bins_exposures():
+    inst = load_instrument("fermi-lat")
+    kev = np.array([[b.energy[0].to_value("keV"), b.energy[1].to_value("keV")] for b in inst.bands])
+    full = lk.powerlaw_band_weights(inst, 2.2)
+    np.testing.assert_allclose(lk.powerlaw_band_weights(inst, 2.2, kev), full)
+    sub = lk.powerlaw_band_weights(inst, 2.2, kev[2:5])
+    np.testing.assert_allclose(sub, full[2:5] / full[2:5].sum())
+
+
 def test_known_sources_are_left_out_of_the_estimated_background():
     """Under a bright source the plain estimate (a high-pass filter) holds much of the source; with the source's
     position given it stays near the true background, and a fit against it recovers the flux."""

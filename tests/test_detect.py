@@ -430,3 +430,23 @@ def test_point_sources_added_to_a_background_hold_their_counts():
     np.testing.assert_allclose((out - bkg).sum(axis=(1, 2)), [100.0 * held[0], 50.0 * held[1] + 10.0 * held[1]],
                                rtol=1e-3)
     assert np.unravel_index(np.argmax(out[0]), (96, 96)) in ((49, 47), (48, 47))
+
+
+def test_detect_cli_selection_errors_are_one_line(tmp_path, model_dir, capsys):
+    ml = write_patch(simulate_patch("meerlicht", 1, size=32), tmp_path / "ml.fits")
+    cube = write_patch(simulate_patch("fermi-lat", 3, size=32, population="resampled"), tmp_path / "cube.fits")
+    for image, extra, words in ((ml, ["--selection", "likelihood"], "for counts cubes"),
+                                (cube, ["--selection", "likelihood", "--no-refine"], "refinement"),
+                                (cube, ["--selection", "best"], "best")):
+        out = tmp_path / "bad.fits"
+        rc = main(["detect", str(image), "--model", str(model_dir), "--out", str(out)] + extra)
+        err = capsys.readouterr().err
+        assert rc != 0 and words in err, err
+        assert not out.exists()
+    out = tmp_path / "est.fits"  # likelihood selection without a model: the background estimated from the counts
+    rc = main(["detect", str(cube), "--model", str(model_dir), "--out", str(out), "--selection", "likelihood",
+               "--min-score", "0.0101"])
+    assert rc == 0, capsys.readouterr().err
+    from skyfm.catalog import read_catalog
+
+    assert np.all(np.asarray(read_catalog(out)["ts"]) >= 25.0)

@@ -71,15 +71,18 @@ def psf_kernels(instrument, pixel_scale_deg: float | None = None, fraction: floa
 
 
 def powerlaw_band_weights(instrument, index: float = 2.0, energy_edges_kev=None) -> np.ndarray:
-    """Fraction of a power-law source's counts in each bin: exposure x integral of E^-index over the bin."""
+    """Fraction of a power-law source's counts in each bin: exposure x integral of E^-index over the bin.
+
+    ``energy_edges_kev`` (N, 2): the cube's bins (default the instrument's); each takes the exposure of the
+    instrument band nearest its centre in log energy (a cube of bins 3-6 those of bins 3-6, not of 1-4)."""
     from skyfm.instruments import load_instrument
 
     inst = load_instrument(instrument)
-    if energy_edges_kev is None:
-        edges = np.array([[b.energy[0].to_value("MeV"), b.energy[1].to_value("MeV")] for b in inst.bands])
-    else:
-        edges = np.asarray(energy_edges_kev, dtype=np.float64) / 1e3
-    exposure = np.array([b.exposure for b in inst.bands], dtype=np.float64)[: len(edges)]
+    own = np.array([[b.energy[0].to_value("MeV"), b.energy[1].to_value("MeV")] for b in inst.bands])
+    edges = own if energy_edges_kev is None else np.asarray(energy_edges_kev, dtype=np.float64).reshape(-1, 2) / 1e3
+    centre = lambda e: 0.5 * np.log(e[:, 0] * e[:, 1])  # noqa: E731
+    nearest = np.argmin(np.abs(centre(edges)[:, None] - centre(own)[None]), axis=1)
+    exposure = np.array([b.exposure for b in inst.bands], dtype=np.float64)[nearest]
     g = 1.0 - float(index)
     integral = (np.log(edges[:, 1] / edges[:, 0]) if abs(g) < 1e-9
                 else (edges[:, 1] ** g - edges[:, 0] ** g) / g)
