@@ -34,7 +34,8 @@ counts cubes, else 0.75 PSF FWHM (at least 2 px):
 
 * ``F1@fixed``: at each method's documented threshold: SNR >= 5 (sep, photutils), TS >= 25 (TS map: score =
   sqrt(TS) >= 5), the detector's own per-instrument ``min_score`` (skyfm; it is run there, so its sweeps and
-  F1@cal only go upward from it unless ``--skyfm-min-score`` is lower; with likelihood selection TS >= 25);
+  F1@cal only go upward from it unless ``--skyfm-min-score`` is lower; with likelihood selection TS >= 25, its
+  table, like the TS map's, holding rows down to TS 16 for the sweeps);
 * ``F1@cal``: at the threshold of best F1 on the calibration patches, applied to the test patches;
 * ``R(3-5)@P0.9``: recall of true SNR 3-5 sources at the lowest threshold whose precision (against sources with
   snr >= 3) is >= 0.9, on the test patches;
@@ -74,6 +75,8 @@ BENCH_SEED_BASE = 1_500_000_000
 CALIB_SEED_BASE = 1_600_000_000
 VALIDATION_SEED_BASES = (950_000_000, 960_000_000)  # --seeds validation: for choosing settings, never reporting
 SNR_MIN = 5.0
+LIKELIHOOD_MIN_TS = 25.0  # skyfm detect's --min-ts, the TS map's ts_min
+SWEEP_MIN_TS = 16.0  # the lowest TS that skyfm's likelihood selection and the TS map (candidate_ts) keep for sweeps
 TARGET_PRECISION = 0.9
 CONTAMINANT_BITS = 1 | 2  # cosmic_ray | satellite_trail
 
@@ -119,7 +122,9 @@ def _skyfm_runner(min_score=None, drop_trails=False):
     from skyfm.detect import default_min_score
 
     def run(patch, drop_trails=drop_trails):  # min_score None: the detector's own per-instrument threshold
-        return detect_patch(patch, det, min_score=min_score, drop_trails=drop_trails)
+        # likelihood selection keeps TS >= 16 here, as the TS-map baseline's table does, so that the sweeps of both
+        # go below the catalogs' TS >= 25 alike; F1@fixed cuts at 25 (skyfm detect's default --min-ts)
+        return detect_patch(patch, det, min_score=min_score, drop_trails=drop_trails, min_ts=SWEEP_MIN_TS)
 
     run.fixed_threshold = lambda inst: default_min_score(det, det.head_config(inst))
     how = "its own per-instrument min_score" if min_score is None else f"min_score {min_score}"
@@ -268,7 +273,7 @@ def run_case(case_index, key, label, instrument, options, n, n_cal, skyfm_fn, co
                 cat = fn(p)
                 wall += time.perf_counter() - t
                 if name.startswith("skyfm") and cat.meta.get("selection") == "likelihood":
-                    fixed_thr = float(np.sqrt(cat.meta["min_ts"]))  # score is sqrt(TS), cut at min_ts
+                    fixed_thr = float(np.sqrt(LIKELIHOOD_MIN_TS))  # score is sqrt(TS): the catalog's TS >= 25
                 pix += p.height * p.width
                 sweeps.append(score_sweep(cat, p.truth, radius))
                 kept = cat if fixed_thr is None else cat[_score(cat) >= fixed_thr]
