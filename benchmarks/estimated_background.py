@@ -32,7 +32,7 @@ VARIANTS = {"current": None, "mask2r68-s1": (2.0, 1.0), "mask2r68-s2": (2.0, 2.0
 def main(argv=None) -> int:
     from skyfm.catalog import likelihood
     from skyfm.catalog.match import match_catalogs
-    from skyfm.detect import _counts_kernels, default_min_score, detect_tiles, refine_counts
+    from skyfm.detect import default_min_score, detect_tiles, refine_counts
     from skyfm.finetune.config import load_finetune_config
     from skyfm.finetune.data import validation_patches
     from skyfm.heads import load_detector
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     rows = {v: [] for v in list(VARIANTS) + ["true"]}
     for p in validation_patches(inst, specs[inst.name], args.n, 256, seed_offset=0):
         found = detect_tiles(p, inst, det, min_score=th)
-        kernels = _counts_kernels([inst.band(b) for b in p.bands], inst.pixel_scale_deg)
+        kernels = likelihood.psf_kernels(inst, psfs=[inst.band(b).psf for b in p.bands])
         data = np.nan_to_num(p.data.astype(np.float64))
         backgrounds = {}
         for name, par in VARIANTS.items():

@@ -582,7 +582,7 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
 
 # --------------------------------------------------------------------------------------------- counts refinement
 def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background=None,
-                  bands: list[str] | None = None, head=None, estimated: bool | None = None) -> dict:
+                  bands: list[str] | None = None, head=None, estimated: bool | None = None, high_pass=None) -> dict:
     """Poisson likelihood refinement of counts-cube detections: position, flux per bin, TS, physical flux.
 
     The fit's flux and position errors are multiplied by the head's ``fit_flux_err_scale`` and
@@ -595,7 +595,8 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     estimate_background`): positions are fitted against the estimate that keeps the sources in (a high-pass
     filter: what neighbours and diffuse gradients do to a position cancels), then fluxes and TS at those
     positions against the estimate that leaves the detections out (the first holds the sources' own wings: on
-    validation patches it took 59% of Fermi-LAT fluxes, ``benchmarks/estimated_background.py``)."""
+    validation patches it took 59% of Fermi-LAT fluxes, ``benchmarks/estimated_background.py``); ``high_pass``:
+    the first, when the caller has it already."""
     from skyfm.catalog import likelihood
     from skyfm.heads.flux import flux_phys
 
@@ -604,11 +605,12 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
         arrays.update(ts=np.zeros(0), flux_phys=np.zeros(0))
         return arrays
     band_objs = [inst.band(b) for b in bands] if bands else list(inst.bands)
-    kernels = _counts_kernels(band_objs, pixel_scale or inst.pixel_scale_deg)
+    kernels = likelihood.psf_kernels(inst, pixel_scale, psfs=[b.psf for b in band_objs])
     estimated = background is None if estimated is None else estimated
     tables = likelihood.psf_tables(kernels)  # cached by kernel: built once per instrument and pixel scale
     if background is None:
-        high_pass = likelihood.estimate_background(data, kernels)
+        if high_pass is None:
+            high_pass = likelihood.estimate_background(data, kernels)
         fit = likelihood.fit_point_sources(data, high_pass, tables, arrays["x"], arrays["y"], arrays["flux"])
         masked = likelihood.estimate_background(data, kernels, sources=(arrays["x"], arrays["y"]))
         placed = np.isfinite(fit["x"]) & np.isfinite(fit["y"])
@@ -636,15 +638,6 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     exposure = np.array([b.exposure for b in band_objs], dtype=np.float64)
     arrays["flux_phys"] = flux_phys(np.clip(arrays["flux_band"], 0, None), exposure)
     return arrays
-
-
-def _counts_kernels(band_objs, scale: float) -> list[np.ndarray]:
-    """Centred PSF kernels per bin out to the 97% containment radius (2 to 24 pixels)."""
-    kernels = []
-    for b in band_objs:
-        r = int(np.clip(np.ceil(b.psf.containment_radius(0.97) / scale), 2, 24))
-        kernels.append(b.psf.stamps(np.zeros(1), np.zeros(1), scale, radius_pix=r)[0])
-    return kernels
 
 
 # ------------------------------------------------------------------------------------------ likelihood selection
@@ -688,6 +681,12 @@ def _rows_like(arrays: dict, n: int, **values) -> dict:
     return out
 
 
+def _peak_separation(band_objs, scale: float) -> float:
+    """How far apart two TS-map peaks or fitted sources must be to count as two: the sharpest bin's PSF FWHM,
+    at least 2 px (the TS-map baseline's ``min_separation_pix``)."""
+    return max(2.0, min(b.psf.fwhm_deg for b in band_objs) / scale)
+
+
 def add_ts_map_candidates(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background,
                           bands: list[str] | None, min_score: float, candidate_ts: float = CANDIDATE_TS,
                           exclude: tuple | None = None) -> dict:
@@ -705,13 +704,13 @@ def add_ts_map_candidates(arrays: dict, data: np.ndarray, inst, pixel_scale: flo
 
     band_objs = [inst.band(b) for b in bands] if bands else list(inst.bands)
     scale = pixel_scale or inst.pixel_scale_deg
-    kernels = _counts_kernels(band_objs, scale)
+    kernels = likelihood.psf_kernels(inst, scale, psfs=[b.psf for b in band_objs])
     edges = np.array([[b.energy[0].to_value("keV"), b.energy[1].to_value("keV")] for b in band_objs])
     weights = likelihood.powerlaw_band_weights(inst, TS_MAP_INDEX, edges)
     counts = np.nan_to_num(np.asarray(data, dtype=np.float64))
     ts, flux = likelihood.ts_map(counts, np.asarray(background, dtype=np.float64), kernels, band_weights=weights,
                                  return_flux=True)
-    separation = max(2.0, min(b.psf.fwhm_deg for b in band_objs) / scale)
+    separation = _peak_separation(band_objs, scale)
     px, py, _ = likelihood.find_peaks(ts, candidate_ts, separation)
     strong = np.asarray(arrays["score"]) >= min_score
     net = {k: np.asarray(v)[strong] for k, v in arrays.items()}
@@ -841,19 +840,20 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
     from skyfm.catalog import likelihood
 
     bands = list(patch.bands)
-    kernels = _counts_kernels([inst.band(b) for b in bands], scale or inst.pixel_scale_deg)
+    band_objs = [inst.band(b) for b in bands]
+    kernels = likelihood.psf_kernels(inst, scale, psfs=[b.psf for b in band_objs])
     estimated = background is None
     counts = np.nan_to_num(patch.data.astype(np.float64))
     found = detect_tiles(patch, inst, det, min_score=min(WEAK_SCORE, min_score), pixel_scale=scale, **tiling)
     weak = {k: np.asarray(v)[np.asarray(found["score"]) < min_score] for k, v in found.items()}
     search = likelihood.estimate_background(counts, kernels) if estimated else background
     arrays = add_ts_map_candidates(found, patch.data, inst, scale, search, bands, min_score, candidate_ts)
-    # estimated: refine_counts estimates it twice (its docstring); the second pass's model leaves the sources out
+    # estimated: refine_counts fits positions against the search estimate, fluxes against one without the sources
     arrays = refine_counts(arrays, patch.data, inst, scale, None if estimated else background, bands=bands,
-                           head=head, estimated=estimated)
-    if estimated:
+                           head=head, estimated=estimated, high_pass=search if estimated else None)
+    if estimated and passes > 1:  # the second pass's model: the estimate that leaves the candidates out
         background = likelihood.estimate_background(counts, kernels, sources=(arrays["x"], arrays["y"]))
-    separation = max(2.0, min(inst.band(b).psf.fwhm_deg for b in bands) / (scale or inst.pixel_scale_deg))
+    separation = _peak_separation(band_objs, scale or inst.pixel_scale_deg)
     arrays = select_by_ts(arrays, min_ts, separation)
     for _ in range(passes - 1):  # sources beside those found: in the TS map of the background plus them
         model = likelihood.add_point_sources(background, kernels, arrays["x"], arrays["y"], arrays["flux_band"])

@@ -417,11 +417,11 @@ def test_likelihood_selection_merges_candidates_and_refuses_what_it_cannot_do(mo
 
 def test_point_sources_added_to_a_background_hold_their_counts():
     from skyfm.catalog.likelihood import add_point_sources
-    from skyfm.detect import _counts_kernels
+    from skyfm.catalog.likelihood import psf_kernels
     from skyfm.instruments import load_instrument
 
     inst = load_instrument("fermi-lat")
-    kernels = _counts_kernels(list(inst.bands)[:2], inst.pixel_scale_deg)
+    kernels = psf_kernels(inst, psfs=[b.psf for b in list(inst.bands)[:2]])
     bkg = np.full((2, 96, 96), 0.5)  # the sources' kernels (up to 24 px) inside the image
     out = add_point_sources(bkg, kernels, [47.3, 60.0, np.nan], [48.7, 40.0, 5.0], [[100.0, 50.0], [0.0, 10.0],
                                                                                      [5.0, 5.0]])

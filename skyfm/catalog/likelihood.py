@@ -56,15 +56,15 @@ def psf_kernels(instrument, pixel_scale_deg: float | None = None, fraction: floa
     Args:
         instrument: an Instrument or its name.
         pixel_scale_deg: pixel side (default the instrument's; pass the image's when it differs).
-        psfs: the PSF of each band, when it differs from the nominal one (a night's seeing).
+        psfs: the PSFs to use, one kernel each, when they are not the instrument's nominal ones for all its bands
+            (a night's seeing; the bands of a cube that holds some of them).
     """
     from skyfm.instruments import load_instrument
 
     inst = load_instrument(instrument)
     scale = inst.pixel_scale_deg if pixel_scale_deg is None else float(pixel_scale_deg)
     out = []
-    for c, band in enumerate(inst.bands):
-        psf = band.psf if psfs is None else psfs[c]
+    for psf in ([band.psf for band in inst.bands] if psfs is None else psfs):
         r = int(np.clip(np.ceil(psf.containment_radius(fraction) / scale), 2, max_radius_pix))
         out.append(psf.stamps(np.zeros(1), np.zeros(1), scale, radius_pix=r)[0])
     return out
@@ -779,11 +779,13 @@ def estimate_background(counts, psf_kernels, *, n_iter: int = 1, mask_sigma: flo
     r68 = np.maximum(0.85 * fwhm, 1.0)
     keep = np.ones((c_bins, h, w))
     if sources is not None and len(sources[0]):
-        yy, xx = np.mgrid[0:h, 0:w]
-        sx, sy = np.asarray(sources[0], dtype=np.float64), np.asarray(sources[1], dtype=np.float64)
-        d2 = np.full((h, w), np.inf)
-        for x0, y0 in zip(sx, sy):  # squared distance to the nearest source
-            np.minimum(d2, (xx - x0) ** 2 + (yy - y0) ** 2, out=d2)
+        reach = source_radius_r68 * float(r68.max())
+        d2 = np.full((h, w), np.inf)  # squared distance to the nearest source, out to the widest radius masked
+        for x0, y0 in zip(np.asarray(sources[0], dtype=np.float64), np.asarray(sources[1], dtype=np.float64)):
+            ys = slice(max(int(np.floor(y0 - reach)), 0), min(int(np.ceil(y0 + reach)) + 1, h))
+            xs = slice(max(int(np.floor(x0 - reach)), 0), min(int(np.ceil(x0 + reach)) + 1, w))
+            yy, xx = np.mgrid[ys, xs]
+            np.minimum(d2[ys, xs], (xx - x0) ** 2 + (yy - y0) ** 2, out=d2[ys, xs])
         for c in range(c_bins):
             keep[c] = d2 > (source_radius_r68 * r68[c]) ** 2
     bkg = np.empty_like(n)
