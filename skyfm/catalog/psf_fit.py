@@ -10,10 +10,13 @@ vectorised Gauss–Newton loop:
   one flux per band;
 * a constant sky offset per band and source, fitted with it (the background mesh is not exact near bright or
   crowded light);
-* noise: variance ``rms_c^2 + max(F P, 0) / gain`` (sky and read noise from the background rms, plus the source's
-  own Poisson noise);
+* noise: variance ``rms_c^2 + max(F P + others, 0) / gain`` (sky and read noise from the background rms, plus the
+  Poisson noise of the source's own and its neighbours' modelled light);
 * neighbours: each source is fitted on the image minus the current models of all the others, in ``passes``
-  rounds, so blends share their light instead of each taking all of it;
+  rounds (after a pass 0 that fits the fluxes alone at the starting positions), so blends share their light
+  instead of each taking all of it; the others' models reach out to
+  ``wing_fwhm`` FWHM, not just the fit box, because a bright neighbour's wing (a Moffat's, say) lies across the
+  box as a slope that no sky offset takes up;
 * errors: the inverse Fisher matrix at the solution (position: the mean of the x and y variances).
 
 The background B and its rms come from :func:`background_and_rms` (``sep``'s SExtractor background mesh). The PSF
@@ -28,6 +31,7 @@ import numpy as np
 from skyfm.errors import SkyfmError
 
 MAX_SHIFT_PIX = 1.5  # a fit that moves a source further than this from the detection is not trusted
+WING_FWHM = 4.0  # neighbours' models reach this many FWHM (a Moffat beta 2.5 holds 99% of its flux within 4 FWHM)
 
 
 def background_and_rms(image: np.ndarray, mask: np.ndarray | None = None, box: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +149,8 @@ def fit_radius_pix(psfs, pixel_scale_deg: float) -> int:
 
 def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0, flux0=None, *,
                     gain: float = 1.0, mask=None, radius_pix: int | None = None, passes: int = 3,
-                    n_iter: int = 5, phases: int = TABLE_PHASES) -> dict:
+                    n_iter: int = 5, phases: int = TABLE_PHASES, wing_fwhm: float = WING_FWHM,
+                    warm_start: bool = True) -> dict:
     """Fit position (shared by bands) and per-band flux of N point sources; see the module docstring.
 
     Args:
@@ -158,6 +163,10 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
         radius_pix: fit box half-size, every band; default 1.5 x each band's FWHM (at least 2), in a common array
             of the widest band's size.
         phases: sub-pixel phases of the stamp tables (:class:`StampTable`).
+        wing_fwhm: half-size, in each band's FWHM, of the neighbours' models subtracted from a source's box (the
+            fit box itself if smaller; 0: the fit box).
+        warm_start: first fit the fluxes alone at the starting positions (pass 0), so that the ``passes`` full
+            passes start from fluxes the data gave, not from ``flux0``.
     Returns:
         dict of ``x``, ``y``, ``pos_err`` (pixels), ``flux_band``, ``flux_band_err`` (N, C), ``flux``, ``flux_err``
         (sums over bands), ``ok`` (N,) (the fit converged and stayed within MAX_SHIFT_PIX), ``chi2_red`` (N,)
@@ -186,29 +195,41 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
     off = np.abs(np.arange(-r, r + 1))
     band_box = np.stack([np.maximum(off[:, None], off[None, :]) <= rb for rb in band_r])  # (C, k, k)
     gain = float(gain) if gain and gain > 0 else 1.0
+    wing_r = [max(r, int(np.ceil(wing_fwhm * p.fwhm_deg / pixel_scale_deg))) for p in psfs]
 
     x, y = x0.copy(), y0.copy()
     flux = np.zeros((n, C))
     if flux0 is not None:
         flux[:] = np.nan_to_num(np.asarray(flux0, dtype=np.float64).reshape(n, -1)[:, :C], nan=0.0)
-    for pass_index in range(max(1, passes)):
+    # pass 0 fits the fluxes alone at the starting positions (others' models at the starting fluxes subtracted):
+    # the full passes then start from fluxes the data gave, whatever the starting ones were
+    first = 0 if warm_start else 1
+    for pass_index in range(first, max(1, passes) + 1):
+        iterations = 0 if pass_index == 0 else n_iter
         x_prev, y_prev, flux_prev = x.copy(), y.copy(), flux.copy()
-        models = _render(x, y, flux, psfs, pixel_scale_deg, r, (C, H, W), phases)  # (C, H, W) every source's model
+        models = _render(x, y, flux, psfs, pixel_scale_deg, r, (C, H, W), phases, wing_r)  # (C, H, W) all sources
         ix, iy, flat, inside = _stamp_indices(x0, y0, r, H, W)  # boxes stay on the detections
         # each source sees the data minus everyone else's model: add its own model back below
         others = np.stack([(resid_src[c] - models[c]).ravel()[flat] for c in range(C)], axis=1)  # (N, C, k, k)
-        sky = np.stack([var_sky[c].ravel()[flat] for c in range(C)], axis=1)
         use = inside[:, None] & ~np.stack([bad[c].ravel()[flat] for c in range(C)], axis=1) & band_box[None]
         own = _own_models(x, y, flux, ix, iy, psfs, pixel_scale_deg, r, phases)  # (N, C, k, k) at the current fit
         target = others + own
-        for it in range(n_iter + 1):
+        # the noise of a pixel holds the photons of every source there: beside a star 100x brighter its wing's
+        # Poisson noise, not the sky's, is what the faint star's pixels carry, and weighting them by the sky alone
+        # lets the residual of the bright one's model swamp the faint one's fit. Not in pass 0, whose models carry
+        # the starting fluxes, which may be far off
+        sky = np.stack([var_sky[c].ravel()[flat] for c in range(C)], axis=1)
+        if pass_index > 0:
+            light = np.stack([models[c].ravel()[flat] for c in range(C)], axis=1) - own  # (N, C, k, k): the others'
+            sky = sky + np.clip(light, 0, None) / gain
+        for it in range(iterations + 1):
             dxs, dys = x - ix, y - iy
             P, GX, GY = zip(*(_psf_and_gradient(psfs[c], dxs, dys, pixel_scale_deg, r, True, phases) for c in range(C)))
             P, GX, GY = np.stack(P, 1), np.stack(GX, 1), np.stack(GY, 1)  # (N, C, k, k)
             # variable projection: at the current position the fluxes and sky offsets are linear; solve them
             # exactly (so they can never run away), then take a Gauss-Newton step in position alone
             flux, sky_offset, wgt = _linear_fit(P, target, use, sky, gain, flux)
-            if it == n_iter:
+            if it == iterations:
                 break
             res = target - flux[:, :, None, None] * P - sky_offset[:, :, None, None]
             A, g = _normal_equations(P, GX, GY, flux, wgt, res)
@@ -220,7 +241,7 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
             x, y = x + step[:, 0], y + step[:, 1]
         res = target - flux[:, :, None, None] * P - sky_offset[:, :, None, None]
         fisher, _ = _normal_equations(P, GX, GY, flux, wgt, res)
-        if pass_index > 0:  # relaxed (Jacobi) updates: overlapping sources converge instead of oscillating
+        if pass_index > 1:  # relaxed (Jacobi) updates: overlapping sources converge instead of oscillating
             x, y = 0.5 * (x + x_prev), 0.5 * (y + y_prev)
             flux = 0.5 * (flux + flux_prev)
         moved = np.hypot(x - x0, y - y0)
@@ -299,14 +320,24 @@ def _own_models(x, y, flux, ix, iy, psfs, scale, r, phases=TABLE_PHASES):
     return flux[:, :, None, None] * P
 
 
-def _render(x, y, flux, psfs, scale, r, shape, phases=TABLE_PHASES) -> np.ndarray:
-    """(C, H, W) sum of every source's PSF model (stamps of half-size r)."""
+def _render(x, y, flux, psfs, scale, r, shape, phases=TABLE_PHASES, wing_r=None) -> np.ndarray:
+    """(C, H, W) sum of every source's PSF model: stamps of half-size r from the ``phases`` table and, where
+    ``wing_r`` (one half-size per band) reaches further, the wings beyond r from a coarse table (SEEING_PHASES:
+    the profile is smooth there, and a wide fine table would cost hundreds of MB)."""
     C, H, W = shape
     out = np.zeros((C, H * W))
     ix, iy, flat, inside = _stamp_indices(x, y, r, H, W)
     for c, p in enumerate(psfs):
         stamps = flux[:, c, None, None] * _stamps(p, x - ix, y - iy, scale, r, phases)
-        np.add.at(out[c], flat[inside], stamps[inside])
+        out[c] += np.bincount(flat[inside], weights=stamps[inside], minlength=H * W)
+        R = r if wing_r is None else int(wing_r[c])
+        if R > r:
+            wix, wiy, wflat, winside = _stamp_indices(x, y, R, H, W)
+            off = np.abs(np.arange(-R, R + 1))
+            ring = np.maximum(off[:, None], off[None, :]) > r  # (k, k): outside the fine stamp
+            wings = flux[:, c, None, None] * _stamps(p, x - wix, y - wiy, scale, R, SEEING_PHASES)
+            keep = winside & ring[None]
+            out[c] += np.bincount(wflat[keep], weights=wings[keep], minlength=H * W)
     return out.reshape(C, H, W)
 
 
@@ -355,14 +386,16 @@ def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, 
         others = np.ones(x.size, bool)
         others[idx] = False
         linear = fit_psf_sources(sub[None], np.zeros((1, H, W)), np.sqrt(var)[None], [nominal], pixel_scale_deg,
-                                 x[others], y[others], radius_pix=r, passes=2, n_iter=0, phases=SEEING_PHASES)
+                                 x[others], y[others], radius_pix=r, passes=2, n_iter=0, phases=SEEING_PHASES,
+                                 wing_fwhm=0, warm_start=False)
         sub = sub - _render(x[others], y[others], np.clip(linear["flux_band"], 0, None), [nominal], pixel_scale_deg,
                             wings, (1, H, W), phases=SEEING_PHASES)[0]
     chi2 = np.zeros((idx.size, len(factors)))  # (sources, widths)
     for j, f in enumerate(factors):
         psf = psf_for_fwhm(f * nominal_fwhm_deg)
         fit = fit_psf_sources(sub[None], np.zeros((1, H, W)), np.sqrt(var)[None], [psf], pixel_scale_deg, x[idx],
-                              y[idx], radius_pix=r, passes=1, n_iter=4, phases=SEEING_PHASES)
+                              y[idx], radius_pix=r, passes=1, n_iter=4, phases=SEEING_PHASES, wing_fwhm=0,
+                              warm_start=False)
         ix, iy, flat, inside = _stamp_indices(x[idx], y[idx], r, H, W)
         model = fit["flux_band"][:, 0, None, None] * _stamps(psf, fit["x"] - ix, fit["y"] - iy, pixel_scale_deg, r,
                                                                 SEEING_PHASES)
