@@ -89,3 +89,14 @@ def test_a_catalog_without_sky_coordinates_still_evaluates_in_pixels(tmp_path, c
     assert main(["evaluate", str(tmp_path / "c.ecsv"), "--truth", str(tmp_path / "t.ecsv")]) == 0
     out = capsys.readouterr().out
     assert "precision 0.500" in out and "recall 0.500" in out
+
+
+def test_truth_crb_of_an_empty_sky_is_empty():
+    """An image without a true source (MeerLICHT's empty scenes can have none) gives no bounds, not an error."""
+    from skyfm.catalog.evaluate import truth_crb
+
+    p = simulate_patch("meerlicht", 3, size=64, bands=["q"])
+    crb, isolated = truth_crb(p.truth[:0], p)
+    assert crb.shape == (0,) and isolated.shape == (0,)
+    crb, isolated = truth_crb(p.truth, p)
+    assert crb.shape == isolated.shape == (len(p.truth),)

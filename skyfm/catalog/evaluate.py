@@ -94,6 +94,8 @@ def truth_crb(truth, patch, background=None) -> tuple[np.ndarray, np.ndarray]:
     inst = patch.instrument_config()
     scale = inst.pixel_scale_deg
     n = len(truth)
+    if n == 0:  # an empty sky: no sources, no bounds
+        return np.zeros(0), np.zeros(0, dtype=bool)
     x = np.asarray(u.Quantity(truth["x"]).value, dtype=np.float64)
     y = np.asarray(u.Quantity(truth["y"]).value, dtype=np.float64)
     ix = np.clip(np.round(x).astype(int), 0, patch.width - 1)
