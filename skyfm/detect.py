@@ -477,13 +477,16 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     fit converged with an SNR >= ``PSF_FIT_MIN_SNR`` take the fitted position and position error; of these, the
     point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
     The fit's Fisher errors grow with sqrt(max(1, reduced chi-square)) of each source's box (column ``fit_chi2``),
-    then take the head's calibrated scales and floors.
+    flux errors are at least the scatter of PSF fluxes at blank places of the residual image nearby
+    (:func:`~skyfm.catalog.psf_fit.blank_flux_scatter`: the confusion of undetected neighbours), then all take the
+    head's calibrated scales and floors.
     The seeing of each band is fitted on the tile's bright point-like detections, the others subtracted
     (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of the tiles'
     estimates so far is used, and once ``SEEING_TILES`` tiles have given one no more are made. Heads with
     ``psf_fit`` False (chosen on validation seeds) keep the network's values.
     """
-    from skyfm.catalog.psf_fit import background_and_rms, estimate_fwhm, fit_psf_sources
+    from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, estimate_fwhm, fit_psf_sources,
+                                       residual_image)
 
     n = len(d["x"])
     if n == 0 or not head.psf_fit:
@@ -543,10 +546,16 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
         point = ok & point & (fit["flux_err"] * flux_scale < np.nan_to_num(d["flux_err"], nan=np.inf))
     point &= _masked_share(mask, d["x"], d["y"], psfs, scale) < MAX_MASKED_SHARE  # a saturated core: not a PSF flux
     d["flux"] = np.where(point, fit["flux"], d["flux"])
-    flux_err = np.hypot(fit["flux_err"] * inflate * flux_scale, flux_floor * fit["flux"])
+    # nor do they know what else lies under a source, the light of neighbours too faint to detect (confusion, in
+    # clusters far above the sky noise): PSF fluxes at blank places of the residual image measure it
+    resid = residual_image(data, np.stack(bg), psfs, scale, fit)
+    blank_band, blank = blank_flux_scatter(resid, np.stack(rms), psfs, scale, fit["x"], fit["y"], mask=mask)
+    stat = np.maximum(fit["flux_err"] * inflate, blank)
+    stat_band = np.maximum(fit["flux_band_err"] * inflate[:, None], blank_band)
+    flux_err = np.hypot(stat * flux_scale, flux_floor * fit["flux"])
     d["flux_err"] = np.where(point, flux_err, d["flux_err"])
     d["flux_band"] = np.where(point[:, None], fit["flux_band"], d["flux_band"])
-    band_err = np.hypot(fit["flux_band_err"] * (inflate * flux_scale)[:, None], flux_floor * fit["flux_band"])
+    band_err = np.hypot(stat_band * flux_scale, flux_floor * fit["flux_band"])
     d["flux_band_err"] = np.where(point[:, None], band_err, d["flux_band_err"])
     d["fit"] = (ok.astype(np.int8) + point.astype(np.int8)).astype(np.int8)
     d["fit_chi2"] = np.where(fit["ok"], fit["chi2_red"], np.nan)

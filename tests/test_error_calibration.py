@@ -246,9 +246,10 @@ def test_fit_errors_are_chosen_on_their_statistical_part(model_dir):
     assert out["fit_median_sep_over_pos_err_after"] == pytest.approx(ship.MEDIAN_2D, rel=0.01)
 
 
-def test_ccd_fit_errors_grow_with_the_square_root_of_chi2(monkeypatch):
+def test_ccd_fit_errors_grow_with_the_square_root_of_chi2_and_keep_the_blank_scatter(monkeypatch):
     """The PSF-fitted rows of a CCD catalog carry their Fisher errors times sqrt(max(1, fit_chi2)) (scale 1 and no
-    floor here): against the same run with every chi-square forced to 1, the errors differ by exactly that."""
+    floor here): against the same run with every chi-square forced to 1, the errors differ by exactly that (the
+    blank-place scatter set to 0). Flux errors are at least that scatter: set far above them, it is what they are."""
     import skyfm.catalog.psf_fit as psf_fit
     from skyfm.detect import detect_patch
     from skyfm.heads import load_detector
@@ -257,10 +258,19 @@ def test_ccd_fit_errors_grow_with_the_square_root_of_chi2(monkeypatch):
     head = det.head_config("meerlicht")
     kept = {k: getattr(head, k) for k in ("fit_flux_err_scale", "fit_pos_err_scale", "fit_flux_err_floor",
                                           "fit_pos_err_floor")}
+    blank = [0.0]
+
+    def constant_scatter(resid, rms, psfs, scale, x, y, **kwargs):
+        return np.full((len(x), len(psfs)), blank[0]), np.full(len(x), blank[0])
+
+    monkeypatch.setattr(psf_fit, "blank_flux_scatter", constant_scatter)
     try:
         head.fit_flux_err_scale, head.fit_pos_err_scale, head.fit_flux_err_floor, head.fit_pos_err_floor = 1, 1, 0, 0
         p = simulate_patch("meerlicht", 11, size=96, scene="crowded")
         widened = detect_patch(p, det)
+        blank[0] = 1e7  # ADU: far above any Fisher error of these stars
+        floored = detect_patch(p, det)
+        blank[0] = 0.0
         fit = psf_fit.fit_psf_sources
 
         def chi2_one(*args, **kwargs):
@@ -283,6 +293,9 @@ def test_ccd_fit_errors_grow_with_the_square_root_of_chi2(monkeypatch):
     assert both.any()
     np.testing.assert_allclose(w["flux_err"][both], np.sqrt(np.maximum(chi2[both], 1.0)) * q["flux_err"][both],
                                rtol=1e-5)
+    assert w["flux_err"][both].max() < 1e6
+    np.testing.assert_allclose(_rows(floored)["flux_err"][both], 1e7, rtol=1e-5)
+    np.testing.assert_allclose(_rows(floored)["pos_err"], w["pos_err"], rtol=1e-6)  # positions: not its business
 
 
 def test_a_background_estimated_from_the_counts_has_its_own_fit_scales(model_dir, tmp_path):

@@ -233,3 +233,32 @@ def test_each_band_fits_its_own_box():
         shifts_own.append(np.hypot(own["x"][0] - x, own["y"][0] - y))
         shifts_common.append(np.hypot(common["x"][0] - x, common["y"][0] - y))
     assert np.median(shifts_own) < 0.75 * np.median(shifts_common)
+
+
+def test_blank_flux_scatter_is_the_sky_noise_on_a_clean_sky_and_grows_with_confusion():
+    """On white noise the PSF fluxes at blank places scatter as the fit's sky-only error says; where faint
+    undetected stars crowd (the left half here) they scatter more, and the right half does not see it."""
+    from skyfm.catalog.psf_fit import blank_flux_scatter, fit_radius_pix
+
+    rng = np.random.default_rng(5)
+    psf, size, sigma = _psf(), 256, 10.0
+    noise = rng.normal(0, sigma, (1, size, size))
+    r = fit_radius_pix([psf], SCALE)
+    P = psf.stamps(np.zeros(1), np.zeros(1), SCALE, radius_pix=r, oversample=8)[0]
+    expected = sigma / np.sqrt((P ** 2).sum() - P.sum() ** 2 / P.size)  # weighted LSQ with a free sky offset
+    x, y = np.array([20.0, 236.0]), np.array([128.0, 128.0])
+    _, clean = blank_flux_scatter(noise, np.full((1, size, size), sigma), [psf], SCALE, x, y)
+    assert np.allclose(clean, expected, rtol=0.12)
+    # faint stars (each ~2x the sky-only flux error, far below detection) over the left 128 columns
+    n = 1200
+    sx, sy = rng.uniform(0, 120, n), rng.uniform(0, size - 1, n)
+    crowded = noise.copy()
+    k = 12
+    stamps = psf.stamps(sx - np.rint(sx), sy - np.rint(sy), SCALE, radius_pix=k, oversample=4)
+    pad = np.zeros((size + 2 * k, size + 2 * k))
+    for s, ix, iy in zip(stamps, np.rint(sx).astype(int), np.rint(sy).astype(int)):
+        pad[iy:iy + 2 * k + 1, ix:ix + 2 * k + 1] += 2 * expected * s
+    crowded[0] += pad[k:-k, k:-k]
+    _, conf = blank_flux_scatter(crowded, np.full((1, size, size), sigma), [psf], SCALE, x, y)
+    assert conf[0] > 1.5 * expected
+    assert abs(conf[1] / expected - 1) < 0.12

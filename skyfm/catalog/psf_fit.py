@@ -341,6 +341,69 @@ def _render(x, y, flux, psfs, scale, r, shape, phases=TABLE_PHASES, wing_r=None)
     return out.reshape(C, H, W)
 
 
+def residual_image(data, background, psfs, pixel_scale_deg: float, fit: dict) -> np.ndarray:
+    """(C, H, W) data minus background minus every fitted source's model (``fit``: :func:`fit_psf_sources`'s
+    result, failed fits at their starting fluxes), wings out to WING_FWHM."""
+    data = np.asarray(data, dtype=np.float64)
+    r = fit_radius_pix(psfs, pixel_scale_deg)
+    wing_r = [max(r, int(np.ceil(WING_FWHM * p.fwhm_deg / pixel_scale_deg))) for p in psfs]
+    models = _render(fit["x"], fit["y"], np.nan_to_num(fit["flux_band"]), psfs, pixel_scale_deg, r, data.shape,
+                     TABLE_PHASES, wing_r)
+    return data - np.asarray(background, dtype=np.float64) - models
+
+
+def blank_flux_scatter(resid, rms, psfs, pixel_scale_deg: float, x, y, mask=None, cell: int | None = None,
+                       per_cell: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The flux error that the image itself shows: PSF fluxes (with a sky offset, as the fit's) measured at random
+    positions of the residual image, their robust scatter (1.4826 MAD) per cell of ``cell`` px (default 8 fit boxes,
+    at least 64 px: a cell must hold some 60 independent boxes for a ~10% estimate), read at ``x, y``.
+
+    The fit's Fisher errors know the sky's white noise and the source's own photons; what else the image holds
+    under a source, the light of neighbours too faint to detect and the misfit of the detected ones' models
+    (confusion, strong in clusters and crowded fields), they do not. Blank positions measure it the way deep-field
+    photometry does with random apertures. Returns ``(band, total)``: (N, C) per band and (N,) of the fluxes summed
+    over bands (one undetected star adds to every band at once, so the total's scatter is measured, not summed in
+    quadrature). Cells with fewer than 32 samples take the image's value.
+    """
+    resid = np.asarray(resid, dtype=np.float64)
+    C, H, W = resid.shape
+    x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
+    r = fit_radius_pix(psfs, pixel_scale_deg)
+    if H <= 2 * r + 1 or W <= 2 * r + 1 or x.size == 0:
+        return np.zeros((x.size, C)), np.zeros(x.size)
+    band_r = [min(r, fit_radius_pix([p], pixel_scale_deg)) for p in psfs]
+    off = np.abs(np.arange(-r, r + 1))
+    cell = int(cell) if cell else max(64, 8 * (2 * r + 1))
+    rng = np.random.default_rng(seed)
+    n = int(max(per_cell, per_cell * H * W / cell ** 2))
+    bx, by = rng.uniform(r, W - 1 - r, n), rng.uniform(r, H - 1 - r, n)
+    ix, iy, flat, inside = _stamp_indices(bx, by, r, H, W)
+    bad = np.zeros((C, H, W), bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), (C, H, W))
+    var = np.broadcast_to(np.asarray(rms, dtype=np.float64) ** 2, (C, H, W))
+    flux = np.zeros((n, C))
+    for c, p in enumerate(psfs):
+        box = np.maximum(off[:, None], off[None, :]) <= band_r[c]
+        use = (inside & ~bad[c].ravel()[flat] & box[None])[:, None]
+        P = _stamps(p, bx - ix, by - iy, pixel_scale_deg, r)[:, None]
+        f, _, _ = _linear_fit(P, resid[c].ravel()[flat][:, None], use, var[c].ravel()[flat][:, None], 1.0,
+                              np.zeros((n, 1)))
+        flux[:, c] = f[:, 0]
+    values = np.concatenate([flux, flux.sum(axis=1, keepdims=True)], axis=1)  # (n, C + 1)
+
+    def mad(v):
+        return 1.4826 * np.median(np.abs(v - np.median(v, axis=0)), axis=0)
+
+    ny, nx = -(-H // cell), -(-W // cell)
+    cells = np.minimum(by // cell, ny - 1).astype(int) * nx + np.minimum(bx // cell, nx - 1).astype(int)
+    table = np.tile(mad(values), (ny * nx, 1))  # (cells, C + 1): the image's value where a cell has too few
+    for k in np.unique(cells):
+        sel = cells == k
+        if sel.sum() >= 32:
+            table[k] = mad(values[sel])
+    at = (np.clip(y // cell, 0, ny - 1).astype(int) * nx + np.clip(x // cell, 0, nx - 1).astype(int))
+    return table[at, :C], table[at, C]
+
+
 def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, pixel_scale_deg: float, x, y,
                   snr, *, subtract_others: bool = True, point=None, factors=np.linspace(0.6, 1.8, 13),
                   n_max: int = 30, min_sources: int = 5) -> float:
@@ -413,4 +476,5 @@ def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, 
     return float(np.median(factors[b] + np.clip(shift, -1, 1) * step) * nominal_fwhm_deg)
 
 
-__all__ = ["background_and_rms", "estimate_fwhm", "fit_psf_sources", "fit_radius_pix"]
+__all__ = ["background_and_rms", "blank_flux_scatter", "estimate_fwhm", "fit_psf_sources", "fit_radius_pix",
+           "residual_image"]

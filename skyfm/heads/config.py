@@ -50,7 +50,8 @@ class InstrumentHeadConfig:
             was estimated from the counts (no model given): the fit's errors then also carry the estimate's, so
             they get their own scales and floor (None: those of a fit against a model).
         psf_fit: whether CCD detections of this instrument are refined by the PSF fit (chosen on validation
-            seeds: it is off where it made positions worse, as on the undersampled, crowded Hubble scenes).
+            seeds; every shipped CCD head has it on: Hubble's was off while the fit made its positions worse, before
+            the neighbours' wings and light entered the fit).
     """
 
     name: str
