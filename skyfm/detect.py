@@ -548,7 +548,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     d["flux"] = np.where(point, fit["flux"], d["flux"])
     # nor do they know what else lies under a source, the light of neighbours too faint to detect (confusion, in
     # clusters far above the sky noise): PSF fluxes at blank places of the residual image measure it
-    resid = residual_image(data, np.stack(bg), psfs, scale, fit)
+    resid = residual_image(data, np.stack(bg), np.stack(rms), psfs, scale, fit)
     blank_band, blank = blank_flux_scatter(resid, np.stack(rms), psfs, scale, fit["x"], fit["y"], mask=mask)
     stat = np.maximum(fit["flux_err"] * inflate, blank)
     stat_band = np.maximum(fit["flux_band_err"] * inflate[:, None], blank_band)

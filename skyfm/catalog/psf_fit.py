@@ -32,6 +32,7 @@ from skyfm.errors import SkyfmError
 
 MAX_SHIFT_PIX = 1.5  # a fit that moves a source further than this from the detection is not trusted
 WING_FWHM = 4.0  # neighbours' models reach this many FWHM (a Moffat beta 2.5 holds 99% of its flux within 4 FWHM)
+WING_MIN_RMS = 0.1  # ... for sources whose wing just beyond the fit box exceeds this fraction of the background rms
 
 
 def background_and_rms(image: np.ndarray, mask: np.ndarray | None = None, box: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -196,6 +197,7 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
     band_box = np.stack([np.maximum(off[:, None], off[None, :]) <= rb for rb in band_r])  # (C, k, k)
     gain = float(gain) if gain and gain > 0 else 1.0
     wing_r = [max(r, int(np.ceil(wing_fwhm * p.fwhm_deg / pixel_scale_deg))) for p in psfs]
+    wing_min = _wing_min(np.broadcast_to(np.asarray(rms, dtype=np.float64), (C, H, W)))
 
     x, y = x0.copy(), y0.copy()
     flux = np.zeros((n, C))
@@ -207,7 +209,7 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
     for pass_index in range(first, max(1, passes) + 1):
         iterations = 0 if pass_index == 0 else n_iter
         x_prev, y_prev, flux_prev = x.copy(), y.copy(), flux.copy()
-        models = _render(x, y, flux, psfs, pixel_scale_deg, r, (C, H, W), phases, wing_r)  # (C, H, W) all sources
+        models = _render(x, y, flux, psfs, pixel_scale_deg, r, (C, H, W), phases, wing_r, wing_min)  # all sources
         ix, iy, flat, inside = _stamp_indices(x0, y0, r, H, W)  # boxes stay on the detections
         # each source sees the data minus everyone else's model: add its own model back below
         others = np.stack([(resid_src[c] - models[c]).ravel()[flat] for c in range(C)], axis=1)  # (N, C, k, k)
@@ -320,10 +322,11 @@ def _own_models(x, y, flux, ix, iy, psfs, scale, r, phases=TABLE_PHASES):
     return flux[:, :, None, None] * P
 
 
-def _render(x, y, flux, psfs, scale, r, shape, phases=TABLE_PHASES, wing_r=None) -> np.ndarray:
+def _render(x, y, flux, psfs, scale, r, shape, phases=TABLE_PHASES, wing_r=None, wing_min=None) -> np.ndarray:
     """(C, H, W) sum of every source's PSF model: stamps of half-size r from the ``phases`` table and, where
     ``wing_r`` (one half-size per band) reaches further, the wings beyond r from a coarse table (SEEING_PHASES:
-    the profile is smooth there, and a wide fine table would cost hundreds of MB)."""
+    the profile is smooth there, and a wide fine table would cost hundreds of MB), for the sources whose wing just
+    beyond r exceeds ``wing_min`` (one value per band, ADU per pixel; None: every source)."""
     C, H, W = shape
     out = np.zeros((C, H * W))
     ix, iy, flat, inside = _stamp_indices(x, y, r, H, W)
@@ -331,24 +334,36 @@ def _render(x, y, flux, psfs, scale, r, shape, phases=TABLE_PHASES, wing_r=None)
         stamps = flux[:, c, None, None] * _stamps(p, x - ix, y - iy, scale, r, phases)
         out[c] += np.bincount(flat[inside], weights=stamps[inside], minlength=H * W)
         R = r if wing_r is None else int(wing_r[c])
-        if R > r:
-            wix, wiy, wflat, winside = _stamp_indices(x, y, R, H, W)
+        bright = np.ones(len(x), bool)
+        if wing_min is not None:  # most sources of a crowded field are faint: their wings are below the noise
+            edge = float(p.profile(np.array([(r + 1) * scale]))[0]) * scale ** 2  # flux share of a pixel there
+            bright = np.abs(flux[:, c]) * edge > wing_min[c]
+        if R > r and bright.any():
+            xb, yb, fb = x[bright], y[bright], flux[bright, c]
+            wix, wiy, wflat, winside = _stamp_indices(xb, yb, R, H, W)
             off = np.abs(np.arange(-R, R + 1))
             ring = np.maximum(off[:, None], off[None, :]) > r  # (k, k): outside the fine stamp
-            wings = flux[:, c, None, None] * _stamps(p, x - wix, y - wiy, scale, R, SEEING_PHASES)
+            wings = fb[:, None, None] * _stamps(p, xb - wix, yb - wiy, scale, R, SEEING_PHASES)
             keep = winside & ring[None]
             out[c] += np.bincount(wflat[keep], weights=wings[keep], minlength=H * W)
     return out.reshape(C, H, W)
 
 
-def residual_image(data, background, psfs, pixel_scale_deg: float, fit: dict) -> np.ndarray:
+def _wing_min(rms) -> list:
+    """Per band, the wing (ADU per pixel) below which a source's light beyond its fit box is not rendered: a tenth
+    of the band's median background rms."""
+    rms = np.asarray(rms, dtype=np.float64)
+    return [WING_MIN_RMS * float(np.median(rms[c])) for c in range(rms.shape[0])]
+
+
+def residual_image(data, background, rms, psfs, pixel_scale_deg: float, fit: dict) -> np.ndarray:
     """(C, H, W) data minus background minus every fitted source's model (``fit``: :func:`fit_psf_sources`'s
-    result, failed fits at their starting fluxes), wings out to WING_FWHM."""
+    result, failed fits at their starting fluxes), wings out to WING_FWHM as in the fit."""
     data = np.asarray(data, dtype=np.float64)
     r = fit_radius_pix(psfs, pixel_scale_deg)
     wing_r = [max(r, int(np.ceil(WING_FWHM * p.fwhm_deg / pixel_scale_deg))) for p in psfs]
     models = _render(fit["x"], fit["y"], np.nan_to_num(fit["flux_band"]), psfs, pixel_scale_deg, r, data.shape,
-                     TABLE_PHASES, wing_r)
+                     TABLE_PHASES, wing_r, _wing_min(rms))
     return data - np.asarray(background, dtype=np.float64) - models
 
 
