@@ -262,3 +262,22 @@ def test_blank_flux_scatter_is_the_sky_noise_on_a_clean_sky_and_grows_with_confu
     _, conf = blank_flux_scatter(crowded, np.full((1, size, size), sigma), [psf], SCALE, x, y)
     assert conf[0] > 1.5 * expected
     assert abs(conf[1] / expected - 1) < 0.12
+
+
+def test_blank_flux_scatter_leaves_masked_places_out():
+    """Places whose pixels are all masked measure nothing (their 0 would shrink the scatter); an image masked
+    everywhere adds no scatter at all."""
+    from skyfm.catalog.psf_fit import blank_flux_scatter
+
+    rng = np.random.default_rng(6)
+    psf, size, sigma = _psf(), 192, 10.0
+    noise = rng.normal(0, sigma, (1, size, size))
+    rms = np.full((1, size, size), sigma)
+    x, y = np.array([96.0]), np.array([96.0])
+    _, open_sky = blank_flux_scatter(noise, rms, [psf], SCALE, x, y, cell=size)
+    mask = np.zeros((size, size), bool)
+    mask[:, : size // 2] = True  # half the image masked (a bleed region, a chip gap)
+    _, half = blank_flux_scatter(noise, rms, [psf], SCALE, x, y, mask=mask, cell=size)
+    assert abs(half[0] / open_sky[0] - 1) < 0.15
+    _, none = blank_flux_scatter(noise, rms, [psf], SCALE, x, y, mask=np.ones((size, size), bool), cell=size)
+    assert none[0] == 0.0

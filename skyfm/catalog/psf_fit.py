@@ -218,10 +218,10 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
         target = others + own
         # the noise of a pixel holds the photons of every source there: beside a star 100x brighter its wing's
         # Poisson noise, not the sky's, is what the faint star's pixels carry, and weighting them by the sky alone
-        # lets the residual of the bright one's model swamp the faint one's fit. Not in pass 0, whose models carry
-        # the starting fluxes, which may be far off
+        # lets the residual of the bright one's model swamp the faint one's fit. Not in the first pass, whose models
+        # carry the starting fluxes, which may be far off
         sky = np.stack([var_sky[c].ravel()[flat] for c in range(C)], axis=1)
-        if pass_index > 0:
+        if pass_index > first:
             light = np.stack([models[c].ravel()[flat] for c in range(C)], axis=1) - own  # (N, C, k, k): the others'
             sky = sky + np.clip(light, 0, None) / gain
         for it in range(iterations + 1):
@@ -402,14 +402,19 @@ def blank_flux_scatter(resid, rms, psfs, pixel_scale_deg: float, x, y, mask=None
         P = _stamps(p, bx - ix, by - iy, pixel_scale_deg, r)[:, None]
         f, _, _ = _linear_fit(P, resid[c].ravel()[flat][:, None], use, var[c].ravel()[flat][:, None], 1.0,
                               np.zeros((n, 1)))
-        flux[:, c] = f[:, 0]
+        # a place with almost every pixel masked (a saturated star) measures nothing: its 0 would shrink the scatter
+        flux[:, c] = np.where(use.sum((1, 2, 3)) >= 9, f[:, 0], np.nan)
     values = np.concatenate([flux, flux.sum(axis=1, keepdims=True)], axis=1)  # (n, C + 1)
+    ny, nx = -(-H // cell), -(-W // cell)
+    cells = np.minimum(by // cell, ny - 1).astype(int) * nx + np.minimum(bx // cell, nx - 1).astype(int)
+    measured = np.isfinite(values).all(axis=1)
+    if measured.sum() < 32:  # an image all but masked: no scatter to add
+        return np.zeros((x.size, C)), np.zeros(x.size)
+    values, cells = values[measured], cells[measured]
 
     def mad(v):
         return 1.4826 * np.median(np.abs(v - np.median(v, axis=0)), axis=0)
 
-    ny, nx = -(-H // cell), -(-W // cell)
-    cells = np.minimum(by // cell, ny - 1).astype(int) * nx + np.minimum(bx // cell, nx - 1).astype(int)
     table = np.tile(mad(values), (ny * nx, 1))  # (cells, C + 1): the image's value where a cell has too few
     for k in np.unique(cells):
         sel = cells == k
