@@ -474,7 +474,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
 
     Every detection is modelled (so that neighbours share their light) on the pixels below the instrument's
     saturation level (:func:`saturation_mask`: a clipped core or a bleed column is no PSF), but only those whose
-    fit converged with an SNR >= ``PSF_FIT_MIN_SNR`` take the fitted position and position error; of these, the
+    fit converged with a significance over all bands (sqrt of the sum of the bands' SNR^2) >= ``PSF_FIT_MIN_SNR``
+    take the fitted position and position error; of these, the
     point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
     The fit's Fisher errors grow with sqrt(max(1, reduced chi-square)) of each source's box (column ``fit_chi2``),
     flux errors are at least the scatter of PSF fluxes at blank places of the residual image nearby
@@ -527,7 +528,10 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     fit = fit_psf_sources(data, np.stack(bg), np.stack(rms), psfs, scale, d["x"], d["y"], flux0, gain=gain, mask=mask,
                           passes=2, n_iter=4)
     with np.errstate(invalid="ignore", divide="ignore"):
-        fit_snr = np.nan_to_num(fit["flux"] / fit["flux_err"], nan=0.0)
+        # the fit's significance over all bands, sqrt(sum of the bands' SNR^2) (a chi-square detection image's):
+        # the SNR of the summed flux lets a band that holds only noise (WISE W4 for most stars) drown the others
+        band_snr = np.clip(np.nan_to_num(fit["flux_band"] / fit["flux_band_err"], nan=0.0), 0.0, None)
+        fit_snr = np.sqrt((band_snr ** 2).sum(axis=1))
     ok = fit["ok"] & (fit_snr >= PSF_FIT_MIN_SNR)
     flux_scale, pos_scale = head.error_scales(fit=True)  # calibrated on validation patches (1.0: as fitted)
     flux_floor, pos_floor = head.error_floors()  # systematic errors, in quadrature (0: none)

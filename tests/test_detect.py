@@ -219,6 +219,27 @@ def test_psf_flux_replaces_the_network_flux_only_where_it_is_more_precise(model_
     assert np.allclose(sure["x"], unsure["x"])
 
 
+def test_a_fit_is_accepted_by_its_significance_over_all_bands(model_dir):
+    """WISE stars seen in W1 and W2 only (SNR ~35) and nothing in W3 and W4: the summed flux's SNR is below 5 (the
+    noise of the empty bands swamps it), the bands' combined significance is not, so the fitted positions are taken."""
+    from skyfm.detect import refine_ccd_tile
+    from skyfm.heads import load_detector
+    from skyfm.instruments import load_instrument
+
+    det = load_detector(model_dir)
+    inst, head = load_instrument("wise"), det.head_config("wise")
+    x, y = np.array([30.2, 70.7, 30.4, 70.1]), np.array([30.6, 30.3, 70.8, 70.4])
+    p = simulate_patch("wise", 5, size=100, scene="empty", contaminants=False,
+                       inject={"x": x, "y": y, "mag": np.tile([17.0, 17.0, 30.0, 30.0], (4, 1))})
+    n, c = 4, len(p.bands)
+    start = {"x": x + 0.3, "y": y - 0.2, "pos_err": np.full(n, 0.5), "score": np.ones(n),
+             "class_prob": np.tile([1.0, 0.0], (n, 1)), "extension": np.zeros(n), "flux": np.ones(n),
+             "flux_band": np.ones((n, c)), "flux_err": np.full(n, 1e9), "flux_band_err": np.full((n, c), 1e9)}
+    out = refine_ccd_tile(start, p, inst, head)
+    assert np.all(out["fit"] >= 1)
+    assert np.all(np.hypot(out["x"] - x, out["y"] - y) < 0.2)  # from 0.36 px at the start
+
+
 def test_saturated_stars_the_network_missed_are_added(model_dir):
     from skyfm.detect import add_saturated_stars, refine_ccd_tile
     from skyfm.heads import load_detector
