@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from skyfm.catalog.evaluate import default_radius_pix, truth_crb
-    from skyfm.catalog.metrics import detection_metrics
+    from skyfm.catalog.metrics import detection_metrics, localization_metrics
     from skyfm.data.simulate import simulate_patch
     from skyfm.detect import default_min_score, detect_patch
     from skyfm.heads import load_detector
@@ -55,17 +55,15 @@ def main(argv=None) -> int:
             det.config.heads[inst.name] = dataclasses.replace(head, psf_fit=fit)
             cat = detect_patch(p, det, threshold)
             m = detection_metrics(cat, p.truth, radius)
-            di, ti = np.asarray(m["det_idx"], int), np.asarray(m["truth_idx"], int)
-            keep = isolated[ti] & (snr[ti] >= 10) & np.isfinite(crb[ti])
-            di, ti = di[keep], ti[keep]
-            x, y = np.asarray(cat["x"], dtype=float), np.asarray(cat["y"], dtype=float)
-            sep = np.hypot(x[di] - np.asarray(p.truth["x"], float)[ti], y[di] - np.asarray(p.truth["y"], float)[ti])
-            ratio = sep / (1.1774 * crb[ti])
+            select = isolated & (snr >= 10) & np.isfinite(crb)
+            loc = localization_metrics(cat, p.truth, m["det_idx"], m["truth_idx"], crb_pix=crb, select=select)
+            ratio = loc.get("sep_over_crb", np.zeros(0)) / 1.1774
             pooled[fit].append(ratio)
+            di = np.asarray(m["det_idx"], int)[select[np.asarray(m["truth_idx"], int)]]
             chi2 = np.asarray(cat["fit_chi2"], dtype=float)[di] if "fit_chi2" in cat.colnames else np.zeros(0)
-            loc = f"{np.median(ratio):.2f}" if len(ratio) else "-"
+            median = f"{np.median(ratio):.2f}" if len(ratio) else "-"
             med_chi2 = f"{np.nanmedian(chi2):.1f}" if np.isfinite(chi2).any() else "-"
-            print(f"| {i} | {p.meta['scene']} | {len(p.truth)} | {'on' if fit else 'off'} | {len(ratio)} | {loc} "
+            print(f"| {i} | {p.meta['scene']} | {len(p.truth)} | {'on' if fit else 'off'} | {len(ratio)} | {median} "
                   f"| {med_chi2} | {m['f1']:.3f} |")
     det.config.heads[inst.name] = head
     for fit in (False, True):

@@ -525,8 +525,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
         psfs.append(band.psf_with_fwhm(fwhm))
     gain = float((inst.noise or {}).get("gain", 1.0))
     flux0 = np.nan_to_num(d["flux_band"], nan=0.0)  # only weights the first linear fit
-    fit = fit_psf_sources(data, np.stack(bg), np.stack(rms), psfs, scale, d["x"], d["y"], flux0, gain=gain, mask=mask,
-                          passes=2, n_iter=4)
+    bg, rms = np.stack(bg), np.stack(rms)  # (C, H, W)
+    fit = fit_psf_sources(data, bg, rms, psfs, scale, d["x"], d["y"], flux0, gain=gain, mask=mask, passes=2, n_iter=4)
     with np.errstate(invalid="ignore", divide="ignore"):
         # the fit's significance over all bands, sqrt(sum of the bands' SNR^2) (a chi-square detection image's):
         # the SNR of the summed flux lets a band that holds only noise (WISE W4 for most stars) drown the others
@@ -552,8 +552,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     d["flux"] = np.where(point, fit["flux"], d["flux"])
     # nor do they know what else lies under a source, the light of neighbours too faint to detect (confusion, in
     # clusters far above the sky noise): PSF fluxes at blank places of the residual image measure it
-    resid = residual_image(data, np.stack(bg), np.stack(rms), psfs, scale, fit)
-    blank_band, blank = blank_flux_scatter(resid, np.stack(rms), psfs, scale, fit["x"], fit["y"], mask=mask)
+    resid = residual_image(data, bg, rms, psfs, scale, fit)
+    blank_band, blank = blank_flux_scatter(resid, rms, psfs, scale, fit["x"], fit["y"], mask=mask)
     stat = np.maximum(fit["flux_err"] * inflate, blank)
     stat_band = np.maximum(fit["flux_band_err"] * inflate[:, None], blank_band)
     flux_err = np.hypot(stat * flux_scale, flux_floor * fit["flux"])

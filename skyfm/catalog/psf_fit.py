@@ -148,6 +148,20 @@ def fit_radius_pix(psfs, pixel_scale_deg: float) -> int:
     return int(max(2, np.ceil(1.5 * max(p.fwhm_deg for p in psfs) / pixel_scale_deg)))
 
 
+def _band_boxes(psfs, pixel_scale_deg: float, r: int) -> np.ndarray:
+    """(C, 2r + 1, 2r + 1) bool: each band's fit box (1.5 of its own FWHM) inside the common array of half-size r.
+    A sharp band's position is then not confused by neighbours that only the broadest band's box reaches (WISE:
+    W1 4.4 px FWHM, W4 8.7 px)."""
+    off = np.abs(np.arange(-r, r + 1))
+    ring = np.maximum(off[:, None], off[None, :])
+    return np.stack([ring <= min(r, fit_radius_pix([p], pixel_scale_deg)) for p in psfs])
+
+
+def _wing_radii(psfs, pixel_scale_deg: float, r: int, wing_fwhm: float = WING_FWHM) -> list:
+    """Per band, the half-size of the neighbours' models: ``wing_fwhm`` of its FWHM, at least the fit box r."""
+    return [max(r, int(np.ceil(wing_fwhm * p.fwhm_deg / pixel_scale_deg))) for p in psfs]
+
+
 def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0, flux0=None, *,
                     gain: float = 1.0, mask=None, radius_pix: int | None = None, passes: int = 3,
                     n_iter: int = 5, phases: int = TABLE_PHASES, wing_fwhm: float = WING_FWHM,
@@ -190,13 +204,9 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
     var_sky = np.asarray(rms, dtype=np.float64) ** 2
     bad = np.zeros((C, H, W), bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), (C, H, W))
     r = fit_radius_pix(psfs, pixel_scale_deg) if radius_pix is None else int(radius_pix)
-    # each band fits its own box (1.5 of its FWHM): a sharp band's position is not confused by neighbours that
-    # only the broadest band's box reaches (WISE: W1 4.4 px FWHM, W4 8.7 px)
-    band_r = [min(r, fit_radius_pix([p], pixel_scale_deg)) for p in psfs] if radius_pix is None else [r] * C
-    off = np.abs(np.arange(-r, r + 1))
-    band_box = np.stack([np.maximum(off[:, None], off[None, :]) <= rb for rb in band_r])  # (C, k, k)
+    band_box = _band_boxes(psfs, pixel_scale_deg, r) if radius_pix is None else np.ones((C, 2 * r + 1, 2 * r + 1), bool)
     gain = float(gain) if gain and gain > 0 else 1.0
-    wing_r = [max(r, int(np.ceil(wing_fwhm * p.fwhm_deg / pixel_scale_deg))) for p in psfs]
+    wing_r = _wing_radii(psfs, pixel_scale_deg, r, wing_fwhm)
     wing_min = _wing_min(np.broadcast_to(np.asarray(rms, dtype=np.float64), (C, H, W)))
 
     x, y = x0.copy(), y0.copy()
@@ -361,9 +371,8 @@ def residual_image(data, background, rms, psfs, pixel_scale_deg: float, fit: dic
     result, failed fits at their starting fluxes), wings out to WING_FWHM as in the fit."""
     data = np.asarray(data, dtype=np.float64)
     r = fit_radius_pix(psfs, pixel_scale_deg)
-    wing_r = [max(r, int(np.ceil(WING_FWHM * p.fwhm_deg / pixel_scale_deg))) for p in psfs]
     models = _render(fit["x"], fit["y"], np.nan_to_num(fit["flux_band"]), psfs, pixel_scale_deg, r, data.shape,
-                     TABLE_PHASES, wing_r, _wing_min(rms))
+                     TABLE_PHASES, _wing_radii(psfs, pixel_scale_deg, r), _wing_min(rms))
     return data - np.asarray(background, dtype=np.float64) - models
 
 
@@ -386,8 +395,7 @@ def blank_flux_scatter(resid, rms, psfs, pixel_scale_deg: float, x, y, mask=None
     r = fit_radius_pix(psfs, pixel_scale_deg)
     if H <= 2 * r + 1 or W <= 2 * r + 1 or x.size == 0:
         return np.zeros((x.size, C)), np.zeros(x.size)
-    band_r = [min(r, fit_radius_pix([p], pixel_scale_deg)) for p in psfs]
-    off = np.abs(np.arange(-r, r + 1))
+    boxes = _band_boxes(psfs, pixel_scale_deg, r)
     cell = int(cell) if cell else max(64, 8 * (2 * r + 1))
     rng = np.random.default_rng(seed)
     n = int(max(per_cell, per_cell * H * W / cell ** 2))
@@ -397,8 +405,7 @@ def blank_flux_scatter(resid, rms, psfs, pixel_scale_deg: float, x, y, mask=None
     var = np.broadcast_to(np.asarray(rms, dtype=np.float64) ** 2, (C, H, W))
     flux = np.zeros((n, C))
     for c, p in enumerate(psfs):
-        box = np.maximum(off[:, None], off[None, :]) <= band_r[c]
-        use = (inside & ~bad[c].ravel()[flat] & box[None])[:, None]
+        use = (inside & ~bad[c].ravel()[flat] & boxes[c][None])[:, None]
         P = _stamps(p, bx - ix, by - iy, pixel_scale_deg, r)[:, None]
         f, _, _ = _linear_fit(P, resid[c].ravel()[flat][:, None], use, var[c].ravel()[flat][:, None], 1.0,
                               np.zeros((n, 1)))
