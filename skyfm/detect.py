@@ -595,8 +595,16 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
 
 # --------------------------------------------------------------------------------------------- counts refinement
 def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background=None,
-                  bands: list[str] | None = None, head=None, estimated: bool | None = None, high_pass=None) -> dict:
+                  bands: list[str] | None = None, head=None, estimated: bool | None = None, high_pass=None,
+                  unresolved: bool = True, return_background: bool = False):
     """Poisson likelihood refinement of counts-cube detections: position, flux per bin, TS, physical flux.
+
+    With a background model and ``unresolved`` (the default) the detections are fitted twice: the second time
+    against the model plus the light it lacks on scales broader than the PSF (:func:`~skyfm.catalog.likelihood.
+    add_unresolved`: the counts less the model and the first fit's sources with TS >= ``UNRESOLVED_MIN_TS``,
+    smoothed), so that the sources too faint to detect, which a diffuse model does not hold, do not add their
+    summed light to the fluxes and TS of those found. ``return_background``: also return that background (or the
+    one the fit used), ``(arrays, background)``.
 
     The fit's flux and position errors are multiplied by the head's ``fit_flux_err_scale`` and
     ``fit_pos_err_scale``, and its ``fit_flux_err_floor`` (a relative error) and ``fit_pos_err_floor`` (pixels)
@@ -616,7 +624,7 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     n = len(arrays["x"])
     if n == 0:
         arrays.update(ts=np.zeros(0), flux_phys=np.zeros(0))
-        return arrays
+        return (arrays, background) if return_background else arrays
     band_objs = [inst.band(b) for b in bands] if bands else list(inst.bands)
     kernels = likelihood.psf_kernels(inst, pixel_scale, psfs=[b.psf for b in band_objs])
     estimated = background is None if estimated is None else estimated
@@ -624,14 +632,24 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     if background is None:
         if high_pass is None:
             high_pass = likelihood.estimate_background(data, kernels)
-        fit = likelihood.fit_point_sources(data, high_pass, tables, arrays["x"], arrays["y"], arrays["flux"])
+        fit = likelihood.fit_point_sources(data, high_pass, tables, arrays["x"], arrays["y"], arrays["flux"],
+                                           marginal_errors=False)  # its positions are kept, not its fluxes
         masked = likelihood.estimate_background(data, kernels, sources=(arrays["x"], arrays["y"]))
         placed = np.isfinite(fit["x"]) & np.isfinite(fit["y"])
         x0, y0 = np.where(placed, fit["x"], arrays["x"]), np.where(placed, fit["y"], arrays["y"])
         phot = likelihood.fit_point_sources(data, masked, tables, x0, y0, fit["flux"], fit_position=False)
         fit = {**phot, "x": fit["x"], "y": fit["y"], "pos_err_pix": fit["pos_err_pix"]}
     else:
-        fit = likelihood.fit_point_sources(data, background, tables, arrays["x"], arrays["y"], arrays["flux"])
+        fit = likelihood.fit_point_sources(data, background, tables, arrays["x"], arrays["y"], arrays["flux"],
+                                           marginal_errors=not unresolved)  # with unresolved, only a first fit
+        if unresolved:
+            found = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (fit["ts"] >= UNRESOLVED_MIN_TS)
+            background = likelihood.add_unresolved(np.nan_to_num(np.asarray(data, dtype=np.float64)), background,
+                                                   kernels, fit["x"][found], fit["y"][found], fit["flux_band"][found])
+            placed = np.isfinite(fit["x"]) & np.isfinite(fit["y"]) & np.isfinite(fit["flux"])
+            x0, y0 = np.where(placed, fit["x"], arrays["x"]), np.where(placed, fit["y"], arrays["y"])
+            fit = likelihood.fit_point_sources(data, background, tables, x0, y0,
+                                               np.where(placed, fit["flux"], arrays["flux"]))
     flux_scale, pos_scale = head.error_scales(fit=True, estimated=estimated) if head is not None else (1.0, 1.0)
     flux_floor, pos_floor = head.error_floors(estimated) if head is not None else (0.0, 0.0)
     moved = np.hypot(fit["x"] - arrays["x"], fit["y"] - arrays["y"])
@@ -650,12 +668,13 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     arrays["fit"] = np.where(ok, 2, 0).astype(np.int8)
     exposure = np.array([b.exposure for b in band_objs], dtype=np.float64)
     arrays["flux_phys"] = flux_phys(np.clip(arrays["flux_band"], 0, None), exposure)
-    return arrays
+    return (arrays, background) if return_background else arrays
 
 
 # ------------------------------------------------------------------------------------------ likelihood selection
 SELECTIONS = ("auto", "network", "likelihood")
 LIKELIHOOD_MIN_TS = 25.0  # the 4FGL convention: TS >= 25, about 4 sigma for 4 free parameters
+UNRESOLVED_MIN_TS = LIKELIHOOD_MIN_TS  # refine_counts models the sources a catalog keeps; the rest is unresolved
 TS_MAP_INDEX = 2.2  # photon index of the TS map's test source (the TS-map baseline's)
 WEAK_SCORE = 0.05  # network peaks this weak only lend their class and extension to TS-map candidates
 CANDIDATE_TS = 16.0  # TS-map peaks fitted as candidates (the fit, neighbours included, then decides)
@@ -862,10 +881,13 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
     search = likelihood.estimate_background(counts, kernels) if estimated else background
     arrays = add_ts_map_candidates(found, patch.data, inst, scale, search, bands, min_score, candidate_ts)
     # estimated: refine_counts fits positions against the search estimate, fluxes against one without the sources
-    arrays = refine_counts(arrays, patch.data, inst, scale, None if estimated else background, bands=bands,
-                           head=head, estimated=estimated, high_pass=search if estimated else None)
+    arrays, fitted_against = refine_counts(arrays, patch.data, inst, scale, None if estimated else background,
+                                           bands=bands, head=head, estimated=estimated,
+                                           high_pass=search if estimated else None, return_background=True)
     if estimated and passes > 1:  # the second pass's model: the estimate that leaves the candidates out
         background = likelihood.estimate_background(counts, kernels, sources=(arrays["x"], arrays["y"]))
+    elif not estimated:  # the model with the unresolved sources' light
+        background = fitted_against
     separation = _peak_separation(band_objs, scale or inst.pixel_scale_deg)
     arrays = select_by_ts(arrays, min_ts, separation)
     for _ in range(passes - 1):  # sources beside those found: in the TS map of the background plus them
@@ -874,7 +896,8 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
                                      exclude=(arrays["x"], arrays["y"]))
         if len(more["x"]) == 0:
             break
-        more = refine_counts(more, patch.data, inst, scale, model, bands=bands, head=head, estimated=estimated)
+        more = refine_counts(more, patch.data, inst, scale, model, bands=bands, head=head, estimated=estimated,
+                             unresolved=False)
         arrays = select_by_ts({k: np.concatenate([arrays[k], more[k]]) for k in arrays}, min_ts, separation)
     arrays["net_score"] = arrays["score"]
     arrays["score"] = np.sqrt(np.clip(arrays["ts"], 0, None))
