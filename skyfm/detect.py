@@ -639,6 +639,7 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
         x0, y0 = np.where(placed, fit["x"], arrays["x"]), np.where(placed, fit["y"], arrays["y"])
         phot = likelihood.fit_point_sources(data, masked, tables, x0, y0, fit["flux"], fit_position=False)
         fit = {**phot, "x": fit["x"], "y": fit["y"], "pos_err_pix": fit["pos_err_pix"]}
+        flux_background = masked
     else:
         fit = likelihood.fit_point_sources(data, background, tables, arrays["x"], arrays["y"], arrays["flux"],
                                            marginal_errors=not unresolved)  # with unresolved, only a first fit
@@ -650,17 +651,24 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
             x0, y0 = np.where(placed, fit["x"], arrays["x"]), np.where(placed, fit["y"], arrays["y"])
             fit = likelihood.fit_point_sources(data, background, tables, x0, y0,
                                                np.where(placed, fit["flux"], arrays["flux"]))
+        flux_background = background
     flux_scale, pos_scale = head.error_scales(fit=True, estimated=estimated) if head is not None else (1.0, 1.0)
     flux_floor, pos_floor = head.error_floors(estimated) if head is not None else (0.0, 0.0)
     moved = np.hypot(fit["x"] - arrays["x"], fit["y"] - arrays["y"])
     ok = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (moved < 3.0)
     for key in ("x", "y"):
         arrays[key] = np.where(ok, fit[key], arrays[key])
+    # what the counts scatter beyond Poisson noise where no source was fitted (undetected sources, misfits)
+    everything = likelihood.add_point_sources(flux_background, kernels, fit["x"][ok], fit["y"][ok],
+                                              fit["flux_band"][ok])
+    conf_band, conf = likelihood.confusion_variance(data, everything, kernels, arrays["x"], arrays["y"])
+    stat = np.sqrt(fit["flux_err"] ** 2 + conf)
+    stat_band = np.sqrt(fit["flux_band_err"] ** 2 + conf_band)
     arrays["flux"] = np.where(ok, fit["flux"], arrays["flux"])
-    arrays["flux_err"] = np.where(ok, np.hypot(fit["flux_err"] * flux_scale, flux_floor * np.abs(fit["flux"])),
+    arrays["flux_err"] = np.where(ok, np.hypot(stat * flux_scale, flux_floor * np.abs(fit["flux"])),
                                   arrays["flux_err"])
     arrays["flux_band"] = np.where(ok[:, None], fit["flux_band"], arrays["flux_band"])
-    band_err = np.hypot(fit["flux_band_err"] * flux_scale, flux_floor * np.abs(fit["flux_band"]))
+    band_err = np.hypot(stat_band * flux_scale, flux_floor * np.abs(fit["flux_band"]))
     arrays["flux_band_err"] = np.where(ok[:, None], band_err, arrays["flux_band_err"])
     pe = np.hypot(np.asarray(fit["pos_err_pix"], dtype=float) * pos_scale, pos_floor)
     arrays["pos_err"] = np.where(ok & np.isfinite(pe), np.maximum(pe, 0.05), arrays["pos_err"])

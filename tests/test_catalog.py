@@ -282,6 +282,26 @@ def test_flux_errors_of_overlapping_sources_are_marginalised_over_each_other():
     assert fit["flux_err"][0] == pytest.approx(one["flux_err"][0], rel=0.01)
 
 
+def test_confusion_variance_is_zero_on_a_modelled_sky_and_grows_with_undetected_sources():
+    inst = load_instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    rng = np.random.default_rng(5)
+    bkg = np.array([5.0, 2.0, 0.5, 0.2, 0.05, 0.02])
+    b = np.stack([np.full((160, 160), v) for v in bkg])
+    clean = rng.poisson(b).astype(np.float64)
+    # 400 sources of 40 counts each, none of them in the model (each a TS of about 4 at the lowest bins' PSF)
+    faint = lk.add_point_sources(np.zeros_like(b), kernels, rng.uniform(0, 160, 400), rng.uniform(0, 160, 400),
+                                 np.outer(np.full(400, 40.0), lk.powerlaw_band_weights(inst)))
+    confused = rng.poisson(b + faint).astype(np.float64)
+    at = ([80.0], [80.0])
+    poisson = lk.fit_point_sources(clean, b, kernels, *at, [100.0], marginal_errors=False)["flux_err"][0] ** 2
+    band0, total0 = lk.confusion_variance(clean, b, kernels, *at)
+    band1, total1 = lk.confusion_variance(confused, b + faint.mean(axis=(1, 2), keepdims=True), kernels, *at)
+    assert total0[0] < 0.15 * poisson  # a sky its model explains: (almost) nothing beyond Poisson
+    assert total1[0] > poisson and total1[0] > 10 * total0[0]
+    assert band0.shape == (1, 6) and np.all(band1[0, :2] > band0[0, :2])
+
+
 def test_detection_metrics_counts_faint_matches_as_neither():
     truth = Table({"x": [10.0, 20.0, 30.0, 40.0], "y": [10.0, 20.0, 30.0, 40.0], "snr": [50.0, 8.0, 3.0, 6.0],
                    "flux": [100.0, 50.0, 10.0, 40.0]})

@@ -867,6 +867,67 @@ def add_unresolved(counts, background, psf_kernels, x, y, flux_band, *, smoothin
     return np.maximum(out, 0.1 * b)
 
 
+def confusion_variance(counts, model, psf_kernels, x, y, *, cell: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The flux variance that the counts show beyond Poisson noise, read at ``x, y``: ``(band (N, C), total (N,))``.
+
+    ``model``: the background plus every source fitted. At every pixel the linearised likelihood flux of a point
+    source on the residual, per bin ``sum K (n - mu) / mu / sum K^2 / mu`` (FFT correlations), has Poisson variance
+    ``1 / sum K^2 / mu``; its scatter over the pixels of a cell of ``cell`` px (default 8 FWHM of the broadest bin,
+    at least 64), less that Poisson variance (and less the scatter's own uncertainty, so that a sky the model
+    explains adds almost nothing), is what undetected sources and the model's misfits
+    add under a source there, which the fit's Fisher errors do not know (the counts-cube twin of
+    :func:`skyfm.catalog.psf_fit.blank_flux_scatter`). The total is measured on the summed fluxes (one undetected
+    source adds to every bin at once). Pixels within a kernel radius of the edge are left out."""
+    from scipy.signal import fftconvolve
+
+    n = np.asarray(counts, dtype=np.float64)
+    mu = np.maximum(np.asarray(model, dtype=np.float64), 1e-12)
+    if n.ndim == 2:
+        n, mu = n[None], mu[None]
+    c_bins, h, w = n.shape
+    kernels = [_kernel_array(k) for k in psf_kernels]
+    x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
+    fwhm = max(_kernel_fwhm_pix(k) for k in kernels)
+    cell = int(cell) if cell else int(max(64, np.ceil(8 * fwhm)))
+    edge = max(k.shape[0] // 2 for k in kernels)
+    if h <= 2 * edge + 8 or w <= 2 * edge + 8 or x.size == 0:
+        return np.zeros((x.size, c_bins)), np.zeros(x.size)
+    flux, var = np.zeros((c_bins + 1, h, w)), np.zeros((c_bins + 1, h, w))
+    for c, k in enumerate(kernels):
+        den = np.maximum(fftconvolve(1.0 / mu[c], (k * k)[::-1, ::-1], mode="same"), 1e-30)
+        flux[c] = fftconvolve((n[c] - mu[c]) / mu[c], k[::-1, ::-1], mode="same") / den
+        var[c] = 1.0 / den
+    flux[c_bins], var[c_bins] = flux[:c_bins].sum(axis=0), var[:c_bins].sum(axis=0)
+    inner = (slice(edge, h - edge), slice(edge, w - edge))
+    ny, nx = -(-h // cell), -(-w // cell)
+    table = np.zeros((ny * nx, c_bins + 1))
+    yy, xx = np.mgrid[0:h, 0:w]
+    cells = (np.minimum(yy // cell, ny - 1) * nx + np.minimum(xx // cell, nx - 1))[inner].ravel()
+    f_in = flux[(slice(None),) + inner].reshape(c_bins + 1, -1)
+    v_in = var[(slice(None),) + inner].reshape(c_bins + 1, -1)
+
+    # independent samples per pixel (one per PSF core of each bin; the total's scatter is the broadest bin's)
+    beams = np.array([1.133 * _kernel_fwhm_pix(k) ** 2 for k in kernels] + [1.133 * fwhm ** 2])
+
+    def excess(f, v):
+        """Scatter^2 (of the values within 5 robust sigma of the median: a bright source's misfit is no sky) less
+        the Poisson variance and one standard error of the scatter^2 (sqrt(2 / independent samples)), so that a sky
+        the model explains adds (almost) nothing."""
+        med = np.median(f, axis=1, keepdims=True)
+        mad = 1.4826 * np.median(np.abs(f - med), axis=1, keepdims=True)
+        inside = np.abs(f - med) <= 5 * np.maximum(mad, 1e-30)
+        var = np.array([np.var(row[keep]) if keep.any() else 0.0 for row, keep in zip(f, inside)])
+        poisson = np.median(v, axis=1)
+        return np.maximum(var - poisson * (1 + np.sqrt(2 * beams / max(f.shape[1], 1))), 0.0)
+
+    whole = excess(f_in, v_in)
+    for kcell in range(ny * nx):
+        sel = cells == kcell
+        table[kcell] = excess(f_in[:, sel], v_in[:, sel]) if sel.sum() >= (2 * fwhm) ** 2 else whole
+    at = np.clip(y // cell, 0, ny - 1).astype(int) * nx + np.clip(x // cell, 0, nx - 1).astype(int)
+    return table[at, :c_bins], table[at, c_bins]
+
+
 def _kernel_fwhm_pix(k: np.ndarray) -> float:
     area = float(np.count_nonzero(k >= 0.5 * k.max()))
     return 2.0 * np.sqrt(area / np.pi)
