@@ -606,7 +606,10 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     summed light to the fluxes and TS of those found. ``return_background``: also return that background (or the
     one the fit used), ``(arrays, background)``.
 
-    The fit's flux and position errors are multiplied by the head's ``fit_flux_err_scale`` and
+    Flux errors are the fit's, marginalised over the overlapping neighbours (:func:`~skyfm.catalog.likelihood.
+    fit_point_sources`), with the confusion variance the residual counts show around each source added in
+    quadrature (:func:`~skyfm.catalog.likelihood.confusion_variance`: undetected sources, misfits of the model).
+    The fit's flux and position errors are then multiplied by the head's ``fit_flux_err_scale`` and
     ``fit_pos_err_scale``, and its ``fit_flux_err_floor`` (a relative error) and ``fit_pos_err_floor`` (pixels)
     are added in quadrature (calibrated on validation patches; 1.0 and 0 without a head); against a background
     ``estimated`` from the counts (default: when ``background`` is None) the ``_estbg`` scales and floor where the

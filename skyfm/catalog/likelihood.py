@@ -860,7 +860,7 @@ def add_unresolved(counts, background, psf_kernels, x, y, flux_band, *, smoothin
     x, y = np.asarray(x, dtype=np.float64).reshape(-1), np.asarray(y, dtype=np.float64).reshape(-1)
     residual = n - add_point_sources(b, kernels, x, y, np.asarray(flux_band, dtype=np.float64).reshape(len(x), c_bins))
     # a fitted source's core is no measure of the sky around it (what the fit got wrong about it is there)
-    keep = _away_from_sources(x, y, source_radius_r68 * np.maximum(0.85 * fwhm, 1.0), h, w)
+    keep = _away_from_sources(x, y, source_radius_r68 * _r68_pix(fwhm), h, w)
     out = np.empty_like(b)
     for c in range(c_bins):
         out[c] = b[c] + _smooth_where(residual[c], keep[c], sigma)
@@ -887,7 +887,8 @@ def confusion_variance(counts, model, psf_kernels, x, y, *, cell: int | None = N
     c_bins, h, w = n.shape
     kernels = [_kernel_array(k) for k in psf_kernels]
     x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
-    fwhm = max(_kernel_fwhm_pix(k) for k in kernels)
+    fwhms = np.array([_kernel_fwhm_pix(k) for k in kernels])
+    fwhm = float(fwhms.max())
     cell = int(cell) if cell else int(max(64, np.ceil(8 * fwhm)))
     edge = max(k.shape[0] // 2 for k in kernels)
     if h <= 2 * edge + 8 or w <= 2 * edge + 8 or x.size == 0:
@@ -907,7 +908,7 @@ def confusion_variance(counts, model, psf_kernels, x, y, *, cell: int | None = N
     v_in = var[(slice(None),) + inner].reshape(c_bins + 1, -1)
 
     # independent samples per pixel (one per PSF core of each bin; the total's scatter is the broadest bin's)
-    beams = np.array([1.133 * _kernel_fwhm_pix(k) ** 2 for k in kernels] + [1.133 * fwhm ** 2])
+    beams = 1.133 * np.append(fwhms, fwhm) ** 2
 
     def excess(f, v):
         """Scatter^2 (of the values within 5 robust sigma of the median: a bright source's misfit is no sky) less
@@ -931,6 +932,11 @@ def confusion_variance(counts, model, psf_kernels, x, y, *, cell: int | None = N
 def _kernel_fwhm_pix(k: np.ndarray) -> float:
     area = float(np.count_nonzero(k >= 0.5 * k.max()))
     return 2.0 * np.sqrt(area / np.pi)
+
+
+def _r68_pix(fwhm_pix):
+    """The radius holding 68% of a PSF of FWHM ``fwhm_pix`` (0.85 FWHM, a Gaussian's), at least a pixel."""
+    return np.maximum(0.85 * np.asarray(fwhm_pix, dtype=np.float64), 1.0)
 
 
 def estimate_background(counts, psf_kernels, *, n_iter: int = 1, mask_sigma: float = 8.0,
@@ -968,7 +974,7 @@ def estimate_background(counts, psf_kernels, *, n_iter: int = 1, mask_sigma: flo
     rate = n.reshape(c_bins, -1).mean(axis=1)
     sig_s = np.maximum(smoothing_fwhm * fwhm, np.sqrt(min_counts_per_smoothing / (4 * np.pi * np.maximum(rate, 1e-9))))
     sig_s = np.minimum(sig_s, max(h, w) / 4.0)
-    r68 = np.maximum(0.85 * fwhm, 1.0)
+    r68 = _r68_pix(fwhm)
     keep = np.ones((c_bins, h, w))
     if sources is not None and len(sources[0]):
         keep = _away_from_sources(sources[0], sources[1], source_radius_r68 * r68, h, w)
