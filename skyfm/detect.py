@@ -692,6 +692,9 @@ CANDIDATE_TS = 16.0  # TS-map peaks fitted as candidates (the fit, neighbours in
 # A second pass looks for sources in the TS map of the background plus the sources found. On validation skies
 # (benchmarks/likelihood_selection.py) it found more Fermi-LAT sources (F1 0.906 -> 0.923) but fitted the residuals
 # of extended CTAO sources as point sources (0.812 -> 0.761) and left the Fermi plane as it was: one by default.
+# Since the fits see the unresolved light (docs/benchmarks.md, Run 11) two passes raise every Fermi-LAT case
+# (0.907 -> 0.927, plane 0.781 -> 0.795, ic-halo 0.752 -> 0.817) and still cost CTAO (0.812 -> 0.780): the shipped
+# Fermi-LAT head sets ``likelihood_passes: 2``.
 LIKELIHOOD_PASSES = 1
 
 
@@ -835,7 +838,7 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
 def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_size: int | None = None,
                  overlap: int | None = None, refine: bool = True, batch_size: int | None = None, progress: bool = False,
                  precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
-                 selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int = LIKELIHOOD_PASSES):
+                 selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int | None = None):
     """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
 
     Args:
@@ -850,7 +853,8 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
             probability >= ``min_score``. ``"likelihood"`` (counts cubes; the default when the patch carries a
             background model, ``patch.background_image``): the network's peaks and the TS map's
             (:func:`add_ts_map_candidates`), fitted together, kept at fitted ``TS >= min_ts``; ``score`` is then
-            sqrt(TS) and ``net_score`` the network's probability. ``passes`` > 1: look again, in the TS map of
+            sqrt(TS) and ``net_score`` the network's probability. ``passes`` (default the head's
+            ``likelihood_passes``, else :data:`LIKELIHOOD_PASSES`) > 1: look again, in the TS map of
             the background plus the sources found, for sources beside them (:data:`LIKELIHOOD_PASSES`).
     """
     from skyfm.instruments import load_instrument
@@ -866,7 +870,11 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     scale = _wcs_scale(patch.wcs)
     background = getattr(patch, "background_image", None)
     if resolve_selection(selection, inst, background, refine) == "likelihood":
-        return _detect_likelihood(patch, det, inst, head, scale, background, min_score, min_ts, passes=passes,
+        if passes is None:
+            passes = head.likelihood_passes if head.likelihood_passes is not None else LIKELIHOOD_PASSES
+        if not (isinstance(passes, (int, np.integer)) and passes >= 1):
+            raise SkyfmError(f"{inst.name}: likelihood passes should be a whole number >= 1, got {passes!r}")
+        return _detect_likelihood(patch, det, inst, head, scale, background, min_score, min_ts, passes=int(passes),
                                   tile_size=tile_size, overlap=overlap, batch_size=batch_size, progress=progress,
                                   precision=precision, attention_window=attention_window)
     arrays = detect_tiles(patch, inst, det, min_score=min_score, tile_size=tile_size, overlap=overlap,

@@ -471,3 +471,25 @@ def test_detect_cli_selection_errors_are_one_line(tmp_path, model_dir, capsys):
     from skyfm.catalog import read_catalog
 
     assert np.all(np.asarray(read_catalog(out)["ts"]) >= 25.0)
+
+
+def test_likelihood_passes_come_from_the_head_and_bad_values_are_one_line(model_dir, monkeypatch):
+    """detect_patch's likelihood selection looks as many times as the head says (the shipped Fermi-LAT head: twice,
+    chosen on validation seeds) unless told; a value that is not a whole number >= 1 is a clear error."""
+    import skyfm.detect as D
+    from skyfm.errors import SkyfmError
+    from skyfm.heads import load_detector
+
+    assert load_detector().head_config("fermi-lat").likelihood_passes == 2  # the shipped detector
+    det = load_detector(model_dir)
+    p = simulate_patch("fermi-lat", 3, size=48, population="resampled")
+    seen = []
+    monkeypatch.setattr(D, "_detect_likelihood", lambda *a, passes, **k: seen.append(passes))
+    D.detect_patch(p, det)
+    det.head_config("fermi-lat").likelihood_passes = 3
+    D.detect_patch(p, det)
+    D.detect_patch(p, det, passes=1)
+    assert seen == [D.LIKELIHOOD_PASSES, 3, 1]
+    det.head_config("fermi-lat").likelihood_passes = 0
+    with pytest.raises(SkyfmError, match="whole number >= 1"):
+        D.detect_patch(p, det)

@@ -52,6 +52,9 @@ class InstrumentHeadConfig:
         psf_fit: whether CCD detections of this instrument are refined by the PSF fit (chosen on validation
             seeds; every shipped CCD head has it on: Hubble's was off while the fit made its positions worse, before
             the neighbours' wings and light entered the fit).
+        likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
+            sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
+            :data:`skyfm.detect.LIKELIHOOD_PASSES`.
     """
 
     name: str
@@ -72,6 +75,7 @@ class InstrumentHeadConfig:
     fit_flux_err_floor_estbg: float | None = None
     fit_pos_err_scale_estbg: float | None = None
     psf_fit: bool = True
+    likelihood_passes: int | None = None
 
     def _number(self, name: str, default: float, allow_zero: bool) -> float:
         """Field ``name`` as a finite float (``default`` when None); positive, or >= 0 with ``allow_zero``."""
