@@ -571,8 +571,15 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "--background, else network.")
 @click.option("--min-ts", type=click.FloatRange(min=0), default=25.0, show_default=True,
               help="Likelihood selection: the least fitted TS a source needs (25: the 4FGL convention).")
+@click.option("--test-extension", is_flag=True,
+              help="Counts cubes with --background: test every source for extension (a radial Gaussian seen "
+                   "through the PSF, fitted on sizes from 1.5 to 13 times the sharpest bin's r68, kept at TS_ext "
+                   ">= 16 over the point model, the point fits' pieces of it absorbed); extended sources get "
+                   "extension (r68, deg) and ts_ext. Off by default: about 10 s more per 256^2 cube and no gain in "
+                   "F1 (docs/benchmarks.md).")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
-               precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts):
+               precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
+               test_extension):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -596,7 +603,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size,
                             precision=precision, attention_window=attention_window, refine=not no_refine,
                             drop_trails=drop_trails, background=background_path, selection=selection,
-                            min_ts=min_ts)
+                            min_ts=min_ts, test_extension=test_extension)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

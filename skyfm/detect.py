@@ -27,11 +27,13 @@ How:
    network's, all are fitted together, and the catalog keeps fitted TS >= 25 (:func:`add_ts_map_candidates`,
    :func:`select_by_ts`). Against a known background the likelihood-ratio test is close to the best a point-source
    detector can do, and the network, which never sees the model, did not beat it on validation skies; together
-   they keep what the TS map finds, and the network's peaks split blends the TS map merges.
+   they keep what the TS map finds, and the network's peaks split blends the TS map merges. Optionally
+   (``test_extension``, ``--test-extension``) every source is then tested for extension
+   (:func:`apply_extension_test`, :mod:`skyfm.catalog.extended`).
 5. **Catalog** via :func:`skyfm.catalog.build_catalog`: x, y, sky coordinates, pos_err, flux, flux_err, score (the
    heatmap probability; 1 for saturated stars the saturation rule added; sqrt(TS) with likelihood selection, the
    probability then in ``net_score``), class + class_prob, extension, flux_band (+ ts, sqrt_ts, flux_phys for
-   counts).
+   counts; + ts_ext with the extension test).
 """
 
 from __future__ import annotations
@@ -785,6 +787,36 @@ def add_ts_map_candidates(arrays: dict, data: np.ndarray, inst, pixel_scale: flo
     return {key: np.concatenate([net[key], rows[key]]) for key in net}
 
 
+def apply_extension_test(arrays: dict, counts, background, kernels, scale: float, head, estimated: bool,
+                         min_ts: float, **test_kwargs) -> dict:
+    """Likelihood selection's extension test (:func:`skyfm.catalog.extended.test_extension`) applied to the
+    selected rows: extended sources get their Gaussian fit (position, counts, ``extension`` as r68 in deg, errors
+    scaled as :func:`refine_counts` scales a fit's), the pieces they absorb are dropped, and the pieces that stay
+    significant get their new point fit."""
+    from skyfm.catalog import extended
+
+    res = extended.test_extension(counts, background, kernels, arrays["x"], arrays["y"], arrays["flux_band"],
+                                  arrays["ts"], min_ts=min_ts, **test_kwargs)
+    ch = res["changed"] & res["kept"]
+    if ch.any():
+        flux_scale, pos_scale = head.error_scales(fit=True, estimated=estimated) if head is not None else (1.0, 1.0)
+        flux_floor, pos_floor = head.error_floors(estimated) if head is not None else (0.0, 0.0)
+        fb, fb_err = res["flux_band"][ch], res["flux_band_err"][ch]
+        flux = fb.sum(axis=1)
+        arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+        arrays["x"][ch], arrays["y"][ch], arrays["ts"][ch] = res["x"][ch], res["y"][ch], res["ts"][ch]
+        arrays["flux_band"][ch] = fb
+        arrays["flux_band_err"][ch] = np.hypot(fb_err * flux_scale, flux_floor * np.abs(fb))
+        arrays["flux"][ch] = flux
+        arrays["flux_err"][ch] = np.hypot(np.sqrt(np.sum(fb_err ** 2, axis=1)) * flux_scale, flux_floor * np.abs(flux))
+        arrays["pos_err"][ch] = np.maximum(np.hypot(res["pos_err_pix"][ch] * pos_scale, pos_floor), 0.05)
+        ext = res["extension_pix"][ch] > 0
+        arrays["extension"][np.flatnonzero(ch)[ext]] = res["extension_pix"][ch][ext] * scale
+    arrays["ts_ext"] = res["ts_ext"]
+    keep = res["kept"]
+    return {k: np.asarray(v)[keep] for k, v in arrays.items()}
+
+
 def select_by_ts(arrays: dict, min_ts: float, separation: float) -> dict:
     """Rows with fitted ``TS >= min_ts``, one per source: of two fits that converged within half ``separation``
     the higher TS stays. Sorted by TS, highest first."""
@@ -824,6 +856,11 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
         extra["net_score"] = (np.asarray(arrays["net_score"], dtype=np.float32),
                               "The network's heatmap probability at the source (0: a TS-map candidate the network "
                               "did not see); with likelihood selection ``score`` is sqrt(TS)")
+    if "ts_ext" in arrays:
+        extra["ts_ext"] = (np.asarray(arrays["ts_ext"], dtype=np.float64),
+                           "Extension test (skyfm detect --test-extension): 2 delta ln L of the Gaussian model over "
+                           "the point model with the pieces it replaced (Akaike-penalised), for the sources found "
+                           "extended; NaN for point sources")
     if "ts" in arrays:
         extra["ts"] = arrays["ts"]
         extra["sqrt_ts"] = (np.sqrt(np.clip(arrays["ts"], 0, None)), "Significance sqrt(TS) of the likelihood fit")
@@ -838,7 +875,8 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
 def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_size: int | None = None,
                  overlap: int | None = None, refine: bool = True, batch_size: int | None = None, progress: bool = False,
                  precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
-                 selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int | None = None):
+                 selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int | None = None,
+                 test_extension: bool = False):
     """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
 
     Args:
@@ -856,6 +894,8 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
             sqrt(TS) and ``net_score`` the network's probability. ``passes`` (default the head's
             ``likelihood_passes``, else :data:`LIKELIHOOD_PASSES`) > 1: look again, in the TS map of
             the background plus the sources found, for sources beside them (:data:`LIKELIHOOD_PASSES`).
+            ``test_extension`` (likelihood selection only): test each source for extension
+            (:func:`apply_extension_test`); extended ones get a Gaussian fit, ``extension`` and ``ts_ext``.
     """
     from skyfm.instruments import load_instrument
 
@@ -869,14 +909,19 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
         patch = _finite_copy(patch)
     scale = _wcs_scale(patch.wcs)
     background = getattr(patch, "background_image", None)
-    if resolve_selection(selection, inst, background, refine) == "likelihood":
+    chosen = resolve_selection(selection, inst, background, refine)
+    if test_extension and chosen != "likelihood":
+        raise SkyfmError("the extension test needs likelihood selection: a counts cube with a background model "
+                         "(--background)")
+    if chosen == "likelihood":
         if passes is None:
             passes = head.likelihood_passes if head.likelihood_passes is not None else LIKELIHOOD_PASSES
         if not (isinstance(passes, (int, np.integer)) and passes >= 1):
             raise SkyfmError(f"{inst.name}: likelihood passes should be a whole number >= 1, got {passes!r}")
         return _detect_likelihood(patch, det, inst, head, scale, background, min_score, min_ts, passes=int(passes),
-                                  tile_size=tile_size, overlap=overlap, batch_size=batch_size, progress=progress,
-                                  precision=precision, attention_window=attention_window)
+                                  extension=test_extension, tile_size=tile_size, overlap=overlap,
+                                  batch_size=batch_size, progress=progress, precision=precision,
+                                  attention_window=attention_window)
     arrays = detect_tiles(patch, inst, det, min_score=min_score, tile_size=tile_size, overlap=overlap,
                           batch_size=batch_size, progress=progress, pixel_scale=scale, precision=precision,
                           attention_window=attention_window, refine=refine, drop_trails=drop_trails)
@@ -886,8 +931,10 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
 
 
 def _detect_likelihood(patch, det, inst, head, scale, background, min_score: float, min_ts: float,
-                       candidate_ts: float = CANDIDATE_TS, passes: int = LIKELIHOOD_PASSES, **tiling):
-    """detect_patch's likelihood selection (its docstring)."""
+                       candidate_ts: float = CANDIDATE_TS, passes: int = LIKELIHOOD_PASSES, extension: bool = False,
+                       **tiling):
+    """detect_patch's likelihood selection (its docstring). ``extension``: test the sources for extension
+    (:func:`apply_extension_test`)."""
     from skyfm.catalog import likelihood
 
     bands = list(patch.bands)
@@ -918,6 +965,10 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
         more = refine_counts(more, patch.data, inst, scale, model, bands=bands, head=head, estimated=estimated,
                              unresolved=False)
         arrays = select_by_ts({k: np.concatenate([arrays[k], more[k]]) for k in arrays}, min_ts, separation)
+    if extension:
+        arrays = apply_extension_test(arrays, counts, background, kernels, scale or inst.pixel_scale_deg, head,
+                                      estimated, min_ts)
+        arrays = select_by_ts(arrays, min_ts, separation)
     arrays["net_score"] = arrays["score"]
     arrays["score"] = np.sqrt(np.clip(arrays["ts"], 0, None))
     return _catalog(arrays, inst, patch.wcs, head, score_kind="sqrt_ts",
@@ -999,7 +1050,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 min_score: float | None = None, plot: bool = False, associate=None, hdu=None,
                 tile_size: int | None = None, batch_size: int | None = None, progress: bool = True, refine: bool = True,
                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
-                background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS):
+                background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
+                test_extension: bool = False):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -1010,7 +1062,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     ``background``: for a counts cube (not a HEALPix map), a FITS file with its background model
     (:func:`read_background_model`), which the Poisson likelihood refinement fits against instead of an estimate
     from the counts (the detector's error scales were calibrated that way); ``selection`` and ``min_ts`` as
-    :func:`detect_patch` (likelihood selection, the default with a model, on cubes up to 64 M voxels).
+    :func:`detect_patch` (likelihood selection, the default with a model, on cubes up to 64 M voxels), and
+    ``test_extension``.
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -1026,8 +1079,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     if background is not None:
         check_fits_file(background)
     if _is_healpix_file(path, hdu):
-        if background is not None:
-            raise SkyfmError("--background is for counts cubes in pixel images, not HEALPix maps")
+        if background is not None or test_extension:
+            raise SkyfmError(f"{'--background' if background is not None else '--test-extension'} is for counts "
+                             "cubes in pixel images, not HEALPix maps")
         table, patch_for_plot = _detect_healpix(path, det, instrument, min_score, progress, batch_size,
                                                 precision=precision, attention_window=attention_window)
         min_score = table.meta.get("min_score")
@@ -1051,12 +1105,15 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                     patch = replace(patch, background_image=model)
                 table = detect_patch(patch, det, min_score, tile_size=tile_size, refine=refine,
                                      drop_trails=drop_trails, selection=selection, min_ts=min_ts,
-                                     batch_size=batch_size, progress=progress, precision=precision,
+                                     test_extension=test_extension, batch_size=batch_size, progress=progress, precision=precision,
                                      attention_window=attention_window)
                 patch_for_plot = patch
             else:
                 if image.masked_fraction() >= 1.0:
                     raise SkyfmError(f"{path}: every pixel is NaN, infinite or masked; there is no image to read")
+                if test_extension:
+                    raise SkyfmError("the extension test needs likelihood selection, for counts cubes up to 64 M "
+                                     f"voxels; this one has {image.shape[0] * image.height * image.width / 1e6:.0f} M")
                 if resolve_selection(selection, inst, model, refine) == "likelihood":
                     if selection == "likelihood":  # the TS map is computed on the whole cube at once
                         raise SkyfmError("likelihood selection is for counts cubes up to 64 M voxels; this one has "

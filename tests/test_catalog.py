@@ -379,3 +379,50 @@ def test_an_empty_ecsv_catalog_reads_back(tmp_path):
     back = read_catalog(path)
     assert len(back) == 0 and back["class_prob"].shape == (0, 2) and back["flux_band"].unit == u.adu
     assert back.meta["class_names"] == ["star", "galaxy"]
+
+
+def _inject_gaussian(inst, x0, y0, flux, r68_pix, bkg, shape, rng):
+    """Poisson counts of a radial Gaussian source (68% radius ``r68_pix`` before the PSF) seen through each bin's
+    PSF, over a flat background."""
+    from scipy.signal import fftconvolve
+
+    h, w = shape
+    wts = lk.powerlaw_band_weights(inst)
+    sigma = r68_pix / 1.5096
+    yy, xx = np.mgrid[0:h, 0:w]
+    shape_img = np.exp(-0.5 * ((xx - x0) ** 2 + (yy - y0) ** 2) / sigma**2)
+    shape_img /= shape_img.sum()
+    src = np.zeros((len(bkg), h, w))
+    for c, b in enumerate(inst.bands):
+        r = b.psf.stamp_radius_pix(inst.pixel_scale_deg)
+        st = b.psf.stamps(np.zeros(1), np.zeros(1), inst.pixel_scale_deg, radius_pix=r)[0]
+        src[c] = fftconvolve(shape_img, st / st.sum(), mode="same") * flux * wts[c]
+    b = np.stack([np.full(shape, v) for v in bkg])
+    return rng.poisson(np.clip(b + src, 0, None)).astype(np.float64), b
+
+
+def test_extension_test_joins_the_pieces_of_an_extended_source_and_leaves_point_sources_alone():
+    """A Gaussian source of r68 0.5 deg (5 px; the sharpest bin's PSF r68 is 0.1 deg) that point fits break into
+    pieces comes back as one extended source of about its size and flux, its pieces gone; a point source of the
+    same counts is not made extended."""
+    from skyfm.catalog.extended import test_extension
+
+    inst = load_instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    bkg = np.array([5.0, 2.0, 0.5, 0.2, 0.05, 0.02])
+    n, b = _inject_gaussian(inst, 48.0, 48.0, 4000.0, 5.0, bkg, (96, 96), np.random.default_rng(3))
+    starts = np.array([[48.0, 48.0], [53.0, 48.0], [43.0, 48.0], [48.0, 53.0], [48.0, 43.0]])
+    fit = lk.fit_point_sources(n, b, kernels, starts[:, 0], starts[:, 1])
+    assert np.sum(fit["ts"] >= 25) >= 3  # the point fits see several significant pieces
+    res = test_extension(n, b, kernels, fit["x"], fit["y"], fit["flux_band"], fit["ts"])
+    found = res["kept"] & (res["ts"] >= 25)  # what the selection keeps
+    ext = np.flatnonzero(found & (res["extension_pix"] > 0))
+    assert len(ext) == 1 and 2.5 <= res["extension_pix"][ext[0]] <= 9.0 and res["ts_ext"][ext[0]] > 0
+    assert np.hypot(res["x"][ext[0]] - 48, res["y"][ext[0]] - 48) < 1.0
+    assert abs(res["flux_band"][ext[0]].sum() / 4000.0 - 1) < 0.15
+    assert found.sum() <= 2  # the pieces gone (one may stay on the noise)
+
+    n, b = _inject(inst, 48.0, 48.0, 4000.0, bkg, (96, 96), np.random.default_rng(3))
+    fit = lk.fit_point_sources(n, b, kernels, [48.0], [48.0])
+    res = test_extension(n, b, kernels, fit["x"], fit["y"], fit["flux_band"], fit["ts"])
+    assert res["kept"].all() and not res["changed"].any() and res["extension_pix"][0] == 0

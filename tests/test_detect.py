@@ -348,6 +348,38 @@ def test_background_model_drives_the_counts_refinement(tmp_path, model_dir, caps
         assert not out.exists()
 
 
+def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_path, model_dir, capsys):
+    """skyfm detect --test-extension on a Fermi-LAT cube of the real sky around IC 443 (4FGL's template, r68 0.27
+    deg): the source there comes out extended with TS_ext >= 16, the point sources keep extension 0; without a
+    background model the option is a one-line error and writes nothing."""
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+
+    from skyfm.catalog import read_catalog
+
+    p = simulate_patch("fermi-lat", 3, size=64, population="real", center=(189.05, 3.03))
+    src = write_patch(p, tmp_path / "cube.fits")
+    model = tmp_path / "model.fits"
+    fits.PrimaryHDU(p.background_image).writeto(model)
+    out = tmp_path / "cat.ecsv"
+    rc = main(["detect", str(src), "--model", str(model_dir), "--background", str(model), "--test-extension",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    cat = read_catalog(out)
+    ic443 = SkyCoord(189.05 * u.deg, 3.03 * u.deg, frame="galactic")
+    sep = SkyCoord(u.Quantity(cat["glon"], u.deg), u.Quantity(cat["glat"], u.deg), frame="galactic").separation(ic443)
+    i = int(np.argmin(sep))
+    assert sep[i].deg < 0.3 and 0.1 < u.Quantity(cat["extension"][i]).to_value(u.deg) < 0.6
+    assert cat["ts_ext"][i] >= 16
+    point = ~np.isfinite(np.asarray(cat["ts_ext"], dtype=float))
+    assert point.sum() >= 1
+    bad = tmp_path / "bad.ecsv"
+    rc = main(["detect", str(src), "--model", str(model_dir), "--test-extension", "--out", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "extension test needs likelihood selection" in err and err.count("\n") == 1, err
+    assert not bad.exists()
+
+
 def test_detect_warns_on_a_denoised_input(tmp_path, model_dir, capsys):
     """A skyfm denoise output (DENOISED = T) is not what the detector was trained on: one warning line, and the
     catalog is still written; an observed image gets no such line."""

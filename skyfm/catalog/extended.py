@@ -1,0 +1,218 @@
+"""Poisson likelihood test of source extension for counts cubes: is a detection a point source, or one extended
+source that the point fits have broken into pieces?
+
+A point-source fit of an extended source (a supernova remnant, a pulsar wind nebula, a 4FGL template) finds its
+brightest spot and leaves the rest of its light to more point sources beside it, each significant on its own: the
+pieces are false detections and the centre's flux is short. Fermi-LAT catalogs test every bright source for
+extension (TS_ext = 2 delta ln L of an extended model over the point model >= 16). Here the extended model is the
+standard first one, a radial Gaussian convolved with each bin's PSF, fitted (position and counts per bin) by the
+same Poisson fitter as the point sources (:func:`~skyfm.catalog.likelihood.fit_point_sources` with the convolved
+kernels), on a grid of sizes.
+
+The comparison holds everything else fixed: the point model is the source and the fainter sources within the
+tested size (its would-be pieces) as fitted; the extended model is one Gaussian in their place. The extended
+model has fewer free parameters when it replaces pieces, so it is compared as the Akaike criterion does, each
+piece's parameters (position and one count per bin) counting against the point model; with no pieces the test is
+TS_ext >= :data:`TS_EXT_MIN` alone. After a source is found extended, its pieces are fitted again as point sources
+against the extended model: those still significant (a pulsar inside its nebula) stay.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+from scipy import signal
+
+from skyfm.catalog import likelihood
+
+TS_EXT_MIN = 16.0  # the Fermi-LAT catalogs' threshold for an extended source (2 delta ln L, one more parameter)
+R68_GRID_PSF = (1.5, 2.5, 4.0, 6.0, 9.0, 13.0)  # extension sizes tried (r68), in units of the sharpest bin's r68
+MAX_KERNEL_RADIUS = 64  # pixels: the convolved kernels are cut there (a 256 px patch's largest sources fit)
+EXTENDED_PHASES = 4  # sub-pixel phases of the extended kernels' tables (smooth: no need for 16)
+GAUSS_R68_PER_SIGMA = 1.5096  # 68% containment radius of a 2-D Gaussian / its sigma
+
+
+def gaussian_kernels(psf_kernels, r68_pix: float, max_radius: int = MAX_KERNEL_RADIUS) -> list[np.ndarray]:
+    """Each bin's PSF kernel convolved with a radial Gaussian of 68% containment radius ``r68_pix`` (pixels),
+    pixel-integrated, out to the PSF's radius + 3 sigma (at most ``max_radius``); the kernels keep the PSF
+    kernel's sum less what the cut loses."""
+    sigma = float(r68_pix) / GAUSS_R68_PER_SIGMA
+    out = []
+    for k in psf_kernels:
+        k = np.asarray(k, dtype=np.float64)
+        r = (k.shape[0] - 1) // 2
+        g_r = int(np.ceil(3.0 * sigma)) + 1
+        edges = np.arange(-g_r - 0.5, g_r + 1.0)  # integrate the Gaussian over each pixel, separably
+        from scipy.special import erf
+
+        cdf = 0.5 * (1 + erf(edges / (np.sqrt(2) * sigma)))
+        g1 = np.diff(cdf)
+        g = np.outer(g1, g1)
+        g /= g.sum()
+        full = signal.fftconvolve(k, g, mode="full")  # radius r + g_r
+        big = r + g_r
+        cut = min(big, int(max_radius))
+        full = np.clip(full[big - cut:big + cut + 1, big - cut:big + cut + 1], 0.0, None)
+        out.append(full)
+    return out
+
+
+_EXT_CACHE: "OrderedDict[tuple, list]" = OrderedDict()
+EXT_CACHE_SIZE = 16  # sets of tables (one instrument's bins at one size) kept
+
+
+def extended_tables(psf_kernels, r68_pix: float) -> list:
+    """:class:`~skyfm.catalog.likelihood.PSFTable` per bin of :func:`gaussian_kernels`, cached by the kernels and
+    the size (built once per instrument, pixel scale and size per process)."""
+    key = (round(float(r68_pix), 6),) + tuple((np.asarray(k).shape, np.asarray(k, dtype=np.float64).tobytes())
+                                              for k in psf_kernels)
+    hit = _EXT_CACHE.get(key)
+    if hit is not None:
+        _EXT_CACHE.move_to_end(key)
+        return hit
+    tables = [likelihood.PSFTable.from_kernel(k, EXTENDED_PHASES) for k in gaussian_kernels(psf_kernels, r68_pix)]
+    _EXT_CACHE[key] = tables
+    while len(_EXT_CACHE) > EXT_CACHE_SIZE:
+        _EXT_CACHE.popitem(last=False)
+    return tables
+
+
+def _loglike(n, mu) -> float:
+    mu = np.maximum(mu, 1e-12)
+    return float(np.sum(n * np.log(mu) - mu))
+
+
+def _stamps(tables, x: float, y: float, flux_band, h: int, w: int) -> list:
+    """A source's image as per-bin stamps clipped to the (h, w) image: [(bin, y0, y1, x0, x1, values)]."""
+    out = []
+    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    for c, table in enumerate(tables):
+        a, r = float(flux_band[c]), table.radius
+        y0, y1, x0, x1 = max(iy - r, 0), min(iy + r + 1, h), max(ix - r, 0), min(ix + r + 1, w)
+        if a > 0 and y1 > y0 and x1 > x0:
+            st = table.stamp(x - ix, y - iy) * a
+            out.append((c, y0, y1, x0, x1, st[y0 - (iy - r):y1 - (iy - r), x0 - (ix - r):x1 - (ix - r)]))
+    return out
+
+
+def _add(image, stamps, sign: float, oy: int = 0, ox: int = 0) -> None:
+    """Add ``sign`` x the stamps into ``image`` in place; ``image`` may be a box whose corner is (oy, ox)."""
+    _, h, w = image.shape
+    for c, y0, y1, x0, x1, v in stamps:
+        a0, a1, b0, b1 = max(y0 - oy, 0), min(y1 - oy, h), max(x0 - ox, 0), min(x1 - ox, w)
+        if a1 > a0 and b1 > b0:
+            image[c, a0:a1, b0:b1] += sign * v[a0 + oy - y0:a1 + oy - y0, b0 + ox - x0:b1 + ox - x0]
+
+
+def test_extension(counts, background, psf_kernels, x, y, flux_band, ts, *, min_ts: float = 25.0,
+                   r68_grid_pix=None, ts_ext_min: float = TS_EXT_MIN, piece_params: int | None = None,
+                   absorb_pieces: bool = True) -> dict:
+    """Test each source (brightest first) for extension against ``background`` plus every other source.
+
+    Args:
+        counts, background: (C, H, W) counts and expected background counts (the model the point sources were
+            fitted against).
+        psf_kernels: one centred PSF kernel per bin (:func:`~skyfm.catalog.likelihood.psf_kernels`).
+        x, y, flux_band, ts: the point-source fits (pixels; counts per bin (N, C); TS).
+        min_ts: sources below it are not tested, and pieces fitted again must reach it to stay.
+        r68_grid_pix: sizes to try (68% radius before the PSF, pixels); default :data:`R68_GRID_PSF` times the
+            sharpest bin's r68.
+        ts_ext_min: TS_ext an extended model must reach over the point model with no pieces.
+        piece_params: free parameters each replaced piece counts against the point model (default 2 + the
+            number of bins, as the point fits have).
+
+    Returns:
+        dict of (N,) arrays: ``x``, ``y``, ``flux_band`` (N, C), ``flux_band_err`` (N, C) and ``pos_err_pix``
+        (NaN where the point fit stands), ``ts`` (the extended fit's, or the pieces' new fit), ``extension_pix``
+        (r68 before the PSF, 0 for point sources), ``ts_ext`` (of the accepted size; NaN otherwise), ``kept``
+        (False: a piece absorbed by an extended source, no longer significant), ``changed`` (True: fitted here,
+        an extended source or a piece fitted again).
+    """
+    n = np.nan_to_num(np.asarray(counts, dtype=np.float64))
+    b = np.asarray(background, dtype=np.float64)
+    if n.ndim == 2:
+        n, b = n[None], b[None]
+    c_bins, h, w = n.shape
+    kernels = [np.asarray(k, dtype=np.float64) for k in psf_kernels]
+    point_tables = likelihood.psf_tables(kernels)
+    point_reach = max(t.radius for t in point_tables)
+    x = np.asarray(x, dtype=np.float64).copy()
+    y = np.asarray(y, dtype=np.float64).copy()
+    fb = np.nan_to_num(np.asarray(flux_band, dtype=np.float64).reshape(len(x), c_bins)).clip(0, None)
+    ts = np.nan_to_num(np.asarray(ts, dtype=np.float64), nan=-np.inf).copy()
+    ns = len(x)
+    out = {"x": x, "y": y, "flux_band": fb, "flux_band_err": np.full((ns, c_bins), np.nan),
+           "pos_err_pix": np.full(ns, np.nan), "ts": ts, "extension_pix": np.zeros(ns),
+           "ts_ext": np.full(ns, np.nan), "kept": np.ones(ns, dtype=bool), "changed": np.zeros(ns, dtype=bool)}
+    if ns == 0:
+        return out
+    if r68_grid_pix is None:
+        r68_sharp = min(likelihood._r68_pix(likelihood._kernel_fwhm_pix(k)) for k in kernels)
+        r68_grid_pix = [f * r68_sharp for f in R68_GRID_PSF]
+    piece_params = 2 + c_bins if piece_params is None else int(piece_params)
+    placed = np.isfinite(x) & np.isfinite(y)
+    point = np.ones(ns, dtype=bool)
+    stamps = {i: _stamps(point_tables, x[i], y[i], fb[i], h, w) for i in np.flatnonzero(placed)}
+    model = b.copy()  # the background and every source
+    for st in stamps.values():
+        _add(model, st, +1.0)
+    for a in np.argsort(-ts, kind="stable"):
+        if not (out["kept"][a] and placed[a] and point[a] and ts[a] >= min_ts):
+            continue
+        best = None
+        d = np.hypot(x - x[a], y - y[a])
+        for r68 in r68_grid_pix:
+            pieces = np.flatnonzero(out["kept"] & placed & point & (d <= r68) & (ts < ts[a]) & absorb_pieces)
+            group = np.r_[a, pieces[pieces != a]]
+            tabs = extended_tables(kernels, r68)
+            half = max(t.radius for t in tabs) + point_reach + 1  # every pixel the change can touch
+            ia, ja = int(np.floor(y[a] + 0.5)), int(np.floor(x[a] + 0.5))
+            oy, ox = max(ia - half, 0), max(ja - half, 0)
+            box = (slice(None), slice(oy, min(ia + half + 1, h)), slice(ox, min(ja + half + 1, w)))
+            n_box, model_box = n[box], model[box]
+            others = model_box.copy()
+            for j in group:
+                _add(others, stamps[j], -1.0, oy, ox)
+            np.maximum(others, 0.0, out=others)
+            flux = fb[group].sum(axis=1)
+            wsum = max(flux.sum(), 1e-12)
+            x0, y0 = float(np.sum(x[group] * flux) / wsum), float(np.sum(y[group] * flux) / wsum)
+            fit = likelihood.fit_point_sources(n_box, others, tabs, [x0 - ox], [y0 - oy], [flux.sum()],
+                                               marginal_errors=False)
+            fx, fy = fit["x"][0] + ox, fit["y"][0] + oy
+            if not (np.isfinite(fx) and np.isfinite(fy) and np.isfinite(fit["flux"][0]) and fit["flux"][0] > 0):
+                continue
+            if np.hypot(fx - x[a], fy - y[a]) > max(r68, 2.0):
+                continue  # it wandered off to other light
+            ext = _stamps(tabs, fx, fy, fit["flux_band"][0], h, w)
+            with_ext = others.copy()
+            _add(with_ext, ext, +1.0, oy, ox)
+            ts_ext = 2.0 * (_loglike(n_box, with_ext) - _loglike(n_box, model_box))
+            score = ts_ext + 2.0 * piece_params * (len(group) - 1)  # Akaike: the pieces' parameters count against
+            if score >= ts_ext_min and (best is None or score > best[0]):
+                best = (score, r68, group[1:], fit, fx, fy, ext, ts_ext)
+        if best is None:
+            continue
+        _, r68, pieces, fit, fx, fy, ext, ts_ext = best
+        for j in np.r_[a, pieces]:
+            _add(model, stamps.pop(j), -1.0)
+        np.maximum(model, b, out=model)  # what is left of the sources stays >= 0
+        _add(model, ext, +1.0)
+        stamps[a], point[a] = ext, False
+        x[a], y[a], fb[a], ts[a] = fx, fy, fit["flux_band"][0], fit["ts"][0]
+        out["extension_pix"][a], out["ts_ext"][a], out["changed"][a] = r68, ts_ext, True
+        out["flux_band_err"][a], out["pos_err_pix"][a] = fit["flux_band_err"][0], fit["pos_err_pix"][0]
+        out["kept"][pieces] = False
+        if len(pieces):  # each piece again, alone against the extended source and everything else
+            refit = likelihood.fit_point_sources(n, model, point_tables, x[pieces], y[pieces],
+                                                 fb[pieces].sum(axis=1), marginal_errors=False)
+            for k, j in enumerate(pieces):
+                if np.isfinite(refit["x"][k]) and np.isfinite(refit["ts"][k]) and refit["ts"][k] >= min_ts:
+                    x[j], y[j], fb[j], ts[j] = refit["x"][k], refit["y"][k], refit["flux_band"][k], refit["ts"][k]
+                    out["flux_band_err"][j], out["pos_err_pix"][j] = refit["flux_band_err"][k], refit["pos_err_pix"][k]
+                    out["kept"][j] = out["changed"][j] = True
+                    stamps[j] = _stamps(point_tables, x[j], y[j], fb[j], h, w)
+                    _add(model, stamps[j], +1.0)
+    out["ts"] = np.where(np.isfinite(ts), ts, np.nan)
+    return out
