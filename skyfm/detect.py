@@ -788,15 +788,15 @@ def add_ts_map_candidates(arrays: dict, data: np.ndarray, inst, pixel_scale: flo
 
 
 def apply_extension_test(arrays: dict, counts, background, kernels, scale: float, head, estimated: bool,
-                         min_ts: float, **test_kwargs) -> dict:
-    """Likelihood selection's extension test (:func:`skyfm.catalog.extended.test_extension`) applied to the
+                         min_ts: float) -> dict:
+    """Likelihood selection's extension test (:func:`skyfm.catalog.extended.extension_test`) applied to the
     selected rows: extended sources get their Gaussian fit (position, counts, ``extension`` as r68 in deg, errors
     scaled as :func:`refine_counts` scales a fit's), the pieces they absorb are dropped, and the pieces that stay
     significant get their new point fit."""
     from skyfm.catalog import extended
 
-    res = extended.test_extension(counts, background, kernels, arrays["x"], arrays["y"], arrays["flux_band"],
-                                  arrays["ts"], min_ts=min_ts, **test_kwargs)
+    res = extended.extension_test(counts, background, kernels, arrays["x"], arrays["y"], arrays["flux_band"],
+                                  arrays["ts"], min_ts=min_ts)
     ch = res["changed"] & res["kept"]
     if ch.any():
         flux_scale, pos_scale = head.error_scales(fit=True, estimated=estimated) if head is not None else (1.0, 1.0)

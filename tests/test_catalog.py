@@ -405,7 +405,7 @@ def test_extension_test_joins_the_pieces_of_an_extended_source_and_leaves_point_
     """A Gaussian source of r68 0.5 deg (5 px; the sharpest bin's PSF r68 is 0.1 deg) that point fits break into
     pieces comes back as one extended source of about its size and flux, its pieces gone; a point source of the
     same counts is not made extended."""
-    from skyfm.catalog.extended import test_extension
+    from skyfm.catalog.extended import extension_test
 
     inst = load_instrument("fermi-lat")
     kernels = lk.psf_kernels(inst)
@@ -414,7 +414,7 @@ def test_extension_test_joins_the_pieces_of_an_extended_source_and_leaves_point_
     starts = np.array([[48.0, 48.0], [53.0, 48.0], [43.0, 48.0], [48.0, 53.0], [48.0, 43.0]])
     fit = lk.fit_point_sources(n, b, kernels, starts[:, 0], starts[:, 1])
     assert np.sum(fit["ts"] >= 25) >= 3  # the point fits see several significant pieces
-    res = test_extension(n, b, kernels, fit["x"], fit["y"], fit["flux_band"], fit["ts"])
+    res = extension_test(n, b, kernels, fit["x"], fit["y"], fit["flux_band"], fit["ts"])
     found = res["kept"] & (res["ts"] >= 25)  # what the selection keeps
     ext = np.flatnonzero(found & (res["extension_pix"] > 0))
     assert len(ext) == 1 and 2.5 <= res["extension_pix"][ext[0]] <= 9.0 and res["ts_ext"][ext[0]] > 0
@@ -424,5 +424,5 @@ def test_extension_test_joins_the_pieces_of_an_extended_source_and_leaves_point_
 
     n, b = _inject(inst, 48.0, 48.0, 4000.0, bkg, (96, 96), np.random.default_rng(3))
     fit = lk.fit_point_sources(n, b, kernels, [48.0], [48.0])
-    res = test_extension(n, b, kernels, fit["x"], fit["y"], fit["flux_band"], fit["ts"])
+    res = extension_test(n, b, kernels, fit["x"], fit["y"], fit["flux_band"], fit["ts"])
     assert res["kept"].all() and not res["changed"].any() and res["extension_pix"][0] == 0

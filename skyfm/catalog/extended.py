@@ -23,6 +23,7 @@ from collections import OrderedDict
 
 import numpy as np
 from scipy import signal
+from scipy.special import erf
 
 from skyfm.catalog import likelihood
 
@@ -44,8 +45,6 @@ def gaussian_kernels(psf_kernels, r68_pix: float, max_radius: int = MAX_KERNEL_R
         r = (k.shape[0] - 1) // 2
         g_r = int(np.ceil(3.0 * sigma)) + 1
         edges = np.arange(-g_r - 0.5, g_r + 1.0)  # integrate the Gaussian over each pixel, separably
-        from scipy.special import erf
-
         cdf = 0.5 * (1 + erf(edges / (np.sqrt(2) * sigma)))
         g1 = np.diff(cdf)
         g = np.outer(g1, g1)
@@ -105,7 +104,7 @@ def _add(image, stamps, sign: float, oy: int = 0, ox: int = 0) -> None:
             image[c, a0:a1, b0:b1] += sign * v[a0 + oy - y0:a1 + oy - y0, b0 + ox - x0:b1 + ox - x0]
 
 
-def test_extension(counts, background, psf_kernels, x, y, flux_band, ts, *, min_ts: float = 25.0,
+def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_ts: float = 25.0,
                    r68_grid_pix=None, ts_ext_min: float = TS_EXT_MIN, piece_params: int | None = None,
                    absorb_pieces: bool = True) -> dict:
     """Test each source (brightest first) for extension against ``background`` plus every other source.
