@@ -575,8 +575,8 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
               help="Counts cubes with --background: test every source for extension (a radial Gaussian seen "
                    "through the PSF, fitted on sizes from 1.5 to 13 times the sharpest bin's r68, kept at TS_ext "
                    ">= 16 over the point model, the point fits' pieces of it absorbed); extended sources get "
-                   "extension (r68, deg) and ts_ext. Off by default: about 10 s more per 256^2 cube and no gain in "
-                   "F1 (docs/benchmarks.md).")
+                   "extension (r68, deg) and ts_ext. Off by default: 3-5 s more per 256^2 cube and no gain in "
+                   "F1 (docs/benchmarks.md, Run 12).")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
                test_extension):

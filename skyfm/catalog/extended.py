@@ -7,7 +7,8 @@ pieces are false detections and the centre's flux is short. Fermi-LAT catalogs t
 extension (TS_ext = 2 delta ln L of an extended model over the point model >= 16). Here the extended model is the
 standard first one, a radial Gaussian convolved with each bin's PSF, fitted (position and counts per bin) by the
 same Poisson fitter as the point sources (:func:`~skyfm.catalog.likelihood.fit_point_sources` with the convolved
-kernels), on a grid of sizes.
+kernels), on a grid of sizes: each size with the counts alone fitted at the flux-weighted centroid of the source
+and its would-be pieces, then the best size with the position free.
 
 The comparison holds everything else fixed: the point model is the source and the fainter sources within the
 tested size (its would-be pieces) as fitted; the extended model is one Gaussian in their place. The extended
@@ -156,42 +157,48 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
     model = b.copy()  # the background and every source
     for st in stamps.values():
         _add(model, st, +1.0)
+    def try_size(a, r68, fit_position):
+        """(score, r68, pieces, fit, x, y, stamps, ts_ext) of source ``a`` as a Gaussian of ``r68`` in place of
+        itself and its pieces, or None when the fit fails or wanders off."""
+        d = np.hypot(x - x[a], y - y[a])
+        pieces = np.flatnonzero(out["kept"] & placed & point & (d <= r68) & (ts < ts[a]) & absorb_pieces)
+        group = np.r_[a, pieces[pieces != a]]
+        tabs = extended_tables(kernels, r68)
+        half = max(t.radius for t in tabs) + point_reach + 1  # every pixel the change can touch
+        ia, ja = int(np.floor(y[a] + 0.5)), int(np.floor(x[a] + 0.5))
+        oy, ox = max(ia - half, 0), max(ja - half, 0)
+        box = (slice(None), slice(oy, min(ia + half + 1, h)), slice(ox, min(ja + half + 1, w)))
+        n_box, model_box = n[box], model[box]
+        others = model_box.copy()
+        for j in group:
+            _add(others, stamps[j], -1.0, oy, ox)
+        np.maximum(others, 0.0, out=others)
+        flux = fb[group].sum(axis=1)
+        wsum = max(flux.sum(), 1e-12)
+        x0, y0 = float(np.sum(x[group] * flux) / wsum), float(np.sum(y[group] * flux) / wsum)
+        fit = likelihood.fit_point_sources(n_box, others, tabs, [x0 - ox], [y0 - oy], [flux.sum()], n_pass=1,
+                                           fit_position=fit_position, marginal_errors=False)
+        fx, fy = fit["x"][0] + ox, fit["y"][0] + oy
+        if not (np.isfinite(fx) and np.isfinite(fy) and np.isfinite(fit["flux"][0]) and fit["flux"][0] > 0):
+            return None
+        if np.hypot(fx - x[a], fy - y[a]) > max(r68, 2.0):
+            return None  # it wandered off to other light
+        ext = _stamps(tabs, fx, fy, fit["flux_band"][0], h, w)
+        with_ext = others.copy()
+        _add(with_ext, ext, +1.0, oy, ox)
+        ts_ext = 2.0 * (_loglike(n_box, with_ext) - _loglike(n_box, model_box))
+        score = ts_ext + 2.0 * piece_params * (len(group) - 1)  # Akaike: the pieces' parameters count against
+        return score, r68, group[1:], fit, fx, fy, ext, ts_ext
+
     for a in np.argsort(-ts, kind="stable"):
         if not (out["kept"][a] and placed[a] and point[a] and ts[a] >= min_ts):
             continue
-        best = None
-        d = np.hypot(x - x[a], y - y[a])
-        for r68 in r68_grid_pix:
-            pieces = np.flatnonzero(out["kept"] & placed & point & (d <= r68) & (ts < ts[a]) & absorb_pieces)
-            group = np.r_[a, pieces[pieces != a]]
-            tabs = extended_tables(kernels, r68)
-            half = max(t.radius for t in tabs) + point_reach + 1  # every pixel the change can touch
-            ia, ja = int(np.floor(y[a] + 0.5)), int(np.floor(x[a] + 0.5))
-            oy, ox = max(ia - half, 0), max(ja - half, 0)
-            box = (slice(None), slice(oy, min(ia + half + 1, h)), slice(ox, min(ja + half + 1, w)))
-            n_box, model_box = n[box], model[box]
-            others = model_box.copy()
-            for j in group:
-                _add(others, stamps[j], -1.0, oy, ox)
-            np.maximum(others, 0.0, out=others)
-            flux = fb[group].sum(axis=1)
-            wsum = max(flux.sum(), 1e-12)
-            x0, y0 = float(np.sum(x[group] * flux) / wsum), float(np.sum(y[group] * flux) / wsum)
-            fit = likelihood.fit_point_sources(n_box, others, tabs, [x0 - ox], [y0 - oy], [flux.sum()],
-                                               marginal_errors=False)
-            fx, fy = fit["x"][0] + ox, fit["y"][0] + oy
-            if not (np.isfinite(fx) and np.isfinite(fy) and np.isfinite(fit["flux"][0]) and fit["flux"][0] > 0):
-                continue
-            if np.hypot(fx - x[a], fy - y[a]) > max(r68, 2.0):
-                continue  # it wandered off to other light
-            ext = _stamps(tabs, fx, fy, fit["flux_band"][0], h, w)
-            with_ext = others.copy()
-            _add(with_ext, ext, +1.0, oy, ox)
-            ts_ext = 2.0 * (_loglike(n_box, with_ext) - _loglike(n_box, model_box))
-            score = ts_ext + 2.0 * piece_params * (len(group) - 1)  # Akaike: the pieces' parameters count against
-            if score >= ts_ext_min and (best is None or score > best[0]):
-                best = (score, r68, group[1:], fit, fx, fy, ext, ts_ext)
-        if best is None:
+        # the size from fits at the pieces' centroid (counts only: cheap), then position and counts at that size
+        scans = [t for t in (try_size(a, r68, False) for r68 in r68_grid_pix) if t is not None]
+        if not scans:
+            continue
+        best = try_size(a, max(scans, key=lambda t: t[0])[1], True)
+        if best is None or best[0] < ts_ext_min:
             continue
         _, r68, pieces, fit, fx, fy, ext, ts_ext = best
         for j in np.r_[a, pieces]:
