@@ -792,7 +792,9 @@ def apply_extension_test(arrays: dict, counts, background, kernels, scale: float
     """Likelihood selection's extension test (:func:`skyfm.catalog.extended.extension_test`) applied to the
     selected rows: extended sources get their Gaussian fit (position, counts, ``extension`` as r68 in deg, errors
     scaled as :func:`refine_counts` scales a fit's), the pieces they absorb are dropped, and the pieces that stay
-    significant get their new point fit."""
+    significant get their new point fit. The rows it fits carry the fit's own Fisher errors times the head's
+    point-fit scales and floors, without the confusion term: those scales were calibrated on point sources, not on
+    extended ones."""
     from skyfm.catalog import extended
 
     res = extended.extension_test(counts, background, kernels, arrays["x"], arrays["y"], arrays["flux_band"],
