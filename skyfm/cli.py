@@ -571,12 +571,12 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "--background, else network.")
 @click.option("--min-ts", type=click.FloatRange(min=0), default=25.0, show_default=True,
               help="Likelihood selection: the least fitted TS a source needs (25: the 4FGL convention).")
-@click.option("--test-extension", is_flag=True,
+@click.option("--test-extension/--no-test-extension", default=None,
               help="Counts cubes with --background: test every source for extension (a radial Gaussian seen "
                    "through the PSF, fitted on sizes from 1.5 to 13 times the sharpest bin's r68, kept at TS_ext "
                    ">= 16 over the point model, the point fits' pieces of it absorbed); extended sources get "
-                   "extension (r68, deg) and ts_ext. Off by default: 3-5 s more per 256^2 cube and no gain in "
-                   "F1 (docs/benchmarks.md, Run 12).")
+                   "extension (r68, deg) and ts_ext. Default: the instrument head's choice (on for CTAO, off for "
+                   "Fermi-LAT, where it did not help F1; docs/benchmarks.md, Run 12); 3-5 s more per 256^2 cube.")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
                test_extension):

@@ -878,7 +878,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
                  overlap: int | None = None, refine: bool = True, batch_size: int | None = None, progress: bool = False,
                  precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
                  selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int | None = None,
-                 test_extension: bool = False):
+                 test_extension: bool | None = None):
     """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
 
     Args:
@@ -896,8 +896,9 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
             sqrt(TS) and ``net_score`` the network's probability. ``passes`` (default the head's
             ``likelihood_passes``, else :data:`LIKELIHOOD_PASSES`) > 1: look again, in the TS map of
             the background plus the sources found, for sources beside them (:data:`LIKELIHOOD_PASSES`).
-            ``test_extension`` (likelihood selection only): test each source for extension
-            (:func:`apply_extension_test`); extended ones get a Gaussian fit, ``extension`` and ``ts_ext``.
+            ``test_extension`` (likelihood selection only; default the head's ``likelihood_extension_test``):
+            test each source for extension (:func:`apply_extension_test`); extended ones get a Gaussian fit,
+            ``extension`` and ``ts_ext``. True where likelihood selection does not run is an error.
     """
     from skyfm.instruments import load_instrument
 
@@ -912,7 +913,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     scale = _wcs_scale(patch.wcs)
     background = getattr(patch, "background_image", None)
     chosen = resolve_selection(selection, inst, background, refine)
-    if test_extension and chosen != "likelihood":
+    if test_extension is True and chosen != "likelihood":
         raise SkyfmError("the extension test needs likelihood selection: a counts cube with a background model "
                          "(--background)")
     if chosen == "likelihood":
@@ -920,6 +921,8 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
             passes = head.likelihood_passes if head.likelihood_passes is not None else LIKELIHOOD_PASSES
         if not (isinstance(passes, (int, np.integer)) and passes >= 1):
             raise SkyfmError(f"{inst.name}: likelihood passes should be a whole number >= 1, got {passes!r}")
+        if test_extension is None:
+            test_extension = bool(head.likelihood_extension_test)
         return _detect_likelihood(patch, det, inst, head, scale, background, min_score, min_ts, passes=int(passes),
                                   extension=test_extension, tile_size=tile_size, overlap=overlap,
                                   batch_size=batch_size, progress=progress, precision=precision,
@@ -1053,7 +1056,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 tile_size: int | None = None, batch_size: int | None = None, progress: bool = True, refine: bool = True,
                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
                 background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
-                test_extension: bool = False):
+                test_extension: bool | None = None):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -1081,7 +1084,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     if background is not None:
         check_fits_file(background)
     if _is_healpix_file(path, hdu):
-        if background is not None or test_extension:
+        if background is not None or test_extension is True:
             raise SkyfmError(f"{'--background' if background is not None else '--test-extension'} is for counts "
                              "cubes in pixel images, not HEALPix maps")
         table, patch_for_plot = _detect_healpix(path, det, instrument, min_score, progress, batch_size,
@@ -1113,7 +1116,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             else:
                 if image.masked_fraction() >= 1.0:
                     raise SkyfmError(f"{path}: every pixel is NaN, infinite or masked; there is no image to read")
-                if test_extension:
+                if test_extension is True:
                     raise SkyfmError("the extension test needs likelihood selection, for counts cubes up to 64 M "
                                      f"voxels; this one has {image.shape[0] * image.height * image.width / 1e6:.0f} M")
                 if resolve_selection(selection, inst, model, refine) == "likelihood":

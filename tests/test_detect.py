@@ -505,6 +505,33 @@ def test_detect_cli_selection_errors_are_one_line(tmp_path, model_dir, capsys):
     assert np.all(np.asarray(read_catalog(out)["ts"]) >= 25.0)
 
 
+def test_extension_test_comes_from_the_head_unless_told(model_dir, monkeypatch):
+    """The shipped CTAO head tests extension by default, Fermi-LAT's does not; the caller's True / False wins; True
+    where likelihood selection does not run (no background model) is an error, the head's default there is not."""
+    from dataclasses import replace
+
+    import skyfm.detect as D
+    from skyfm.errors import SkyfmError
+    from skyfm.heads import load_detector
+
+    shipped = load_detector()
+    assert shipped.head_config("ctao").likelihood_extension_test is True
+    assert shipped.head_config("fermi-lat").likelihood_extension_test is False
+    det = load_detector(model_dir)
+    p = simulate_patch("fermi-lat", 3, size=48, population="resampled")
+    seen = []
+    monkeypatch.setattr(D, "_detect_likelihood", lambda *a, extension, **k: seen.append(extension))
+    D.detect_patch(p, det)
+    det.head_config("fermi-lat").likelihood_extension_test = True
+    D.detect_patch(p, det)
+    D.detect_patch(p, det, test_extension=False)
+    assert seen == [False, True, False]
+    no_model = replace(p, background_image=None)
+    assert D.detect_patch(no_model, det).meta["selection"] == "network"  # the head's default: skipped there
+    with pytest.raises(SkyfmError, match="needs likelihood selection"):
+        D.detect_patch(no_model, det, test_extension=True)
+
+
 def test_likelihood_passes_come_from_the_head_and_bad_values_are_one_line(model_dir, monkeypatch):
     """detect_patch's likelihood selection looks as many times as the head says (the shipped Fermi-LAT head: twice,
     chosen on validation seeds) unless told; a value that is not a whole number >= 1 is a clear error."""

@@ -55,6 +55,9 @@ class InstrumentHeadConfig:
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
+        likelihood_extension_test: counts cubes with a background model: test every source for extension
+            (:func:`skyfm.detect.apply_extension_test`) unless the caller says otherwise (chosen on validation
+            seeds).
     """
 
     name: str
@@ -76,6 +79,7 @@ class InstrumentHeadConfig:
     fit_pos_err_scale_estbg: float | None = None
     psf_fit: bool = True
     likelihood_passes: int | None = None
+    likelihood_extension_test: bool = False
 
     def _number(self, name: str, default: float, allow_zero: bool) -> float:
         """Field ``name`` as a finite float (``default`` when None); positive, or >= 0 with ``allow_zero``."""
