@@ -596,6 +596,18 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
 
 
 # --------------------------------------------------------------------------------------------- counts refinement
+def _fit_catalog_errors(head, estimated: bool, flux, flux_err, flux_band, flux_band_err, pos_err_pix):
+    """A likelihood fit's statistical errors as the catalog gives them: times the head's ``fit_*`` scales, with its
+    floors (relative for fluxes, pixels for positions) in quadrature (1.0 and 0 without a head; the ``_estbg`` ones
+    against an estimated background), positions at least 0.05 px. -> (flux_err, flux_band_err, pos_err)."""
+    flux_scale, pos_scale = head.error_scales(fit=True, estimated=estimated) if head is not None else (1.0, 1.0)
+    flux_floor, pos_floor = head.error_floors(estimated) if head is not None else (0.0, 0.0)
+    flux_err = np.hypot(np.asarray(flux_err) * flux_scale, flux_floor * np.abs(flux))
+    band_err = np.hypot(np.asarray(flux_band_err) * flux_scale, flux_floor * np.abs(flux_band))
+    pos_err = np.maximum(np.hypot(np.asarray(pos_err_pix, dtype=float) * pos_scale, pos_floor), 0.05)
+    return flux_err, band_err, pos_err
+
+
 def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background=None,
                   bands: list[str] | None = None, head=None, estimated: bool | None = None, high_pass=None,
                   unresolved: bool = True, return_background: bool = False):
@@ -657,8 +669,6 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
             fit = likelihood.fit_point_sources(data, background, tables, x0, y0,
                                                np.where(placed, fit["flux"], arrays["flux"]))
         flux_background = background
-    flux_scale, pos_scale = head.error_scales(fit=True, estimated=estimated) if head is not None else (1.0, 1.0)
-    flux_floor, pos_floor = head.error_floors(estimated) if head is not None else (0.0, 0.0)
     moved = np.hypot(fit["x"] - arrays["x"], fit["y"] - arrays["y"])
     ok = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (moved < 3.0)
     for key in ("x", "y"):
@@ -667,16 +677,14 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     everything = likelihood.add_point_sources(flux_background, kernels, fit["x"][ok], fit["y"][ok],
                                               fit["flux_band"][ok])
     conf_band, conf = likelihood.confusion_variance(data, everything, kernels, arrays["x"], arrays["y"])
-    stat = np.sqrt(fit["flux_err"] ** 2 + conf)
-    stat_band = np.sqrt(fit["flux_band_err"] ** 2 + conf_band)
+    flux_err, band_err, pe = _fit_catalog_errors(head, estimated, fit["flux"], np.sqrt(fit["flux_err"] ** 2 + conf),
+                                                 fit["flux_band"], np.sqrt(fit["flux_band_err"] ** 2 + conf_band),
+                                                 fit["pos_err_pix"])
     arrays["flux"] = np.where(ok, fit["flux"], arrays["flux"])
-    arrays["flux_err"] = np.where(ok, np.hypot(stat * flux_scale, flux_floor * np.abs(fit["flux"])),
-                                  arrays["flux_err"])
+    arrays["flux_err"] = np.where(ok, flux_err, arrays["flux_err"])
     arrays["flux_band"] = np.where(ok[:, None], fit["flux_band"], arrays["flux_band"])
-    band_err = np.hypot(stat_band * flux_scale, flux_floor * np.abs(fit["flux_band"]))
     arrays["flux_band_err"] = np.where(ok[:, None], band_err, arrays["flux_band_err"])
-    pe = np.hypot(np.asarray(fit["pos_err_pix"], dtype=float) * pos_scale, pos_floor)
-    arrays["pos_err"] = np.where(ok & np.isfinite(pe), np.maximum(pe, 0.05), arrays["pos_err"])
+    arrays["pos_err"] = np.where(ok & np.isfinite(pe), pe, arrays["pos_err"])
     arrays["ts"] = np.where(ok, fit["ts"], np.nan)
     arrays["fit"] = np.where(ok, 2, 0).astype(np.int8)
     exposure = np.array([b.exposure for b in band_objs], dtype=np.float64)
@@ -801,17 +809,13 @@ def apply_extension_test(arrays: dict, counts, background, kernels, scale: float
                                   arrays["ts"], min_ts=min_ts)
     ch = res["changed"] & res["kept"]
     if ch.any():
-        flux_scale, pos_scale = head.error_scales(fit=True, estimated=estimated) if head is not None else (1.0, 1.0)
-        flux_floor, pos_floor = head.error_floors(estimated) if head is not None else (0.0, 0.0)
         fb, fb_err = res["flux_band"][ch], res["flux_band_err"][ch]
         flux = fb.sum(axis=1)
         arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
         arrays["x"][ch], arrays["y"][ch], arrays["ts"][ch] = res["x"][ch], res["y"][ch], res["ts"][ch]
-        arrays["flux_band"][ch] = fb
-        arrays["flux_band_err"][ch] = np.hypot(fb_err * flux_scale, flux_floor * np.abs(fb))
-        arrays["flux"][ch] = flux
-        arrays["flux_err"][ch] = np.hypot(np.sqrt(np.sum(fb_err ** 2, axis=1)) * flux_scale, flux_floor * np.abs(flux))
-        arrays["pos_err"][ch] = np.maximum(np.hypot(res["pos_err_pix"][ch] * pos_scale, pos_floor), 0.05)
+        arrays["flux_band"][ch], arrays["flux"][ch] = fb, flux
+        arrays["flux_err"][ch], arrays["flux_band_err"][ch], arrays["pos_err"][ch] = _fit_catalog_errors(
+            head, estimated, flux, np.sqrt(np.sum(fb_err ** 2, axis=1)), fb, fb_err, res["pos_err_pix"][ch])
         ext = res["extension_pix"][ch] > 0
         arrays["extension"][np.flatnonzero(ch)[ext]] = res["extension_pix"][ch][ext] * scale
     arrays["ts_ext"] = res["ts_ext"]
@@ -1110,8 +1114,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                     patch = replace(patch, background_image=model)
                 table = detect_patch(patch, det, min_score, tile_size=tile_size, refine=refine,
                                      drop_trails=drop_trails, selection=selection, min_ts=min_ts,
-                                     test_extension=test_extension, batch_size=batch_size, progress=progress, precision=precision,
-                                     attention_window=attention_window)
+                                     test_extension=test_extension, batch_size=batch_size, progress=progress,
+                                     precision=precision, attention_window=attention_window)
                 patch_for_plot = patch
             else:
                 if image.masked_fraction() >= 1.0:

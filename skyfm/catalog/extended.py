@@ -106,8 +106,7 @@ def _add(image, stamps, sign: float, oy: int = 0, ox: int = 0) -> None:
 
 
 def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_ts: float = 25.0,
-                   r68_grid_pix=None, ts_ext_min: float = TS_EXT_MIN, piece_params: int | None = None,
-                   absorb_pieces: bool = True) -> dict:
+                   r68_grid_pix=None, ts_ext_min: float = TS_EXT_MIN, piece_params: int | None = None) -> dict:
     """Test each source (brightest first) for extension against ``background`` plus every other source.
 
     Args:
@@ -161,7 +160,7 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
         """(score, r68, pieces, fit, x, y, stamps, ts_ext) of source ``a`` as a Gaussian of ``r68`` in place of
         itself and its pieces, or None when the fit fails or wanders off."""
         d = np.hypot(x - x[a], y - y[a])
-        pieces = np.flatnonzero(out["kept"] & placed & point & (d <= r68) & (ts < ts[a]) & absorb_pieces)
+        pieces = np.flatnonzero(out["kept"] & placed & point & (d <= r68) & (ts < ts[a]))
         group = np.r_[a, pieces[pieces != a]]
         tabs = extended_tables(kernels, r68)
         half = max(t.radius for t in tabs) + point_reach + 1  # every pixel the change can touch

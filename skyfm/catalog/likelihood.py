@@ -922,9 +922,11 @@ def confusion_variance(counts, model, psf_kernels, x, y, *, cell: int | None = N
         return np.maximum(var - poisson * (1 + np.sqrt(2 * beams / max(f.shape[1], 1))), 0.0)
 
     whole = excess(f_in, v_in)
+    order = np.argsort(cells, kind="stable")  # each cell's pixels in one slice (one pass, not a mask per cell)
+    bounds = np.searchsorted(cells[order], np.arange(ny * nx + 1))
     for kcell in range(ny * nx):
-        sel = cells == kcell
-        table[kcell] = excess(f_in[:, sel], v_in[:, sel]) if sel.sum() >= (2 * fwhm) ** 2 else whole
+        sel = order[bounds[kcell]:bounds[kcell + 1]]
+        table[kcell] = excess(f_in[:, sel], v_in[:, sel]) if sel.size >= (2 * fwhm) ** 2 else whole
     at = np.clip(y // cell, 0, ny - 1).astype(int) * nx + np.clip(x // cell, 0, nx - 1).astype(int)
     return table[at, :c_bins], table[at, c_bins]
 
