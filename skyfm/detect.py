@@ -82,7 +82,7 @@ class _Found:
     class_names: list[str]
     rows: dict = field(default_factory=lambda: {k: [] for k in (
         "x", "y", "pos_err", "flux", "flux_err", "score", "class_prob", "extension", "flux_band", "flux_band_err",
-        "fit", "fit_chi2")})
+        "fit", "fit_chi2", "crowding")})
 
     def add(self, **arrays):
         for k, v in arrays.items():
@@ -179,7 +179,7 @@ def _decode_tile(det, out, i: int, patch, units, min_score: float, head):
     flux_scale, pos_scale = head.error_scales()  # calibrated on validation patches (1.0: as predicted)
     return dict(x=x, y=y, pos_err=pos_err * pos_scale, flux=flux, flux_err=flux_err * flux_scale, score=score,
                 class_prob=class_prob, extension=extension, flux_band=band_flux, flux_band_err=band_err * flux_scale,
-                fit=np.zeros(len(x), dtype=np.int8), fit_chi2=np.full(len(x), np.nan))
+                fit=np.zeros(len(x), dtype=np.int8), fit_chi2=np.full(len(x), np.nan), crowding=np.full(len(x), np.nan))
 
 
 def _native_tile(det, inst, pixel_scale: float | None, tile_size: int) -> tuple[int, float]:
@@ -465,7 +465,7 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
                pos_err=np.array([r[2] for r in rows]), flux=band_flux.sum(axis=1),
                flux_err=np.sqrt(np.sum(band_err ** 2, axis=1)), score=np.ones(n), class_prob=class_prob,
                extension=np.zeros(n), flux_band=band_flux, flux_band_err=band_err, fit=np.zeros(n, dtype=np.int8),
-               fit_chi2=np.full(n, np.nan))
+               fit_chi2=np.full(n, np.nan), crowding=np.full(n, np.nan))
     if d is None:
         return new
     return {k: np.concatenate([d[k], new[k].astype(d[k].dtype, copy=False)]) if k in new else d[k] for k in d}
@@ -488,8 +488,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     estimates so far is used, and once ``SEEING_TILES`` tiles have given one no more are made. Heads with
     ``psf_fit`` False (chosen on validation seeds) keep the network's values.
     """
-    from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, estimate_fwhm, fit_psf_sources,
-                                       residual_image)
+    from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, crowding, estimate_fwhm,
+                                       fit_psf_sources, residual_image)
 
     n = len(d["x"])
     if n == 0 or not head.psf_fit:
@@ -558,13 +558,19 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     blank_band, blank = blank_flux_scatter(resid, rms, psfs, scale, fit["x"], fit["y"], mask=mask)
     stat = np.maximum(fit["flux_err"] * inflate, blank)
     stat_band = np.maximum(fit["flux_band_err"] * inflate[:, None], blank_band)
-    flux_err = np.hypot(stat * flux_scale, flux_floor * fit["flux"])
+    # and a star may hide a companion too close to split, the likelier the denser the field: the relative floor
+    # grows with the density of detected neighbours (per FWHM^2), calibrated with it
+    fwhm_pix = float(np.median([p.fwhm_deg for p in psfs])) / scale
+    crowd = crowding(d["x"], d["y"], (h, w), fwhm_pix)
+    floor = np.hypot(flux_floor, head.flux_floor_per_crowding() * crowd)
+    flux_err = np.hypot(stat * flux_scale, floor * fit["flux"])
     d["flux_err"] = np.where(point, flux_err, d["flux_err"])
     d["flux_band"] = np.where(point[:, None], fit["flux_band"], d["flux_band"])
-    band_err = np.hypot(stat_band * flux_scale, flux_floor * fit["flux_band"])
+    band_err = np.hypot(stat_band * flux_scale, floor[:, None] * fit["flux_band"])
     d["flux_band_err"] = np.where(point[:, None], band_err, d["flux_band_err"])
     d["fit"] = (ok.astype(np.int8) + point.astype(np.int8)).astype(np.int8)
     d["fit_chi2"] = np.where(fit["ok"], fit["chi2_red"], np.nan)
+    d["crowding"] = crowd
     return d
 
 
@@ -858,6 +864,11 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
                              "Reduced chi-square of the PSF fit over the source's fit box, the other detections "
                              "subtracted (about 1: a point source well fitted; NaN: no converged fit); the errors "
                              "of fitted rows grow with its square root")
+    if "crowding" in arrays and not inst.is_counts:
+        extra["crowding"] = (np.asarray(arrays["crowding"], dtype=np.float32),
+                             "Detected neighbours per PSF FWHM^2 around the source (Gaussian-weighted within about 3 "
+                             "FWHM, itself left out; 0.01 a sparse field, 0.1 a crowded one, 0.5-1 a cluster core): "
+                             "the flux-error floor of PSF-fitted rows grows with it; NaN: not refined")
     if "net_score" in arrays:
         extra["net_score"] = (np.asarray(arrays["net_score"], dtype=np.float32),
                               "The network's heatmap probability at the source (0: a TS-map candidate the network "

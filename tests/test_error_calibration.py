@@ -206,10 +206,83 @@ def test_scale_and_floor_split_statistical_and_systematic_errors():
     assert flux_coverage(flux[bright], one * stat[bright], true[bright]) < 0.55
 
 
+def test_crowding_is_the_density_of_the_other_detections_per_fwhm2():
+    """Detections scattered at random, 0.01 per px^2, seen with a 4-px FWHM: 0.16 per FWHM^2 in the middle and at
+    the image's edge alike (the smoothing is normalised by the image's share of it); a lone source has none."""
+    from skyfm.catalog.psf_fit import crowding
+
+    rng = np.random.default_rng(2)
+    middle, edge = [], []
+    for _ in range(4):
+        x, y = rng.uniform(0, 400, (2, 1600))
+        rho = crowding(x, y, (400, 400), fwhm_pix=4.0)
+        middle.append(rho[(np.abs(x - 200) < 100) & (np.abs(y - 200) < 100)])
+        edge.append(rho[(x < 10) & (np.abs(y - 200) < 150)])
+    assert np.mean(np.concatenate(middle)) == pytest.approx(0.16, rel=0.1)
+    assert np.mean(np.concatenate(edge)) == pytest.approx(0.16, rel=0.15)
+    alone = crowding(np.array([x[0], 300.0]), np.array([y[0], 300.0]), (400, 400), fwhm_pix=4.0)
+    assert alone.max() < 1e-3
+    assert crowding(np.zeros(0), np.zeros(0), (10, 10), 3.0).shape == (0,)
+
+
+def test_crowding_floors_recover_an_error_that_grows_with_crowding():
+    """Unsplit companions add a relative flux error proportional to the crowding (here 0.5 per neighbour per
+    FWHM^2, on top of a 2% floor): one floor for all over-covers the sparse sources; the crowding floors come out
+    near those numbers and cover both halves alike."""
+    from skyfm.finetune.ship import crowding_floors, flux_coverage, flux_err_floor
+
+    rng = np.random.default_rng(3)
+    n = 8000
+    true = 10 ** rng.uniform(3, 5, n)
+    stat = np.sqrt(true)
+    rho = 10 ** rng.uniform(-2, 0, n)  # a field's 0.01 to a cluster core's 1 per FWHM^2
+    flux = true + rng.normal(0, np.hypot(stat, np.hypot(0.02, 0.5 * rho) * true))
+    r, c = crowding_floors(flux, stat, true, rho)
+    # about the truth (errors relative to the measured flux need a little more where they are large)
+    assert 0.45 < c < 0.7 and r < 0.04
+    dense = rho >= np.median(rho)
+    new = np.hypot(stat, np.hypot(r, c * rho) * np.abs(flux))
+    for half in (dense, ~dense):
+        assert abs(flux_coverage(flux[half], new[half], true[half]) - 0.6827) < 0.03
+    one = np.hypot(stat, flux_err_floor(flux, stat, true) * np.abs(flux))  # one floor for all
+    assert flux_coverage(flux[~dense], one[~dense], true[~dense]) > 0.8
+    # no crowding in the errors: no crowding floor; crowding the same everywhere: nothing to tell apart
+    plain = true + rng.normal(0, np.hypot(stat, 0.03 * true))
+    assert crowding_floors(plain, stat, true, rho)[1] < 0.05
+    assert crowding_floors(plain, stat, true, np.full(n, 0.1))[1] == 0.0
+
+
+def test_ccd_flux_floor_grows_with_the_catalogs_crowding():
+    """A crowded MeerLICHT patch: the PSF-fitted fluxes' errors with a crowding floor c are those without it plus
+    c x crowding x flux in quadrature, crowding the catalog's column (the densities of the detections)."""
+    from skyfm.detect import detect_patch
+    from skyfm.heads import load_detector
+
+    det = load_detector()
+    head = det.head_config("meerlicht")
+    kept = {k: getattr(head, k) for k in ("fit_flux_err_floor", "fit_flux_err_floor_crowding")}
+    p = simulate_patch("meerlicht", 11, size=96, scene="crowded")
+    try:
+        head.fit_flux_err_floor, head.fit_flux_err_floor_crowding = 0.0, 0.0
+        plain = detect_patch(p, det)
+        head.fit_flux_err_floor_crowding = 1.0
+        floored = detect_patch(p, det)
+    finally:
+        for k, v in kept.items():
+            setattr(head, k, v)
+    both = np.asarray(floored["fit"]) == 2
+    assert both.sum() >= 5
+    rho = np.asarray(floored["crowding"], dtype=float)
+    assert np.isfinite(rho).all() and (rho > 0.02).any()
+    f, e0, e1 = _rows(floored)["flux"], _rows(plain)["flux_err"], _rows(floored)["flux_err"]
+    np.testing.assert_allclose(e1[both], np.hypot(e0[both], rho[both] * f[both]), rtol=1e-4)
+    np.testing.assert_allclose(e1[~both], e0[~both], rtol=1e-6)
+
+
 def test_fit_errors_are_chosen_on_their_statistical_part(model_dir):
-    """The fits' scales and floors come from the catalog's errors with the current scale and floor taken out: a
-    detector that carried other values gets the same answer, and the answer covers 68% of the fluxes and puts the
-    median separation at 1.1774 errors; calibrate_errors leaves the detector passed in as it was."""
+    """The fits' scales and floors come from the catalog's errors with the current scale and floors (the crowding's
+    too) taken out: a detector that carried other values gets the same answer, and the answer covers 68% of the
+    fluxes and puts the median separation at 1.1774 errors; calibrate_errors leaves the detector passed in as it was."""
     from types import SimpleNamespace
 
     det = SourceDetector.from_pretrained(model_dir)
@@ -226,21 +299,26 @@ def test_fit_errors_are_chosen_on_their_statistical_part(model_dir):
     true = flux + rng.normal(0, np.hypot(2.0 * stat, 0.05 * flux))
     pos_stat = 1.0 / stat  # pixels: 0.003 .. 0.3
     sep = np.hypot(*rng.normal(0, np.hypot(1.5 * pos_stat, 0.02), (2, n)))
+    crowd = 10 ** rng.uniform(-2, 0, n)  # detections per FWHM^2 (the errors above do not grow with it)
     answers = []
-    for scale, floor in ((1.0, 0.0), (3.0, 0.3)):  # what the catalogs carried
+    for scale, floor, per_crowding in ((1.0, 0.0, 0.0), (3.0, 0.3, 0.5)):  # what the catalogs carried
         carried = SimpleNamespace(error_scales=lambda fit=True, estimated=False, s=scale: (s, s),
-                                  error_floors=lambda estimated=False, f=floor: (f, f / 10))
-        m = {"flux": flux, "flux_err": np.hypot(scale * stat, floor * flux), "true_flux": true, "sep": sep,
+                                  error_floors=lambda estimated=False, f=floor: (f, f / 10),
+                                  flux_floor_per_crowding=lambda c=per_crowding: c)
+        flux_floor = np.hypot(floor, per_crowding * crowd)
+        m = {"flux": flux, "flux_err": np.hypot(scale * stat, flux_floor * flux), "true_flux": true, "sep": sep,
              "pos_err": np.hypot(scale * pos_stat, floor / 10), "fit": np.ones(n, bool), "fit_pos": np.ones(n, bool),
-             "scene": np.full(n, "field", dtype=object)}
+             "crowding": crowd, "scene": np.full(n, "field", dtype=object)}
         out = {}
         ship._fit_flux_errors(m, m["fit"], carried, out)
         ship._fit_pos_errors(m, carried, out)
         answers.append(out)
-    for key in ("fit_flux_err_scale", "fit_flux_err_floor", "fit_pos_err_scale", "fit_pos_err_floor"):
-        assert answers[0][key] == pytest.approx(answers[1][key], rel=1e-6), key
+    for key in ("fit_flux_err_scale", "fit_flux_err_floor", "fit_flux_err_floor_crowding", "fit_pos_err_scale",
+                "fit_pos_err_floor"):
+        assert answers[0][key] == pytest.approx(answers[1][key], rel=1e-6, abs=1e-9), key
     out = answers[0]
     assert out["fit_flux_err_scale"] == pytest.approx(2.0, rel=0.15)
+    assert out["fit_flux_err_floor_crowding"] < 0.03  # no crowding in these errors: (almost) none found
     assert out["fit_flux_cov68_after"] == pytest.approx(0.6827, abs=0.01)
     assert out["fit_pos_err_floor"] > 0
     assert out["fit_median_sep_over_pos_err_after"] == pytest.approx(ship.MEDIAN_2D, rel=0.01)
@@ -257,7 +335,7 @@ def test_ccd_fit_errors_grow_with_the_square_root_of_chi2_and_keep_the_blank_sca
     det = load_detector()
     head = det.head_config("meerlicht")
     kept = {k: getattr(head, k) for k in ("fit_flux_err_scale", "fit_pos_err_scale", "fit_flux_err_floor",
-                                          "fit_pos_err_floor")}
+                                          "fit_pos_err_floor", "fit_flux_err_floor_crowding")}
     blank = [0.0]
 
     def constant_scatter(resid, rms, psfs, scale, x, y, **kwargs):
@@ -266,6 +344,7 @@ def test_ccd_fit_errors_grow_with_the_square_root_of_chi2_and_keep_the_blank_sca
     monkeypatch.setattr(psf_fit, "blank_flux_scatter", constant_scatter)
     try:
         head.fit_flux_err_scale, head.fit_pos_err_scale, head.fit_flux_err_floor, head.fit_pos_err_floor = 1, 1, 0, 0
+        head.fit_flux_err_floor_crowding = 0.0
         p = simulate_patch("meerlicht", 11, size=96, scene="crowded")
         widened = detect_patch(p, det)
         blank[0] = 1e7  # ADU: far above any Fisher error of these stars

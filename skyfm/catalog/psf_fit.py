@@ -431,6 +431,38 @@ def blank_flux_scatter(resid, rms, psfs, pixel_scale_deg: float, x, y, mask=None
     return table[at, :C], table[at, C]
 
 
+CROWDING_SMOOTH_FWHM = 3.0  # the crowding of a source: its detected neighbours' density within a few FWHM
+
+
+def crowding(x, y, shape, fwhm_pix: float, smooth_fwhm: float = CROWDING_SMOOTH_FWHM) -> np.ndarray:
+    """Detections per PSF FWHM^2 around each of the detections ``x, y`` (itself left out): the density of the
+    others, Gaussian-weighted with sigma ``smooth_fwhm`` FWHM and normalised by the weight that falls inside the
+    image of ``shape`` (H, W), so that a source at the edge is not taken for an isolated one.
+
+    What it measures is the chance that a star has a companion too close to split (the fraction of a FWHM-wide
+    disc that other stars cover, in units of the detected ones): in a globular cluster's core 0.5-1, in a crowded
+    field 0.05-0.2, a high-latitude field 0.01. A PSF flux there also holds part of that companion's light, an
+    error that grows with the crowding, not with the noise; the calibrated flux-error floor grows with it
+    (``fit_flux_err_floor_crowding`` of :class:`~skyfm.heads.config.InstrumentHeadConfig`).
+    """
+    from scipy import ndimage
+
+    x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
+    h, w = int(shape[0]), int(shape[1])
+    if x.size == 0 or h < 1 or w < 1:
+        return np.zeros(x.size)
+    iy, ix = np.clip(np.rint(y).astype(int), 0, h - 1), np.clip(np.rint(x).astype(int), 0, w - 1)
+    counts = np.zeros((h, w))
+    np.add.at(counts, (iy, ix), 1.0)
+    sigma = smooth_fwhm * float(fwhm_pix)
+    smoothed = ndimage.gaussian_filter(counts, sigma, mode="constant", truncate=3.0)
+    inside = ndimage.gaussian_filter(np.ones((h, w)), sigma, mode="constant", truncate=3.0)
+    delta = np.zeros(2 * int(np.ceil(3.0 * sigma)) + 1)
+    delta[delta.size // 2] = 1.0
+    own = ndimage.gaussian_filter1d(delta, sigma, mode="constant", truncate=3.0)[delta.size // 2] ** 2  # its own count
+    return np.maximum(smoothed[iy, ix] - own, 0.0) / inside[iy, ix] * float(fwhm_pix) ** 2
+
+
 def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, pixel_scale_deg: float, x, y,
                   snr, *, subtract_others: bool = True, point=None, factors=np.linspace(0.6, 1.8, 13),
                   n_max: int = 30, min_sources: int = 5) -> float:

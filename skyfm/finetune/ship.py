@@ -42,7 +42,8 @@ COVERAGE_68 = math.erf(1.0 / math.sqrt(2.0))  # 0.6827: the share of a Gaussian 
 MEDIAN_2D = math.sqrt(2.0 * math.log(2.0))  # 1.1774: median radius of a circular 2-D Gaussian of unit sigma
 MIN_MATCHES = 20  # fewer matched sources than this: the factor is too noisy, keep 1.0 (and say so)
 SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale")
-FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor")  # the fits' systematic errors, added in quadrature
+# the fits' systematic errors, added in quadrature (the CCD flux floor's part that grows with crowding too)
+FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_crowding")
 # counts cubes fitted against a background estimated from the counts (no model): their own scales and floor
 ESTBG_SCALE_KEYS = ("fit_flux_err_scale_estbg", "fit_pos_err_scale_estbg")
 ESTBG_FLOOR_KEYS = ("fit_flux_err_floor_estbg",)
@@ -199,6 +200,45 @@ def flux_err_scale_and_floor(flux, flux_err, true_flux, level: float = COVERAGE_
     return k, flux_err_floor(f, k * e, t, level, w)
 
 
+def crowding_floors(flux, flux_err, true_flux, crowding, level: float = COVERAGE_68, weights=None
+                    ) -> tuple[float, float]:
+    """``(r, c)`` for errors ``sqrt(flux_err^2 + ((r^2 + (c crowding)^2) flux^2))``: a relative floor that grows
+    with the crowding (detected neighbours per FWHM^2, :func:`skyfm.catalog.psf_fit.crowding`). ``c`` makes the
+    denser half of the pairs covered as well as the sparser half, ``r`` all of them at ``level``
+    (:func:`flux_err_floor`); ``c`` is 0 when the dense half is covered at least as well without it (or the
+    crowding does not vary). One floor for every source is set by the densest scenes (a cluster core's unsplit
+    companions) and over-covers every other."""
+    (f, e, t, rho), w = _pairs((flux, flux_err, true_flux, crowding), ("flux", "flux_err", "true_flux", "crowding"),
+                               weights)
+    dense = rho >= weighted_quantile(rho, 0.5, w)
+    if dense.all() or not dense.any():
+        return flux_err_floor(f, e, t, level, w), 0.0
+
+    def with_c(c):
+        e_c = np.hypot(e, c * rho * np.abs(f))
+        r = flux_err_floor(f, e_c, t, level, w)
+        return r, np.hypot(e_c, r * np.abs(f))
+
+    def gap(c):  # dense minus sparse coverage, with the overall floor chosen for this c
+        full = with_c(c)[1]
+        return (flux_coverage(f[dense], full[dense], t[dense], weights=w[dense])
+                - flux_coverage(f[~dense], full[~dense], t[~dense], weights=w[~dense]))
+
+    c = 0.0
+    if gap(0.0) < 0:
+        hi = 0.01  # the first c that over-covers the dense half (far beyond, both halves are covered alike: all)
+        while gap(hi) <= 0 and hi < 100.0:
+            hi *= 2.0
+        c = _bisect(gap, 0.0, hi, iters=40)
+    r, full = with_c(c)
+    if r == 0.0 and flux_coverage(f, full, t, weights=w) > level:
+        # the crowding term alone over-covers: the statistical errors already cover the sparse half; take the
+        # c that covers ``level`` of all (the dense half stays under) rather than over-cover everything
+        c = _bisect(lambda c: flux_coverage(f, np.hypot(e, c * rho * np.abs(f)), t, weights=w) - level, 0.0, c,
+                    iters=40)
+    return r, float(c)
+
+
 def flux_coverage(flux, flux_err, true_flux, scale: float = 1.0, weights=None) -> float:
     """(Weighted) share of pairs with ``|flux - true| <= scale flux_err`` (the benchmark's 68% flux coverage)."""
     try:
@@ -220,7 +260,8 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
     """Detections of ``cat`` matched one-to-one to the true sources of ``patch`` with SNR >= ``snr_min``: arrays
     ``flux``, ``flux_err``, ``true_flux``, ``sep`` and ``pos_err`` (pixels), ``fit`` (the row's position and flux
     come from the PSF or likelihood fit: catalog column ``fit`` == 2, or a finite ``ts``), ``fit_pos`` (its position
-    does: ``fit`` >= 1) and ``scene`` (the patch's scene or population)."""
+    does: ``fit`` >= 1), ``crowding`` (catalog column ``crowding`` of CCD catalogs, else 0) and ``scene`` (the
+    patch's scene or population)."""
     import astropy.units as u
 
     from skyfm.catalog import match_catalogs
@@ -231,7 +272,7 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
     val = lambda t, k: np.asarray(getattr(t[k], "value", t[k]), dtype=np.float64)  # noqa: E731
     scene = str(patch.meta.get("scene") or patch.meta.get("population") or "patch")
     keys = ("flux", "flux_err", "true_flux", "sep", "pos_err")
-    empty = {k: np.zeros(0) for k in keys} | {"fit": np.zeros(0, dtype=bool), "fit_pos": np.zeros(0, dtype=bool),
+    empty = {k: np.zeros(0) for k in keys + ("crowding",)} | {"fit": np.zeros(0, dtype=bool), "fit_pos": np.zeros(0, dtype=bool),
                                               "scene": np.zeros(0, dtype=object)}
     truth = patch.truth
     if truth is None or not len(truth) or not len(cat):
@@ -251,9 +292,11 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
     else:
         fitted = np.isfinite(val(cat, "ts")) if "ts" in cat.colnames else np.zeros(len(cat), bool)
         positioned = fitted
+    crowd = np.nan_to_num(val(cat, "crowding"), nan=0.0) if "crowding" in cat.colnames else np.zeros(len(cat))
     return {"flux": val(cat, "flux")[di], "flux_err": val(cat, "flux_err")[di], "true_flux": val(truth, "flux")[ti],
             "sep": np.asarray(sep, dtype=np.float64), "pos_err": np.asarray(pe_pix, dtype=np.float64)[di],
-            "fit": fitted[di], "fit_pos": positioned[di], "scene": np.full(len(di), scene, dtype=object)}
+            "fit": fitted[di], "fit_pos": positioned[di], "crowding": crowd[di],
+            "scene": np.full(len(di), scene, dtype=object)}
 
 
 def _concat(rows: list[dict]) -> dict:
@@ -309,6 +352,7 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
     against a background estimated from the counts (the head's ``_estbg`` scale and floor are theirs)."""
     scale_now = head.error_scales(fit=True, estimated=estimated)[0]
     floor_now = head.error_floors(estimated)[0]
+    per_crowding_now = 0.0 if estimated else head.flux_floor_per_crowding()
     n = int(np.sum(select)) if len(m) else 0
     out["fit_n_matched"] = n
     if n < MIN_MATCHES:
@@ -318,9 +362,14 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
     sc = m["scene"][select]
     w = scene_weights(sc) if balance_scenes else None
     f, e, t = m["flux"][select], m["flux_err"][select], m["true_flux"][select]
-    stat = _stat_errors(e, floor_now * f, scale_now)
+    rho = m["crowding"][select] if "crowding" in m else np.zeros(n)
+    stat = _stat_errors(e, np.hypot(floor_now, per_crowding_now * rho) * f, scale_now)
     k, r = flux_err_scale_and_floor(f, stat, t, weights=w)
-    new = np.hypot(k * stat, r * np.abs(f))
+    c = 0.0
+    if not estimated and np.ptp(rho) > 0:  # CCD fits: the floor grows with crowding
+        r, c = crowding_floors(f, k * stat, t, rho, weights=w)
+        out["fit_flux_err_floor_crowding"] = float(c)
+    new = np.hypot(k * stat, np.hypot(r, c * rho) * np.abs(f))
     faint = np.abs(f) / np.maximum(stat, 1e-30) <= np.median(np.abs(f) / np.maximum(stat, 1e-30))
     out["fit_flux_err_scale"], out["fit_flux_err_floor"] = float(k), float(r)
     out["fit_flux_cov68_before"] = round(flux_coverage(f, e, t), 4)
@@ -331,6 +380,12 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
     out["fit_flux_cov68_bright_half_before_after"] = [round(flux_coverage(f[~faint], e[~faint], t[~faint]), 4),
                                                        round(flux_coverage(f[~faint], new[~faint], t[~faint]), 4)]
     out["fit_flux_cov68_scene_balanced_after"] = round(flux_coverage(f, new, t, weights=scene_weights(sc)), 4)
+    if c > 0:
+        dense = rho >= np.median(rho)
+        out["fit_flux_cov68_sparse_half_before_after"] = [round(flux_coverage(f[~dense], e[~dense], t[~dense]), 4),
+                                                          round(flux_coverage(f[~dense], new[~dense], t[~dense]), 4)]
+        out["fit_flux_cov68_dense_half_before_after"] = [round(flux_coverage(f[dense], e[dense], t[dense]), 4),
+                                                         round(flux_coverage(f[dense], new[dense], t[dense]), 4)]
 
 
 def _fit_pos_errors(m: dict, head, out: dict, balance_scenes: bool = False) -> None:
@@ -348,8 +403,8 @@ def _fit_pos_errors(m: dict, head, out: dict, balance_scenes: bool = False) -> N
     w = scene_weights(m["scene"][sel]) if balance_scenes else np.ones(n)
     d, pe = m["sep"][sel], m["pos_err"][sel]
     stat = _stat_errors(pe, head.error_floors()[1], head.error_scales(fit=True)[1])
-    own = np.abs(m["flux"][sel]) / np.maximum(m["flux_err"][sel], 1e-30)  # the brighter, the smaller its error
-    faint = own <= weighted_quantile(own, 0.5, w)
+    # the fainter half: the larger statistical position errors (not the flux's SNR, whose errors carry floors)
+    faint = stat >= weighted_quantile(stat, 0.5, w)
     k = pos_err_scale(d[faint], stat[faint], weights=w[faint])
     floor = pos_err_floor(d, k * stat, weights=w)
     out["fit_pos_err_scale"], out["fit_pos_err_floor"] = float(k), float(floor)

@@ -46,6 +46,11 @@ class InstrumentHeadConfig:
             ones on CCD images (:func:`skyfm.detect.refine_ccd_tile`): a fraction of the flux, and native pixels.
             Crowding, the PSF model and the background add an error that does not shrink with the SNR, so a floor
             (not a factor) is what makes bright and faint sources' errors honest together.
+        fit_flux_err_floor_crowding: the part of that relative flux floor that grows with crowding: the floor of a
+            PSF-fitted CCD flux is ``hypot(fit_flux_err_floor, fit_flux_err_floor_crowding * crowding)``, with
+            ``crowding`` the density of detected neighbours per FWHM^2 (catalog column ``crowding``,
+            :func:`skyfm.catalog.psf_fit.crowding`): a star may hide a companion too close to split, more likely
+            the denser the field (0: one floor for every source).
         fit_flux_err_scale_estbg, fit_flux_err_floor_estbg, fit_pos_err_scale_estbg: counts cubes whose background
             was estimated from the counts (no model given): the fit's errors then also carry the estimate's, so
             they get their own scales and floor (None: those of a fit against a model).
@@ -74,6 +79,7 @@ class InstrumentHeadConfig:
     fit_pos_err_scale: float = 1.0
     fit_flux_err_floor: float = 0.0
     fit_pos_err_floor: float = 0.0
+    fit_flux_err_floor_crowding: float = 0.0
     fit_flux_err_scale_estbg: float | None = None
     fit_flux_err_floor_estbg: float | None = None
     fit_pos_err_scale_estbg: float | None = None
@@ -102,6 +108,10 @@ class InstrumentHeadConfig:
         fit of counts cubes), added in quadrature; ``estimated``: a counts cube's background estimated from it."""
         return (self._number(self._fit_key("fit_flux_err_floor", estimated), 0.0, allow_zero=True),
                 self._number("fit_pos_err_floor", 0.0, allow_zero=True))
+
+    def flux_floor_per_crowding(self) -> float:
+        """``fit_flux_err_floor_crowding``: the relative flux floor per detected neighbour per FWHM^2 (CCD fits)."""
+        return self._number("fit_flux_err_floor_crowding", 0.0, allow_zero=True)
 
     def error_scales(self, fit: bool = False, estimated: bool = False) -> tuple[float, float]:
         """(flux_err, pos_err) multipliers: those of the network's errors, or with ``fit`` of the likelihood fit's
