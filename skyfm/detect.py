@@ -179,7 +179,8 @@ def _decode_tile(det, out, i: int, patch, units, min_score: float, head):
     flux_scale, pos_scale = head.error_scales()  # calibrated on validation patches (1.0: as predicted)
     return dict(x=x, y=y, pos_err=pos_err * pos_scale, flux=flux, flux_err=flux_err * flux_scale, score=score,
                 class_prob=class_prob, extension=extension, flux_band=band_flux, flux_band_err=band_err * flux_scale,
-                fit=np.zeros(len(x), dtype=np.int8), fit_chi2=np.full(len(x), np.nan), crowding=np.full(len(x), np.nan))
+                fit=np.zeros(len(x), dtype=np.int8), fit_chi2=np.full(len(x), np.nan),
+                crowding=np.full(len(x), np.nan))
 
 
 def _native_tile(det, inst, pixel_scale: float | None, tile_size: int) -> tuple[int, float]:

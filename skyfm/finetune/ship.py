@@ -272,8 +272,8 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
     val = lambda t, k: np.asarray(getattr(t[k], "value", t[k]), dtype=np.float64)  # noqa: E731
     scene = str(patch.meta.get("scene") or patch.meta.get("population") or "patch")
     keys = ("flux", "flux_err", "true_flux", "sep", "pos_err")
-    empty = {k: np.zeros(0) for k in keys + ("crowding",)} | {"fit": np.zeros(0, dtype=bool), "fit_pos": np.zeros(0, dtype=bool),
-                                              "scene": np.zeros(0, dtype=object)}
+    empty = {k: np.zeros(0) for k in keys + ("crowding",)} | {
+        "fit": np.zeros(0, dtype=bool), "fit_pos": np.zeros(0, dtype=bool), "scene": np.zeros(0, dtype=object)}
     truth = patch.truth
     if truth is None or not len(truth) or not len(cat):
         return empty
@@ -366,7 +366,7 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
     stat = _stat_errors(e, np.hypot(floor_now, per_crowding_now * rho) * f, scale_now)
     k, r = flux_err_scale_and_floor(f, stat, t, weights=w)
     c = 0.0
-    if not estimated and np.ptp(rho) > 0:  # CCD fits: the floor grows with crowding
+    if not estimated and (np.ptp(rho) > 0 or per_crowding_now > 0):  # CCD fits: the floor grows with crowding
         r, c = crowding_floors(f, k * stat, t, rho, weights=w)
         out["fit_flux_err_floor_crowding"] = float(c)
     new = np.hypot(k * stat, np.hypot(r, c * rho) * np.abs(f))
