@@ -377,6 +377,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
 # ------------------------------------------------------------------------------------------------ CCD refinement
 PSF_FIT_MIN_SNR = 5.0  # detections whose PSF fit has a lower SNR keep the network's values
 SEEING_TILES = 5  # tiles of one image whose seeing estimates are enough: later tiles take their median
+PSF_FIT_PASSES = 2  # rounds of the PSF fit over all detections (each fitted with the others' current models)
 
 
 def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
@@ -529,7 +530,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     gain = float((inst.noise or {}).get("gain", 1.0))
     flux0 = np.nan_to_num(d["flux_band"], nan=0.0)  # only weights the first linear fit
     bg, rms = np.stack(bg), np.stack(rms)  # (C, H, W)
-    fit = fit_psf_sources(data, bg, rms, psfs, scale, d["x"], d["y"], flux0, gain=gain, mask=mask, passes=2, n_iter=4)
+    fit = fit_psf_sources(data, bg, rms, psfs, scale, d["x"], d["y"], flux0, gain=gain, mask=mask,
+                          passes=PSF_FIT_PASSES, n_iter=4)
     with np.errstate(invalid="ignore", divide="ignore"):
         # the fit's significance over all bands, sqrt(sum of the bands' SNR^2) (a chi-square detection image's):
         # the SNR of the summed flux lets a band that holds only noise (WISE W4 for most stars) drown the others

@@ -319,6 +319,11 @@ def test_fit_errors_are_chosen_on_their_statistical_part(model_dir):
     out = answers[0]
     assert out["fit_flux_err_scale"] == pytest.approx(2.0, rel=0.15)
     assert out["fit_flux_err_floor_crowding"] < 0.03  # no crowding in these errors: (almost) none found
+    one = {}  # one floor for all asked for: the crowding term the head carried goes to 0
+    ship._fit_flux_errors(m, m["fit"], carried, one, crowding=False)
+    assert one["fit_flux_err_floor_crowding"] == 0.0
+    assert one["fit_flux_err_scale"] == pytest.approx(answers[1]["fit_flux_err_scale"], rel=1e-6)
+    assert one["fit_flux_cov68_after"] == pytest.approx(0.6827, abs=0.01)
     assert out["fit_flux_cov68_after"] == pytest.approx(0.6827, abs=0.01)
     assert out["fit_pos_err_floor"] > 0
     assert out["fit_median_sep_over_pos_err_after"] == pytest.approx(ship.MEDIAN_2D, rel=0.01)

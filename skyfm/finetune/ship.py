@@ -344,12 +344,15 @@ def _stat_errors(err, floor_term, scale: float) -> np.ndarray:
     return np.sqrt(np.maximum(np.asarray(err) ** 2 - np.asarray(floor_term) ** 2, 0.0)) / scale
 
 
-def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = False, estimated: bool = False) -> None:
+def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = False, estimated: bool = False,
+                     crowding: bool = True) -> None:
     """out[fit_flux_err_scale], out[fit_flux_err_floor] (the likelihood fit of counts cubes, the PSF fit of CCD
     point sources) from the matches ``m[select]``, by :func:`flux_err_scale_and_floor` on the fit's own errors
     (the catalog's with the current scale and floor taken out, so the answer does not depend on them); also the
     coverage before / after, overall and in the fainter and brighter half. ``estimated``: the rows were fitted
-    against a background estimated from the counts (the head's ``_estbg`` scale and floor are theirs)."""
+    against a background estimated from the counts (the head's ``_estbg`` scale and floor are theirs).
+    ``crowding``: CCD fits get a floor that grows with the catalog's ``crowding`` (:func:`crowding_floors`); False:
+    one floor for all (and a crowding term the head carries is set to 0)."""
     scale_now = head.error_scales(fit=True, estimated=estimated)[0]
     floor_now = head.error_floors(estimated)[0]
     per_crowding_now = 0.0 if estimated else head.flux_floor_per_crowding()
@@ -366,9 +369,11 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
     stat = _stat_errors(e, np.hypot(floor_now, per_crowding_now * rho) * f, scale_now)
     k, r = flux_err_scale_and_floor(f, stat, t, weights=w)
     c = 0.0
-    if not estimated and (np.ptp(rho) > 0 or per_crowding_now > 0):  # CCD fits: the floor grows with crowding
+    if not estimated and crowding and (np.ptp(rho) > 0 or per_crowding_now > 0):  # CCD: grows with crowding
         r, c = crowding_floors(f, k * stat, t, rho, weights=w)
         out["fit_flux_err_floor_crowding"] = float(c)
+    elif per_crowding_now > 0:
+        out["fit_flux_err_floor_crowding"] = 0.0
     new = np.hypot(k * stat, np.hypot(r, c * rho) * np.abs(f))
     faint = np.abs(f) / np.maximum(stat, 1e-30) <= np.median(np.abs(f) / np.maximum(stat, 1e-30))
     out["fit_flux_err_scale"], out["fit_flux_err_floor"] = float(k), float(r)
@@ -414,7 +419,7 @@ def _fit_pos_errors(m: dict, head, out: dict, balance_scenes: bool = False) -> N
 
 def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 128, seed_offset: int = 0,
                      instruments: list[str] | None = None, min_score: float | None = None,
-                     balance_scenes: bool = False, selection: str = "network") -> dict:
+                     balance_scenes: bool = False, selection: str = "network", crowding: bool = True) -> dict:
     """Per instrument, the error scales of the module docstring, chosen on ``n`` validation patches.
 
     The patches carry the detector's current scales; the factors returned are the new scales (current times the
@@ -428,7 +433,8 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
     catalog's errors with the current scale and floor taken out (:func:`_fit_flux_errors`, :func:`_fit_pos_errors`),
     so they do not depend on what the detector carried before. ``selection``: which rows the refined catalogs keep
     (:func:`skyfm.detect.detect_patch`; ``"auto"`` selects counts-cube rows by their TS, the patches carrying
-    their true background).
+    their true background). ``crowding``: the CCD fits' flux floor grows with crowding (:func:`crowding_floors`);
+    False: one floor.
     """
     from skyfm.detect import default_min_score, detect_patch, get_detector
     from skyfm.finetune.config import load_finetune_config
@@ -465,7 +471,7 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
             _factors(mf, fitted, "fit_", current, res, balance_scenes)
         else:
             _fit_pos_errors(mf, head, res, balance_scenes)
-        _fit_flux_errors(mf, fitted, head, res, balance_scenes)
+        _fit_flux_errors(mf, fitted, head, res, balance_scenes, crowding=crowding)
         if inst.is_counts:
             res.update(_estimated_background_errors(_concat(est), head, balance_scenes))
         results[name] = res
@@ -536,6 +542,9 @@ def main() -> None:
     parser.add_argument("--selection", choices=["network", "auto"], default="network",
                         help="rows of the refined catalogs: the network's (default) or, with auto, counts-cube rows "
                              "selected by their likelihood TS (skyfm detect --background)")
+    parser.add_argument("--no-crowding-floor", action="store_true",
+                        help="CCD fits: one relative flux floor for every source instead of one that grows with the "
+                             "catalog's crowding (the density of detected neighbours)")
     parser.add_argument("--out", default=None, help="also write the calibration JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the factors, write nothing")
     args = parser.parse_args()
@@ -548,7 +557,7 @@ def main() -> None:
     target = Path(args.model_dir if args.model_dir is not None else args.target)
     res = calibrate_errors(target, args.config, n=args.n, size=args.size, seed_offset=args.seed_offset,
                            instruments=args.instrument, balance_scenes=args.balance_scenes,
-                           selection=args.selection)
+                           selection=args.selection, crowding=not args.no_crowding_floor)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
