@@ -250,6 +250,7 @@ def test_crowding_floors_recover_an_error_that_grows_with_crowding():
     plain = true + rng.normal(0, np.hypot(stat, 0.03 * true))
     assert crowding_floors(plain, stat, true, rho)[1] < 0.05
     assert crowding_floors(plain, stat, true, np.full(n, 0.1))[1] == 0.0
+    assert crowding_floors(flux, 10 * stat, true, rho) == (0.0, 0.0)  # errors already too large: nothing to add
 
 
 def test_ccd_flux_floor_grows_with_the_catalogs_crowding():

@@ -233,9 +233,12 @@ def crowding_floors(flux, flux_err, true_flux, crowding, level: float = COVERAGE
     r, full = with_c(c)
     if r == 0.0 and flux_coverage(f, full, t, weights=w) > level:
         # the crowding term alone over-covers: the statistical errors already cover the sparse half; take the
-        # c that covers ``level`` of all (the dense half stays under) rather than over-cover everything
-        c = _bisect(lambda c: flux_coverage(f, np.hypot(e, c * rho * np.abs(f)), t, weights=w) - level, 0.0, c,
-                    iters=40)
+        # c that covers ``level`` of all (the dense half stays under) rather than over-cover everything, and none
+        # where the statistical errors alone already do
+        def excess(c):
+            return flux_coverage(f, np.hypot(e, c * rho * np.abs(f)), t, weights=w) - level
+
+        c = 0.0 if excess(0.0) >= 0 else _bisect(excess, 0.0, c, iters=40)
     return r, float(c)
 
 
