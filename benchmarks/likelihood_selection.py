@@ -44,8 +44,7 @@ VARIANTS = {"peaks TS>=25, 1 pass": dict(candidate_ts=25.0, passes=1),
 def main(argv=None) -> int:
     import detect as bench
 
-    from skyfm.catalog.evaluate import default_radius_pix
-    from skyfm.catalog.evaluate import truth_crb
+    from skyfm.catalog.evaluate import default_radius_pix, truth_crb
     from skyfm.catalog.metrics import detection_metrics, localization_metrics
     from skyfm.detect import _detect_likelihood, default_min_score
     from skyfm.heads import load_detector

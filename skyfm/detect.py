@@ -817,10 +817,10 @@ def apply_extension_test(arrays: dict, counts, background, kernels, scale: float
     res = extended.extension_test(counts, background, kernels, arrays["x"], arrays["y"], arrays["flux_band"],
                                   arrays["ts"], min_ts=min_ts)
     ch = res["changed"] & res["kept"]
+    arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}  # the caller's rows stay as they were
     if ch.any():
         fb, fb_err = res["flux_band"][ch], res["flux_band_err"][ch]
         flux = fb.sum(axis=1)
-        arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
         arrays["x"][ch], arrays["y"][ch], arrays["ts"][ch] = res["x"][ch], res["y"][ch], res["ts"][ch]
         arrays["flux_band"][ch], arrays["flux"][ch] = fb, flux
         arrays["flux_err"][ch], arrays["flux_band_err"][ch], arrays["pos_err"][ch] = _fit_catalog_errors(
@@ -829,7 +829,7 @@ def apply_extension_test(arrays: dict, counts, background, kernels, scale: float
         arrays["extension"][np.flatnonzero(ch)[ext]] = res["extension_pix"][ch][ext] * scale
     arrays["ts_ext"] = res["ts_ext"]
     keep = res["kept"]
-    return {k: np.asarray(v)[keep] for k, v in arrays.items()}
+    return {k: v[keep] for k, v in arrays.items()}
 
 
 def select_by_ts(arrays: dict, min_ts: float, separation: float) -> dict:

@@ -85,15 +85,8 @@ def _loglike(n, mu) -> float:
 
 def _stamps(tables, x: float, y: float, flux_band, h: int, w: int) -> list:
     """A source's image as per-bin stamps clipped to the (h, w) image: [(bin, y0, y1, x0, x1, values)]."""
-    out = []
-    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-    for c, table in enumerate(tables):
-        a, r = float(flux_band[c]), table.radius
-        y0, y1, x0, x1 = max(iy - r, 0), min(iy + r + 1, h), max(ix - r, 0), min(ix + r + 1, w)
-        if a > 0 and y1 > y0 and x1 > x0:
-            st = table.stamp(x - ix, y - iy) * a
-            out.append((c, y0, y1, x0, x1, st[y0 - (iy - r):y1 - (iy - r), x0 - (ix - r):x1 - (ix - r)]))
-    return out
+    stamps = ((c, likelihood.clipped_stamp(table, x, y, float(flux_band[c]), h, w)) for c, table in enumerate(tables))
+    return [(c, *st) for c, st in stamps if st is not None]
 
 
 def _add(image, stamps, sign: float, oy: int = 0, ox: int = 0) -> None:
@@ -156,6 +149,7 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
     model = b.copy()  # the background and every source
     for st in stamps.values():
         _add(model, st, +1.0)
+
     def try_size(a, r68, fit_position):
         """(score, r68, pieces, fit, x, y, stamps, ts_ext) of source ``a`` as a Gaussian of ``r68`` in place of
         itself and its pieces, or None when the fit fails or wanders off."""

@@ -808,6 +808,20 @@ def _neighbour_flux_covariance(tables, design, x, y, amps, model, h: int, w: int
     return extra
 
 
+def clipped_stamp(table: PSFTable, x: float, y: float, amplitude: float, h: int, w: int):
+    """A source's image in one bin, ``amplitude`` x the table's stamp at (x, y), clipped to an (h, w) image:
+    ``(y0, y1, x0, x1, values)``, or None when it is empty, off the image or not finite."""
+    if not (np.isfinite(x) and np.isfinite(y) and np.isfinite(amplitude)) or amplitude <= 0:
+        return None
+    r = table.radius
+    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    y0, y1, x0, x1 = max(iy - r, 0), min(iy + r + 1, h), max(ix - r, 0), min(ix + r + 1, w)
+    if y1 <= y0 or x1 <= x0:
+        return None
+    st = table.stamp(x - ix, y - iy) * amplitude
+    return y0, y1, x0, x1, st[y0 - (iy - r):y1 - (iy - r), x0 - (ix - r):x1 - (ix - r)]
+
+
 def add_point_sources(image, psf_kernels, x, y, flux_band) -> np.ndarray:
     """``image`` (C, H, W) plus the PSF images of point sources at ``x``, ``y`` with counts ``flux_band`` (N, C):
     a copy (e.g. the background and the sources found so far, to look for more in what is left)."""
@@ -816,15 +830,11 @@ def add_point_sources(image, psf_kernels, x, y, flux_band) -> np.ndarray:
     tables = psf_tables(psf_kernels)
     flux_band = np.asarray(flux_band, dtype=np.float64).reshape(len(x), c_bins)
     for c, table in enumerate(tables):
-        r = table.radius
         for xs, ys, a in zip(x, y, flux_band[:, c]):
-            if not (np.isfinite(xs) and np.isfinite(ys) and np.isfinite(a)) or a <= 0:
-                continue
-            ix, iy = int(np.floor(xs + 0.5)), int(np.floor(ys + 0.5))
-            y0, y1, x0, x1 = max(iy - r, 0), min(iy + r + 1, h), max(ix - r, 0), min(ix + r + 1, w)
-            if y1 > y0 and x1 > x0:
-                st = table.stamp(xs - ix, ys - iy) * a
-                out[c, y0:y1, x0:x1] += st[y0 - (iy - r):y1 - (iy - r), x0 - (ix - r):x1 - (ix - r)]
+            st = clipped_stamp(table, xs, ys, a, h, w)
+            if st is not None:
+                y0, y1, x0, x1, v = st
+                out[c, y0:y1, x0:x1] += v
     return out
 
 

@@ -383,17 +383,17 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
     out["fit_flux_cov68_before"] = round(flux_coverage(f, e, t), 4)
     out["fit_flux_cov68_after"] = round(flux_coverage(f, new, t), 4)
     out["fit_median_flux_ratio"] = round(float(np.median(f / np.maximum(t, 1e-30))), 4)
-    out["fit_flux_cov68_faint_half_before_after"] = [round(flux_coverage(f[faint], e[faint], t[faint]), 4),
-                                                      round(flux_coverage(f[faint], new[faint], t[faint]), 4)]
-    out["fit_flux_cov68_bright_half_before_after"] = [round(flux_coverage(f[~faint], e[~faint], t[~faint]), 4),
-                                                       round(flux_coverage(f[~faint], new[~faint], t[~faint]), 4)]
+
+    def before_after(sel):  # a half's coverage with the carried errors and with the new ones
+        return [round(flux_coverage(f[sel], e[sel], t[sel]), 4), round(flux_coverage(f[sel], new[sel], t[sel]), 4)]
+
+    out["fit_flux_cov68_faint_half_before_after"] = before_after(faint)
+    out["fit_flux_cov68_bright_half_before_after"] = before_after(~faint)
     out["fit_flux_cov68_scene_balanced_after"] = round(flux_coverage(f, new, t, weights=scene_weights(sc)), 4)
     if c > 0:
         dense = rho >= np.median(rho)
-        out["fit_flux_cov68_sparse_half_before_after"] = [round(flux_coverage(f[~dense], e[~dense], t[~dense]), 4),
-                                                          round(flux_coverage(f[~dense], new[~dense], t[~dense]), 4)]
-        out["fit_flux_cov68_dense_half_before_after"] = [round(flux_coverage(f[dense], e[dense], t[dense]), 4),
-                                                         round(flux_coverage(f[dense], new[dense], t[dense]), 4)]
+        out["fit_flux_cov68_sparse_half_before_after"] = before_after(~dense)
+        out["fit_flux_cov68_dense_half_before_after"] = before_after(dense)
 
 
 def _fit_pos_errors(m: dict, head, out: dict, balance_scenes: bool = False) -> None:
