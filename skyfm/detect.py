@@ -82,7 +82,7 @@ class _Found:
     class_names: list[str]
     rows: dict = field(default_factory=lambda: {k: [] for k in (
         "x", "y", "pos_err", "flux", "flux_err", "score", "class_prob", "extension", "flux_band", "flux_band_err",
-        "fit", "fit_chi2", "crowding")})
+        "fit", "fit_chi2", "crowding", "flux_confusion")})
 
     def add(self, **arrays):
         for k, v in arrays.items():
@@ -180,7 +180,7 @@ def _decode_tile(det, out, i: int, patch, units, min_score: float, head):
     return dict(x=x, y=y, pos_err=pos_err * pos_scale, flux=flux, flux_err=flux_err * flux_scale, score=score,
                 class_prob=class_prob, extension=extension, flux_band=band_flux, flux_band_err=band_err * flux_scale,
                 fit=np.zeros(len(x), dtype=np.int8), fit_chi2=np.full(len(x), np.nan),
-                crowding=np.full(len(x), np.nan))
+                crowding=np.full(len(x), np.nan), flux_confusion=np.full(len(x), np.nan))
 
 
 def _native_tile(det, inst, pixel_scale: float | None, tile_size: int) -> tuple[int, float]:
@@ -340,7 +340,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             d["y"] = t.y0 + (d["y"] + 0.5) * f - 0.5
             d["pos_err"] = d["pos_err"] * f
             if zoom != 1.0 and not inst.is_counts:  # surface brightness was kept: sums scale with pixel area
-                for k in ("flux", "flux_err", "flux_band", "flux_band_err"):
+                for k in ("flux", "flux_err", "flux_band", "flux_band_err", "flux_confusion"):
                     d[k] = d[k] * f * f
             own = t.owns(d["x"], d["y"])
             if np.any(own):
@@ -467,7 +467,7 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
                pos_err=np.array([r[2] for r in rows]), flux=band_flux.sum(axis=1),
                flux_err=np.sqrt(np.sum(band_err ** 2, axis=1)), score=np.ones(n), class_prob=class_prob,
                extension=np.zeros(n), flux_band=band_flux, flux_band_err=band_err, fit=np.zeros(n, dtype=np.int8),
-               fit_chi2=np.full(n, np.nan), crowding=np.full(n, np.nan))
+               fit_chi2=np.full(n, np.nan), crowding=np.full(n, np.nan), flux_confusion=np.full(n, np.nan))
     if d is None:
         return new
     return {k: np.concatenate([d[k], new[k].astype(d[k].dtype, copy=False)]) if k in new else d[k] for k in d}
@@ -483,8 +483,10 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
     The fit's Fisher errors grow with sqrt(max(1, reduced chi-square)) of each source's box (column ``fit_chi2``),
     flux errors are at least the scatter of PSF fluxes at blank places of the residual image nearby
-    (:func:`~skyfm.catalog.psf_fit.blank_flux_scatter`: the confusion of undetected neighbours), then all take the
-    head's calibrated scales and floors.
+    (:func:`~skyfm.catalog.psf_fit.blank_flux_scatter`: the confusion of undetected neighbours, catalog column
+    ``flux_confusion``), then all take the head's calibrated scales and floors. Rows that keep the network's flux
+    (not saturated) get ``hypot(a x the network's error, b x flux_confusion)`` with the head's
+    :meth:`~skyfm.heads.config.InstrumentHeadConfig.unfitted_flux_error_terms`.
     The seeing of each band is fitted on the tile's bright point-like detections, the others subtracted
     (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of the tiles'
     estimates so far is used, and once ``SEEING_TILES`` tiles have given one no more are made. Heads with
@@ -553,7 +555,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     # and the SNR cut above would keep only the upward fluctuations
     with np.errstate(invalid="ignore"):
         point = ok & point & (fit["flux_err"] * flux_scale < np.nan_to_num(d["flux_err"], nan=np.inf))
-    point &= _masked_share(mask, d["x"], d["y"], psfs, scale) < MAX_MASKED_SHARE  # a saturated core: not a PSF flux
+    saturated = _masked_share(mask, d["x"], d["y"], psfs, scale) >= MAX_MASKED_SHARE  # a clipped core: no PSF flux
+    point &= ~saturated
     d["flux"] = np.where(point, fit["flux"], d["flux"])
     # nor do they know what else lies under a source, the light of neighbours too faint to detect (confusion, in
     # clusters far above the sky noise): PSF fluxes at blank places of the residual image measure it
@@ -571,9 +574,19 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     d["flux_band"] = np.where(point[:, None], fit["flux_band"], d["flux_band"])
     band_err = np.hypot(stat_band * flux_scale, floor[:, None] * fit["flux_band"])
     d["flux_band_err"] = np.where(point[:, None], band_err, d["flux_band_err"])
+    # the rows that keep the network's flux: its statistical error and the confusion where the source stands (in a
+    # cluster core the faint stars whose light neither the network nor the fit assigns)
+    net_scale = head.error_scales()[0]  # the network's errors carry it (_decode_tile)
+    unfitted_scale, confusion_weight = head.unfitted_flux_error_terms()
+    keep_net = ~point & ~saturated  # a saturated star keeps the aperture flux and error add_saturated_stars gave
+    d["flux_err"] = np.where(keep_net, np.hypot(d["flux_err"] * (unfitted_scale / net_scale),
+                                                confusion_weight * blank), d["flux_err"])
+    d["flux_band_err"] = np.where(keep_net[:, None], np.hypot(d["flux_band_err"] * (unfitted_scale / net_scale),
+                                                              confusion_weight * blank_band), d["flux_band_err"])
     d["fit"] = (ok.astype(np.int8) + point.astype(np.int8)).astype(np.int8)
     d["fit_chi2"] = np.where(fit["ok"], fit["chi2_red"], np.nan)
     d["crowding"] = crowd
+    d["flux_confusion"] = np.where(saturated, np.nan, blank)
     return d
 
 
@@ -872,6 +885,12 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
                              "Detected neighbours per PSF FWHM^2 around the source (Gaussian-weighted within about 3 "
                              "FWHM, itself left out; 0.01 a sparse field, 0.1 a crowded one, 0.5-1 a cluster core): "
                              "the flux-error floor of PSF-fitted rows grows with it; NaN: not refined")
+    if "flux_confusion" in arrays and not inst.is_counts:
+        extra["flux_confusion"] = (np.asarray(arrays["flux_confusion"], dtype=np.float64),
+                                   "Confusion noise at the source, in flux units: the scatter of PSF fluxes at blank "
+                                   "places of the residual image around it (the light of undetected neighbours); the "
+                                   "flux errors of refined rows are at least it; NaN: not refined, or a saturated star "
+                                   "(aperture flux)")
     if "net_score" in arrays:
         extra["net_score"] = (np.asarray(arrays["net_score"], dtype=np.float32),
                               "The network's heatmap probability at the source (0: a TS-map candidate the network "

@@ -280,6 +280,66 @@ def test_ccd_flux_floor_grows_with_the_catalogs_crowding():
     np.testing.assert_allclose(e1[~both], e0[~both], rtol=1e-6)
 
 
+def test_confusion_error_terms_recover_a_statistical_and_a_confusion_part():
+    """Rows whose error is 0.6 x their statistical error and 0.8 x the confusion in quadrature, in a sparse scene
+    (little confusion) and a cluster (much): the terms come back near those numbers and both scenes are covered at
+    68%, which no single factor on the statistical error achieves; without confusion in the errors its weight stays
+    near 0."""
+    from skyfm.finetune.ship import confusion_error_terms, flux_coverage, flux_err_scale
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    cluster = np.arange(n) >= n // 2
+    stat = rng.uniform(5, 20, n)
+    conf = np.where(cluster, rng.uniform(20, 60, n), rng.uniform(0, 2, n))
+    true = rng.uniform(100, 1000, n)
+    flux = true + rng.normal(0, np.hypot(0.6 * stat, 0.8 * conf))
+    scene = np.where(cluster, "cluster", "field")
+    a, b = confusion_error_terms(flux, stat, true, conf, strata=scene)
+    assert abs(a - 0.6) < 0.08 and abs(b - 0.8) < 0.08
+    new = np.hypot(a * stat, b * conf)
+    for s in (cluster, ~cluster):
+        assert abs(flux_coverage(flux[s], new[s], true[s]) - 0.6827) < 0.02
+    one = flux_err_scale(flux, stat, true) * stat  # one factor: the field over-covered, the cluster under
+    assert flux_coverage(flux[~cluster], one[~cluster], true[~cluster]) > 0.9
+    assert flux_coverage(flux[cluster], one[cluster], true[cluster]) < 0.55
+    # no strata given: the halves of confusion / error tell the two apart as well
+    a2, b2 = confusion_error_terms(flux, stat, true, conf)
+    assert abs(a2 - a) < 0.1 and abs(b2 - b) < 0.1
+    plain = true + rng.normal(0, 1.5 * stat)
+    a3, b3 = confusion_error_terms(plain, stat, true, conf, strata=scene)
+    assert abs(a3 - 1.5) < 0.1 and b3 < 0.1
+
+
+def test_refined_rows_that_keep_the_network_flux_carry_the_confusion():
+    """A crowded MeerLICHT patch: the refined rows that keep the network's flux (fit < 2, not saturated) have the
+    error hypot(a / flux_err_scale x the network's, b x flux_confusion) with the head's unfitted terms (a, b);
+    PSF-fitted rows are untouched, and every refined row reports its confusion (flux units)."""
+    from skyfm.detect import detect_patch
+    from skyfm.heads import load_detector
+
+    det = load_detector()
+    head = det.head_config("meerlicht")
+    kept = {k: getattr(head, k) for k in ("unfitted_flux_err_scale", "unfitted_flux_err_confusion")}
+    p = simulate_patch("meerlicht", 11, size=96, scene="crowded")
+    try:
+        head.unfitted_flux_err_scale, head.unfitted_flux_err_confusion = None, 0.0  # as the network gives them
+        plain = detect_patch(p, det)
+        head.unfitted_flux_err_scale, head.unfitted_flux_err_confusion = 2.0 * head.flux_err_scale, 0.7
+        terms = detect_patch(p, det)
+    finally:
+        for k, v in kept.items():
+            setattr(head, k, v)
+    conf = np.asarray(terms["flux_confusion"].value, dtype=float)
+    assert terms["flux_confusion"].unit == terms["flux"].unit
+    unfitted = (np.asarray(terms["fit"]) < 2) & np.isfinite(conf)
+    assert unfitted.sum() >= 3 and (np.asarray(terms["fit"]) == 2).sum() >= 5
+    assert (conf[np.isfinite(conf)] > 0).all()
+    e0, e1 = _rows(plain)["flux_err"], _rows(terms)["flux_err"]
+    np.testing.assert_allclose(e1[unfitted], np.hypot(2.0 * e0[unfitted], 0.7 * conf[unfitted]), rtol=1e-4)
+    np.testing.assert_allclose(e1[~unfitted], e0[~unfitted], rtol=1e-6)
+
+
 def test_fit_errors_are_chosen_on_their_statistical_part(model_dir):
     """The fits' scales and floors come from the catalog's errors with the current scale and floors (the crowding's
     too) taken out: a detector that carried other values gets the same answer, and the answer covers 68% of the

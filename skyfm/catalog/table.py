@@ -187,7 +187,7 @@ def build_catalog(x, y, *, pos_err_pix=None, flux=None, flux_err=None, score=Non
         desc = None
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
             value, desc = value
-        if name in ("flux_band", "flux_band_err") and not isinstance(value, u.Quantity):
+        if name in ("flux_band", "flux_band_err", "flux_confusion") and not isinstance(value, u.Quantity):
             value = u.Quantity(np.asarray(value, dtype=np.float64), funit)
         arr = value if isinstance(value, u.Quantity) else np.asarray(value)
         if len(arr) != n:

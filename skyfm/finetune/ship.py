@@ -20,8 +20,10 @@ instead, :func:`scene_weights`; with a handful of matches in a field scene that 
 (the likelihood fit of counts cubes, the PSF fit of CCD point sources) get their own scales and floors, since
 their errors replace the network's (:func:`_fit_flux_errors`, :func:`_fit_pos_errors`); on counts cubes twice,
 against the true background (what a user's model stands for) and against one estimated from the counts (the
-``_estbg`` keys: that estimate's own error is then part of the fit's, :func:`_estimated_background_errors`). They
-are written into ``heads.<instrument>`` of the detector's ``config.json`` and applied in :mod:`skyfm.detect`.
+``_estbg`` keys: that estimate's own error is then part of the fit's, :func:`_estimated_background_errors`). The
+refined CCD rows that keep the network's flux (the faint stars of a cluster core whose light nobody assigns, a
+crowded field's blends) get a scale of the network's error and a weight of the confusion noise, every scene
+covered alike (:func:`_unfitted_flux_errors`, :func:`confusion_error_terms`). They are written into ``heads.<instrument>`` of the detector's ``config.json`` and applied in :mod:`skyfm.detect`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_cro
 # counts cubes fitted against a background estimated from the counts (no model): their own scales and floor
 ESTBG_SCALE_KEYS = ("fit_flux_err_scale_estbg", "fit_pos_err_scale_estbg")
 ESTBG_FLOOR_KEYS = ("fit_flux_err_floor_estbg",)
+# refined CCD rows that keep the network's flux: a scale of its error and a weight of the confusion noise
+UNFITTED_SCALE_KEYS, UNFITTED_WEIGHT_KEYS = ("unfitted_flux_err_scale",), ("unfitted_flux_err_confusion",)
 
 
 def ship(model_dir: str | Path, target: str | Path = DEFAULT_MODEL_DIR, notes: str | Path | None = None,
@@ -242,6 +246,57 @@ def crowding_floors(flux, flux_err, true_flux, crowding, level: float = COVERAGE
     return r, float(c)
 
 
+def confusion_error_terms(flux, flux_err, true_flux, confusion, strata=None, level: float = COVERAGE_68,
+                          weights=None) -> tuple[float, float]:
+    """``(a, b)`` for errors ``hypot(a flux_err, b confusion)``: a statistical error and the confusion noise where
+    the source stands (:func:`skyfm.catalog.psf_fit.blank_flux_scatter`), chosen so that every stratum (``strata``:
+    a label per pair, such as the scene; those with at least ``MIN_MATCHES`` pairs count) is covered as close to
+    ``level`` as can be (least squares over the strata's coverages, a log grid then a finer one around its best).
+    Without two such strata the pairs are split at the median of ``confusion / flux_err``, where confusion rules
+    and where it does not. ``b`` is 0 where the confusion does not help; a cluster core's unassigned faint stars
+    need it, a crowded field's do not, and one factor on ``flux_err`` cannot serve both."""
+    n = len(np.asarray(flux).reshape(-1))
+    (f, e, t, c, index), w = _pairs((flux, flux_err, true_flux, confusion, np.arange(n)),
+                                    ("flux", "flux_err", "true_flux", "confusion", "index"), weights)
+    labels = np.full(n, "all") if strata is None else np.asarray(strata, dtype=object).reshape(-1).astype(str)
+    if len(labels) != n:
+        raise SkyfmError(f"{len(labels)} strata for {n} pairs")
+    labels = labels[index.astype(int)]
+    groups = [labels == g for g in np.unique(labels) if np.sum(labels == g) >= MIN_MATCHES]
+    if len(groups) < 2:
+        ratio = c / e
+        high = ratio >= weighted_quantile(ratio, 0.5, w)
+        groups = [high, ~high] if high.any() and (~high).any() else [np.ones(len(f), bool)]
+    miss2 = (f - t) ** 2
+
+    def cost(a_values, b):
+        # a pair is covered where a >= sqrt(max((f - t)^2 - b^2 c^2, 0)) / e: per stratum, the weighted share of
+        # those thresholds below each a
+        need = np.sqrt(np.clip(miss2 - (b * c) ** 2, 0.0, None)) / e
+        total = np.zeros(len(a_values))
+        for g in groups:
+            order = np.argsort(need[g])
+            cum = np.concatenate([[0.0], np.cumsum(w[g][order])])
+            covered = cum[np.searchsorted(need[g][order], a_values, side="right")] / cum[-1]
+            total += (covered - level) ** 2
+        return total
+
+    def search(a_grid, b_grid):
+        best = (np.inf, 1.0, 0.0)
+        for b in b_grid:
+            costs = cost(a_grid, b)
+            i = int(np.argmin(costs))
+            if costs[i] < best[0] - 1e-12:
+                best = (float(costs[i]), float(a_grid[i]), float(b))
+        return best
+
+    _, a, b = search(np.logspace(-2, 2, 121), np.concatenate([[0.0], np.logspace(-2, 1.5, 106)]))
+    fine = np.logspace(-0.04, 0.04, 17)
+    b_fine = b * fine if b > 0 else np.concatenate([[0.0], np.logspace(-3, -2, 9)])
+    _, a, b = search(a * fine, b_fine)
+    return a, b
+
+
 def flux_coverage(flux, flux_err, true_flux, scale: float = 1.0, weights=None) -> float:
     """(Weighted) share of pairs with ``|flux - true| <= scale flux_err`` (the benchmark's 68% flux coverage)."""
     try:
@@ -263,8 +318,9 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
     """Detections of ``cat`` matched one-to-one to the true sources of ``patch`` with SNR >= ``snr_min``: arrays
     ``flux``, ``flux_err``, ``true_flux``, ``sep`` and ``pos_err`` (pixels), ``fit`` (the row's position and flux
     come from the PSF or likelihood fit: catalog column ``fit`` == 2, or a finite ``ts``), ``fit_pos`` (its position
-    does: ``fit`` >= 1), ``crowding`` (catalog column ``crowding`` of CCD catalogs, else 0) and ``scene`` (the
-    patch's scene or population)."""
+    does: ``fit`` >= 1), ``crowding`` (catalog column ``crowding`` of CCD catalogs, else 0), ``confusion``
+    (catalog column ``flux_confusion`` of refined CCD catalogs, else NaN) and ``scene`` (the patch's scene or
+    population)."""
     import astropy.units as u
 
     from skyfm.catalog import match_catalogs
@@ -275,7 +331,7 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
     val = lambda t, k: np.asarray(getattr(t[k], "value", t[k]), dtype=np.float64)  # noqa: E731
     scene = str(patch.meta.get("scene") or patch.meta.get("population") or "patch")
     keys = ("flux", "flux_err", "true_flux", "sep", "pos_err")
-    empty = {k: np.zeros(0) for k in keys + ("crowding",)} | {
+    empty = {k: np.zeros(0) for k in keys + ("crowding", "confusion")} | {
         "fit": np.zeros(0, dtype=bool), "fit_pos": np.zeros(0, dtype=bool), "scene": np.zeros(0, dtype=object)}
     truth = patch.truth
     if truth is None or not len(truth) or not len(cat):
@@ -296,9 +352,10 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
         fitted = np.isfinite(val(cat, "ts")) if "ts" in cat.colnames else np.zeros(len(cat), bool)
         positioned = fitted
     crowd = np.nan_to_num(val(cat, "crowding"), nan=0.0) if "crowding" in cat.colnames else np.zeros(len(cat))
+    confusion = val(cat, "flux_confusion") if "flux_confusion" in cat.colnames else np.full(len(cat), np.nan)
     return {"flux": val(cat, "flux")[di], "flux_err": val(cat, "flux_err")[di], "true_flux": val(truth, "flux")[ti],
             "sep": np.asarray(sep, dtype=np.float64), "pos_err": np.asarray(pe_pix, dtype=np.float64)[di],
-            "fit": fitted[di], "fit_pos": positioned[di], "crowding": crowd[di],
+            "fit": fitted[di], "fit_pos": positioned[di], "crowding": crowd[di], "confusion": confusion[di],
             "scene": np.full(len(di), scene, dtype=object)}
 
 
@@ -396,6 +453,31 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
         out["fit_flux_cov68_dense_half_before_after"] = before_after(dense)
 
 
+def _unfitted_flux_errors(m: dict, head, out: dict) -> None:
+    """out[unfitted_flux_err_scale], out[unfitted_flux_err_confusion] from the matched rows of refined CCD
+    catalogs that keep the network's flux (catalog ``fit`` < 2 with a finite ``flux_confusion``; saturated stars,
+    whose aperture flux keeps its own error, have none): :func:`confusion_error_terms` on the network's error (the
+    catalog's with the current terms taken out) and the confusion, every scene a stratum; also the coverage
+    before / after, overall and per scene."""
+    scale_now, weight_now = head.unfitted_flux_error_terms()
+    sel = (~m["fit"] & np.isfinite(m["confusion"])) if len(m) else np.zeros(0, bool)
+    n = int(np.sum(sel))
+    out["unfitted_n_matched"] = n
+    if n < MIN_MATCHES:
+        out.setdefault("notes", []).append(f"unfitted flux errors: {n} matched rows (< {MIN_MATCHES}), kept")
+        return
+    f, e, t, conf, sc = (m[k][sel] for k in ("flux", "flux_err", "true_flux", "confusion", "scene"))
+    stat = _stat_errors(e, weight_now * conf, scale_now)
+    a, b = confusion_error_terms(f, stat, t, conf, strata=sc)
+    new = np.hypot(a * stat, b * conf)
+    out["unfitted_flux_err_scale"], out["unfitted_flux_err_confusion"] = float(a), float(b)
+    out["unfitted_flux_cov68_before"] = round(flux_coverage(f, e, t), 4)
+    out["unfitted_flux_cov68_after"] = round(flux_coverage(f, new, t), 4)
+    out["unfitted_flux_cov68_per_scene_before_after"] = {
+        str(k): [int(np.sum(sc == k)), round(flux_coverage(f[sc == k], e[sc == k], t[sc == k]), 4),
+                 round(flux_coverage(f[sc == k], new[sc == k], t[sc == k]), 4)] for k in np.unique(sc.astype(str))}
+
+
 def _fit_pos_errors(m: dict, head, out: dict, balance_scenes: bool = False) -> None:
     """out[fit_pos_err_scale], out[fit_pos_err_floor] (the PSF fit of CCD images) from the matches whose position
     was fitted (``m["fit_pos"]``, catalog column ``fit`` >= 1, as the errors are applied): the scale makes the
@@ -422,7 +504,8 @@ def _fit_pos_errors(m: dict, head, out: dict, balance_scenes: bool = False) -> N
 
 def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 128, seed_offset: int = 0,
                      instruments: list[str] | None = None, min_score: float | None = None,
-                     balance_scenes: bool = False, selection: str = "network", crowding: bool = True) -> dict:
+                     balance_scenes: bool = False, selection: str = "network", crowding: bool = True,
+                     confusion: bool = True) -> dict:
     """Per instrument, the error scales of the module docstring, chosen on ``n`` validation patches.
 
     The patches carry the detector's current scales; the factors returned are the new scales (current times the
@@ -437,7 +520,8 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
     so they do not depend on what the detector carried before. ``selection``: which rows the refined catalogs keep
     (:func:`skyfm.detect.detect_patch`; ``"auto"`` selects counts-cube rows by their TS, the patches carrying
     their true background). ``crowding``: the CCD fits' flux floor grows with crowding (:func:`crowding_floors`);
-    False: one floor.
+    False: one floor. ``confusion``: also the errors of the refined CCD rows that keep the network's flux
+    (:func:`_unfitted_flux_errors`).
     """
     from skyfm.detect import default_min_score, detect_patch, get_detector
     from skyfm.finetune.config import load_finetune_config
@@ -474,6 +558,8 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
             _factors(mf, fitted, "fit_", current, res, balance_scenes)
         else:
             _fit_pos_errors(mf, head, res, balance_scenes)
+            if confusion:
+                _unfitted_flux_errors(mf, head, res)
         _fit_flux_errors(mf, fitted, head, res, balance_scenes, crowding=crowding)
         if inst.is_counts:
             res.update(_estimated_background_errors(_concat(est), head, balance_scenes))
@@ -506,13 +592,13 @@ def write_error_scales(model_dir, scales: dict) -> Path:
     for name, res in scales.items():
         if name not in heads:
             raise SkyfmError(f"{path}: no head for instrument {name!r} (heads: {', '.join(heads)})")
-        for key in SCALE_KEYS + ESTBG_SCALE_KEYS:
+        for key in SCALE_KEYS + ESTBG_SCALE_KEYS + UNFITTED_SCALE_KEYS:
             if key in res:
                 v = float(res[key])
                 if not (v > 0 and math.isfinite(v)):
                     raise SkyfmError(f"{name}: {key} should be a positive number, got {v}")
                 heads[name][key] = round(v, 4)
-        for key in FLOOR_KEYS + ESTBG_FLOOR_KEYS:
+        for key in FLOOR_KEYS + ESTBG_FLOOR_KEYS + UNFITTED_WEIGHT_KEYS:
             if key in res:
                 v = float(res[key])
                 if not (v >= 0 and math.isfinite(v)):
@@ -548,6 +634,9 @@ def main() -> None:
     parser.add_argument("--no-crowding-floor", action="store_true",
                         help="CCD fits: one relative flux floor for every source instead of one that grows with the "
                              "catalog's crowding (the density of detected neighbours)")
+    parser.add_argument("--no-confusion-errors", action="store_true",
+                        help="CCD heads: leave the errors of refined rows that keep the network's flux as they are "
+                             "(do not calibrate unfitted_flux_err_scale / _confusion)")
     parser.add_argument("--out", default=None, help="also write the calibration JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the factors, write nothing")
     args = parser.parse_args()
@@ -560,7 +649,8 @@ def main() -> None:
     target = Path(args.model_dir if args.model_dir is not None else args.target)
     res = calibrate_errors(target, args.config, n=args.n, size=args.size, seed_offset=args.seed_offset,
                            instruments=args.instrument, balance_scenes=args.balance_scenes,
-                           selection=args.selection, crowding=not args.no_crowding_floor)
+                           selection=args.selection, crowding=not args.no_crowding_floor,
+                           confusion=not args.no_confusion_errors)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

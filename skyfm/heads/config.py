@@ -51,6 +51,15 @@ class InstrumentHeadConfig:
             ``crowding`` the density of detected neighbours per FWHM^2 (catalog column ``crowding``,
             :func:`skyfm.catalog.psf_fit.crowding`): a star may hide a companion too close to split, more likely
             the denser the field (0: one floor for every source).
+        unfitted_flux_err_scale, unfitted_flux_err_confusion: the flux errors of the rows of a refined CCD catalog
+            that keep the network's flux (catalog column ``fit`` < 2: the PSF fit was not significant, or the source
+            is not point-like): ``hypot(unfitted_flux_err_scale * network error, unfitted_flux_err_confusion *
+            flux_confusion)``, with ``flux_confusion`` the scatter of PSF fluxes at blank places of the residual
+            image around the source (the light of undetected neighbours; catalog column ``flux_confusion``). The
+            network's own scale (``flux_err_scale``) is chosen on unrefined catalogs, where such rows are a few
+            among many; in a cluster core they are the faint stars whose light nobody assigns, and a factor on the
+            network's errors alone cannot cover them without over-covering every other sky. None / 0: the
+            network's scale, no confusion term (unrefined catalogs always keep that).
         fit_flux_err_scale_estbg, fit_flux_err_floor_estbg, fit_pos_err_scale_estbg: counts cubes whose background
             was estimated from the counts (no model given): the fit's errors then also carry the estimate's, so
             they get their own scales and floor (None: those of a fit against a model).
@@ -80,6 +89,8 @@ class InstrumentHeadConfig:
     fit_flux_err_floor: float = 0.0
     fit_pos_err_floor: float = 0.0
     fit_flux_err_floor_crowding: float = 0.0
+    unfitted_flux_err_scale: float | None = None
+    unfitted_flux_err_confusion: float = 0.0
     fit_flux_err_scale_estbg: float | None = None
     fit_flux_err_floor_estbg: float | None = None
     fit_pos_err_scale_estbg: float | None = None
@@ -112,6 +123,14 @@ class InstrumentHeadConfig:
     def flux_floor_per_crowding(self) -> float:
         """``fit_flux_err_floor_crowding``: the relative flux floor per detected neighbour per FWHM^2 (CCD fits)."""
         return self._number("fit_flux_err_floor_crowding", 0.0, allow_zero=True)
+
+    def unfitted_flux_error_terms(self) -> tuple[float, float]:
+        """(scale of the network's flux error, weight of the confusion scatter) for the rows of a refined CCD catalog
+        that keep the network's flux: ``unfitted_flux_err_scale`` (default the network's ``flux_err_scale``) and
+        ``unfitted_flux_err_confusion`` (default 0)."""
+        default = self._number("flux_err_scale", 1.0, allow_zero=False)
+        return (self._number("unfitted_flux_err_scale", default, allow_zero=False),
+                self._number("unfitted_flux_err_confusion", 0.0, allow_zero=True))
 
     def error_scales(self, fit: bool = False, estimated: bool = False) -> tuple[float, float]:
         """(flux_err, pos_err) multipliers: those of the network's errors, or with ``fit`` of the likelihood fit's
