@@ -577,9 +577,14 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    ">= 16 over the point model, the point fits' pieces of it absorbed); extended sources get "
                    "extension (r68, deg) and ts_ext. Default: the instrument head's choice (on for CTAO, off for "
                    "Fermi-LAT, where it did not help F1; docs/benchmarks.md, Run 12); 3-5 s more per 256^2 cube.")
+@click.option("--mask-cosmic-rays/--keep-cosmic-rays", default=None,
+              help="CCD images: leave the pixels L.A.Cosmic (astroscrappy) takes for cosmic-ray hits out of the PSF "
+                   "fit, so a hit beside a star does not pull its position and flux. Default: the instrument head's "
+                   "choice (on for Hubble single exposures, off for MeerLICHT and the WISE coadds); ~0.7 s per Mpix "
+                   "per band.")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
-               test_extension):
+               test_extension, mask_cosmic_rays):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -603,7 +608,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size,
                             precision=precision, attention_window=attention_window, refine=not no_refine,
                             drop_trails=drop_trails, background=background_path, selection=selection,
-                            min_ts=min_ts, test_extension=test_extension)
+                            min_ts=min_ts, test_extension=test_extension, mask_cosmic_rays=mask_cosmic_rays)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

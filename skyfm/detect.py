@@ -278,13 +278,13 @@ def _round_up(n: int, k: int) -> int:
 def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None = None, overlap: int | None = None,
                  batch_size: int | None = None, progress: bool = False, pixel_scale: float | None = None,
                  precision: str = "auto", attention_window: int | None = None, refine: bool = True,
-                 drop_trails: bool = False) -> dict:
+                 drop_trails: bool = False, mask_cosmic_rays: bool | None = None) -> dict:
     """Run the detector over every tile of ``source`` (a Patch or an opened ImageFile) -> full-image arrays.
 
     ``precision`` and ``attention_window``: see :func:`inference_settings`. ``refine``: PSF-fit refinement of
-    the bright detections of CCD tiles (:func:`refine_ccd_tile`); counts cubes are refined after all tiles
-    (:func:`refine_counts`). ``drop_trails``: on CCD tiles, drop the detections on satellite trails that the
-    tile's image shows (:func:`drop_trail_detections`).
+    the bright detections of CCD tiles (:func:`refine_ccd_tile`, which ``mask_cosmic_rays`` passes on); counts
+    cubes are refined after all tiles (:func:`refine_counts`). ``drop_trails``: on CCD tiles, drop the detections
+    on satellite trails that the tile's image shows (:func:`drop_trail_detections`).
     """
     import torch
     from tqdm.auto import tqdm
@@ -332,7 +332,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             if d is None:
                 continue
             if refine and not inst.is_counts:
-                d = refine_ccd_tile(d, p, inst, head, seeing)
+                d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays)
             f = 1.0 / zoom  # image pixels per network pixel
             if drop_trails and not inst.is_counts:
                 d = drop_trail_detections(d, p, inst, pixel_scale=(pixel_scale or inst.pixel_scale_deg) * f)
@@ -473,7 +473,8 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
     return {k: np.concatenate([d[k], new[k].astype(d[k].dtype, copy=False)]) if k in new else d[k] for k in d}
 
 
-def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> dict:
+def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
+                    mask_cosmic_rays: bool | None = None) -> dict:
     """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
 
     Every detection is modelled (so that neighbours share their light) on the pixels below the instrument's
@@ -490,7 +491,9 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     The seeing of each band is fitted on the tile's bright point-like detections, the others subtracted
     (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of the tiles'
     estimates so far is used, and once ``SEEING_TILES`` tiles have given one no more are made. Heads with
-    ``psf_fit`` False (chosen on validation seeds) keep the network's values.
+    ``psf_fit`` False (chosen on validation seeds) keep the network's values. ``mask_cosmic_rays`` (default the
+    head's setting): leave the tile's cosmic-ray pixels (:func:`~skyfm.catalog.cosmics.cosmic_ray_mask`) out of
+    the fit, as its saturated ones.
     """
     from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, crowding, estimate_fwhm,
                                        fit_psf_sources, residual_image)
@@ -502,6 +505,11 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     mask = saturation_mask(data, inst)  # (C, H, W): a saturated core or bleed column is no PSF
     if patch.mask is not None:
         mask |= np.asarray(patch.mask, bool)
+    no_psf = mask.copy()  # a source whose box is mostly these keeps its own flux (below); a cosmic ray's few pixels
+    if head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays:  # are just left out of the fit
+        from skyfm.catalog.cosmics import cosmic_ray_mask
+
+        mask |= cosmic_ray_mask(data, inst, mask=mask)
     scale = inst.pixel_scale_deg
     h, w = data.shape[1:]
     iy = np.clip(np.rint(d["y"]).astype(int), 0, h - 1)
@@ -555,7 +563,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None) -> d
     # and the SNR cut above would keep only the upward fluctuations
     with np.errstate(invalid="ignore"):
         point = ok & point & (fit["flux_err"] * flux_scale < np.nan_to_num(d["flux_err"], nan=np.inf))
-    saturated = _masked_share(mask, d["x"], d["y"], psfs, scale) >= MAX_MASKED_SHARE  # a clipped core: no PSF flux
+    saturated = _masked_share(no_psf, d["x"], d["y"], psfs, scale) >= MAX_MASKED_SHARE  # a clipped core: no PSF flux
     point &= ~saturated
     d["flux"] = np.where(point, fit["flux"], d["flux"])
     # nor do they know what else lies under a source, the light of neighbours too faint to detect (confusion, in
@@ -915,7 +923,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
                  overlap: int | None = None, refine: bool = True, batch_size: int | None = None, progress: bool = False,
                  precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
                  selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int | None = None,
-                 test_extension: bool | None = None):
+                 test_extension: bool | None = None, mask_cosmic_rays: bool | None = None):
     """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
 
     Args:
@@ -926,6 +934,8 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
         precision, attention_window: how the network runs (:func:`inference_settings`): by default bf16 where
             the hardware has it natively, and the tiling of :func:`default_tiling`.
         drop_trails: CCD images: drop the detections on satellite trails (:func:`drop_trail_detections`).
+        mask_cosmic_rays: CCD images: leave cosmic-ray pixels out of the PSF fit (:func:`refine_ccd_tile`);
+            default the head's ``mask_cosmic_rays``.
         selection: which detections the catalog keeps (:func:`resolve_selection`). ``"network"``: heatmap
             probability >= ``min_score``. ``"likelihood"`` (counts cubes; the default when the patch carries a
             background model, ``patch.background_image``): the network's peaks and the TS map's
@@ -966,7 +976,8 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
                                   attention_window=attention_window)
     arrays = detect_tiles(patch, inst, det, min_score=min_score, tile_size=tile_size, overlap=overlap,
                           batch_size=batch_size, progress=progress, pixel_scale=scale, precision=precision,
-                          attention_window=attention_window, refine=refine, drop_trails=drop_trails)
+                          attention_window=attention_window, refine=refine, drop_trails=drop_trails,
+                          mask_cosmic_rays=mask_cosmic_rays)
     if inst.is_counts and refine:
         arrays = refine_counts(arrays, patch.data, inst, scale, background, bands=list(patch.bands), head=head)
     return _catalog(arrays, inst, patch.wcs, head, meta={"min_score": min_score, "selection": "network"})
@@ -1093,7 +1104,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 tile_size: int | None = None, batch_size: int | None = None, progress: bool = True, refine: bool = True,
                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
                 background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
-                test_extension: bool | None = None):
+                test_extension: bool | None = None, mask_cosmic_rays: bool | None = None):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -1105,7 +1116,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     (:func:`read_background_model`), which the Poisson likelihood refinement fits against instead of an estimate
     from the counts (the detector's error scales were calibrated that way); ``selection`` and ``min_ts`` as
     :func:`detect_patch` (likelihood selection, the default with a model, on cubes up to 64 M voxels), and
-    ``test_extension``.
+    ``test_extension``; ``mask_cosmic_rays`` as :func:`detect_patch`.
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -1148,7 +1159,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 table = detect_patch(patch, det, min_score, tile_size=tile_size, refine=refine,
                                      drop_trails=drop_trails, selection=selection, min_ts=min_ts,
                                      test_extension=test_extension, batch_size=batch_size, progress=progress,
-                                     precision=precision, attention_window=attention_window)
+                                     precision=precision, attention_window=attention_window,
+                                     mask_cosmic_rays=mask_cosmic_rays)
                 patch_for_plot = patch
             else:
                 if image.masked_fraction() >= 1.0:
@@ -1168,7 +1180,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 arrays = detect_tiles(image, inst, det, min_score=min_score, tile_size=tile_size,
                                       batch_size=batch_size, progress=progress, pixel_scale=scale,
                                       precision=precision, attention_window=attention_window, refine=refine,
-                                      drop_trails=drop_trails)
+                                      drop_trails=drop_trails, mask_cosmic_rays=mask_cosmic_rays)
                 if inst.is_counts and refine:
                     data = image.read_window(0, image.height, 0, image.width)
                     data = np.nan_to_num(data, nan=0.0)

@@ -66,6 +66,9 @@ class InstrumentHeadConfig:
         psf_fit: whether CCD detections of this instrument are refined by the PSF fit (chosen on validation
             seeds; every shipped CCD head has it on: Hubble's was off while the fit made its positions worse, before
             the neighbours' wings and light entered the fit).
+        mask_cosmic_rays: CCD images: leave the cosmic-ray pixels that L.A.Cosmic finds
+            (:func:`skyfm.catalog.cosmics.cosmic_ray_mask`) out of the PSF fit (chosen on validation seeds: on for
+            single exposures with many hits, Hubble's; it costs ~0.7 s per Mpix per band).
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
@@ -95,6 +98,7 @@ class InstrumentHeadConfig:
     fit_flux_err_floor_estbg: float | None = None
     fit_pos_err_scale_estbg: float | None = None
     psf_fit: bool = True
+    mask_cosmic_rays: bool = False
     likelihood_passes: int | None = None
     likelihood_extension_test: bool = False
 
