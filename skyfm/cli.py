@@ -580,8 +580,8 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 @click.option("--mask-cosmic-rays/--keep-cosmic-rays", default=None,
               help="CCD images: leave the pixels L.A.Cosmic (astroscrappy) takes for cosmic-ray hits out of the PSF "
                    "fit, so a hit beside a star does not pull its position and flux. Default: the instrument head's "
-                   "choice (on for Hubble single exposures, off for MeerLICHT and the WISE coadds); ~0.7 s per Mpix "
-                   "per band.")
+                   "choice (on for the single exposures of Hubble and MeerLICHT, off for the WISE coadds); ~0.5-1 s "
+                   "per Mpix per band.")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
                test_extension, mask_cosmic_rays):

@@ -505,8 +505,10 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     mask = saturation_mask(data, inst)  # (C, H, W): a saturated core or bleed column is no PSF
     if patch.mask is not None:
         mask |= np.asarray(patch.mask, bool)
-    no_psf = mask.copy()  # a source whose box is mostly these keeps its own flux (below); a cosmic ray's few pixels
-    if head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays:  # are just left out of the fit
+    # a source whose box is mostly saturated or invalid keeps its own flux (below); a cosmic ray's few pixels are
+    # only left out of the fit
+    no_psf = mask.copy()
+    if head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays:
         from skyfm.catalog.cosmics import cosmic_ray_mask
 
         mask |= cosmic_ray_mask(data, inst, mask=mask)

@@ -56,6 +56,7 @@ def test_a_hit_beside_a_star_no_longer_pulls_its_fitted_position():
     masked = star_error(struck, True)
     assert pulled > 0.3 and ref < 0.05
     assert abs(masked - ref) < 0.01
+    assert star_error(struck, None) == masked  # the shipped Hubble head masks them by default
 
 
 def test_detect_cli_masks_cosmic_rays_on_request(tmp_path, capsys):

@@ -23,7 +23,8 @@ against the true background (what a user's model stands for) and against one est
 ``_estbg`` keys: that estimate's own error is then part of the fit's, :func:`_estimated_background_errors`). The
 refined CCD rows that keep the network's flux (the faint stars of a cluster core whose light nobody assigns, a
 crowded field's blends) get a scale of the network's error and a weight of the confusion noise, every scene
-covered alike (:func:`_unfitted_flux_errors`, :func:`confusion_error_terms`). They are written into ``heads.<instrument>`` of the detector's ``config.json`` and applied in :mod:`skyfm.detect`.
+covered alike (:func:`_unfitted_flux_errors`, :func:`confusion_error_terms`). They are written into
+``heads.<instrument>`` of the detector's ``config.json`` and applied in :mod:`skyfm.detect`.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class InstrumentHeadConfig:
             the neighbours' wings and light entered the fit).
         mask_cosmic_rays: CCD images: leave the cosmic-ray pixels that L.A.Cosmic finds
             (:func:`skyfm.catalog.cosmics.cosmic_ray_mask`) out of the PSF fit (chosen on validation seeds: on for
-            single exposures with many hits, Hubble's; it costs ~0.7 s per Mpix per band).
+            single exposures, Hubble's and MeerLICHT's, off for the WISE coadds; ~0.5-1 s per Mpix per band).
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
