@@ -19,7 +19,9 @@ least squares on a box of 1.5 FWHM (+1 px), with
   assumption);
 
 beside ``skyfm`` (the shipped default detector at its own threshold, as the benchmark runs it). Ratios are
-reported overall and by true snr (10-30, 30-100, >= 100). Writes ``OUT/results.json`` and ``OUT/results.md``.
+reported overall and by true snr (10-30, 30-100, >= 100), and for CCD cases also split by whether the oracle's box
+holds a contaminated pixel (the simulator's cosmic-ray, trail, saturated, bleed, hot or dead pixels): the bound
+assumes none. Writes ``OUT/results.json`` and ``OUT/results.md``.
 
 Counts cubes (``fermi``, ``fermi-plane``, ``ctao-plane``, ``fermi-plane-ichalo``): the oracle is skyfm's own
 Poisson fitter (``skyfm.catalog.likelihood.fit_point_sources``, the instrument's PSF per bin) started at the true
@@ -151,15 +153,18 @@ def run_case(case_index: int, key: str, instrument: str, options, n: int, base: 
                              "oracle, all subtracted": [], "oracle, detectable modelled": [],
                              "oracle, all modelled": []}
     snrs: dict[str, list] = {k: [] for k in rows}
+    hits: dict[str, list] = {k: [] for k in rows}  # the star's oracle box holds a contaminated pixel
     for patch in bench._simulate(case_index, instrument, options, n, base):
         crb, iso = truth_crb(patch.truth, patch)
         snr = np.asarray(patch.truth["snr"], float)
         selected = np.flatnonzero(iso & (snr >= 10) & np.isfinite(crb))
         fits = oracle_fits_counts if patch.instrument_config().is_counts else oracle_fits
+        hit = contaminated_boxes(patch)
         for name, sep in fits(patch, selected).items():
             ok = np.isfinite(sep)
             rows[f"oracle, {name}"].append(sep[ok] / (1.1774 * crb[selected][ok]))
             snrs[f"oracle, {name}"].append(snr[selected][ok])
+            hits[f"oracle, {name}"].append(hit[selected][ok])
         if skyfm_fn is not None:
             cat = skyfm_fn(patch)
             cut = skyfm_fn.fixed_threshold(instrument)
@@ -174,16 +179,41 @@ def run_case(case_index: int, key: str, instrument: str, options, n: int, base: 
             d_idx, t_idx = d_idx[keep], t_idx[keep]
             rows["skyfm"].append(np.hypot(dx[d_idx] - tx[t_idx], dy[d_idx] - ty[t_idx]) / (1.1774 * crb[t_idx]))
             snrs["skyfm"].append(snr[t_idx])
+            hits["skyfm"].append(hit[t_idx])
     out = {}
     for name in rows:
         if not rows[name]:
             continue
-        ratio, s = np.concatenate(rows[name]), np.concatenate(snrs[name])
-        out[name] = {"n": int(ratio.size), "median": float(np.median(ratio)) if ratio.size else float("nan"),
-                     "by_snr": [(lo, hi, int(((s >= lo) & (s < hi)).sum()),
-                                 float(np.median(ratio[(s >= lo) & (s < hi)])) if ((s >= lo) & (s < hi)).any()
-                                 else float("nan")) for lo, hi in SNR_BINS]}
+        ratio, s, h = np.concatenate(rows[name]), np.concatenate(snrs[name]), np.concatenate(hits[name])
+
+        def median(sel):
+            return float(np.median(ratio[sel])) if sel.any() else float("nan")
+
+        out[name] = {"n": int(ratio.size), "median": median(np.ones(ratio.size, bool)),
+                     "by_snr": [(lo, hi, int(((s >= lo) & (s < hi)).sum()), median((s >= lo) & (s < hi)))
+                                for lo, hi in SNR_BINS]}
+        if h.any():
+            out[name]["by_box"] = {"clean": (int((~h).sum()), median(~h)), "contaminated": (int(h.sum()), median(h))}
     return out
+
+
+def contaminated_boxes(patch) -> np.ndarray:
+    """(N,) bool per true source of ``patch``: a contaminated pixel (any band, any bit of
+    :data:`skyfm.data.patch.CONTAMINANT_BITS`) lies in the CCD oracle's fit box (1.5 FWHM + 1 px of the widest band);
+    all False for counts cubes."""
+    import astropy.units as u
+    from scipy import ndimage
+
+    n = len(patch.truth)
+    if patch.contaminant_mask is None or patch.instrument_config().is_counts:
+        return np.zeros(n, bool)
+    inst = patch.instrument_config()
+    r = int(np.ceil(1.5 * max(inst.band(b).psf.fwhm_deg for b in patch.bands) / inst.pixel_scale_deg)) + 1
+    any_bit = np.bitwise_or.reduce(np.asarray(patch.contaminant_mask), axis=0) > 0
+    near = ndimage.maximum_filter(any_bit, size=2 * r + 1, mode="constant")  # a hit within the box of each pixel
+    x = np.clip(np.rint(np.asarray(u.Quantity(patch.truth["x"]).value, float)).astype(int), 0, patch.width - 1)
+    y = np.clip(np.rint(np.asarray(u.Quantity(patch.truth["y"]).value, float)).astype(int), 0, patch.height - 1)
+    return near[y, x]
 
 
 def markdown(results: dict, command: str) -> str:
@@ -194,6 +224,16 @@ def markdown(results: dict, command: str) -> str:
         for name, r in methods.items():
             bins = " | ".join(f"{m:.2f} ({k})" if np.isfinite(m) else f"- ({k})" for _, _, k, m in r["by_snr"])
             lines.append(f"| {case} | {name} | {r['median']:.2f} ({r['n']}) | {bins} |")
+    split = [(case, name, r["by_box"]) for case, methods in results["cases"].items()
+             for name, r in methods.items() if "by_box" in r]
+    if split:
+        lines += ["", "Split by the oracle's fit box: clean, or holding a contaminated pixel (cosmic ray, trail, "
+                  "saturated, bleed, hot or dead):", "",
+                  "| case | estimator | clean box (n) | contaminated box (n) |", "|---|---|---|---|"]
+        for case, name, box in split:
+            cells = " | ".join(f"{m:.2f} ({k})" if np.isfinite(m) else f"- ({k})"
+                               for k, m in (box["clean"], box["contaminated"]))
+            lines.append(f"| {case} | {name} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
