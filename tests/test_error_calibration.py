@@ -311,6 +311,36 @@ def test_confusion_error_terms_recover_a_statistical_and_a_confusion_part():
     assert abs(a3 - 1.5) < 0.1 and b3 < 0.1
 
 
+def test_unfitted_terms_are_chosen_on_the_network_error_whatever_the_head_carried():
+    """The calibration of the refined rows that keep the network's flux takes the carried terms out of the
+    catalog's errors: heads that carried different terms get the same answer, PSF-fitted rows and rows without a
+    confusion (saturated stars) are left out of it."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(8)
+    n = 3000
+    cluster = np.arange(n) >= n // 2
+    stat = rng.uniform(5, 20, n)
+    conf = np.where(cluster, rng.uniform(20, 60, n), rng.uniform(0, 2, n))
+    true = rng.uniform(100, 1000, n)
+    flux = true + rng.normal(0, np.hypot(0.6 * stat, 0.8 * conf))
+    fitted = rng.random(n) < 0.2
+    conf_col = np.where(rng.random(n) < 0.05, np.nan, conf)
+    answers = []
+    for a0, b0 in ((1.0, 0.0), (3.0, 0.5)):
+        head = SimpleNamespace(unfitted_flux_error_terms=lambda a0=a0, b0=b0: (a0, b0))
+        err = np.where(fitted, 1e9, np.hypot(a0 * stat, b0 * conf))  # fitted rows: nonsense that must not count
+        m = {"flux": flux, "flux_err": err, "true_flux": true, "confusion": conf_col, "fit": fitted,
+             "scene": np.where(cluster, "cluster", "field").astype(object)}
+        out = {}
+        ship._unfitted_flux_errors(m, head, out)
+        assert out["unfitted_n_matched"] == int((~fitted & np.isfinite(conf_col)).sum())
+        answers.append((out["unfitted_flux_err_scale"], out["unfitted_flux_err_confusion"]))
+        assert abs(out["unfitted_flux_cov68_after"] - 0.6827) < 0.02
+    assert answers[0] == pytest.approx(answers[1], rel=1e-6)
+    assert abs(answers[0][0] - 0.6) < 0.08 and abs(answers[0][1] - 0.8) < 0.08
+
+
 def test_refined_rows_that_keep_the_network_flux_carry_the_confusion():
     """A crowded MeerLICHT patch: the refined rows that keep the network's flux (fit < 2, not saturated) have the
     error hypot(a / flux_err_scale x the network's, b x flux_confusion) with the head's unfitted terms (a, b);
