@@ -280,6 +280,16 @@ def test_ccd_flux_floor_grows_with_the_catalogs_crowding():
     np.testing.assert_allclose(e1[~both], e0[~both], rtol=1e-6)
 
 
+def _confused_pairs(rng, n: int):
+    """A sparse half and a confused half (a cluster) of measured fluxes whose errors are hypot(0.6 x stat, 0.8 x
+    confusion): (cluster mask, stat, confusion, true, measured)."""
+    cluster = np.arange(n) >= n // 2
+    stat = rng.uniform(5, 20, n)
+    conf = np.where(cluster, rng.uniform(20, 60, n), rng.uniform(0, 2, n))
+    true = rng.uniform(100, 1000, n)
+    return cluster, stat, conf, true, true + rng.normal(0, np.hypot(0.6 * stat, 0.8 * conf))
+
+
 def test_confusion_error_terms_recover_a_statistical_and_a_confusion_part():
     """Rows whose error is 0.6 x their statistical error and 0.8 x the confusion in quadrature, in a sparse scene
     (little confusion) and a cluster (much): the terms come back near those numbers and both scenes are covered at
@@ -289,11 +299,7 @@ def test_confusion_error_terms_recover_a_statistical_and_a_confusion_part():
 
     rng = np.random.default_rng(5)
     n = 4000
-    cluster = np.arange(n) >= n // 2
-    stat = rng.uniform(5, 20, n)
-    conf = np.where(cluster, rng.uniform(20, 60, n), rng.uniform(0, 2, n))
-    true = rng.uniform(100, 1000, n)
-    flux = true + rng.normal(0, np.hypot(0.6 * stat, 0.8 * conf))
+    cluster, stat, conf, true, flux = _confused_pairs(rng, n)
     scene = np.where(cluster, "cluster", "field")
     a, b = confusion_error_terms(flux, stat, true, conf, strata=scene)
     assert abs(a - 0.6) < 0.08 and abs(b - 0.8) < 0.08
@@ -319,11 +325,7 @@ def test_unfitted_terms_are_chosen_on_the_network_error_whatever_the_head_carrie
 
     rng = np.random.default_rng(8)
     n = 3000
-    cluster = np.arange(n) >= n // 2
-    stat = rng.uniform(5, 20, n)
-    conf = np.where(cluster, rng.uniform(20, 60, n), rng.uniform(0, 2, n))
-    true = rng.uniform(100, 1000, n)
-    flux = true + rng.normal(0, np.hypot(0.6 * stat, 0.8 * conf))
+    cluster, stat, conf, true, flux = _confused_pairs(rng, n)
     fitted = rng.random(n) < 0.2
     conf_col = np.where(rng.random(n) < 0.05, np.nan, conf)
     answers = []
