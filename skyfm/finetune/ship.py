@@ -405,6 +405,11 @@ def _stat_errors(err, floor_term, scale: float) -> np.ndarray:
     return np.sqrt(np.maximum(np.asarray(err) ** 2 - np.asarray(floor_term) ** 2, 0.0)) / scale
 
 
+def _coverage_before_after(flux, err_before, err_after, true_flux, select) -> list:
+    """[coverage with ``err_before``, coverage with ``err_after``] of the pairs ``select``, 4 decimals."""
+    return [round(flux_coverage(flux[select], err[select], true_flux[select]), 4) for err in (err_before, err_after)]
+
+
 def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = False, estimated: bool = False,
                      crowding: bool = True) -> None:
     """out[fit_flux_err_scale], out[fit_flux_err_floor] (the likelihood fit of counts cubes, the PSF fit of CCD
@@ -441,17 +446,13 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
     out["fit_flux_cov68_before"] = round(flux_coverage(f, e, t), 4)
     out["fit_flux_cov68_after"] = round(flux_coverage(f, new, t), 4)
     out["fit_median_flux_ratio"] = round(float(np.median(f / np.maximum(t, 1e-30))), 4)
-
-    def before_after(sel):  # a half's coverage with the carried errors and with the new ones
-        return [round(flux_coverage(f[sel], e[sel], t[sel]), 4), round(flux_coverage(f[sel], new[sel], t[sel]), 4)]
-
-    out["fit_flux_cov68_faint_half_before_after"] = before_after(faint)
-    out["fit_flux_cov68_bright_half_before_after"] = before_after(~faint)
+    out["fit_flux_cov68_faint_half_before_after"] = _coverage_before_after(f, e, new, t, faint)
+    out["fit_flux_cov68_bright_half_before_after"] = _coverage_before_after(f, e, new, t, ~faint)
     out["fit_flux_cov68_scene_balanced_after"] = round(flux_coverage(f, new, t, weights=scene_weights(sc)), 4)
     if c > 0:
         dense = rho >= np.median(rho)
-        out["fit_flux_cov68_sparse_half_before_after"] = before_after(~dense)
-        out["fit_flux_cov68_dense_half_before_after"] = before_after(dense)
+        out["fit_flux_cov68_sparse_half_before_after"] = _coverage_before_after(f, e, new, t, ~dense)
+        out["fit_flux_cov68_dense_half_before_after"] = _coverage_before_after(f, e, new, t, dense)
 
 
 def _unfitted_flux_errors(m: dict, head, out: dict) -> None:
@@ -475,8 +476,8 @@ def _unfitted_flux_errors(m: dict, head, out: dict) -> None:
     out["unfitted_flux_cov68_before"] = round(flux_coverage(f, e, t), 4)
     out["unfitted_flux_cov68_after"] = round(flux_coverage(f, new, t), 4)
     out["unfitted_flux_cov68_per_scene_before_after"] = {
-        str(k): [int(np.sum(sc == k)), round(flux_coverage(f[sc == k], e[sc == k], t[sc == k]), 4),
-                 round(flux_coverage(f[sc == k], new[sc == k], t[sc == k]), 4)] for k in np.unique(sc.astype(str))}
+        str(k): [int(np.sum(sc == k)), *_coverage_before_after(f, e, new, t, sc == k)]
+        for k in np.unique(sc.astype(str))}
 
 
 def _fit_pos_errors(m: dict, head, out: dict, balance_scenes: bool = False) -> None:
