@@ -275,6 +275,19 @@ def _round_up(n: int, k: int) -> int:
     return int(math.ceil(n / k) * k)
 
 
+def _even_tile(length: int, side: int, overlap: int, stride: int, granule: int) -> int:
+    """The tile length along one image axis of ``length`` pixels: the whole axis (a multiple of the token
+    ``stride``) when it fits in ``side``; else, with ``granule`` > 0, the shortest multiple of ``granule`` that
+    covers the axis with as few tiles as ``side``-long ones would need (a 2048-px axis: five tiles of 448 px, not
+    four of 512 and a fifth that repeats 416 of its 512 px), and ``side`` with ``granule`` 0."""
+    if _round_up(length, stride) <= side:
+        return _round_up(length, stride)
+    if granule <= 0 or side - overlap <= 0:
+        return side
+    n_tiles = math.ceil((length - overlap) / (side - overlap))
+    return min(side, _round_up(math.ceil((length - overlap) / n_tiles) + overlap, granule))
+
+
 def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None = None, overlap: int | None = None,
                  batch_size: int | None = None, progress: bool = False, pixel_scale: float | None = None,
                  precision: str = "auto", attention_window: int | None = None, refine: bool = True,
@@ -302,7 +315,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     _, height, width = source.shape
     side, zoom = _native_tile(det, inst, pixel_scale, tile_size)
     if zoom == 1.0:  # small images: one tile just big enough (a multiple of the token stride)
-        tile_hw = (min(side, _round_up(height, stride)), min(side, _round_up(width, stride)))
+        granule = stride * (attention_window or 1) if not inst.is_counts else 0  # counts: scaling depends on size
+        tile_hw = (_even_tile(height, side, overlap, stride, granule), _even_tile(width, side, overlap, stride, granule))
         over = (min(overlap, tile_hw[0] - stride), min(overlap, tile_hw[1] - stride))
     else:
         tile_hw = (side, side)

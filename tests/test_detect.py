@@ -131,6 +131,30 @@ def test_image_without_wcs_is_detected_in_pixels(tmp_path, model_dir, capsys):
     assert "ra" not in cat.colnames and cat["pos_err"].unit == u.pix
 
 
+@pytest.mark.parametrize("length", [100, 513, 1024, 2048, 2100, 4095, 10560])
+def test_even_tiles_cover_an_axis_with_no_more_tiles_and_fewer_pixels(length):
+    """A CCD axis is cut into as many tiles as ``side``-long ones would need, each no longer than ``side`` and a
+    multiple of the granule (full attention windows); counts cubes (granule 0) keep ``side``."""
+    from skyfm.data.tiling import tile_grid
+    from skyfm.detect import _even_tile
+
+    side, overlap, stride, granule = 512, 32, 8, 64
+    tile = _even_tile(length, side, overlap, stride, granule)
+    if length <= side:
+        assert tile == -(-length // stride) * stride
+        return
+    assert tile <= side and tile % granule == 0
+    n_even = len(tile_grid(length, 8, (tile, 8), (overlap, 0)))
+    n_side = len(tile_grid(length, 8, (side, 8), (overlap, 0)))
+    assert n_even == n_side and n_even * tile <= n_side * side
+    covered = np.zeros(length, int)
+    for t in tile_grid(length, 8, (tile, 8), (overlap, 0)):
+        covered[t.core_y0:t.core_y1] += 1
+    assert (covered == 1).all()  # every row owned by exactly one tile's core
+    assert _even_tile(length, side, overlap, stride, 0) == side
+    assert _even_tile(2048, side, overlap, stride, granule) == 448  # five tiles of 448 px, not five of 512
+
+
 def test_inference_settings_and_default_tiling(model_dir):
     from skyfm.detect import default_tiling, get_detector, inference_context, inference_settings
     from skyfm.errors import SkyfmError

@@ -125,14 +125,28 @@ class StampTable:
         ix = np.minimum(fx.astype(np.int64), n - 1)
         iy = np.minimum(fy.astype(np.int64), n - 1)
         tx, ty = (fx - ix)[:, None, None], (fy - iy)[:, None, None]
-        t = self.table
-        a, b, c, d = t[iy, ix], t[iy, ix + 1], t[iy + 1, ix], t[iy + 1, ix + 1]
-        low, high = a + tx * (b - a), c + tx * (d - c)
-        stamp = low + ty * (high - low)
+        # one flat gather per corner (np.take on the first axis is several times faster than indexing two axes),
+        # and the differences computed in place: the same arithmetic, so the same stamps to the last bit
+        flat = self.table.reshape(-1, *self.table.shape[2:])
+        corner = iy * (n + 1) + ix
+        a, b = np.take(flat, corner, axis=0), np.take(flat, corner + 1, axis=0)
+        c, d = np.take(flat, corner + n + 1, axis=0), np.take(flat, corner + n + 2, axis=0)
+        b -= a  # b - a
+        d -= c  # d - c
+        low = tx * b
+        low += a
+        high = tx * d
+        high += c
+        high -= low  # high - low
+        stamp = ty * high
+        stamp += low
         if not grad:
             return stamp, None, None
-        ddx = ((1 - ty) * (b - a) + ty * (d - c)) * per_pix
-        return stamp, ddx, (high - low) * per_pix
+        ddx = (1 - ty) * b
+        ddx += ty * d
+        ddx *= per_pix
+        high *= per_pix
+        return stamp, ddx, high
 
 
 def _stamps(psf, dx, dy, scale, r, phases=TABLE_PHASES):
@@ -446,21 +460,36 @@ def crowding(x, y, shape, fwhm_pix: float, smooth_fwhm: float = CROWDING_SMOOTH_
     (``fit_flux_err_floor_crowding`` of :class:`~skyfm.heads.config.InstrumentHeadConfig`).
     """
     from scipy import ndimage
+    from scipy.spatial import cKDTree
 
     x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
     h, w = int(shape[0]), int(shape[1])
     if x.size == 0 or h < 1 or w < 1:
         return np.zeros(x.size)
     iy, ix = np.clip(np.rint(y).astype(int), 0, h - 1), np.clip(np.rint(x).astype(int), 0, w - 1)
-    counts = np.zeros((h, w))
-    np.add.at(counts, (iy, ix), 1.0)
+    # scipy's sampled Gaussian (truncated at 3 sigma), as ndimage.gaussian_filter would smooth a map of the
+    # detections' counts, evaluated only at the detections: the pairs within the kernel's square reach
     sigma = smooth_fwhm * float(fwhm_pix)
-    smoothed = ndimage.gaussian_filter(counts, sigma, mode="constant", truncate=3.0)
-    inside = ndimage.gaussian_filter(np.ones((h, w)), sigma, mode="constant", truncate=3.0)
-    delta = np.zeros(2 * int(np.ceil(3.0 * sigma)) + 1)
-    delta[delta.size // 2] = 1.0
-    own = ndimage.gaussian_filter1d(delta, sigma, mode="constant", truncate=3.0)[delta.size // 2] ** 2  # its own count
-    return np.maximum(smoothed[iy, ix] - own, 0.0) / inside[iy, ix] * float(fwhm_pix) ** 2
+    reach = int(3.0 * sigma + 0.5)
+    delta = np.zeros(2 * reach + 1)
+    delta[reach] = 1.0
+    kernel = ndimage.gaussian_filter1d(delta, sigma, mode="constant", truncate=3.0)  # (2 reach + 1,)
+    grid = np.c_[ix, iy].astype(float)
+    pairs = cKDTree(grid).query_pairs(reach, p=np.inf, output_type="ndarray")  # (M, 2), i < j
+    density = np.zeros(x.size)
+    if len(pairs):
+        i, j = pairs[:, 0], pairs[:, 1]
+        weight = kernel[reach + ix[j] - ix[i]] * kernel[reach + iy[j] - iy[i]]
+        density += np.bincount(i, weights=weight, minlength=x.size) + np.bincount(j, weights=weight, minlength=x.size)
+    # the share of the kernel inside the image (1 in the middle, about 1/2 on an edge), per axis
+    cumulative = np.concatenate([[0.0], np.cumsum(kernel)])
+
+    def inside(i, n):
+        lo, hi = np.maximum(i - reach, 0) - (i - reach), np.minimum(i + reach, n - 1) - (i - reach) + 1
+        return cumulative[hi] - cumulative[lo]
+
+    # other detections on the same pixel count as neighbours (the pairs hold them), the source itself does not
+    return density / (inside(iy, h) * inside(ix, w)) * float(fwhm_pix) ** 2
 
 
 def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, pixel_scale_deg: float, x, y,
