@@ -82,7 +82,7 @@ class _Found:
     class_names: list[str]
     rows: dict = field(default_factory=lambda: {k: [] for k in (
         "x", "y", "pos_err", "flux", "flux_err", "score", "class_prob", "extension", "flux_band", "flux_band_err",
-        "fit", "fit_chi2", "crowding", "flux_confusion")})
+        "fit", "fit_chi2", "crowding", "flux_confusion", "flux_kron", "flux_kron_err", "kron_excess")})
 
     def add(self, **arrays):
         for k, v in arrays.items():
@@ -180,7 +180,9 @@ def _decode_tile(det, out, i: int, patch, units, min_score: float, head):
     return dict(x=x, y=y, pos_err=pos_err * pos_scale, flux=flux, flux_err=flux_err * flux_scale, score=score,
                 class_prob=class_prob, extension=extension, flux_band=band_flux, flux_band_err=band_err * flux_scale,
                 fit=np.zeros(len(x), dtype=np.int8), fit_chi2=np.full(len(x), np.nan),
-                crowding=np.full(len(x), np.nan), flux_confusion=np.full(len(x), np.nan))
+                crowding=np.full(len(x), np.nan), flux_confusion=np.full(len(x), np.nan),
+                flux_kron=np.full(len(x), np.nan), flux_kron_err=np.full(len(x), np.nan),
+                kron_excess=np.full(len(x), np.nan))
 
 
 def _native_tile(det, inst, pixel_scale: float | None, tile_size: int) -> tuple[int, float]:
@@ -354,7 +356,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             d["y"] = t.y0 + (d["y"] + 0.5) * f - 0.5
             d["pos_err"] = d["pos_err"] * f
             if zoom != 1.0 and not inst.is_counts:  # surface brightness was kept: sums scale with pixel area
-                for k in ("flux", "flux_err", "flux_band", "flux_band_err", "flux_confusion"):
+                for k in ("flux", "flux_err", "flux_band", "flux_band_err", "flux_confusion", "flux_kron",
+                          "flux_kron_err"):
                     d[k] = d[k] * f * f
             own = t.owns(d["x"], d["y"])
             if np.any(own):
@@ -481,7 +484,8 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
                pos_err=np.array([r[2] for r in rows]), flux=band_flux.sum(axis=1),
                flux_err=np.sqrt(np.sum(band_err ** 2, axis=1)), score=np.ones(n), class_prob=class_prob,
                extension=np.zeros(n), flux_band=band_flux, flux_band_err=band_err, fit=np.zeros(n, dtype=np.int8),
-               fit_chi2=np.full(n, np.nan), crowding=np.full(n, np.nan), flux_confusion=np.full(n, np.nan))
+               fit_chi2=np.full(n, np.nan), crowding=np.full(n, np.nan), flux_confusion=np.full(n, np.nan),
+               flux_kron=np.full(n, np.nan), flux_kron_err=np.full(n, np.nan), kron_excess=np.full(n, np.nan))
     if d is None:
         return new
     return {k: np.concatenate([d[k], new[k].astype(d[k].dtype, copy=False)]) if k in new else d[k] for k in d}
@@ -511,6 +515,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     """
     from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, crowding, estimate_fwhm,
                                        fit_psf_sources, residual_image)
+    from skyfm.catalog.kron import half_light_radius_pix, kron_photometry
 
     n = len(d["x"])
     if n == 0 or not head.psf_fit:
@@ -608,9 +613,25 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     d["flux_band_err"] = np.where(keep_net[:, None], np.hypot(d["flux_band_err"] * (unfitted_scale / net_scale),
                                                               confusion_weight * blank_band), d["flux_band_err"])
     d["fit"] = (ok.astype(np.int8) + point.astype(np.int8)).astype(np.int8)
+    # galaxies: the light their PSF model leaves in the residual, in a Kron aperture (the neighbours subtracted)
+    kron = kron_photometry(resid, rms, psfs, scale, fit["x"], fit["y"], fit["flux_band"], gain=gain, mask=mask)
+    measured = ok & ~saturated & np.isfinite(kron["flux"]) & (kron["flux"] > 0)
+    excess_min, kron_scale, kron_floor, kron_crowding = head.kron_settings()
+    extended = measured & (kron["excess"] >= excess_min) & (crowd < kron_crowding)
+    d["flux"] = np.where(extended, kron["flux"], d["flux"])
+    d["flux_err"] = np.where(extended, np.hypot(kron["flux_err"] * kron_scale, kron_floor * kron["flux"]),
+                             d["flux_err"])
+    d["flux_band"] = np.where(extended[:, None], kron["flux_band"], d["flux_band"])
+    band_err = np.hypot(kron["flux_band_err"] * kron_scale, kron_floor * kron["flux_band"])
+    d["flux_band_err"] = np.where(extended[:, None], band_err, d["flux_band_err"])
+    d["extension"] = np.where(extended, half_light_radius_pix(kron["r1"], kron["r1_psf"]) * scale, d["extension"])
+    d["fit"] = np.where(extended, 3, d["fit"]).astype(np.int8)
     d["fit_chi2"] = np.where(fit["ok"], fit["chi2_red"], np.nan)
     d["crowding"] = crowd
     d["flux_confusion"] = np.where(saturated, np.nan, blank)
+    d["flux_kron"] = np.where(measured, kron["flux"], np.nan)
+    d["flux_kron_err"] = np.where(measured, kron["flux_err"], np.nan)
+    d["kron_excess"] = np.where(measured, kron["excess"], np.nan)
     return d
 
 
@@ -898,7 +919,8 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
     if "fit" in arrays and len(arrays["fit"]) == len(arrays["x"]):
         extra["fit"] = (np.asarray(arrays["fit"], dtype=np.int8),
                         "0: network position and flux; 1: position from the PSF fit; 2: position and flux from the "
-                        "PSF fit (CCD point sources) or the Poisson likelihood fit (counts cubes)")
+                        "PSF fit (CCD point sources) or the Poisson likelihood fit (counts cubes); 3: position from "
+                        "the PSF fit, flux from a Kron aperture (CCD extended sources, flux_kron)")
     if "fit_chi2" in arrays and not inst.is_counts:
         extra["fit_chi2"] = (np.asarray(arrays["fit_chi2"], dtype=np.float32),
                              "Reduced chi-square of the PSF fit over the source's fit box, the other detections "
@@ -915,6 +937,19 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
                                    "places of the residual image around it (the light of undetected neighbours); the "
                                    "flux errors of refined rows are at least it; NaN: not refined, or a saturated star "
                                    "(aperture flux)")
+    if "flux_kron" in arrays and not inst.is_counts:
+        extra["flux_kron"] = (np.asarray(arrays["flux_kron"], dtype=np.float64),
+                              "Kron aperture flux (skyfm.catalog.kron: 2.5 Kron radii, the other detections' PSF "
+                              "models subtracted, divided by the PSF's share inside the aperture), the total flux "
+                              "of an extended source; NaN: not refined, saturated, or the aperture off the image")
+        extra["flux_kron_err"] = (np.asarray(arrays["flux_kron_err"], dtype=np.float64),
+                                  "Error of flux_kron, flux units: the sky and Poisson noise in the aperture or, "
+                                  "where larger, the scatter of the residual image in such apertures at blank "
+                                  "places nearby (confusion)")
+        extra["kron_excess"] = (np.asarray(arrays["kron_excess"], dtype=np.float32),
+                                "Light beyond the PSF model, in sigma: (flux_kron - PSF flux) / its error; about 0 "
+                                "+- 1 for a point source, several for a galaxy; rows at or above the head's "
+                                "kron_excess_min take flux_kron (fit 3)")
     if "net_score" in arrays:
         extra["net_score"] = (np.asarray(arrays["net_score"], dtype=np.float32),
                               "The network's heatmap probability at the source (0: a TS-map candidate the network "

@@ -576,3 +576,42 @@ def test_likelihood_passes_come_from_the_head_and_bad_values_are_one_line(model_
     det.head_config("fermi-lat").likelihood_passes = 0
     with pytest.raises(SkyfmError, match="whole number >= 1"):
         D.detect_patch(p, det)
+
+
+def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_dir):
+    """A MeerLICHT field: the refined rows carry Kron fluxes and their excess; with the head's ``kron_excess_min``
+    unset no row takes them, set, exactly the rows at or above it (and below ``kron_max_crowding``) do, with the
+    Kron flux, its error and floor, and an extension; those are mostly the galaxies, whose flux comes closer to
+    the truth."""
+    import copy
+
+    from skyfm.detect import refine_ccd_tile
+    from skyfm.heads import load_detector
+    from skyfm.instruments import load_instrument
+
+    det = load_detector(model_dir)
+    inst = load_instrument("meerlicht")
+    p = simulate_patch("meerlicht", 36, size=384, bands=["q"], scene="field")
+    t = p.truth[(np.asarray(p.truth["snr"]) >= 15) & ~np.asarray(p.truth["saturated"], bool)]
+    galaxy = np.asarray(t["class"]) == "galaxy"
+    assert galaxy.sum() >= 4 and (~galaxy).sum() >= 4
+    n, flux = len(t), np.asarray(t["flux"], float)
+    d = {"x": np.asarray(t["x"], float) + 0.2, "y": np.asarray(t["y"], float) - 0.2, "pos_err": np.full(n, 0.5),
+         "score": np.ones(n), "class_prob": np.tile([1.0, 0.0], (n, 1)), "extension": np.zeros(n),
+         "flux": flux, "flux_band": flux[:, None], "flux_err": flux, "flux_band_err": flux[:, None]}
+    head = copy.deepcopy(det.head_config("meerlicht"))
+    head.kron_excess_min = None
+    off = refine_ccd_tile(dict(d), p, inst, head)
+    assert not (off["fit"] == 3).any() and np.isfinite(off["flux_kron"][off["fit"] >= 1]).mean() > 0.8
+    head.kron_excess_min, head.kron_flux_err_floor, head.kron_max_crowding = 2.0, 0.3, None
+    on = refine_ccd_tile(dict(d), p, inst, head)
+    takes = np.nan_to_num(off["kron_excess"], nan=-np.inf) >= 2.0
+    assert np.array_equal(on["fit"] == 3, takes) and takes.any()
+    assert np.allclose(on["flux"][takes], on["flux_kron"][takes])
+    assert np.allclose(on["flux_err"][takes], np.hypot(on["flux_kron_err"][takes], 0.3 * on["flux_kron"][takes]))
+    assert np.all(on["extension"][takes] >= 0) and np.allclose(on["flux"][~takes], off["flux"][~takes])
+    assert takes[galaxy].mean() >= 0.5 and takes[~galaxy].mean() <= 0.25
+    g = takes & galaxy
+    assert np.median(np.abs(np.log(on["flux"][g] / flux[g]))) < np.median(np.abs(np.log(off["flux"][g] / flux[g])))
+    head.kron_max_crowding = 0.0  # no source is that sparse: none takes it
+    assert not (refine_ccd_tile(dict(d), p, inst, head)["fit"] == 3).any()

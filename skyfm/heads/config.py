@@ -69,6 +69,15 @@ class InstrumentHeadConfig:
         mask_cosmic_rays: CCD images: leave the cosmic-ray pixels that L.A.Cosmic finds
             (:func:`skyfm.catalog.cosmics.cosmic_ray_mask`) out of the PSF fit (chosen on validation seeds: on for
             single exposures, Hubble's and MeerLICHT's, off for the WISE coadds; ~0.5-1 s per Mpix per band).
+        kron_excess_min: CCD images: a refined source whose light beyond its PSF model (the Kron aperture flux minus
+            the PSF flux, aperture-corrected, over its error: catalog column ``kron_excess``) reaches this takes the
+            Kron aperture flux (:mod:`skyfm.catalog.kron`; catalog ``fit`` 3), its error times
+            ``kron_flux_err_scale`` (None: 1) with the relative floor ``kron_flux_err_floor`` (None: 0; what a Kron
+            aperture misses of a galaxy's light depends on its profile) in quadrature, and an extension from its
+            Kron radius; only where the source's ``crowding`` (detected neighbours per FWHM^2) is below
+            ``kron_max_crowding`` (None: no limit): in a crowded field an aperture holds its neighbours' misfit
+            light and the PSF flux is the better one. None: every head keeps the PSF or network flux (the Kron
+            columns are still written).
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
@@ -99,6 +108,10 @@ class InstrumentHeadConfig:
     fit_pos_err_scale_estbg: float | None = None
     psf_fit: bool = True
     mask_cosmic_rays: bool = False
+    kron_excess_min: float | None = None
+    kron_flux_err_scale: float | None = None
+    kron_flux_err_floor: float | None = None
+    kron_max_crowding: float | None = None
     likelihood_passes: int | None = None
     likelihood_extension_test: bool = False
 
@@ -135,6 +148,14 @@ class InstrumentHeadConfig:
         default = self._number("flux_err_scale", 1.0, allow_zero=False)
         return (self._number("unfitted_flux_err_scale", default, allow_zero=False),
                 self._number("unfitted_flux_err_confusion", 0.0, allow_zero=True))
+
+    def kron_settings(self) -> tuple[float, float, float, float]:
+        """(``kron_excess_min``, ``kron_flux_err_scale``, ``kron_flux_err_floor``, ``kron_max_crowding``): inf
+        (never), 1, 0 and inf (no limit) when unset."""
+        excess = float("inf") if self.kron_excess_min is None else self._number("kron_excess_min", 0.0, True)
+        crowd = float("inf") if self.kron_max_crowding is None else self._number("kron_max_crowding", 0.0, True)
+        return (excess, self._number("kron_flux_err_scale", 1.0, allow_zero=False),
+                self._number("kron_flux_err_floor", 0.0, allow_zero=True), crowd)
 
     def error_scales(self, fit: bool = False, estimated: bool = False) -> tuple[float, float]:
         """(flux_err, pos_err) multipliers: those of the network's errors, or with ``fit`` of the likelihood fit's

@@ -1,0 +1,167 @@
+"""Fluxes of stars and galaxies on large field images: skyfm with and without Kron fluxes, beside sep's FLUX_AUTO.
+
+Run (from the repository root):
+
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 \\
+        .venv/bin/python benchmarks/field_fluxes.py [--n 4] [--cases meerlicht,hubble,wise] [--out runs/bench-field-fluxes]
+
+The detection benchmark (``benchmarks/detect.py``) draws 256-px patches of every scene; a 256-px patch of a sparse
+field holds a few sources, so its flux numbers are those of crowded fields and clusters, where nearly every source
+is a star. Deep high-latitude images, what most users of an optical or infrared survey look at, hold as many
+galaxies as stars. Here each case simulates ``--n`` field scenes of 1024^2 pixels (WISE 768^2), seeds
+``1.75e9 + 1000 * case + i`` (never used in training), and for the true sources with SNR >= 5 that a method
+matches (the match radius of :mod:`skyfm.finetune.evaluate`) reports per class: the median flux / true flux with
+its 16-84% range, and the share whose 68% interval (``flux +- flux_err``, as the detection benchmark's coverage,
+in ln flux) holds the true flux.
+
+Methods: ``skyfm`` (the shipped default), ``skyfm-psf`` (the same with every head's ``kron_excess_min`` unset:
+PSF or network fluxes only, as before Run 16), and ``sep-auto``: sep's extraction (1.5 sigma, 5 px, SExtractor's
+default filter) with SExtractor's FLUX_AUTO (Kron ellipse of 2.5 Kron radii, at least 3.5, ``sep.kron_radius`` and
+``sep.sum_ellipse``; errors from the background rms and the gain), on the band sum for several bands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SEED_BASE = 1_750_000_000
+SIZES = {"meerlicht": 1024, "hubble": 1024, "wise": 768}
+
+
+def sep_auto(patch):
+    """sep extraction with SExtractor's FLUX_AUTO (Kron 2.5, minimum radius 3.5) on the band sum: (x, y, flux, err)."""
+    import sep
+
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument(patch.instrument)
+    gain = float((inst.noise or {}).get("gain", 1.0)) or 1.0
+    data = np.ascontiguousarray(np.asarray(patch.data, dtype=np.float64).sum(axis=0))
+    bkg = sep.Background(data)
+    sub = data - bkg.back()
+    rms = bkg.globalrms
+    sep.set_extract_pixstack(5_000_000)
+    sep.set_sub_object_limit(4096)
+    obj = sep.extract(sub, 1.5, err=rms, minarea=5, deblend_cont=1e-4)
+    x, y, a, b, theta = obj["x"], obj["y"], obj["a"], obj["b"], obj["theta"]
+    kron, _ = sep.kron_radius(sub, x, y, a, b, theta, 6.0)
+    kron = np.where(np.isfinite(kron) & (kron > 0), kron, 3.5)
+    r = np.maximum(2.5 * kron, 3.5)
+    flux, err, _ = sep.sum_ellipse(sub, x, y, a, b, theta, r, err=rms, gain=gain, subpix=1)
+    return x, y, flux, err
+
+
+def score(x, y, flux, err, patch, inst) -> dict:
+    """Per class: flux / true and |ln(true / flux)| <= err / flux of the matched true sources with SNR >= 5."""
+    from skyfm.catalog import match_catalogs
+    from skyfm.finetune.evaluate import match_radius_pix
+
+    t = patch.truth[np.asarray(patch.truth["snr"], float) >= 5]
+    out = {"star": ([], []), "galaxy": ([], [])}
+    if len(t) == 0 or len(x) == 0:
+        return out
+    di, ti, _ = match_catalogs((np.asarray(x, float), np.asarray(y, float)), t, match_radius_pix(inst))
+    true = np.asarray(getattr(t["flux"], "value", t["flux"]), float)[ti]
+    f, e = np.asarray(flux, float)[di], np.asarray(err, float)[di]
+    cls = np.asarray(t["class"])[ti]
+    for k in out:
+        s = (cls == k) & (f > 0) & (true > 0) & np.isfinite(e)
+        out[k][0].extend(f[s] / true[s])
+        out[k][1].extend(np.abs(np.log(true[s] / f[s])) <= e[s] / f[s])
+    return out
+
+
+def run_case(name: str, n: int, index: int, log) -> list[dict]:
+    import copy
+
+    from skyfm.data.simulate import simulate_patch
+    from skyfm.detect import detect_patch, get_detector
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument(name)
+    det = get_detector(None)
+    psf_only = copy.deepcopy(det)
+    for head in psf_only.config.heads.values():
+        head.kron_excess_min = None
+    pooled = {m: {"star": ([], []), "galaxy": ([], [])} for m in ("skyfm", "skyfm-psf", "sep-auto")}
+    seconds = {m: 0.0 for m in pooled}
+    for i in range(n):
+        patch = simulate_patch(name, SEED_BASE + 1000 * index + i, size=SIZES[name], scene="field")
+        for method in pooled:
+            t0 = time.perf_counter()
+            if method == "sep-auto":
+                x, y, f, e = sep_auto(patch)
+            else:
+                cat = detect_patch(patch, det if method == "skyfm" else psf_only)
+                v = lambda c: np.asarray(getattr(cat[c], "value", cat[c]), float)
+                x, y, f, e = v("x"), v("y"), v("flux"), v("flux_err")
+            seconds[method] += time.perf_counter() - t0
+            s = score(x, y, f, e, patch, inst)
+            for k in s:
+                pooled[method][k][0].extend(s[k][0])
+                pooled[method][k][1].extend(s[k][1])
+        log(f"  {name} image {i + 1}/{n} done")
+    rows = []
+    for method, per in pooled.items():
+        row = {"case": name, "method": method, "seconds": round(seconds[method], 1)}
+        every = []
+        for k, (ratio, inside) in per.items():
+            ratio = np.asarray(ratio)
+            every.extend(inside)
+            row[k] = {"n": int(ratio.size),
+                      "ratio": [round(float(q), 3) for q in np.percentile(ratio, [50, 16, 84])] if ratio.size else None,
+                      "cov68": round(float(np.mean(inside)), 3) if ratio.size else None}
+        row["cov68_all"] = round(float(np.mean(every)), 3) if every else None
+        rows.append(row)
+        log(f"  {method:10s} {json.dumps({k: row[k] for k in ('star', 'galaxy', 'cov68_all')})}")
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    def cell(r):
+        if not r or not r["n"]:
+            return "-"
+        m, lo, hi = r["ratio"]
+        return f"{m:.2f} [{lo:.2f}, {hi:.2f}] / {r['cov68']:.2f} ({r['n']})"
+
+    out = ["| case | method | stars: flux / true [16%, 84%] / cov68 (n) | galaxies: the same | cov68, all |",
+           "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['case']} | {r['method']} | {cell(r['star'])} | {cell(r['galaxy'])} | {r['cov68_all']} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--n", type=int, default=4, help="field images per case (default 4)")
+    p.add_argument("--cases", default="meerlicht,hubble,wise", help="instruments, comma-separated")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--out", default="runs/bench-field-fluxes", help="output folder (results.json, results.md)")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = lambda s: print(s, flush=True)
+    rows = []
+    for name in args.cases.split(","):
+        if name not in SIZES:
+            p.error(f"unknown case {name!r} (choose from {', '.join(SIZES)})")
+        log(f"{name}: {args.n} field images of {SIZES[name]}^2")
+        rows += run_case(name, args.n, list(SIZES).index(name), log)
+    (out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(rows))
+    log(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
