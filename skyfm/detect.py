@@ -413,6 +413,7 @@ def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
 
 
 MAX_MASKED_SHARE = 0.1  # a source whose fit box is masked beyond this (a saturated core) keeps its own flux
+KRON_MAX_CROWDING = 0.1  # Kron fluxes are measured below this crowding, or the head's kron_max_crowding
 
 
 def _masked_share(mask: np.ndarray, x, y, psfs, scale: float) -> np.ndarray:
@@ -613,11 +614,15 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     d["flux_band_err"] = np.where(keep_net[:, None], np.hypot(d["flux_band_err"] * (unfitted_scale / net_scale),
                                                               confusion_weight * blank_band), d["flux_band_err"])
     d["fit"] = (ok.astype(np.int8) + point.astype(np.int8)).astype(np.int8)
-    # galaxies: the light their PSF model leaves in the residual, in a Kron aperture (the neighbours subtracted)
-    kron = kron_photometry(resid, rms, psfs, scale, fit["x"], fit["y"], fit["flux_band"], gain=gain, mask=mask)
-    measured = ok & ~saturated & np.isfinite(kron["flux"]) & (kron["flux"] > 0)
+    # galaxies: the light their PSF model leaves in the residual, in a Kron aperture (the neighbours subtracted),
+    # measured where the field is sparse enough for an aperture (crowded places have few galaxies and would cost
+    # most of the time)
     excess_min, kron_scale, kron_floor, kron_crowding = head.kron_settings()
-    extended = measured & (kron["excess"] >= excess_min) & (crowd < kron_crowding)
+    sparse = crowd < (kron_crowding if np.isfinite(kron_crowding) else KRON_MAX_CROWDING)
+    kron = kron_photometry(resid, rms, psfs, scale, fit["x"], fit["y"], fit["flux_band"], gain=gain, mask=mask,
+                           select=ok & ~saturated & sparse)
+    measured = np.isfinite(kron["flux"]) & (kron["flux"] > 0)
+    extended = measured & (kron["excess"] >= excess_min)
     d["flux"] = np.where(extended, kron["flux"], d["flux"])
     d["flux_err"] = np.where(extended, np.hypot(kron["flux_err"] * kron_scale, kron_floor * kron["flux"]),
                              d["flux_err"])
@@ -941,7 +946,8 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
         extra["flux_kron"] = (np.asarray(arrays["flux_kron"], dtype=np.float64),
                               "Kron aperture flux (skyfm.catalog.kron: 2.5 Kron radii, the other detections' PSF "
                               "models subtracted, divided by the PSF's share inside the aperture), the total flux "
-                              "of an extended source; NaN: not refined, saturated, or the aperture off the image")
+                              "of an extended source; NaN: not refined, saturated, the aperture off the image, or a "
+                              "crowded place (crowding above the head's kron_max_crowding, else 0.1)")
         extra["flux_kron_err"] = (np.asarray(arrays["flux_kron_err"], dtype=np.float64),
                                   "Error of flux_kron, flux units: the sky and Poisson noise in the aperture or, "
                                   "where larger, the scatter of the residual image in such apertures at blank "

@@ -579,10 +579,10 @@ def test_likelihood_passes_come_from_the_head_and_bad_values_are_one_line(model_
 
 
 def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_dir):
-    """A MeerLICHT field: the refined rows carry Kron fluxes and their excess; with the head's ``kron_excess_min``
-    unset no row takes them, set, exactly the rows at or above it (and below ``kron_max_crowding``) do, with the
-    Kron flux, its error and floor, and an extension; those are mostly the galaxies, whose flux comes closer to
-    the truth."""
+    """A MeerLICHT field: the refined rows carry Kron fluxes and their excess (rows in places more crowded than
+    ``kron_max_crowding`` are not measured); with the head's ``kron_excess_min`` unset no row takes them, set,
+    exactly the rows at or above it do, with the Kron flux, its error and floor, and an extension; those are
+    mostly the galaxies, whose flux comes closer to the truth."""
     import copy
 
     from skyfm.detect import refine_ccd_tile
@@ -600,10 +600,10 @@ def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_di
          "score": np.ones(n), "class_prob": np.tile([1.0, 0.0], (n, 1)), "extension": np.zeros(n),
          "flux": flux, "flux_band": flux[:, None], "flux_err": flux, "flux_band_err": flux[:, None]}
     head = copy.deepcopy(det.head_config("meerlicht"))
-    head.kron_excess_min = None
+    head.kron_excess_min, head.kron_max_crowding = None, None
     off = refine_ccd_tile(dict(d), p, inst, head)
     assert not (off["fit"] == 3).any() and np.isfinite(off["flux_kron"][off["fit"] >= 1]).mean() > 0.8
-    head.kron_excess_min, head.kron_flux_err_floor, head.kron_max_crowding = 2.0, 0.3, None
+    head.kron_excess_min, head.kron_flux_err_floor = 2.0, 0.3
     on = refine_ccd_tile(dict(d), p, inst, head)
     takes = np.nan_to_num(off["kron_excess"], nan=-np.inf) >= 2.0
     assert np.array_equal(on["fit"] == 3, takes) and takes.any()
@@ -613,5 +613,6 @@ def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_di
     assert takes[galaxy].mean() >= 0.5 and takes[~galaxy].mean() <= 0.25
     g = takes & galaxy
     assert np.median(np.abs(np.log(on["flux"][g] / flux[g]))) < np.median(np.abs(np.log(off["flux"][g] / flux[g])))
-    head.kron_max_crowding = 0.0  # no source is that sparse: none takes it
-    assert not (refine_ccd_tile(dict(d), p, inst, head)["fit"] == 3).any()
+    head.kron_max_crowding = 0.0  # no source is that sparse: none is measured, none takes it
+    none = refine_ccd_tile(dict(d), p, inst, head)
+    assert not (none["fit"] == 3).any() and np.isnan(none["flux_kron"]).all()

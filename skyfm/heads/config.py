@@ -76,8 +76,9 @@ class InstrumentHeadConfig:
             aperture misses of a galaxy's light depends on its profile) in quadrature, and an extension from its
             Kron radius; only where the source's ``crowding`` (detected neighbours per FWHM^2) is below
             ``kron_max_crowding`` (None: no limit): in a crowded field an aperture holds its neighbours' misfit
-            light and the PSF flux is the better one. None: every head keeps the PSF or network flux (the Kron
-            columns are still written).
+            light and the PSF flux is the better one; rows above it (or above
+            :data:`skyfm.detect.KRON_MAX_CROWDING` when None) are not measured at all. ``kron_excess_min`` None:
+            every row keeps the PSF or network flux (the Kron columns are still written).
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
