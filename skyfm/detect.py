@@ -17,8 +17,9 @@ How:
    moved by the predicted sub-pixel offset; peaks whose refined positions fall within 1 px of a higher one are
    merged (neighbouring pixels of one source), pairs further apart stay split. Masked pixels give no detections.
    CCD images: a saturated star the network left out is added (score 1), and saturated stars take aperture
-   fluxes (:func:`add_saturated_stars`); the PSF fit refines positions and point-source fluxes
-   (:func:`refine_ccd_tile`).
+   fluxes (:func:`add_saturated_stars`); the PSF fit refines positions and point-source fluxes, and sources with
+   light beyond their PSF model (galaxies) in sparse places get Kron aperture fluxes (:func:`refine_ccd_tile`,
+   :mod:`skyfm.catalog.kron`).
 4. **Counts cubes.** Each detection is refined by a Poisson likelihood fit with the instrument PSF per energy bin
    against the expected background (the simulator's or the user's model when given, else estimated from the
    counts, :func:`refine_counts`): position, flux per bin, and TS; the physical photon flux ``flux_phys``
@@ -506,7 +507,10 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     (:func:`~skyfm.catalog.psf_fit.blank_flux_scatter`: the confusion of undetected neighbours, catalog column
     ``flux_confusion``), then all take the head's calibrated scales and floors. Rows that keep the network's flux
     (not saturated) get ``hypot(a x the network's error, b x flux_confusion)`` with the head's
-    :meth:`~skyfm.heads.config.InstrumentHeadConfig.unfitted_flux_error_terms`.
+    :meth:`~skyfm.heads.config.InstrumentHeadConfig.unfitted_flux_error_terms`. Rows fitted where the field is
+    sparse (``crowding`` below the head's ``kron_max_crowding``, else :data:`KRON_MAX_CROWDING`) also get a Kron
+    aperture flux (:func:`~skyfm.catalog.kron.kron_photometry`, columns ``flux_kron``, ``flux_kron_err``,
+    ``kron_excess``), which those with ``kron_excess`` >= the head's ``kron_excess_min`` take (``fit`` 3).
     The seeing of each band is fitted on the tile's bright point-like detections, the others subtracted
     (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of the tiles'
     estimates so far is used, and once ``SEEING_TILES`` tiles have given one no more are made. Heads with

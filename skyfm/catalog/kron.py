@@ -9,8 +9,11 @@ within a window of :data:`KRON_WINDOW` ``r1``, and the flux inside :data:`KRON_F
 90% or more of the light of most galaxy profiles.
 
 Here ``I`` is the image with every *other* detection's PSF model subtracted (the residual image plus the source's
-own model), so neighbours do not enter the aperture. Apertures are circles (one for all bands, its radius from
-the bands' sum weighted by their noise). The aperture flux is divided by the PSF's containment within the aperture
+own model), so neighbours' modelled light does not enter the aperture; what their models leave (a neighbouring
+galaxy's outer light) is kept out too: r1 is measured over the pixels nearer to the source than to any other
+detection, and in the flux sum a pixel nearer to another detection counts as its mirror image through the source's
+centre (SExtractor's ``MASK_TYPE CORRECT``). Apertures are circles (one for all bands, its radius from the bands'
+sum weighted by their noise). The aperture flux is divided by the PSF's containment within the aperture
 radius (the aperture correction that makes a point source's Kron flux its total flux), so for a point source it is
 its PSF flux plus noise; ``excess``, the aperture-corrected flux in the residual over its noise, says how much more
 light the source holds than its PSF model: a few sigma or more for a galaxy.
@@ -22,7 +25,7 @@ import numpy as np
 
 KRON_FACTOR = 2.5  # aperture radius / r1 (SExtractor's PHOT_AUTOPARAMS 2.5)
 KRON_WINDOW = 6.0  # r1 is measured within this many r1 (SExtractor: 6 x the isophotal size)
-KRON_ITERATIONS = 3  # window -> r1 -> window: enough for r1 to settle (it moves by < 2% after the third)
+KRON_ITERATIONS = 3  # window -> r1 -> window, from the PSF's r1 (SExtractor has its isophotal size to start from)
 MIN_APERTURE_CONTAINMENT = 0.9  # the aperture holds at least this share of a point source's light
 MAX_OUTSIDE_SHARE = 0.1  # an aperture with more of its area off the image or masked gives no flux
 EXP_DISK_R1_PER_RE = 1.19  # an exponential disk's Kron radius / its half-light radius

@@ -74,11 +74,10 @@ class InstrumentHeadConfig:
             Kron aperture flux (:mod:`skyfm.catalog.kron`; catalog ``fit`` 3), its error times
             ``kron_flux_err_scale`` (None: 1) with the relative floor ``kron_flux_err_floor`` (None: 0; what a Kron
             aperture misses of a galaxy's light depends on its profile) in quadrature, and an extension from its
-            Kron radius; only where the source's ``crowding`` (detected neighbours per FWHM^2) is below
-            ``kron_max_crowding`` (None: no limit): in a crowded field an aperture holds its neighbours' misfit
-            light and the PSF flux is the better one; rows above it (or above
-            :data:`skyfm.detect.KRON_MAX_CROWDING` when None) are not measured at all. ``kron_excess_min`` None:
-            every row keeps the PSF or network flux (the Kron columns are still written).
+            Kron radius. Rows are measured (and may take it) only where their ``crowding`` (detected neighbours
+            per FWHM^2) is below ``kron_max_crowding`` (None: :data:`skyfm.detect.KRON_MAX_CROWDING`): in a
+            crowded field an aperture holds its neighbours' misfit light and the PSF flux is the better one.
+            ``kron_excess_min`` None: every row keeps the PSF or network flux (the Kron columns are still written).
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
@@ -152,7 +151,7 @@ class InstrumentHeadConfig:
 
     def kron_settings(self) -> tuple[float, float, float, float]:
         """(``kron_excess_min``, ``kron_flux_err_scale``, ``kron_flux_err_floor``, ``kron_max_crowding``): inf
-        (never), 1, 0 and inf (no limit) when unset."""
+        (never), 1, 0 and inf (the caller's default limit applies) when unset."""
         excess = float("inf") if self.kron_excess_min is None else self._number("kron_excess_min", 0.0, True)
         crowd = float("inf") if self.kron_max_crowding is None else self._number("kron_max_crowding", 0.0, True)
         return (excess, self._number("kron_flux_err_scale", 1.0, allow_zero=False),
