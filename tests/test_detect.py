@@ -613,6 +613,14 @@ def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_di
     assert takes[galaxy].mean() >= 0.5 and takes[~galaxy].mean() <= 0.25
     g = takes & galaxy
     assert np.median(np.abs(np.log(on["flux"][g] / flux[g]))) < np.median(np.abs(np.log(off["flux"][g] / flux[g])))
+    from skyfm.detect import detect_patch
+
+    peak = PeakDetector(det.config, det.foundation)  # a stand-in network that finds the image's peaks
+    peak.load_state_dict(det.state_dict())
+    cat = detect_patch(p, peak, min_score=0.5, precision="fp32")
+    for name in ("flux_kron", "flux_kron_err"):
+        assert cat[name].unit == cat["flux"].unit
+    assert np.isfinite(cat["flux_kron"].value).any() and "kron_excess" in cat.colnames
     head.kron_max_crowding = 0.0  # no source is that sparse: none is measured, none takes it
     none = refine_ccd_tile(dict(d), p, inst, head)
     assert not (none["fit"] == 3).any() and np.isnan(none["flux_kron"]).all()

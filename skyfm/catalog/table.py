@@ -65,6 +65,9 @@ def _frame_of(instrument, wcs: WCS | None) -> str | None:
     return "galactic" if ctype.startswith("GLON") else "icrs"
 
 
+FLUX_LIKE_COLUMNS = ("flux_band", "flux_band_err", "flux_confusion", "flux_kron", "flux_kron_err")  # flux units
+
+
 def flux_unit(instrument) -> u.UnitBase:
     """ct for counts instruments, adu for CCDs, dimensionless when the instrument is unknown."""
     if instrument is None:
@@ -187,7 +190,7 @@ def build_catalog(x, y, *, pos_err_pix=None, flux=None, flux_err=None, score=Non
         desc = None
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
             value, desc = value
-        if name in ("flux_band", "flux_band_err", "flux_confusion") and not isinstance(value, u.Quantity):
+        if name in FLUX_LIKE_COLUMNS and not isinstance(value, u.Quantity):
             value = u.Quantity(np.asarray(value, dtype=np.float64), funit)
         arr = value if isinstance(value, u.Quantity) else np.asarray(value)
         if len(arr) != n:
