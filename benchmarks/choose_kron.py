@@ -66,8 +66,10 @@ def collect(inst_name: str, fields: tuple[int, int], patches: int, log) -> dict:
 
 
 def coverage(flux, err, true) -> float:
+    from field_fluxes import within_68
+
     ok = (flux > 0) & (true > 0) & np.isfinite(err)
-    return float(np.mean(np.abs(np.log(true[ok] / flux[ok])) <= err[ok] / flux[ok])) if ok.any() else float("nan")
+    return float(np.mean(within_68(flux[ok], err[ok], true[ok]))) if ok.any() else float("nan")
 
 
 def report(d: dict, log) -> None:

@@ -57,6 +57,11 @@ def sep_auto(patch):
     return x, y, flux, err
 
 
+def within_68(flux, err, true) -> np.ndarray:
+    """Per pair: the true flux inside the 68% interval, in ln flux as the detection benchmark's coverage."""
+    return np.abs(np.log(true / flux)) <= err / flux
+
+
 def score(x, y, flux, err, patch, inst) -> dict:
     """Per class: flux / true and |ln(true / flux)| <= err / flux of the matched true sources with SNR >= 5."""
     from skyfm.catalog import match_catalogs
@@ -73,7 +78,7 @@ def score(x, y, flux, err, patch, inst) -> dict:
     for k in out:
         s = (cls == k) & (f > 0) & (true > 0) & np.isfinite(e)
         out[k][0].extend(f[s] / true[s])
-        out[k][1].extend(np.abs(np.log(true[s] / f[s])) <= e[s] / f[s])
+        out[k][1].extend(within_68(f[s], e[s], true[s]))
     return out
 
 

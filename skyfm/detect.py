@@ -621,10 +621,9 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     # galaxies: the light their PSF model leaves in the residual, in a Kron aperture (the neighbours subtracted),
     # measured where the field is sparse enough for an aperture (crowded places have few galaxies and would cost
     # most of the time)
-    excess_min, kron_scale, kron_floor, kron_crowding = head.kron_settings()
-    sparse = crowd < (kron_crowding if np.isfinite(kron_crowding) else KRON_MAX_CROWDING)
+    excess_min, kron_scale, kron_floor, kron_crowding = head.kron_settings(KRON_MAX_CROWDING)
     kron = kron_photometry(resid, rms, psfs, scale, fit["x"], fit["y"], fit["flux_band"], gain=gain, mask=mask,
-                           select=ok & ~saturated & sparse)
+                           select=ok & ~saturated & (crowd < kron_crowding))
     measured = np.isfinite(kron["flux"]) & (kron["flux"] > 0)
     extended = measured & (kron["excess"] >= excess_min)
     d["flux"] = np.where(extended, kron["flux"], d["flux"])

@@ -149,11 +149,11 @@ class InstrumentHeadConfig:
         return (self._number("unfitted_flux_err_scale", default, allow_zero=False),
                 self._number("unfitted_flux_err_confusion", 0.0, allow_zero=True))
 
-    def kron_settings(self) -> tuple[float, float, float, float]:
+    def kron_settings(self, default_max_crowding: float) -> tuple[float, float, float, float]:
         """(``kron_excess_min``, ``kron_flux_err_scale``, ``kron_flux_err_floor``, ``kron_max_crowding``): inf
-        (never), 1, 0 and inf (the caller's default limit applies) when unset."""
+        (never), 1, 0 and ``default_max_crowding`` when unset."""
         excess = float("inf") if self.kron_excess_min is None else self._number("kron_excess_min", 0.0, True)
-        crowd = float("inf") if self.kron_max_crowding is None else self._number("kron_max_crowding", 0.0, True)
+        crowd = self._number("kron_max_crowding", default_max_crowding, allow_zero=True)
         return (excess, self._number("kron_flux_err_scale", 1.0, allow_zero=False),
                 self._number("kron_flux_err_floor", 0.0, allow_zero=True), crowd)
 
