@@ -100,3 +100,34 @@ def test_truth_crb_of_an_empty_sky_is_empty():
     assert crb.shape == (0,) and isolated.shape == (0,)
     crb, isolated = truth_crb(p.truth, p)
     assert crb.shape == isolated.shape == (len(p.truth),)
+
+
+def test_class_metrics_count_what_the_catalog_called_each_true_class(capsys):
+    from skyfm.catalog.evaluate import format_results
+    from skyfm.catalog.metrics import rank_auc
+
+    # six true sources 20 px apart: four stars, two galaxies; the catalog calls one star a galaxy and ranks the
+    # galaxies' probabilities above every star's but that one
+    x = np.arange(6) * 20.0 + 10
+    truth = Table({"x": x, "y": np.full(6, 10.0), "snr": np.full(6, 20.0),
+                   "class": ["star", "star", "star", "star", "galaxy", "galaxy"]})
+    p_gal = np.array([0.1, 0.2, 0.3, 0.7, 0.6, 0.9])
+    cat = build_catalog(x + 0.3, np.full(6, 10.0), class_names=["star", "galaxy"],
+                        class_prob=np.stack([1 - p_gal, p_gal], axis=1))
+    res = evaluate(cat, truth, radius_pix=2.0)
+    c = res["classification"]
+    assert c["n"] == 6 and c["truth_key"] == "class"
+    assert c["confusion"] == [[3, 1], [0, 2]]
+    assert c["accuracy"] == pytest.approx(5 / 6)
+    assert c["per_class"]["star"]["completeness"] == pytest.approx(0.75)
+    assert c["per_class"]["galaxy"]["purity"] == pytest.approx(2 / 3)
+    assert c["per_class"]["galaxy"]["auc"] == pytest.approx(7 / 8)  # one of 8 star-galaxy pairs out of order
+    onehot = np.array([[1, 0]] * 4 + [[0, 1]] * 2)
+    assert c["brier"] == pytest.approx(np.mean(((np.stack([1 - p_gal, p_gal], 1) - onehot) ** 2).sum(1)))
+    text = format_results(res)
+    assert "accuracy 0.833" in text and "galaxy" in text
+    assert rank_auc([True, False], [0.5, 0.5]) == 0.5 and np.isnan(rank_auc([True], [1.0]))
+    # a truth without classes, or classes the catalog does not know: no class section
+    assert "classification" not in evaluate(cat, truth[["x", "y", "snr"]], radius_pix=2.0)
+    truth["class"] = ["qso"] * 6
+    assert "classification" not in evaluate(cat, truth, radius_pix=2.0)

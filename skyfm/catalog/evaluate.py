@@ -3,7 +3,9 @@
 :func:`evaluate` returns a dict of metrics (see :mod:`skyfm.catalog.metrics`): detection (precision, recall, F1
 overall and per SNR / flux bin), localization (median separation, and against the Cramér–Rao bound for isolated
 point sources with SNR >= 10 when the truth comes from a simulated skyfm FITS file), flux (bias, scatter, 68%
-coverage) and association with a reference catalog. :func:`format_results` prints it as a table.
+coverage), classes (accuracy, Brier score, and per class completeness, purity and ROC area, when the truth has a
+``class`` or ``class_group`` column) and association with a reference catalog. :func:`format_results` prints it
+as a table.
 
 Truth tables: a simulated FITS file written by skyfm (its ``TRUTH`` HDU; the instrument and the image come with
 it) or any table file with ``x``, ``y`` (and ``snr``, ``flux`` for the binned metrics).
@@ -19,8 +21,8 @@ import astropy.units as u
 import numpy as np
 
 from skyfm.catalog.io import read_catalog, read_table
-from skyfm.catalog.metrics import (associate, cramer_rao_position, detection_metrics, flux_metrics,
-                                   localization_metrics, read_reference)
+from skyfm.catalog.metrics import (associate, classification_metrics, cramer_rao_position, detection_metrics,
+                                   flux_metrics, localization_metrics, read_reference)
 from skyfm.errors import SkyfmError
 from skyfm.utils import atomic_path
 
@@ -182,6 +184,9 @@ def evaluate(catalog, truth=None, reference=None, *, radius_pix: float | None = 
             loc["crb_selection"] = f"isolated point sources with {snr_key} >= {crb_snr_min:g}"
         results["localization"] = loc
         results["flux"] = flux_metrics(det, ttab, d_idx, t_idx)
+        classes = classification_metrics(det, ttab, d_idx, t_idx)
+        if classes["n"]:
+            results["classification"] = classes
     if reference is not None:
         ref = read_reference(reference)
         if not any(c in det.colnames for c in ("ra", "glon")):
@@ -232,6 +237,15 @@ def format_results(r: dict) -> str:
     if fl and fl.get("n"):
         lines.append(f"  flux: median bias {_fmt(fl['bias'], '+.3f')}, scatter {_fmt(fl['scatter'])}, "
                      f"68% interval coverage {_fmt(fl['coverage68'], '.2f')} over {fl['n']} matches")
+    c = r.get("classification")
+    if c and c.get("n"):
+        lines.append(f"  classes ({c['truth_key']}): accuracy {_fmt(c['accuracy'])}, Brier score {_fmt(c['brier'])} "
+                     f"over {c['n']} matches")
+        lines.append(f"  {'true class':<12} {'n':>5}  completeness  purity    AUC   called as " + " / ".join(c["class_names"]))
+        for name, row in zip(c["class_names"], c["confusion"]):
+            p = c["per_class"][name]
+            lines.append(f"  {name:<12} {p['n_true']:>5}  {_fmt(p['completeness']):>12}  {_fmt(p['purity']):>6}  "
+                         f"{_fmt(p['auc']):>5}   " + " / ".join(str(v) for v in row))
     a = r.get("association")
     if a:
         lines.append("")

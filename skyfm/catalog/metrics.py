@@ -369,6 +369,61 @@ def flux_metrics(det, truth, det_idx, truth_idx, flux_key: str = "flux", select=
     return out
 
 
+def rank_auc(positive, score) -> float:
+    """Area under the ROC curve of ``score`` for the ``positive`` rows (Mann-Whitney, ties counted half): the
+    chance that a random positive scores above a random negative; NaN without both."""
+    positive, score = np.asarray(positive, bool), np.asarray(score, dtype=np.float64)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def classification_metrics(det, truth, det_idx, truth_idx, class_names=None, truth_key: str | None = None) -> dict:
+    """Class probabilities of matched pairs against the true classes.
+
+    ``class_names`` default to the catalog's ``meta['class_names']``; the true class is ``truth_key`` (default
+    ``class_group`` when the truth has it, as counts cubes' classes ``agn / pulsar / other``, else ``class``), and
+    pairs whose true class is not one of the names are left out. Returns ``n``, ``accuracy`` (the most probable
+    class is the true one), ``brier`` (mean squared distance of the probability vector from the true class's
+    one-hot vector: 0 perfect, 2 worst), ``confusion`` (K x K counts: rows true, columns called), and per class
+    ``n_true``, ``completeness`` (share of that class called it), ``purity`` (share of those called it that are
+    it) and ``auc`` (ROC area of its probability, one against the rest)."""
+    names = list(class_names if class_names is not None else det.meta.get("class_names", []))
+    out = {"n": 0, "class_names": names}
+    if not names or "class_prob" not in det.colnames:
+        return out
+    key = truth_key or next((k for k in ("class_group", "class") if k in truth.colnames), None)
+    if key is None or key not in truth.colnames:
+        return out
+    lookup = {c.lower(): i for i, c in enumerate(names)}
+    d_idx, t_idx = np.asarray(det_idx, int), np.asarray(truth_idx, int)
+    true = np.array([lookup.get(str(v).strip().lower(), -1) for v in np.asarray(truth[key])[t_idx]], dtype=int)
+    keep = true >= 0
+    prob = np.asarray(det["class_prob"], dtype=np.float64).reshape(len(det), -1)[d_idx[keep]]
+    true = true[keep]
+    k = len(names)
+    called = prob.argmax(axis=1) if len(prob) else np.zeros(0, int)
+    confusion = np.zeros((k, k), dtype=int)
+    np.add.at(confusion, (true, called), 1)
+    onehot = np.eye(k)[true]
+    out.update({"n": int(len(true)), "truth_key": key, "accuracy": float(np.mean(called == true)) if len(true) else
+                float("nan"), "brier": float(np.mean(((prob - onehot) ** 2).sum(axis=1))) if len(true) else
+                float("nan"), "confusion": confusion.tolist()})
+    per = {}
+    for i, name in enumerate(names):
+        n_called = int(confusion[:, i].sum())
+        per[name] = {"n_true": int(confusion[i].sum()),
+                     "completeness": float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else float("nan"),
+                     "purity": float(confusion[i, i] / n_called) if n_called else float("nan"),
+                     "auc": rank_auc(true == i, prob[:, i])}
+    out["per_class"] = per
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Association with a reference catalog
 # ----------------------------------------------------------------------------------------------------------------
