@@ -32,22 +32,28 @@ CROWDING_LIMITS = (0.02, 0.05, 0.1)  # rows above skyfm.detect.KRON_MAX_CROWDING
 PLURAL = {"star": "stars", "galaxy": "galaxies"}
 
 
-def collect(inst_name: str, fields: tuple[int, int], patches: int, log) -> dict:
-    from skyfm.catalog import match_catalogs
-    from skyfm.data.simulate import simulate_patch
-    from skyfm.detect import detect_patch, get_detector
-    from skyfm.finetune.evaluate import match_radius_pix
-    from skyfm.instruments import load_instrument
-
-    inst = load_instrument(inst_name)
-    det = copy.deepcopy(get_detector(None))
-    for head in det.config.heads.values():  # measure every row up to the module's crowding limit, take none
-        head.kron_excess_min, head.kron_max_crowding = None, None
+def validation_draws(fields: tuple[int, int], patches: int) -> list[tuple[int, int, str]]:
+    """(seed, size, scene) of the validation images: field images of 1024^2 from both bases, crowded and cluster
+    patches of 256^2."""
     draws = [(VALIDATION_BASES[0] + i, 1024, "field") for i in range(fields[0])]
     draws += [(VALIDATION_BASES[1] + i, 1024, "field") for i in range(fields[1])]
     draws += [(VALIDATION_BASES[0] + i, 256, "crowded") for i in range(patches)]
     draws += [(VALIDATION_BASES[0] + 10_000 + i, 256, "cluster") for i in range(patches)]
-    rows = {k: [] for k in ("scene", "cls", "true", "flux", "flux_err", "kron", "kron_err", "excess", "crowding")}
+    return draws
+
+
+def matched_rows(inst_name: str, det, draws, columns: dict, log) -> dict:
+    """Catalog values of the detections matched to true sources with SNR >= 5 on each drawn image: ``scene``,
+    ``image`` (its index in ``draws``), ``cls`` and ``true`` (the true class and flux), and ``columns`` (key:
+    catalog column)."""
+    from skyfm.catalog import match_catalogs
+    from skyfm.data.simulate import simulate_patch
+    from skyfm.detect import detect_patch
+    from skyfm.finetune.evaluate import match_radius_pix
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument(inst_name)
+    rows = {k: [] for k in ("scene", "image", "cls", "true", *columns)}
     for j, (seed, size, scene) in enumerate(draws):
         p = simulate_patch(inst_name, seed, size=size, scene=scene)
         cat = detect_patch(p, det)
@@ -56,13 +62,24 @@ def collect(inst_name: str, fields: tuple[int, int], patches: int, log) -> dict:
             v = lambda c: np.asarray(getattr(cat[c], "value", cat[c]), float)
             di, ti, _ = match_catalogs((v("x"), v("y")), t, match_radius_pix(inst))
             rows["scene"] += [scene] * len(di)
+            rows["image"] += [j] * len(di)
             rows["cls"] += list(np.asarray(t["class"])[ti])
             rows["true"] += list(np.asarray(getattr(t["flux"], "value", t["flux"]), float)[ti])
-            for k, c in (("flux", "flux"), ("flux_err", "flux_err"), ("kron", "flux_kron"), ("kron_err", "flux_kron_err"),
-                         ("excess", "kron_excess"), ("crowding", "crowding")):
+            for k, c in columns.items():
                 rows[k] += list(v(c)[di])
         log(f"  {j + 1}/{len(draws)} {scene} {size}^2 done")
     return {k: np.asarray(v) for k, v in rows.items()}
+
+
+def collect(inst_name: str, fields: tuple[int, int], patches: int, log) -> dict:
+    from skyfm.detect import get_detector
+
+    det = copy.deepcopy(get_detector(None))
+    for head in det.config.heads.values():  # measure every row up to the module's crowding limit, take none
+        head.kron_excess_min, head.kron_max_crowding = None, None
+    columns = {k: k for k in ("flux", "flux_err", "crowding")}
+    columns.update(kron="flux_kron", kron_err="flux_kron_err", excess="kron_excess")
+    return matched_rows(inst_name, det, validation_draws(fields, patches), columns, log)
 
 
 def coverage(flux, err, true) -> float:

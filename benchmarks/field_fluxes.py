@@ -1,4 +1,5 @@
-"""Fluxes of stars and galaxies on large field images: skyfm with and without Kron fluxes, beside sep's FLUX_AUTO.
+"""Fluxes and classes of stars and galaxies on large field images: skyfm with and without Kron fluxes and class
+calibration, beside sep's FLUX_AUTO and half-light radii.
 
 Run (from the repository root):
 
@@ -12,12 +13,14 @@ galaxies as stars. Here each case simulates ``--n`` field scenes of 1024^2 pixel
 ``1.75e9 + 1000 * case + i`` (never used in training), and for the true sources with SNR >= 5 that a method
 matches (the match radius of :mod:`skyfm.finetune.evaluate`) reports per class: the median flux / true flux with
 its 16-84% range, and the share whose 68% interval (``flux +- flux_err``, as the detection benchmark's coverage,
-in ln flux) holds the true flux.
+in ln flux) holds the true flux; and how well stars and galaxies are told apart (:func:`class_row`).
 
-Methods: ``skyfm`` (the shipped default), ``skyfm-psf`` (the same with every head's ``kron_excess_min`` unset:
-PSF or network fluxes only, as before Run 16), and ``sep-auto``: sep's extraction (1.5 sigma, 5 px, SExtractor's
-default filter) with SExtractor's FLUX_AUTO (Kron ellipse of 2.5 Kron radii, at least 3.5, ``sep.kron_radius`` and
-``sep.sum_ellipse``; errors from the background rms and the gain), on the band sum for several bands.
+Methods: ``skyfm`` (the shipped default), ``skyfm-psf`` (the same with every head's ``kron_excess_min`` and
+``class_calibration`` unset: PSF or network fluxes and the network's classes, as before Runs 16 and 17), and
+``sep-auto``: sep's extraction (1.5 sigma, 5 px, SExtractor's default filter) with SExtractor's FLUX_AUTO (Kron
+ellipse of 2.5 Kron radii, at least 3.5, ``sep.kron_radius`` and ``sep.sum_ellipse``; errors from the background
+rms and the gain), on the band sum for several bands; its galaxy score is the half-light radius over the stellar
+locus's (a size, not a probability: only its ROC area is given).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ SIZES = {"meerlicht": 1024, "hubble": 1024, "wise": 768}
 
 
 def sep_auto(patch):
-    """sep extraction with SExtractor's FLUX_AUTO (Kron 2.5, minimum radius 3.5) on the band sum: (x, y, flux, err)."""
+    """sep extraction with SExtractor's FLUX_AUTO (Kron 2.5, minimum radius 3.5) on the band sum: (x, y, flux, err,
+    size), ``size`` the half-light radius (``sep.flux_radius``) over the stellar locus's (the lower quartile of
+    the half-light radii of the sources with SNR > 20), the classical star / galaxy separator."""
     import sep
 
     from skyfm.instruments import load_instrument
@@ -54,7 +59,10 @@ def sep_auto(patch):
     kron = np.where(np.isfinite(kron) & (kron > 0), kron, 3.5)
     r = np.maximum(2.5 * kron, 3.5)
     flux, err, _ = sep.sum_ellipse(sub, x, y, a, b, theta, r, err=rms, gain=gain, subpix=1)
-    return x, y, flux, err
+    r50, _ = sep.flux_radius(sub, x, y, r, 0.5, normflux=np.where(flux > 0, flux, np.nan), subpix=5)
+    bright = np.isfinite(r50) & (flux > 20 * err)
+    locus = np.percentile(r50[bright], 25) if bright.sum() >= 5 else np.nanmedian(r50)
+    return x, y, flux, err, r50 / locus
 
 
 def within_68(flux, err, true) -> np.ndarray:
@@ -62,24 +70,46 @@ def within_68(flux, err, true) -> np.ndarray:
     return np.abs(np.log(true / flux)) <= err / flux
 
 
-def score(x, y, flux, err, patch, inst) -> dict:
-    """Per class: flux / true and |ln(true / flux)| <= err / flux of the matched true sources with SNR >= 5."""
+def score(x, y, flux, err, galaxy_score, patch, inst) -> dict:
+    """Per class: flux / true and |ln(true / flux)| <= err / flux of the matched true sources with SNR >= 5; and
+    under ``classes`` their true classes with the method's ``galaxy_score`` (skyfm: the probability of a galaxy)."""
     from skyfm.catalog import match_catalogs
     from skyfm.finetune.evaluate import match_radius_pix
 
     t = patch.truth[np.asarray(patch.truth["snr"], float) >= 5]
-    out = {"star": ([], []), "galaxy": ([], [])}
+    out = {"star": ([], []), "galaxy": ([], []), "classes": ([], [])}
     if len(t) == 0 or len(x) == 0:
         return out
     di, ti, _ = match_catalogs((np.asarray(x, float), np.asarray(y, float)), t, match_radius_pix(inst))
     true = np.asarray(getattr(t["flux"], "value", t["flux"]), float)[ti]
     f, e = np.asarray(flux, float)[di], np.asarray(err, float)[di]
     cls = np.asarray(t["class"])[ti]
-    for k in out:
+    for k in ("star", "galaxy"):
         s = (cls == k) & (f > 0) & (true > 0) & np.isfinite(e)
         out[k][0].extend(f[s] / true[s])
         out[k][1].extend(within_68(f[s], e[s], true[s]))
+    out["classes"][0].extend(cls == "galaxy")
+    out["classes"][1].extend(np.asarray(galaxy_score, float)[di])
     return out
+
+
+def class_row(is_galaxy, galaxy_score, probability: bool) -> dict:
+    """ROC area of the galaxy score; for probabilities also the accuracy (galaxy at >= 0.5), the shares of
+    galaxies and of stars called what they are, and the Brier score (2 x the mean squared error: 0 perfect, 0.5 a
+    coin's 0.5 everywhere)."""
+    from skyfm.catalog.metrics import rank_auc
+
+    y, p = np.asarray(is_galaxy, bool), np.asarray(galaxy_score, float)
+    ok = np.isfinite(p)
+    y, p = y[ok], p[ok]
+    row = {"n": int(y.size), "n_galaxies": int(y.sum()), "auc": round(rank_auc(y, p), 3)}
+    if probability and y.size:
+        called = p >= 0.5
+        row.update(accuracy=round(float(np.mean(called == y)), 3),
+                   galaxies_called=round(float(np.mean(called[y])), 3) if y.any() else None,
+                   stars_called=round(float(np.mean(~called[~y])), 3) if (~y).any() else None,
+                   brier=round(float(2 * np.mean((p - y) ** 2)), 3))
+    return row
 
 
 def run_case(name: str, n: int, index: int, log) -> list[dict]:
@@ -93,21 +123,22 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
     det = get_detector(None)
     psf_only = copy.deepcopy(det)
     for head in psf_only.config.heads.values():
-        head.kron_excess_min = None
-    pooled = {m: {"star": ([], []), "galaxy": ([], [])} for m in ("skyfm", "skyfm-psf", "sep-auto")}
+        head.kron_excess_min, head.class_calibration = None, None
+    pooled = {m: {"star": ([], []), "galaxy": ([], []), "classes": ([], [])} for m in ("skyfm", "skyfm-psf", "sep-auto")}
     seconds = {m: 0.0 for m in pooled}
     for i in range(n):
         patch = simulate_patch(name, SEED_BASE + 1000 * index + i, size=SIZES[name], scene="field")
         for method in pooled:
             t0 = time.perf_counter()
             if method == "sep-auto":
-                x, y, f, e = sep_auto(patch)
+                x, y, f, e, g = sep_auto(patch)
             else:
                 cat = detect_patch(patch, det if method == "skyfm" else psf_only)
                 v = lambda c: np.asarray(getattr(cat[c], "value", cat[c]), float)
                 x, y, f, e = v("x"), v("y"), v("flux"), v("flux_err")
+                g = np.asarray(cat["class_prob"], float)[:, list(cat.meta["class_names"]).index("galaxy")]
             seconds[method] += time.perf_counter() - t0
-            s = score(x, y, f, e, patch, inst)
+            s = score(x, y, f, e, g, patch, inst)
             for k in s:
                 pooled[method][k][0].extend(s[k][0])
                 pooled[method][k][1].extend(s[k][1])
@@ -116,6 +147,7 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
     for method, per in pooled.items():
         row = {"case": name, "method": method, "seconds": round(seconds[method], 1)}
         every = []
+        row["classes"] = class_row(*per.pop("classes"), probability=method != "sep-auto")
         for k, (ratio, inside) in per.items():
             ratio = np.asarray(ratio)
             every.extend(inside)
@@ -124,7 +156,7 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
                       "cov68": round(float(np.mean(inside)), 3) if ratio.size else None}
         row["cov68_all"] = round(float(np.mean(every)), 3) if every else None
         rows.append(row)
-        log(f"  {method:10s} {json.dumps({k: row[k] for k in ('star', 'galaxy', 'cov68_all')})}")
+        log(f"  {method:10s} {json.dumps({k: row[k] for k in ('star', 'galaxy', 'cov68_all', 'classes')})}")
     return rows
 
 
@@ -139,6 +171,12 @@ def markdown(rows: list[dict]) -> str:
            "|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['case']} | {r['method']} | {cell(r['star'])} | {cell(r['galaxy'])} | {r['cov68_all']} |")
+    out += ["", "| case | method | stars and galaxies (galaxies) | accuracy | galaxies called galaxies | stars called "
+            "stars | ROC area | Brier |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["classes"]
+        out.append(f"| {r['case']} | {r['method']} | {c['n']} ({c['n_galaxies']}) | {c.get('accuracy', '-')} | "
+                   f"{c.get('galaxies_called', '-')} | {c.get('stars_called', '-')} | {c['auc']} | {c.get('brier', '-')} |")
     return "\n".join(out) + "\n"
 
 

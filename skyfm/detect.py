@@ -75,6 +75,16 @@ def get_detector(detector=None):
 
 
 # ------------------------------------------------------------------------------------------------ accumulation
+# what the CCD refinement measures (refine_ccd_tile), NaN for rows it did not (and every counts row)
+REFINEMENT_COLUMNS = ("fit_chi2", "crowding", "flux_confusion", "flux_kron", "flux_kron_err", "kron_excess",
+                      "kron_size")
+
+
+def _not_refined(n: int) -> dict:
+    """``fit`` 0 and NaN :data:`REFINEMENT_COLUMNS` for ``n`` rows."""
+    return dict(fit=np.zeros(n, dtype=np.int8), **{k: np.full(n, np.nan) for k in REFINEMENT_COLUMNS})
+
+
 @dataclass
 class _Found:
     """Detections in full-image pixels, accumulated tile by tile."""
@@ -83,7 +93,7 @@ class _Found:
     class_names: list[str]
     rows: dict = field(default_factory=lambda: {k: [] for k in (
         "x", "y", "pos_err", "flux", "flux_err", "score", "class_prob", "extension", "flux_band", "flux_band_err",
-        "fit", "fit_chi2", "crowding", "flux_confusion", "flux_kron", "flux_kron_err", "kron_excess")})
+        "fit", *REFINEMENT_COLUMNS)})
 
     def add(self, **arrays):
         for k, v in arrays.items():
@@ -180,10 +190,7 @@ def _decode_tile(det, out, i: int, patch, units, min_score: float, head):
     flux_scale, pos_scale = head.error_scales()  # calibrated on validation patches (1.0: as predicted)
     return dict(x=x, y=y, pos_err=pos_err * pos_scale, flux=flux, flux_err=flux_err * flux_scale, score=score,
                 class_prob=class_prob, extension=extension, flux_band=band_flux, flux_band_err=band_err * flux_scale,
-                fit=np.zeros(len(x), dtype=np.int8), fit_chi2=np.full(len(x), np.nan),
-                crowding=np.full(len(x), np.nan), flux_confusion=np.full(len(x), np.nan),
-                flux_kron=np.full(len(x), np.nan), flux_kron_err=np.full(len(x), np.nan),
-                kron_excess=np.full(len(x), np.nan))
+                **_not_refined(len(x)))
 
 
 def _native_tile(det, inst, pixel_scale: float | None, tile_size: int) -> tuple[int, float]:
@@ -485,9 +492,7 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
     new = dict(x=np.array([r[0] for r in rows]), y=np.array([r[1] for r in rows]),
                pos_err=np.array([r[2] for r in rows]), flux=band_flux.sum(axis=1),
                flux_err=np.sqrt(np.sum(band_err ** 2, axis=1)), score=np.ones(n), class_prob=class_prob,
-               extension=np.zeros(n), flux_band=band_flux, flux_band_err=band_err, fit=np.zeros(n, dtype=np.int8),
-               fit_chi2=np.full(n, np.nan), crowding=np.full(n, np.nan), flux_confusion=np.full(n, np.nan),
-               flux_kron=np.full(n, np.nan), flux_kron_err=np.full(n, np.nan), kron_excess=np.full(n, np.nan))
+               extension=np.zeros(n), flux_band=band_flux, flux_band_err=band_err, **_not_refined(n))
     if d is None:
         return new
     return {k: np.concatenate([d[k], new[k].astype(d[k].dtype, copy=False)]) if k in new else d[k] for k in d}
@@ -510,9 +515,10 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     :meth:`~skyfm.heads.config.InstrumentHeadConfig.unfitted_flux_error_terms`. Rows fitted where the field is
     sparse (``crowding`` below the head's ``kron_max_crowding``, else :data:`KRON_MAX_CROWDING`) also get a Kron
     aperture flux (:func:`~skyfm.catalog.kron.kron_photometry`, columns ``flux_kron``, ``flux_kron_err``,
-    ``kron_excess``), which those with ``kron_excess`` >= the head's ``kron_excess_min`` take (``fit`` 3).
-    The seeing of each band is fitted on the tile's bright point-like detections, the others subtracted
-    (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of the tiles'
+    ``kron_excess``, ``kron_size``), which those with ``kron_excess`` >= the head's ``kron_excess_min`` take
+    (``fit`` 3), and, with the head's ``class_calibration``, class probabilities from the network's and those
+    measurements (:func:`~skyfm.heads.classification.calibrate_class_prob`). The seeing of each band is fitted on
+    the tile's bright point-like detections, the others subtracted (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of the tiles'
     estimates so far is used, and once ``SEEING_TILES`` tiles have given one no more are made. Heads with
     ``psf_fit`` False (chosen on validation seeds) keep the network's values. ``mask_cosmic_rays`` (default the
     head's setting): leave the tile's cosmic-ray pixels (:func:`~skyfm.catalog.cosmics.cosmic_ray_mask`) out of
@@ -521,6 +527,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, crowding, estimate_fwhm,
                                        fit_psf_sources, residual_image)
     from skyfm.catalog.kron import half_light_radius_pix, kron_photometry
+    from skyfm.heads.classification import calibrate_class_prob
 
     n = len(d["x"])
     if n == 0 or not head.psf_fit:
@@ -634,12 +641,17 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     d["flux_band_err"] = np.where(extended[:, None], band_err, d["flux_band_err"])
     d["extension"] = np.where(extended, half_light_radius_pix(kron["r1"], kron["r1_psf"]) * scale, d["extension"])
     d["fit"] = np.where(extended, 3, d["fit"]).astype(np.int8)
+    calibration = head.class_calibration_terms()
+    if calibration is not None:  # where an aperture says what the source's morphology is
+        d["class_prob"] = calibrate_class_prob(d["class_prob"], names, calibration, kron["excess"], kron["flux"],
+                                               kron["flux_err"], kron["r1"] / kron["r1_psf"])
     d["fit_chi2"] = np.where(fit["ok"], fit["chi2_red"], np.nan)
     d["crowding"] = crowd
     d["flux_confusion"] = np.where(saturated, np.nan, blank)
     d["flux_kron"] = np.where(measured, kron["flux"], np.nan)
     d["flux_kron_err"] = np.where(measured, kron["flux_err"], np.nan)
     d["kron_excess"] = np.where(measured, kron["excess"], np.nan)
+    d["kron_size"] = np.where(measured, kron["r1"] / kron["r1_psf"], np.nan)
     return d
 
 
@@ -959,6 +971,10 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
                                 "Light beyond the PSF model, in sigma: (flux_kron - PSF flux) / its error; about 0 "
                                 "+- 1 for a point source, several for a galaxy; rows at or above the head's "
                                 "kron_excess_min take flux_kron (fit 3)")
+        extra["kron_size"] = (np.asarray(arrays["kron_size"], dtype=np.float32),
+                              "Kron radius (first moment of the light, the neighbours' models subtracted) over a "
+                              "point source's at the image's seeing: about 1 for a star, more for a resolved galaxy; "
+                              "NaN where flux_kron is")
     if "net_score" in arrays:
         extra["net_score"] = (np.asarray(arrays["net_score"], dtype=np.float32),
                               "The network's heatmap probability at the source (0: a TS-map candidate the network "

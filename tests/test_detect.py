@@ -578,14 +578,12 @@ def test_likelihood_passes_come_from_the_head_and_bad_values_are_one_line(model_
         D.detect_patch(p, det)
 
 
-def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_dir):
-    """A MeerLICHT field: the refined rows carry Kron fluxes and their excess (rows in places more crowded than
-    ``kron_max_crowding`` are not measured); with the head's ``kron_excess_min`` unset no row takes them, set,
-    exactly the rows at or above it do, with the Kron flux, its error and floor, and an extension; those are
-    mostly the galaxies, whose flux comes closer to the truth."""
+def _field_rows(model_dir):
+    """A MeerLICHT field image and its true sources with SNR >= 15 as detections the network called stars, with
+    the shipped head's Kron settings and class calibration off: (det, inst, patch, rows, is_galaxy, true flux,
+    head)."""
     import copy
 
-    from skyfm.detect import refine_ccd_tile
     from skyfm.heads import load_detector
     from skyfm.instruments import load_instrument
 
@@ -600,7 +598,44 @@ def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_di
          "score": np.ones(n), "class_prob": np.tile([1.0, 0.0], (n, 1)), "extension": np.zeros(n),
          "flux": flux, "flux_band": flux[:, None], "flux_err": flux, "flux_band_err": flux[:, None]}
     head = copy.deepcopy(det.head_config("meerlicht"))
-    head.kron_excess_min, head.kron_max_crowding = None, None
+    head.kron_excess_min, head.kron_max_crowding, head.class_calibration = None, None, None
+    return det, inst, p, d, galaxy, flux, head
+
+
+def test_the_class_calibration_calls_galaxies_where_an_aperture_was_measured(model_dir):
+    """With a head's ``class_calibration``, the rows with a Kron measurement take its probability (here from the
+    excess alone, the network having called every source a star), the others keep the network's; a malformed
+    calibration is a one-line error."""
+    from skyfm.detect import refine_ccd_tile
+    from skyfm.errors import SkyfmError
+
+    det, inst, p, d, galaxy, flux, head = _field_rows(model_dir)
+    off = refine_ccd_tile(dict(d), p, inst, head)
+    assert np.array_equal(off["class_prob"], d["class_prob"])
+    head.class_calibration = {"class": "galaxy", "intercept": -2.0, "coef": {"kron_excess": 2.0}}
+    on = refine_ccd_tile(dict(d), p, inst, head)
+    measured = np.isfinite(on["kron_excess"])
+    assert measured.mean() > 0.8 and np.array_equal(np.isfinite(on["kron_size"]), measured)
+    size = on["kron_size"]
+    assert abs(np.median(size[measured & ~galaxy]) - 1) < 0.15 < np.median(size[measured & galaxy]) - 1
+    expect = 1 / (1 + np.exp(2.0 - 2.0 * np.arcsinh(on["kron_excess"][measured] / 2)))
+    assert np.allclose(on["class_prob"][measured, 1], expect) and np.allclose(on["class_prob"].sum(axis=1), 1)
+    assert np.array_equal(on["class_prob"][~measured], d["class_prob"][~measured])
+    called = on["class_prob"][:, 1] >= 0.5
+    assert called[galaxy & measured].mean() >= 0.5 and called[~galaxy & measured].mean() <= 0.25
+    head.class_calibration = {"class": "galaxy", "intercept": 0.0, "coef": {"size": 1.0}}
+    with pytest.raises(SkyfmError, match="class_calibration should be"):
+        refine_ccd_tile(dict(d), p, inst, head)
+
+
+def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_dir):
+    """A MeerLICHT field: the refined rows carry Kron fluxes and their excess (rows in places more crowded than
+    ``kron_max_crowding`` are not measured); with the head's ``kron_excess_min`` unset no row takes them, set,
+    exactly the rows at or above it do, with the Kron flux, its error and floor, and an extension; those are
+    mostly the galaxies, whose flux comes closer to the truth."""
+    from skyfm.detect import refine_ccd_tile
+
+    det, inst, p, d, galaxy, flux, head = _field_rows(model_dir)
     off = refine_ccd_tile(dict(d), p, inst, head)
     assert not (off["fit"] == 3).any() and np.isfinite(off["flux_kron"][off["fit"] >= 1]).mean() > 0.8
     head.kron_excess_min, head.kron_flux_err_floor = 2.0, 0.3
@@ -620,7 +655,7 @@ def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_di
     cat = detect_patch(p, peak, min_score=0.5, precision="fp32")
     for name in ("flux_kron", "flux_kron_err"):
         assert cat[name].unit == cat["flux"].unit
-    assert np.isfinite(cat["flux_kron"].value).any() and "kron_excess" in cat.colnames
+    assert np.isfinite(cat["flux_kron"].value).any() and "kron_excess" in cat.colnames and "kron_size" in cat.colnames
     head.kron_max_crowding = 0.0  # no source is that sparse: none is measured, none takes it
     none = refine_ccd_tile(dict(d), p, inst, head)
     assert not (none["fit"] == 3).any() and np.isnan(none["flux_kron"]).all()

@@ -157,3 +157,25 @@ def test_a_new_telescope_gets_a_head_from_a_trained_one(tmp_path):
     w_new = det.heads["my-scope"].weight
     w_old = det.heads["wise"].weight
     assert torch.equal(w_new[0], w_old[0])  # the heatmap channel starts from WISE's
+
+
+def test_class_calibration_functions():
+    """fit_logistic recovers a known logistic model; calibrate_class_prob replaces one class's probability where
+    its features are finite and shares the rest among the others in the network's proportions."""
+    from skyfm.heads.classification import calibrate_class_prob, calibration_features, fit_logistic
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(6000, 2))
+    y = rng.random(6000) < 1 / (1 + np.exp(-(-0.5 + X @ np.array([2.0, -1.0]))))
+    b, c = fit_logistic(X, y, l2=0.0)
+    assert abs(b + 0.5) < 0.1 and np.allclose(c, [2.0, -1.0], atol=0.12)
+    prob = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.5, 0.25, 0.25]])
+    excess = np.array([4.0, np.nan, 0.0])
+    cal = {"class": "b", "intercept": 0.0, "coef": {"net_logit": 1.0, "kron_excess": 1.0}}
+    out = calibrate_class_prob(prob, ["a", "b", "c"], cal, excess, np.ones(3), np.ones(3), np.ones(3))
+    f = calibration_features(prob[:, 1], excess, np.ones(3), np.ones(3), np.ones(3))
+    p_b = 1 / (1 + np.exp(-(f["net_logit"] + f["kron_excess"])))
+    assert np.allclose(out[[0, 2], 1], p_b[[0, 2]]) and np.array_equal(out[1], prob[1])
+    assert np.allclose(out.sum(axis=1), 1) and np.isclose(out[0, 0] / out[0, 2], 6.0)
+    f = calibration_features([0.5], [1.0], [np.nan], [1.0], [100.0])
+    assert np.isnan(f["kron_snr"]).all() and np.allclose(f["kron_size"], np.log(10.0))

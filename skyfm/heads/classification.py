@@ -4,6 +4,14 @@ Channels of this family: ``class`` (K logits: ``agn / pulsar / other`` for count
 ``class_group``; ``star / galaxy`` for CCDs, from ``class``) and ``extension`` (1: ln(1 + extension / native
 pixel), where extension is the 68% radius of a gamma-ray source's shape or a galaxy's half-light radius, deg).
 Artefacts (cosmic rays, trails, hot pixels) are not a class: they are negatives of the heatmap.
+
+**Calibrated classes of CCD sources.** A network trained on patches where nearly every source is a star learns
+that prior: the shipped CCD heads rank galaxies above stars (ROC area 0.7-0.9 on validation field images) but
+never call one a galaxy (Run 17 in ``docs/benchmarks.md``). Where the refinement measures a Kron aperture (sparse
+places, :mod:`skyfm.catalog.kron`), the light a source holds beyond its PSF model says what its morphology is, as
+SExtractor's ``CLASS_STAR`` or SDSS's PSF-minus-model magnitude do. A head's ``class_calibration`` is a logistic
+regression on the network's logit and those measurements (:data:`CALIBRATION_FEATURES`), fitted on validation
+images (``benchmarks/choose_class.py``, :func:`fit_logistic`); :func:`calibrate_class_prob` applies it.
 """
 
 from __future__ import annotations
@@ -52,4 +60,66 @@ def decode_extension(pred: np.ndarray, pixel_scale_deg: float) -> np.ndarray:
     return np.expm1(np.clip(pred, 0, 20)) * pixel_scale_deg
 
 
-__all__ = ["class_index", "class_loss", "decode_extension", "extension_loss", "extension_target"]
+CALIBRATION_FEATURES = {
+    "net_logit": "ln(p / (1 - p)) of the network's probability of the calibrated class",
+    "kron_excess": "asinh(kron_excess / 2): light beyond the PSF model, in sigma, its tail compressed",
+    "kron_snr": "ln(flux_kron / flux_kron_err), clipped to [0, ln 1e4]: at a given excess, a brighter source is "
+                "less extended",
+    "kron_size": "ln(kron_size), clipped to [ln 0.3, ln 10]: the Kron radius over a point source's",
+}
+
+
+def calibration_features(prob, kron_excess, flux_kron, flux_kron_err, kron_size) -> dict[str, np.ndarray]:
+    """:data:`CALIBRATION_FEATURES` of N sources: ``prob`` (N,) the network's probability of the class, and the
+    Kron columns (NaN where not measured, which makes every feature of that row NaN but ``net_logit``)."""
+    p = np.clip(np.asarray(prob, dtype=np.float64), 1e-6, 1 - 1e-6)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = np.asarray(flux_kron, dtype=np.float64) / np.asarray(flux_kron_err, dtype=np.float64)
+        size = np.asarray(kron_size, dtype=np.float64)
+        return {"net_logit": np.log(p / (1 - p)),
+                "kron_excess": np.arcsinh(np.asarray(kron_excess, dtype=np.float64) / 2),
+                "kron_snr": np.where(np.isfinite(snr), np.log(np.clip(snr, 1.0, 1e4)), np.nan),
+                "kron_size": np.where(np.isfinite(size), np.log(np.clip(size, 0.3, 10.0)), np.nan)}
+
+
+def calibrate_class_prob(class_prob, class_names, calibration: dict, kron_excess, flux_kron, flux_kron_err,
+                         kron_size) -> np.ndarray:
+    """(N, K) class probabilities with ``calibration["class"]``'s replaced by the logistic regression
+    ``intercept + sum(coef[f] * feature f)`` where every feature it uses is finite (elsewhere the network's); the
+    other classes share the rest in the network's proportions."""
+    prob = np.asarray(class_prob, dtype=np.float64)
+    k = list(class_names).index(calibration["class"])
+    feats = calibration_features(prob[:, k], kron_excess, flux_kron, flux_kron_err, kron_size)
+    logit = np.full(len(prob), float(calibration["intercept"]))
+    for name, c in calibration["coef"].items():
+        logit = logit + float(c) * feats[name]
+    ok = np.isfinite(logit)
+    p_new = 1.0 / (1.0 + np.exp(-np.clip(np.where(ok, logit, 0.0), -50, 50)))
+    rest = np.clip(1.0 - prob[:, k], 1e-12, None)
+    out = prob * ((1.0 - p_new) / rest)[:, None]
+    out[:, k] = p_new
+    return np.where(ok[:, None], out, prob)
+
+
+def fit_logistic(X, y, l2: float = 0.1, n_iter: int = 50) -> tuple[float, np.ndarray]:
+    """(intercept, coefficients) of a logistic regression of ``y`` (N,) bool on ``X`` (N, F), by Newton steps with
+    an L2 penalty ``l2`` on the coefficients (not the intercept); a few features, a few thousand rows."""
+    X = np.asarray(X, dtype=np.float64)
+    A = np.hstack([np.ones((len(X), 1)), X])
+    y = np.asarray(y, dtype=np.float64)
+    w = np.zeros(A.shape[1])
+    penalty = np.full(A.shape[1], float(l2))
+    penalty[0] = 0.0
+    for _ in range(n_iter):
+        p = 1.0 / (1.0 + np.exp(-np.clip(A @ w, -50, 50)))
+        grad = A.T @ (p - y) + penalty * w
+        hess = (A * (p * (1 - p))[:, None]).T @ A + np.diag(penalty) + 1e-9 * np.eye(A.shape[1])
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    return float(w[0]), w[1:]
+
+
+__all__ = ["CALIBRATION_FEATURES", "calibrate_class_prob", "calibration_features", "class_index", "class_loss",
+           "decode_extension", "extension_loss", "extension_target", "fit_logistic"]

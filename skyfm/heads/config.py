@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from skyfm.errors import SkyfmError
 
 DETECTOR_FORMAT = "skyfm-detector"
@@ -78,6 +80,11 @@ class InstrumentHeadConfig:
             per FWHM^2) is below ``kron_max_crowding`` (None: :data:`skyfm.detect.KRON_MAX_CROWDING`): in a
             crowded field an aperture holds its neighbours' misfit light and the PSF flux is the better one.
             ``kron_excess_min`` None: every row keeps the PSF or network flux (the Kron columns are still written).
+        class_calibration: CCD images: the class probabilities of rows with a Kron measurement, from a logistic
+            regression on the network's logit and the Kron columns (:func:`skyfm.heads.classification.
+            calibrate_class_prob`): ``{"class": "galaxy", "intercept": b, "coef": {feature: c, ...}}`` with
+            features from :data:`skyfm.heads.classification.CALIBRATION_FEATURES`, fitted on validation images
+            (``benchmarks/choose_class.py``). None: the network's probabilities everywhere.
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
@@ -112,6 +119,7 @@ class InstrumentHeadConfig:
     kron_flux_err_scale: float | None = None
     kron_flux_err_floor: float | None = None
     kron_max_crowding: float | None = None
+    class_calibration: dict | None = None
     likelihood_passes: int | None = None
     likelihood_extension_test: bool = False
 
@@ -156,6 +164,26 @@ class InstrumentHeadConfig:
         crowd = self._number("kron_max_crowding", default_max_crowding, allow_zero=True)
         return (excess, self._number("kron_flux_err_scale", 1.0, allow_zero=False),
                 self._number("kron_flux_err_floor", 0.0, allow_zero=True), crowd)
+
+    def class_calibration_terms(self) -> dict | None:
+        """``class_calibration`` checked (a known class, a finite intercept, known features with finite
+        coefficients), or None when unset."""
+        cal = self.class_calibration
+        if cal is None:
+            return None
+        from skyfm.heads.classification import CALIBRATION_FEATURES
+
+        bad = f"head {self.name}: class_calibration should be {{'class': one of {self.class_names}, 'intercept': " \
+              f"a number, 'coef': {{feature: number}} with features from {sorted(CALIBRATION_FEATURES)}}}, got {cal!r}"
+        try:
+            ok = (cal["class"] in self.class_names and np.isfinite(float(cal["intercept"]))
+                  and isinstance(cal["coef"], dict) and set(cal["coef"]) <= set(CALIBRATION_FEATURES)
+                  and all(np.isfinite(float(v)) for v in cal["coef"].values()))
+        except (TypeError, ValueError, KeyError):
+            ok = False
+        if not ok:
+            raise SkyfmError(bad)
+        return cal
 
     def error_scales(self, fit: bool = False, estimated: bool = False) -> tuple[float, float]:
         """(flux_err, pos_err) multipliers: those of the network's errors, or with ``fit`` of the likelihood fit's
