@@ -177,5 +177,7 @@ def test_class_calibration_functions():
     p_b = 1 / (1 + np.exp(-(f["net_logit"] + f["kron_excess"])))
     assert np.allclose(out[[0, 2], 1], p_b[[0, 2]]) and np.array_equal(out[1], prob[1])
     assert np.allclose(out.sum(axis=1), 1) and np.isclose(out[0, 0] / out[0, 2], 6.0)
+    sure = calibrate_class_prob(np.array([[0.0, 1.0, 0.0]]), ["a", "b", "c"], cal, [0.0], [1.0], [1.0], [1.0])
+    assert np.isclose(sure.sum(), 1) and np.isclose(sure[0, 0], sure[0, 2]) and sure[0, 1] < 1
     f = calibration_features([0.5], [1.0], [np.nan], [1.0], [100.0])
     assert np.isnan(f["kron_snr"]).all() and np.allclose(f["kron_size"], np.log(10.0))

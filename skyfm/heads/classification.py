@@ -86,7 +86,7 @@ def calibrate_class_prob(class_prob, class_names, calibration: dict, kron_excess
                          kron_size) -> np.ndarray:
     """(N, K) class probabilities with ``calibration["class"]``'s replaced by the logistic regression
     ``intercept + sum(coef[f] * feature f)`` where every feature it uses is finite (elsewhere the network's); the
-    other classes share the rest in the network's proportions."""
+    other classes share the rest in the network's proportions (equally where the network gave them nothing)."""
     prob = np.asarray(class_prob, dtype=np.float64)
     k = list(class_names).index(calibration["class"])
     feats = calibration_features(prob[:, k], kron_excess, flux_kron, flux_kron_err, kron_size)
@@ -95,8 +95,14 @@ def calibrate_class_prob(class_prob, class_names, calibration: dict, kron_excess
         logit = logit + float(c) * feats[name]
     ok = np.isfinite(logit)
     p_new = 1.0 / (1.0 + np.exp(-np.clip(np.where(ok, logit, 0.0), -50, 50)))
-    rest = np.clip(1.0 - prob[:, k], 1e-12, None)
-    out = prob * ((1.0 - p_new) / rest)[:, None]
+    others = prob.copy()
+    others[:, k] = 0.0
+    total = others.sum(axis=1)
+    # a network sure of the class leaves the others nothing to share in proportion: they share the rest equally
+    none = total <= 1e-12
+    others[none] = 1.0
+    others[:, k] = 0.0
+    out = others * ((1.0 - p_new) / others.sum(axis=1))[:, None]
     out[:, k] = p_new
     return np.where(ok[:, None], out, prob)
 
