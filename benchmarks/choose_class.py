@@ -48,18 +48,19 @@ def collect(inst_name: str, fields: tuple[int, int], patches: int, log) -> dict:
 
 
 def scores(p, y, scene) -> str:
-    from skyfm.catalog.metrics import rank_auc
+    """:func:`field_fluxes.class_row` of all rows and of each scene's, as text."""
+    from field_fluxes import class_row
 
     out = []
     for s in ["all", *sorted(set(scene))]:
         k = np.ones(len(y), bool) if s == "all" else scene == s
         if k.sum() < 5:
             continue
-        called = p[k] >= 0.5
-        out.append(f"{s} n {k.sum()} ({y[k].sum()} galaxies): accuracy {np.mean(called == y[k]):.3f}, galaxies "
-                   f"{np.mean(called[y[k]]) if y[k].any() else float('nan'):.2f}, stars "
-                   f"{np.mean(~called[~y[k]]) if (~y[k]).any() else float('nan'):.3f}, AUC {rank_auc(y[k], p[k]):.3f}, "
-                   f"Brier {2 * np.mean((p[k] - y[k]) ** 2):.3f}")
+        c = class_row(y[k], p[k], probability=True)
+        out.append(f"{s} n {c['n']} ({c['n_galaxies']} galaxies): accuracy {c['accuracy']:.3f}, galaxies "
+                   f"{c['galaxies_called'] if c['galaxies_called'] is not None else float('nan'):.2f}, stars "
+                   f"{c['stars_called'] if c['stars_called'] is not None else float('nan'):.3f}, AUC {c['auc']:.3f}, "
+                   f"Brier {c['brier']:.3f}")
     return "\n    ".join(out)
 
 

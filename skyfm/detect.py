@@ -518,8 +518,9 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     ``kron_excess``, ``kron_size``), which those with ``kron_excess`` >= the head's ``kron_excess_min`` take
     (``fit`` 3), and, with the head's ``class_calibration``, class probabilities from the network's and those
     measurements (:func:`~skyfm.heads.classification.calibrate_class_prob`). The seeing of each band is fitted on
-    the tile's bright point-like detections, the others subtracted (:func:`estimate_fwhm`); with ``seeing`` (a dict kept across the tiles of one image) the median of the tiles'
-    estimates so far is used, and once ``SEEING_TILES`` tiles have given one no more are made. Heads with
+    the tile's bright point-like detections, the others subtracted (:func:`estimate_fwhm`); with ``seeing`` (a dict
+    kept across the tiles of one image) the median of the tiles' estimates so far is used, and once
+    ``SEEING_TILES`` tiles have given one no more are made. Heads with
     ``psf_fit`` False (chosen on validation seeds) keep the network's values. ``mask_cosmic_rays`` (default the
     head's setting): leave the tile's cosmic-ray pixels (:func:`~skyfm.catalog.cosmics.cosmic_ray_mask`) out of
     the fit, as its saturated ones.
@@ -641,17 +642,18 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     d["flux_band_err"] = np.where(extended[:, None], band_err, d["flux_band_err"])
     d["extension"] = np.where(extended, half_light_radius_pix(kron["r1"], kron["r1_psf"]) * scale, d["extension"])
     d["fit"] = np.where(extended, 3, d["fit"]).astype(np.int8)
+    size = kron["r1"] / kron["r1_psf"]  # 1 for a point source
     calibration = head.class_calibration_terms()
     if calibration is not None:  # where an aperture says what the source's morphology is
         d["class_prob"] = calibrate_class_prob(d["class_prob"], names, calibration, kron["excess"], kron["flux"],
-                                               kron["flux_err"], kron["r1"] / kron["r1_psf"])
+                                               kron["flux_err"], size)
     d["fit_chi2"] = np.where(fit["ok"], fit["chi2_red"], np.nan)
     d["crowding"] = crowd
     d["flux_confusion"] = np.where(saturated, np.nan, blank)
     d["flux_kron"] = np.where(measured, kron["flux"], np.nan)
     d["flux_kron_err"] = np.where(measured, kron["flux_err"], np.nan)
     d["kron_excess"] = np.where(measured, kron["excess"], np.nan)
-    d["kron_size"] = np.where(measured, kron["r1"] / kron["r1_psf"], np.nan)
+    d["kron_size"] = np.where(measured, size, np.nan)
     return d
 
 

@@ -147,8 +147,8 @@ def _first_moments(detection, bad, owner, ids, psf, scale, x, y, own_weight, win
     """(N,) Kron radius r1 = sum r I / sum I within each source's ``window`` (pixels), I the residual plus the
     source's own model (its PSF at the pixel centres, ``own_weight`` x profile), over the pixels nearer to it than
     to any other detection (``owner``, which holds the sources' indices ``ids``): a neighbour's light, a galaxy's
-    that its PSF model left, must not pull the window open. Sources whose light sums to <= 0 keep ``r1_default``. Sources are taken in groups of similar
-    windows, each group in one array operation."""
+    that its PSF model left, must not pull the window open. Sources whose light sums to <= 0 keep ``r1_default``.
+    Sources are taken in groups of similar windows, each group in one array operation."""
     r1 = np.full(x.size, float(r1_default))
     for chunk, _, _, _, _, inside, yc, xc, r in _boxes(x, y, np.ceil(window).astype(int), *detection.shape):
         use = inside & ~bad[yc, xc] & (r <= window[chunk, None, None]) & (owner[yc, xc] == ids[chunk, None, None])
@@ -165,9 +165,9 @@ def _aperture_sums(image, var, bad, x, y, radius, owner=None, ids=None) -> tuple
     """Per source: the sum of ``image`` and of ``var`` over the pixels whose centres lie within ``radius`` of (x,
     y), and the share of the aperture's pixels off the image or masked (those are not summed). With ``owner``
     ((H, W) index of the nearest detection; the sources' own indices ``ids``, default 0..N-1), a pixel nearer to
-    another detection counts as its mirror image
-    through the source's centre where that one is the source's own, else as nothing (SExtractor's
-    ``MASK_TYPE CORRECT``): a neighbour's light left in the residual stays out of the aperture."""
+    another detection counts as its mirror image through the source's centre where that one is the source's own,
+    else as nothing (SExtractor's ``MASK_TYPE CORRECT``): a neighbour's light left in the residual stays out of the
+    aperture."""
     H, W = image.shape
     n = x.size
     summed, variance, outside = np.zeros(n), np.zeros(n), np.zeros(n)
