@@ -23,7 +23,6 @@ the head's ``class_calibration`` (JSON).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 
@@ -65,25 +64,17 @@ def scores(p, y, scene) -> str:
 
 
 def main(argv=None) -> int:
+    from choose_kron import validation_fields, validation_parser
+
     from skyfm.heads.classification import CALIBRATION_FEATURES, calibration_features, fit_logistic
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--instrument", default="meerlicht", help="a CCD instrument (default meerlicht)")
-    p.add_argument("--fields", default="10,10", help="field images from each of the two validation bases (default 10,10)")
-    p.add_argument("--patches", type=int, default=8, help="crowded and cluster patches each (default 8)")
+    p = validation_parser(__doc__, "meerlicht", "10,10")
     p.add_argument("--features", default=",".join(CALIBRATION_FEATURES),
                    help=f"comma-separated, from {', '.join(CALIBRATION_FEATURES)} (default all)")
     p.add_argument("--l2", type=float, default=0.1, help="L2 penalty of the coefficients (default 0.1)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    fields = tuple(int(v) for v in args.fields.split(","))
+    fields = validation_fields(p, args)
     names = [f for f in args.features.split(",") if f]
-    if len(fields) != 2:
-        p.error("--fields takes two numbers, A,B")
     if not names or not set(names) <= set(CALIBRATION_FEATURES):
         p.error(f"--features: choose from {', '.join(CALIBRATION_FEATURES)}")
     log = lambda s: print(s, flush=True)

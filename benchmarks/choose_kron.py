@@ -110,20 +110,37 @@ def report(d: dict, log) -> None:
             log(line)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--instrument", default="meerlicht", help="a CCD instrument (default meerlicht)")
-    p.add_argument("--fields", default="3,6", help="field images from each of the two validation bases (default 3,6)")
+def validation_parser(doc: str, instrument: str, fields: str) -> argparse.ArgumentParser:
+    """The choose scripts' command line: ``--instrument``, ``--fields`` and ``--patches`` (which validation
+    images, :func:`validation_draws`) and ``--threads``, with these defaults; the script adds its own options."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    p.add_argument("--instrument", default=instrument, help=f"a CCD instrument (default {instrument})")
+    p.add_argument("--fields", default=fields,
+                   help=f"field images from each of the two validation bases (default {fields})")
     p.add_argument("--patches", type=int, default=8, help="crowded and cluster patches each (default 8)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    args = p.parse_args(argv)
+    return p
+
+
+def validation_fields(p: argparse.ArgumentParser, args) -> tuple[int, int]:
+    """``--fields`` as two numbers (an argparse error otherwise); also sets torch's threads from ``--threads``."""
     import torch
 
     torch.set_num_threads(args.threads)
-    fields = tuple(int(v) for v in args.fields.split(","))
+    try:
+        fields = tuple(int(v) for v in args.fields.split(","))
+    except ValueError:
+        fields = ()
     if len(fields) != 2:
         p.error("--fields takes two numbers, A,B")
+    return fields
+
+
+def main(argv=None) -> int:
+    p = validation_parser(__doc__, "meerlicht", "3,6")
+    args = p.parse_args(argv)
+    fields = validation_fields(p, args)
     log = lambda s: print(s, flush=True)
     report(collect(args.instrument, fields, args.patches, log), log)
     return 0

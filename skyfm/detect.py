@@ -85,6 +85,13 @@ def _not_refined(n: int) -> dict:
     return dict(fit=np.zeros(n, dtype=np.int8), **{k: np.full(n, np.nan) for k in REFINEMENT_COLUMNS})
 
 
+def _no_rows(n_bands: int, n_classes: int) -> dict:
+    """A tile's detections when there are none: every column of :func:`_decode_tile`'s, with no rows."""
+    return dict(x=np.zeros(0), y=np.zeros(0), pos_err=np.zeros(0), flux=np.zeros(0), flux_err=np.zeros(0),
+                score=np.zeros(0), class_prob=np.zeros((0, n_classes)), extension=np.zeros(0),
+                flux_band=np.zeros((0, n_bands)), flux_band_err=np.zeros((0, n_bands)), **_not_refined(0))
+
+
 @dataclass
 class _Found:
     """Detections in full-image pixels, accumulated tile by tile."""
@@ -353,10 +360,16 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             d = _decode_tile(det, out, i, p, batch["flux_units"][i], min_score, head)
             if not inst.is_counts:
                 d = add_saturated_stars(d, p, inst, head)
+            search = refine and not inst.is_counts and head.residual_search is not None
+            if d is None and search:  # nothing detected: the residual search may still find something
+                d = _no_rows(p.n_bands, len(head.class_names))
             if d is None:
                 continue
             if refine and not inst.is_counts:
                 d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays)
+                if search:  # the search's finds, as the network's peaks, above the threshold in use
+                    keep = (d["fit"] != 4) | (d["score"] >= min_score)
+                    d = {k: v[keep] for k, v in d.items()}
             f = 1.0 / zoom  # image pixels per network pixel
             if drop_trails and not inst.is_counts:
                 d = drop_trail_detections(d, p, inst, pixel_scale=(pixel_scale or inst.pixel_scale_deg) * f)
@@ -531,7 +544,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     from skyfm.heads.classification import calibrate_class_prob
 
     n = len(d["x"])
-    if n == 0 or not head.psf_fit:
+    if not head.psf_fit or (n == 0 and head.residual_search is None):
         return d
     data = np.asarray(patch.data, dtype=np.float64)
     mask = saturation_mask(data, inst)  # (C, H, W): a saturated core or bleed column is no PSF
@@ -630,8 +643,22 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     # measured where the field is sparse enough for an aperture (crowded places have few galaxies and would cost
     # most of the time)
     excess_min, kron_scale, kron_floor, kron_crowding = head.kron_settings(KRON_MAX_CROWDING)
-    kron = kron_photometry(resid, rms, psfs, scale, fit["x"], fit["y"], fit["flux_band"], gain=gain, mask=mask,
-                           select=ok & ~saturated & (crowd < kron_crowding))
+    search = head.residual_search_terms()
+    finds = None
+    if search is not None:  # sources no detection stands for: PSF-fitted on the residual, measured with the others
+        from skyfm.catalog.residual_search import find_residual_sources
+
+        found = find_residual_sources(resid, rms, mask, fwhm_pix, fit["x"], fit["y"], min_snr=search["min_snr"])
+        if len(found):
+            finds = _fit_finds(found, resid, bg, rms, psfs, scale, gain, mask)
+            resid = residual_image(resid + bg, bg, rms, psfs, scale, finds)  # their PSF models out too
+    m = 0 if finds is None else len(finds["x"])
+    select = np.concatenate([ok & ~saturated & (crowd < kron_crowding), np.ones(m, bool)])
+    both = {k: np.concatenate([fit[k], finds[k]]) if m else fit[k] for k in ("x", "y", "flux_band")}
+    kron = kron_photometry(resid, rms, psfs, scale, both["x"], both["y"], both["flux_band"], gain=gain, mask=mask,
+                           select=select)
+    kron, kron_finds = ({k: (v if np.ndim(v) == 0 else v[:n]) for k, v in kron.items()},
+                        {k: (v if np.ndim(v) == 0 else v[n:]) for k, v in kron.items()})
     measured = np.isfinite(kron["flux"]) & (kron["flux"] > 0)
     extended = measured & (kron["excess"] >= excess_min)
     d["flux"] = np.where(extended, kron["flux"], d["flux"])
@@ -654,7 +681,76 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     d["flux_kron_err"] = np.where(measured, kron["flux_err"], np.nan)
     d["kron_excess"] = np.where(measured, kron["excess"], np.nan)
     d["kron_size"] = np.where(measured, size, np.nan)
+    if m:
+        d = _with_residual_finds(d, finds, kron_finds, head, search, scale, crowding(
+            np.concatenate([d["x"], finds["x"]]), np.concatenate([d["y"], finds["y"]]), (h, w), fwhm_pix)[n:])
     return d
+
+
+def _fit_finds(found, resid, bg, rms, psfs, scale: float, gain: float, mask) -> dict:
+    """The residual search's finds PSF-fitted on the residual image (the detections' models subtracted): their
+    :func:`~skyfm.catalog.psf_fit.fit_psf_sources` result, with the search's position and no model where the fit
+    failed, and ``snr``, ``sigma_pix`` of the search."""
+    from skyfm.catalog.psf_fit import fit_psf_sources
+
+    f = fit_psf_sources(resid + bg, bg, rms, psfs, scale, found.x, found.y, None, gain=gain, mask=mask,
+                        passes=PSF_FIT_PASSES, n_iter=4)
+    ok = f["ok"]
+    f["x"] = np.where(ok, f["x"], found.x)
+    f["y"] = np.where(ok, f["y"], found.y)
+    f["flux_band"] = np.where(ok[:, None], np.nan_to_num(f["flux_band"]), 0.0)
+    f["flux"] = np.where(ok, f["flux"], np.nan)
+    f["snr"], f["sigma_pix"] = found.snr, found.sigma_pix
+    return f
+
+
+def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, scale: float, crowd) -> dict:
+    """``d`` with rows (``fit`` 4) for the residual search's ``finds`` (:func:`_fit_finds`): those whose light beyond
+    the PSF model (``kron_excess``) reaches the search's ``kron_excess_min``, or whose PSF fit failed, take the Kron
+    flux and the half-light radius from it, the others the PSF fit's flux; finds with no Kron measurement (the
+    aperture off the tile or masked) are dropped, as a diffuse source's PSF flux would hold a fraction of its light;
+    errors with the search's relative floor; position the PSF fit's (else the search's peak), error
+    sqrt(2) sigma / snr (a Gaussian source's Cramér-Rao bound per axis, sigma the matched filter's); ``score`` the head's logistic in ln(snr) (the share of
+    such finds that were real sources on validation images); class probabilities from the head's calibration with
+    no network opinion (each class 1 / K), else galaxy for Kron rows and 1 / K for the others."""
+    from skyfm.catalog.kron import half_light_radius_pix
+    from skyfm.heads.classification import calibrate_class_prob
+
+    measured = np.isfinite(kron["flux"]) & (kron["flux"] > 0)
+    psf = np.isfinite(finds["flux"]) & (finds["flux"] > 0)
+    extended = measured & ((kron["excess"] >= search["kron_excess_min"]) | ~psf)
+    keep = measured
+    if not np.any(keep):
+        return d
+    pick = lambda k: {key: (v if np.ndim(v) == 0 else v[keep]) for key, v in k.items()}
+    k, f, ext = pick(kron), pick(finds), extended[keep]
+    _, kron_scale, _, _ = head.kron_settings(KRON_MAX_CROWDING)
+    flux_scale, _ = head.error_scales(fit=True)
+    floor = search["flux_err_floor"]
+    col = lambda e: e[:, None] if np.ndim(k["flux_band"]) == 2 else e
+    flux = np.where(ext, k["flux"], f["flux"])
+    flux_band = np.where(col(ext), k["flux_band"], f["flux_band"])
+    stat = np.where(ext, k["flux_err"] * kron_scale, f["flux_err"] * flux_scale)
+    stat_band = np.where(col(ext), k["flux_band_err"] * kron_scale, f["flux_band_err"] * flux_scale)
+    names = list(head.class_names)
+    size = k["r1"] / k["r1_psf"]
+    prob = np.full((len(flux), len(names)), 1.0 / len(names))
+    calibration = head.class_calibration_terms()
+    if calibration is not None:
+        prob = calibrate_class_prob(prob, names, calibration, k["excess"], k["flux"], k["flux_err"], size)
+    elif "galaxy" in names:
+        prob[ext] = np.eye(len(names))[names.index("galaxy")]
+    score = 1.0 / (1.0 + np.exp(-(search["intercept"] + search["slope"] * np.log(f["snr"]))))
+    rows = _rows_like(d, len(flux), x=f["x"], y=f["y"], pos_err=np.sqrt(2.0) * f["sigma_pix"] / f["snr"], flux=flux,
+                      flux_err=np.hypot(stat, floor * flux), score=score, class_prob=prob,
+                      extension=np.where(ext, half_light_radius_pix(k["r1"], k["r1_psf"]) * scale, 0.0),
+                      flux_band=flux_band, flux_band_err=np.hypot(stat_band, floor * flux_band), fit=4,
+                      fit_chi2=np.where(ext, np.nan, f["chi2_red"]), crowding=crowd[keep],
+                      flux_kron=np.where(measured[keep], k["flux"], np.nan),
+                      flux_kron_err=np.where(measured[keep], k["flux_err"], np.nan),
+                      kron_excess=np.where(measured[keep], k["excess"], np.nan),
+                      kron_size=np.where(measured[keep], size, np.nan))
+    return {key: np.concatenate([d[key], rows[key]]) for key in d}
 
 
 def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None) -> dict:
@@ -942,7 +1038,9 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
         extra["fit"] = (np.asarray(arrays["fit"], dtype=np.int8),
                         "0: network position and flux; 1: position from the PSF fit; 2: position and flux from the "
                         "PSF fit (CCD point sources) or the Poisson likelihood fit (counts cubes); 3: position from "
-                        "the PSF fit, flux from a Kron aperture (CCD extended sources, flux_kron)")
+                        "the PSF fit, flux from a Kron aperture (CCD extended sources, flux_kron); 4: a source the "
+                        "network did not detect, found in the PSF fit's residual image (skyfm.catalog.residual_search), "
+                        "flux from the PSF fit or, where it is extended, a Kron aperture")
     if "fit_chi2" in arrays and not inst.is_counts:
         extra["fit_chi2"] = (np.asarray(arrays["fit_chi2"], dtype=np.float32),
                              "Reduced chi-square of the PSF fit over the source's fit box, the other detections "

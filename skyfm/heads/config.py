@@ -85,6 +85,12 @@ class InstrumentHeadConfig:
             calibrate_class_prob`): ``{"class": "galaxy", "intercept": b, "coef": {feature: c, ...}}`` with
             features from :data:`skyfm.heads.classification.CALIBRATION_FEATURES`, fitted on validation images
             (``benchmarks/choose_class.py``). None: the network's probabilities everywhere.
+        residual_search: CCD images: after the PSF fit, look in its residual image for faint or diffuse sources that no
+            detection stands for (:func:`skyfm.catalog.residual_search.find_residual_sources`, catalog ``fit`` 4):
+            ``{"min_snr": s, "intercept": a, "slope": b, "flux_err_floor": f, "kron_excess_min": k}``: the
+            smallest peak significance of a find, its ``score`` ``1 / (1 + exp(-(a + b ln snr)))``, the relative
+            floor of its flux error, and the ``kron_excess`` from which a find takes its Kron flux rather than its
+            PSF flux (chosen on validation images, ``benchmarks/choose_residual_search.py``). None: no search.
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
@@ -120,6 +126,7 @@ class InstrumentHeadConfig:
     kron_flux_err_floor: float | None = None
     kron_max_crowding: float | None = None
     class_calibration: dict | None = None
+    residual_search: dict | None = None
     likelihood_passes: int | None = None
     likelihood_extension_test: bool = False
 
@@ -164,6 +171,26 @@ class InstrumentHeadConfig:
         crowd = self._number("kron_max_crowding", default_max_crowding, allow_zero=True)
         return (excess, self._number("kron_flux_err_scale", 1.0, allow_zero=False),
                 self._number("kron_flux_err_floor", 0.0, allow_zero=True), crowd)
+
+    def residual_search_terms(self) -> dict | None:
+        """``residual_search`` checked (``min_snr`` a positive number, finite ``intercept`` and ``slope``, optional
+        ``flux_err_floor`` >= 0, default 0, and ``kron_excess_min``, default 2), as floats, or None when unset."""
+        cfg = self.residual_search
+        if cfg is None:
+            return None
+        try:
+            out = {k: float(cfg[k]) for k in ("min_snr", "intercept", "slope")}
+            out["flux_err_floor"] = float(cfg.get("flux_err_floor", 0.0))
+            out["kron_excess_min"] = float(cfg.get("kron_excess_min", 2.0))
+            ok = (set(cfg) <= set(out) and all(np.isfinite(v) for k, v in out.items() if k != "kron_excess_min")
+                  and out["min_snr"] > 0 and out["flux_err_floor"] >= 0 and not np.isnan(out["kron_excess_min"]))
+        except (TypeError, ValueError, KeyError):
+            ok = False
+        if not ok:
+            raise SkyfmError(f"head {self.name}: residual_search should be {{'min_snr': a positive number, "
+                             f"'intercept': a number, 'slope': a number[, 'flux_err_floor': a number >= 0, "
+                             f"'kron_excess_min': a number]}}, got {cfg!r}")
+        return out
 
     def class_calibration_terms(self) -> dict | None:
         """``class_calibration`` checked (a known class, a finite intercept, known features with finite

@@ -1,0 +1,166 @@
+"""A second look, in the PSF fit's residual image, for the sources the network passed over: faint or diffuse.
+
+The network's heatmap was trained on patches of stars and compact galaxies; on Hubble fields, where a galaxy's
+half-light radius is 5-40 pixels (2-20 PSF FWHM) and its light is spread below the noise of any one pixel, it
+finds a third of the galaxies of SNR >= 5, and on sparse MeerLICHT fields it stops short of the faint stars and
+galaxies its threshold leaves (``docs/benchmarks.md``, Run 18). SExtractor finds such sources by filtering the
+image with a kernel of their size; this module does that on the residual image of the PSF fit (the detected
+sources' models subtracted):
+
+1. The residual of each band, in units of its pixels' noise, is clipped to +-:data:`PIXEL_CLIP` sigma (a cosmic
+   ray, a hot pixel or a bright star's misfit core is a few pixels far above the noise, a diffuse galaxy is many
+   pixels at or below it), and matched-filtered with Gaussians of :data:`KERNEL_FWHM` PSF FWHM: the bands' sum at
+   inverse variance, masked pixels given no weight, as a significance map (a source's SNR at each place).
+2. The map is divided by its own robust scatter (1.4826 MAD), so that the light of undetected faint sources
+   (confusion, strong at the large scales in crowded fields) counts as noise.
+3. Connected regions above :data:`REGION_SNR` are the candidates' footprints. A region holding a detection is that
+   detection's (its outer light, or a neighbour blended with it): never a new source. A region longer than
+   :data:`MAX_REGION_FWHM` PSF FWHM and elongated beyond :data:`MAX_ELONGATION` is a satellite trail or a bleed
+   column. Each other region whose peak reaches ``min_snr`` is one new source, at the peak (sub-pixel by a
+   parabola through the peak and its neighbours).
+
+The caller (:func:`skyfm.detect.refine_ccd_tile`) PSF-fits the new sources and measures them in Kron apertures
+(:func:`skyfm.catalog.kron.kron_photometry`); the head's ``residual_search`` says which flux each keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PIXEL_CLIP = 5.0  # residual pixels are clipped to +- this many sigma before filtering
+KERNEL_FWHM = (2.0, 4.0)  # matched-filter Gaussians, FWHM in PSF FWHM (galaxies of r_e ~ 1-5 FWHM)
+REGION_SNR = 2.5  # a candidate's footprint: the connected pixels above this significance
+MAX_REGION_FWHM = 40.0  # footprints longer than this (PSF FWHM) ...
+MAX_ELONGATION = 5.0  # ... and more elongated than this (major / minor axis) are trails, not galaxies
+
+
+@dataclass
+class ResidualSources:
+    """New sources found by :func:`find_residual_sources` (arrays of shape (N,)): ``x``, ``y`` (pixels), ``snr``
+    (the peak of the normalised significance map), ``sigma_pix`` (the matched filter's Gaussian sigma at which the
+    peak is highest)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    snr: np.ndarray
+    sigma_pix: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.x.size)
+
+
+def significance_map(resid, rms, mask, sigma_pix: float) -> np.ndarray:
+    """(H, W) matched-filter significance of a Gaussian source of ``sigma_pix`` at every pixel: the bands' residual
+    at inverse variance, clipped to +-PIXEL_CLIP sigma per pixel, masked pixels left out."""
+    from scipy.ndimage import gaussian_filter
+
+    resid = np.asarray(resid, dtype=np.float64)
+    C, H, W = resid.shape
+    rms = np.broadcast_to(np.asarray(rms, dtype=np.float64), resid.shape)
+    bad = np.zeros(resid.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), resid.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weight = np.where(bad | ~(rms > 0) | ~np.isfinite(resid), 0.0, 1.0 / rms ** 2)  # (C, H, W)
+        clipped = np.clip(np.nan_to_num(resid / rms), -PIXEL_CLIP, PIXEL_CLIP) * rms
+    # sum K w r / sqrt(sum K^2 w), K a unit Gaussian; K^2 is a Gaussian of sigma / sqrt(2) over 4 pi sigma^2
+    num = sum(gaussian_filter(weight[c] * clipped[c], sigma_pix, mode="constant") for c in range(C))
+    den = sum(gaussian_filter(weight[c], sigma_pix / np.sqrt(2.0), mode="constant") for c in range(C))
+    den = den / (4.0 * np.pi * sigma_pix ** 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.sqrt(den), 0.0)
+
+
+def _robust_scatter(values: np.ndarray) -> float:
+    v = values[np.isfinite(values)]
+    if v.size < 16:
+        return 1.0
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+
+
+def _subpixel_peak(m: np.ndarray, iy: int, ix: int) -> tuple[float, float]:
+    """The peak of a parabola through (iy, ix) and its neighbours along each axis (at most half a pixel away)."""
+    H, W = m.shape
+    out = []
+    for axis, (i, n) in enumerate(((iy, H), (ix, W))):
+        if 0 < i < n - 1:
+            lo = m[iy - 1, ix] if axis == 0 else m[iy, ix - 1]
+            hi = m[iy + 1, ix] if axis == 0 else m[iy, ix + 1]
+            curv = lo - 2 * m[iy, ix] + hi
+            out.append(i + (float(np.clip(0.5 * (lo - hi) / curv, -0.5, 0.5)) if curv < 0 else 0.0))
+        else:
+            out.append(float(i))
+    return out[1], out[0]
+
+
+def _is_trail(ys: np.ndarray, xs: np.ndarray, fwhm_pix: float) -> bool:
+    """A footprint long and thin: a satellite trail, a bleed column."""
+    if ys.size < 3:
+        return False
+    cov = np.cov(np.stack([xs, ys]).astype(float))
+    lo, hi = np.sqrt(np.clip(np.linalg.eigvalsh(cov), 1e-12, None))
+    length = 2 * np.sqrt(3.0) * hi  # a uniform bar of this length has this standard deviation
+    return length > MAX_REGION_FWHM * fwhm_pix and hi > MAX_ELONGATION * lo
+
+
+def find_residual_sources(resid, rms, mask, fwhm_pix: float, x, y, *, min_snr: float) -> ResidualSources:
+    """Sources in the residual image that no detection stands for (module docstring).
+
+    Args:
+        resid: (C, H, W) image minus background minus the detections' models
+            (:func:`~skyfm.catalog.psf_fit.residual_image`).
+        rms: (C, H, W) background rms. mask: (C, H, W) or (H, W) bool of pixels to leave out, or None.
+        fwhm_pix: the PSF's FWHM (pixels); the matched filters scale with it.
+        x, y: (N,) the detections (pixels): a footprint that holds one is never a new source.
+        min_snr: the smallest normalised peak significance of a new source.
+    """
+    from scipy.ndimage import find_objects, label
+
+    resid = np.asarray(resid, dtype=np.float64)
+    H, W = resid.shape[1:]
+    mask = None if mask is None else np.asarray(mask, bool)
+    maps, sigmas = [], []
+    for k in KERNEL_FWHM:
+        sigma = k * fwhm_pix / 2.3548
+        m = significance_map(resid, rms, mask, sigma)
+        maps.append(m / max(_robust_scatter(m), 1e-6))
+        sigmas.append(sigma)
+    maps = np.stack(maps)  # (S, H, W)
+    best = maps.max(axis=0)
+    which = maps.argmax(axis=0)
+    regions, n_regions = label(best >= REGION_SNR)
+    if n_regions == 0:
+        return ResidualSources(*(np.zeros(0) for _ in range(4)))
+    x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
+    inside = (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)
+    taken = np.zeros(n_regions + 1, bool)
+    taken[regions[np.rint(y[inside]).astype(int), np.rint(x[inside]).astype(int)]] = True
+    # one peak per free region: its highest pixel (the first of its pixels in descending order)
+    flat = best.ravel()
+    lab = regions.ravel()
+    order = np.argsort(-flat, kind="stable")
+    order = order[lab[order] > 0]
+    first = np.unique(lab[order], return_index=True)
+    boxes = find_objects(regions)
+    xs, ys, snrs, sig = [], [], [], []
+    for region, pos in zip(*first):
+        if taken[region]:
+            continue
+        i = order[pos]
+        iy, ix = divmod(int(i), W)
+        if flat[i] < min_snr:
+            continue
+        box = boxes[region - 1]
+        py, px = np.nonzero(regions[box] == region)
+        py, px = py + box[0].start, px + box[1].start
+        if _is_trail(py, px, fwhm_pix):
+            continue
+        sx, sy = _subpixel_peak(best, iy, ix)
+        xs.append(sx)
+        ys.append(sy)
+        snrs.append(float(flat[i]))
+        sig.append(sigmas[int(which[iy, ix])])
+    return ResidualSources(*(np.asarray(v, float) for v in (xs, ys, snrs, sig)))
+
+
+__all__ = ["ResidualSources", "find_residual_sources", "significance_map"]

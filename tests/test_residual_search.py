@@ -1,0 +1,177 @@
+"""The search of the PSF fit's residual for the sources the detections missed (skyfm.catalog.residual_search)."""
+
+import numpy as np
+import pytest
+
+from skyfm.catalog.residual_search import find_residual_sources, significance_map
+from skyfm.data.simulate import simulate_patch
+
+FWHM = 2.2  # pixels, as Hubble's
+
+
+def _gaussian(shape, x0, y0, sigma, flux):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return flux * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma ** 2)) / (2 * np.pi * sigma ** 2)
+
+
+def test_the_significance_map_is_unit_noise_and_a_gaussian_source_s_matched_filter_snr():
+    rng = np.random.default_rng(0)
+    rms = np.full((2, 160, 160), 3.0)
+    noise = rng.normal(0, 3.0, (2, 160, 160))
+    m = significance_map(noise, rms, None, 4.0)
+    assert abs(np.std(m[20:-20, 20:-20]) - 1) < 0.08 and abs(np.mean(m[20:-20, 20:-20])) < 0.1
+    # a Gaussian of sigma 4 px in both bands: the matched filter's SNR is flux / (rms sqrt(4 pi sigma^2)) per band,
+    # sqrt(2) of it for two bands of equal noise
+    flux = 400.0
+    src = np.stack([_gaussian((160, 160), 80, 80, 4.0, flux)] * 2)
+    m = significance_map(src, rms, None, 4.0)
+    expect = np.sqrt(2) * flux / (3.0 * np.sqrt(4 * np.pi * 16))
+    assert m[80, 80] == pytest.approx(expect, rel=0.02)
+    # masked pixels carry no weight (a source under a masked square is not seen), and a pixel far above the noise
+    # (a cosmic ray) is clipped to a few sigma
+    mask = np.zeros((2, 160, 160), bool)
+    mask[:, 60:100, 60:100] = True
+    assert abs(significance_map(src, rms, mask, 4.0)[80, 80]) < 1e-6
+    spike = np.zeros((1, 160, 160))
+    spike[0, 80, 80] = 3.0 * 1000
+    assert significance_map(spike, rms[:1], None, 4.0)[80, 80] < 1.0
+
+
+def test_diffuse_sources_are_found_where_no_detection_stands_and_nowhere_else():
+    """A faint diffuse galaxy (every pixel below the noise) is found near its centre; one holding a detection, a
+    satellite trail across the image, cosmic-ray spikes and a point source's misfit core are not."""
+    rng = np.random.default_rng(1)
+    H = W = 256
+    rms = np.full((1, H, W), 5.0)
+    image = rng.normal(0, 5.0, (1, H, W))
+    image[0] += _gaussian((H, W), 60.3, 70.6, 6.0, 2500.0)  # peak 11 ADU per pixel: 2 sigma; total SNR ~ 24
+    image[0] += _gaussian((H, W), 190.0, 60.0, 6.0, 2500.0)  # the same, where a detection stands
+    yy, xx = np.mgrid[:H, :W]
+    image[0] += 8.0 * np.exp(-((yy - 0.4 * xx - 150) ** 2) / 8.0)  # a trail: 1.6 sigma, 3 px wide, across
+    ys, xs = rng.integers(0, H, 40), rng.integers(0, W, 40)
+    image[0, ys, xs] += 500.0  # cosmic rays, left in
+    image[0] += _gaussian((H, W), 200.0, 200.0, 0.7, 600.0) - _gaussian((H, W), 200.0, 200.0, 0.9, 600.0)
+    det_x, det_y = np.array([190.0, 200.0]), np.array([61.0, 200.0])
+    found = find_residual_sources(image, rms, None, FWHM, det_x, det_y, min_snr=6.0)
+    assert len(found) == 1
+    assert np.hypot(found.x[0] - 60.3, found.y[0] - 70.6) < 1.5
+    assert found.snr[0] > 10 and found.sigma_pix[0] > 2.0
+    # no detections at all: the second galaxy is found too
+    both = find_residual_sources(image, rms, None, FWHM, [], [], min_snr=6.0)
+    assert len(both) >= 2 and np.min(np.hypot(both.x - 190, both.y - 60)) < 1.5
+
+
+def test_without_the_trail_rule_the_trail_would_be_found(monkeypatch):
+    """The trail of the test above is significant: only the footprint rule keeps it out."""
+    import skyfm.catalog.residual_search as ds
+
+    rng = np.random.default_rng(1)
+    H = W = 256
+    image = rng.normal(0, 5.0, (1, H, W))
+    yy, xx = np.mgrid[:H, :W]
+    image[0] += 8.0 * np.exp(-((yy - 0.4 * xx - 150) ** 2) / 8.0)
+    rms = np.full((1, H, W), 5.0)
+    assert len(ds.find_residual_sources(image, rms, None, FWHM, [], [], min_snr=6.0)) == 0
+    monkeypatch.setattr(ds, "MAX_ELONGATION", 1e9)
+    assert len(ds.find_residual_sources(image, rms, None, FWHM, [], [], min_snr=6.0)) >= 1
+
+
+def test_the_refinement_adds_the_diffuse_galaxies_the_detections_missed():
+    """A Hubble field with only its bright sources detected: with the head's ``residual_search`` the refinement adds
+    rows (``fit`` 4) at the true sources it was not given, the diffuse galaxies among them, with their Kron fluxes
+    and a galaxy's class; without it, none; a malformed setting is a one-line error."""
+    import copy
+
+    from skyfm.detect import get_detector, refine_ccd_tile
+    from skyfm.errors import SkyfmError
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("hubble")
+    p = simulate_patch("hubble", 47, size=320, scene="field")
+    t = p.truth
+    snr, flux = np.asarray(t["snr"], float), np.asarray(t["flux"], float)
+    given = snr >= 40
+    n = int(given.sum())
+    d = {"x": np.asarray(t["x"], float)[given], "y": np.asarray(t["y"], float)[given], "pos_err": np.full(n, 0.5),
+         "score": np.ones(n), "class_prob": np.tile([0.5, 0.5], (n, 1)), "extension": np.zeros(n),
+         "flux": flux[given], "flux_band": np.asarray(t["flux_band"], float)[given],
+         "flux_err": flux[given] * 0.1, "flux_band_err": np.asarray(t["flux_band"], float)[given] * 0.1,
+         "fit": np.zeros(n, np.int8)}
+    for k in ("fit_chi2", "crowding", "flux_confusion", "flux_kron", "flux_kron_err", "kron_excess", "kron_size"):
+        d[k] = np.full(n, np.nan)
+    head = copy.deepcopy(get_detector(None).head_config("hubble"))
+    head.residual_search = None
+    off = refine_ccd_tile(dict(d), p, inst, head)
+    assert len(off["x"]) == n and not np.any(off["fit"] == 4)
+    head.residual_search = {"min_snr": 5.0, "intercept": -1.0, "slope": 1.0}
+    on = refine_ccd_tile(dict(d), p, inst, head)
+    new = on["fit"] == 4
+    assert np.array_equal(on["x"][:n], off["x"]) and set(on) == set(off)
+    fx, fy = on["x"][new], on["y"][new]
+    missed = ~given & (snr >= 3)
+    dist = np.hypot(fx[:, None] - np.asarray(t["x"])[missed], fy[:, None] - np.asarray(t["y"])[missed])
+    real = dist.min(axis=1) <= 2.0
+    assert new.sum() >= 4 and real.mean() >= 0.6
+    galaxies = missed & (np.asarray(t["class"]) == "galaxy") & (snr >= 15)
+    found = dist[:, galaxies[missed]].min(axis=0) <= 2.0
+    assert found.sum() >= 2
+    ratio = on["flux"][new][real] / flux[missed][dist.argmin(axis=1)[real]]
+    assert 0.5 < np.median(ratio) < 2.0
+    # score 1 / (1 + exp(1 - ln snr)), snr >= min_snr 5
+    assert np.all((on["score"][new] >= 1 / (1 + np.exp(1.0 - np.log(5.0))) - 1e-12) & (on["score"][new] < 1))
+    assert np.median(on["class_prob"][new, 1]) > 0.5 and np.all(np.isfinite(on["flux_err"][new]))
+    # kron_excess_min: below it a find whose PSF fit converged keeps the PSF flux, at or above it the Kron flux
+    fluxes = {}
+    for rule in (-1e9, 1e9):
+        head.residual_search = {"min_snr": 5.0, "intercept": -1.0, "slope": 1.0, "kron_excess_min": rule}
+        r = refine_ccd_tile(dict(d), p, inst, head)
+        assert np.array_equal(r["x"], on["x"])  # the same finds
+        fluxes[rule] = r["flux"][new], r["flux_kron"][new]
+    assert np.array_equal(*fluxes[-1e9])  # every find its Kron flux
+    assert np.mean(fluxes[1e9][0] != fluxes[1e9][1]) > 0.5  # mostly PSF fluxes
+    head.residual_search = {"min_snr": -1.0, "intercept": 0.0, "slope": 1.0}
+    with pytest.raises(SkyfmError, match="residual_search should be"):
+        refine_ccd_tile(dict(d), p, inst, head)
+
+
+def test_the_shipped_ccd_heads_search_their_residuals_with_valid_settings():
+    from skyfm.detect import get_detector
+
+    det = get_detector(None)
+    for name, head in det.config.heads.items():
+        terms = head.residual_search_terms()
+        if head.kind == "ccd":
+            assert terms is not None and terms["min_snr"] >= 3 and terms["slope"] > 0, name
+        else:
+            assert terms is None, name  # counts cubes have their likelihood selection
+    head = det.head_config("hubble")
+    saved = head.residual_search
+    try:
+        head.residual_search = {"min_snr": 4, "intercept": 0, "slope": 1}
+        assert head.residual_search_terms() == {"min_snr": 4.0, "intercept": 0.0, "slope": 1.0,
+                                                "flux_err_floor": 0.0, "kron_excess_min": 2.0}
+    finally:
+        head.residual_search = saved
+
+
+def test_detect_patch_keeps_the_finds_above_its_threshold_also_where_the_network_found_nothing():
+    """Through ``detect_patch``: finds are catalog rows with ``fit`` 4 and a score at or above the threshold in use;
+    a tile where the network found nothing is searched too."""
+    import copy
+
+    from skyfm.detect import _no_rows, detect_patch, get_detector, refine_ccd_tile
+    from skyfm.instruments import load_instrument
+
+    det = copy.deepcopy(get_detector(None))
+    head = det.head_config("hubble")
+    head.residual_search = {"min_snr": 5.0, "intercept": -1.0, "slope": 1.0}
+    p = simulate_patch("hubble", 31, size=320, scene="field")
+    cat = detect_patch(p, det, min_score=0.3)
+    finds = np.asarray(cat["fit"]) == 4
+    assert finds.sum() >= 3 and np.all(np.asarray(cat["score"])[finds] >= 0.3)
+    assert "residual image" in cat["fit"].description
+    high = detect_patch(p, det, min_score=0.8)
+    assert np.all(np.asarray(high["score"])[np.asarray(high["fit"]) == 4] >= 0.8)
+    assert (np.asarray(high["fit"]) == 4).sum() < finds.sum()
+    alone = refine_ccd_tile(_no_rows(p.n_bands, 2), p, load_instrument("hubble"), head)
+    assert len(alone["x"]) >= 3 and np.all(alone["fit"] == 4)
