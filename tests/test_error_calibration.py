@@ -507,3 +507,21 @@ def test_a_background_estimated_from_the_counts_has_its_own_fit_scales(model_dir
     written = SourceDetector.from_pretrained(d).head_config("fermi-lat")
     assert (written.fit_flux_err_scale_estbg, written.fit_flux_err_floor_estbg) == (2.5, 0.05)
     assert written.fit_pos_err_scale_estbg is None and written.error_scales(fit=True, estimated=True) == (2.5, 1.0)
+
+
+def test_matched_errors_calibrate_psf_fits_only_on_psf_fit_rows():
+    """``fit`` 2 rows are the fit's flux, 1-3 its position; Kron rows (3) keep only the position and the residual
+    search's rows (4), with error terms of their own, are left out."""
+    from astropy.table import QTable
+
+    from skyfm.instruments import load_instrument
+
+    p = simulate_patch("meerlicht", 5, size=128, scene="crowded")
+    t = p.truth[np.asarray(p.truth["snr"], float) >= 5][:4]
+    assert len(t) == 4
+    cat = QTable({"x": np.asarray(t["x"], float), "y": np.asarray(t["y"], float),
+                  "flux": np.asarray(t["flux"], float), "flux_err": np.ones(4), "pos_err": np.full(4, 0.3),
+                  "fit": np.array([1, 2, 3, 4], np.int8)})
+    m = ship.matched_errors(cat, p, load_instrument("meerlicht"))
+    assert len(m["flux"]) == 3  # the fit-4 row left out
+    assert list(m["fit"]) == [False, True, False] and list(m["fit_pos"]) == [True, True, True]

@@ -319,9 +319,10 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
     """Detections of ``cat`` matched one-to-one to the true sources of ``patch`` with SNR >= ``snr_min``: arrays
     ``flux``, ``flux_err``, ``true_flux``, ``sep`` and ``pos_err`` (pixels), ``fit`` (the row's position and flux
     come from the PSF or likelihood fit: catalog column ``fit`` == 2, or a finite ``ts``), ``fit_pos`` (its position
-    does: ``fit`` >= 1), ``crowding`` (catalog column ``crowding`` of CCD catalogs, else 0), ``confusion``
+    does: ``fit`` 1-3), ``crowding`` (catalog column ``crowding`` of CCD catalogs, else 0), ``confusion``
     (catalog column ``flux_confusion`` of refined CCD catalogs, else NaN) and ``scene`` (the patch's scene or
-    population)."""
+    population). Rows of the residual search (``fit`` 4), whose errors have their own terms
+    (``residual_search``), are left out."""
     import astropy.units as u
 
     from skyfm.catalog import match_catalogs
@@ -339,6 +340,8 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
         return empty
     di, ti, sep = match_catalogs((val(cat, "x"), val(cat, "y")), truth, radius)
     bright = val(truth, "snr")[ti] >= snr_min
+    if "fit" in cat.colnames:
+        bright &= np.asarray(cat["fit"])[di] != 4
     di, ti, sep = di[bright], ti[bright], sep[bright]
     pe = u.Quantity(cat["pos_err"])
     if pe.unit.physical_type == "angle":
@@ -347,8 +350,9 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
         pe_pix = pe.to_value(u.deg) / wcs_pixel_scale_deg(patch.wcs)
     else:
         pe_pix = pe.value
-    if "fit" in cat.colnames:  # 2: position and flux from the PSF / likelihood fit, 1: the position only
-        fitted, positioned = np.asarray(cat["fit"]) >= 2, np.asarray(cat["fit"]) >= 1
+    if "fit" in cat.colnames:  # 2: position and flux from the PSF / likelihood fit; 1, 3: the position only
+        fit = np.asarray(cat["fit"])
+        fitted, positioned = fit == 2, (fit >= 1) & (fit <= 3)
     else:
         fitted = np.isfinite(val(cat, "ts")) if "ts" in cat.colnames else np.zeros(len(cat), bool)
         positioned = fitted
