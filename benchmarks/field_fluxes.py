@@ -1,5 +1,5 @@
-"""Fluxes and classes of stars and galaxies on large field images: skyfm with and without Kron fluxes and class
-calibration, beside sep's FLUX_AUTO and half-light radii.
+"""Detection, fluxes and classes of stars and galaxies on large field images: skyfm with and without the residual
+search, Kron fluxes and class calibration, beside sep's FLUX_AUTO and half-light radii.
 
 Run (from the repository root):
 
@@ -13,14 +13,18 @@ galaxies as stars. Here each case simulates ``--n`` field scenes of 1024^2 pixel
 ``1.75e9 + 1000 * case + i`` (never used in training), and for the true sources with SNR >= 5 that a method
 matches (the match radius of :mod:`skyfm.finetune.evaluate`) reports per class: the median flux / true flux with
 its 16-84% range, and the share whose 68% interval (``flux +- flux_err``, as the detection benchmark's coverage,
-in ln flux) holds the true flux; and how well stars and galaxies are told apart (:func:`class_row`).
+in ln flux) holds the true flux; how well stars and galaxies are told apart (:func:`class_row`); and precision,
+recall and F1 as ``benchmarks/detect.py`` counts them (:func:`detection_counts`).
 
-Methods: ``skyfm`` (the shipped default), ``skyfm-psf`` (the same with every head's ``kron_excess_min`` and
-``class_calibration`` unset: PSF or network fluxes and the network's classes, as before Runs 16 and 17), and
+Methods: ``skyfm`` (the shipped default), ``skyfm-no-search`` (the same with every head's ``residual_search``
+unset, as before Run 18), ``skyfm-psf`` (also ``kron_excess_min`` and ``class_calibration`` unset: PSF or network
+fluxes and the network's classes, as before Runs 16 and 17), and
 ``sep-auto``: sep's extraction (1.5 sigma, 5 px, SExtractor's default filter) with SExtractor's FLUX_AUTO (Kron
 ellipse of 2.5 Kron radii, at least 3.5, ``sep.kron_radius`` and ``sep.sum_ellipse``; errors from the background
 rms and the gain), on the band sum for several bands; its galaxy score is the half-light radius over the stellar
-locus's (a size, not a probability: only its ROC area is given).
+locus's (a size, not a probability: only its ROC area is given). For detection also ``sep``: the detection
+benchmark's sep baseline (:func:`skyfm.baselines.sep_detect`) at its fixed threshold, aperture SNR >= 5 (its fluxes
+and classes are not scored here: "-").
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np
 
 SEED_BASE = 1_750_000_000
 SIZES = {"meerlicht": 1024, "hubble": 1024, "wise": 768}
+SEP_MIN_SNR = 5.0  # the detection benchmark's fixed threshold for sep
 
 
 def sep_auto(patch):
@@ -93,6 +98,22 @@ def score(x, y, flux, err, galaxy_score, patch, inst) -> dict:
     return out
 
 
+def detection_counts(x, y, patch, inst) -> tuple[int, int, int]:
+    """(true positives, false positives, true sources) as ``benchmarks/detect.py`` counts them: the true sources
+    are those with SNR >= 5; a detection matched to a true source of SNR >= 1.5 is no false positive."""
+    from skyfm.catalog import match_catalogs
+    from skyfm.finetune.evaluate import SNR_FAINT, SNR_MIN, match_radius_pix
+
+    snr = np.asarray(patch.truth["snr"], float)
+    usable = snr >= SNR_FAINT
+    n_true = int((snr >= SNR_MIN).sum())
+    if len(x) == 0:
+        return 0, 0, n_true
+    di, ti, _ = match_catalogs((np.asarray(x, float), np.asarray(y, float)), patch.truth[usable],
+                               match_radius_pix(inst))
+    return int((snr[usable][ti] >= SNR_MIN).sum()), int(len(x) - len(di)), n_true
+
+
 def class_row(is_galaxy, galaxy_score, probability: bool) -> dict:
     """ROC area of the galaxy score; for probabilities also the accuracy (galaxy at >= 0.5), the shares of
     galaxies and of stars called what they are, and the Brier score (2 x the mean squared error: 0 perfect, 0.5 a
@@ -115,16 +136,23 @@ def class_row(is_galaxy, galaxy_score, probability: bool) -> dict:
 def run_case(name: str, n: int, index: int, log) -> list[dict]:
     import copy
 
+    from skyfm.baselines import sep_detect
     from skyfm.data.simulate import simulate_patch
     from skyfm.detect import detect_patch, get_detector
     from skyfm.instruments import load_instrument
 
     inst = load_instrument(name)
     det = get_detector(None)
-    psf_only = copy.deepcopy(det)
+    no_search = copy.deepcopy(det)
+    for head in no_search.config.heads.values():
+        head.residual_search = None
+    psf_only = copy.deepcopy(no_search)
     for head in psf_only.config.heads.values():
         head.kron_excess_min, head.class_calibration = None, None
-    pooled = {m: {"star": ([], []), "galaxy": ([], []), "classes": ([], [])} for m in ("skyfm", "skyfm-psf", "sep-auto")}
+    detectors = {"skyfm": det, "skyfm-no-search": no_search, "skyfm-psf": psf_only}
+    pooled = {m: {"star": ([], []), "galaxy": ([], []), "classes": ([], [])}
+              for m in (*detectors, "sep-auto", "sep")}
+    counts = {m: np.zeros(3, int) for m in pooled}
     seconds = {m: 0.0 for m in pooled}
     for i in range(n):
         patch = simulate_patch(name, SEED_BASE + 1000 * index + i, size=SIZES[name], scene="field")
@@ -132,12 +160,19 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
             t0 = time.perf_counter()
             if method == "sep-auto":
                 x, y, f, e, g = sep_auto(patch)
+            elif method == "sep":
+                cat = sep_detect(patch)
+                cat = cat[np.asarray(cat["score"], float) >= SEP_MIN_SNR]
+                x, y = np.asarray(cat["x"], float), np.asarray(cat["y"], float)
             else:
-                cat = detect_patch(patch, det if method == "skyfm" else psf_only)
+                cat = detect_patch(patch, detectors[method])
                 v = lambda c: np.asarray(getattr(cat[c], "value", cat[c]), float)
                 x, y, f, e = v("x"), v("y"), v("flux"), v("flux_err")
                 g = np.asarray(cat["class_prob"], float)[:, list(cat.meta["class_names"]).index("galaxy")]
             seconds[method] += time.perf_counter() - t0
+            counts[method] += detection_counts(x, y, patch, inst)
+            if method == "sep":
+                continue
             s = score(x, y, f, e, g, patch, inst)
             for k in s:
                 pooled[method][k][0].extend(s[k][0])
@@ -146,8 +181,16 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
     rows = []
     for method, per in pooled.items():
         row = {"case": name, "method": method, "seconds": round(seconds[method], 1)}
+        tp, fp, n_true = (int(c) for c in counts[method])
+        row["detection"] = {"tp": tp, "fp": fp, "n_true": n_true,
+                            "precision": round(tp / max(tp + fp, 1), 3), "recall": round(tp / max(n_true, 1), 3),
+                            "f1": round(2 * tp / max(2 * tp + fp + n_true - tp, 1), 3)}
         every = []
-        row["classes"] = class_row(*per.pop("classes"), probability=method != "sep-auto")
+        if method == "sep":  # detection only
+            rows.append(row)
+            log(f"  {method:10s} {json.dumps(row['detection'])}")
+            continue
+        row["classes"] = class_row(*per.pop("classes"), probability=method.startswith("skyfm"))
         for k, (ratio, inside) in per.items():
             ratio = np.asarray(ratio)
             every.extend(inside)
@@ -156,7 +199,7 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
                       "cov68": round(float(np.mean(inside)), 3) if ratio.size else None}
         row["cov68_all"] = round(float(np.mean(every)), 3) if every else None
         rows.append(row)
-        log(f"  {method:10s} {json.dumps({k: row[k] for k in ('star', 'galaxy', 'cov68_all', 'classes')})}")
+        log(f"  {method:10s} {json.dumps({k: row[k] for k in ('detection', 'star', 'galaxy', 'cov68_all', 'classes')})}")
     return rows
 
 
@@ -167,13 +210,19 @@ def markdown(rows: list[dict]) -> str:
         m, lo, hi = r["ratio"]
         return f"{m:.2f} [{lo:.2f}, {hi:.2f}] / {r['cov68']:.2f} ({r['n']})"
 
-    out = ["| case | method | stars: flux / true [16%, 84%] / cov68 (n) | galaxies: the same | cov68, all |",
-           "|---|---|---|---|---|"]
+    out = ["| case | method | F1 (precision / recall) | true positives | false positives | seconds |",
+           "|---|---|---|---|---|---|"]
     for r in rows:
+        d = r["detection"]
+        out.append(f"| {r['case']} | {r['method']} | {d['f1']:.3f} ({d['precision']:.2f} / {d['recall']:.2f}) | "
+                   f"{d['tp']} / {d['n_true']} | {d['fp']} | {r['seconds']} |")
+    out += ["", "| case | method | stars: flux / true [16%, 84%] / cov68 (n) | galaxies: the same | cov68, all |",
+            "|---|---|---|---|---|"]
+    for r in (r for r in rows if "classes" in r):
         out.append(f"| {r['case']} | {r['method']} | {cell(r['star'])} | {cell(r['galaxy'])} | {r['cov68_all']} |")
     out += ["", "| case | method | stars and galaxies (galaxies) | accuracy | galaxies called galaxies | stars called "
             "stars | ROC area | Brier |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in (r for r in rows if "classes" in r):
         c = r["classes"]
         out.append(f"| {r['case']} | {r['method']} | {c['n']} ({c['n_galaxies']}) | {c.get('accuracy', '-')} | "
                    f"{c.get('galaxies_called', '-')} | {c.get('stars_called', '-')} | {c['auc']} | {c.get('brier', '-')} |")
