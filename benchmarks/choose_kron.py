@@ -78,8 +78,10 @@ def collect(inst_name: str, fields: tuple[int, int], patches: int, log) -> dict:
     for head in det.config.heads.values():  # measure every row up to the module's crowding limit, take none
         head.kron_excess_min, head.kron_max_crowding = None, None
     columns = {k: k for k in ("flux", "flux_err", "crowding")}
-    columns.update(kron="flux_kron", kron_err="flux_kron_err", excess="kron_excess")
-    return matched_rows(inst_name, det, validation_draws(fields, patches), columns, log)
+    columns.update(kron="flux_kron", kron_err="flux_kron_err", excess="kron_excess", fit="fit")
+    d = matched_rows(inst_name, det, validation_draws(fields, patches), columns, log)
+    detected = d["fit"] != 4  # the residual search's rows have a flux rule of their own (residual_search)
+    return {k: v[detected] for k, v in d.items()}
 
 
 def coverage(flux, err, true) -> float:
