@@ -20,7 +20,9 @@ the finds, and the true and false positives they add; then, for the chosen
 threshold (``--min-snr``, default the highest within :data:`F1_TOLERANCE` of the best F1 over all images), the
 logistic in ln(snr) of a find being a real source and, for each rule of :data:`KRON_RULES` (the ``kron_excess`` from
 which a find takes its Kron flux), the relative error floor that makes the finds' 68% intervals hold 68% of the
-true fluxes; the rule with the smallest floor is chosen. Last, the head's ``residual_search`` (JSON).
+true fluxes; the rule with the smallest floor is chosen; the scale that makes the finds' position errors match
+their separations from the true sources (median separation = 1.1774 pos_err, a 2-D Gaussian's). Last, the head's
+``residual_search`` (JSON).
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ def collect(inst_name: str, fields: tuple[int, int], patches: int, log, min_snr:
     """Per image: ``scene``, the old rows' and the finds' match results against the truth."""
     from choose_kron import validation_draws
 
+    import astropy.units as u
+
     from skyfm.catalog import match_catalogs
+    from skyfm.catalog.table import wcs_pixel_scale_deg
     from skyfm.data.simulate import simulate_patch
     from skyfm.detect import detect_patch, get_detector
     from skyfm.finetune.evaluate import SNR_FAINT, SNR_MIN, match_radius_pix
@@ -69,7 +74,10 @@ def collect(inst_name: str, fields: tuple[int, int], patches: int, log, min_snr:
         t = truth[usable]
         tsnr = tsnr[usable]
         tflux = np.asarray(getattr(t["flux"], "value", t["flux"]), float)
-        out.append(dict(scene=scene, n_true=int((tsnr >= SNR_MIN).sum()), found=found, snr=snr,
+        pos_err = u.Quantity(cat["pos_err"])  # pixels, whatever the catalog's unit
+        pos_err = (pos_err.to_value(u.deg) / wcs_pixel_scale_deg(p.wcs) if pos_err.unit.physical_type == "angle"
+                   else pos_err.value)
+        out.append(dict(scene=scene, n_true=int((tsnr >= SNR_MIN).sum()), found=found, snr=snr, pos_err=pos_err,
                         x=v("x"), y=v("y"), flux=v("flux"), flux_err=v("flux_err"), kron=v("flux_kron"),
                         kron_err=v("flux_kron_err"), excess=v("kron_excess"), tx=t, tsnr=tsnr, tflux=tflux))
         log(f"  {j + 1}/{len(draws)} {scene} {size}^2: {found.sum()} finds")
@@ -99,16 +107,16 @@ def score_images(images: list[dict], threshold: float, rule: float = NEVER, floo
         rows = []
         for with_finds in (False, True):
             keep = ~img["found"] | (with_finds & (img["snr"] >= threshold))
-            di, ti, _ = img["match"](keep)
+            di, ti, sep = img["match"](keep)
             idx = np.flatnonzero(keep)
             matched = np.zeros(len(img["x"]), bool)
             matched[idx[di]] = True
             tp = int((img["tsnr"][ti] >= SNR_MIN).sum())
-            rows.append((tp, int(keep.sum() - len(di)), matched, idx[di], ti))
+            rows.append((tp, int(keep.sum() - len(di)), matched, idx[di], ti, sep))
         flux, err = find_flux(img, rule)
         for scene in (img["scene"], "all"):
             a = acc.setdefault(scene, dict(tp0=0, fp0=0, tp1=0, fp1=0, n_true=0, ratio=[], cover=[], snr=[], real=[],
-                                           flux=[], err=[], true=[]))
+                                           flux=[], err=[], true=[], sep_per_err=[]))
             a["tp0"] += rows[0][0]
             a["fp0"] += rows[0][1]
             a["tp1"] += rows[1][0]
@@ -118,6 +126,8 @@ def score_images(images: list[dict], threshold: float, rule: float = NEVER, floo
             a["snr"] += list(img["snr"][finds])
             a["real"] += list(rows[1][2][finds])
             d_idx, t_idx = rows[1][3], rows[1][4]
+            found = img["found"][d_idx] & (img["snr"][d_idx] >= threshold)
+            a["sep_per_err"] += list(rows[1][5][found] / img["pos_err"][d_idx[found]])
             sel = img["found"][d_idx] & (img["tsnr"][t_idx] >= SNR_MIN)
             f, fe, ft = flux[d_idx[sel]], err[d_idx[sel]], img["tflux"][t_idx[sel]]
             ok = np.isfinite(f) & (f > 0) & np.isfinite(fe)
@@ -168,6 +178,7 @@ def main(argv=None) -> int:
         log(f"detecting again with the search at snr >= {threshold:g}")
         images = collect(args.instrument, fields, args.patches, log, min_snr=threshold)
     a = score_images(images, threshold)["all"]
+    current_pos_err_scale = 1.0  # collect's search setting has none: pos_err as the search gives it
     if len(a["snr"]) < 5 or len(set(a["real"])) < 2:
         log(f"snr >= {threshold:g}: too few finds (or all of one kind) to fit a score")
         return 0
@@ -184,9 +195,15 @@ def main(argv=None) -> int:
             f"{scene} {np.median(b['ratio']):.2f} / {np.mean(b['cover']):.2f} ({len(b['ratio'])})"
             for scene, b in sorted(acc.items()) if b["ratio"]))
     rule = min(floors, key=floors.get)  # the tightest intervals that hold 68%: the least biased and scattered
+    # a 2-D Gaussian's separations have median 1.1774 sigma; those beyond the match radius are not seen, so the
+    # scale is a lower bound where the errors are a good part of the radius
+    ratio = np.asarray(a["sep_per_err"]) * current_pos_err_scale
+    pos_err_scale = float(np.median(ratio) / 1.1774) if ratio.size else 1.0
+    log(f"position errors: {ratio.size} matched finds, median separation / pos_err {np.median(ratio):.3f} "
+        f"(1.1774 if calibrated): pos_err_scale {pos_err_scale:.3f}")
     log(json.dumps({"residual_search": {"min_snr": threshold, "intercept": round(intercept, 4),
                                         "slope": round(float(coef[0]), 4), "flux_err_floor": round(floors[rule], 3),
-                                        "kron_excess_min": rule}}))
+                                        "kron_excess_min": rule, "pos_err_scale": round(pos_err_scale, 3)}}))
     return 0
 
 

@@ -710,9 +710,10 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
     flux and the half-light radius from it, the others the PSF fit's flux; finds with no Kron measurement (the
     aperture off the tile or masked) are dropped, as a diffuse source's PSF flux would hold a fraction of its light;
     errors with the search's relative floor; position the PSF fit's (else the search's peak), error
-    sqrt(2) sigma / snr (a Gaussian source's Cramér-Rao bound per axis, sigma the matched filter's); ``score`` the head's logistic in ln(snr) (the share of
-    such finds that were real sources on validation images); class probabilities from the head's calibration with
-    no network opinion (each class 1 / K), else galaxy for Kron rows and 1 / K for the others."""
+    sqrt(2) sigma / snr (a Gaussian source's Cramér-Rao bound per axis, sigma the matched filter's) times the
+    search's ``pos_err_scale``; ``score`` the head's logistic in ln(snr) (the share of such finds that were real
+    sources on validation images); class probabilities from the head's calibration with no network opinion (each
+    class 1 / K), else galaxy for Kron rows and 1 / K for the others."""
     from skyfm.catalog.kron import half_light_radius_pix
     from skyfm.heads.classification import calibrate_class_prob
 
@@ -741,7 +742,8 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
     elif "galaxy" in names:
         prob[ext] = np.eye(len(names))[names.index("galaxy")]
     score = 1.0 / (1.0 + np.exp(-(search["intercept"] + search["slope"] * np.log(f["snr"]))))
-    rows = _rows_like(d, len(flux), x=f["x"], y=f["y"], pos_err=np.sqrt(2.0) * f["sigma_pix"] / f["snr"], flux=flux,
+    pos_err = search["pos_err_scale"] * np.sqrt(2.0) * f["sigma_pix"] / f["snr"]
+    rows = _rows_like(d, len(flux), x=f["x"], y=f["y"], pos_err=pos_err, flux=flux,
                       flux_err=np.hypot(stat, floor * flux), score=score, class_prob=prob,
                       extension=np.where(ext, half_light_radius_pix(k["r1"], k["r1_psf"]) * scale, 0.0),
                       flux_band=flux_band, flux_band_err=np.hypot(stat_band, floor * flux_band), fit=4,
@@ -1039,8 +1041,9 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
                         "0: network position and flux; 1: position from the PSF fit; 2: position and flux from the "
                         "PSF fit (CCD point sources) or the Poisson likelihood fit (counts cubes); 3: position from "
                         "the PSF fit, flux from a Kron aperture (CCD extended sources, flux_kron); 4: a source the "
-                        "network did not detect, found in the PSF fit's residual image (skyfm.catalog.residual_search), "
-                        "flux from the PSF fit or, where it is extended, a Kron aperture")
+                        "network did not detect, found in the PSF fit's residual image "
+                        "(skyfm.catalog.residual_search), flux from the PSF fit or, where it is extended, a Kron "
+                        "aperture")
     if "fit_chi2" in arrays and not inst.is_counts:
         extra["fit_chi2"] = (np.asarray(arrays["fit_chi2"], dtype=np.float32),
                              "Reduced chi-square of the PSF fit over the source's fit box, the other detections "

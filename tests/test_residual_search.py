@@ -136,6 +136,7 @@ def test_the_refinement_adds_the_diffuse_galaxies_the_detections_missed():
 
 def test_the_shipped_ccd_heads_search_their_residuals_with_valid_settings():
     from skyfm.detect import get_detector
+    from skyfm.errors import SkyfmError
 
     det = get_detector(None)
     for name, head in det.config.heads.items():
@@ -149,7 +150,10 @@ def test_the_shipped_ccd_heads_search_their_residuals_with_valid_settings():
     try:
         head.residual_search = {"min_snr": 4, "intercept": 0, "slope": 1}
         assert head.residual_search_terms() == {"min_snr": 4.0, "intercept": 0.0, "slope": 1.0,
-                                                "flux_err_floor": 0.0, "kron_excess_min": 2.0}
+                                                "flux_err_floor": 0.0, "kron_excess_min": 2.0, "pos_err_scale": 1.0}
+        head.residual_search = {"min_snr": 4, "intercept": 0, "slope": 1, "pos_err_scale": 0}
+        with pytest.raises(SkyfmError, match="pos_err_scale"):
+            head.residual_search_terms()
     finally:
         head.residual_search = saved
 

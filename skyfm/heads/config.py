@@ -87,10 +87,11 @@ class InstrumentHeadConfig:
             (``benchmarks/choose_class.py``). None: the network's probabilities everywhere.
         residual_search: CCD images: after the PSF fit, look in its residual image for faint or diffuse sources that no
             detection stands for (:func:`skyfm.catalog.residual_search.find_residual_sources`, catalog ``fit`` 4):
-            ``{"min_snr": s, "intercept": a, "slope": b, "flux_err_floor": f, "kron_excess_min": k}``: the
-            smallest peak significance of a find, its ``score`` ``1 / (1 + exp(-(a + b ln snr)))``, the relative
-            floor of its flux error, and the ``kron_excess`` from which a find takes its Kron flux rather than its
-            PSF flux (chosen on validation images, ``benchmarks/choose_residual_search.py``). None: no search.
+            ``{"min_snr": s, "intercept": a, "slope": b, "flux_err_floor": f, "kron_excess_min": k,
+            "pos_err_scale": p}``: the smallest peak significance of a find, its ``score``
+            ``1 / (1 + exp(-(a + b ln snr)))``, the relative floor of its flux error, the ``kron_excess`` from which
+            a find takes its Kron flux rather than its PSF flux, and the factor on its position error (chosen on
+            validation images, ``benchmarks/choose_residual_search.py``). None: no search.
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
@@ -174,7 +175,8 @@ class InstrumentHeadConfig:
 
     def residual_search_terms(self) -> dict | None:
         """``residual_search`` checked (``min_snr`` a positive number, finite ``intercept`` and ``slope``, optional
-        ``flux_err_floor`` >= 0, default 0, and ``kron_excess_min``, default 2), as floats, or None when unset."""
+        ``flux_err_floor`` >= 0, default 0, ``kron_excess_min``, default 2, and ``pos_err_scale`` > 0, default 1),
+        as floats, or None when unset."""
         cfg = self.residual_search
         if cfg is None:
             return None
@@ -182,14 +184,16 @@ class InstrumentHeadConfig:
             out = {k: float(cfg[k]) for k in ("min_snr", "intercept", "slope")}
             out["flux_err_floor"] = float(cfg.get("flux_err_floor", 0.0))
             out["kron_excess_min"] = float(cfg.get("kron_excess_min", 2.0))
+            out["pos_err_scale"] = float(cfg.get("pos_err_scale", 1.0))
             ok = (set(cfg) <= set(out) and all(np.isfinite(v) for k, v in out.items() if k != "kron_excess_min")
-                  and out["min_snr"] > 0 and out["flux_err_floor"] >= 0 and not np.isnan(out["kron_excess_min"]))
+                  and out["min_snr"] > 0 and out["flux_err_floor"] >= 0 and not np.isnan(out["kron_excess_min"])
+                  and out["pos_err_scale"] > 0)
         except (TypeError, ValueError, KeyError):
             ok = False
         if not ok:
             raise SkyfmError(f"head {self.name}: residual_search should be {{'min_snr': a positive number, "
                              f"'intercept': a number, 'slope': a number[, 'flux_err_floor': a number >= 0, "
-                             f"'kron_excess_min': a number]}}, got {cfg!r}")
+                             f"'kron_excess_min': a number, 'pos_err_scale': a number > 0]}}, got {cfg!r}")
         return out
 
     def class_calibration_terms(self) -> dict | None:
