@@ -42,9 +42,8 @@ NEVER = 1e9
 def collect(inst_name: str, fields: tuple[int, int], patches: int, log, min_snr: float = SEARCH_MIN_SNR
             ) -> list[dict]:
     """Per image: ``scene``, the old rows' and the finds' match results against the truth."""
-    from choose_kron import validation_draws
-
     import astropy.units as u
+    from choose_kron import validation_draws
 
     from skyfm.catalog import match_catalogs
     from skyfm.catalog.table import wcs_pixel_scale_deg
