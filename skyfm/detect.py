@@ -40,6 +40,7 @@ How:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 import warnings
@@ -1283,7 +1284,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 tile_size: int | None = None, batch_size: int | None = None, progress: bool = True, refine: bool = True,
                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
                 background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
-                test_extension: bool | None = None, mask_cosmic_rays: bool | None = None):
+                test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
+                residual_search: bool | None = None):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -1295,7 +1297,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     (:func:`read_background_model`), which the Poisson likelihood refinement fits against instead of an estimate
     from the counts (the detector's error scales were calibrated that way); ``selection`` and ``min_ts`` as
     :func:`detect_patch` (likelihood selection, the default with a model, on cubes up to 64 M voxels), and
-    ``test_extension``; ``mask_cosmic_rays`` as :func:`detect_patch`.
+    ``test_extension``; ``mask_cosmic_rays`` as :func:`detect_patch`. ``residual_search`` False: CCD images
+    without the heads' search of the PSF fit's residual (:func:`refine_ccd_tile`; catalog ``fit`` 4); None or True:
+    the heads' own setting.
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -1308,6 +1312,11 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
         catalog_format(out)  # a bad extension fails before any work
     _warn_if_denoised(path)
     det = get_detector(model_dir)
+    if residual_search is False:  # a copy: the cached detector keeps its heads' settings
+        det = copy.copy(det)
+        det.config = copy.deepcopy(det.config)
+        for head in det.config.heads.values():
+            head.residual_search = None
     if background is not None:
         check_fits_file(background)
     if _is_healpix_file(path, hdu):

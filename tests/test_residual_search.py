@@ -179,3 +179,24 @@ def test_detect_patch_keeps_the_finds_above_its_threshold_also_where_the_network
     assert (np.asarray(high["fit"]) == 4).sum() < finds.sum()
     alone = refine_ccd_tile(_no_rows(p.n_bands, 2), p, load_instrument("hubble"), head)
     assert len(alone["x"]) >= 3 and np.all(alone["fit"] == 4)
+
+
+def test_detect_cli_turns_the_search_off_on_request(tmp_path, capsys):
+    """``skyfm detect --no-residual-search``: the same catalog less its ``fit`` 4 rows; the cached detector keeps
+    its heads' settings."""
+    from skyfm.catalog import read_catalog
+    from skyfm.cli import main
+    from skyfm.data.fits_io import write_patch
+    from skyfm.detect import get_detector
+
+    src = tmp_path / "hst.fits"
+    write_patch(simulate_patch("hubble", 31, size=320, scene="field"), src)
+    fits = {}
+    for flags in ((), ("--no-residual-search",)):
+        out = tmp_path / f"cat{len(flags)}.ecsv"
+        assert main(["detect", str(src), "--out", str(out), *flags]) == 0, capsys.readouterr().err
+        fits[flags] = np.asarray(read_catalog(out)["fit"])
+    on, off = fits[()], fits[("--no-residual-search",)]
+    assert (on == 4).sum() >= 3 and not np.any(off == 4)
+    assert (on != 4).sum() == len(off)
+    assert get_detector(None).head_config("hubble").residual_search is not None
