@@ -99,19 +99,15 @@ def score(x, y, flux, err, galaxy_score, patch, inst) -> dict:
 
 
 def detection_counts(x, y, patch, inst) -> tuple[int, int, int]:
-    """(true positives, false positives, true sources) as ``benchmarks/detect.py`` counts them: the true sources
-    are those with SNR >= 5; a detection matched to a true source of SNR >= 1.5 is no false positive."""
-    from skyfm.catalog import match_catalogs
-    from skyfm.finetune.evaluate import SNR_FAINT, SNR_MIN, match_radius_pix
+    """(true positives, false positives, true sources) as ``benchmarks/detect.py`` counts them
+    (:func:`skyfm.finetune.evaluate.score_patch`: the true sources are those with SNR >= 5; a detection matched to a
+    true source of SNR >= 1.5 is no false positive)."""
+    from astropy.table import QTable
 
-    snr = np.asarray(patch.truth["snr"], float)
-    usable = snr >= SNR_FAINT
-    n_true = int((snr >= SNR_MIN).sum())
-    if len(x) == 0:
-        return 0, 0, n_true
-    di, ti, _ = match_catalogs((np.asarray(x, float), np.asarray(y, float)), patch.truth[usable],
-                               match_radius_pix(inst))
-    return int((snr[usable][ti] >= SNR_MIN).sum()), int(len(x) - len(di)), n_true
+    from skyfm.finetune.evaluate import score_patch
+
+    s = score_patch(QTable({"x": np.asarray(x, float), "y": np.asarray(y, float)}), patch, inst)
+    return s["tp"], s["fp"], s["n_true"]
 
 
 def class_row(is_galaxy, galaxy_score, probability: bool) -> dict:

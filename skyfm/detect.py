@@ -369,8 +369,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             if refine and not inst.is_counts:
                 d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays)
                 if search:  # the search's finds, as the network's peaks, above the threshold in use
-                    keep = (d["fit"] != 4) | (d["score"] >= min_score)
-                    d = {k: v[keep] for k, v in d.items()}
+                    d = _take(d, (d["fit"] != 4) | (d["score"] >= min_score))
             f = 1.0 / zoom  # image pixels per network pixel
             if drop_trails and not inst.is_counts:
                 d = drop_trail_detections(d, p, inst, pixel_scale=(pixel_scale or inst.pixel_scale_deg) * f)
@@ -658,8 +657,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     both = {k: np.concatenate([fit[k], finds[k]]) if m else fit[k] for k in ("x", "y", "flux_band")}
     kron = kron_photometry(resid, rms, psfs, scale, both["x"], both["y"], both["flux_band"], gain=gain, mask=mask,
                            select=select)
-    kron, kron_finds = ({k: (v if np.ndim(v) == 0 else v[:n]) for k, v in kron.items()},
-                        {k: (v if np.ndim(v) == 0 else v[n:]) for k, v in kron.items()})
+    kron, kron_finds = _take(kron, slice(None, n)), _take(kron, slice(n, None))
     measured = np.isfinite(kron["flux"]) & (kron["flux"] > 0)
     extended = measured & (kron["excess"] >= excess_min)
     d["flux"] = np.where(extended, kron["flux"], d["flux"])
@@ -718,14 +716,12 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
     from skyfm.catalog.kron import half_light_radius_pix
     from skyfm.heads.classification import calibrate_class_prob
 
-    measured = np.isfinite(kron["flux"]) & (kron["flux"] > 0)
-    psf = np.isfinite(finds["flux"]) & (finds["flux"] > 0)
-    extended = measured & ((kron["excess"] >= search["kron_excess_min"]) | ~psf)
-    keep = measured
+    keep = np.isfinite(kron["flux"]) & (kron["flux"] > 0)  # measured
     if not np.any(keep):
         return d
-    pick = lambda k: {key: (v if np.ndim(v) == 0 else v[keep]) for key, v in k.items()}
-    k, f, ext = pick(kron), pick(finds), extended[keep]
+    k, f = _take(kron, keep), _take(finds, keep)
+    psf = np.isfinite(f["flux"]) & (f["flux"] > 0)
+    ext = (k["excess"] >= search["kron_excess_min"]) | ~psf
     _, kron_scale, _, _ = head.kron_settings(KRON_MAX_CROWDING)
     flux_scale, _ = head.error_scales(fit=True)
     floor = search["flux_err_floor"]
@@ -748,11 +744,8 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
                       flux_err=np.hypot(stat, floor * flux), score=score, class_prob=prob,
                       extension=np.where(ext, half_light_radius_pix(k["r1"], k["r1_psf"]) * scale, 0.0),
                       flux_band=flux_band, flux_band_err=np.hypot(stat_band, floor * flux_band), fit=4,
-                      fit_chi2=np.where(ext, np.nan, f["chi2_red"]), crowding=crowd[keep],
-                      flux_kron=np.where(measured[keep], k["flux"], np.nan),
-                      flux_kron_err=np.where(measured[keep], k["flux_err"], np.nan),
-                      kron_excess=np.where(measured[keep], k["excess"], np.nan),
-                      kron_size=np.where(measured[keep], size, np.nan))
+                      fit_chi2=np.where(ext, np.nan, f["chi2_red"]), crowding=crowd[keep], flux_kron=k["flux"],
+                      flux_kron_err=k["flux_err"], kron_excess=k["excess"], kron_size=size)
     return {key: np.concatenate([d[key], rows[key]]) for key in d}
 
 
@@ -911,6 +904,11 @@ def resolve_selection(selection: str, inst, background, refine: bool = True) -> 
         raise SkyfmError("likelihood selection needs the likelihood refinement; drop --no-refine or choose "
                          "--selection network")
     return selection
+
+
+def _take(arrays: dict, index) -> dict:
+    """Every per-row array of ``arrays`` indexed by ``index`` (a mask or slice); scalars (e.g. ``r1_psf``) kept."""
+    return {k: (v if np.ndim(v) == 0 else v[index]) for k, v in arrays.items()}
 
 
 def _rows_like(arrays: dict, n: int, **values) -> dict:
