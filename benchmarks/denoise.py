@@ -294,15 +294,18 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
 
 
 def run_speed(model, log, flux_correction="forced", precisions=("fp32", "bf16")):
-    """Best of two runs per (patch, steps, precision), 1 sample; bf16 only where it is native here."""
+    """Best of two runs per (patch, steps, precision), 1 sample; bf16 only where it is native on the model's
+    device."""
     from skyfm.utils import bf16_is_fast
 
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = {}
     ml = simulate_patch("meerlicht", BENCH_SEED_BASE + 90_000, size=256, scene="field")
     fe = simulate_patch("fermi-lat", BENCH_SEED_BASE + 90_001, size=256)
     for precision in precisions:
-        if precision == "bf16" and not bf16_is_fast("cpu"):
-            log("  speed: bf16 is not native on this CPU; skipped")
+        if precision == "bf16" and not bf16_is_fast(device):
+            log(f"  speed: bf16 is not native on this {device.type}; skipped")
             continue
         denoise_patch(ml, model, samples=1, steps=1, flux_correction=flux_correction, precision=precision)  # warm-up
         for label, patch, steps in [("meerlicht 1x256x256", ml, 4), ("meerlicht 1x256x256", ml, 10),
@@ -312,6 +315,7 @@ def run_speed(model, log, flux_correction="forced", precisions=("fp32", "bf16"))
                 t = time.time()
                 denoise_patch(patch, model, samples=1, steps=steps, flux_correction=flux_correction,
                               precision=precision)
+                sync()
                 times.append(time.time() - t)
             out[f"{label}, {steps} steps, {precision}"] = min(times)
             log(f"  speed {label} {steps} steps {precision}: {min(times):.2f} s")
@@ -444,6 +448,7 @@ def main(argv=None) -> int:
                         "the speed section times fp32 and bf16")
     p.add_argument("--gen-n", type=int, default=16, help="generated images per band")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="auto", help="where the denoiser runs: auto (a CUDA GPU if any), cpu, cuda")
     p.add_argument("--no-ts", action="store_true", help="skip the TS maps (the slow part)")
     p.add_argument("--no-detector", action="store_true", help="skip skyfm's own detector")
     p.add_argument("--skip", default="", help="comma list of sections to skip: quality, speed, generation")
@@ -457,7 +462,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     skip = set(filter(None, a.skip.split(",")))
     t0 = time.time()
-    model = load_denoiser(a.model)
+    model = load_denoiser(a.model, device=a.device)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

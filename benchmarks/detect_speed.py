@@ -63,7 +63,9 @@ def _timed(fn, warm=None):
     return out, time.perf_counter() - t0
 
 
-def speed_cases(threads: int, log) -> list[dict]:
+def speed_cases(threads: int, log, device: str = "cpu", baselines: bool = True) -> list[dict]:
+    """The speed table's rows: each image of the module docstring, each method, its time and F1. ``device``: where
+    skyfm's network runs (the fits run on the CPU); ``baselines`` False: skyfm's rows only."""
     import torch
 
     from skyfm.baselines import photutils_detect, sep_detect, tsmap_detect
@@ -71,7 +73,8 @@ def speed_cases(threads: int, log) -> list[dict]:
     from skyfm.detect import detect_patch, get_detector
 
     torch.set_num_threads(threads)
-    det = get_detector(None)
+    det = get_detector(None, device=device)
+    sync = torch.cuda.synchronize if det.device.type == "cuda" else (lambda: None)
     cases = [
         ("MeerLICHT q, 1 band, 2048^2", "meerlicht", {"size": 2048, "bands": ["q"]}, {"tile_size": 256}),
         # (MeerLICHT's simulations take one band per image unless told: six are asked for here)
@@ -94,13 +97,16 @@ def speed_cases(threads: int, log) -> list[dict]:
             "sep": (sep_detect, False),
             "photutils-segmentation": (lambda p: photutils_detect(p, "segmentation"), False),
         }
+        if not baselines:
+            methods = {k: v for k, v in methods.items() if k.startswith("skyfm")}
         if name == "fermi-lat":
-            methods["tsmap-estimated"] = (lambda p: tsmap_detect(p, background="estimated"), False)
+            if baselines:
+                methods["tsmap-estimated"] = (lambda p: tsmap_detect(p, background="estimated"), False)
             for key in [k for k in methods if k.startswith("skyfm")]:
                 fn = methods[key][0]
                 methods[key] = ((lambda f: lambda p: f(_without_background(p)))(fn), True)
         for method, (fn, needs_warmup) in methods.items():
-            cat, seconds = _timed(lambda: fn(patch), (lambda: fn(warm)) if needs_warmup else None)
+            cat, seconds = _timed(lambda: (fn(patch), sync())[0], (lambda: fn(warm)) if needs_warmup else None)
             row = {"image": label, "method": method, "pixels": pix, "seconds": round(seconds, 2),
                    "mpix_per_s": round(pix / seconds / 1e6, 3), "n_detections": len(cat), "f1": round(_f1(cat, patch), 3)}
             log(f"  {method:45s} {row['seconds']:8.2f} s {row['mpix_per_s']:7.3f} Mpix/s  F1 {row['f1']:.3f}")
@@ -224,7 +230,8 @@ def memory_cases(args, log) -> list[dict]:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}; torch threads {results['threads']}.", "",
+    lines = [f"Machine: {results['machine']}; torch threads {results['threads']}; network on "
+             f"{results.get('device', 'cpu')}.", "",
              "| image | method | seconds | Mpix/s | detections | F1 (SNR >= 5) |", "|---|---|---|---|---|---|"]
     for r in results["speed"]:
         lines.append(f"| {r['image']} | {r['method']} | {r['seconds']} | {r['mpix_per_s']} | {r['n_detections']} | "
@@ -243,6 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--big", type=int, default=16384, help="side of the large FITS image (0: skip)")
     ap.add_argument("--nside", type=int, default=1024, help="NSIDE of the all-sky HEALPix map (0: skip)")
     ap.add_argument("--no-speed", action="store_true", help="only the memory runs")
+    ap.add_argument("--device", default="cpu", help="where skyfm's network runs in the speed runs: cpu, cuda, auto")
     ap.add_argument("--work", default="/tmp/skyfm-bench-speed", help="scratch folder for the large files")
     ap.add_argument("--out", default="runs/bench-speed", help="output folder for results.json and results.md")
     args = ap.parse_args(argv)
@@ -254,8 +262,8 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-               "threads": args.threads, "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
-               "speed": [] if args.no_speed else speed_cases(args.threads, log), "memory": memory_cases(args, log)}
+               "threads": args.threads, "device": args.device, "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+               "speed": [] if args.no_speed else speed_cases(args.threads, log, args.device), "memory": memory_cases(args, log)}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     md = markdown(results)
     (out / "results.md").write_text(md)

@@ -29,6 +29,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per stage")
     parser.add_argument("--mask-ratio", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                        help="accelerate's mixed precision (GPU: the base recipe trains in bf16)")
     return parser.parse_args()
 
 
@@ -44,7 +46,7 @@ def main() -> None:
     from skyfm.foundation import create_model
     from skyfm.pretrain.train import PretrainObjective, mask_generator, set_stage
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(args.seed)
     model = create_model(args.model, **json.loads(args.overrides))
@@ -95,7 +97,10 @@ def main() -> None:
     if accelerator.is_main_process:
         results.update(processes=accelerator.num_processes, threads=args.threads, batch_per_process=B,
                        tokens_per_batch=tokens, device=str(accelerator.device),
-                       peak_rss_mib=[p / 1024 for p in peaks])
+                       mixed_precision=args.mixed_precision, peak_rss_mib=[p / 1024 for p in peaks],
+                       parameters=sum(p.numel() for p in model.parameters()))
+        if accelerator.device.type == "cuda":
+            results["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
     accelerator.wait_for_everyone()

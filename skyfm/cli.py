@@ -295,8 +295,11 @@ def pretrain_cmd(config_path, out_dir, max_steps, no_resume):
                    "0.36-0.87 of an isolated source's flux); none: the plain mean of the samples.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Network arithmetic: auto = bfloat16 where the CPU or GPU has it natively, else float32.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the network runs: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda or "
+                   "cuda:N.")
 def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, seed, hdu, band, flux_correction,
-                precision):
+                precision, device):
     """Remove backgrounds, noise, cosmic rays and trails: write the source-only image of INPUT.
 
     INPUT is a FITS image or a gtbin counts cube. OUT gets the clean image (same shape as the input, same units)
@@ -319,7 +322,7 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
                    err=True)
     out = denoise_file(input_path, out_path, instrument=instrument, model_dir=model_dir, samples=samples,
                        steps=steps, seed=seed, hdu=hdu, band=band, progress=True, flux_correction=flux_correction,
-                       precision=precision)
+                       precision=precision, device=device)
     click.echo(f"clean image: {out}")
 
 
@@ -588,9 +591,12 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "says how often such finds were real). Default, and with --residual-search: the instrument head's "
                    "setting (on for MeerLICHT, Hubble and WISE in the shipped detector; ~20-40% more time on "
                    "sparse fields); --no-residual-search turns it off.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the network runs: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda or "
+                   "cuda:N.")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
-               test_extension, mask_cosmic_rays, residual_search):
+               test_extension, mask_cosmic_rays, residual_search, device):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -616,7 +622,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             precision=precision, attention_window=attention_window, refine=not no_refine,
                             drop_trails=drop_trails, background=background_path, selection=selection,
                             min_ts=min_ts, test_extension=test_extension, mask_cosmic_rays=mask_cosmic_rays,
-                            residual_search=residual_search)
+                            residual_search=residual_search, device=device)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

@@ -51,6 +51,7 @@ import numpy as np
 
 from skyfm.errors import SkyfmError
 from skyfm.utils import PRECISIONS, bf16_is_fast, use_bf16  # noqa: F401 (PRECISIONS, bf16_is_fast: re-exported)
+from skyfm.utils import resolve_device
 
 MERGE_RADIUS_PIX = 1.0
 RESAMPLE_TOLERANCE = 0.1
@@ -58,16 +59,19 @@ RESAMPLE_TOLERANCE = 0.1
 _DETECTORS: dict = {}
 
 
-def get_detector(detector=None):
-    """A SourceDetector: the one given, one loaded from a folder, or the shipped default (cached)."""
+def get_detector(detector=None, device: str | None = "auto"):
+    """A SourceDetector: the one given (on its own device), or one loaded from a folder or the shipped default onto
+    ``device`` (:func:`skyfm.utils.resolve_device`: ``auto`` = a CUDA GPU where one is visible, else the CPU);
+    loaded ones are cached per folder and device."""
     from skyfm.heads import SourceDetector, load_detector
 
     if isinstance(detector, SourceDetector):
         return detector
-    key = None if detector is None else str(Path(detector).resolve())
+    dev = resolve_device(device)
+    key = (None if detector is None else str(Path(detector).resolve()), str(dev))
     if key not in _DETECTORS:
-        det = load_detector(detector)
-        if det.device.type == "cpu":  # oneDNN's convolutions run 1.3-3x faster on NHWC tensors
+        det = load_detector(detector, map_location=dev)
+        if dev.type == "cpu":  # oneDNN's convolutions run 1.3-3x faster on NHWC tensors
             import torch
 
             det.to(memory_format=torch.channels_last)
@@ -341,8 +345,12 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
         o = max(0, min(int(round(overlap / zoom)), side - 1))
         over = (o, o)
     net_hw = tile_hw if zoom == 1.0 else (tile_size, tile_size)
-    if batch_size is None:  # about 0.5 Mpix per forward pass: the memory of 8 tiles of 256^2, whatever the tile
-        batch_size = max(2, min(8, (8 * 256 * 256) // (net_hw[0] * net_hw[1])))
+    if batch_size is None:
+        if det.device.type == "cuda":  # ~4 M band-pixels per pass (16 one-band 512^2 tiles: 3.7 GB of GPU memory;
+            # the network alone ran at 132 Mpix/s there against 114 for 8 tiles on an H200, docs/benchmarks.md "GPU")
+            batch_size = max(2, min(32, (4 * 2**20) // (net_hw[0] * net_hw[1] * len(source.bands))))
+        else:  # about 0.5 Mpix per forward pass: the memory of 8 tiles of 256^2, whatever the tile
+            batch_size = max(2, min(8, (8 * 256 * 256) // (net_hw[0] * net_hw[1])))
     over = (max(over[0], 0), max(over[1], 0))
     grid = tile_grid(height, width, tile_hw, over)
     found = _Found(n_bands=len(source.bands), class_names=list(head.class_names))
@@ -486,8 +494,10 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
         (y_lo, y_hi), (x_lo, x_hi) = (region[0].start, region[0].stop - 1), (region[1].start, region[1].stop - 1)
         # aperture photometry over the region grown by two FWHM: a full well spills into its column (bleeding),
         # so the sum keeps the charge the clipped core lost; error: Poisson (gain) plus the sky's scatter
-        grown = ndimage.binary_dilation(labels == k, iterations=int(np.ceil(2 * fwhm)))
-        band_flux = np.array([np.sum((data[c] - sky[c])[grown]) for c in range(data.shape[0])])
+        grow = int(np.ceil(2 * fwhm))  # (dilated in a window that holds the grown region, not the whole tile)
+        window = (slice(max(y_lo - grow, 0), y_hi + grow + 1), slice(max(x_lo - grow, 0), x_hi + grow + 1))
+        grown = ndimage.binary_dilation(labels[window] == k, iterations=grow)
+        band_flux = np.array([np.sum((data[c][window] - sky[c])[grown]) for c in range(data.shape[0])])
         band_err = np.sqrt(np.abs(band_flux) / gain + grown.sum() * sky_var)
         near = np.flatnonzero((x0 >= x_lo - fwhm) & (x0 <= x_hi + fwhm) & (y0 >= y_lo - fwhm) & (y0 <= y_hi + fwhm))
         if near.size:  # the network found it: the nearest detection takes the aperture flux
@@ -1283,7 +1293,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
                 background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
                 test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
-                residual_search: bool | None = None):
+                residual_search: bool | None = None, device: str | None = "auto"):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -1297,7 +1307,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     :func:`detect_patch` (likelihood selection, the default with a model, on cubes up to 64 M voxels), and
     ``test_extension``; ``mask_cosmic_rays`` as :func:`detect_patch`. ``residual_search`` False: CCD images
     without the heads' search of the PSF fit's residual (:func:`refine_ccd_tile`; catalog ``fit`` 4); None or True:
-    the heads' own setting.
+    the heads' own setting. ``device``: where the network runs (:func:`skyfm.utils.resolve_device`; the PSF and
+    likelihood fits run on the CPU).
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -1309,7 +1320,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     if out is not None:
         catalog_format(out)  # a bad extension fails before any work
     _warn_if_denoised(path)
-    det = get_detector(model_dir)
+    det = get_detector(model_dir, device=device)
     if residual_search is False:  # a copy: the cached detector keeps its heads' settings
         det = copy.copy(det)
         det.config = copy.deepcopy(det.config)

@@ -61,6 +61,30 @@ def read_yaml(path: str | Path, what: str):
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def resolve_device(device: str | None = "auto"):
+    """The torch device that ``--device`` names: ``auto`` (or None) = the first CUDA GPU where one is visible, else
+    the CPU; ``cpu``; ``cuda`` or ``cuda:N``. A GPU that is asked for and absent is a one-line SkyfmError."""
+    import torch
+
+    from skyfm.errors import SkyfmError
+
+    name = "auto" if device is None else str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SkyfmError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SkyfmError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SkyfmError(f"--device {device}: no CUDA GPU is visible to torch here (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SkyfmError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return dev
+
+
 def bf16_is_fast(device) -> bool:
     """Whether bfloat16 matmuls and convolutions run natively: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 /
     AMX (elsewhere bf16 is emulated and slower than float32)."""

@@ -145,3 +145,17 @@ def test_a_file_that_cannot_be_read_is_one_line(tmp_path, capsys):
     finally:
         os.chmod(path, 0o644)
     _one_error_line(capsys, code, str(path))
+
+
+@pytest.mark.parametrize("command", ["detect", "denoise"])
+@pytest.mark.parametrize("device, words", [("gpu", "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+                                           ("cuda:7", "--device cuda:7")])
+def test_a_device_that_is_not_there_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, command, device,
+                                                                   words):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    image = _image(tmp_path / "ok.fits", np.ones((16, 16), np.float32), _wcs_header())
+    out = tmp_path / "out.fits"
+    _one_error_line(capsys, main([command, str(image), "--out", str(out), "--device", device]), words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.fits"]

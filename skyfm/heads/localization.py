@@ -95,21 +95,24 @@ def merge_close(x: np.ndarray, y: np.ndarray, score: np.ndarray, radius: float) 
     (their refined positions > radius apart) survives.
     """
     order = np.argsort(-score, kind="stable")
-    keep: list[int] = []
     if radius <= 0 or len(order) < 2:
         return order
     from scipy.spatial import cKDTree
 
-    tree = cKDTree(np.stack([x, y], axis=1))
+    pairs = cKDTree(np.stack([x, y], axis=1)).query_pairs(radius, output_type="ndarray")  # (P, 2)
+    if len(pairs) == 0:
+        return order
+    # greedy in score order, over the few detections that have a neighbour within the radius
+    both = np.concatenate([pairs, pairs[:, ::-1]])  # each pair both ways, grouped by its first index
+    both = both[np.argsort(both[:, 0], kind="stable")]
+    starts = np.searchsorted(both[:, 0], np.arange(len(x) + 1))
+    rank = np.empty(len(x), dtype=int)
+    rank[order] = np.arange(len(x))
     removed = np.zeros(len(x), dtype=bool)
-    for i in order:
-        if removed[i]:
-            continue
-        keep.append(i)
-        for j in tree.query_ball_point([x[i], y[i]], radius):
-            if j != i:
-                removed[j] = True
-    return np.asarray(keep, dtype=int)
+    for i in sorted(np.unique(pairs), key=rank.__getitem__):
+        if not removed[i]:
+            removed[both[starts[i]:starts[i + 1], 1]] = True
+    return order[~removed[order]]
 
 
 __all__ = ["find_peaks", "focal_loss", "merge_close", "offset_nll", "render_gaussian"]

@@ -23,7 +23,7 @@ from skyfm.heads.denoise.calibrate import UNCERT_MEANING, apply_calibration, unc
 from skyfm.heads.denoise.flux import check_flux_correction, forced_flux_correction
 from skyfm.heads.denoise.model import Denoiser, pad_to_multiple
 from skyfm.heads.denoise.transforms import band_features, band_transform, instrument_kind
-from skyfm.utils import check_precision, use_bf16
+from skyfm.utils import check_precision, resolve_device, use_bf16
 from skyfm.instruments import load_instrument
 from skyfm.instruments.scaling import robust_background
 
@@ -72,19 +72,20 @@ def default_model_dir() -> Path:
 
 
 @lru_cache(maxsize=4)
-def _load_cached(path: str) -> Denoiser:
-    return Denoiser.from_pretrained(path)
+def _load_cached(path: str, device: str) -> Denoiser:
+    return Denoiser.from_pretrained(path).to(device)
 
 
-def load_denoiser(model_dir: str | Path | None = None) -> Denoiser:
-    """A denoiser from ``model_dir`` (config.json + model.safetensors), or the default shipped one."""
+def load_denoiser(model_dir: str | Path | None = None, device: str | None = "auto") -> Denoiser:
+    """A denoiser from ``model_dir`` (config.json + model.safetensors), or the default shipped one, on ``device``
+    (:func:`skyfm.utils.resolve_device`: ``auto`` = a CUDA GPU where one is visible, else the CPU)."""
     if model_dir is None:
         path = default_model_dir()
         if not (path / "model.safetensors").is_file():
             raise SkyfmError(f"no default denoiser is installed ({path}); pass --model DIR")
     else:
         path = Path(model_dir)
-    return _load_cached(str(path.resolve()))
+    return _load_cached(str(path.resolve()), str(resolve_device(device)))
 
 
 def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None = None, steps: int | None = None,
@@ -165,7 +166,7 @@ def denoise_patch(patch, model: Denoiser | None = None, *, samples: int | None =
         p = torch.from_numpy(pres).expand(c * samples, -1, -1)[:, None].contiguous()
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0]))
         x = model.sample(o, p, feats, steps=steps, generator=gen, callback=progress, eta=eta, bf16=bf16)
-        x = x[:, 0, :th, :tw].numpy().reshape(c, samples, th, tw)
+        x = x[:, 0, :th, :tw].cpu().numpy().reshape(c, samples, th, tw)
         data = np.stack([transforms[i].inverse_target(x[i]) for i in range(c)])  # (C, K, th, tw) data units
         mean = data.mean(axis=1)
         sd = data.std(axis=1, ddof=1) if samples > 1 else np.full_like(mean, np.nan)
@@ -237,7 +238,7 @@ def generate(model: Denoiser, instrument, band: str | int, n: int, size: int = 6
     gen = torch.Generator().manual_seed(int(seed))
     bf16 = use_bf16(precision, next(model.parameters()).device)
     x = model.sample(zeros, zeros, feats, steps=steps, generator=gen, bf16=bf16)
-    return np.clip(x[:, 0].numpy(), 0 if inst.is_counts else None, None)
+    return np.clip(x[:, 0].cpu().numpy(), 0 if inst.is_counts else None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,14 +263,14 @@ def _clean_header(header):
 def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_dir=None, samples: int | None = None,
                  steps: int | None = None, seed: int = 0, hdu=None, band: str | None = None, tile: int | None = None,
                  progress: bool = False, overwrite: bool = True, flux_correction: str = "forced",
-                 precision: str = "auto") -> Path:
+                 precision: str = "auto", device: str | None = "auto") -> Path:
     """Denoise a FITS image or counts cube into ``out``: the clean image (primary HDU, same shape as the input
     image), its uncertainty (``UNCERT`` HDU), the background it removed (``BACKGROUND`` HDU,
     :func:`removed_background`), the input header and WCS, and the input's ``EBOUNDS`` if any.
 
     Masked or NaN input pixels are NaN in both outputs. The file is written atomically: on any error nothing is
     left at ``out``. ``flux_correction``: see :func:`denoise_patch` (recorded as header keyword ``DNFLUX``);
-    ``precision`` as there.
+    ``precision`` as there; ``device`` as :func:`load_denoiser`.
     ``UNCERT`` is the calibrated 1-sigma error of the clean image where the model has a calibration for the
     instrument (:mod:`skyfm.heads.denoise.calibrate`), else the samples' std; NaN with one sample. Header keyword
     ``DNUNCERT`` says which (``calibrated``, ``partly calibrated``, ``spread``, ``none``), a COMMENT in the
@@ -291,7 +292,7 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
         raise SkyfmError(f"--out {out} is the input file; choose another name")
     if out.suffix.lower() not in (".fits", ".fit", ".fts") and not out.name.lower().endswith((".fits.gz",)):
         raise SkyfmError(f"--out should be a FITS file name (.fits), got {out.name}")
-    model = load_denoiser(model_dir)
+    model = load_denoiser(model_dir, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         patch = read_image(path, instrument=instrument, hdu=hdu, band=band)

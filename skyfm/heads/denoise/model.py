@@ -226,17 +226,21 @@ class Denoiser(nn.Module):
         H and W must be multiples of ``config.multiple`` (pad first; see :func:`pad_to_multiple`).
         DDIM with ``steps`` steps (default ``config.default_steps``) from pure noise drawn with ``generator``.
         ``bf16``: run the network under bfloat16 autocast (the scheduler's arithmetic stays float32).
+        The inputs move to the model's device and the samples come back on it. ``generator`` is a CPU generator
+        whatever the device, so that a seed draws the same noise on a CPU and on a GPU.
         """
         steps = int(steps or self.config.default_steps)
         if steps < 1 or steps > self.config.num_train_timesteps:
             raise SkyfmError(f"--steps must be between 1 and {self.config.num_train_timesteps}, got {steps}")
         eta = self.config.eta if eta is None else float(eta)
+        device = next(self.parameters()).device
+        obs, present, features = obs.to(device), present.to(device), features.to(device)
         sched = self.sample_scheduler()
         sched.set_timesteps(steps)
-        x = torch.randn(obs.shape, generator=generator, dtype=obs.dtype)
-        autocast = torch.autocast(obs.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        x = torch.randn(obs.shape, generator=generator, dtype=obs.dtype).to(device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         for t in sched.timesteps:
-            tt = torch.full((obs.shape[0],), int(t), dtype=torch.long)
+            tt = torch.full((obs.shape[0],), int(t), dtype=torch.long, device=device)
             with autocast:
                 x0 = self(x, tt, obs, present, features)
             x0 = x0.float()
