@@ -39,9 +39,13 @@ How:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
+import itertools
 import math
+import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -313,13 +317,16 @@ def _even_tile(length: int, side: int, overlap: int, stride: int, granule: int) 
 def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None = None, overlap: int | None = None,
                  batch_size: int | None = None, progress: bool = False, pixel_scale: float | None = None,
                  precision: str = "auto", attention_window: int | None = None, refine: bool = True,
-                 drop_trails: bool = False, mask_cosmic_rays: bool | None = None) -> dict:
+                 drop_trails: bool = False, mask_cosmic_rays: bool | None = None,
+                 refine_workers: int | None = None) -> dict:
     """Run the detector over every tile of ``source`` (a Patch or an opened ImageFile) -> full-image arrays.
 
     ``precision`` and ``attention_window``: see :func:`inference_settings`. ``refine``: PSF-fit refinement of
     the bright detections of CCD tiles (:func:`refine_ccd_tile`, which ``mask_cosmic_rays`` passes on); counts
     cubes are refined after all tiles (:func:`refine_counts`). ``drop_trails``: on CCD tiles, drop the detections
-    on satellite trails that the tile's image shows (:func:`drop_trail_detections`).
+    on satellite trails that the tile's image shows (:func:`drop_trail_detections`). ``refine_workers``: threads
+    for the CCD tiles' refinement once their seeing is settled (:func:`_refine_workers`; the catalog is the same
+    for any number).
     """
     import torch
     from tqdm.auto import tqdm
@@ -358,6 +365,21 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     seeing: dict = {}  # per band, the PSF fit's seeing estimates of the tiles so far
     bar = tqdm(total=len(grid), desc="detecting", unit="tile", disable=not progress or len(grid) < 4)
 
+    search = refine and not inst.is_counts and head.residual_search is not None
+    workers = _refine_workers(refine_workers) if refine and not inst.is_counts else 1
+    pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
+    turns, tickets = _TileTurns(), itertools.count()  # the seeing step in tile order, whatever the threads
+
+    def refined(k, p, d):
+        try:
+            d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays,
+                                seeing_turn=lambda: turns.turn(k))
+        finally:
+            turns.skip(k)
+        if search:  # the search's finds, as the network's peaks, above the threshold in use
+            d = _take(d, (d["fit"] != 4) | (d["score"] >= min_score))
+        return d
+
     def flush(items):
         if not items:
             return
@@ -365,19 +387,22 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
         batch = det.make_batch(list(patches))
         with inference_context(det, bf16, window):
             out = det({k: (v.to(det.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
+        decoded = []
         for i, (t, p) in enumerate(items):
             d = _decode_tile(det, out, i, p, batch["flux_units"][i], min_score, head)
             if not inst.is_counts:
                 d = add_saturated_stars(d, p, inst, head)
-            search = refine and not inst.is_counts and head.residual_search is not None
             if d is None and search:  # nothing detected: the residual search may still find something
                 d = _no_rows(p.n_bands, len(head.class_names))
-            if d is None:
-                continue
-            if refine and not inst.is_counts:
-                d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays)
-                if search:  # the search's finds, as the network's peaks, above the threshold in use
-                    d = _take(d, (d["fit"] != 4) | (d["score"] >= min_score))
+            if d is not None:
+                decoded.append((t, p, d))
+        if refine and not inst.is_counts and decoded:
+            # the tiles' fits run in threads (numpy and scipy release the GIL); their seeing estimates, which
+            # accumulate from tile to tile, are taken in tile order, so the catalog is the same for any number
+            jobs = [(next(tickets), p, d) for _, p, d in decoded]
+            fitted = list(pool.map(lambda job: refined(*job), jobs)) if pool else [refined(*job) for job in jobs]
+            decoded = [(t, p, d) for (t, p, _), d in zip(decoded, fitted)]
+        for t, p, d in decoded:
             f = 1.0 / zoom  # image pixels per network pixel
             if drop_trails and not inst.is_counts:
                 d = drop_trail_detections(d, p, inst, pixel_scale=(pixel_scale or inst.pixel_scale_deg) * f)
@@ -394,23 +419,27 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
         bar.update(len(items))
 
     pending = []
-    for n_tile, (t, patch) in enumerate(iter_tiles(source, tile_hw, over)):
-        if n_tile % 64 == 63:
-            _release_file_pages(source)
-        patch = _prepare_tile(patch, inst)
-        if patch is None:
-            bar.update(1)
-            continue
-        if zoom != 1.0:
-            patch = _zoom_patch(patch, net_hw, inst.is_counts)
-            patch = _prepare_tile(patch, inst) or patch
-        patch.truth = None
-        pending.append((t, patch))
-        if len(pending) >= batch_size:
-            flush(pending)
-            pending = []
-    flush(pending)
-    bar.close()
+    try:
+        for n_tile, (t, patch) in enumerate(iter_tiles(source, tile_hw, over)):
+            if n_tile % 64 == 63:
+                _release_file_pages(source)
+            patch = _prepare_tile(patch, inst)
+            if patch is None:
+                bar.update(1)
+                continue
+            if zoom != 1.0:
+                patch = _zoom_patch(patch, net_hw, inst.is_counts)
+                patch = _prepare_tile(patch, inst) or patch
+            patch.truth = None
+            pending.append((t, patch))
+            if len(pending) >= batch_size:
+                flush(pending)
+                pending = []
+        flush(pending)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown()
     arrays = found.arrays()
     if len(arrays["x"]) > 1:  # two tiles may each own one half of a source split across their core boundary
         keep = merge_close(arrays["x"], arrays["y"], arrays["score"], MERGE_RADIUS_PIX)
@@ -418,6 +447,43 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
         arrays = {k: v[keep] for k, v in arrays.items()}
     order = np.argsort(-arrays["score"], kind="stable")
     return {k: v[order] for k, v in arrays.items()}
+
+
+class _TileTurns:
+    """Lets threads pass one section in the order of their tickets 0, 1, 2, ...: ``turn(k)`` waits for ticket k's
+    turn and hands it on at the end; ``skip(k)`` (after the job, whether or not it entered) hands it on where the job
+    never took it."""
+
+    def __init__(self):
+        self._next = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def turn(self, k: int):
+        with self._cond:
+            self._cond.wait_for(lambda: self._next == k)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._next = k + 1
+                self._cond.notify_all()
+
+    def skip(self, k: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._next >= k)
+            if self._next == k:
+                self._next = k + 1
+                self._cond.notify_all()
+
+
+def _refine_workers(workers: int | None) -> int:
+    """Threads for the CCD tiles' refinement: ``workers``, or (None) the CPUs this process may use, at most 8."""
+    if workers is None:
+        return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
+    if int(workers) < 1:
+        raise SkyfmError(f"refine_workers must be >= 1, got {workers}")
+    return int(workers)
 
 
 # ------------------------------------------------------------------------------------------------ CCD refinement
@@ -522,7 +588,7 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
 
 
 def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
-                    mask_cosmic_rays: bool | None = None) -> dict:
+                    mask_cosmic_rays: bool | None = None, seeing_turn=contextlib.nullcontext) -> dict:
     """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
 
     Every detection is modelled (so that neighbours share their light) on the pixels below the instrument's
@@ -546,7 +612,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     ``SEEING_TILES`` tiles have given one no more are made. Heads with
     ``psf_fit`` False (chosen on validation seeds) keep the network's values. ``mask_cosmic_rays`` (default the
     head's setting): leave the tile's cosmic-ray pixels (:func:`~skyfm.catalog.cosmics.cosmic_ray_mask`) out of
-    the fit, as its saturated ones.
+    the fit, as its saturated ones. ``seeing_turn``: a context manager around the step that reads and adds to
+    ``seeing`` (:func:`detect_tiles`, refining tiles in threads, passes one that takes them in tile order).
     """
     from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, crowding, estimate_fwhm,
                                        fit_psf_sources, residual_image)
@@ -574,26 +641,25 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     names = list(head.class_names)
     star = d["class_prob"][:, names.index("star")] if "star" in names else np.ones(n)
     point = (star >= 0.5) & (np.nan_to_num(d["extension"] / scale, nan=0.0) < 1.0)  # seeing from point sources
-    bg, rms, psfs = [], [], []
-    for c, name in enumerate(patch.bands):
-        b, s = background_and_rms(data[c], mask[c])
-        bg.append(b)
-        rms.append(s)
-        band = inst.band(name)
-        known = [] if seeing is None else seeing.setdefault(name, [])  # one image, one seeing: its tiles' estimates
-        if len(known) >= SEEING_TILES:  # settled: the median of the first tiles' estimates
-            fwhm = float(np.median(known))
-        else:
-            # a quick SNR to rank sources for the seeing fit: peak / rms x the PSF's effective width
-            quick = (data[c] - b)[iy, ix] / s[iy, ix] * 1.5 * band.psf.fwhm_deg / scale
-            fwhm = estimate_fwhm(data[c], b, s, band.psf_with_fwhm, band.psf.fwhm_deg, scale, d["x"], d["y"], quick,
-                                 point=point)
-            if fwhm != band.psf.fwhm_deg:  # an estimate, not the nominal fallback of a tile with too few stars
-                known.append(fwhm)
-            if known:
+    bg, rms = zip(*(background_and_rms(data[c], mask[c]) for c in range(len(patch.bands))))
+    psfs = []
+    with seeing_turn():  # tiles refined in threads take their turns here, in tile order
+        for c, name in enumerate(patch.bands):
+            b, s, band = bg[c], rms[c], inst.band(name)
+            known = [] if seeing is None else seeing.setdefault(name, [])  # one image, one seeing: its tiles'
+            if len(known) >= SEEING_TILES:  # settled: the median of the first tiles' estimates
                 fwhm = float(np.median(known))
-        fwhm = band.psf.fwhm_deg * round(fwhm / band.psf.fwhm_deg / 0.03) * 0.03  # 3% steps: tiles share stamp tables
-        psfs.append(band.psf_with_fwhm(fwhm))
+            else:
+                # a quick SNR to rank sources for the seeing fit: peak / rms x the PSF's effective width
+                quick = (data[c] - b)[iy, ix] / s[iy, ix] * 1.5 * band.psf.fwhm_deg / scale
+                fwhm = estimate_fwhm(data[c], b, s, band.psf_with_fwhm, band.psf.fwhm_deg, scale, d["x"], d["y"],
+                                     quick, point=point)
+                if fwhm != band.psf.fwhm_deg:  # an estimate, not the nominal fallback of a tile with too few stars
+                    known.append(fwhm)
+                if known:
+                    fwhm = float(np.median(known))
+            fwhm = band.psf.fwhm_deg * round(fwhm / band.psf.fwhm_deg / 0.03) * 0.03  # 3% steps: shared stamp tables
+            psfs.append(band.psf_with_fwhm(fwhm))
     gain = float((inst.noise or {}).get("gain", 1.0))
     flux0 = np.nan_to_num(d["flux_band"], nan=0.0)  # only weights the first linear fit
     bg, rms = np.stack(bg), np.stack(rms)  # (C, H, W)
@@ -1111,7 +1177,8 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
                  overlap: int | None = None, refine: bool = True, batch_size: int | None = None, progress: bool = False,
                  precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
                  selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int | None = None,
-                 test_extension: bool | None = None, mask_cosmic_rays: bool | None = None):
+                 test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
+                 refine_workers: int | None = None):
     """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
 
     Args:
@@ -1124,6 +1191,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
         drop_trails: CCD images: drop the detections on satellite trails (:func:`drop_trail_detections`).
         mask_cosmic_rays: CCD images: leave cosmic-ray pixels out of the PSF fit (:func:`refine_ccd_tile`);
             default the head's ``mask_cosmic_rays``.
+        refine_workers: threads for the CCD tiles' refinement (:func:`detect_tiles`; default: the CPUs, at most 8).
         selection: which detections the catalog keeps (:func:`resolve_selection`). ``"network"``: heatmap
             probability >= ``min_score``. ``"likelihood"`` (counts cubes; the default when the patch carries a
             background model, ``patch.background_image``): the network's peaks and the TS map's
@@ -1165,7 +1233,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     arrays = detect_tiles(patch, inst, det, min_score=min_score, tile_size=tile_size, overlap=overlap,
                           batch_size=batch_size, progress=progress, pixel_scale=scale, precision=precision,
                           attention_window=attention_window, refine=refine, drop_trails=drop_trails,
-                          mask_cosmic_rays=mask_cosmic_rays)
+                          mask_cosmic_rays=mask_cosmic_rays, refine_workers=refine_workers)
     if inst.is_counts and refine:
         arrays = refine_counts(arrays, patch.data, inst, scale, background, bands=list(patch.bands), head=head)
     return _catalog(arrays, inst, patch.wcs, head, meta={"min_score": min_score, "selection": "network"})

@@ -659,3 +659,44 @@ def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_di
     head.kron_max_crowding = 0.0  # no source is that sparse: none is measured, none takes it
     none = refine_ccd_tile(dict(d), p, inst, head)
     assert not (none["fit"] == 3).any() and np.isnan(none["flux_kron"]).all()
+
+
+def test_tiles_refined_in_threads_give_the_same_catalog(model_dir):
+    """Threads share the CCD refinement of a batch's tiles; the seeing, which accumulates from tile to tile, is
+    taken in tile order, so the catalog does not depend on the number of threads."""
+    from skyfm.detect import detect_patch
+    from skyfm.heads import load_detector
+
+    det = load_detector(model_dir)
+    peak = PeakDetector(det.config, det.foundation)
+    peak.load_state_dict(det.state_dict())
+    p = simulate_patch("meerlicht", 12, size=256, bands=["q"], scene="crowded")
+    one, three = (detect_patch(p, peak, min_score=0.5, tile_size=64, batch_size=8, refine_workers=w) for w in (1, 3))
+    assert len(one) > 20 and len(one) == len(three)
+    for name in ("x", "y", "flux", "flux_err", "pos_err", "fit"):
+        assert np.array_equal(np.asarray(one[name]), np.asarray(three[name]), equal_nan=True), name
+
+
+def test_tile_turns_pass_in_ticket_order_and_skips_hand_on():
+    import threading
+    import time
+
+    from skyfm.detect import _TileTurns
+
+    turns, order = _TileTurns(), []
+
+    def job(k):
+        if k == 2:  # a job that never enters the section (a tile with nothing to fit) must not block the rest
+            turns.skip(k)
+            return
+        time.sleep(0.01 * (5 - k))  # later tickets arrive first
+        with turns.turn(k):
+            order.append(k)
+        turns.skip(k)
+
+    threads = [threading.Thread(target=job, args=(k,)) for k in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert order == [0, 1, 3, 4]

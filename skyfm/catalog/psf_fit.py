@@ -26,6 +26,8 @@ detections subtracted), because the seeing of a real image is not the instrument
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from skyfm.errors import SkyfmError
@@ -74,6 +76,7 @@ def _oversample(psf, scale: float) -> int:
 TABLE_PHASES = 32  # sub-pixel phases per pixel of a StampTable (bilinear between them)
 TABLE_REACH_PIX = 1.5  # offsets from the box centre the table covers: a fit may move a source off its pixel
 _TABLES: dict = {}
+_TABLES_LOCK = threading.Lock()
 SEEING_PHASES = 4  # the seeing search's tables: 13 widths per band, built once per process, kept
 
 
@@ -110,12 +113,13 @@ class StampTable:
     @classmethod
     def get(cls, psf, scale: float, r: int, phases: int = TABLE_PHASES) -> "StampTable":
         key = (psf.model, round(psf.width_deg / scale, 4), round(float(psf.beta), 4), r)
-        cache = _TABLES.setdefault(phases, {})  # coarse tables (the seeing search) never evict the fit's
-        if key not in cache:
-            if len(cache) >= (16 if phases >= TABLE_PHASES else 128):  # a fit table is ~20 MB, a coarse one ~1 MB
-                cache.pop(next(iter(cache)))
-            cache[key] = cls(psf, scale, r, phases)
-        return cache[key]
+        with _TABLES_LOCK:  # tiles may be refined in threads (skyfm.detect.detect_tiles)
+            cache = _TABLES.setdefault(phases, {})  # coarse tables (the seeing search) never evict the fit's
+            if key not in cache:
+                if len(cache) >= (16 if phases >= TABLE_PHASES else 128):  # a fit table ~20 MB, a coarse one ~1 MB
+                    cache.pop(next(iter(cache)))
+                cache[key] = cls(psf, scale, r, phases)
+            return cache[key]
 
     def __call__(self, dx: np.ndarray, dy: np.ndarray, grad: bool = False):
         n, reach = self.steps, TABLE_REACH_PIX
