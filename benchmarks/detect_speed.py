@@ -13,9 +13,9 @@ simulated images with seeds from 1.7e9 (never used in training) -
 * Fermi-LAT counts cube, six energy bins, 512 x 512 at 0.1 deg, Galactic plane (the TS map with an estimated
   background beside it; skyfm includes its Poisson likelihood refinement).
 
-For skyfm three settings are timed: the default (``precision="auto"``, :func:`skyfm.detect.default_tiling`, PSF-fit
-or likelihood refinement), the same with ``refine=False`` (the network alone), and the previous release's network
-settings (float32, global attention, 256/128-px tiles, with refinement), each after one warm-up call, with
+For skyfm four settings are timed: the default (``precision="auto"``, :func:`skyfm.detect.default_tiling`, PSF-fit
+or likelihood refinement, the CCD tiles' fits in threads), the same with the fits in one thread, the same with
+``refine=False`` (the network alone), and the previous release's network settings (float32, global attention, 256/128-px tiles, with refinement), each after one warm-up call, with
 F1 against the simulated truth (SNR >= 5, the match radius of :mod:`skyfm.finetune.evaluate`), so speed is never
 reported without the quality it came with. Mpix/s = image pixels (H x W) / wall seconds of the method alone.
 
@@ -91,6 +91,7 @@ def speed_cases(threads: int, log, device: str = "cpu", baselines: bool = True) 
         pix = patch.height * patch.width
         methods = {
             "skyfm (default)": (lambda p: detect_patch(p, det), True),
+            "skyfm (default, the tiles' fits in 1 thread)": (lambda p: detect_patch(p, det, refine_workers=1), True),
             "skyfm --no-refine": (lambda p: detect_patch(p, det, refine=False), True),
             "skyfm (previous network settings: fp32, global attention)": (
                 lambda p: detect_patch(p, det, **PREVIOUS, **previous_tiles), True),

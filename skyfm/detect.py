@@ -642,18 +642,29 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     star = d["class_prob"][:, names.index("star")] if "star" in names else np.ones(n)
     point = (star >= 0.5) & (np.nan_to_num(d["extension"] / scale, nan=0.0) < 1.0)  # seeing from point sources
     bg, rms = zip(*(background_and_rms(data[c], mask[c]) for c in range(len(patch.bands))))
+
+    def tile_fwhm(c: int) -> float:  # this tile's own seeing estimate (its nominal PSF's if too few stars)
+        band = inst.band(patch.bands[c])
+        # a quick SNR to rank sources for the seeing fit: peak / rms x the PSF's effective width
+        quick = (data[c] - bg[c])[iy, ix] / rms[c][iy, ix] * 1.5 * band.psf.fwhm_deg / scale
+        return estimate_fwhm(data[c], bg[c], rms[c], band.psf_with_fwhm, band.psf.fwhm_deg, scale, d["x"], d["y"],
+                             quick, point=point)
+
+    def settled(name: str) -> bool:  # SEEING_TILES tiles have given an estimate: later tiles take their median
+        return seeing is not None and len(seeing.get(name, ())) >= SEEING_TILES
+
+    # estimated before this tile's turn (in parallel with other tiles' fits), where the seeing is not yet settled;
+    # the turn below decides, in tile order, whether the estimate is used, as if the tiles ran one by one
+    ahead = [None if settled(name) else tile_fwhm(c) for c, name in enumerate(patch.bands)]
     psfs = []
     with seeing_turn():  # tiles refined in threads take their turns here, in tile order
         for c, name in enumerate(patch.bands):
-            b, s, band = bg[c], rms[c], inst.band(name)
+            band = inst.band(name)
             known = [] if seeing is None else seeing.setdefault(name, [])  # one image, one seeing: its tiles'
             if len(known) >= SEEING_TILES:  # settled: the median of the first tiles' estimates
                 fwhm = float(np.median(known))
             else:
-                # a quick SNR to rank sources for the seeing fit: peak / rms x the PSF's effective width
-                quick = (data[c] - b)[iy, ix] / s[iy, ix] * 1.5 * band.psf.fwhm_deg / scale
-                fwhm = estimate_fwhm(data[c], b, s, band.psf_with_fwhm, band.psf.fwhm_deg, scale, d["x"], d["y"],
-                                     quick, point=point)
+                fwhm = ahead[c] if ahead[c] is not None else tile_fwhm(c)
                 if fwhm != band.psf.fwhm_deg:  # an estimate, not the nominal fallback of a tile with too few stars
                     known.append(fwhm)
                 if known:
