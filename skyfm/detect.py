@@ -368,12 +368,14 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     search = refine and not inst.is_counts and head.residual_search is not None
     workers = _refine_workers(refine_workers) if refine and not inst.is_counts else 1
     pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
-    turns, tickets = _TileTurns(), itertools.count()  # the seeing step in tile order, whatever the threads
+    # the steps that carry estimates from tile to tile (seeing, colours) in tile order, whatever the threads
+    turns, tickets = _TileTurns(("seeing", "colours")), itertools.count()
+    colours: dict = {}  # the fitted detections' summed band fluxes of the tiles so far
 
     def refined(k, p, d):
         try:
-            d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays,
-                                seeing_turn=lambda: turns.turn(k))
+            d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays, colours=colours,
+                                turn=lambda name: turns.turn(k, name))
         finally:
             turns.skip(k)
         if search:  # the search's finds, as the network's peaks, above the threshold in use
@@ -450,31 +452,32 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
 
 
 class _TileTurns:
-    """Lets threads pass one section in the order of their tickets 0, 1, 2, ...: ``turn(k)`` waits for ticket k's
-    turn and hands it on at the end; ``skip(k)`` (after the job, whether or not it entered) hands it on where the job
-    never took it."""
+    """Lets threads pass each named section in the order of their tickets 0, 1, 2, ...: ``turn(k, name)`` waits
+    for ticket k's turn at that section and hands it on at the end; ``skip(k)`` (after the job, whether or not it
+    entered) hands on every section the job never took."""
 
-    def __init__(self):
-        self._next = 0
+    def __init__(self, sections=("seeing",)):
+        self._next = dict.fromkeys(sections, 0)
         self._cond = threading.Condition()
 
     @contextlib.contextmanager
-    def turn(self, k: int):
+    def turn(self, k: int, name: str = "seeing"):
         with self._cond:
-            self._cond.wait_for(lambda: self._next == k)
+            self._cond.wait_for(lambda: self._next[name] == k)
         try:
             yield
         finally:
             with self._cond:
-                self._next = k + 1
+                self._next[name] = k + 1
                 self._cond.notify_all()
 
     def skip(self, k: int) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._next >= k)
-            if self._next == k:
-                self._next = k + 1
-                self._cond.notify_all()
+            for name in self._next:
+                self._cond.wait_for(lambda: self._next[name] >= k)
+                if self._next[name] == k:
+                    self._next[name] = k + 1
+                    self._cond.notify_all()
 
 
 def _refine_workers(workers: int | None) -> int:
@@ -588,7 +591,7 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
 
 
 def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
-                    mask_cosmic_rays: bool | None = None, seeing_turn=contextlib.nullcontext) -> dict:
+                    mask_cosmic_rays: bool | None = None, colours: dict | None = None, turn=None) -> dict:
     """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
 
     Every detection is modelled (so that neighbours share their light) on the pixels below the instrument's
@@ -612,8 +615,11 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     ``SEEING_TILES`` tiles have given one no more are made. Heads with
     ``psf_fit`` False (chosen on validation seeds) keep the network's values. ``mask_cosmic_rays`` (default the
     head's setting): leave the tile's cosmic-ray pixels (:func:`~skyfm.catalog.cosmics.cosmic_ray_mask`) out of
-    the fit, as its saturated ones. ``seeing_turn``: a context manager around the step that reads and adds to
-    ``seeing`` (:func:`detect_tiles`, refining tiles in threads, passes one that takes them in tile order).
+    the fit, as its saturated ones. ``colours`` (a dict kept across the tiles of one image, like ``seeing``): the
+    fitted detections' band fluxes summed over the tiles so far, the colour template of the residual search's
+    finds' total fluxes (:func:`_template_total`). ``turn(name)``: a context manager around the steps that read and
+    add to ``seeing`` (name ``seeing``) and ``colours`` (``colours``); :func:`detect_tiles`, refining tiles in
+    threads, passes one that takes them in tile order.
     """
     from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, crowding, estimate_fwhm,
                                        fit_psf_sources, residual_image)
@@ -657,7 +663,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     # the turn below decides, in tile order, whether the estimate is used, as if the tiles ran one by one
     ahead = [None if settled(name) else tile_fwhm(c) for c, name in enumerate(patch.bands)]
     psfs = []
-    with seeing_turn():  # tiles refined in threads take their turns here, in tile order
+    turn = turn or (lambda name: contextlib.nullcontext())
+    with turn("seeing"):  # tiles refined in threads take their turns here, in tile order
         for c, name in enumerate(patch.bands):
             band = inst.band(name)
             known = [] if seeing is None else seeing.setdefault(name, [])  # one image, one seeing: its tiles'
@@ -768,9 +775,43 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     d["kron_excess"] = np.where(measured, kron["excess"], np.nan)
     d["kron_size"] = np.where(measured, size, np.nan)
     if m:
+        with turn("colours"):  # the image's colours, from its fitted detections of the tiles so far (tile order)
+            colours = {} if colours is None else colours
+            colours["sum"] = colours.get("sum", 0.0) + np.nan_to_num(fit["flux_band"][ok]).sum(axis=0)
+            colours["n"] = colours.get("n", 0) + int(ok.sum())
+            template = colour_template(colours)
         d = _with_residual_finds(d, finds, kron_finds, head, search, scale, crowding(
-            np.concatenate([d["x"], finds["x"]]), np.concatenate([d["y"], finds["y"]]), (h, w), fwhm_pix)[n:])
+            np.concatenate([d["x"], finds["x"]]), np.concatenate([d["y"], finds["y"]]), (h, w), fwhm_pix)[n:],
+            template=template)
     return d
+
+
+COLOUR_MIN_SOURCES = 10  # fitted detections an image's colour template needs
+
+
+def colour_template(colours: dict) -> np.ndarray | None:
+    """Each band's share of the summed fitted flux of an image's detections (``colours``: ``sum`` (C,), ``n``), or
+    None with one band, fewer than :data:`COLOUR_MIN_SOURCES` detections, or no positive sum."""
+    total = np.clip(np.asarray(colours.get("sum", 0.0), dtype=float), 0.0, None)
+    if total.ndim != 1 or total.size < 2 or colours.get("n", 0) < COLOUR_MIN_SOURCES or total.sum() <= 0:
+        return None
+    return total / total.sum()
+
+
+def _template_total(flux_band: np.ndarray, err_band: np.ndarray, template: np.ndarray):
+    """(total, error) of sources whose band fluxes ``flux_band`` (N, C) +- ``err_band`` follow the colour
+    ``template`` (C,, shares summing to 1) times a total: the least-squares total, each band by its inverse variance.
+
+    A faint source's sum over bands takes every band's noise; where a band is deep noise for it (WISE W3/W4 for most
+    sources, their errors 10-30x W1's in the same units) the sum is that noise, and the residual search, selecting in
+    all bands, takes it upward (finds' W4 at 7.6x their true flux on validation, the total at 2x). Weighted by
+    template / variance such a band counts as little as it tells."""
+    err = np.asarray(err_band, dtype=float)
+    w = np.where(np.isfinite(err) & (err > 0), template / np.where(err > 0, err, 1.0) ** 2, 0.0)  # (N, C)
+    info = (w * template).sum(axis=1)  # sum of template^2 / variance
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = (w * np.nan_to_num(flux_band)).sum(axis=1) / info
+        return np.where(info > 0, total, np.nan), np.where(info > 0, 1.0 / np.sqrt(info), np.nan)
 
 
 def _fit_finds(found, resid, bg, rms, psfs, scale: float, gain: float, mask) -> dict:
@@ -790,7 +831,8 @@ def _fit_finds(found, resid, bg, rms, psfs, scale: float, gain: float, mask) -> 
     return f
 
 
-def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, scale: float, crowd) -> dict:
+def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, scale: float, crowd,
+                         template: np.ndarray | None = None) -> dict:
     """``d`` with rows (``fit`` 4) for the residual search's ``finds`` (:func:`_fit_finds`): those whose light beyond
     the PSF model (``kron_excess``) reaches the search's ``kron_excess_min``, or whose PSF fit failed, take the Kron
     flux and the half-light radius from it, the others the PSF fit's flux; finds with no Kron measurement (the
@@ -799,7 +841,9 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
     sqrt(2) sigma / snr (a Gaussian source's Cramér-Rao bound per axis, sigma the matched filter's) times the
     search's ``pos_err_scale``; ``score`` the head's logistic in ln(snr) (the share of such finds that were real
     sources on validation images); class probabilities from the head's calibration with no network opinion (each
-    class 1 / K), else galaxy for Kron rows and 1 / K for the others."""
+    class 1 / K), else galaxy for Kron rows and 1 / K for the others. With a colour ``template`` (several bands,
+    :func:`colour_template`) the PSF rows' total flux is :func:`_template_total` of their band fluxes, not their
+    sum (the band fluxes stay as fitted; Kron rows keep the Kron total, the column ``flux_kron``)."""
     from skyfm.catalog.kron import half_light_radius_pix
     from skyfm.heads.classification import calibrate_class_prob
 
@@ -807,15 +851,18 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
     if not np.any(keep):
         return d
     k, f = _take(kron, keep), _take(finds, keep)
-    psf = np.isfinite(f["flux"]) & (f["flux"] > 0)
+    psf_flux, psf_err = f["flux"], f["flux_err"]
+    if template is not None:
+        psf_flux, psf_err = _template_total(f["flux_band"], f["flux_band_err"], template)
+    psf = np.isfinite(psf_flux) & (psf_flux > 0)
     ext = (k["excess"] >= search["kron_excess_min"]) | ~psf
     _, kron_scale, _, _ = head.kron_settings(KRON_MAX_CROWDING)
     flux_scale, _ = head.error_scales(fit=True)
     floor = search["flux_err_floor"]
     col = lambda e: e[:, None] if np.ndim(k["flux_band"]) == 2 else e
-    flux = np.where(ext, k["flux"], f["flux"])
+    flux = np.where(ext, k["flux"], psf_flux)
     flux_band = np.where(col(ext), k["flux_band"], f["flux_band"])
-    stat = np.where(ext, k["flux_err"] * kron_scale, f["flux_err"] * flux_scale)
+    stat = np.where(ext, k["flux_err"] * kron_scale, psf_err * flux_scale)
     stat_band = np.where(col(ext), k["flux_band_err"] * kron_scale, f["flux_band_err"] * flux_scale)
     names = list(head.class_names)
     size = k["r1"] / k["r1_psf"]
@@ -1128,8 +1175,9 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
                         "PSF fit (CCD point sources) or the Poisson likelihood fit (counts cubes); 3: position from "
                         "the PSF fit, flux from a Kron aperture (CCD extended sources, flux_kron); 4: a source the "
                         "network did not detect, found in the PSF fit's residual image "
-                        "(skyfm.catalog.residual_search), flux from the PSF fit or, where it is extended, a Kron "
-                        "aperture")
+                        "(skyfm.catalog.residual_search), flux from the PSF fit (on images of several bands the "
+                        "total under the image's colours, not the sum of flux_band) or, where it is extended, a "
+                        "Kron aperture")
     if "fit_chi2" in arrays and not inst.is_counts:
         extra["fit_chi2"] = (np.asarray(arrays["fit_chi2"], dtype=np.float32),
                              "Reduced chi-square of the PSF fit over the source's fit box, the other detections "

@@ -200,3 +200,22 @@ def test_detect_cli_turns_the_search_off_on_request(tmp_path, capsys):
     assert (on == 4).sum() >= 3 and not np.any(off == 4)
     assert (on != 4).sum() == len(off)
     assert get_detector(None).head_config("hubble").residual_search is not None
+
+
+def test_template_total_weights_each_band_by_what_it_tells():
+    from skyfm.detect import _template_total, colour_template
+
+    template = np.array([0.6, 0.27, 0.12, 0.01])
+    truth = np.array([1000.0, 2000.0])
+    err = np.array([[50.0, 60.0, 600.0, 900.0]] * 2)
+    clean = truth[:, None] * template
+    total, total_err = _template_total(clean, err, template)
+    assert np.allclose(total, truth)
+    noisy = clean + np.array([0.0, 0.0, 0.0, 2000.0])  # a W4-like band: noise far above the source's light there
+    biased_sum = noisy.sum(axis=1)
+    total, total_err = _template_total(noisy, err, template)
+    assert np.all(np.abs(total - truth) < 0.05 * truth) and np.all(biased_sum > 1.9 * truth)
+    assert np.all(total_err < np.sqrt((err ** 2).sum(axis=1)))  # more precise than the plain sum
+    assert colour_template({"sum": np.array([3.0, 1.0]), "n": 12}).tolist() == [0.75, 0.25]
+    assert colour_template({"sum": np.array([3.0, 1.0]), "n": 3}) is None  # too few detections
+    assert colour_template({"sum": np.array([3.0]), "n": 50}) is None  # one band: the sum is the total
