@@ -325,8 +325,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     the bright detections of CCD tiles (:func:`refine_ccd_tile`, which ``mask_cosmic_rays`` passes on); counts
     cubes are refined after all tiles (:func:`refine_counts`). ``drop_trails``: on CCD tiles, drop the detections
     on satellite trails that the tile's image shows (:func:`drop_trail_detections`). ``refine_workers``: threads
-    for the CCD tiles' refinement once their seeing is settled (:func:`_refine_workers`; the catalog is the same
-    for any number).
+    for the CCD tiles' refinement (:func:`_refine_workers`; the estimates carried from tile to tile, seeing and
+    colours, are taken in tile order, so the catalog is the same for any number).
     """
     import torch
     from tqdm.auto import tqdm
@@ -774,12 +774,12 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     d["flux_kron_err"] = np.where(measured, kron["flux_err"], np.nan)
     d["kron_excess"] = np.where(measured, kron["excess"], np.nan)
     d["kron_size"] = np.where(measured, size, np.nan)
+    with turn("colours"):  # the image's colours, from its fitted detections of the tiles so far (tile order)
+        colours = {} if colours is None else colours
+        colours["sum"] = colours.get("sum", 0.0) + np.nan_to_num(fit["flux_band"][ok]).sum(axis=0)
+        colours["n"] = colours.get("n", 0) + int(ok.sum())
+        template = colour_template(colours)
     if m:
-        with turn("colours"):  # the image's colours, from its fitted detections of the tiles so far (tile order)
-            colours = {} if colours is None else colours
-            colours["sum"] = colours.get("sum", 0.0) + np.nan_to_num(fit["flux_band"][ok]).sum(axis=0)
-            colours["n"] = colours.get("n", 0) + int(ok.sum())
-            template = colour_template(colours)
         d = _with_residual_finds(d, finds, kron_finds, head, search, scale, crowding(
             np.concatenate([d["x"], finds["x"]]), np.concatenate([d["y"], finds["y"]]), (h, w), fwhm_pix)[n:],
             template=template)
@@ -803,8 +803,8 @@ def _template_total(flux_band: np.ndarray, err_band: np.ndarray, template: np.nd
     ``template`` (C,, shares summing to 1) times a total: the least-squares total, each band by its inverse variance.
 
     A faint source's sum over bands takes every band's noise; where a band is deep noise for it (WISE W3/W4 for most
-    sources, their errors 10-30x W1's in the same units) the sum is that noise, and the residual search, selecting in
-    all bands, takes it upward (finds' W4 at 7.6x their true flux on validation, the total at 2x). Weighted by
+    sources, their errors 10-30x W1's in the same units) the sum is that noise, and the finds kept (those whose Kron
+    sum is positive) take it upward (WISE finds' totals at 2x their true flux on validation). Weighted by
     template / variance such a band counts as little as it tells."""
     err = np.asarray(err_band, dtype=float)
     w = np.where(np.isfinite(err) & (err > 0), template / np.where(err > 0, err, 1.0) ** 2, 0.0)  # (N, C)
