@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,14 @@ def peak_gpu_mib(device) -> float | None:
     import torch
 
     return round(torch.cuda.max_memory_allocated() / 2**20) if torch.device(device).type == "cuda" else None
+
+
+@lru_cache(maxsize=1)
+def meerlicht_image(side: int):
+    """The one-band MeerLICHT image of detect_speed.py's first case (seed 1.7e9), simulated once per run."""
+    from skyfm.data.simulate import simulate_patch
+
+    return simulate_patch("meerlicht", 1_700_000_000, size=side, bands=["q"])
 
 
 def section_detect(args) -> dict:
@@ -111,7 +120,7 @@ def section_network(args) -> dict:
     det = get_detector(None, device=args.device)
     rows = []
     side = 512 if args.quick else 2048
-    image = simulate_patch("meerlicht", 1_700_000_000, size=side, bands=["q"])
+    image = meerlicht_image(side)
     tiles = [p for _, p in iter_tiles(image, 512)] * 4  # 16 tiles of 512^2, each 4 times
     cube = simulate_patch("fermi-lat", 1_700_000_002, size=side // 4, population="real", center=(30.0, 1.0))
     cubes = [p for _, p in iter_tiles(cube, 128)] * 4  # 16 tiles of 6 x 128^2, each 4 times
@@ -204,11 +213,10 @@ def section_profile(args) -> dict:
     import io
     import pstats
 
-    from skyfm.data.simulate import simulate_patch
     from skyfm.detect import detect_patch, get_detector
 
     det = get_detector(None, device=args.device)
-    image = simulate_patch("meerlicht", 1_700_000_000, size=512 if args.quick else 2048, bands=["q"])
+    image = meerlicht_image(512 if args.quick else 2048)
     detect_patch(image, det, refine=False)  # warm-up
     profiler = cProfile.Profile()
     t0 = time.perf_counter()

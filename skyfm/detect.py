@@ -354,7 +354,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     net_hw = tile_hw if zoom == 1.0 else (tile_size, tile_size)
     if batch_size is None:
         if det.device.type == "cuda":  # ~4 M band-pixels per pass (16 one-band 512^2 tiles: 3.7 GB of GPU memory;
-            # the network alone ran at 132 Mpix/s there against 114 for 8 tiles on an H200, docs/benchmarks.md "GPU")
+            # the network alone ran at 132 Mpix/s there against 114 for 8 tiles on an H200, docs/benchmarks.md,
+            # "On a GPU")
             batch_size = max(2, min(32, (4 * 2**20) // (net_hw[0] * net_hw[1] * len(source.bands))))
         else:  # about 0.5 Mpix per forward pass: the memory of 8 tiles of 256^2, whatever the tile
             batch_size = max(2, min(8, (8 * 256 * 256) // (net_hw[0] * net_hw[1])))
@@ -365,8 +366,9 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     seeing: dict = {}  # per band, the PSF fit's seeing estimates of the tiles so far
     bar = tqdm(total=len(grid), desc="detecting", unit="tile", disable=not progress or len(grid) < 4)
 
-    search = refine and not inst.is_counts and head.residual_search is not None
-    workers = _refine_workers(refine_workers) if refine and not inst.is_counts else 1
+    ccd_refine = refine and not inst.is_counts  # the PSF fit of CCD tiles (counts cubes are refined after all tiles)
+    search = ccd_refine and head.residual_search is not None
+    workers = _refine_workers(refine_workers) if ccd_refine else 1
     pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
     # the steps that carry estimates from tile to tile (seeing, colours) in tile order, whatever the threads
     turns, tickets = _TileTurns(("seeing", "colours")), itertools.count()
@@ -385,8 +387,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     def flush(items):
         if not items:
             return
-        tiles, patches = zip(*items)
-        batch = det.make_batch(list(patches))
+        batch = det.make_batch([p for _, p in items])
         with inference_context(det, bf16, window):
             out = det({k: (v.to(det.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
         decoded = []
@@ -398,7 +399,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
                 d = _no_rows(p.n_bands, len(head.class_names))
             if d is not None:
                 decoded.append((t, p, d))
-        if refine and not inst.is_counts and decoded:
+        if ccd_refine and decoded:
             # the tiles' fits run in threads (numpy and scipy release the GIL); their seeing estimates, which
             # accumulate from tile to tile, are taken in tile order, so the catalog is the same for any number
             jobs = [(next(tickets), p, d) for _, p, d in decoded]
@@ -483,7 +484,8 @@ class _TileTurns:
 def _refine_workers(workers: int | None) -> int:
     """Threads for the CCD tiles' refinement: ``workers``, or (None) the CPUs this process may use, at most 8."""
     if workers is None:
-        return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(cpus, 8))
     if int(workers) < 1:
         raise SkyfmError(f"refine_workers must be >= 1, got {workers}")
     return int(workers)

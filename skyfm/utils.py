@@ -74,8 +74,8 @@ def resolve_device(device: str | None = "auto"):
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise SkyfmError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'") from None
-    if dev.type not in ("cpu", "cuda"):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         raise SkyfmError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
