@@ -19,7 +19,8 @@ below 2**31, nor in the training run's validation set, 2**31 + j for small j), f
   (radius 1 PSF FWHM, at least 1.5 px) in the clean image over the same aperture in the true source image; first
   for isolated point sources (the source itself gives >= 70% of the true aperture flux), then for all (where
   neighbours and unresolved sources share the aperture).
-* **detection**: F1 of :func:`skyfm.baselines.sep_detect` and, for counts cubes, of
+* **detection**: F1 of :func:`skyfm.baselines.sep_detect` (as the detection benchmark runs it, and in its
+  crowded-field configuration ``sep-nofilter``) and, for counts cubes, of
   :func:`skyfm.baselines.tsmap_detect` run on the raw image and on the clean one; truth = sources with true
   snr >= 5, a detection matched (:func:`skyfm.catalog.match_catalogs`) to a fainter true source counts neither way.
   Metrics from :mod:`skyfm.catalog.metrics` (score_sweep, best_f1, metrics_at_threshold).
@@ -209,7 +210,7 @@ class DetTally:
 # ----------------------------------------------------------------------------------------------------------------
 def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None, eta=None, flux_correction="forced",
                 seed_offset=0, flux_config=None, precision="auto"):
-    from skyfm.baselines import sep_detect, tsmap_detect
+    from skyfm.baselines import BASELINES, sep_detect, tsmap_detect
 
     detector = None
     if with_detector:
@@ -246,7 +247,9 @@ def run_quality(model, n, samples, steps, with_ts, with_detector, log, only=None
             fluxes.extend(flux_ratios(patch, clean))
             radius = match_radius(patch)
             cp = clean_patch(patch, clean)
-            runs = {"sep raw": (lambda: sep_detect(patch), 5.0), "sep clean": (lambda: sep_detect(cp), None)}
+            runs = {"sep raw": (lambda: sep_detect(patch), 5.0), "sep clean": (lambda: sep_detect(cp), None),
+                    "sep-nofilter raw": (lambda: BASELINES["sep-nofilter"](patch), 5.0),
+                    "sep-nofilter clean": (lambda: BASELINES["sep-nofilter"](cp), None)}
             if with_ts and patch.background_image is not None:
                 runs.update({
                     "ts raw (true bkg)": (lambda: tsmap_detect(patch, background="true"), 5.0),

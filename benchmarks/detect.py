@@ -16,7 +16,8 @@ Cases: Fermi-LAT (resampled 4FGL sky anywhere), Fermi-LAT Galactic plane (the re
 the fermi-plane seeds and skies with the ``ic-halo`` Galactic emission model instead of ``gas-disk``, the only one
 that pretraining and fine-tuning ever simulated (the issue's "trained with one model, tested with the other").
 
-Methods: ``sep``, ``photutils-dao``, ``photutils-segmentation`` (every instrument; counts cubes summed over bins),
+Methods: ``sep``, ``sep-nofilter`` (sep's crowded-field configuration: no detection filter, 3-px minimum area),
+``photutils-dao``, ``photutils-segmentation`` (every instrument; counts cubes summed over bins),
 ``tsmap-true`` / ``tsmap-estimated`` (counts cubes; true simulated background or one estimated from the counts),
 and ``skyfm`` (``skyfm.detect.detect_patch`` with the default detector shipped in the package, when it imports
 and loads; otherwise the benchmark runs the baselines alone and says so). On counts cubes ``detect_patch``
@@ -96,7 +97,7 @@ CASES = [  # (key, label, instrument, options(rng) -> simulate_patch kwargs)
                                "galactic_model": "ic-halo"}),
 ]
 SEED_CASE = {"fermi-plane-ichalo": 1}  # the same seeds (sky positions, sources, noise draws) as fermi-plane
-FIXED = {"sep": 5.0, "photutils-dao": 5.0, "photutils-segmentation": 5.0, "tsmap-true": 5.0, "tsmap-estimated": 5.0,
+FIXED = {"sep": 5.0, "sep-nofilter": 5.0, "photutils-dao": 5.0, "photutils-segmentation": 5.0, "tsmap-true": 5.0, "tsmap-estimated": 5.0,
          "tsmap-denoiser": 5.0,
          "skyfm": None, "skyfm-estbg": None, "skyfm-trails": None}
 
@@ -149,9 +150,9 @@ def _denoiser_tsmap():
 
 
 def _methods(counts: bool, skyfm_fn, with_denoiser: bool = False):
-    from skyfm.baselines import photutils_detect, sep_detect, tsmap_detect
+    from skyfm.baselines import BASELINES, photutils_detect, sep_detect, tsmap_detect
 
-    m = {"sep": sep_detect, "photutils-dao": lambda p: photutils_detect(p, "dao"),
+    m = {"sep": sep_detect, "sep-nofilter": BASELINES["sep-nofilter"], "photutils-dao": lambda p: photutils_detect(p, "dao"),
          "photutils-segmentation": lambda p: photutils_detect(p, "segmentation")}
     if counts:
         m["tsmap-true"] = lambda p: tsmap_detect(p, background="true")

@@ -23,8 +23,9 @@ fluxes and the network's classes, as before Runs 16 and 17), and
 ellipse of 2.5 Kron radii, at least 3.5, ``sep.kron_radius`` and ``sep.sum_ellipse``; errors from the background
 rms and the gain), on the band sum for several bands; its galaxy score is the half-light radius over the stellar
 locus's (a size, not a probability: only its ROC area is given). For detection also ``sep``: the detection
-benchmark's sep baseline (:func:`skyfm.baselines.sep_detect`) at its fixed threshold, aperture SNR >= 5 (its fluxes
-and classes are not scored here: "-").
+benchmark's sep baseline (:func:`skyfm.baselines.sep_detect`) at its fixed threshold, aperture SNR >= 5, and
+``sep-nofilter``, its crowded-field configuration (no detection filter, 3-px minimum area; their fluxes and classes
+are not scored here: "-").
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def class_row(is_galaxy, galaxy_score, probability: bool) -> dict:
 def run_case(name: str, n: int, index: int, log) -> list[dict]:
     import copy
 
-    from skyfm.baselines import sep_detect
+    from skyfm.baselines import BASELINES
     from skyfm.data.simulate import simulate_patch
     from skyfm.detect import detect_patch, get_detector
     from skyfm.instruments import load_instrument
@@ -147,7 +148,7 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
         head.kron_excess_min, head.class_calibration = None, None
     detectors = {"skyfm": det, "skyfm-no-search": no_search, "skyfm-psf": psf_only}
     pooled = {m: {"star": ([], []), "galaxy": ([], []), "classes": ([], [])}
-              for m in (*detectors, "sep-auto", "sep")}
+              for m in (*detectors, "sep-auto", "sep", "sep-nofilter")}
     counts = {m: np.zeros(3, int) for m in pooled}
     seconds = {m: 0.0 for m in pooled}
     for i in range(n):
@@ -156,8 +157,8 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
             t0 = time.perf_counter()
             if method == "sep-auto":
                 x, y, f, e, g = sep_auto(patch)
-            elif method == "sep":
-                cat = sep_detect(patch)
+            elif method in ("sep", "sep-nofilter"):
+                cat = BASELINES[method](patch)
                 cat = cat[np.asarray(cat["score"], float) >= SEP_MIN_SNR]
                 x, y = np.asarray(cat["x"], float), np.asarray(cat["y"], float)
             else:
@@ -167,7 +168,7 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
                 g = np.asarray(cat["class_prob"], float)[:, list(cat.meta["class_names"]).index("galaxy")]
             seconds[method] += time.perf_counter() - t0
             counts[method] += detection_counts(x, y, patch, inst)
-            if method == "sep":
+            if method in ("sep", "sep-nofilter"):
                 continue
             s = score(x, y, f, e, g, patch, inst)
             for k in s:
@@ -182,7 +183,7 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
                             "precision": round(tp / max(tp + fp, 1), 3), "recall": round(tp / max(n_true, 1), 3),
                             "f1": round(2 * tp / max(2 * tp + fp + n_true - tp, 1), 3)}
         every = []
-        if method == "sep":  # detection only
+        if method in ("sep", "sep-nofilter"):  # detection only
             rows.append(row)
             log(f"  {method:10s} {json.dumps(row['detection'])}")
             continue

@@ -80,3 +80,22 @@ def test_tsmap_detect_refuses_what_it_cannot_do(optical, gamma):
         tsmap_detect(real_like, background="true")
     with pytest.raises(SkyfmError):
         photutils_detect(optical, method="iraf")
+
+
+def test_sep_without_its_filter_splits_a_close_pair():
+    # two equal stars 5 px apart (~1.3 FWHM in this seed's seeing): SExtractor's default filter merges them before
+    # deblending; the crowded-field configuration, unfiltered, finds both
+    from skyfm.baselines import BASELINES
+
+    x0, y0, d = 30.0, 31.0, 5.0
+    pair = simulate_patch("meerlicht", seed=4, size=64, scene="field", contaminants=False,
+                          inject={"x": [x0, x0 + d], "y": [y0, y0], "mag": [16.0, 16.0]})
+
+    def near_pair(cat):
+        strong = cat[np.asarray(cat["score"]) >= 5]
+        return int(np.sum(np.hypot(strong["x"].value - x0 - d / 2, strong["y"].value - y0) < d / 2 + 1.5))
+
+    assert near_pair(sep_detect(pair)) == 1
+    for cat in (BASELINES["sep-nofilter"](pair), sep_detect(pair, filter=False, minarea=3)):
+        assert near_pair(cat) == 2
+        assert _found(cat, x0, y0) and _found(cat, x0 + d, y0)
