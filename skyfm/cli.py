@@ -546,7 +546,9 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
               help="Reference catalog: add the associated source's name to each detection.")
 @click.option("--min-score", type=click.FloatRange(0, 1), default=None,
               help="Detection threshold on the heatmap probability (default: the detector's own per-instrument "
-                   "threshold, chosen on validation patches; 0.2-0.4 for the shipped one, listed in its README).")
+                   "threshold, chosen on validation patches; 0.2-0.4 for the shipped one, listed in its README, "
+                   "where a head may ask more of the peaks its PSF fit does not confirm; any other threshold given "
+                   "here applies to every detection).")
 @click.option("--hdu", default=None, help="HDU to read, by index or EXTNAME (default: the first with image data).")
 @click.option("--tile", "tile_size", type=click.IntRange(min=16), default=None,
               help="Tile side (pixels; default 512 for one-band images, 256 for several bands, 128 for counts cubes).")

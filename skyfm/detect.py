@@ -19,7 +19,9 @@ How:
    CCD images: a saturated star the network left out is added (score 1), and saturated stars take aperture
    fluxes (:func:`add_saturated_stars`); the PSF fit refines positions and point-source fluxes, and sources with
    light beyond their PSF model (galaxies) in sparse places get Kron aperture fluxes (:func:`refine_ccd_tile`,
-   :mod:`skyfm.catalog.kron`).
+   :mod:`skyfm.catalog.kron`). A head with ``unconfirmed_min_score`` keeps a peak the fit does not confirm
+   (catalog ``fit`` 0) only above that higher threshold (at the head's own ``min_score``; any other threshold the
+   caller gives applies to every detection).
 4. **Counts cubes.** Each detection is refined by a Poisson likelihood fit with the instrument PSF per energy bin
    against the expected background (the simulator's or the user's model when given, else estimated from the
    counts, :func:`refine_counts`): position, flux per bin, and TS; the physical photon flux ``flux_phys``
@@ -368,6 +370,10 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
 
     ccd_refine = refine and not inst.is_counts  # the PSF fit of CCD tiles (counts cubes are refined after all tiles)
     search = ccd_refine and head.residual_search is not None
+    # at the head's own threshold, a peak the PSF fit does not confirm (fit 0) needs the head's higher one where it
+    # has one; any other threshold the caller chose applies to every detection
+    own = min_score == default_min_score(det, head)
+    unconfirmed = head.unconfirmed_threshold(min_score) if ccd_refine and head.psf_fit and own else min_score
     workers = _refine_workers(refine_workers) if ccd_refine else 1
     pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
     # the steps that carry estimates from tile to tile (seeing, colours) in tile order, whatever the threads
@@ -382,6 +388,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             turns.skip(k)
         if search:  # the search's finds, as the network's peaks, above the threshold in use
             d = _take(d, (d["fit"] != 4) | (d["score"] >= min_score))
+        if unconfirmed > min_score:
+            d = _take(d, (d["fit"] != 0) | (d["score"] >= unconfirmed))
         return d
 
     def flush(items):
@@ -1245,7 +1253,8 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     Args:
         patch: the image (simulated or read); its instrument must have a head in the detector.
         detector: a SourceDetector, a model folder, or None for the shipped default.
-        min_score: heatmap probability threshold (default the detector's, 0.3).
+        min_score: heatmap probability threshold (default the head's or the detector's; at that default a head's
+            ``unconfirmed_min_score`` applies to the peaks the PSF fit does not confirm, any other to every peak).
         refine: for counts cubes, the Poisson likelihood refinement (TS, physical flux).
         precision, attention_window: how the network runs (:func:`inference_settings`): by default bf16 where
             the hardware has it natively, and the tiling of :func:`default_tiling`.

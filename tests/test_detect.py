@@ -700,3 +700,33 @@ def test_tile_turns_pass_in_ticket_order_and_skips_hand_on():
     for t in threads:
         t.join(timeout=10)
     assert order == [0, 1, 3, 4]
+
+
+def test_unconfirmed_detections_need_the_heads_higher_threshold():
+    """``unconfirmed_min_score``: the peaks the PSF fit does not confirm (``fit`` 0) are kept only above it; the
+    confirmed rows are those of a run without it; without the refinement nothing is cut; a bad value is an error."""
+    import copy
+
+    from skyfm.detect import detect_patch, get_detector
+    from skyfm.errors import SkyfmError
+
+    det = copy.deepcopy(get_detector(None))
+    head = det.head_config("wise")
+    p = simulate_patch("wise", 6, size=128, scene="crowded")
+    head.unconfirmed_min_score = None
+    every = detect_patch(p, det)
+    head.unconfirmed_min_score = 0.35
+    cut = detect_patch(p, det)
+    fit, score = np.asarray(every["fit"]), np.asarray(every["score"])
+    dropped = (fit == 0) & (score < 0.35)
+    assert dropped.sum() >= 10 and len(cut) == len(every) - dropped.sum()
+    assert np.all((np.asarray(cut["fit"]) != 0) | (np.asarray(cut["score"]) >= 0.35))
+    assert np.array_equal(np.asarray(cut["x"]), np.asarray(every["x"])[~dropped])
+    assert len(detect_patch(p, det, refine=False)) >= len(every) - 5  # no fit, no unconfirmed rows to cut
+    given = detect_patch(p, det, min_score=0.25)  # another threshold, the caller's: it holds for every row
+    assert np.any((np.asarray(given["fit"]) == 0) & (np.asarray(given["score"]) < 0.35))
+    assert np.all(np.asarray(given["score"]) >= 0.25)
+    assert head.unconfirmed_threshold(0.5) == 0.5  # never below the detection threshold itself
+    head.unconfirmed_min_score = 1.5
+    with pytest.raises(SkyfmError, match="unconfirmed_min_score"):
+        detect_patch(p, det)

@@ -38,6 +38,10 @@ class InstrumentHeadConfig:
         pixel_scale_deg: the instrument's native pixel scale (extension outputs are learned in these pixels).
         spec: for a telescope that is not built in, its YAML mapping, so the saved detector is self-contained.
         min_score: this instrument's detection threshold (chosen on validation patches), else the detector's.
+        unconfirmed_min_score: CCD images with the PSF-fit refinement: the threshold for a detection the fit does not
+            confirm (its fit failed or is below SNR 5: catalog ``fit`` 0), higher than ``min_score`` where the
+            network's faint peaks that no fit backs are mostly false (chosen on validation images,
+            ``benchmarks/choose_unconfirmed.py``). None: ``min_score`` for every detection.
         flux_err_scale, pos_err_scale: multipliers of the network's ``flux_err`` (and ``flux_band_err``) and
             ``pos_err``, calibrated on validation patches (:func:`skyfm.finetune.ship.calibrate_errors`) so that
             ``flux +- flux_err`` holds 68% of true fluxes and the median separation is 1.177 ``pos_err`` (the 2-D
@@ -108,6 +112,7 @@ class InstrumentHeadConfig:
     pixel_scale_deg: float = 1.0
     spec: dict | None = None
     min_score: float | None = None
+    unconfirmed_min_score: float | None = None
     flux_err_scale: float = 1.0
     pos_err_scale: float = 1.0
     fit_flux_err_scale: float = 1.0
@@ -164,6 +169,15 @@ class InstrumentHeadConfig:
         default = self._number("flux_err_scale", 1.0, allow_zero=False)
         return (self._number("unfitted_flux_err_scale", default, allow_zero=False),
                 self._number("unfitted_flux_err_confusion", 0.0, allow_zero=True))
+
+    def unconfirmed_threshold(self, min_score: float) -> float:
+        """The threshold of the detections the PSF fit does not confirm: ``unconfirmed_min_score`` (a number in
+        (0, 1]) or, when unset or lower, ``min_score``."""
+        v = self._number("unconfirmed_min_score", min_score, allow_zero=False)
+        if v > 1.0:
+            raise SkyfmError(f"head {self.name}: unconfirmed_min_score should be a probability in (0, 1], "
+                             f"got {self.unconfirmed_min_score!r}")
+        return max(v, float(min_score))
 
     def kron_settings(self, default_max_crowding: float) -> tuple[float, float, float, float]:
         """(``kron_excess_min``, ``kron_flux_err_scale``, ``kron_flux_err_floor``, ``kron_max_crowding``): inf
