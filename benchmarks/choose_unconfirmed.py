@@ -9,15 +9,17 @@ After the network's peaks are found at the head's ``min_score``, the PSF fit ref
 refine_ccd_tile``); a peak whose fit fails or falls below SNR 5 keeps the network's values (catalog ``fit`` 0). Such
 unconfirmed peaks just above a low ``min_score`` are often false (a noise bump or a faint neighbour's wing that the
 network scored), so a head may ask them for a higher score, ``unconfirmed_min_score`` (:class:`~skyfm.heads.config.
-InstrumentHeadConfig`). Validation seeds only (never the benchmarks' test seeds): those of
+InstrumentHeadConfig`), perhaps only where the field is sparse (``unconfirmed_max_crowding``: in crowded places
+a fit fails on blends of real stars, in sparse ones on noise). Validation seeds only (never the benchmarks' test seeds): those of
 ``benchmarks/choose_kron.py`` (field images of 1024^2 from seeds 951e6 and 952e6, crowded and cluster patches of
 256^2 from 951e6 and 951.01e6) and ``--drawn`` patches of 256^2 with the simulator's drawn scenes (seeds 951.02e6,
 as ``benchmarks/detect.py``'s main cases draw them). Each image is detected once with the head as shipped but no
-``unconfirmed_min_score``; each candidate threshold then drops the unconfirmed rows below it.
+``unconfirmed_min_score``; each candidate rule (threshold x crowding limit) then drops the unconfirmed rows below
+the threshold where the crowding is below the limit.
 
 Prints, per candidate and scene, pooled over the scene's images as ``benchmarks/detect.py`` pools them (truth with
 SNR >= 5, F1 at the head's ``min_score``; a detection matched to a fainter true source counts neither way): F1,
-R(3-5)@P0.9 and the rows the threshold cuts; then the choice: the threshold of best mean F1 over the scenes (as
+R(3-5)@P0.9 and the rows the threshold cuts; then the choice: the rule of best mean F1 over the scenes (as
 the heads' ``min_score`` is chosen: a cluster core holds more sources than ten field images, and pooled it would
 decide alone), among those that keep the recall of true SNR 3-5 sources at precision 0.9 (``R(3-5)@P0.9`` of
 ``benchmarks/detect.py``, a target of the issue) within :data:`MAX_R35_LOSS` of every row's in every scene (the
@@ -33,6 +35,7 @@ import json
 import numpy as np
 
 CANDIDATES = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
+CROWDING_LIMITS = (0.02, 0.05, 0.1, np.inf)  # unconfirmed rows are cut where crowding (catalog column) is below
 MIN_GAIN = 0.005  # mean F1 over the scenes a threshold must add to be set
 FAINT = (3.0, 5.0)  # true SNR range whose recall the issue asks for (twice the best baseline's at precision 0.9)
 TARGET_PRECISION = 0.9
@@ -49,6 +52,7 @@ def collect(inst_name: str, fields: tuple[int, int], patches: int, drawn: int, l
 
     det = copy.deepcopy(get_detector(None))
     det.head_config(inst_name).unconfirmed_min_score = None  # every unconfirmed row, for the thresholds to cut
+    det.head_config(inst_name).unconfirmed_max_crowding = None
     draws = validation_draws(fields, patches) + [(DRAWN_BASE + i, 256, None) for i in range(drawn)]
     out = []
     for j, (seed, size, scene) in enumerate(draws):
@@ -56,16 +60,17 @@ def collect(inst_name: str, fields: tuple[int, int], patches: int, drawn: int, l
         cat = detect_patch(p, det)
         v = lambda c: np.asarray(getattr(cat[c], "value", cat[c]), float)
         out.append(dict(scene=scene or "drawn", x=v("x"), y=v("y"), score=v("score"), fit=np.asarray(cat["fit"]),
-                        truth=p.truth))
+                        crowding=np.nan_to_num(v("crowding"), nan=0.0), truth=p.truth))
         log(f"  {j + 1}/{len(draws)} {scene or 'drawn'} {size}^2: {len(cat)} rows, "
             f"{int((out[-1]['fit'] == 0).sum())} unconfirmed")
     return out
 
 
-def score_images(images: list[dict], threshold: float | None, min_score: float, radius: float) -> dict:
+def score_images(images: list[dict], threshold: float | None, min_score: float, radius: float,
+                 max_crowding: float = np.inf) -> dict:
     """Per scene (and "all"), the images' sweeps pooled as ``benchmarks/detect.py`` pools them, with the unconfirmed
-    rows below ``threshold`` dropped (None: every row): F1 at ``min_score`` and R(3-5) at precision 0.9, and the
-    rows the cut removed."""
+    rows below ``threshold`` whose crowding is below ``max_crowding`` dropped (None: every row): F1 at
+    ``min_score`` and R(3-5) at precision 0.9, and the rows the cut removed."""
     from astropy.table import Table
 
     from skyfm.catalog.metrics import concat_sweeps, metrics_at_threshold, recall_at_precision, score_sweep
@@ -73,7 +78,9 @@ def score_images(images: list[dict], threshold: float | None, min_score: float, 
     sweeps: dict = {}
     cut: dict = {}
     for img in images:
-        keep = np.ones(len(img["score"]), bool) if threshold is None else (img["fit"] != 0) | (img["score"] >= threshold)
+        keep = np.ones(len(img["score"]), bool)
+        if threshold is not None:
+            keep = (img["fit"] != 0) | (img["score"] >= threshold) | (img["crowding"] >= max_crowding)
         sw = score_sweep(Table({k: img[k][keep] for k in ("x", "y", "score")}), img["truth"], radius)
         for scene in (img["scene"], "all"):
             sweeps.setdefault(scene, []).append(sw)
@@ -105,22 +112,25 @@ def main(argv=None) -> int:
     images = collect(args.instrument, fields, args.patches, args.drawn, log)
     base = score_images(images, None, min_score, radius)
     mean_f1, eligible = {}, {}
-    for threshold in (None, *(t for t in CANDIDATES if t > min_score)):
-        acc = base if threshold is None else score_images(images, threshold, min_score, radius)
-        mean_f1[threshold] = float(np.mean([a["f1"] for scene, a in acc.items() if scene != "all"]))
-        eligible[threshold] = all(a["r35"] >= base[scene]["r35"] - max(MAX_R35_LOSS * base[scene]["r35"], 0.01)
-                                  for scene, a in acc.items())
-        name = f"min_score {min_score:g} (every row)" if threshold is None else f"unconfirmed >= {threshold:g}"
-        log(f"{name}: mean F1 over scenes {mean_f1[threshold]:.4f}" + ("" if eligible[threshold] else
+    rules = [None] + [(t, c) for c in CROWDING_LIMITS for t in CANDIDATES if t > min_score]
+    for rule in rules:
+        acc = base if rule is None else score_images(images, rule[0], min_score, radius, rule[1])
+        mean_f1[rule] = float(np.mean([a["f1"] for scene, a in acc.items() if scene != "all"]))
+        eligible[rule] = all(a["r35"] >= base[scene]["r35"] - max(MAX_R35_LOSS * base[scene]["r35"], 0.01)
+                             for scene, a in acc.items())
+        name = (f"min_score {min_score:g} (every row)" if rule is None
+                else f"unconfirmed >= {rule[0]:g} where crowding < {rule[1]:g}")
+        log(f"{name}: mean F1 over scenes {mean_f1[rule]:.4f}" + ("" if eligible[rule] else
             " (loses R(3-5)@P0.9)") + " | " + " | ".join(
             f"{scene} F1 {a['f1']:.3f} ({a['tp']} TP, {a['fp']} FP, {a['cut']} cut), R35 {a['r35']:.3f}"
             for scene, a in sorted(acc.items())))
-    best = max((t for t in mean_f1 if t is not None and eligible[t]), key=mean_f1.get, default=None)
+    best = max((r for r in rules if r is not None and eligible[r]), key=mean_f1.get, default=None)
     chosen = best if best is not None and mean_f1[best] >= mean_f1[None] + MIN_GAIN else None
     log(f"mean F1 over scenes {mean_f1[None]:.4f} with every row; "
-        + (f"no threshold keeps R(3-5)@P0.9 and gains {MIN_GAIN:g}" if chosen is None
-           else f"{mean_f1[chosen]:.4f} at {chosen:g}"))
-    log(json.dumps({"unconfirmed_min_score": chosen}))
+        + (f"no rule keeps R(3-5)@P0.9 and gains {MIN_GAIN:g}" if chosen is None
+           else f"{mean_f1[chosen]:.4f} at {chosen[0]:g} where crowding < {chosen[1]:g}"))
+    log(json.dumps({"unconfirmed_min_score": None if chosen is None else chosen[0],
+                    "unconfirmed_max_crowding": None if chosen is None or not np.isfinite(chosen[1]) else chosen[1]}))
     return 0
 
 

@@ -21,7 +21,7 @@ How:
    light beyond their PSF model (galaxies) in sparse places get Kron aperture fluxes (:func:`refine_ccd_tile`,
    :mod:`skyfm.catalog.kron`). A head with ``unconfirmed_min_score`` keeps a peak the fit does not confirm
    (catalog ``fit`` 0) only above that higher threshold (at the head's own ``min_score``; any other threshold the
-   caller gives applies to every detection).
+   caller gives applies to every detection), where its ``crowding`` is below ``unconfirmed_max_crowding``.
 4. **Counts cubes.** Each detection is refined by a Poisson likelihood fit with the instrument PSF per energy bin
    against the expected background (the simulator's or the user's model when given, else estimated from the
    counts, :func:`refine_counts`): position, flux per bin, and TS; the physical photon flux ``flux_phys``
@@ -374,11 +374,12 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     # has one; any other threshold the caller chose applies to every detection
     own = min_score == default_min_score(det, head)
     unconfirmed = head.unconfirmed_threshold(min_score) if ccd_refine and head.psf_fit and own else min_score
+    unconfirmed_crowding = head.unconfirmed_crowding_limit()
     workers = _refine_workers(refine_workers) if ccd_refine else 1
     pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
     # the steps that carry estimates from tile to tile (seeing, colours) in tile order, whatever the threads
     turns, tickets = _TileTurns(("seeing", "colours")), itertools.count()
-    colours: dict = {}  # the fitted detections' summed band fluxes of the tiles so far
+    colours: dict = {}  # the fitted detections' band fluxes of the tiles so far
 
     def refined(k, p, d):
         try:
@@ -389,7 +390,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
         if search:  # the search's finds, as the network's peaks, above the threshold in use
             d = _take(d, (d["fit"] != 4) | (d["score"] >= min_score))
         if unconfirmed > min_score:
-            d = _take(d, (d["fit"] != 0) | (d["score"] >= unconfirmed))
+            sparse = ~(np.nan_to_num(d["crowding"], nan=0.0) >= unconfirmed_crowding)
+            d = _take(d, (d["fit"] != 0) | (d["score"] >= unconfirmed) | ~sparse)
         return d
 
     def flush(items):
@@ -501,6 +503,7 @@ def _refine_workers(workers: int | None) -> int:
 
 # ------------------------------------------------------------------------------------------------ CCD refinement
 PSF_FIT_MIN_SNR = 5.0  # detections whose PSF fit has a lower SNR keep the network's values
+PSF_FIT_MAX_NEGATIVE = 5.0  # ... and those with a band flux below -this many sigma: no source has negative light
 SEEING_TILES = 5  # tiles of one image whose seeing estimates are enough: later tiles take their median
 PSF_FIT_PASSES = 2  # rounds of the PSF fit over all detections (each fitted with the others' current models)
 
@@ -626,10 +629,10 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     ``psf_fit`` False (chosen on validation seeds) keep the network's values. ``mask_cosmic_rays`` (default the
     head's setting): leave the tile's cosmic-ray pixels (:func:`~skyfm.catalog.cosmics.cosmic_ray_mask`) out of
     the fit, as its saturated ones. ``colours`` (a dict kept across the tiles of one image, like ``seeing``): the
-    fitted detections' band fluxes summed over the tiles so far, the colour template of the residual search's
-    finds' total fluxes (:func:`_template_total`). ``turn(name)``: a context manager around the steps that read and
-    add to ``seeing`` (name ``seeing``) and ``colours`` (``colours``); :func:`detect_tiles`, refining tiles in
-    threads, passes one that takes them in tile order.
+    fitted detections' band fluxes of the tiles so far, whose colour template (:func:`colour_template`) gives the
+    residual search's finds their total fluxes (:func:`_template_total`). ``turn(name)``: a context manager around
+    the steps that read and add to ``seeing`` (name ``seeing``) and ``colours`` (``colours``); :func:`detect_tiles`,
+    refining tiles in threads, passes one that takes them in tile order.
     """
     from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, crowding, estimate_fwhm,
                                        fit_psf_sources, residual_image)
@@ -698,7 +701,11 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
         # the SNR of the summed flux lets a band that holds only noise (WISE W4 for most stars) drown the others
         band_snr = np.clip(np.nan_to_num(fit["flux_band"] / fit["flux_band_err"], nan=0.0), 0.0, None)
         fit_snr = np.sqrt((band_snr ** 2).sum(axis=1))
-    ok = fit["ok"] & (fit_snr >= PSF_FIT_MIN_SNR)
+        # a band flux far below zero is no measurement of a source but a fit gone wrong: peaks crowded onto one
+        # bright extended galaxy fitted as point sources trade hundreds of times its light between them
+        physical = np.all(np.nan_to_num(fit["flux_band"], nan=0.0)
+                          >= -PSF_FIT_MAX_NEGATIVE * np.nan_to_num(fit["flux_band_err"], nan=np.inf), axis=1)
+    ok = fit["ok"] & (fit_snr >= PSF_FIT_MIN_SNR) & physical
     flux_scale, pos_scale = head.error_scales(fit=True)  # calibrated on validation patches (1.0: as fitted)
     flux_floor, pos_floor = head.error_floors()  # systematic errors, in quadrature (0: none)
     # a fit that leaves more residual than the noise explains (an undetected neighbour, a blend, a galaxy taken
@@ -786,8 +793,9 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     d["kron_size"] = np.where(measured, size, np.nan)
     with turn("colours"):  # the image's colours, from its fitted detections of the tiles so far (tile order)
         colours = {} if colours is None else colours
-        colours["sum"] = colours.get("sum", 0.0) + np.nan_to_num(fit["flux_band"][ok]).sum(axis=0)
-        colours["n"] = colours.get("n", 0) + int(ok.sum())
+        if "settled" not in colours:
+            colours.setdefault("flux", []).append(np.asarray(fit["flux_band"])[ok])
+            colours.setdefault("err", []).append(np.asarray(fit["flux_band_err"])[ok])
         template = colour_template(colours)
     if m:
         d = _with_residual_finds(d, finds, kron_finds, head, search, scale, crowding(
@@ -796,16 +804,41 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     return d
 
 
-COLOUR_MIN_SOURCES = 10  # fitted detections an image's colour template needs
+COLOUR_MIN_SOURCES = 10  # well-measured detections an image's colour template needs
+COLOUR_MIN_SNR = 10.0  # a detection measures the colours when its reference band has this SNR
+COLOUR_SETTLE_SOURCES = 1000  # with this many, the template is settled: later tiles take it as it is
 
 
 def colour_template(colours: dict) -> np.ndarray | None:
-    """Each band's share of the summed fitted flux of an image's detections (``colours``: ``sum`` (C,), ``n``), or
-    None with one band, fewer than :data:`COLOUR_MIN_SOURCES` detections, or no positive sum."""
-    total = np.clip(np.asarray(colours.get("sum", 0.0), dtype=float), 0.0, None)
-    if total.ndim != 1 or total.size < 2 or colours.get("n", 0) < COLOUR_MIN_SOURCES or total.sum() <= 0:
+    """A typical detection's share of its light in each band, from the fitted detections of an image (``colours``:
+    ``flux`` and ``err``, lists of (N, C) arrays of band fluxes and errors, one per tile so far): per band the
+    median over the well-measured detections (SNR >= :data:`COLOUR_MIN_SNR` in the reference band, the band where
+    most detections reach it) of the band's flux over the reference band's, clipped at 0 and normalised. None with
+    one band, fewer than :data:`COLOUR_MIN_SOURCES` such detections, or no positive share. A median of ratios, not a
+    ratio of sums: summed fluxes are the brightest detections' colours, and a few failed fits (peaks crowded onto a
+    bright WISE galaxy, fitted to -3e5 in W1 and +1e7 in W4) set them alone. With :data:`COLOUR_SETTLE_SOURCES`
+    the template is kept in ``colours`` (``settled``) and no longer recomputed."""
+    if "settled" in colours:
+        return colours["settled"]
+    parts = colours.get("flux") or []
+    flux = np.concatenate(parts) if parts else np.zeros((0, 0))
+    if flux.ndim != 2 or flux.shape[1] < 2:
         return None
-    return total / total.sum()
+    err = np.concatenate(colours["err"])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = np.where(err > 0, flux / err, 0.0)
+    strong = np.nan_to_num(snr) >= COLOUR_MIN_SNR
+    ref = int(np.argmax(strong.sum(axis=0)))
+    good = strong[:, ref]
+    if good.sum() < COLOUR_MIN_SOURCES:
+        return None
+    share = np.clip(np.nanmedian(flux[good] / flux[good, ref:ref + 1], axis=0), 0.0, None)
+    if not np.isfinite(share).all() or share.sum() <= 0:
+        return None
+    template = share / share.sum()
+    if good.sum() >= COLOUR_SETTLE_SOURCES:
+        colours["settled"] = template
+    return template
 
 
 def _template_total(flux_band: np.ndarray, err_band: np.ndarray, template: np.ndarray):
@@ -846,7 +879,9 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
     """``d`` with rows (``fit`` 4) for the residual search's ``finds`` (:func:`_fit_finds`): those whose light beyond
     the PSF model (``kron_excess``) reaches the search's ``kron_excess_min``, or whose PSF fit failed, take the Kron
     flux and the half-light radius from it, the others the PSF fit's flux; finds with no Kron measurement (the
-    aperture off the tile or masked) are dropped, as a diffuse source's PSF flux would hold a fraction of its light;
+    aperture off the tile or masked) are dropped, as a diffuse source's PSF flux would hold a fraction of its light,
+    and so are those with no light in the aperture (Kron total <= 0; under the colour ``template`` where there is
+    one) or a Kron row's Kron sum <= 0;
     errors with the search's relative floor; position the PSF fit's (else the search's peak), error
     sqrt(2) sigma / snr (a Gaussian source's Cramér-Rao bound per axis, sigma the matched filter's) times the
     search's ``pos_err_scale``; ``score`` the head's logistic in ln(snr) (the share of such finds that were real
@@ -857,15 +892,22 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
     from skyfm.catalog.kron import half_light_radius_pix
     from skyfm.heads.classification import calibrate_class_prob
 
-    keep = np.isfinite(kron["flux"]) & (kron["flux"] > 0)  # measured
-    if not np.any(keep):
-        return d
+    # measured, with light in the aperture: under the image's colours where it has them (a sum over bands would
+    # keep the finds whose deep-noise bands, WISE W3 / W4, came out high, and drop as many real ones)
+    kron_total = kron["flux"] if template is None else _template_total(kron["flux_band"], kron["flux_band_err"],
+                                                                       template)[0]
+    keep = np.isfinite(kron["flux"]) & (kron_total > 0)
     k, f = _take(kron, keep), _take(finds, keep)
     psf_flux, psf_err = f["flux"], f["flux_err"]
     if template is not None:
         psf_flux, psf_err = _template_total(f["flux_band"], f["flux_band_err"], template)
     psf = np.isfinite(psf_flux) & (psf_flux > 0)
     ext = (k["excess"] >= search["kron_excess_min"]) | ~psf
+    usable = ~ext | (k["flux"] > 0)  # a row that takes the Kron total needs a positive one
+    k, f, ext, psf_flux, psf_err = _take(k, usable), _take(f, usable), ext[usable], psf_flux[usable], psf_err[usable]
+    keep[np.flatnonzero(keep)[~usable]] = False
+    if not np.any(keep):
+        return d
     _, kron_scale, _, _ = head.kron_settings(KRON_MAX_CROWDING)
     flux_scale, _ = head.error_scales(fit=True)
     floor = search["flux_err_floor"]

@@ -703,8 +703,9 @@ def test_tile_turns_pass_in_ticket_order_and_skips_hand_on():
 
 
 def test_unconfirmed_detections_need_the_heads_higher_threshold():
-    """``unconfirmed_min_score``: the peaks the PSF fit does not confirm (``fit`` 0) are kept only above it; the
-    confirmed rows are those of a run without it; without the refinement nothing is cut; a bad value is an error."""
+    """``unconfirmed_min_score``: the peaks the PSF fit does not confirm (``fit`` 0) are kept only above it (with
+    ``unconfirmed_max_crowding``, only where the crowding is below that); the confirmed rows are those of a run
+    without it; without the refinement nothing is cut; a bad value is an error."""
     import copy
 
     from skyfm.detect import detect_patch, get_detector
@@ -727,6 +728,52 @@ def test_unconfirmed_detections_need_the_heads_higher_threshold():
     assert np.any((np.asarray(given["fit"]) == 0) & (np.asarray(given["score"]) < 0.35))
     assert np.all(np.asarray(given["score"]) >= 0.25)
     assert head.unconfirmed_threshold(0.5) == 0.5  # never below the detection threshold itself
+    crowd = np.nan_to_num(np.asarray(every["crowding"], float), nan=0.0)
+    limit = float(np.median(crowd[dropped]))
+    head.unconfirmed_max_crowding = limit  # only where the field is sparser than this
+    sparse_cut = detect_patch(p, det)
+    assert len(sparse_cut) == len(every) - (dropped & (crowd < limit)).sum()
+    head.unconfirmed_max_crowding = 0.0  # nowhere
+    assert len(detect_patch(p, det)) == len(every)
+    head.unconfirmed_max_crowding = -1.0
+    with pytest.raises(SkyfmError, match="unconfirmed_max_crowding"):
+        detect_patch(p, det)
+    head.unconfirmed_max_crowding = None
     head.unconfirmed_min_score = 1.5
     with pytest.raises(SkyfmError, match="unconfirmed_min_score"):
         detect_patch(p, det)
+
+
+def test_a_psf_fit_with_a_far_negative_band_flux_keeps_the_networks_values(monkeypatch):
+    """No source has negative light: a fit whose band flux lies 5 sigma below zero (peaks crowded onto one bright
+    galaxy trading its light between them) is a fit gone wrong, and the row keeps the network's values (fit 0)."""
+    import skyfm.catalog.psf_fit as pf
+    from skyfm.detect import get_detector, refine_ccd_tile
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("wise")
+    p = simulate_patch("wise", 12, size=96, scene="field", contaminants=False,
+                       inject={"x": [30.3, 60.7], "y": [40.2, 50.5], "mag": [11.0, 11.5]})
+    n = 2
+    d = {"x": np.array([30.3, 60.7]), "y": np.array([40.2, 50.5]), "pos_err": np.full(n, 0.5), "score": np.ones(n),
+         "class_prob": np.tile([0.5, 0.5], (n, 1)), "extension": np.zeros(n), "flux": np.full(n, 1e4),
+         "flux_band": np.full((n, 4), 2.5e3), "flux_err": np.full(n, 1e3), "flux_band_err": np.full((n, 4), 250.0),
+         "fit": np.zeros(n, np.int8)}
+    for k in ("fit_chi2", "crowding", "flux_confusion", "flux_kron", "flux_kron_err", "kron_excess", "kron_size"):
+        d[k] = np.full(n, np.nan)
+    head = get_detector(None).head_config("wise")
+    good = refine_ccd_tile(dict(d), p, inst, head)
+    assert np.all(good["fit"][:n] > 0)  # both bright stars fitted
+    real_fit = pf.fit_psf_sources
+
+    def gone_wrong(*args, **kwargs):
+        f = real_fit(*args, **kwargs)
+        if len(f["x"]) == n:  # the detections' fit (not the residual search's finds)
+            f["flux_band"] = f["flux_band"].copy()
+            f["flux_band"][0, 3] = -6.0 * f["flux_band_err"][0, 3]
+        return f
+
+    monkeypatch.setattr(pf, "fit_psf_sources", gone_wrong)
+    bad = refine_ccd_tile(dict(d), p, inst, head)
+    assert bad["fit"][0] == 0 and bad["fit"][1] > 0
+    assert bad["flux"][0] == d["flux"][0] and np.array_equal(bad["flux_band"][0], d["flux_band"][0])

@@ -216,6 +216,15 @@ def test_template_total_weights_each_band_by_what_it_tells():
     total, total_err = _template_total(noisy, err, template)
     assert np.all(np.abs(total - truth) < 0.05 * truth) and np.all(biased_sum > 1.9 * truth)
     assert np.all(total_err < np.sqrt((err ** 2).sum(axis=1)))  # more precise than the plain sum
-    assert colour_template({"sum": np.array([3.0, 1.0]), "n": 12}).tolist() == [0.75, 0.25]
-    assert colour_template({"sum": np.array([3.0, 1.0]), "n": 3}) is None  # too few detections
-    assert colour_template({"sum": np.array([3.0]), "n": 50}) is None  # one band: the sum is the total
+    rng = np.random.default_rng(3)
+    bright = rng.uniform(500, 5000, 40)[:, None] * template  # well-measured detections of the image's colours
+    errs = np.array([[20.0, 25.0, 300.0, 500.0]] * 40)
+    noisy = bright + rng.normal(0, 1, bright.shape) * errs
+    got = colour_template({"flux": [noisy[:20], noisy[20:]], "err": [errs[:20], errs[20:]]})
+    assert np.allclose(got, template, atol=0.03)
+    wild = noisy.copy()
+    wild[0] = [-3e6, -1e6, 7e6, 2e8]  # one failed fit (a saturated star): a ratio of sums would be that fit alone
+    assert np.allclose(colour_template({"flux": [wild], "err": [errs]}), template, atol=0.03)
+    assert colour_template({"flux": [noisy[:5]], "err": [errs[:5]]}) is None  # too few detections
+    assert colour_template({"flux": [noisy[:, :1]], "err": [errs[:, :1]]}) is None  # one band: the sum is the total
+    assert colour_template({}) is None

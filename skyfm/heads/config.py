@@ -42,6 +42,8 @@ class InstrumentHeadConfig:
             confirm (its fit failed or is below SNR 5: catalog ``fit`` 0), higher than ``min_score`` where the
             network's faint peaks that no fit backs are mostly false (chosen on validation images,
             ``benchmarks/choose_unconfirmed.py``). None: ``min_score`` for every detection.
+        unconfirmed_max_crowding: ... only where the detection's ``crowding`` is below this (in crowded places a
+            fit fails on blends of real stars, in sparse ones on noise); None: everywhere.
         flux_err_scale, pos_err_scale: multipliers of the network's ``flux_err`` (and ``flux_band_err``) and
             ``pos_err``, calibrated on validation patches (:func:`skyfm.finetune.ship.calibrate_errors`) so that
             ``flux +- flux_err`` holds 68% of true fluxes and the median separation is 1.177 ``pos_err`` (the 2-D
@@ -113,6 +115,7 @@ class InstrumentHeadConfig:
     spec: dict | None = None
     min_score: float | None = None
     unconfirmed_min_score: float | None = None
+    unconfirmed_max_crowding: float | None = None
     flux_err_scale: float = 1.0
     pos_err_scale: float = 1.0
     fit_flux_err_scale: float = 1.0
@@ -178,6 +181,12 @@ class InstrumentHeadConfig:
             raise SkyfmError(f"head {self.name}: unconfirmed_min_score should be a probability in (0, 1], "
                              f"got {self.unconfirmed_min_score!r}")
         return max(v, float(min_score))
+
+    def unconfirmed_crowding_limit(self) -> float:
+        """``unconfirmed_max_crowding`` (a number >= 0), inf when unset."""
+        if self.unconfirmed_max_crowding is None:
+            return float("inf")
+        return self._number("unconfirmed_max_crowding", 0.0, allow_zero=True)
 
     def kron_settings(self, default_max_crowding: float) -> tuple[float, float, float, float]:
         """(``kron_excess_min``, ``kron_flux_err_scale``, ``kron_flux_err_floor``, ``kron_max_crowding``): inf
