@@ -390,7 +390,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
         if search:  # the search's finds, as the network's peaks, above the threshold in use
             d = _take(d, (d["fit"] != 4) | (d["score"] >= min_score))
         if unconfirmed > min_score:
-            sparse = ~(np.nan_to_num(d["crowding"], nan=0.0) >= unconfirmed_crowding)
+            sparse = np.nan_to_num(d["crowding"], nan=0.0) < unconfirmed_crowding
             d = _take(d, (d["fit"] != 0) | (d["score"] >= unconfirmed) | ~sparse)
         return d
 
@@ -892,22 +892,20 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
     from skyfm.catalog.kron import half_light_radius_pix
     from skyfm.heads.classification import calibrate_class_prob
 
-    # measured, with light in the aperture: under the image's colours where it has them (a sum over bands would
-    # keep the finds whose deep-noise bands, WISE W3 / W4, came out high, and drop as many real ones)
-    kron_total = kron["flux"] if template is None else _template_total(kron["flux_band"], kron["flux_band_err"],
-                                                                       template)[0]
-    keep = np.isfinite(kron["flux"]) & (kron_total > 0)
-    k, f = _take(kron, keep), _take(finds, keep)
-    psf_flux, psf_err = f["flux"], f["flux_err"]
+    psf_flux, psf_err = finds["flux"], finds["flux_err"]
+    kron_total = kron["flux"]
     if template is not None:
-        psf_flux, psf_err = _template_total(f["flux_band"], f["flux_band_err"], template)
+        psf_flux, psf_err = _template_total(finds["flux_band"], finds["flux_band_err"], template)
+        kron_total = _template_total(kron["flux_band"], kron["flux_band_err"], template)[0]
     psf = np.isfinite(psf_flux) & (psf_flux > 0)
-    ext = (k["excess"] >= search["kron_excess_min"]) | ~psf
-    usable = ~ext | (k["flux"] > 0)  # a row that takes the Kron total needs a positive one
-    k, f, ext, psf_flux, psf_err = _take(k, usable), _take(f, usable), ext[usable], psf_flux[usable], psf_err[usable]
-    keep[np.flatnonzero(keep)[~usable]] = False
+    ext = (kron["excess"] >= search["kron_excess_min"]) | ~psf
+    # measured, with light in the aperture: under the image's colours where it has them (a sum over bands would
+    # keep the finds whose deep-noise bands, WISE W3 / W4, came out high, and drop as many real ones); a row that
+    # takes the Kron total needs a positive one
+    keep = np.isfinite(kron["flux"]) & (kron_total > 0) & (~ext | (kron["flux"] > 0))
     if not np.any(keep):
         return d
+    k, f, ext, psf_flux, psf_err = _take(kron, keep), _take(finds, keep), ext[keep], psf_flux[keep], psf_err[keep]
     _, kron_scale, _, _ = head.kron_settings(KRON_MAX_CROWDING)
     flux_scale, _ = head.error_scales(fit=True)
     floor = search["flux_err_floor"]
