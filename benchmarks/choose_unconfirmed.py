@@ -44,7 +44,7 @@ DRAWN_BASE = 951_020_000
 
 
 def collect(inst_name: str, fields: tuple[int, int], patches: int, drawn: int, log) -> list[dict]:
-    """Per image: ``scene``, the rows' ``x``, ``y``, ``score`` and ``fit`` code, and the truth."""
+    """Per image: ``scene``, the rows' ``x``, ``y``, ``score``, ``fit`` code and ``crowding``, and the truth."""
     from choose_kron import validation_draws
 
     from skyfm.data.simulate import simulate_patch

@@ -41,6 +41,7 @@ import numpy as np
 SEED_BASE = 1_750_000_000
 SIZES = {"meerlicht": 1024, "hubble": 1024, "wise": 768}
 SEP_MIN_SNR = 5.0  # the detection benchmark's fixed threshold for sep
+SEP_METHODS = ("sep", "sep-nofilter")  # skyfm.baselines.BASELINES, scored for detection only
 
 
 def sep_auto(patch):
@@ -148,7 +149,7 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
         head.kron_excess_min, head.class_calibration = None, None
     detectors = {"skyfm": det, "skyfm-no-search": no_search, "skyfm-psf": psf_only}
     pooled = {m: {"star": ([], []), "galaxy": ([], []), "classes": ([], [])}
-              for m in (*detectors, "sep-auto", "sep", "sep-nofilter")}
+              for m in (*detectors, "sep-auto", *SEP_METHODS)}
     counts = {m: np.zeros(3, int) for m in pooled}
     seconds = {m: 0.0 for m in pooled}
     for i in range(n):
@@ -157,7 +158,7 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
             t0 = time.perf_counter()
             if method == "sep-auto":
                 x, y, f, e, g = sep_auto(patch)
-            elif method in ("sep", "sep-nofilter"):
+            elif method in SEP_METHODS:
                 cat = BASELINES[method](patch)
                 cat = cat[np.asarray(cat["score"], float) >= SEP_MIN_SNR]
                 x, y = np.asarray(cat["x"], float), np.asarray(cat["y"], float)
@@ -168,7 +169,7 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
                 g = np.asarray(cat["class_prob"], float)[:, list(cat.meta["class_names"]).index("galaxy")]
             seconds[method] += time.perf_counter() - t0
             counts[method] += detection_counts(x, y, patch, inst)
-            if method in ("sep", "sep-nofilter"):
+            if method in SEP_METHODS:
                 continue
             s = score(x, y, f, e, g, patch, inst)
             for k in s:
@@ -183,7 +184,7 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
                             "precision": round(tp / max(tp + fp, 1), 3), "recall": round(tp / max(n_true, 1), 3),
                             "f1": round(2 * tp / max(2 * tp + fp + n_true - tp, 1), 3)}
         every = []
-        if method in ("sep", "sep-nofilter"):  # detection only
+        if method in SEP_METHODS:  # detection only
             rows.append(row)
             log(f"  {method:10s} {json.dumps(row['detection'])}")
             continue

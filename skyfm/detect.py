@@ -791,12 +791,14 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     d["flux_kron_err"] = np.where(measured, kron["flux_err"], np.nan)
     d["kron_excess"] = np.where(measured, kron["excess"], np.nan)
     d["kron_size"] = np.where(measured, size, np.nan)
+    template = None  # one band: its flux is the total
     with turn("colours"):  # the image's colours, from its fitted detections of the tiles so far (tile order)
-        colours = {} if colours is None else colours
-        if "settled" not in colours:
-            colours.setdefault("flux", []).append(np.asarray(fit["flux_band"])[ok])
-            colours.setdefault("err", []).append(np.asarray(fit["flux_band_err"])[ok])
-        template = colour_template(colours)
+        if len(patch.bands) > 1:
+            colours = {} if colours is None else colours
+            if "settled" not in colours:
+                colours.setdefault("flux", []).append(np.asarray(fit["flux_band"])[ok])
+                colours.setdefault("err", []).append(np.asarray(fit["flux_band_err"])[ok])
+            template = colour_template(colours)
     if m:
         d = _with_residual_finds(d, finds, kron_finds, head, search, scale, crowding(
             np.concatenate([d["x"], finds["x"]]), np.concatenate([d["y"], finds["y"]]), (h, w), fwhm_pix)[n:],
