@@ -523,6 +523,7 @@ def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
     return ndimage.binary_dilation(full, structure=np.ones((1, 3, 3), bool))
 
 
+DEAD_PIXEL_SIGMA = 10.0  # a pixel this many sigma below the sky is a dead pixel or column: no light is negative
 MAX_MASKED_SHARE = 0.1  # a source whose fit box is masked beyond this (a saturated core) keeps its own flux
 KRON_MAX_CROWDING = 0.1  # Kron fluxes are measured below this crowding, or the head's kron_max_crowding
 
@@ -621,7 +622,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     sparse (``crowding`` below the head's ``kron_max_crowding``, else :data:`KRON_MAX_CROWDING`) also get a Kron
     aperture flux (:func:`~skyfm.catalog.kron.kron_photometry`, columns ``flux_kron``, ``flux_kron_err``,
     ``kron_excess``, ``kron_size``), which those with ``kron_excess`` >= the head's ``kron_excess_min`` take
-    (``fit`` 3), and, with the head's ``class_calibration``, class probabilities from the network's and those
+    (``fit`` 3; with the head's ``kron_centroid`` also the windowed centroid of their light as position), and, with
+    the head's ``class_calibration``, class probabilities from the network's and those
     measurements (:func:`~skyfm.heads.classification.calibrate_class_prob`). The seeing of each band is fitted on
     the tile's bright point-like detections, the others subtracted (:func:`estimate_fwhm`); with ``seeing`` (a dict
     kept across the tiles of one image) the median of the tiles' estimates so far is used, and once
@@ -694,6 +696,9 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     gain = float((inst.noise or {}).get("gain", 1.0))
     flux0 = np.nan_to_num(d["flux_band"], nan=0.0)  # only weights the first linear fit
     bg, rms = np.stack(bg), np.stack(rms)  # (C, H, W)
+    # dead pixels and columns read (near) zero: in a band with a bright sky (WISE W3 / W4) one is hundreds of sigma
+    # below it and alone sets the chi-square, and so the errors, of every fit whose box holds it
+    mask |= data < bg - DEAD_PIXEL_SIGMA * rms
     fit = fit_psf_sources(data, bg, rms, psfs, scale, d["x"], d["y"], flux0, gain=gain, mask=mask,
                           passes=PSF_FIT_PASSES, n_iter=4)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -767,7 +772,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     select = np.concatenate([ok & ~saturated & (crowd < kron_crowding), np.ones(m, bool)])
     both = {k: np.concatenate([fit[k], finds[k]]) if m else fit[k] for k in ("x", "y", "flux_band")}
     kron = kron_photometry(resid, rms, psfs, scale, both["x"], both["y"], both["flux_band"], gain=gain, mask=mask,
-                           select=select)
+                           select=select, windowed=bool(head.kron_centroid))
     kron, kron_finds = _take(kron, slice(None, n)), _take(kron, slice(n, None))
     measured = np.isfinite(kron["flux"]) & (kron["flux"] > 0)
     extended = measured & (kron["excess"] >= excess_min)
@@ -778,6 +783,12 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     band_err = np.hypot(kron["flux_band_err"] * kron_scale, kron_floor * kron["flux_band"])
     d["flux_band_err"] = np.where(extended[:, None], band_err, d["flux_band_err"])
     d["extension"] = np.where(extended, half_light_radius_pix(kron["r1"], kron["r1_psf"]) * scale, d["extension"])
+    # and their position the centre of their light (a windowed centroid), where a PSF fit settles on a galaxy's
+    # brightest part or on the side its neighbours' models left
+    centred = extended & np.isfinite(kron["x_win"])  # NaN unless the head has kron_centroid
+    d["x"] = np.where(centred, kron["x_win"], d["x"])
+    d["y"] = np.where(centred, kron["y_win"], d["y"])
+    d["pos_err"] = np.where(centred, np.hypot(kron["pos_err_win"] * pos_scale, pos_floor), d["pos_err"])
     d["fit"] = np.where(extended, 3, d["fit"]).astype(np.int8)
     size = kron["r1"] / kron["r1_psf"]  # 1 for a point source
     calibration = head.class_calibration_terms()
@@ -884,7 +895,8 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
     aperture off the tile or masked) are dropped, as a diffuse source's PSF flux would hold a fraction of its light,
     and so are those with no light in the aperture (Kron total <= 0; under the colour ``template`` where there is
     one) or a Kron row's Kron sum <= 0;
-    errors with the search's relative floor; position the PSF fit's (else the search's peak), error
+    errors with the search's relative floor; position the PSF fit's (else the search's peak; Kron rows of a head
+    with ``kron_centroid``: their windowed centroid), error
     sqrt(2) sigma / snr (a Gaussian source's Cramér-Rao bound per axis, sigma the matched filter's) times the
     search's ``pos_err_scale``; ``score`` the head's logistic in ln(snr) (the share of such finds that were real
     sources on validation images); class probabilities from the head's calibration with no network opinion (each
@@ -926,7 +938,9 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
         prob[ext] = np.eye(len(names))[names.index("galaxy")]
     score = 1.0 / (1.0 + np.exp(-(search["intercept"] + search["slope"] * np.log(f["snr"]))))
     pos_err = search["pos_err_scale"] * np.sqrt(2.0) * f["sigma_pix"] / f["snr"]
-    rows = _rows_like(d, len(flux), x=f["x"], y=f["y"], pos_err=pos_err, flux=flux,
+    centred = ext & np.isfinite(k["x_win"])  # as refine_ccd_tile's Kron rows (NaN unless kron_centroid)
+    x, y = np.where(centred, k["x_win"], f["x"]), np.where(centred, k["y_win"], f["y"])
+    rows = _rows_like(d, len(flux), x=x, y=y, pos_err=pos_err, flux=flux,
                       flux_err=np.hypot(stat, floor * flux), score=score, class_prob=prob,
                       extension=np.where(ext, half_light_radius_pix(k["r1"], k["r1_psf"]) * scale, 0.0),
                       flux_band=flux_band, flux_band_err=np.hypot(stat_band, floor * flux_band), fit=4,

@@ -729,7 +729,8 @@ def test_unconfirmed_detections_need_the_heads_higher_threshold():
     assert np.all(np.asarray(given["score"]) >= 0.25)
     assert head.unconfirmed_threshold(0.5) == 0.5  # never below the detection threshold itself
     crowd = np.nan_to_num(np.asarray(every["crowding"], float), nan=0.0)
-    limit = float(np.median(crowd[dropped]))
+    c = np.sort(crowd[dropped])
+    limit = float(0.5 * (c[len(c) // 2 - 1] + c[len(c) // 2]))  # between two rows' values: the catalog's are float32
     head.unconfirmed_max_crowding = limit  # only where the field is sparser than this
     sparse_cut = detect_patch(p, det)
     assert len(sparse_cut) == len(every) - (dropped & (crowd < limit)).sum()
@@ -744,24 +745,53 @@ def test_unconfirmed_detections_need_the_heads_higher_threshold():
         detect_patch(p, det)
 
 
-def test_a_psf_fit_with_a_far_negative_band_flux_keeps_the_networks_values(monkeypatch):
-    """No source has negative light: a fit whose band flux lies 5 sigma below zero (peaks crowded onto one bright
-    galaxy trading its light between them) is a fit gone wrong, and the row keeps the network's values (fit 0)."""
-    import skyfm.catalog.psf_fit as pf
-    from skyfm.detect import get_detector, refine_ccd_tile
+def test_kron_rows_take_their_windowed_centroid_where_the_head_says(model_dir):
+    """With the head's ``kron_centroid`` the rows that take the Kron flux (``fit`` 3) move to the windowed centroid
+    of their light and no other row moves; the galaxies among them land no farther from their true centres."""
+    from skyfm.detect import refine_ccd_tile
+
+    det, inst, p, d, galaxy, flux, head = _field_rows(model_dir)
+    n = len(d["x"])
+    head.kron_excess_min, head.kron_centroid = 2.0, False
+    off = refine_ccd_tile(dict(d), p, inst, head)
+    head.kron_centroid = True
+    on = refine_ccd_tile(dict(d), p, inst, head)
+    assert np.array_equal(on["fit"][:n], off["fit"][:n])
+    kron = on["fit"][:n] == 3
+    moved = np.hypot(on["x"][:n] - off["x"][:n], on["y"][:n] - off["y"][:n])
+    assert kron.sum() >= 3 and np.all(moved[~kron] == 0) and np.all(moved[kron] > 0)
+    assert np.all(on["pos_err"][:n][kron] > 0)
+    tx, ty = d["x"] - 0.2, d["y"] + 0.2  # _field_rows started the rows 0.2 px off in x and y
+    g = kron & galaxy
+    miss_on = np.hypot(on["x"][:n] - tx, on["y"][:n] - ty)[g]
+    miss_off = np.hypot(off["x"][:n] - tx, off["y"][:n] - ty)[g]
+    assert np.median(miss_on) <= np.median(miss_off)
+
+def _two_wise_stars(star: float, flux_err: float):
+    """A small clean WISE image with two bright stars and their detections (star probability ``star``, network
+    flux errors ``flux_err``): (inst, patch, rows, the shipped WISE head)."""
+    from skyfm.detect import get_detector
     from skyfm.instruments import load_instrument
 
-    inst = load_instrument("wise")
     p = simulate_patch("wise", 12, size=96, scene="field", contaminants=False,
                        inject={"x": [30.3, 60.7], "y": [40.2, 50.5], "mag": [11.0, 11.5]})
     n = 2
     d = {"x": np.array([30.3, 60.7]), "y": np.array([40.2, 50.5]), "pos_err": np.full(n, 0.5), "score": np.ones(n),
-         "class_prob": np.tile([0.5, 0.5], (n, 1)), "extension": np.zeros(n), "flux": np.full(n, 1e4),
-         "flux_band": np.full((n, 4), 2.5e3), "flux_err": np.full(n, 1e3), "flux_band_err": np.full((n, 4), 250.0),
-         "fit": np.zeros(n, np.int8)}
+         "class_prob": np.tile([star, 1.0 - star], (n, 1)), "extension": np.zeros(n), "flux": np.full(n, 1e4),
+         "flux_band": np.full((n, 4), 2.5e3), "flux_err": np.full(n, flux_err),
+         "flux_band_err": np.full((n, 4), flux_err / 4), "fit": np.zeros(n, np.int8)}
     for k in ("fit_chi2", "crowding", "flux_confusion", "flux_kron", "flux_kron_err", "kron_excess", "kron_size"):
         d[k] = np.full(n, np.nan)
-    head = get_detector(None).head_config("wise")
+    return load_instrument("wise"), p, d, get_detector(None).head_config("wise")
+
+def test_a_psf_fit_with_a_far_negative_band_flux_keeps_the_networks_values(monkeypatch):
+    """No source has negative light: a fit whose band flux lies 5 sigma below zero (peaks crowded onto one bright
+    galaxy trading its light between them) is a fit gone wrong, and the row keeps the network's values (fit 0)."""
+    import skyfm.catalog.psf_fit as pf
+    from skyfm.detect import refine_ccd_tile
+
+    inst, p, d, head = _two_wise_stars(star=0.5, flux_err=1e3)
+    n = 2
     good = refine_ccd_tile(dict(d), p, inst, head)
     assert np.all(good["fit"][:n] > 0)  # both bright stars fitted
     real_fit = pf.fit_psf_sources
@@ -777,3 +807,25 @@ def test_a_psf_fit_with_a_far_negative_band_flux_keeps_the_networks_values(monke
     bad = refine_ccd_tile(dict(d), p, inst, head)
     assert bad["fit"][0] == 0 and bad["fit"][1] > 0
     assert bad["flux"][0] == d["flux"][0] and np.array_equal(bad["flux_band"][0], d["flux_band"][0])
+
+
+def test_a_dead_pixel_in_a_bright_sky_band_is_left_out_of_the_psf_fit(monkeypatch):
+    """A dead pixel reads zero: under WISE W3 / W4's bright sky it lies hundreds of sigma below it, and left in the
+    fit it alone sets the chi-square (and so the errors) of the star whose box holds it; out of the fit the star's
+    chi-square and flux are those of the clean image."""
+    import skyfm.detect as D
+    from skyfm.detect import refine_ccd_tile
+
+    inst, p, d, head = _two_wise_stars(star=1.0, flux_err=1e5)  # errors the fit's beat: PSF fluxes (fit 2)
+    n = 2
+    clean = refine_ccd_tile(dict(d), p, inst, head)
+    dead = p.data.copy()
+    dead[3, 43, 33] = dead[2, 38, 27] = 0.0  # one dead pixel in W4 and one in W3, in the first star's box
+    p_dead = type(p)(**{**p.__dict__, "data": dead})
+    kept = refine_ccd_tile(dict(d), p_dead, inst, head)
+    assert np.all(kept["fit"][:n] == 2) and kept["fit_chi2"][0] < 1.2 * clean["fit_chi2"][0] + 0.1
+    assert np.allclose(kept["flux"][:n], clean["flux"][:n], rtol=0.01) and kept["fit_chi2"][1] == pytest.approx(
+        clean["fit_chi2"][1], rel=0.01)
+    monkeypatch.setattr(D, "DEAD_PIXEL_SIGMA", np.inf)  # the pixels in the fit: the chi-square is theirs
+    left_in = refine_ccd_tile(dict(d), p_dead, inst, head)
+    assert left_in["fit_chi2"][0] > 10 * clean["fit_chi2"][0]

@@ -70,3 +70,31 @@ def test_apertures_off_the_image_or_masked_give_no_flux_and_no_source_is_fine():
     assert np.isnan(kron["flux"]).all()  # one half off the image, one masked
     empty = kron_photometry(img - 100.0, rms, [PSF], SCALE, [], [], np.zeros((0, 1)))
     assert empty["flux"].shape == (0,)
+
+
+def test_the_windowed_centroid_places_faint_large_galaxies_closer_than_the_psf_fit():
+    """Faint exponential disks twice the PSF's width: a PSF fit sees only their flat core, and noise moves it; the
+    windowed centroid weighs more of their light and lands closer to the true centres (median offset at most 0.8
+    of the fit's), its error (SExtractor's formula, which leaves out the window's own movement) between 0.4 and 2
+    times its scatter; stars stay at their centres."""
+    rng = np.random.default_rng(7)
+    size, sky, n = 400, 200.0, 36
+    gx, gy = np.meshgrid(np.arange(6) * 64 + 40.0, np.arange(6) * 64 + 40.0)
+    x = gx.ravel() + rng.uniform(-0.5, 0.5, n)
+    y = gy.ravel() + rng.uniform(-0.5, 0.5, n)
+    r_e = np.where(np.arange(n) % 6 == 0, 0.0, 8.0)  # one star in six
+    flux = np.where(r_e > 0, 1.2e4, 6e3)
+    mean = sky + _render(x, y, flux, r_e, size)
+    img = (rng.poisson(mean) + rng.normal(0, 5.0, mean.shape))[None].astype(np.float64)
+    bg, rms = background_and_rms(img[0])
+    fit = fit_psf_sources(img, bg[None], rms[None], [PSF], SCALE, x + 0.3, y - 0.3, gain=1.0, passes=2)
+    resid = residual_image(img, bg[None], rms[None], [PSF], SCALE, fit)
+    kron = kron_photometry(resid, rms[None], [PSF], SCALE, fit["x"], fit["y"], fit["flux_band"], gain=1.0)
+    disk, star = r_e > 0, r_e == 0
+    off_fit = np.hypot(fit["x"] - x, fit["y"] - y)
+    off_win = np.hypot(kron["x_win"] - x, kron["y_win"] - y)
+    assert np.isfinite(off_win).all()
+    assert np.median(off_win[disk]) < 0.8 * np.median(off_fit[disk])
+    per_axis = np.median(off_win[disk]) / 1.1774  # the median offset of a 2-D Gaussian of sigma s is 1.18 s
+    assert 0.4 < np.median(kron["pos_err_win"][disk]) / per_axis < 2.0
+    assert np.median(off_win[star]) < 0.3 and np.median(off_fit[star]) < 0.3

@@ -76,7 +76,8 @@ class InstrumentHeadConfig:
             the neighbours' wings and light entered the fit).
         mask_cosmic_rays: CCD images: leave the cosmic-ray pixels that L.A.Cosmic finds
             (:func:`skyfm.catalog.cosmics.cosmic_ray_mask`) out of the PSF fit (chosen on validation seeds: on for
-            single exposures, Hubble's and MeerLICHT's, off for the WISE coadds; ~0.5-1 s per Mpix per band).
+            single exposures, Hubble's and MeerLICHT's, and for the WISE coadds since their hot pixels, which it
+            finds too, were seen setting fits; ~0.5-1 s per Mpix per band).
         kron_excess_min: CCD images: a refined source whose light beyond its PSF model (the Kron aperture flux minus
             the PSF flux, aperture-corrected, over its error: catalog column ``kron_excess``) reaches this takes the
             Kron aperture flux (:mod:`skyfm.catalog.kron`; catalog ``fit`` 3), its error times
@@ -86,6 +87,11 @@ class InstrumentHeadConfig:
             per FWHM^2) is below ``kron_max_crowding`` (None: :data:`skyfm.detect.KRON_MAX_CROWDING`): in a
             crowded field an aperture holds its neighbours' misfit light and the PSF flux is the better one.
             ``kron_excess_min`` None: every row keeps the PSF or network flux (the Kron columns are still written).
+        kron_centroid: CCD images: the rows that take the Kron flux (``fit`` 3, and residual-search finds that do)
+            also take the windowed centroid of their light (:func:`skyfm.catalog.kron.kron_photometry`'s ``x_win``,
+            ``y_win``: SExtractor's ``XWIN_IMAGE``) as their position, where a PSF fit sees only a galaxy's core
+            (chosen on validation field images: on for MeerLICHT and Hubble, whose galaxies are resolved; off for
+            WISE, whose are barely).
         class_calibration: CCD images: the class probabilities of rows with a Kron measurement, from a logistic
             regression on the network's logit and the Kron columns (:func:`skyfm.heads.classification.
             calibrate_class_prob`): ``{"class": "galaxy", "intercept": b, "coef": {feature: c, ...}}`` with
@@ -134,6 +140,7 @@ class InstrumentHeadConfig:
     kron_flux_err_scale: float | None = None
     kron_flux_err_floor: float | None = None
     kron_max_crowding: float | None = None
+    kron_centroid: bool = False
     class_calibration: dict | None = None
     residual_search: dict | None = None
     likelihood_passes: int | None = None
