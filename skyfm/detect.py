@@ -609,7 +609,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
 
     Every detection is modelled (so that neighbours share their light) on the pixels below the instrument's
-    saturation level (:func:`saturation_mask`: a clipped core or a bleed column is no PSF), but only those whose
+    saturation level (:func:`saturation_mask`: a clipped core or a bleed column is no PSF) and not more than
+    :data:`DEAD_PIXEL_SIGMA` below the background (dead pixels and columns), but only those whose
     fit converged with a significance over all bands (sqrt of the sum of the bands' SNR^2) >= ``PSF_FIT_MIN_SNR``
     take the fitted position and position error; of these, the
     point-like ones (star probability >= 0.5 and extension under one pixel) also take the PSF flux and its error.
