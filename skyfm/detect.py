@@ -21,7 +21,8 @@ How:
    light beyond their PSF model (galaxies) in sparse places get Kron aperture fluxes (:func:`refine_ccd_tile`,
    :mod:`skyfm.catalog.kron`). A head with ``unconfirmed_min_score`` keeps a peak the fit does not confirm
    (catalog ``fit`` 0) only above that higher threshold (at the head's own ``min_score``; any other threshold the
-   caller gives applies to every detection), where its ``crowding`` is below ``unconfirmed_max_crowding``.
+   caller gives applies to every detection), where its ``crowding`` is below ``unconfirmed_max_crowding``; a fit
+   whose reduced chi-square exceeds ``unconfirmed_max_chi2`` confirms nothing.
 4. **Counts cubes.** Each detection is refined by a Poisson likelihood fit with the instrument PSF per energy bin
    against the expected background (the simulator's or the user's model when given, else estimated from the
    counts, :func:`refine_counts`): position, flux per bin, and TS; the physical photon flux ``flux_phys``
@@ -375,6 +376,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     own = min_score == default_min_score(det, head)
     unconfirmed = head.unconfirmed_threshold(min_score) if ccd_refine and head.psf_fit and own else min_score
     unconfirmed_crowding = head.unconfirmed_crowding_limit()
+    unconfirmed_chi2 = head.unconfirmed_chi2_limit()
     workers = _refine_workers(refine_workers) if ccd_refine else 1
     pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
     # the steps that carry estimates from tile to tile (seeing, colours) in tile order, whatever the threads
@@ -391,7 +393,9 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             d = _take(d, (d["fit"] != 4) | (d["score"] >= min_score))
         if unconfirmed > min_score:
             sparse = np.nan_to_num(d["crowding"], nan=0.0) < unconfirmed_crowding
-            d = _take(d, (d["fit"] != 0) | (d["score"] >= unconfirmed) | ~sparse)
+            # a fit far off the data (reduced chi-square above the head's limit) confirms nothing either
+            misfit = (d["fit"] != 4) & (np.nan_to_num(d["fit_chi2"], nan=0.0) > unconfirmed_chi2)
+            d = _take(d, ((d["fit"] != 0) & ~misfit) | (d["score"] >= unconfirmed) | ~sparse)
         return d
 
     def flush(items):

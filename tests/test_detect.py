@@ -704,8 +704,9 @@ def test_tile_turns_pass_in_ticket_order_and_skips_hand_on():
 
 def test_unconfirmed_detections_need_the_heads_higher_threshold():
     """``unconfirmed_min_score``: the peaks the PSF fit does not confirm (``fit`` 0) are kept only above it (with
-    ``unconfirmed_max_crowding``, only where the crowding is below that); the confirmed rows are those of a run
-    without it; without the refinement nothing is cut; a bad value is an error."""
+    ``unconfirmed_max_crowding``, only where the crowding is below that; with ``unconfirmed_max_chi2`` also the
+    fitted rows whose fit's chi-square exceeds it); the confirmed rows are those of a run without it; without the
+    refinement nothing is cut; a bad value is an error."""
     import copy
 
     from skyfm.detect import detect_patch, get_detector
@@ -738,6 +739,19 @@ def test_unconfirmed_detections_need_the_heads_higher_threshold():
     assert len(detect_patch(p, det)) == len(every)
     head.unconfirmed_max_crowding = -1.0
     with pytest.raises(SkyfmError, match="unconfirmed_max_crowding"):
+        detect_patch(p, det)
+    # a fit far off the data confirms nothing: fitted rows (not the search's finds) above the chi-square limit
+    # count as unconfirmed
+    head.unconfirmed_max_crowding = None
+    chi2 = np.nan_to_num(np.asarray(every["fit_chi2"], float), nan=0.0)
+    fitted_low = (fit != 0) & (fit != 4) & (score < 0.35)
+    limit = float(np.median(chi2[fitted_low])) * 1.0001
+    misfit = fitted_low & (chi2 > limit)
+    assert misfit.sum() >= 3
+    head.unconfirmed_max_chi2 = limit
+    assert len(detect_patch(p, det)) == len(every) - dropped.sum() - misfit.sum()
+    head.unconfirmed_max_chi2 = 0.0
+    with pytest.raises(SkyfmError, match="unconfirmed_max_chi2"):
         detect_patch(p, det)
     head.unconfirmed_max_crowding = None
     head.unconfirmed_min_score = 1.5

@@ -44,6 +44,10 @@ class InstrumentHeadConfig:
             ``benchmarks/choose_unconfirmed.py``). None: ``min_score`` for every detection.
         unconfirmed_max_crowding: ... only where the detection's ``crowding`` is below this (in crowded places a
             fit fails on blends of real stars, in sparse ones on noise); None: everywhere.
+        unconfirmed_max_chi2: ... and a fitted detection whose fit leaves a reduced chi-square (catalog
+            ``fit_chi2``) above this counts as unconfirmed too: the light in its box is no point source (a saturated
+            star's halo, a satellite trail, a bright galaxy broken into peaks) and the fit's significance means
+            nothing there. None: every fit that reaches SNR 5 confirms.
         flux_err_scale, pos_err_scale: multipliers of the network's ``flux_err`` (and ``flux_band_err``) and
             ``pos_err``, calibrated on validation patches (:func:`skyfm.finetune.ship.calibrate_errors`) so that
             ``flux +- flux_err`` holds 68% of true fluxes and the median separation is 1.177 ``pos_err`` (the 2-D
@@ -122,6 +126,7 @@ class InstrumentHeadConfig:
     min_score: float | None = None
     unconfirmed_min_score: float | None = None
     unconfirmed_max_crowding: float | None = None
+    unconfirmed_max_chi2: float | None = None
     flux_err_scale: float = 1.0
     pos_err_scale: float = 1.0
     fit_flux_err_scale: float = 1.0
@@ -194,6 +199,12 @@ class InstrumentHeadConfig:
         if self.unconfirmed_max_crowding is None:
             return float("inf")
         return self._number("unconfirmed_max_crowding", 0.0, allow_zero=True)
+
+    def unconfirmed_chi2_limit(self) -> float:
+        """``unconfirmed_max_chi2`` (a positive number), inf when unset."""
+        if self.unconfirmed_max_chi2 is None:
+            return float("inf")
+        return self._number("unconfirmed_max_chi2", 1.0, allow_zero=False)
 
     def kron_settings(self, default_max_crowding: float) -> tuple[float, float, float, float]:
         """(``kron_excess_min``, ``kron_flux_err_scale``, ``kron_flux_err_floor``, ``kron_max_crowding``): inf
