@@ -195,41 +195,42 @@ def _windowed_centroids(detection, var, bad, owner, ids, psf, scale, x, y, own_w
     n = x.size
     xw, yw = x.astype(float).copy(), y.astype(float).copy()
     err = np.full(n, np.nan)
-    done = np.zeros(n, bool)
     half = np.ceil(4.0 * sigma + 2.0).astype(int)
-    for step in range(WINDOW_ITERATIONS + 1):
-        last = step == WINDOW_ITERATIONS or done.all()
-        todo = np.flatnonzero(~done) if not last else np.arange(n)
-        for chunk_local, iy, ix, yy, xx, inside, yc, xc, _ in _boxes(x[todo], y[todo], half[todo], H, W):
-            chunk = todo[chunk_local]  # the window moves, the box stays on the detection
-            mine = ids[chunk][:, None, None]
-            foreign = owner[yc, xc] != mine
-            my, mx = 2 * iy[:, None, None] - yy, 2 * ix[:, None, None] - xx
-            m_in = (my >= 0) & (my < H) & (mx >= 0) & (mx < W)
-            myc, mxc = np.clip(my, 0, H - 1), np.clip(mx, 0, W - 1)
-            src_y, src_x = np.where(foreign, myc, yc), np.where(foreign, mxc, xc)
-            use = inside & ~bad[src_y, src_x] & (~foreign | (m_in & (owner[myc, mxc] == mine)))
-            r0 = np.hypot(xx - x[chunk, None, None], yy - y[chunk, None, None])
-            light = detection[src_y, src_x] + own_weight[chunk, None, None] * psf.profile(
-                np.hypot(src_x - x[chunk, None, None], src_y - y[chunk, None, None]) * scale) * scale ** 2
-            light = np.where(use & (r0 <= half[chunk, None, None]), light, 0.0)
-            dx, dy = xx - xw[chunk, None, None], yy - yw[chunk, None, None]
-            wgt = np.exp(-0.5 * (dx ** 2 + dy ** 2) / sigma[chunk, None, None] ** 2)
+    # each box's light is read once (the box stays on the detection, only the window moves), then iterated
+    for chunk, iy, ix, yy, xx, inside, yc, xc, _ in _boxes(x, y, half, H, W):
+        mine = ids[chunk][:, None, None]
+        foreign = owner[yc, xc] != mine
+        my, mx = 2 * iy[:, None, None] - yy, 2 * ix[:, None, None] - xx
+        m_in = (my >= 0) & (my < H) & (mx >= 0) & (mx < W)
+        myc, mxc = np.clip(my, 0, H - 1), np.clip(mx, 0, W - 1)
+        src_y, src_x = np.where(foreign, myc, yc), np.where(foreign, mxc, xc)
+        use = inside & ~bad[src_y, src_x] & (~foreign | (m_in & (owner[myc, mxc] == mine)))
+        r0 = np.hypot(xx - x[chunk, None, None], yy - y[chunk, None, None])
+        light = detection[src_y, src_x] + own_weight[chunk, None, None] * psf.profile(
+            np.hypot(src_x - x[chunk, None, None], src_y - y[chunk, None, None]) * scale) * scale ** 2
+        light = np.where(use & (r0 <= half[chunk, None, None]), light, 0.0)
+        s2 = sigma[chunk, None, None] ** 2
+        cx, cy = xw[chunk], yw[chunk]
+        done = np.zeros(chunk.size, bool)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for _ in range(WINDOW_ITERATIONS):
+                if done.all():
+                    break
+                dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
+                wl = np.exp(-0.5 * (dx ** 2 + dy ** 2) / s2) * light
+                total = wl.sum(axis=(1, 2))
+                sx = np.where(total > 0, 2 * (wl * dx).sum(axis=(1, 2)) / total, 0.0)
+                sy = np.where(total > 0, 2 * (wl * dy).sum(axis=(1, 2)) / total, 0.0)
+                cx, cy = np.where(done, cx, cx + sx), np.where(done, cy, cy + sy)
+                done |= (np.hypot(sx, sy) < 2e-4) | ~(total > 0)
+            dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
+            wgt = np.exp(-0.5 * (dx ** 2 + dy ** 2) / s2)
             total = (wgt * light).sum(axis=(1, 2))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                if last:
-                    v = np.where(use, var[src_y, src_x] + np.clip(light, 0, None) * poisson_per_unit, 0.0)
-                    ex = np.sqrt(4 * (wgt ** 2 * v * dx ** 2).sum(axis=(1, 2))) / total
-                    ey = np.sqrt(4 * (wgt ** 2 * v * dy ** 2).sum(axis=(1, 2))) / total
-                    err[chunk] = np.where(total > 0, 0.5 * (ex + ey), np.nan)
-                    continue
-                sx = np.where(total > 0, 2 * (wgt * light * dx).sum(axis=(1, 2)) / total, 0.0)
-                sy = np.where(total > 0, 2 * (wgt * light * dy).sum(axis=(1, 2)) / total, 0.0)
-            xw[chunk] += sx
-            yw[chunk] += sy
-            done[chunk] |= (np.hypot(sx, sy) < 2e-4) | ~(total > 0)
-        if last:
-            break
+            v = np.where(use, var[src_y, src_x] + np.clip(light, 0, None) * poisson_per_unit, 0.0)
+            ex = np.sqrt(4 * (wgt ** 2 * v * dx ** 2).sum(axis=(1, 2))) / total
+            ey = np.sqrt(4 * (wgt ** 2 * v * dy ** 2).sum(axis=(1, 2))) / total
+        xw[chunk], yw[chunk] = cx, cy
+        err[chunk] = np.where(total > 0, 0.5 * (ex + ey), np.nan)
     off = np.hypot(xw - x, yw - y) > 2.0 * sigma
     bad_row = off | ~np.isfinite(err) | ~np.isfinite(xw) | ~np.isfinite(yw)
     return np.where(bad_row, np.nan, xw), np.where(bad_row, np.nan, yw), np.where(bad_row, np.nan, err)
