@@ -72,6 +72,24 @@ def test_apertures_off_the_image_or_masked_give_no_flux_and_no_source_is_fine():
     assert empty["flux"].shape == (0,)
 
 
+def test_masked_pixels_in_an_aperture_take_their_mirror_through_the_centre():
+    """Two dead columns beside each of two galaxies (7% of the aperture, under MAX_OUTSIDE_SHARE): left out, they
+    cost the Kron flux ~14% of its light (the columns lie near the centre); their mirror images through the centre
+    (SExtractor's MASK_TYPE CORRECT) give the flux measured without them within 1%."""
+    rng = np.random.default_rng(6)
+    x, y = np.array([40.3, 120.6]), np.array([60.2, 60.7])
+    flux, r_e = np.array([6e4, 6e4]), np.array([3.5, 4.0])
+    img = (_render(x, y, flux, r_e, 160) + rng.normal(0, 3.0, (160, 160)))[None]
+    rms = np.full_like(img, 3.0)
+    mask = np.zeros((160, 160), bool)
+    for xc in np.rint(x).astype(int):
+        mask[:, [xc - 4, xc + 2]] = True
+    clean = kron_photometry(img, rms, [PSF], SCALE, x, y, np.zeros((2, 1)))
+    dead = kron_photometry(np.where(mask, -200.0, img), rms, [PSF], SCALE, x, y, np.zeros((2, 1)), mask=mask)
+    assert np.all(np.abs(dead["flux"] / clean["flux"] - 1) < 0.01)
+    assert np.all(np.abs(clean["flux"] / flux - 1) < 0.05)
+
+
 def test_the_windowed_centroid_places_faint_large_galaxies_closer_than_the_psf_fit():
     """Faint exponential disks twice the PSF's width: a PSF fit sees only their flat core, and noise moves it; the
     windowed centroid weighs more of their light and lands closer to the true centres (median offset at most 0.8
