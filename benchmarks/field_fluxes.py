@@ -17,7 +17,7 @@ in ln flux) holds the true flux; how well stars and galaxies are told apart (:fu
 recall and F1 as ``benchmarks/detect.py`` counts them (:func:`detection_counts`).
 
 Methods: ``skyfm`` (the shipped default), ``skyfm-no-search`` (the same with every head's ``residual_search``
-unset, as before Run 18), ``skyfm-psf`` (also ``kron_excess_min`` and ``class_calibration`` unset: PSF or network
+and ``companion_search`` unset, as before Run 18), ``skyfm-psf`` (also ``kron_excess_min`` and ``class_calibration`` unset: PSF or network
 fluxes and the network's classes, as before Runs 16 and 17), and
 ``sep-auto``: sep's extraction (1.5 sigma, 5 px, SExtractor's default filter) with SExtractor's FLUX_AUTO (Kron
 ellipse of 2.5 Kron radii, at least 3.5, ``sep.kron_radius`` and ``sep.sum_ellipse``; errors from the background
@@ -143,7 +143,7 @@ def run_case(name: str, n: int, index: int, log) -> list[dict]:
     det = get_detector(None)
     no_search = copy.deepcopy(det)
     for head in no_search.config.heads.values():
-        head.residual_search = None
+        head.residual_search = head.companion_search = None
     psf_only = copy.deepcopy(no_search)
     for head in psf_only.config.heads.values():
         head.kron_excess_min, head.class_calibration = None, None

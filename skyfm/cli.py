@@ -590,9 +590,11 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 @click.option("--residual-search/--no-residual-search", default=None,
               help="CCD images: after the PSF fit, search its residual image for the faint or diffuse sources the "
                    "network passed over (matched filters of 2 and 4 PSF FWHM; catalog fit = 4, with a score that "
-                   "says how often such finds were real). Default, and with --residual-search: the instrument head's "
-                   "setting (on for MeerLICHT, Hubble and WISE in the shipped detector; ~20-40% more time on "
-                   "sparse fields); --no-residual-search turns it off.")
+                   "says how often such finds were real), and, before it, a first fit's residual for the second "
+                   "star of blends the network took as one (catalog fit = 5). Default, and with --residual-search: "
+                   "the instrument head's settings (both on for MeerLICHT, Hubble and WISE in the shipped detector; "
+                   "~20-40% more time on sparse fields); --no-residual-search turns both off: only the network's "
+                   "detections.")
 @click.option("--device", default="auto", show_default=True,
               help="Where the network runs: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda or "
                    "cuda:N.")

@@ -370,7 +370,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     bar = tqdm(total=len(grid), desc="detecting", unit="tile", disable=not progress or len(grid) < 4)
 
     ccd_refine = refine and not inst.is_counts  # the PSF fit of CCD tiles (counts cubes are refined after all tiles)
-    search = ccd_refine and head.residual_search is not None
+    search = ccd_refine and (head.residual_search is not None or head.companion_search is not None)
     # at the head's own threshold, a peak the PSF fit does not confirm (fit 0) needs the head's higher one where it
     # has one; any other threshold the caller chose applies to every detection
     own = min_score == default_min_score(det, head)
@@ -389,12 +389,13 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
                                 turn=lambda name: turns.turn(k, name))
         finally:
             turns.skip(k)
-        if search:  # the search's finds, as the network's peaks, above the threshold in use
-            d = _take(d, (d["fit"] != 4) | (d["score"] >= min_score))
+        found = np.isin(d["fit"], (4, 5))  # the residual search's finds and companions
+        if search:  # as the network's peaks, above the threshold in use
+            d, found = _take(d, ~found | (d["score"] >= min_score)), found[~found | (d["score"] >= min_score)]
         if unconfirmed > min_score:
             sparse = np.nan_to_num(d["crowding"], nan=0.0) < unconfirmed_crowding
             # a fit far off the data (reduced chi-square above the head's limit) confirms nothing either
-            misfit = (d["fit"] != 4) & (np.nan_to_num(d["fit_chi2"], nan=0.0) > unconfirmed_chi2)
+            misfit = ~found & (np.nan_to_num(d["fit_chi2"], nan=0.0) > unconfirmed_chi2)
             d = _take(d, ((d["fit"] != 0) & ~misfit) | (d["score"] >= unconfirmed) | ~sparse)
         return d
 
@@ -510,6 +511,8 @@ PSF_FIT_MIN_SNR = 5.0  # detections whose PSF fit has a lower SNR keep the netwo
 PSF_FIT_MAX_NEGATIVE = 5.0  # ... and those with a band flux below -this many sigma: no source has negative light
 SEEING_TILES = 5  # tiles of one image whose seeing estimates are enough: later tiles take their median
 PSF_FIT_PASSES = 2  # rounds of the PSF fit over all detections (each fitted with the others' current models)
+COMPANION_MODEL_ERROR = 0.03  # a companion search's noise: the sky's and this share of the fitted models' light
+COMPANION_MIN_SEPARATION = 0.5  # a companion lies at least this many FWHM from every detection (searched, fitted)
 
 
 def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
@@ -704,6 +707,18 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     # dead pixels and columns read (near) zero: in a band with a bright sky (WISE W3 / W4) one is hundreds of sigma
     # below it and alone sets the chi-square, and so the errors, of every fit whose box holds it
     mask |= data < bg - DEAD_PIXEL_SIGMA * rms
+    n_net = n  # the rows after these are companions (below)
+    companion = head.companion_search_terms()
+    if companion is not None and n:  # blends the network took for one source: their second star, fitted with all
+        cx, cy = find_companions(data, bg, rms, psfs, scale, d["x"], d["y"], flux0, gain=gain, mask=mask,
+                                 min_snr=companion["min_snr"], min_crowding=companion["min_crowding"])
+        if cx.size:  # no network opinion of their class (1 / K each), as the residual search's finds
+            new = _rows_like(d, cx.size, x=cx, y=cy, score=0.0, class_prob=1.0 / len(names), extension=0.0,
+                             flux=0.0, flux_band=0.0, flux_err=np.inf, flux_band_err=np.inf, fit=0)
+            d = {k: np.concatenate([np.asarray(d[k]), new[k]]) for k in d}
+            flux0 = np.concatenate([flux0, np.zeros((cx.size,) + flux0.shape[1:])])
+            point = np.concatenate([point, np.ones(cx.size, bool)])
+            n = len(d["x"])
     fit = fit_psf_sources(data, bg, rms, psfs, scale, d["x"], d["y"], flux0, gain=gain, mask=mask,
                           passes=PSF_FIT_PASSES, n_iter=4)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -716,6 +731,17 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
         physical = np.all(np.nan_to_num(fit["flux_band"], nan=0.0)
                           >= -PSF_FIT_MAX_NEGATIVE * np.nan_to_num(fit["flux_band_err"], nan=np.inf), axis=1)
     ok = fit["ok"] & (fit_snr >= PSF_FIT_MIN_SNR) & physical
+    if n > n_net:  # a companion stays where its fit confirms it, apart from the detections
+        from scipy.spatial import cKDTree
+
+        fwhm_fit = float(np.median([p.fwhm_deg for p in psfs])) / scale
+        apart, _ = cKDTree(np.c_[fit["x"][:n_net], fit["y"][:n_net]]).query(np.c_[fit["x"][n_net:], fit["y"][n_net:]])
+        keep = np.r_[np.ones(n_net, bool), ok[n_net:] & (apart >= COMPANION_MIN_SEPARATION * fwhm_fit)]
+        d, fit = _take(d, keep), _take(fit, keep)
+        ok, point, fit_snr = ok[keep], point[keep], fit_snr[keep]
+        n = len(d["x"])
+        d["score"][n_net:] = 1.0 / (1.0 + np.exp(-(companion["intercept"] + companion["slope"]
+                                                     * np.log(fit_snr[n_net:]))))
     flux_scale, pos_scale = head.error_scales(fit=True)  # calibrated on validation patches (1.0: as fitted)
     flux_floor, pos_floor = head.error_floors()  # systematic errors, in quadrature (0: none)
     # a fit that leaves more residual than the noise explains (an undetected neighbour, a blend, a galaxy taken
@@ -780,7 +806,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
                            select=select, windowed=bool(head.kron_centroid))
     kron, kron_finds = _take(kron, slice(None, n)), _take(kron, slice(n, None))
     measured = np.isfinite(kron["flux"]) & (kron["flux"] > 0)
-    extended = measured & (kron["excess"] >= excess_min)
+    extended = measured & (kron["excess"] >= excess_min) & (np.arange(n) < n_net)  # companions are points
     d["flux"] = np.where(extended, kron["flux"], d["flux"])
     d["flux_err"] = np.where(extended, np.hypot(kron["flux_err"] * kron_scale, kron_floor * kron["flux"]),
                              d["flux_err"])
@@ -795,6 +821,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     d["y"] = np.where(centred, kron["y_win"], d["y"])
     d["pos_err"] = np.where(centred, np.hypot(kron["pos_err_win"] * pos_scale, pos_floor), d["pos_err"])
     d["fit"] = np.where(extended, 3, d["fit"]).astype(np.int8)
+    d["fit"][n_net:] = 5  # companions: position and flux from the fit, as fit 2
     size = kron["r1"] / kron["r1_psf"]  # 1 for a point source
     calibration = head.class_calibration_terms()
     if calibration is not None:  # where an aperture says what the source's morphology is
@@ -873,6 +900,50 @@ def _template_total(flux_band: np.ndarray, err_band: np.ndarray, template: np.nd
     with np.errstate(invalid="ignore", divide="ignore"):
         total = (w * np.nan_to_num(flux_band)).sum(axis=1) / info
         return np.where(info > 0, total, np.nan), np.where(info > 0, 1.0 / np.sqrt(info), np.nan)
+
+
+def find_companions(data, bg, rms, psfs, scale: float, x, y, flux0, *, gain: float, mask, min_snr: float,
+                    min_crowding: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Point sources beside the detections ``x``, ``y`` that the network took as one with them (a blend of two
+    stars within a FWHM or two, in crowded fields the commonest miss): the detections are PSF-fitted once, and the
+    residual image's PSF-matched significance (:func:`~skyfm.catalog.residual_search.significance_map`, each
+    pixel's noise widened by :data:`COMPANION_MODEL_ERROR` of the models there, for the PSF's misfit of bright
+    stars; divided by its robust scatter, for the confusion of fainter stars) is searched for local peaks of at
+    least ``min_snr`` and at least :data:`COMPANION_MIN_SEPARATION` FWHM from every fitted detection, the highest
+    one nearest to each detection whose ``crowding`` (detected neighbours per FWHM^2,
+    :func:`~skyfm.catalog.psf_fit.crowding`) is at least ``min_crowding``: where the field is sparse, the light
+    beside a detection is mostly a galaxy's that its point model leaves, not a second star. Returns their positions
+    (pixels); the caller fits them with the detections and keeps those the fit confirms."""
+    from scipy.ndimage import maximum_filter
+    from scipy.spatial import cKDTree
+
+    from skyfm.catalog.psf_fit import crowding, fit_psf_sources, residual_image
+    from skyfm.catalog.residual_search import _robust_scatter, significance_map
+
+    first = fit_psf_sources(data, bg, rms, psfs, scale, x, y, flux0, gain=gain, mask=mask, passes=1, n_iter=4)
+    resid = residual_image(data, bg, rms, psfs, scale, first)  # (C, H, W)
+    models = np.clip(data - bg - resid, 0.0, None)
+    noise = np.sqrt(rms ** 2 + (COMPANION_MODEL_ERROR * models) ** 2)
+    fwhm = float(np.median([p.fwhm_deg for p in psfs])) / scale
+    sig = significance_map(resid, noise, mask, fwhm / 2.3548)  # (H, W)
+    sig = sig / max(_robust_scatter(sig), 1e-6)
+    peak = (sig == maximum_filter(sig, size=2 * int(round(0.5 * fwhm)) + 1)) & (sig >= min_snr)
+    iy, ix = np.nonzero(peak)
+    if iy.size == 0:
+        return np.zeros(0), np.zeros(0)
+    fx, fy = np.where(first["ok"], first["x"], x), np.where(first["ok"], first["y"], y)
+    apart, nearest = cKDTree(np.c_[fx, fy]).query(np.c_[ix, iy])
+    far = apart >= COMPANION_MIN_SEPARATION * fwhm
+    if min_crowding > 0:
+        far &= crowding(fx, fy, sig.shape, fwhm)[nearest] >= min_crowding
+    if not far.any():
+        return np.zeros(0), np.zeros(0)
+    ix, iy, nearest, height = ix[far], iy[far], nearest[far], sig[iy[far], ix[far]]
+    # one per detection, the highest: a star fitted alone to a blend moves towards its companion and leaves a
+    # second, fainter peak on its other side, which is no source
+    order = np.lexsort((-height, nearest))
+    first_of = order[np.r_[True, nearest[order][1:] != nearest[order][:-1]]]
+    return ix[first_of].astype(float), iy[first_of].astype(float)
 
 
 def _fit_finds(found, resid, bg, rms, psfs, scale: float, gain: float, mask) -> dict:
@@ -1248,7 +1319,9 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
                         "network did not detect, found in the PSF fit's residual image "
                         "(skyfm.catalog.residual_search), flux from the PSF fit (on images of several bands the "
                         "total under the image's colours, not the sum of flux_band) or, where it is extended, a "
-                        "Kron aperture")
+                        "Kron aperture; 5: a companion, a point source beside a detection that the network took as "
+                        "one with it, found in a first PSF fit's residual image (skyfm.detect.find_companions), "
+                        "position and flux from the PSF fit")
     if "fit_chi2" in arrays and not inst.is_counts:
         extra["fit_chi2"] = (np.asarray(arrays["fit_chi2"], dtype=np.float32),
                              "Reduced chi-square of the PSF fit over the source's fit box, the other detections "
@@ -1505,9 +1578,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     from the counts (the detector's error scales were calibrated that way); ``selection`` and ``min_ts`` as
     :func:`detect_patch` (likelihood selection, the default with a model, on cubes up to 64 M voxels), and
     ``test_extension``; ``mask_cosmic_rays`` as :func:`detect_patch`. ``residual_search`` False: CCD images
-    without the heads' search of the PSF fit's residual (:func:`refine_ccd_tile`; catalog ``fit`` 4); None or True:
-    the heads' own setting. ``device``: where the network runs (:func:`skyfm.utils.resolve_device`; the PSF and
-    likelihood fits run on the CPU).
+    without the heads' searches of the PSF fit's residual (:func:`refine_ccd_tile`; catalog ``fit`` 4 and 5): only
+    the network's detections; None or True: the heads' own settings. ``device``: where the network runs
+    (:func:`skyfm.utils.resolve_device`; the PSF and likelihood fits run on the CPU).
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -1524,7 +1597,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
         det = copy.copy(det)
         det.config = copy.deepcopy(det.config)
         for head in det.config.heads.values():
-            head.residual_search = None
+            head.residual_search = head.companion_search = None
     if background is not None:
         check_fits_file(background)
     if _is_healpix_file(path, hdu):

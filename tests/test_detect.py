@@ -801,10 +801,14 @@ def _two_wise_stars(star: float, flux_err: float):
 def test_a_psf_fit_with_a_far_negative_band_flux_keeps_the_networks_values(monkeypatch):
     """No source has negative light: a fit whose band flux lies 5 sigma below zero (peaks crowded onto one bright
     galaxy trading its light between them) is a fit gone wrong, and the row keeps the network's values (fit 0)."""
+    import copy
+
     import skyfm.catalog.psf_fit as pf
     from skyfm.detect import refine_ccd_tile
 
     inst, p, d, head = _two_wise_stars(star=0.5, flux_err=1e3)
+    head = copy.copy(head)
+    head.companion_search = None  # a first fit gone wrong would leave a companion's light: this test is the rule's
     n = 2
     good = refine_ccd_tile(dict(d), p, inst, head)
     assert np.all(good["fit"][:n] > 0)  # both bright stars fitted
@@ -843,3 +847,42 @@ def test_a_dead_pixel_in_a_bright_sky_band_is_left_out_of_the_psf_fit(monkeypatc
     monkeypatch.setattr(D, "DEAD_PIXEL_SIGMA", np.inf)  # the pixels in the fit: the chi-square is theirs
     left_in = refine_ccd_tile(dict(d), p_dead, inst, head)
     assert left_in["fit_chi2"][0] > 10 * clean["fit_chi2"][0]
+
+
+def test_the_second_star_of_a_blend_is_found_as_a_companion_and_a_lone_bright_star_has_none():
+    """Two stars 0.9 FWHM apart that the network took as one detection, and a lone star 3.5x brighter: with the
+    head's companion search the blend's second star is a row of its own (fit 5, within a pixel of it, scored by
+    the head's logistic in its fit SNR) and the first one's fit moves towards its true place; the lone star's misfit
+    gives no companion. Without the search (and without the residual search, whose region holds the detection) the
+    blend stays one row."""
+    import copy
+
+    from skyfm.detect import get_detector, refine_ccd_tile
+    from skyfm.errors import SkyfmError
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("meerlicht")
+    head = copy.deepcopy(get_detector(None).head_config("meerlicht"))
+    head.residual_search = None
+    fwhm = inst.band("q").psf.fwhm_deg / inst.pixel_scale_deg
+    x, y = np.array([30.3, 30.3 + 0.9 * fwhm, 75.6]), np.array([40.2, 40.9, 70.4])
+    p = simulate_patch("meerlicht", 3, size=110, bands=["q"], scene="empty", contaminants=False,
+                       inject={"x": x, "y": y, "mag": np.array([[16.5], [17.5], [14.0]])})
+    n = 2
+    d = {"x": np.array([x[0] + 0.6, x[2]]), "y": np.array([y[0] + 0.2, y[2]]), "pos_err": np.full(n, 0.5),
+         "score": np.ones(n), "class_prob": np.tile([1.0, 0.0], (n, 1)), "extension": np.zeros(n),
+         "flux": np.full(n, 1e4), "flux_band": np.full((n, 1), 1e4), "flux_err": np.full(n, 1e9),
+         "flux_band_err": np.full((n, 1), 1e9), "fit": np.zeros(n, np.int8)}
+    for k in ("fit_chi2", "crowding", "flux_confusion", "flux_kron", "flux_kron_err", "kron_excess", "kron_size"):
+        d[k] = np.full(n, np.nan)
+    alone = refine_ccd_tile(dict(d), p, inst, head)
+    assert len(alone["x"]) == 2 and not np.any(alone["fit"] == 5)
+    head.companion_search = {"min_snr": 4.0, "intercept": -1.0, "slope": 1.0}
+    found = refine_ccd_tile(dict(d), p, inst, head)
+    assert len(found["x"]) == 3 and found["fit"][2] == 5 and np.all(found["fit"][:2] >= 1)
+    assert np.hypot(found["x"][2] - x[1], found["y"][2] - y[1]) < 1.0
+    assert 5 / (5 + np.exp(1.0)) <= found["score"][2] < 1.0  # logistic(-1 + ln fit_snr), fit_snr >= 5 to be kept
+    assert abs(found["x"][0] - x[0]) < abs(alone["x"][0] - x[0])
+    head.companion_search = {"min_snr": 4.0, "intercept": "a", "slope": 1.0}
+    with pytest.raises(SkyfmError, match="companion_search"):
+        refine_ccd_tile(dict(d), p, inst, head)

@@ -108,6 +108,13 @@ class InstrumentHeadConfig:
             ``1 / (1 + exp(-(a + b ln snr)))``, the relative floor of its flux error, the ``kron_excess`` from which
             a find takes its Kron flux rather than its PSF flux, and the factor on its position error (chosen on
             validation images, ``benchmarks/choose_residual_search.py``). None: no search.
+        companion_search: CCD images: before the PSF fit, look in a first fit's residual image for point sources
+            beside the detections that the network took as one with them (blends in crowded fields; catalog ``fit``
+            5, :func:`skyfm.detect.find_companions`): ``{"min_snr": s, "intercept": a, "slope": b, "min_crowding":
+            c}``: the smallest peak significance of a candidate, the ``score`` ``1 / (1 + exp(-(a + b ln fit_snr)))``
+            of a companion the fit confirms, and the ``crowding`` (detected neighbours per PSF FWHM^2) it needs (in
+            sparse fields a galaxy's light beside its point model is no second star; chosen on validation images,
+            ``benchmarks/choose_companions.py``). None: no search.
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
@@ -148,6 +155,7 @@ class InstrumentHeadConfig:
     kron_centroid: bool = False
     class_calibration: dict | None = None
     residual_search: dict | None = None
+    companion_search: dict | None = None
     likelihood_passes: int | None = None
     likelihood_extension_test: bool = False
 
@@ -235,6 +243,25 @@ class InstrumentHeadConfig:
             raise SkyfmError(f"head {self.name}: residual_search should be {{'min_snr': a positive number, "
                              f"'intercept': a number, 'slope': a number[, 'flux_err_floor': a number >= 0, "
                              f"'kron_excess_min': a number, 'pos_err_scale': a number > 0]}}, got {cfg!r}")
+        return out
+
+    def companion_search_terms(self) -> dict | None:
+        """``companion_search`` checked (``min_snr`` a positive number, finite ``intercept`` and ``slope``, optional
+        ``min_crowding`` >= 0, default 0), as floats, or None when unset."""
+        cfg = self.companion_search
+        if cfg is None:
+            return None
+        try:
+            out = {k: float(cfg[k]) for k in ("min_snr", "intercept", "slope")}
+            out["min_crowding"] = float(cfg.get("min_crowding", 0.0))
+            ok = (set(cfg) <= set(out) and all(np.isfinite(v) for v in out.values()) and out["min_snr"] > 0
+                  and out["min_crowding"] >= 0)
+        except (TypeError, ValueError, KeyError):
+            ok = False
+        if not ok:
+            raise SkyfmError(f"head {self.name}: companion_search should be {{'min_snr': a positive number, "
+                             f"'intercept': a number, 'slope': a number[, 'min_crowding': a number >= 0]}}, "
+                             f"got {cfg!r}")
         return out
 
     def class_calibration_terms(self) -> dict | None:
