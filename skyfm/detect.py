@@ -17,12 +17,14 @@ How:
    moved by the predicted sub-pixel offset; peaks whose refined positions fall within 1 px of a higher one are
    merged (neighbouring pixels of one source), pairs further apart stay split. Masked pixels give no detections.
    CCD images: a saturated star the network left out is added (score 1), and saturated stars take aperture
-   fluxes (:func:`add_saturated_stars`); the PSF fit refines positions and point-source fluxes, and sources with
-   light beyond their PSF model (galaxies) in sparse places get Kron aperture fluxes (:func:`refine_ccd_tile`,
-   :mod:`skyfm.catalog.kron`). A head with ``unconfirmed_min_score`` keeps a peak the fit does not confirm
-   (catalog ``fit`` 0) only above that higher threshold (at the head's own ``min_score``; any other threshold the
-   caller gives applies to every detection), where its ``crowding`` is below ``unconfirmed_max_crowding``; a fit
-   whose reduced chi-square exceeds ``unconfirmed_max_chi2`` confirms nothing.
+   fluxes (:func:`add_saturated_stars`); the PSF fit refines positions and point-source fluxes (with the second
+   stars of blends that a first fit's residual shows beside the detections, :func:`find_companions`, catalog
+   ``fit`` 5), and sources with light beyond their PSF model (galaxies) in sparse places get Kron aperture fluxes
+   (:func:`refine_ccd_tile`, :mod:`skyfm.catalog.kron`); the fit's residual image is searched for the faint and
+   diffuse sources no detection stands for (catalog ``fit`` 4). A head with ``unconfirmed_min_score`` keeps a peak
+   the fit does not confirm (catalog ``fit`` 0) only above that higher threshold (at the head's own ``min_score``;
+   any other threshold the caller gives applies to every detection), where its ``crowding`` is below
+   ``unconfirmed_max_crowding``; a fit whose reduced chi-square exceeds ``unconfirmed_max_chi2`` confirms nothing.
 4. **Counts cubes.** Each detection is refined by a Poisson likelihood fit with the instrument PSF per energy bin
    against the expected background (the simulator's or the user's model when given, else estimated from the
    counts, :func:`refine_counts`): position, flux per bin, and TS; the physical photon flux ``flux_phys``
@@ -636,13 +638,18 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     the tile's bright point-like detections, the others subtracted (:func:`estimate_fwhm`); with ``seeing`` (a dict
     kept across the tiles of one image) the median of the tiles' estimates so far is used, and once
     ``SEEING_TILES`` tiles have given one no more are made. Heads with
-    ``psf_fit`` False (chosen on validation seeds) keep the network's values. ``mask_cosmic_rays`` (default the
-    head's setting): leave the tile's cosmic-ray pixels (:func:`~skyfm.catalog.cosmics.cosmic_ray_mask`) out of
-    the fit, as its saturated ones. ``colours`` (a dict kept across the tiles of one image, like ``seeing``): the
-    fitted detections' band fluxes of the tiles so far, whose colour template (:func:`colour_template`) gives the
-    residual search's finds their total fluxes (:func:`_template_total`). ``turn(name)``: a context manager around
-    the steps that read and add to ``seeing`` (name ``seeing``) and ``colours`` (``colours``); :func:`detect_tiles`,
-    refining tiles in threads, passes one that takes them in tile order.
+    ``psf_fit`` False (chosen on validation seeds) keep the network's values. With the head's
+    ``companion_search``, the second stars of blends (:func:`find_companions`) are fitted with the detections and
+    kept, as rows of ``fit`` 5 scored by the head's logistic in ln(fit SNR), where the fit confirms them (as above,
+    and at least :data:`COMPANION_MIN_SEPARATION` FWHM from every detection); they take the fit's flux, also beside
+    a saturated star.
+    ``mask_cosmic_rays`` (default the head's setting): leave the tile's cosmic-ray pixels
+    (:func:`~skyfm.catalog.cosmics.cosmic_ray_mask`) out of the fit, as its saturated ones. ``colours`` (a dict kept
+    across the tiles of one image, like ``seeing``): the fitted detections' band fluxes of the tiles so far, whose
+    colour template (:func:`colour_template`) gives the residual search's finds their total fluxes
+    (:func:`_template_total`). ``turn(name)``: a context manager around the steps that read and add to ``seeing``
+    (name ``seeing``) and ``colours`` (``colours``); :func:`detect_tiles`, refining tiles in threads, passes one
+    that takes them in tile order.
     """
     from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, crowding, estimate_fwhm,
                                        fit_psf_sources, residual_image)
@@ -758,6 +765,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     with np.errstate(invalid="ignore"):
         point = ok & point & (fit["flux_err"] * flux_scale < np.nan_to_num(d["flux_err"], nan=np.inf))
     saturated = _masked_share(no_psf, d["x"], d["y"], psfs, scale) >= MAX_MASKED_SHARE  # a clipped core: no PSF flux
+    saturated[n_net:] = False  # ... but a companion beside one has no flux of its own to keep: it takes the fit's
     point &= ~saturated
     d["flux"] = np.where(point, fit["flux"], d["flux"])
     # nor do they know what else lies under a source, the light of neighbours too faint to detect (confusion, in
