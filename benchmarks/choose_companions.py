@@ -36,7 +36,6 @@ CROWDING_LIMITS = (0.0, 0.02, 0.05, 0.1)  # a detection needs this crowding for 
 F1_TOLERANCE = 0.001  # the highest threshold within this of the best mean F1: fewer candidates to fit for the same F1
 MIN_GAIN = 0.002  # mean F1 over the scenes the search must add to be set ...
 MAX_SCENE_LOSS = 0.005  # ... losing at most this much in any scene (Hubble's fields lost 0.043 for its mean's +0.010)
-DRAWN_BASE = 951_020_000
 
 
 def collect(inst_name: str, draws, search: dict | None, log) -> list[dict]:
@@ -74,12 +73,10 @@ def collect(inst_name: str, draws, search: dict | None, log) -> list[dict]:
     return out
 
 
-def f1(tp: int, fp: int, n_true: int) -> float:
-    return 2 * tp / max(2 * tp + fp + (n_true - tp), 1)
-
-
 def scene_f1(images: list[dict]) -> dict:
     """{scene: (F1, tp, fp)} pooled over each scene's images."""
+    from choose_residual_search import f1
+
     acc: dict = {}
     for img in images:
         a = acc.setdefault(img["scene"], [0, 0, 0])
@@ -91,6 +88,7 @@ def scene_f1(images: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     from choose_kron import validation_draws, validation_fields, validation_parser
+    from choose_unconfirmed import DRAWN_BASE
 
     from skyfm.detect import default_min_score, get_detector
     from skyfm.heads.classification import fit_logistic

@@ -714,6 +714,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     # dead pixels and columns read (near) zero: in a band with a bright sky (WISE W3 / W4) one is hundreds of sigma
     # below it and alone sets the chi-square, and so the errors, of every fit whose box holds it
     mask |= data < bg - DEAD_PIXEL_SIGMA * rms
+    fwhm_pix = float(np.median([p.fwhm_deg for p in psfs])) / scale  # the tile's seeing, as fitted
     n_net = n  # the rows after these are companions (below)
     companion = head.companion_search_terms()
     if companion is not None and n:  # blends the network took for one source: their second star, fitted with all
@@ -741,9 +742,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     if n > n_net:  # a companion stays where its fit confirms it, apart from the detections
         from scipy.spatial import cKDTree
 
-        fwhm_fit = float(np.median([p.fwhm_deg for p in psfs])) / scale
         apart, _ = cKDTree(np.c_[fit["x"][:n_net], fit["y"][:n_net]]).query(np.c_[fit["x"][n_net:], fit["y"][n_net:]])
-        keep = np.r_[np.ones(n_net, bool), ok[n_net:] & (apart >= COMPANION_MIN_SEPARATION * fwhm_fit)]
+        keep = np.r_[np.ones(n_net, bool), ok[n_net:] & (apart >= COMPANION_MIN_SEPARATION * fwhm_pix)]
         d, fit = _take(d, keep), _take(fit, keep)
         ok, point, fit_snr = ok[keep], point[keep], fit_snr[keep]
         n = len(d["x"])
@@ -776,7 +776,6 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     stat_band = np.maximum(fit["flux_band_err"] * inflate[:, None], blank_band)
     # and a star may hide a companion too close to split, the likelier the denser the field: the relative floor
     # grows with the density of detected neighbours (per FWHM^2), calibrated with it
-    fwhm_pix = float(np.median([p.fwhm_deg for p in psfs])) / scale
     crowd = crowding(d["x"], d["y"], (h, w), fwhm_pix)
     floor = np.hypot(flux_floor, head.flux_floor_per_crowding() * crowd)
     flux_err = np.hypot(stat * flux_scale, floor * fit["flux"])
