@@ -307,7 +307,8 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
     calibrated per instrument on validation simulations; header keyword DNUNCERT says whether it is), the
     background it removed as HDU BACKGROUND (input minus the mean clean image before the flux correction,
     smoothed: diffuse emission, sky, unresolved sources, removed artefacts), the input header and WCS, and the
-    input's EBOUNDS table for counts cubes. Large images are denoised tile by tile. By
+    input's EBOUNDS table for counts cubes (a cube binned otherwise than the instrument is summed into its bands
+    first, and the output has those bands). Large images are denoised tile by tile. By
     default each source of the clean image is rescaled to its observed aperture flux (its uncertainty with it).
 
     \b
@@ -320,9 +321,10 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
     if samples == 1:
         click.echo("skyfm: warning: 1 sample has no spread: the UNCERT HDU will be NaN (use --samples 2 or more)",
                    err=True)
-    out = denoise_file(input_path, out_path, instrument=instrument, model_dir=model_dir, samples=samples,
-                       steps=steps, seed=seed, hdu=hdu, band=band, progress=True, flux_correction=flux_correction,
-                       precision=precision, device=device)
+    with _warnings_as_lines():
+        out = denoise_file(input_path, out_path, instrument=instrument, model_dir=model_dir, samples=samples,
+                           steps=steps, seed=seed, hdu=hdu, band=band, progress=True,
+                           flux_correction=flux_correction, precision=precision, device=device)
     click.echo(f"clean image: {out}")
 
 

@@ -1523,10 +1523,12 @@ def _wcs_scale(wcs) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------------------- files
-def read_background_model(path, shape: tuple) -> np.ndarray:
+def read_background_model(path, shape: tuple, grouping=None) -> np.ndarray:
     """A counts cube's background model from a FITS file: expected background counts per pixel and bin, (C, H, W)
     float32 of ``shape``. The ``BACKGROUND`` HDU when there is one (``skyfm denoise`` writes it), else the first
-    HDU with image data (a gtmodel / gtsrcmaps model cube). Wrong shape, NaN or negative values are errors."""
+    HDU with image data (a gtmodel / gtsrcmaps model cube). Wrong shape, NaN or negative values are errors.
+    ``grouping``: the counts cube's :class:`~skyfm.data.readers.EnergyGrouping`, if its planes were summed into the
+    instrument's bands; a model with the cube's own planes is summed the same way."""
     from skyfm.data.readers import open_fits
 
     with open_fits(path) as hdul:
@@ -1538,6 +1540,8 @@ def read_background_model(path, shape: tuple) -> np.ndarray:
         model = np.asarray(chosen.data, dtype=np.float32)
     if model.ndim == 2:
         model = model[None]
+    if grouping is not None and model.shape[0] == grouping.n_planes and model.shape[0] != shape[0]:
+        model = grouping.apply(model)
     if model.shape != tuple(shape):
         raise SkyfmError(f"--background {path}: shape {model.shape} does not match the counts cube's {tuple(shape)} "
                          "(bins, height, width)")
@@ -1620,7 +1624,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             inst = image.instrument
             if background is not None and not inst.is_counts:
                 raise SkyfmError(f"--background is for counts cubes; {path.name} is a {inst.name} image")
-            model = None if background is None else read_background_model(background, image.shape)
+            model = (None if background is None
+                     else read_background_model(background, image.shape, image.energy_grouping))
             head = det.head_config(inst.name)
             min_score = default_min_score(det, head) if min_score is None else float(min_score)
             small = image.shape[0] * image.height * image.width <= 64e6

@@ -162,6 +162,27 @@ def test_cli_counts_cube_keeps_wcs_and_ebounds(tmp_path, model_dir, capsys):
         assert b[0].header["DENOISED"] is True and b[0].header["DNSAMPLE"] == 2
 
 
+def test_cli_counts_cube_binned_otherwise_is_summed_into_the_instruments_bands(tmp_path, model_dir, capsys):
+    from skyfm.data.fits_io import ebounds_hdu
+
+    patch = simulate_patch("fermi-lat", seed=4, size=36)
+    lo, hi = patch.energy_edges_kev.T
+    edges = np.stack([np.stack([lo, np.sqrt(lo * hi)], 1), np.stack([np.sqrt(lo * hi), hi], 1)], 1).reshape(-1, 2)
+    header = patch.wcs.to_header()
+    header.update({"TELESCOP": "GLAST", "INSTRUME": "LAT"})
+    cube = np.repeat(patch.data / 2, 2, axis=0)  # 12 planes, two per band
+    src = tmp_path / "fine.fits"
+    fits.HDUList([fits.PrimaryHDU(cube, header=header), ebounds_hdu(edges)]).writeto(src)
+    out = tmp_path / "clean.fits"
+    code, cap = _run(["denoise", str(src), "--model", str(model_dir), "--out", str(out), "--samples", "2",
+                      "--steps", "2"], capsys)
+    assert code == 0, cap.err
+    assert "12 energy planes are not fermi-lat's bands" in cap.err
+    with fits.open(out) as b:  # the bands' shape, and an EBOUNDS that says so
+        assert b[0].data.shape == b["UNCERT"].data.shape == (6, 36, 36)
+        np.testing.assert_allclose(b["EBOUNDS"].data["E_MIN"], lo)
+
+
 def test_cli_2d_image(tmp_path, model_dir, capsys):
     patch = simulate_patch("meerlicht", seed=5, size=30)
     hdr = patch.wcs.to_header()

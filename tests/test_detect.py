@@ -372,6 +372,39 @@ def test_background_model_drives_the_counts_refinement(tmp_path, model_dir, caps
         assert not out.exists()
 
 
+def test_a_finely_binned_counts_cube_gives_the_catalog_of_the_instruments_bins(tmp_path, model_dir, capsys):
+    """A gtbin cube with two planes per fermi-lat band (and a model cube binned as it) is summed into the bands:
+    the same catalog as the cube binned as the instrument, and a warning saying how the planes were summed."""
+    from skyfm.catalog import read_catalog
+    from skyfm.data.fits_io import ebounds_hdu
+
+    p = simulate_patch("fermi-lat", 3, size=48, population="real", center=(20.0, 0.5))
+    rng = np.random.default_rng(0)
+    first = rng.binomial(p.data.astype(np.int64), 0.6).astype(np.float32)  # thinning: the halves sum back exactly
+    split = lambda a, b: np.stack([a, b], axis=1).reshape(-1, *p.data.shape[1:])  # noqa: E731
+    lo, hi = p.energy_edges_kev.T
+    edges = np.stack([np.stack([lo, np.sqrt(lo * hi)], 1), np.stack([np.sqrt(lo * hi), hi], 1)], 1).reshape(-1, 2)
+    header = p.wcs.to_header()
+    header.update({"TELESCOP": "GLAST", "INSTRUME": "LAT"})
+    files = {"coarse": (p.data, p.energy_edges_kev, p.background_image),
+             "fine": (split(first, p.data - first), edges, split(0.5 * p.background_image, 0.5 * p.background_image))}
+    tables = {}
+    for name, (cube, bins, bkg) in files.items():
+        fits.HDUList([fits.PrimaryHDU(cube, header=header), ebounds_hdu(bins)]).writeto(tmp_path / f"{name}.fits")
+        fits.PrimaryHDU(bkg).writeto(tmp_path / f"{name}-bkg.fits")
+        out = tmp_path / f"cat-{name}.fits"
+        rc = main(["detect", str(tmp_path / f"{name}.fits"), "--model", str(model_dir), "--min-score", "0.0101",
+                   "--background", str(tmp_path / f"{name}-bkg.fits"), "--selection", "network", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert ("12 energy planes are not fermi-lat's bands: summed as E0 <- planes 1-2" in err) == (name == "fine")
+        tables[name] = read_catalog(out)
+    assert len(tables["coarse"]) > 0 and len(tables["fine"]) == len(tables["coarse"])
+    for column in ("ra", "dec", "ts", "flux"):
+        np.testing.assert_allclose(np.asarray(tables["fine"][column]), np.asarray(tables["coarse"][column]),
+                                   rtol=1e-4)
+
+
 def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_path, model_dir, capsys):
     """skyfm detect --test-extension on a Fermi-LAT cube of the real sky around IC 443 (4FGL's template, r68 0.27
     deg): the source there comes out extended with TS_ext >= 16, the point sources keep extension 0; without a

@@ -10,6 +10,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from skyfm.cli import main
 from skyfm.data import Patch, open_image, read_image, write_patch
 from skyfm.data.fits_io import ebounds_hdu
+from skyfm.data.readers import EnergyBinsWarning, group_energy_planes
 from skyfm.errors import SkyfmError
 from skyfm.instruments import load_instrument
 
@@ -77,14 +78,74 @@ def test_a_gtbin_counts_cube_keeps_its_energy_bins(tmp_path, rng):
         np.testing.assert_array_equal(image.read_window(5, 9, 10, 20), counts[:, 5:9, 10:20])
 
 
-def test_counts_cube_bins_that_are_not_the_instruments_are_named_by_energy(tmp_path, rng):
+def test_counts_cube_bins_that_are_not_the_instruments_are_summed_into_its_bands(tmp_path):
+    # 0.1-1 GeV holds 74% of its (index-2) photons below fermi-lat's 0.3 GeV edge: left out, not called E0.
     edges = np.array([[1e5, 1e6], [1e6, 1e7]])
     wcs = _sky_wcs(("GLON-CAR", "GLAT-CAR"), (0.0, 0.0), (8.5, 8.5), cdelt=0.2)
+    data = np.stack([np.full((16, 16), 5, np.float32), np.ones((16, 16), np.float32)])
+    fits.HDUList([fits.PrimaryHDU(data, header=_ccube_header(wcs)), ebounds_hdu(edges)]).writeto(tmp_path / "c.fits")
+    with pytest.warns(EnergyBinsWarning, match="E1 <- plane 2 .1-10 GeV.; plane 1 left out"):
+        patch = read_image(tmp_path / "c.fits")
+    assert patch.bands == ["E1"] and patch.shape == (1, 16, 16)
+    np.testing.assert_array_equal(patch.data, data[1:])
+    np.testing.assert_allclose(patch.energy_edges_kev, [[1e6, 1e7]])
+
+
+def test_a_finely_binned_gtbin_cube_reads_as_the_instruments_bands(tmp_path, rng):
+    # 30 log bins from 100 MeV to 1 TeV, as gtbin users make them: each band is the sum of the planes inside it.
+    fine = np.geomspace(1e5, 1e9, 31)
+    edges = np.stack([fine[:-1], fine[1:]], axis=1)
+    counts = rng.poisson(1.5, size=(30, 12, 14)).astype(np.float32)
+    counts[7, 3, 4] = np.nan
+    wcs = _sky_wcs(("GLON-CAR", "GLAT-CAR"), (10.0, 0.0), (7.5, 6.5), cdelt=0.1)
+    fits.HDUList([fits.PrimaryHDU(counts, header=_ccube_header(wcs)), ebounds_hdu(edges)]).writeto(tmp_path / "f.fits")
+    grouping = group_energy_planes(edges, load_instrument("fermi-lat"))
+    assert grouping.bands == ["E0", "E1", "E2", "E3", "E4", "E5"] and grouping.left_out == [0, 1, 2, 3]
+    assert [p[0] for p in grouping.planes] == [4, 8, 12, 17, 21, 26] and grouping.planes[-1][-1] == 29
+    # every group's own range lies within a quarter of a fine bin (0.033 dex) of its band's edges
+    np.testing.assert_allclose(np.log10(grouping.edges_kev), np.log10(FERMI_EDGES_KEV), atol=0.07)
+    with pytest.warns(EnergyBinsWarning, match="30 energy planes are not fermi-lat's bands"):
+        patch = read_image(tmp_path / "f.fits")
+    assert patch.bands == grouping.bands and patch.shape == (6, 12, 14)
+    expected = np.stack([counts[p].sum(axis=0) for p in grouping.planes])
+    np.testing.assert_array_equal(patch.data[:, ~patch.mask], expected[:, ~patch.mask])
+    assert patch.mask.sum() == 1 and patch.mask[3, 4]  # NaN in one plane masks the pixel
+    with pytest.warns(EnergyBinsWarning), open_image(tmp_path / "f.fits") as image:
+        window = image.read_window(2, 6, 5, 9)
+    np.testing.assert_array_equal(window[:, 2:, :], expected[:, 4:6, 5:9])
+
+
+def test_a_gammapy_map_takes_its_energy_bins_from_the_table_bandshdu_names(tmp_path, rng):
+    # gammapy (gamma-astro-data-formats) writes COUNTS with BANDSHDU = 'COUNTS_BANDS', edges in TeV
+    fine = np.geomspace(0.1, 100.0, 16)
+    counts = rng.poisson(2.0, size=(15, 10, 10)).astype(np.float32)
+    header = _sky_wcs(("RA---CAR", "DEC--CAR"), (83.6, 22.0), (5.5, 5.5), cdelt=0.02).to_header()
+    header.update({"BANDSHDU": "COUNTS_BANDS", "TELESCOP": "CTA"})
+    bands = fits.BinTableHDU.from_columns([
+        fits.Column("CHANNEL", "I", array=np.arange(15)),
+        fits.Column("E_MIN", "E", unit="TeV", array=fine[:-1]),
+        fits.Column("E_MAX", "E", unit="TeV", array=fine[1:])], name="COUNTS_BANDS")
+    hdus = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(counts, header=header, name="COUNTS"), bands])
+    hdus.writeto(tmp_path / "gp.fits")
+    with pytest.warns(EnergyBinsWarning):
+        patch = read_image(tmp_path / "gp.fits", instrument="ctao")
+    assert patch.bands == ["T0", "T1", "T2"] and patch.shape == (3, 10, 10)
+    assert patch.data.sum() == pytest.approx(counts.sum())  # 0.1-100 TeV: every plane in a band
+    hdus["COUNTS"].header["BANDSHDU"] = "ENERGIES"
+    hdus.writeto(tmp_path / "bad.fits")
+    with pytest.raises(SkyfmError, match="BANDSHDU keyword names a table 'ENERGIES' that the file does not have"):
+        read_image(tmp_path / "bad.fits", instrument="ctao")
+
+
+def test_counts_bins_outside_every_band_are_a_clear_error(tmp_path):
+    edges = np.array([[3e4, 1e5], [1e5, 2.5e5]])  # 30-250 MeV: below fermi-lat's bands
+    wcs = _sky_wcs(("GLON-CAR", "GLAT-CAR"), (0.0, 0.0), (8.5, 8.5), cdelt=0.2)
     fits.HDUList([fits.PrimaryHDU(np.ones((2, 16, 16), np.float32), header=_ccube_header(wcs)),
-                  ebounds_hdu(edges)]).writeto(tmp_path / "c.fits")
-    patch = read_image(tmp_path / "c.fits")
-    assert patch.bands == ["0.1-1 GeV", "1-10 GeV"]
-    np.testing.assert_allclose(patch.energy_edges_kev, edges)
+                  ebounds_hdu(edges)]).writeto(tmp_path / "low.fits")
+    with pytest.raises(SkyfmError, match=r"2 energy bin\(s\) \(30-250 MeV\) cannot be summed into any of fermi-lat"):
+        read_image(tmp_path / "low.fits")
+    with pytest.raises(SkyfmError, match="0 < E_MIN < E_MAX"):
+        group_energy_planes(np.array([[1e6, 1e6]]), load_instrument("fermi-lat"))
 
 
 def test_a_gtbin_counts_map_takes_its_band_from_the_energy_keywords(tmp_path):

@@ -53,15 +53,17 @@ def ebounds_hdu(edges_kev: np.ndarray) -> fits.BinTableHDU:
     return hdu
 
 
-def read_ebounds(hdu: fits.BinTableHDU) -> np.ndarray:
-    """(C, 2) energy edges in keV from an ``EBOUNDS`` HDU, honouring its TUNIT (keV, MeV, GeV or TeV)."""
+def read_ebounds(hdu: fits.BinTableHDU, where: str | None = None) -> np.ndarray:
+    """(C, 2) energy edges in keV from an ``EBOUNDS`` (or gammapy ``*_BANDS``) HDU, honouring its TUNIT (keV, MeV,
+    GeV or TeV); ``where`` names the file in errors."""
     import astropy.units as u
 
     table = Table.read(hdu)
     out = []
     for name in ("E_MIN", "E_MAX"):
         if name not in table.colnames:
-            raise SkyfmError(f"EBOUNDS has no {name} column")
+            raise SkyfmError(f"{where + ': ' if where else ''}its {hdu.name} table has no {name} column (energy bin "
+                             "edges; a table of energies at bin centres describes a model cube, not counts)")
         col = table[name]
         unit = col.unit or u.keV
         out.append(np.asarray(u.Quantity(col, unit).to_value(u.keV), dtype=np.float64))

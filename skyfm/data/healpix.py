@@ -26,6 +26,7 @@ independent when the output pixels are much smaller than the HEALPix ones.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -37,12 +38,15 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from astropy_healpix import HEALPix, npix_to_nside
 
-from skyfm.data.fits_io import EBOUNDS_HDU, read_ebounds
+from skyfm.data.fits_io import read_ebounds
 from skyfm.data.patch import Patch
 from skyfm.data.readers import (
+    EnergyBinsWarning,
     _is_healpix,
     band_names_for_energies,
+    bands_hdu,
     energy_label,
+    group_energy_planes,
     open_fits,
     resolve_instrument,
     select_hdu,
@@ -181,13 +185,20 @@ def read_healpix(path: str | Path, *, hdu: int | str | None = None, columns: lis
         nside = int(header.get("NSIDE", 0))
         values = _column_values(table, data_cols, index_col, nside, where)
         inst, inst_source = resolve_instrument(instrument, [header, hdul[0].header])
-        edges = read_ebounds(hdul[EBOUNDS_HDU]) if EBOUNDS_HDU in [h.name for h in hdul] else None
+        bands_index = bands_hdu(hdul, header, where)
+        edges = None if bands_index is None else read_ebounds(hdul[bands_index], where)
         if edges is not None and len(edges) != len(data_cols):
-            raise SkyfmError(f"{where} has {len(data_cols)} map column(s) but EBOUNDS has {len(edges)} rows")
+            raise SkyfmError(f"{where} has {len(data_cols)} map column(s) but {hdul[bands_index].name} has "
+                             f"{len(edges)} rows")
         is_counts = _is_counts(table, data_cols[0], inst) if counts is None else bool(counts)
         frame_name = _frame_of(header, where, frame)
     if edges is not None:
         bands = band_names_for_energies(edges, inst)
+        if inst is not None and inst.is_counts and not set(bands) <= {b.name for b in inst.bands}:
+            grouping = group_energy_planes(edges, inst, where)
+            warnings.warn(EnergyBinsWarning(f"{where}: {grouping.summary(inst.name)}"), stacklevel=2)
+            values, edges, bands = grouping.apply(values), grouping.edges_kev, list(grouping.bands)
+            data_cols = ["+".join(data_cols[k] for k in idx) for idx in grouping.planes]
     elif inst is not None and len(inst.bands) == len(data_cols):
         bands = [b.name for b in inst.bands]
     else:

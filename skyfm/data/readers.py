@@ -10,7 +10,9 @@ What is read, and how:
 
 * the image is the first HDU with image data (or the one named by ``hdu=``). 2-D images become (1, H, W);
   3-D cubes (C, H, W); leading axes of length 1 (radio images' Stokes and frequency axes) are dropped.
-* a cube with an ``EBOUNDS`` table is a counts cube (gtbin CCUBE): one band per energy bin, edges in keV.
+* a cube with an ``EBOUNDS`` table is a counts cube (gtbin CCUBE): one band per energy bin, edges in keV; so is a
+  cube whose ``BANDSHDU`` keyword names its bins' table (gammapy's ``COUNTS_BANDS``). Bins that are not the
+  instrument's are summed into its bands (:func:`group_energy_planes`; an :class:`EnergyBinsWarning` says how).
 * a file written by :func:`skyfm.data.write_patch` is read whole, all bands and its truth (:func:`read_patch`).
 * invalid pixels (NaN or inf, BLANK integers, non-zero pixels of a ``MASK`` image HDU) become ``Patch.mask`` and 0
   in ``Patch.data``.
@@ -259,6 +261,104 @@ def band_names_for_energies(edges_kev: np.ndarray, inst: Instrument | None) -> l
     return [energy_label(lo, hi) for lo, hi in edges_kev]
 
 
+# A counts cube binned otherwise than its instrument (gtbin with 30 log bins, gammapy with 10 per decade) is summed
+# into the instrument's bands: a plane joins the band that holds at least MIN_PLANE_SHARE of its photons, and a band
+# is kept only where the planes it took hold at least MIN_BAND_COVER of the band's own photons (photons counted for
+# a power law of index 2, as the likelihood's band weights assume: a 0.1-1 GeV plane has 74% of its photons below
+# 0.3 GeV). Below either, the band's PSF and exposure, which the models and the likelihood fit assume, would not
+# describe the counts summed into it.
+MIN_PLANE_SHARE = 0.5
+MIN_BAND_COVER = 0.5
+
+
+class EnergyBinsWarning(UserWarning):
+    """A counts cube's energy planes were summed into its instrument's bands (some perhaps left out)."""
+
+
+@dataclass(frozen=True)
+class EnergyGrouping:
+    """How the energy planes of a counts cube are summed into its instrument's bands.
+
+    Attributes:
+        bands: the instrument band of each group.
+        planes: for each group, the indices of the cube's planes summed into it.
+        edges_kev: (G, 2) each group's own energy range (its lowest and highest plane edge), keV.
+        left_out: indices of the planes no band took (outside the instrument's range, across two bands, or in a
+            band they cover too little of).
+        n_planes: planes in the cube.
+    """
+
+    bands: list[str]
+    planes: list[list[int]]
+    edges_kev: np.ndarray
+    left_out: list[int]
+    n_planes: int
+
+    def summary(self, inst_name: str) -> str:
+        """One line for users: which planes went into which band, and which were left out."""
+        groups = ", ".join(f"{b} <- {_plane_ranges(p)} ({energy_label(*e)})"
+                           for b, p, e in zip(self.bands, self.planes, self.edges_kev))
+        text = f"its {self.n_planes} energy planes are not {inst_name}'s bands: summed as {groups}"
+        if self.left_out:
+            text += (f"; {_plane_ranges(self.left_out)} left out (outside the bands, across two of them, or too "
+                     "small a part of one)")
+        return text
+
+    def apply(self, planes: np.ndarray) -> np.ndarray:
+        """(G, ...) float32 sums of (n_planes, ...) ``planes`` by group (NaN where any summed plane is NaN)."""
+        planes = np.asarray(planes)
+        if planes.shape[0] != self.n_planes:
+            raise SkyfmError(f"expected {self.n_planes} energy planes to group, got {planes.shape[0]}")
+        return np.stack([planes[idx].sum(axis=0, dtype=np.float32) for idx in self.planes]).astype(np.float32)
+
+
+def _plane_ranges(indices: list[int]) -> str:
+    """'planes 1-3, 7' or 'plane 2': one-based plane numbers (as EBOUNDS channels count) in runs."""
+    runs, start = [], None
+    for i, k in enumerate(indices):
+        if start is None:
+            start = k
+        if i + 1 == len(indices) or indices[i + 1] != k + 1:
+            runs.append(f"{start + 1}" if start == k else f"{start + 1}-{k + 1}")
+            start = None
+    return ("plane " if len(indices) == 1 else "planes ") + ", ".join(runs)
+
+
+def group_energy_planes(edges_kev: np.ndarray, inst: Instrument, where: str = "the cube") -> EnergyGrouping:
+    """How to sum planes with energy ranges ``edges_kev`` (N, 2, keV) into ``inst``'s bands (rules above).
+
+    Raises a SkyfmError when the edges are not positive increasing pairs, or when no band can be made."""
+    edges = np.asarray(edges_kev, dtype=np.float64).reshape(-1, 2)
+    if not (np.isfinite(edges).all() and (edges[:, 0] > 0).all() and (edges[:, 1] > edges[:, 0]).all()):
+        raise SkyfmError(f"{where}: its energy bins need 0 < E_MIN < E_MAX on every row")
+    own = np.array([[b.energy[0].to_value(u.keV), b.energy[1].to_value(u.keV)] for b in inst.bands])
+
+    def photons(lo, hi):  # integral of E^-2 over [lo, hi] (0 where empty)
+        return np.where(hi > lo, 1.0 / lo - 1.0 / np.maximum(hi, lo), 0.0)
+
+    shared = photons(np.maximum(edges[:, None, 0], own[None, :, 0]), np.minimum(edges[:, None, 1], own[None, :, 1]))
+    share = shared / photons(edges[:, 0], edges[:, 1])[:, None]  # (N planes, B bands) share of a plane's photons
+    home = np.argmax(share, axis=1)
+    joins = share[np.arange(len(edges)), home] >= MIN_PLANE_SHARE
+    bands, planes, group_edges = [], [], []
+    for b, band in enumerate(inst.bands):
+        members = [int(k) for k in np.flatnonzero(joins & (home == b))]
+        if not members or shared[members, b].sum() < MIN_BAND_COVER * photons(own[b, 0], own[b, 1]):
+            continue
+        bands.append(band.name)
+        planes.append(members)
+        group_edges.append([edges[members, 0].min(), edges[members, 1].max()])
+    if not bands:
+        own_text = ", ".join(f"{b.name} {energy_label(*e)}" for b, e in zip(inst.bands, own))
+        span = energy_label(edges[:, 0].min(), edges[:, 1].max())
+        raise SkyfmError(f"{where}: its {len(edges)} energy bin(s) ({span}) cannot be summed into any of "
+                         f"{inst.name}'s bands ({own_text}); a one-bin map can be read as one of them with band= "
+                         "(--band)")
+    taken = {k for p in planes for k in p}
+    return EnergyGrouping(bands=bands, planes=planes, edges_kev=np.array(group_edges), n_planes=len(edges),
+                          left_out=[k for k in range(len(edges)) if k not in taken])
+
+
 def _dss_energy_kev(header: fits.Header) -> np.ndarray | None:
     """(1, 2) energy range (keV) from the data-subspace keywords gtbin writes (DSTYPn = 'ENERGY'), if any."""
     for key, value in header.items():
@@ -311,6 +411,9 @@ class ImageFile:
         energy_edges_kev: (C, 2) energy edges for counts data, else None.
         hdu_label: which HDU holds the image (``HDU 0``, ``HDU 1 (SCI)``).
         problems: what stops :func:`read_image` from making a Patch (an unknown instrument or band), one line each.
+        notes: what a user should know about how the pixels are read (energy planes summed), one line each.
+        energy_grouping: how a counts cube's energy planes are summed into the instrument's bands, or None when
+            its planes are the bands.
     """
 
     path: Path
@@ -323,8 +426,11 @@ class ImageFile:
     energy_edges_kev: np.ndarray | None
     hdu_label: str
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    energy_grouping: EnergyGrouping | None = None
     _hdul: fits.HDUList | None = field(default=None, repr=False)
     _planes: list[tuple[int, tuple]] = field(default_factory=list, repr=False)  # (hdu index, leading index)
+    _n_planes: int = 0  # planes in the file (more than shape[0] when energy planes are summed)
     _mask_hdu: int | None = field(default=None, repr=False)
     _loaded: dict = field(default_factory=dict, repr=False)  # HDUs astropy could not section, read whole
 
@@ -381,7 +487,7 @@ class ImageFile:
             raise SkyfmError(f"{self.path} is closed")
         if not (y0 < y1 and x0 < x1):
             raise SkyfmError(f"empty window rows {y0}:{y1}, columns {x0}:{x1}")
-        out = np.full((self.shape[0], y1 - y0, x1 - x0), np.nan, dtype=np.float32)
+        out = np.full((self._n_planes or self.shape[0], y1 - y0, x1 - x0), np.nan, dtype=np.float32)
         ry0, ry1 = max(y0, 0), min(y1, self.height)
         rx0, rx1 = max(x0, 0), min(x1, self.width)
         if ry0 >= ry1 or rx0 >= rx1:
@@ -398,7 +504,7 @@ class ImageFile:
             masked = self._section(self._mask_hdu, (Ellipsis, rows, cols)) != 0
             inner[np.broadcast_to(masked, inner.shape)] = np.nan
         inner[~np.isfinite(inner)] = np.nan
-        return out
+        return out if self.energy_grouping is None else self.energy_grouping.apply(out)
 
     def read_patch_window(self, y0: int, y1: int, x0: int, x1: int) -> Patch:
         """Rows ``y0:y1``, columns ``x0:x1`` as a Patch with its own WCS; invalid or outside pixels masked and 0."""
@@ -440,6 +546,20 @@ def _mask_hdu_for(hdul: fits.HDUList, shape: tuple[int, int, int]) -> int | None
             if mshape in (shape[1:], shape):
                 return i
     return None
+
+
+def bands_hdu(hdul: fits.HDUList, header: fits.Header, where: str) -> int | None:
+    """Index of the table giving the energy range of each plane of an image or map, else None: the HDU its
+    ``BANDSHDU`` keyword names (the gamma-astro-data-formats convention gammapy writes, e.g. ``COUNTS_BANDS``),
+    else ``EBOUNDS`` (Fermi's gtbin); a named table that is missing is an error."""
+    names = [h.name.upper() for h in hdul]
+    named = str(header.get("BANDSHDU", "")).strip().upper()
+    if named:
+        if named not in names:
+            raise SkyfmError(f"{where}: its BANDSHDU keyword names a table {named!r} that the file does not have "
+                             f"(HDUs: {_hdu_list_summary(hdul)})")
+        return names.index(named)
+    return names.index(EBOUNDS_HDU) if EBOUNDS_HDU in names else None
 
 
 def _skyfm_science_hdus(hdul: fits.HDUList) -> list[int]:
@@ -487,24 +607,43 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
             planes = [(i, ()) for i in science]
             shape = (len(science),) + shape[1:]
     edges = None
-    if EBOUNDS_HDU in [h.name for h in hdul]:
-        edges = read_ebounds(hdul[EBOUNDS_HDU])
+    bands_index = bands_hdu(hdul, header, where)
+    if bands_index is not None:
+        edges = read_ebounds(hdul[bands_index], where)
         if len(edges) != shape[0]:
-            raise SkyfmError(f"{where} has {shape[0]} energy plane(s) but its EBOUNDS table has {len(edges)} rows")
+            raise SkyfmError(f"{where} has {shape[0]} energy plane(s) but its {hdul[bands_index].name} table has "
+                             f"{len(edges)} rows")
         if fmt == FORMAT_IMAGE and int(header["NAXIS"]) - dropped == 3:
             fmt = FORMAT_CUBE
-    bands, edges, band_problem = _bands(hdul, planes, shape, inst, band, edges)
+    bands, edges, band_problem, grouping = _bands(hdul, planes, shape, inst, band, edges, where)
     if band_problem:
         problems.append(f"{where}: {band_problem}")
+    notes = []
+    if grouping is not None:
+        notes.append(f"{where}: {grouping.summary(inst.name)}")
+        warnings.warn(EnergyBinsWarning(notes[-1]), stacklevel=3)
     wcs = celestial_wcs(header, where, hdul)
     return ImageFile(
-        path=path, format=fmt, shape=shape, wcs=wcs, instrument=inst, instrument_source=inst_source, bands=bands,
-        energy_edges_kev=edges, hdu_label=label, problems=problems, _hdul=hdul, _planes=planes,
+        path=path, format=fmt, shape=(len(bands),) + shape[1:], wcs=wcs, instrument=inst,
+        instrument_source=inst_source, bands=bands, energy_edges_kev=edges, hdu_label=label, problems=problems,
+        notes=notes, energy_grouping=grouping, _hdul=hdul, _planes=planes, _n_planes=shape[0],
         _mask_hdu=_mask_hdu_for(hdul, shape),
     )
 
 
-def _bands(hdul, planes, shape, inst: Instrument | None, band: str | None, edges: np.ndarray | None):
+def _bands(hdul, planes, shape, inst: Instrument | None, band: str | None, edges: np.ndarray | None, where: str):
+    """(band names, energy edges keV or None, problem or None, EnergyGrouping or None) for the planes of an
+    image; a counts cube binned otherwise than its instrument gets the names and edges of its summed groups."""
+    names, edges, problem = _plane_bands(hdul, planes, shape, inst, band, edges)
+    if edges is None or inst is None or not inst.is_counts or problem or band is not None:
+        return names, edges, problem, None
+    if all(name in {b.name for b in inst.bands} for name in names):
+        return names, edges, problem, None
+    grouping = group_energy_planes(edges, inst, where)
+    return list(grouping.bands), grouping.edges_kev, None, grouping
+
+
+def _plane_bands(hdul, planes, shape, inst: Instrument | None, band: str | None, edges: np.ndarray | None):
     """(band names, energy edges keV or None, problem or None) for the planes of an image."""
     n = shape[0]
     if band is not None and n > 1:
@@ -622,7 +761,9 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
             from skyfm.data.healpix import describe_healpix
 
             return describe_healpix(path, instrument=instrument, hdu=hdu)
-        image = _describe_image(Path(path), hdul, instrument, hdu, band)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EnergyBinsWarning)  # said below as a note
+            image = _describe_image(Path(path), hdul, instrument, hdu, band)
     except BaseException:
         hdul.close()
         raise
@@ -648,5 +789,5 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
             hdul = image._hdul
             if "TRUTH" in [h.name for h in hdul]:
                 lines.append(f"truth:       {hdul['TRUTH'].header.get('NAXIS2', 0)} true sources (TRUTH table)")
-        lines += [f"note:        {p}" for p in image.problems]
+        lines += [f"note:        {p}" for p in image.notes + image.problems]
     return lines

@@ -280,7 +280,8 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
 
     from astropy.io import fits
 
-    from skyfm.data.readers import open_fits, read_image, select_hdu
+    from skyfm.data.fits_io import ebounds_hdu
+    from skyfm.data.readers import EnergyBinsWarning, open_fits, read_image, select_hdu
     from skyfm.utils import atomic_path
 
     check_flux_correction(flux_correction)
@@ -293,8 +294,8 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     if out.suffix.lower() not in (".fits", ".fit", ".fts") and not out.name.lower().endswith((".fits.gz",)):
         raise SkyfmError(f"--out should be a FITS file name (.fits), got {out.name}")
     model = load_denoiser(model_dir, device=device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         patch = read_image(path, instrument=instrument, hdu=hdu, band=band)
         with open_fits(path) as hdul:
             index = select_hdu(hdul, hdu, path)
@@ -303,6 +304,11 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
             ebounds = next((h.copy() for h in hdul if h.name == "EBOUNDS"), None)
             if ebounds is not None:
                 ebounds = fits.BinTableHDU(data=ebounds.data.copy(), header=ebounds.header.copy(), name="EBOUNDS")
+    summed = [w for w in caught if issubclass(w.category, EnergyBinsWarning)]
+    for w in summed:  # the other reading warnings stay quiet here, as before
+        warnings.warn(w.message, stacklevel=2)
+    if summed:  # the output has the instrument's bands, not the input's planes
+        ebounds = ebounds_hdu(patch.energy_edges_kev)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -337,6 +343,8 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
                             n_samples)
     hdr["DNUNCERT"] = (kind, "UNCERT: calibrated, spread or none (NaN)")
     hdr["HISTORY"] = "skyfm denoise: mean of diffusion samples of the source-only image"
+    if summed:
+        hdr["HISTORY"] = "skyfm denoise: the input's energy planes summed into the instrument's bands (EBOUNDS)"
     if flux_correction == "forced":
         hdr["HISTORY"] = "skyfm denoise: sources rescaled to their observed aperture flux; UNCERT with them"
     hdus = [fits.PrimaryHDU(shape_clean.astype(np.float32), header=hdr)]
