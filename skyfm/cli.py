@@ -611,9 +611,15 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
     point-source fluxes with their errors, Kron fluxes for galaxies, and a search of the fit's residual image for
     the faint or diffuse sources the network missed (catalog fit = 4).
 
+    Units: CCD images in electrons or electrons per second (BUNIT; e.g. a Hubble _drc file, with EXPTIME) are
+    read as the instrument's ADU, which its noise model describes, and the catalog's fluxes are given in the
+    image's own unit. Counts cubes binned otherwise than the instrument (EBOUNDS, or gammapy's BANDSHDU table) are
+    summed into its energy bands; a warning says how.
+
     \b
     Examples:
       skyfm detect image.fits --out catalog.fits --plot
+      skyfm detect hst_drc.fits --hdu SCI --instrument hubble --band F606W --out hst.ecsv
       skyfm detect W1.fits --instrument wise --band W1 --out w1.ecsv
       skyfm detect ccube.fits --instrument fermi-lat --out fermi.vot --associate 4fgl.fits
       skyfm detect ccube.fits --instrument fermi-lat --background model_cube.fits --out fermi.fits

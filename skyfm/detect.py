@@ -1671,6 +1671,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 patch_for_plot = None
                 if plot and image.height * image.width <= 4096 * 4096:
                     patch_for_plot = image.read_patch_window(0, image.height, 0, image.width)
+            if image.unit is not None:
+                table = in_image_units(table, image.adu_per_unit, image.unit)
     table.meta["input"] = path.name
     if associate is not None:
         table = associate_catalog(table, associate)
@@ -1680,6 +1682,20 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
         if png is not None and patch_for_plot is not None:
             save_overlay(patch_for_plot, table, png)
         write_catalog(table, out)
+    return table
+
+
+def in_image_units(table, adu_per_unit: float, unit):
+    """The catalog's fluxes in the image's own unit (electrons, e-/s: :func:`skyfm.data.readers.image_units`)
+    rather than the instrument's ADU that detection worked in."""
+    from skyfm.catalog.table import FLUX_LIKE_COLUMNS
+
+    for name in ("flux", "flux_err", *FLUX_LIKE_COLUMNS):
+        if name in table.colnames:
+            description = table[name].info.description
+            table[name] = table[name].value / adu_per_unit * unit
+            table[name].info.description = description and f"{description} (here in the image's unit, BUNIT)"
+    table.meta["flux_unit"] = unit.to_string()
     return table
 
 

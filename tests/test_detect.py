@@ -405,6 +405,33 @@ def test_a_finely_binned_counts_cube_gives_the_catalog_of_the_instruments_bins(t
                                    rtol=1e-4)
 
 
+def test_an_image_in_electrons_per_second_gives_the_catalog_of_its_adu_image_in_its_unit(tmp_path, model_dir, capsys):
+    """An image in e-/s (BUNIT in the image HDU, EXPTIME in the primary, as drizzled HST files have them) is detected
+    as the same image in ADU (the noise model needs ADU): the same sources, fluxes in e-/s."""
+    from skyfm.catalog import read_catalog
+
+    p = simulate_patch("meerlicht", 11, size=64, scene="crowded")
+    tables = {}
+    for name, factor, extra in (("adu", 1.0, {}), ("eps", 1.0 / 60.0, {"BUNIT": "e-/s"})):  # gain 1, 60 s
+        header = p.wcs.to_header()
+        header.update({"TELESCOP": "MeerLICHT", "FILTER": p.bands[0], **extra})
+        primary = fits.PrimaryHDU()
+        primary.header["EXPTIME"] = 60.0
+        sci = fits.ImageHDU((p.data[0] * factor).astype(np.float32), header=header, name="SCI")
+        fits.HDUList([primary, sci]).writeto(tmp_path / f"{name}.fits")
+        out = tmp_path / f"cat-{name}.ecsv"
+        rc = main(["detect", str(tmp_path / f"{name}.fits"), "--model", str(model_dir), "--min-score", "0.0101",
+                   "--out", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        tables[name] = read_catalog(out)
+    adu, eps = tables["adu"], tables["eps"]
+    assert len(adu) > 0 and len(eps) == len(adu)
+    assert adu["flux"].unit == u.adu and eps["flux"].unit == u.electron / u.s
+    np.testing.assert_allclose(np.asarray(eps["x"]), np.asarray(adu["x"]), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(eps["flux"]) * 60.0, np.asarray(adu["flux"]), rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(eps["flux_err"]) * 60.0, np.asarray(adu["flux_err"]), rtol=1e-3)
+
+
 def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_path, model_dir, capsys):
     """skyfm detect --test-extension on a Fermi-LAT cube of the real sky around IC 443 (4FGL's template, r68 0.27
     deg): the source there comes out extended with TS_ext >= 16, the point sources keep extension 0; without a

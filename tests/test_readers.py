@@ -10,7 +10,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from skyfm.cli import main
 from skyfm.data import Patch, open_image, read_image, write_patch
 from skyfm.data.fits_io import ebounds_hdu
-from skyfm.data.readers import EnergyBinsWarning, group_energy_planes
+from skyfm.data.readers import EnergyBinsWarning, ImageUnitWarning, group_energy_planes
 from skyfm.errors import SkyfmError
 from skyfm.instruments import load_instrument
 
@@ -146,6 +146,48 @@ def test_counts_bins_outside_every_band_are_a_clear_error(tmp_path):
         read_image(tmp_path / "low.fits")
     with pytest.raises(SkyfmError, match="0 < E_MIN < E_MAX"):
         group_energy_planes(np.array([[1e6, 1e6]]), load_instrument("fermi-lat"))
+
+
+@pytest.mark.parametrize("bunit, exptime, factor, unit", [
+    ("ELECTRONS/S", 600.0, 600.0 / 2.0, "electron / s"),  # a Hubble _drc / _drz image (hubble's gain: 2)
+    ("ELECTRONS", None, 0.5, "electron"),  # an ACS _flt image
+    ("e-/s", 100.0, 50.0, "electron / s"),
+    ("DN/s", 300.0, 300.0, "adu / s"),
+    ("COUNTS", None, 1.0, "ct"),
+    ("ADU", None, 1.0, None),
+    ("", None, 1.0, None),
+])
+def test_ccd_pixel_units_are_read_as_the_instruments_adu(tmp_path, rng, bunit, exptime, factor, unit):
+    data = rng.normal(10.0, 1.0, size=(20, 24)).astype(np.float32)
+    header = _sky_wcs().to_header()
+    header.update({"TELESCOP": "HST", "INSTRUME": "ACS", "FILTER1": "F606W", "FILTER2": "CLEAR2L"})
+    if bunit:
+        header["BUNIT"] = bunit
+    primary = fits.PrimaryHDU()
+    if exptime:
+        primary.header["EXPTIME"] = exptime  # drizzled HST files keep EXPTIME in the primary header
+    fits.HDUList([primary, fits.ImageHDU(data, header=header, name="SCI")]).writeto(tmp_path / "sci.fits")
+    patch = read_image(tmp_path / "sci.fits")
+    np.testing.assert_allclose(patch.data[0], data * factor, rtol=1e-6)
+    with open_image(tmp_path / "sci.fits") as image:
+        assert image.adu_per_unit == pytest.approx(factor)
+        assert (image.unit.to_string() if image.unit is not None else None) == unit
+    assert patch.meta.get("adu_per_unit", 1.0) == pytest.approx(factor)
+
+
+def test_ccd_pixel_units_skyfm_cannot_convert_are_read_as_they_are_with_a_warning(tmp_path, rng):
+    data = rng.normal(10.0, 1.0, size=(20, 24)).astype(np.float32)
+    header = _sky_wcs().to_header()
+    header.update({"TELESCOP": "WISE", "BAND": 1, "BUNIT": "MJy/sr"})
+    fits.PrimaryHDU(data, header=header).writeto(tmp_path / "w1.fits")
+    with pytest.warns(ImageUnitWarning, match="BUNIT 'MJy/sr' is not a unit skyfm converts"):
+        patch = read_image(tmp_path / "w1.fits")
+    np.testing.assert_array_equal(patch.data[0], data)
+    header["BUNIT"] = "ELECTRONS/S"  # a rate without an exposure time: the band's nominal one, said
+    fits.PrimaryHDU(data, header=header).writeto(tmp_path / "rate.fits")
+    with pytest.warns(ImageUnitWarning, match="no EXPTIME: 200 s assumed"):
+        patch = read_image(tmp_path / "rate.fits")
+    np.testing.assert_allclose(patch.data[0], data * 200.0 / load_instrument("wise").noise["gain"], rtol=1e-6)
 
 
 def test_a_gtbin_counts_map_takes_its_band_from_the_energy_keywords(tmp_path):

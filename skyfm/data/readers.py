@@ -359,6 +359,68 @@ def group_energy_planes(edges_kev: np.ndarray, inst: Instrument, where: str = "t
                           left_out=[k for k in range(len(edges)) if k not in taken])
 
 
+# A CCD image's pixel unit (BUNIT) as skyfm's CCD models need it: the instrument's ADU, whose noise its gain and
+# read noise describe (the PSF fit's weights, its chi-square and every fit-SNR rule rest on them). Electrons are
+# divided by the gain and rates multiplied by the exposure time (a Hubble _drc image in e-/s); catalog fluxes are
+# given back in the image's own unit.
+_ADU_UNITS = {"adu": u.adu, "dn": u.adu, "datanumber": u.adu, "count": u.ct, "counts": u.ct, "ct": u.ct, "cts": u.ct}
+_ELECTRON_UNITS = ("electron", "electrons", "e-", "e")
+_RATE_SUFFIXES = ("/s", "/sec", "/second", "s-1", "s**-1", "s^-1", ".s-1")
+_EXPTIME_KEYS = ("EXPTIME", "TEXPTIME", "EXPOSURE", "XPOSURE")
+
+
+class ImageUnitWarning(UserWarning):
+    """A CCD image's pixel unit (BUNIT) is not one skyfm can convert to its instrument's ADU, or needs a guess."""
+
+
+def image_units(headers: list[fits.Header], inst: Instrument, bands: list[str], where: str):
+    """(ADU per unit of the image, the image's unit for catalog fluxes or None when it is the ADU itself) for a
+    CCD image with ``BUNIT`` in the first of ``headers`` that has one (the image HDU's, then the primary's).
+
+    No BUNIT, ADU, DN or counts: 1 (as the simulators write). Electrons: 1 / gain. Per second: times the
+    exposure time (EXPTIME, TEXPTIME, EXPOSURE or XPOSURE; else the band's nominal one, with an
+    :class:`ImageUnitWarning`). Any other unit (MJy/sr, nanomaggies): 1, with an :class:`ImageUnitWarning`."""
+    raw = next((str(h["BUNIT"]).strip() for h in headers if str(h.get("BUNIT", "")).strip()), "")
+    text = raw.lower().replace(" ", "")
+    if not text or inst.is_counts:
+        return 1.0, None
+    rate = text.endswith(_RATE_SUFFIXES)
+    base = text
+    for suffix in _RATE_SUFFIXES:
+        if rate and base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    gain = float((inst.noise or {}).get("gain", 1.0)) or 1.0
+    if base in _ADU_UNITS:
+        factor, unit = 1.0, _ADU_UNITS[base]
+    elif base in _ELECTRON_UNITS:
+        factor, unit = 1.0 / gain, u.electron
+    else:
+        warnings.warn(ImageUnitWarning(
+            f"{where}: BUNIT {raw!r} is not a unit skyfm converts (ADU, DN, counts or electrons, or these per "
+            f"second): read as {inst.name}'s ADU, so the PSF fit's noise model (gain, read noise) may not fit it"),
+            stacklevel=3)
+        return 1.0, None
+    if rate:
+        exptime = next((float(h[k]) for h in headers for k in _EXPTIME_KEYS
+                        if k in h and _is_positive_number(h[k])), None)
+        if exptime is None:
+            known = [inst.band(b).exposure_time for b in bands if b in {x.name for x in inst.bands}]
+            exptime = float(known[0]) if known and known[0] else 1.0
+            warnings.warn(ImageUnitWarning(
+                f"{where}: BUNIT {raw!r} is a rate but the header has no EXPTIME: {exptime:g} s assumed "
+                f"({inst.name}'s nominal exposure)"), stacklevel=3)
+        factor, unit = factor * exptime, unit / u.s
+    return factor, (None if (factor == 1.0 and unit == u.adu) else unit)
+
+
+def _is_positive_number(value) -> bool:
+    try:
+        return float(value) > 0 and np.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _dss_energy_kev(header: fits.Header) -> np.ndarray | None:
     """(1, 2) energy range (keV) from the data-subspace keywords gtbin writes (DSTYPn = 'ENERGY'), if any."""
     for key, value in header.items():
@@ -414,6 +476,9 @@ class ImageFile:
         notes: what a user should know about how the pixels are read (energy planes summed), one line each.
         energy_grouping: how a counts cube's energy planes are summed into the instrument's bands, or None when
             its planes are the bands.
+        adu_per_unit: what :meth:`read_window` multiplies the file's pixels by to give the instrument's ADU
+            (:func:`image_units`: 1 unless a CCD image's BUNIT is electrons or a rate).
+        unit: the file's own pixel unit when it is not the ADU (catalog fluxes are given back in it), else None.
     """
 
     path: Path
@@ -428,6 +493,8 @@ class ImageFile:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     energy_grouping: EnergyGrouping | None = None
+    adu_per_unit: float = 1.0
+    unit: u.UnitBase | None = None
     _hdul: fits.HDUList | None = field(default=None, repr=False)
     _planes: list[tuple[int, tuple]] = field(default_factory=list, repr=False)  # (hdu index, leading index)
     _n_planes: int = 0  # planes in the file (more than shape[0] when energy planes are summed)
@@ -504,6 +571,8 @@ class ImageFile:
             masked = self._section(self._mask_hdu, (Ellipsis, rows, cols)) != 0
             inner[np.broadcast_to(masked, inner.shape)] = np.nan
         inner[~np.isfinite(inner)] = np.nan
+        if self.adu_per_unit != 1.0:
+            out *= np.float32(self.adu_per_unit)
         return out if self.energy_grouping is None else self.energy_grouping.apply(out)
 
     def read_patch_window(self, y0: int, y1: int, x0: int, x1: int) -> Patch:
@@ -534,8 +603,14 @@ def _patch_from_pixels(image: ImageFile, data: np.ndarray, wcs: WCS | None, meta
     return Patch(
         data=data, instrument=image.instrument.name, bands=list(image.bands), wcs=wcs,
         mask=invalid if invalid.any() else None, energy_edges_kev=image.energy_edges_kev,
-        meta={"file": image.path.name, "hdu": image.hdu_label, **meta},
+        meta={"file": image.path.name, "hdu": image.hdu_label, **meta, **_unit_meta(image)},
     )
+
+
+def _unit_meta(image: ImageFile) -> dict:
+    """What a Patch's meta says of pixels read in another unit than the instrument's ADU (``skyfm denoise``
+    writes its output back in it)."""
+    return {} if image.unit is None else {"adu_per_unit": image.adu_per_unit, "unit": image.unit.to_string()}
 
 
 def _mask_hdu_for(hdul: fits.HDUList, shape: tuple[int, int, int]) -> int | None:
@@ -622,12 +697,18 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
     if grouping is not None:
         notes.append(f"{where}: {grouping.summary(inst.name)}")
         warnings.warn(EnergyBinsWarning(notes[-1]), stacklevel=3)
+    adu_per_unit, unit = 1.0, None
+    if inst is not None and fmt != FORMAT_SIMULATED:
+        adu_per_unit, unit = image_units(headers, inst, bands, where)
+        if unit is not None:
+            notes.append(f"{where}: pixels in {unit.to_string()}, read as {inst.name}'s ADU (x {adu_per_unit:.6g}); "
+                         f"catalog fluxes in {unit.to_string()}")
     wcs = celestial_wcs(header, where, hdul)
     return ImageFile(
         path=path, format=fmt, shape=(len(bands),) + shape[1:], wcs=wcs, instrument=inst,
         instrument_source=inst_source, bands=bands, energy_edges_kev=edges, hdu_label=label, problems=problems,
-        notes=notes, energy_grouping=grouping, _hdul=hdul, _planes=planes, _n_planes=shape[0],
-        _mask_hdu=_mask_hdu_for(hdul, shape),
+        notes=notes, energy_grouping=grouping, adu_per_unit=adu_per_unit, unit=unit, _hdul=hdul, _planes=planes,
+        _n_planes=shape[0], _mask_hdu=_mask_hdu_for(hdul, shape),
     )
 
 

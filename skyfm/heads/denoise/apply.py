@@ -323,6 +323,9 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     finally:
         if bar is not None:
             bar.close()
+    adu_per_unit = float(patch.meta.get("adu_per_unit", 1.0))  # back to the input's unit (e-/s: image_units)
+    if adu_per_unit != 1.0:
+        clean, std, background = clean / adu_per_unit, std / adu_per_unit, background / adu_per_unit
     if patch.mask is not None:
         clean[:, patch.mask] = np.nan
         std[:, patch.mask] = np.nan
