@@ -95,8 +95,12 @@ CASES = [  # (key, label, instrument, options(rng) -> simulate_patch kwargs)
     ("fermi-plane-ichalo", "Fermi-LAT plane as fermi-plane, but the ic-halo interstellar model (training: gas-disk)",
      "fermi-lat", lambda rng: {"population": "real", "center": (float(rng.uniform(0, 360)), float(rng.uniform(-8, 8))),
                                "galactic_model": "ic-halo"}),
+    # one band of a many-band instrument, as users' single-filter files are (the heads are trained on every band)
+    ("wise-w1", "WISE, W1 only (a W1 tile)", "wise", lambda rng: {"bands": ["W1"]}),
+    ("hubble-f606w", "Hubble, F606W only", "hubble", lambda rng: {"bands": ["F606W"]}),
 ]
-SEED_CASE = {"fermi-plane-ichalo": 1}  # the same seeds (sky positions, sources, noise draws) as fermi-plane
+# the same seeds (sky positions, sources, noise draws) as fermi-plane, wise and hubble
+SEED_CASE = {"fermi-plane-ichalo": 1, "wise-w1": 6, "hubble-f606w": 5}
 FIXED = {"sep": 5.0, "sep-nofilter": 5.0, "photutils-dao": 5.0, "photutils-segmentation": 5.0, "tsmap-true": 5.0, "tsmap-estimated": 5.0,
          "tsmap-denoiser": 5.0,
          "skyfm": None, "skyfm-estbg": None, "skyfm-trails": None}
@@ -282,6 +286,8 @@ def run_case(case_index, key, label, instrument, options, n, n_cal, skyfm_fn, co
                 wall += time.perf_counter() - t
                 if name.startswith("skyfm") and cat.meta.get("selection") == "likelihood":
                     fixed_thr = float(np.sqrt(LIKELIHOOD_MIN_TS))  # score is sqrt(TS): the catalog's TS >= 25
+                elif name.startswith("skyfm") and cat.meta.get("min_score") is not None:
+                    fixed_thr = float(cat.meta["min_score"])  # a head's threshold for the image's bands
                 pix += p.height * p.width
                 sweeps.append(score_sweep(cat, p.truth, radius))
                 kept = cat if fixed_thr is None else cat[_score(cat) >= fixed_thr]

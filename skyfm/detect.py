@@ -339,7 +339,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     from skyfm.data.tiling import iter_tiles, tile_grid
     from skyfm.heads.localization import merge_close
 
-    head = det.head_config(inst.name)
+    head = det.head_config(inst.name).for_bands(source.bands)
     stride = det.token_stride
     default_tile, default_window = default_tiling(det, inst, len(source.bands))
     tile_size = default_tile if tile_size is None else tile_size
@@ -1418,7 +1418,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
 
     det = get_detector(detector)
     inst = det.instrument(patch.instrument) if patch.instrument in det.config.heads else load_instrument(patch.instrument)
-    head = det.head_config(inst.name)
+    head = det.head_config(inst.name).for_bands(patch.bands)
     min_score = default_min_score(det, head) if min_score is None else float(min_score)
     if patch.mask is not None and patch.mask.all():
         raise SkyfmError("every pixel of the image is masked or invalid: nothing to detect")
@@ -1626,7 +1626,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 raise SkyfmError(f"--background is for counts cubes; {path.name} is a {inst.name} image")
             model = (None if background is None
                      else read_background_model(background, image.shape, image.energy_grouping))
-            head = det.head_config(inst.name)
+            head = det.head_config(inst.name).for_bands(image.bands)
             min_score = default_min_score(det, head) if min_score is None else float(min_score)
             small = image.shape[0] * image.height * image.width <= 64e6
             if image.format == FORMAT_SIMULATED or (inst.is_counts and small):

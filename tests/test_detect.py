@@ -432,6 +432,32 @@ def test_an_image_in_electrons_per_second_gives_the_catalog_of_its_adu_image_in_
     np.testing.assert_allclose(np.asarray(eps["flux_err"]) * 60.0, np.asarray(adu["flux_err"]), rtol=1e-3)
 
 
+def test_an_image_with_some_of_a_heads_bands_takes_the_thresholds_chosen_for_them(model_dir):
+    from skyfm.detect import default_min_score, detect_patch, get_detector
+    from skyfm.errors import SkyfmError
+    from skyfm.heads import load_detector
+    from skyfm.heads.config import subset_key
+
+    det = load_detector(model_dir)
+    head = det.head_config("wise")
+    head.band_subsets = {"W1": {"min_score": 0.5, "unconfirmed_min_score": 0.6}}
+    one = simulate_patch("wise", 5, size=64, bands=["W1"])
+    two = simulate_patch("wise", 5, size=64, bands=["W2", "W1"])
+    assert head.for_bands(one.bands).min_score == 0.5 and head.for_bands(two.bands) is head
+    assert subset_key(head.bands, two.bands) == "W1+W2"
+    cat = detect_patch(one, det)
+    assert cat.meta["min_score"] == 0.5 and np.all(np.asarray(cat["score"])[np.asarray(cat["fit"]) != 4] >= 0.5)
+    assert detect_patch(two, det).meta["min_score"] == pytest.approx(default_min_score(det, head))
+    head.band_subsets = {"W1": {"min_score": 1.5}}
+    with pytest.raises(SkyfmError, match=r"band_subsets\['W1'\] should map"):
+        detect_patch(one, det)
+    for shipped in get_detector(None).config.heads.values():  # the shipped subsets name real bands, valid values
+        for key in shipped.band_subsets or {}:
+            bands = key.split("+")
+            assert set(bands) < set(shipped.bands) and subset_key(shipped.bands, bands) == key
+            assert shipped.for_bands(bands) is not shipped
+
+
 def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_path, model_dir, capsys):
     """skyfm detect --test-extension on a Fermi-LAT cube of the real sky around IC 443 (4FGL's template, r68 0.27
     deg): the source there comes out extended with TS_ext >= 16, the point sources keep extension 0; without a

@@ -115,6 +115,11 @@ class InstrumentHeadConfig:
             of a companion the fit confirms, and the ``crowding`` (detected neighbours per PSF FWHM^2) it needs (in
             sparse fields a galaxy's light beside its point model is no second star; chosen on validation images,
             ``benchmarks/choose_companions.py``). None: no search.
+        band_subsets: images with only some of the head's bands (a WISE W1 image; the networks are trained on
+            every band of an instrument whose simulations draw them all): ``{"W1": {"min_score": m,
+            "unconfirmed_min_score": u}, "W1+W2": {...}}``, keyed by the image's bands joined with ``+`` in the
+            head's order, the thresholds chosen for that subset on validation images
+            (``benchmarks/choose_band_subsets.py``; :meth:`for_bands`). A subset not listed keeps the head's own.
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
@@ -156,6 +161,7 @@ class InstrumentHeadConfig:
     class_calibration: dict | None = None
     residual_search: dict | None = None
     companion_search: dict | None = None
+    band_subsets: dict | None = None
     likelihood_passes: int | None = None
     likelihood_extension_test: bool = False
 
@@ -263,6 +269,26 @@ class InstrumentHeadConfig:
                              f"'intercept': a number, 'slope': a number[, 'min_crowding': a number >= 0]}}, "
                              f"got {cfg!r}")
         return out
+
+    def for_bands(self, bands) -> "InstrumentHeadConfig":
+        """This head for an image of ``bands``: a copy with the thresholds ``band_subsets`` gives for that subset
+        of its bands, else the head itself."""
+        if not self.band_subsets:
+            return self
+        key = subset_key(self.bands, bands)
+        override = self.band_subsets.get(key)
+        if key == "+".join(self.bands) or override is None:
+            return self
+        allowed = ("min_score", "unconfirmed_min_score")
+        try:
+            ok = isinstance(override, dict) and set(override) <= set(allowed) and all(
+                0.0 < float(v) <= 1.0 for v in override.values())
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise SkyfmError(f"head {self.name}: band_subsets[{key!r}] should map {' and/or '.join(allowed)} to "
+                             f"probabilities in (0, 1], got {override!r}")
+        return dataclasses.replace(self, **{k: float(v) for k, v in override.items()})
 
     def class_calibration_terms(self) -> dict | None:
         """``class_calibration`` checked (a known class, a finite intercept, known features with finite
@@ -388,6 +414,12 @@ class DetectorConfig:
             return cls(heads=heads, **data)
         except TypeError as e:
             raise SkyfmError(f"{source}: bad detector head config ({e})") from None
+
+
+def subset_key(head_bands, bands) -> str:
+    """``band_subsets``' key of an image's bands: those of the head it has, joined with ``+`` in the head's order."""
+    have = set(bands)
+    return "+".join(b for b in head_bands if b in have)
 
 
 def read_json(path: Path, what: str) -> dict:
