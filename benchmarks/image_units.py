@@ -108,7 +108,8 @@ def run(n: int, log) -> list[dict]:
                 p = t["tp"] / max(t["tp"] + t["fp"], 1)
                 r = t["tp"] / max(t["n_true"], 1)
                 ratios = [x for x in t["ratios"] if np.isfinite(x)]
-                row = {"instrument": name, "band": band, "scene": scene or "scene mix", "file": variant, "detections": t["n_det"],
+                row = {"instrument": name, "band": band, "scene": scene or "scene mix", "file": variant,
+                       "detections": t["n_det"],
                        "true_sources": t["n_true"], "f1": round(2 * p * r / max(p + r, 1e-9), 3),
                        "flux_ratio_to_adu": round(float(np.median(ratios)), 3) if ratios else None,
                        "seconds": round(t["seconds"], 1)}
@@ -132,10 +133,12 @@ def markdown(rows: list[dict], n: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4, help="images per instrument (default 4)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-image-units"), help="output folder")
+def command(argv, doc: str, n: int, out: str, run, markdown) -> int:
+    """The command line of this script and ``benchmarks/no_data_edges.py``: ``--n`` images per instrument,
+    ``--out`` folder; ``run(n, log)`` gives the rows, ``markdown(rows, n)`` the table written beside their JSON."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--n", type=int, default=n, help=f"images per instrument (default {n})")
+    parser.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
     args = parser.parse_args(argv)
     rows = run(args.n, lambda m: print(m, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +147,10 @@ def main(argv=None) -> int:
     (args.out / "results.md").write_text(text + "\n")
     print(text)
     return 0
+
+
+def main(argv=None) -> int:
+    return command(argv, __doc__, 4, "runs/bench-image-units", run, markdown)
 
 
 if __name__ == "__main__":

@@ -458,6 +458,35 @@ def test_an_image_with_some_of_a_heads_bands_takes_the_thresholds_chosen_for_the
             assert shipped.for_bands(bands) is not shipped
 
 
+def test_a_mosaic_edge_written_as_zeros_is_no_data():
+    """A drizzled or SWarp mosaic writes 0 where no exposure fell: those pixels are masked (a dead column, one pixel
+    wide, is not), and the image's noise elsewhere is not turned into sources."""
+    from skyfm.detect import detect_patch, get_detector, zero_filled_mask
+
+    p = simulate_patch("hubble", 1_790_000_000, size=256, bands=["F606W"], scene="field")
+    yy, xx = np.indices(p.data.shape[1:])
+    edge = xx + 0.6 * yy > 260  # a slanted footprint edge
+    zeros = p.data.copy()
+    zeros[:, edge] = 0.0
+    zeros[:, :, 40] = 0.0  # a dead column
+    no_data = zero_filled_mask(zeros)
+    assert np.array_equal(no_data, edge) and zero_filled_mask(p.data) is None
+    det = get_detector(None)
+    raw = detect_patch(p, det)
+    inside = edge[np.rint(np.asarray(raw["y"])).astype(int), np.rint(np.asarray(raw["x"])).astype(int)]
+    cat = detect_patch(Patch(data=zeros, instrument="hubble", bands=["F606W"], wcs=p.wcs), det)
+    assert not edge[np.rint(np.asarray(cat["y"])).astype(int), np.rint(np.asarray(cat["x"])).astype(int)].any()
+    assert len(cat) <= (~inside).sum() + 5  # without the mask: hundreds of peaks on a mis-scaled sky
+    # a crowded field with the wedge invalid (NaN in a file): the rest of the tile keeps its detections (a flat fill
+    # of the wedge changed the network's whole-tile statistics and cost a third of them)
+    c = simulate_patch("meerlicht", 1_790_000_100, size=256, bands=["q"], scene="crowded")
+    full = detect_patch(c, det)
+    outside = ~edge[np.rint(np.asarray(full["y"])).astype(int), np.rint(np.asarray(full["x"])).astype(int)]
+    masked = detect_patch(Patch(data=np.where(edge, 0.0, c.data).astype(np.float32), instrument="meerlicht",
+                                bands=["q"], wcs=c.wcs, mask=edge), det)
+    assert len(masked) >= 0.95 * outside.sum() > 100
+
+
 def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_path, model_dir, capsys):
     """skyfm detect --test-extension on a Fermi-LAT cube of the real sky around IC 443 (4FGL's template, r68 0.27
     deg): the source there comes out extended with TS_ext >= 16, the point sources keep extension 0; without a

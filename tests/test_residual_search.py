@@ -37,6 +37,18 @@ def test_the_significance_map_is_unit_noise_and_a_gaussian_source_s_matched_filt
     assert significance_map(spike, rms[:1], None, 4.0)[80, 80] < 1.0
 
 
+def test_a_large_masked_region_does_not_turn_the_noise_elsewhere_into_sources():
+    # pure noise, the right 60% of the tile masked (a mosaic's no-data edge): the significance is normalised by its
+    # scatter where the filters see pixels, not by the zeros of the masked region
+    rng = np.random.default_rng(3)
+    rms = np.full((1, 256, 256), 5.0)
+    image = rng.normal(0, 5.0, (1, 256, 256))
+    mask = np.zeros((1, 256, 256), bool)
+    mask[:, :, 100:] = True
+    found = find_residual_sources(image, rms, mask, FWHM, [], [], min_snr=4.0)
+    assert len(found) <= 2 and np.all(found.x < 100)
+
+
 def test_diffuse_sources_are_found_where_no_detection_stands_and_nowhere_else():
     """A faint diffuse galaxy (every pixel below the noise) is found near its centre; one holding a detection, a
     satellite trail across the image, cosmic-ray spikes and a point source's misfit core are not."""

@@ -11,8 +11,8 @@ sources' models subtracted):
    ray, a hot pixel or a bright star's misfit core is a few pixels far above the noise, a diffuse galaxy is many
    pixels at or below it), and matched-filtered with Gaussians of :data:`KERNEL_FWHM` PSF FWHM: the bands' sum at
    inverse variance, masked pixels given no weight, as a significance map (a source's SNR at each place).
-2. The map is divided by its own robust scatter (1.4826 MAD), so that the light of undetected faint sources
-   (confusion, strong at the large scales in crowded fields) counts as noise.
+2. The map is divided by its own robust scatter (1.4826 MAD, over the pixels some band sees), so that the light of
+   undetected faint sources (confusion, strong at the large scales in crowded fields) counts as noise.
 3. Connected regions above :data:`REGION_SNR` are the candidates' footprints. A region holding a detection is that
    detection's (its outer light, or a neighbour blended with it): never a new source. A region longer than
    :data:`MAX_REGION_FWHM` PSF FWHM and elongated beyond :data:`MAX_ELONGATION` is a satellite trail or a bleed
@@ -51,9 +51,10 @@ class ResidualSources:
         return int(self.x.size)
 
 
-def significance_map(resid, rms, mask, sigma_pix: float) -> np.ndarray:
+def significance_map(resid, rms, mask, sigma_pix: float, with_coverage: bool = False):
     """(H, W) matched-filter significance of a Gaussian source of ``sigma_pix`` at every pixel: the bands' residual
-    at inverse variance, clipped to +-PIXEL_CLIP sigma per pixel, masked pixels left out."""
+    at inverse variance, clipped to +-PIXEL_CLIP sigma per pixel, masked pixels left out (0 where the filter
+    reaches no unmasked pixel). ``with_coverage``: also the (H, W) bool of the pixels it does reach."""
     from scipy.ndimage import gaussian_filter
 
     resid = np.asarray(resid, dtype=np.float64)
@@ -68,7 +69,8 @@ def significance_map(resid, rms, mask, sigma_pix: float) -> np.ndarray:
     den = sum(gaussian_filter(weight[c], sigma_pix / np.sqrt(2.0), mode="constant") for c in range(C))
     den = den / (4.0 * np.pi * sigma_pix ** 2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / np.sqrt(den), 0.0)
+        sig = np.where(den > 0, num / np.sqrt(den), 0.0)
+    return (sig, den > 0) if with_coverage else sig
 
 
 def _robust_scatter(values: np.ndarray) -> float:
@@ -76,6 +78,13 @@ def _robust_scatter(values: np.ndarray) -> float:
     if v.size < 16:
         return 1.0
     return float(1.4826 * np.median(np.abs(v - np.median(v))))
+
+
+def normalised_significance(sig: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """A :func:`significance_map` over its robust scatter at the pixels it ``covered`` (its ``with_coverage``
+    output): a tile's no-data region (a mosaic's edge, a masked block) is 0 there, and would shrink the scatter and
+    turn the noise of the rest into sources."""
+    return sig / max(_robust_scatter(sig[covered]), 1e-6)
 
 
 def _subpixel_peak(m: np.ndarray, iy: int, ix: int) -> tuple[float, float]:
@@ -122,8 +131,7 @@ def find_residual_sources(resid, rms, mask, fwhm_pix: float, x, y, *, min_snr: f
     maps, sigmas = [], []
     for k in KERNEL_FWHM:
         sigma = k * fwhm_pix / 2.3548
-        m = significance_map(resid, rms, mask, sigma)
-        maps.append(m / max(_robust_scatter(m), 1e-6))
+        maps.append(normalised_significance(*significance_map(resid, rms, mask, sigma, with_coverage=True)))
         sigmas.append(sigma)
     maps = np.stack(maps)  # (S, H, W)
     best = maps.max(axis=0)
