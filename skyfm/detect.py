@@ -204,12 +204,42 @@ def _zoom_patch(patch, out_size: tuple[int, int], counts: bool):
     data = zoom(patch.data, (1, fy, fx), order=1, mode="nearest", grid_mode=True)[:, :out_size[0], :out_size[1]]
     if counts:
         data = data / (fy * fx)
+    elif fy * fx > 1.0 + RESAMPLE_TOLERANCE:
+        data = _restore_pixel_noise(patch, data, fy * fx)
     mask = None
     if patch.mask is not None:
         mask = zoom(patch.mask.astype(np.float32), (fy, fx), order=0, mode="nearest", grid_mode=True) > 0.5
         mask = mask[:out_size[0], :out_size[1]]
     return Patch(data=data.astype(np.float32), instrument=patch.instrument, bands=list(patch.bands), wcs=None,
                  mask=mask, energy_edges_kev=patch.energy_edges_kev, meta=dict(patch.meta))
+
+
+# the share of the missing white noise that _restore_pixel_noise adds: all of it (validation images, pixels 1.5x and
+# 2x coarser, mean F1 of Hubble, crowded MeerLICHT and WISE: 0.737 / 0.713 at 1.0, 0.726 / 0.724 at 0.75)
+RESTORED_NOISE = 1.0
+
+
+def _restore_pixel_noise(patch, upsampled: np.ndarray, area: float) -> np.ndarray:
+    """A CCD tile of pixels coarser than the network's, interpolated onto its grid (``upsampled``, values per
+    image pixel), with white noise added so that each band's per-pixel noise is what an image of the same depth
+    sampled at the network's pixels would have: ``sqrt(area)`` times the image pixels' (sums of ``area`` network
+    pixels), of which interpolation keeps only a smooth part. The networks were trained on white noise: on the
+    smooth one they fire on its blobs (a WISE image binned 2 x 2, unWISE's pixels: 27,000 false positives on six
+    512^2 images)."""
+    from skyfm.instruments.scaling import robust_background
+
+    valid = None if patch.mask is None else ~np.asarray(patch.mask, bool)
+    rng = np.random.default_rng(upsampled.shape[1] * upsampled.shape[2] + int(area * 1000))
+    out = np.array(upsampled, dtype=np.float32)
+    for c in range(out.shape[0]):
+        coarse = patch.data[c] if valid is None else patch.data[c][valid]
+        if coarse.size < 16:
+            continue
+        _, sigma = robust_background(np.asarray(coarse, np.float32))
+        _, kept = robust_background(out[c])
+        add = RESTORED_NOISE * np.sqrt(max(area * sigma ** 2 - kept ** 2, 0.0))
+        out[c] += (add * rng.standard_normal(out[c].shape)).astype(np.float32)
+    return out
 
 
 def _decode_tile(det, out, i: int, patch, units, min_score: float, head):
