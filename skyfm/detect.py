@@ -157,11 +157,11 @@ def zero_filled_mask(data: np.ndarray) -> np.ndarray | None:
 
 def _prepare_tile(patch, inst):
     """Fill invalid pixels so the network sees no artificial edges: on CCD tiles each takes the pixel mirrored
-    across the nearest valid edge (else the sky plus noise of the band's robust level and scatter), 0 on counts. A
-    flat fill (the band median, as before) changed the statistics the network's group norms take over the whole
-    tile: a crowded MeerLICHT tile with a quarter of it masked lost 16% of its true detections elsewhere, mirrored
-    1% (``docs/benchmarks.md``, Run 23). A CCD tile's no-data regions written as zeros
-    (:func:`zero_filled_mask`) are invalid too."""
+    across the nearest valid edge (:func:`skyfm.data.tiling.mirror_fill`), 0 on counts. A flat fill (the band
+    median, as before) changed the statistics the network's group norms take over the whole tile: a crowded
+    MeerLICHT tile with a quarter of it masked lost 16% of its true detections elsewhere, mirrored 1%
+    (``docs/benchmarks.md``, Run 23). A CCD tile's no-data regions written as zeros (:func:`zero_filled_mask`) are
+    invalid too."""
     if not inst.is_counts:
         no_data = zero_filled_mask(patch.data)
         if no_data is not None:
@@ -172,22 +172,9 @@ def _prepare_tile(patch, inst):
     if not valid.any():
         return None
     if not inst.is_counts:
-        from scipy import ndimage
+        from skyfm.data.tiling import mirror_fill
 
-        from skyfm.instruments.scaling import robust_background
-
-        h, w = patch.mask.shape
-        my, mx = np.nonzero(patch.mask)
-        _, (ny, nx) = ndimage.distance_transform_edt(patch.mask, return_indices=True)
-        ry, rx = 2 * ny[my, mx] - my, 2 * nx[my, mx] - mx  # each masked pixel's mirror across the nearest edge
-        ok = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
-        ok[ok] = valid[ry[ok], rx[ok]]
-        rng = np.random.default_rng(int(my.size))
-        for c in range(patch.n_bands):
-            sky, sigma = robust_background(patch.data[c][valid])
-            fill = sky + sigma * rng.standard_normal(my.size)
-            fill[ok] = patch.data[c][ry[ok], rx[ok]]
-            patch.data[c][my, mx] = fill
+        patch.data = mirror_fill(patch.data, patch.mask)
     else:
         patch.data[:, patch.mask] = 0.0
     return patch

@@ -134,3 +134,20 @@ def test_tiles_carry_their_part_of_the_source_and_background_images(rng):
         h, w = ys.stop - ys.start, xs.stop - xs.start
         np.testing.assert_array_equal(sub.background_image[:, :h, :w], background[:, ys, xs])
         np.testing.assert_array_equal(sub.source_image[:, :h, :w], source[:, ys, xs])
+
+
+def test_masked_pixels_are_filled_with_their_mirror_across_the_nearest_valid_edge():
+    from skyfm.data.tiling import mirror_fill
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(100.0, 5.0, (1, 20, 30)).astype(np.float32)
+    mask = np.zeros((20, 30), bool)
+    mask[:, 20:] = True  # columns 20-29 masked: column 20 + k takes column 19 - k (the edge column 19 is its own)
+    out = mirror_fill(data, mask)
+    np.testing.assert_array_equal(out[0][:, 20:], data[0][:, 19 - np.arange(1, 11)])
+    np.testing.assert_array_equal(out[0][:, :20], data[0][:, :20])
+    assert data[0, 0, 25] != out[0, 0, 25]  # a copy: the input is left as it was
+    full = np.ones((20, 30), bool)
+    full[:, :3] = False  # mirrors beyond the 3 valid columns fall back to the sky's level and scatter
+    deep = mirror_fill(data, full)[0][:, 10:]
+    assert abs(np.median(deep) - 100.0) < 3.0 and 2.0 < np.std(deep) < 8.0

@@ -150,6 +150,35 @@ def _tile_truth(truth, tile: Tile):
     return rows
 
 
+def mirror_fill(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(C, H, W) float32 copy of a CCD image with its masked pixels filled: each takes the pixel mirrored across
+    the nearest valid one (reflection padding, in any shape), else (a mirror off the image or itself masked) the
+    band's sky plus noise at its robust level and scatter. A flat fill changes the statistics a network's group
+    norms take over its whole input (``docs/benchmarks.md``, Run 23); a mirror keeps them those of the sky."""
+    from scipy import ndimage
+
+    from skyfm.instruments.scaling import robust_background
+
+    out = np.array(data, dtype=np.float32)
+    mask = np.asarray(mask, bool)
+    valid = ~mask
+    if not mask.any() or not valid.any():
+        return out
+    h, w = mask.shape
+    my, mx = np.nonzero(mask)
+    _, (ny, nx) = ndimage.distance_transform_edt(mask, return_indices=True)
+    ry, rx = 2 * ny[my, mx] - my, 2 * nx[my, mx] - mx
+    ok = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
+    ok[ok] = valid[ry[ok], rx[ok]]
+    rng = np.random.default_rng(int(my.size))
+    for c in range(out.shape[0]):
+        sky, sigma = robust_background(out[c][valid])
+        fill = (sky + sigma * rng.standard_normal(my.size)).astype(np.float32)
+        fill[ok] = out[c][ry[ok], rx[ok]]
+        out[c][my, mx] = fill
+    return out
+
+
 def tile_patch(image: Patch, tile: Tile) -> Patch:
     """The part of a patch under one tile: data, mask, WCS (``wcs.slice``), truth, source and background images cut alike."""
     height, width = image.height, image.width
