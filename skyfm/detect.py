@@ -204,6 +204,35 @@ def _zoom_patch(patch, out_size: tuple[int, int], counts: bool):
 # the share of the missing white noise that _restore_pixel_noise adds: all of it (validation images, pixels 1.5x and
 # 2x coarser, mean F1 of Hubble, crowded MeerLICHT and WISE: 0.737 / 0.713 at 1.0, 0.726 / 0.724 at 0.75)
 RESTORED_NOISE = 1.0
+# a tile's sky is flattened for the network where its background mesh spans more than this many rms (flat simulated
+# skies: at most 0.8, so the benchmarks' images are left as they are; a 1.5-sigma gradient across a 512^2 MeerLICHT
+# field already doubled its false positives) ...
+FLAT_SKY_MIN_RANGE = 1.0
+FLAT_SKY_BOX = 64  # ... with a mesh of this box (SExtractor's BACK_SIZE default; 32 took nebulae out better and cost
+# the drawn MeerLICHT validation scenes 0.014 F1, their cluster cores' glow)
+
+
+def flat_sky_view(patch):
+    """A CCD tile as the network should see it: where a band's smooth background (the PSF fit's SExtractor-style
+    mesh, :func:`~skyfm.catalog.psf_fit.background_and_rms`) varies across the tile by more than
+    :data:`FLAT_SKY_MIN_RANGE` rms, it is taken out, around the tile's median sky. The networks were trained on
+    skies flat across a tile: on a sky gradient (scattered light, the moon, a bright star's halo) or nebulosity
+    they fired everywhere (a 3-sigma gradient across a 512^2 MeerLICHT field: 2800 false positives;
+    ``docs/benchmarks.md``, Run 23). The noise is left as it is (made uniform too, a cluster core's catalog lost
+    half its stars). Only the network's input: the PSF fit measures its own background."""
+    from dataclasses import replace
+
+    from skyfm.catalog.psf_fit import background_and_rms
+
+    data = np.array(patch.data, dtype=np.float32)
+    mask = None if patch.mask is None else np.asarray(patch.mask, bool)
+    changed = False
+    for c in range(data.shape[0]):
+        bg, rms = background_and_rms(data[c], mask, box=FLAT_SKY_BOX)
+        if np.ptp(bg) > FLAT_SKY_MIN_RANGE * float(np.median(rms)):
+            data[c] = (data[c] - bg + float(np.median(bg))).astype(np.float32)
+            changed = True
+    return replace(patch, data=data) if changed else patch
 
 
 def _restore_pixel_noise(patch, upsampled: np.ndarray, area: float) -> np.ndarray:
@@ -465,7 +494,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     def flush(items):
         if not items:
             return
-        batch = det.make_batch([p for _, p in items])
+        batch = det.make_batch([p if inst.is_counts else flat_sky_view(p) for _, p in items])
         with inference_context(det, bf16, window):
             out = det({k: (v.to(det.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
         decoded = []

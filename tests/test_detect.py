@@ -505,6 +505,24 @@ def test_an_image_of_pixels_coarser_than_the_instruments_is_detected_on_white_no
     assert s["n_true"] > 300 and precision > 0.8 and recall > 0.5  # without: precision 0.1
 
 
+def test_a_sky_gradient_is_taken_out_of_what_the_network_sees():
+    """The networks were trained on flat skies: on a gradient (scattered light) they fired everywhere."""
+    import dataclasses
+
+    from skyfm.detect import detect_patch, flat_sky_view, get_detector
+    from skyfm.instruments.scaling import robust_background
+
+    p = simulate_patch("meerlicht", 1_799_100_000, size=256, bands=["q"], scene="field")
+    assert flat_sky_view(p) is p  # a flat sky is left as it is
+    _, sigma = robust_background(p.data[0])
+    ramp = 5.0 * sigma * np.arange(256)[None, None, :] / 255.0
+    tilted = dataclasses.replace(p, data=(p.data + ramp).astype(np.float32))
+    flat = flat_sky_view(tilted).data[0]
+    assert np.ptp(np.median(flat[:, :32], axis=0)) < np.ptp(ramp) / 5  # the ramp taken out
+    det = get_detector(None)
+    assert len(detect_patch(tilted, det)) <= len(detect_patch(p, det)) + 5  # without: hundreds
+
+
 def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_path, model_dir, capsys):
     """skyfm detect --test-extension on a Fermi-LAT cube of the real sky around IC 443 (4FGL's template, r68 0.27
     deg): the source there comes out extended with TS_ext >= 16, the point sources keep extension 0; without a
