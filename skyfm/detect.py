@@ -217,8 +217,8 @@ def flat_sky_view(patch):
     mesh, :func:`~skyfm.catalog.psf_fit.background_and_rms`) varies across the tile by more than
     :data:`FLAT_SKY_MIN_RANGE` rms, it is taken out, around the tile's median sky. The networks were trained on
     skies flat across a tile: on a sky gradient (scattered light, the moon, a bright star's halo) or nebulosity
-    they fired everywhere (a 3-sigma gradient across a 512^2 MeerLICHT field: 2800 false positives;
-    ``docs/benchmarks.md``, Run 23). The noise is left as it is (made uniform too, a cluster core's catalog lost
+    they fired everywhere (a 3-sigma gradient across three 512^2 MeerLICHT fields: 2500 false positives;
+    ``benchmarks/sky_backgrounds.py``, ``docs/benchmarks.md`` Run 23). The noise is left as it is (made uniform too, a cluster core's catalog lost
     half its stars). Only the network's input: the PSF fit measures its own background."""
     from dataclasses import replace
 
@@ -240,8 +240,8 @@ def _restore_pixel_noise(patch, upsampled: np.ndarray, area: float) -> np.ndarra
     image pixel), with white noise added so that each band's per-pixel noise is what an image of the same depth
     sampled at the network's pixels would have: ``sqrt(area)`` times the image pixels' (sums of ``area`` network
     pixels), of which interpolation keeps only a smooth part. The networks were trained on white noise: on the
-    smooth one they fire on its blobs (a WISE image binned 2 x 2, unWISE's pixels: 27,000 false positives on six
-    512^2 images)."""
+    smooth one they fire on its blobs (four WISE W1+W2 images at unWISE's 2.75" pixels: 10,000 false positives,
+    ``benchmarks/pixel_scales.py``)."""
     from skyfm.instruments.scaling import robust_background
 
     valid = None if patch.mask is None else ~np.asarray(patch.mask, bool)
