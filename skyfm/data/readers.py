@@ -309,7 +309,7 @@ class EnergyGrouping:
         planes = np.asarray(planes)
         if planes.shape[0] != self.n_planes:
             raise SkyfmError(f"expected {self.n_planes} energy planes to group, got {planes.shape[0]}")
-        return np.stack([planes[idx].sum(axis=0, dtype=np.float32) for idx in self.planes]).astype(np.float32)
+        return np.stack([planes[idx].sum(axis=0, dtype=np.float32) for idx in self.planes])
 
 
 def _plane_ranges(indices: list[int]) -> str:
@@ -384,12 +384,8 @@ def image_units(headers: list[fits.Header], inst: Instrument, bands: list[str], 
     text = raw.lower().replace(" ", "")
     if not text or inst.is_counts:
         return 1.0, None
-    rate = text.endswith(_RATE_SUFFIXES)
-    base = text
-    for suffix in _RATE_SUFFIXES:
-        if rate and base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
+    per_second = next((text[: -len(s)] for s in _RATE_SUFFIXES if text.endswith(s)), None)
+    base = text if per_second is None else per_second
     gain = float((inst.noise or {}).get("gain", 1.0)) or 1.0
     if base in _ADU_UNITS:
         factor, unit = 1.0, _ADU_UNITS[base]
@@ -401,7 +397,7 @@ def image_units(headers: list[fits.Header], inst: Instrument, bands: list[str], 
             f"second): read as {inst.name}'s ADU, so the PSF fit's noise model (gain, read noise) may not fit it"),
             stacklevel=3)
         return 1.0, None
-    if rate:
+    if per_second is not None:
         exptime = next((float(h[k]) for h in headers for k in _EXPTIME_KEYS
                         if k in h and _is_positive_number(h[k])), None)
         if exptime is None:
@@ -718,7 +714,7 @@ def _bands(hdul, planes, shape, inst: Instrument | None, band: str | None, edges
     names, edges, problem = _plane_bands(hdul, planes, shape, inst, band, edges)
     if edges is None or inst is None or not inst.is_counts or problem or band is not None:
         return names, edges, problem, None
-    if all(name in {b.name for b in inst.bands} for name in names):
+    if set(names) <= {b.name for b in inst.bands}:
         return names, edges, problem, None
     grouping = group_energy_planes(edges, inst, where)
     return list(grouping.bands), grouping.edges_kev, None, grouping
