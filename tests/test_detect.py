@@ -458,6 +458,28 @@ def test_an_image_with_some_of_a_heads_bands_takes_the_thresholds_chosen_for_the
             assert shipped.for_bands(bands) is not shipped
 
 
+def test_the_flux_of_an_image_with_some_of_a_heads_bands_sums_its_bands():
+    """The total-flux head learned WISE's four-band sums: on a W1 tile it gave an eighth of the W1 flux. Rows that
+    keep the network's flux take the sum of their bands' instead (errors added as correlated); MeerLICHT's head,
+    trained on one band per image, keeps its own."""
+    from skyfm.catalog import match_catalogs
+    from skyfm.detect import _bands_per_training_image, detect_patch, get_detector
+    from skyfm.instruments import load_instrument
+
+    assert _bands_per_training_image(load_instrument("wise")) == 4
+    assert _bands_per_training_image(load_instrument("meerlicht")) == 1
+    p = simulate_patch("wise", 1_790_000_000, size=160, bands=["W1"], scene="crowded")
+    cat = detect_patch(p, get_detector(None))
+    val = lambda k: np.asarray(getattr(cat[k], "value", cat[k]), dtype=np.float64)  # noqa: E731
+    net = val("fit") <= 1  # the network's flux (1: the fit's position only)
+    assert net.sum() >= 5
+    np.testing.assert_allclose(val("flux")[net], val("flux_band")[net, 0], rtol=1e-6)
+    di, ti, _ = match_catalogs((val("x"), val("y")), p.truth, 1.5)
+    bright = (np.asarray(p.truth["snr"])[ti] >= 5) & net[di]
+    ratio = val("flux")[di[bright]] / np.asarray(p.truth["flux"])[ti[bright]]
+    assert bright.sum() >= 5 and 0.6 < np.median(ratio) < 1.5
+
+
 def test_a_mosaic_edge_written_as_zeros_is_no_data():
     """A drizzled or SWarp mosaic writes 0 where no exposure fell: those pixels are masked (a dead column, one pixel
     wide, is not), and the image's noise elsewhere is not turned into sources."""
