@@ -39,8 +39,9 @@ CASES = {"hubble": ("F606W", None), "meerlicht": ("q", "crowded"), "wise": ("W1"
 VARIANTS = ("adu", "e-/s", "e-/s, no BUNIT")
 
 
-def write_image(patch, band: str, path: Path, variant: str, inst) -> float:
-    """Write ``patch``'s ``band`` as a FITS file in ``variant``'s units; returns ADU per unit of the file."""
+def write_image(patch, band: str, path: Path, variant: str, inst, keywords: dict | None = None) -> float:
+    """Write ``patch``'s ``band`` as a FITS file in ``variant``'s units (``keywords``: more primary-header cards);
+    returns ADU per unit of the file."""
     from astropy.io import fits
 
     exptime = float(inst.band(band).exposure_time)
@@ -52,6 +53,7 @@ def write_image(patch, band: str, path: Path, variant: str, inst) -> float:
         header["BUNIT"] = "ELECTRONS/S"
     primary = fits.PrimaryHDU()
     primary.header["EXPTIME"] = exptime
+    primary.header.update(keywords or {})
     data = (patch.data[patch.bands.index(band)] / adu_per_unit).astype(np.float32)
     fits.HDUList([primary, fits.ImageHDU(data, header=header, name="SCI")]).writeto(path)
     return adu_per_unit

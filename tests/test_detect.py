@@ -480,6 +480,43 @@ def test_the_flux_of_an_image_with_some_of_a_heads_bands_sums_its_bands():
     assert bright.sum() >= 5 and 0.6 < np.median(ratio) < 1.5
 
 
+def test_a_drizzle_of_several_exposures_saturates_at_their_summed_full_wells(tmp_path):
+    """A drizzled Hubble file (e-/s, its total EXPTIME, NDRIZIM = 4) holds a star far above one exposure's full
+    well that no exposure saturated: with the header's level it is PSF-fitted (fit 2), not taken for a clipped core
+    (the instrument's single-exposure level: an aperture flux, fit 1)."""
+    import dataclasses
+
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from skyfm.data.simulate.ccd import NumberCounts, Scene, simulate_ccd_patch
+    from skyfm.detect import detect_file, get_detector
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("hubble")
+    deep = dataclasses.replace(inst, bands=tuple(dataclasses.replace(b, exposure_time=4 * b.exposure_time)
+                                                 for b in inst.bands))
+    blank = Scene("blank", NumberCounts(anchor_mag=20.0, anchor_density=0.0, slopes=(0.3,)), galaxy_scale=0.0)
+    star = Table({"x": [40.3], "y": [38.6], "mag": [19.2]})
+    p = simulate_ccd_patch(deep, 3, scene=blank, bands=["F606W"], contaminants=False, inject=star, size=80)
+    exptime = deep.band("F606W").exposure_time
+    assert 42000 * 2 < p.data.max() < 42000 * 4  # above one exposure's full well (ADU), below four's
+    rows = {}
+    for name, keywords in (("drizzle", {"NDRIZIM": 4}), ("no-keyword", {})):
+        header = p.wcs.to_header()
+        header.update({"TELESCOP": "HST", "INSTRUME": "ACS", "FILTER1": "F606W", "BUNIT": "ELECTRONS/S"})
+        primary = fits.PrimaryHDU()
+        primary.header.update({"EXPTIME": exptime, **keywords})
+        data = (p.data[0] * inst.noise["gain"] / exptime).astype(np.float32)
+        fits.HDUList([primary, fits.ImageHDU(data, header=header, name="SCI")]).writeto(tmp_path / f"{name}.fits")
+        cat = detect_file(tmp_path / f"{name}.fits", model_dir=get_detector(None), progress=False)
+        k = int(np.argmin(np.hypot(np.asarray(cat["x"]) - 40.3, np.asarray(cat["y"]) - 38.6)))
+        rows[name] = cat[k]
+    true_rate = p.truth["flux"][0] * inst.noise["gain"] / exptime  # e-/s, the catalog's unit
+    assert rows["drizzle"]["fit"] == 2 and rows["no-keyword"]["fit"] == 1
+    assert abs(float(getattr(rows["drizzle"]["flux"], "value", rows["drizzle"]["flux"])) / true_rate - 1) < 0.03
+
+
 def test_a_mosaic_edge_written_as_zeros_is_no_data():
     """A drizzled or SWarp mosaic writes 0 where no exposure fell: those pixels are masked (a dead column, one pixel
     wide, is not), and the image's noise elsewhere is not turned into sources."""

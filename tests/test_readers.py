@@ -190,6 +190,34 @@ def test_ccd_pixel_units_skyfm_cannot_convert_are_read_as_they_are_with_a_warnin
     np.testing.assert_allclose(patch.data[0], data * 200.0 / load_instrument("wise").noise["gain"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("keywords, unit, level", [
+    ({"SATURATE": 30000.0}, "", 30000.0),  # SExtractor's SATUR_KEY, in the image's unit
+    ({"SATURATE": 15000.0}, "ELECTRONS", 7500.0),  # electrons / hubble's gain 2
+    ({"NDRIZIM": 4}, "ELECTRONS/S", 4 * 42000.0),  # a drizzle of 4 exposures: 4 x one exposure's full well
+    ({"NCOMBINE": 1}, "ELECTRONS/S", None),  # one exposure: the instrument's level stands
+    ({}, "", None),
+])
+def test_a_ccd_image_s_saturation_level_comes_from_its_header(tmp_path, rng, keywords, unit, level):
+    """The PSF fit leaves out pixels above the saturation level; a file that says where it saturates is believed
+    (the instrument's level is one exposure's, of one camera)."""
+    from skyfm.detect import saturation_mask
+
+    header = _sky_wcs().to_header()
+    header.update({"TELESCOP": "HST", "INSTRUME": "ACS", "FILTER1": "F606W", "FILTER2": "CLEAR2L"})
+    if unit:
+        header["BUNIT"] = unit
+    primary = fits.PrimaryHDU()
+    primary.header.update({"EXPTIME": 1000.0, **keywords})
+    data = rng.normal(10.0, 1.0, size=(20, 24)).astype(np.float32)
+    fits.HDUList([primary, fits.ImageHDU(data, header=header, name="SCI")]).writeto(tmp_path / "sci.fits")
+    with open_image(tmp_path / "sci.fits") as image:
+        assert image.saturation_adu == (None if level is None else pytest.approx(level))
+        assert any("saturation level" in n for n in image.notes) == (level is not None)
+        inst = image.instrument
+    assert inst.noise["saturation"] == 42000  # the built-in instrument is not changed
+    assert not saturation_mask(np.full((1, 4, 4), 35000.0), inst).any()
+
+
 def test_a_gtbin_counts_map_takes_its_band_from_the_energy_keywords(tmp_path):
     header = _sky_wcs(("RA---CAR", "DEC--CAR"), (83.6, 22.0), (8.5, 8.5), cdelt=0.1).to_header()
     header.update({"TELESCOP": "GLAST", "INSTRUME": "LAT", "DSTYP1": "POS(RA,DEC)", "DSVAL1": "CIRCLE(83.6,22,15)",

@@ -410,6 +410,37 @@ def image_units(headers: list[fits.Header], inst: Instrument, bands: list[str], 
     return factor, (None if (factor == 1.0 and unit == u.adu) else unit)
 
 
+_SATURATION_KEYS = ("SATURATE", "SATLEVEL", "SATURAT")  # SExtractor's SATUR_KEY default first
+_COMBINED_KEYS = ("NCOMBINE", "NDRIZIM")  # imcombine's / a drizzle's number of exposures
+
+
+def image_saturation(headers: list[fits.Header], inst: Instrument, adu_per_unit: float, where: str):
+    """(the CCD image's saturation level in ADU or None, a note or None) from its headers (the image HDU's, then
+    the primary's).
+
+    A level in the header (SATURATE, SATLEVEL or SATURAT; in the image's unit, as SExtractor's SATUR_LEVEL reads
+    it) is taken as it is. Else an image that combines N > 1 exposures (NCOMBINE, a drizzle's NDRIZIM) saturates at
+    N x the instrument's single-exposure level: a drizzled rate image times its total EXPTIME holds unsaturated
+    stars far above one exposure's full well, which the PSF fit would otherwise leave out as clipped cores. None:
+    the instrument's level (``noise.saturation``) stands."""
+    if inst.is_counts:
+        return None, None
+    level = next((float(h[k]) for h in headers for k in _SATURATION_KEYS if k in h and _is_positive_number(h[k])),
+                 None)
+    if level is not None:
+        key = next(k for h in headers for k in _SATURATION_KEYS if k in h and _is_positive_number(h[k]))
+        adu = level * adu_per_unit
+        return adu, f"{where}: saturation level {adu:.6g} ADU from {key}"
+    own = (inst.noise or {}).get("saturation")
+    combined = next((float(h[k]) for h in headers for k in _COMBINED_KEYS if k in h and _is_positive_number(h[k])),
+                    None)
+    if own and combined is not None and combined > 1:
+        key = next(k for h in headers for k in _COMBINED_KEYS if k in h and _is_positive_number(h[k]))
+        adu = float(own) * combined
+        return adu, f"{where}: saturation level {adu:.6g} ADU ({key} {combined:g} x {inst.name}'s {float(own):g})"
+    return None, None
+
+
 def _is_positive_number(value) -> bool:
     try:
         return float(value) > 0 and np.isfinite(float(value))
@@ -475,6 +506,8 @@ class ImageFile:
         adu_per_unit: what :meth:`read_window` multiplies the file's pixels by to give the instrument's ADU
             (:func:`image_units`: 1 unless a CCD image's BUNIT is electrons or a rate).
         unit: the file's own pixel unit when it is not the ADU (catalog fluxes are given back in it), else None.
+        saturation_adu: the image's own saturation level in the instrument's ADU (:func:`image_saturation`), or
+            None: the instrument's (``noise.saturation``).
     """
 
     path: Path
@@ -491,6 +524,7 @@ class ImageFile:
     energy_grouping: EnergyGrouping | None = None
     adu_per_unit: float = 1.0
     unit: u.UnitBase | None = None
+    saturation_adu: float | None = None
     _hdul: fits.HDUList | None = field(default=None, repr=False)
     _planes: list[tuple[int, tuple]] = field(default_factory=list, repr=False)  # (hdu index, leading index)
     _n_planes: int = 0  # planes in the file (more than shape[0] when energy planes are summed)
@@ -693,18 +727,21 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
     if grouping is not None:
         notes.append(f"{where}: {grouping.summary(inst.name)}")
         warnings.warn(EnergyBinsWarning(notes[-1]), stacklevel=3)
-    adu_per_unit, unit = 1.0, None
+    adu_per_unit, unit, saturation_adu = 1.0, None, None
     if inst is not None and fmt != FORMAT_SIMULATED:
         adu_per_unit, unit = image_units(headers, inst, bands, where)
         if unit is not None:
             notes.append(f"{where}: pixels in {unit.to_string()}, read as {inst.name}'s ADU (x {adu_per_unit:.6g}); "
                          f"catalog fluxes in {unit.to_string()}")
+        saturation_adu, saturation_note = image_saturation(headers, inst, adu_per_unit, where)
+        if saturation_note is not None:
+            notes.append(saturation_note)
     wcs = celestial_wcs(header, where, hdul)
     return ImageFile(
         path=path, format=fmt, shape=(len(bands),) + shape[1:], wcs=wcs, instrument=inst,
         instrument_source=inst_source, bands=bands, energy_edges_kev=edges, hdu_label=label, problems=problems,
-        notes=notes, energy_grouping=grouping, adu_per_unit=adu_per_unit, unit=unit, _hdul=hdul, _planes=planes,
-        _n_planes=shape[0], _mask_hdu=_mask_hdu_for(hdul, shape),
+        notes=notes, energy_grouping=grouping, adu_per_unit=adu_per_unit, unit=unit, saturation_adu=saturation_adu,
+        _hdul=hdul, _planes=planes, _n_planes=shape[0], _mask_hdu=_mask_hdu_for(hdul, shape),
     )
 
 
