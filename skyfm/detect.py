@@ -333,6 +333,85 @@ def _native_tile(det, inst, pixel_scale: float | None, tile_size: int) -> tuple[
     return side, tile_size / side
 
 
+class SeeingWarning(UserWarning):
+    """A CCD image's stars are broader than those its instrument's networks were trained on."""
+
+
+SEEING_WARN_TOLERANCE = 0.2  # warn when the measured FWHM exceeds the top of the trained range by more than this
+SEEING_WINDOW = 1024  # the seeing is measured on the central window of this side
+SEEING_FACTORS = np.linspace(0.6, 3.0, 25)  # its trial widths, x the band's nominal FWHM
+
+
+def measure_seeing(source, inst, pixel_scale: float | None = None) -> dict:
+    """{band: PSF FWHM in arcsec} of a CCD image whose instrument's PSF varies (a seeing range in its YAML; a space
+    telescope's is fixed: {}), fitted (:func:`~skyfm.catalog.psf_fit.estimate_fwhm`, trial widths
+    :data:`SEEING_FACTORS` x nominal, wider than the PSF fit's own search) on the bright isolated peaks of the
+    central :data:`SEEING_WINDOW` square, at ``pixel_scale`` deg per pixel (default the instrument's). Bands with
+    too few such stars are left out. ``source``: a Patch or an opened image."""
+    from scipy import ndimage
+
+    from skyfm.catalog.psf_fit import background_and_rms, estimate_fwhm
+
+    if inst.is_counts:
+        return {}
+    scale = float(pixel_scale) if pixel_scale and np.isfinite(pixel_scale) else inst.pixel_scale_deg
+    varying = [(c, inst.band(b)) for c, b in enumerate(source.bands)
+               if len(set(inst.band(b).fwhm_range_deg())) > 1]
+    if not varying:
+        return {}
+    h, w = source.height, source.width
+    y0, x0 = max(0, (h - SEEING_WINDOW) // 2), max(0, (w - SEEING_WINDOW) // 2)
+    y1, x1 = min(h, y0 + SEEING_WINDOW), min(w, x0 + SEEING_WINDOW)
+    if hasattr(source, "read_window"):  # an opened image: only the window is read
+        data = np.asarray(source.read_window(y0, y1, x0, x1), dtype=np.float64)
+        invalid = ~np.isfinite(data)
+    else:
+        data = np.asarray(source.data[:, y0:y1, x0:x1], dtype=np.float64)
+        invalid = ~np.isfinite(data)
+        if source.mask is not None:
+            invalid |= np.asarray(source.mask, bool)[None, y0:y1, x0:x1]
+    invalid |= saturation_mask(np.nan_to_num(data), inst)
+    seeing = {}
+    for c, band in varying:
+        valid = ~invalid[c]
+        if valid.sum() < 64 * 64:
+            continue
+        image = np.where(valid, data[c], np.median(data[c][valid]))
+        bg, rms = background_and_rms(image, ~valid)
+        nominal_pix = band.psf.fwhm_deg / scale
+        signal = (image - bg) / rms
+        peaks = valid & (signal > 5.0)
+        peaks &= signal == ndimage.maximum_filter(signal, size=max(3, int(round(nominal_pix)) | 1))
+        py, px = np.nonzero(peaks)
+        quick_snr = signal[py, px] * 1.5 * nominal_pix  # as refine_ccd_tile ranks its sources
+        fwhm = estimate_fwhm(image, bg, rms, band.psf_with_fwhm, band.psf.fwhm_deg, scale, px, py, quick_snr,
+                             factors=SEEING_FACTORS)
+        if fwhm != band.psf.fwhm_deg:  # an estimate, not the fallback of too few stars
+            seeing[band.name] = fwhm * 3600.0
+    return seeing
+
+
+def _seeing_meta(seeing: dict) -> dict:
+    """Catalog meta keys ``seeing_<band>``: the measured PSF FWHM of each band, arcsec (:func:`measure_seeing`)."""
+    return {f"seeing_{name}": round(float(v), 3) for name, v in seeing.items()}
+
+
+def _warn_if_broad_seeing(seeing: dict, inst) -> None:
+    """A :class:`SeeingWarning` for the bands of ``seeing`` (arcsec, :func:`measure_seeing`) broader than the top
+    of their trained range by more than :data:`SEEING_WARN_TOLERANCE`: on such images the networks split stars
+    into several peaks and lose faint ones (MeerLICHT, trained on 2-3": crowded fields at 4.5" F1 0.59, at 5.5"
+    0.48, level with sep-nofilter; ``docs/benchmarks.md`` Run 24)."""
+    broad = []
+    for name, arcsec in seeing.items():
+        lo, hi = (3600.0 * v for v in inst.band(name).fwhm_range_deg())
+        if arcsec > (1.0 + SEEING_WARN_TOLERANCE) * hi:
+            broad.append(f"{name} {arcsec:.1f}\" (trained on {lo:.1f}-{hi:.1f}\")")
+    if broad:
+        warnings.warn(SeeingWarning(
+            f"the image's stars are broader than the {inst.name} networks were trained on: seeing {', '.join(broad)}; "
+            "expect split stars and fewer faint ones (the catalog's meta holds the measured seeing)"), stacklevel=3)
+
+
 def _release_file_pages(source) -> None:
     """Drop the pages of a memory-mapped image that tiles already read from this process's resident set.
 
@@ -1554,13 +1633,16 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
                                   extension=test_extension, tile_size=tile_size, overlap=overlap,
                                   batch_size=batch_size, progress=progress, precision=precision,
                                   attention_window=attention_window)
+    seeing = measure_seeing(patch, inst, scale)
+    _warn_if_broad_seeing(seeing, inst)
     arrays = detect_tiles(patch, inst, det, min_score=min_score, tile_size=tile_size, overlap=overlap,
                           batch_size=batch_size, progress=progress, pixel_scale=scale, precision=precision,
                           attention_window=attention_window, refine=refine, drop_trails=drop_trails,
                           mask_cosmic_rays=mask_cosmic_rays, refine_workers=refine_workers)
     if inst.is_counts and refine:
         arrays = refine_counts(arrays, patch.data, inst, scale, background, bands=list(patch.bands), head=head)
-    return _catalog(arrays, inst, patch.wcs, head, meta={"min_score": min_score, "selection": "network"})
+    return _catalog(arrays, inst, patch.wcs, head, meta={"min_score": min_score, "selection": "network",
+                                                         **_seeing_meta(seeing)})
 
 
 def _detect_likelihood(patch, det, inst, head, scale, background, min_score: float, min_ts: float,
@@ -1773,6 +1855,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                   "probability (likelihood selection computes the TS map on the whole cube)",
                                   stacklevel=2)
                 scale = image.pixel_scale_deg
+                seeing = measure_seeing(image, inst, scale)
+                _warn_if_broad_seeing(seeing, inst)
                 arrays = detect_tiles(image, inst, det, min_score=min_score, tile_size=tile_size,
                                       batch_size=batch_size, progress=progress, pixel_scale=scale,
                                       precision=precision, attention_window=attention_window, refine=refine,
@@ -1782,7 +1866,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                     data = np.nan_to_num(data, nan=0.0)
                     arrays = refine_counts(arrays, data, inst, scale, background=model, bands=list(image.bands),
                                            head=head)
-                table = _catalog(arrays, inst, image.wcs, head, meta={"min_score": min_score})
+                table = _catalog(arrays, inst, image.wcs, head, meta={"min_score": min_score, **_seeing_meta(seeing)})
                 patch_for_plot = None
                 if plot and image.height * image.width <= 4096 * 4096:
                     patch_for_plot = image.read_patch_window(0, image.height, 0, image.width)

@@ -517,6 +517,28 @@ def test_a_drizzle_of_several_exposures_saturates_at_their_summed_full_wells(tmp
     assert abs(float(getattr(rows["drizzle"]["flux"], "value", rows["drizzle"]["flux"])) / true_rate - 1) < 0.03
 
 
+def test_the_seeing_is_measured_and_a_night_broader_than_trained_is_said(model_dir):
+    """MeerLICHT's heads learned 2-3" seeing; on a 5.5" night they split stars (Run 24). The catalog carries the
+    measured FWHM per band, and a seeing beyond the trained range is a warning; a space telescope's PSF is fixed and
+    not measured."""
+    import warnings
+
+    from skyfm.detect import SeeingWarning, detect_patch, measure_seeing
+    from skyfm.heads import load_detector
+    from skyfm.instruments import load_instrument
+
+    det = load_detector(model_dir)
+    for seeing, warned in ((2.5, False), (5.5, True)):
+        p = simulate_patch("meerlicht", 1_790_000_100, size=160, bands=["q"], scene="crowded", seeing=seeing)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cat = detect_patch(p, det, refine=False)
+        assert cat.meta["seeing_q"] == pytest.approx(seeing, rel=0.1)
+        said = [str(w.message) for w in caught if issubclass(w.category, SeeingWarning)]
+        assert bool(said) == warned and (not said or 'seeing q 5.' in said[0] and 'trained on 2.0-3.0"' in said[0])
+    assert measure_seeing(simulate_patch("hubble", 3, size=96), load_instrument("hubble")) == {}
+
+
 def test_a_mosaic_edge_written_as_zeros_is_no_data():
     """A drizzled or SWarp mosaic writes 0 where no exposure fell: those pixels are masked (a dead column, one pixel
     wide, is not), and the image's noise elsewhere is not turned into sources."""
