@@ -40,6 +40,18 @@ def _truncated(path):
     return _write(path, content[: len(content) // 2])
 
 
+def _compressed(path, cut: bool = False):
+    """A tile-compressed image (``.fits.fz``, as survey archives serve them); ``cut``: its last 4000 bytes lost
+    (more than the padding of its last block)."""
+    data = np.random.default_rng(1).normal(100.0, 5.0, (64, 64)).astype(np.float32)
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, header=_wcs_header(), compression_type="RICE_1")]
+                 ).writeto(path)
+    if cut:
+        content = path.read_bytes()
+        _write(path, content[: len(content) - 4000])
+    return path
+
+
 def _corrupt_header(path):
     rng = np.random.default_rng(0)
     return _write(path, b"SIMPLE  =                    T".ljust(80) + rng.integers(0, 256, 2800, np.uint8).tobytes())
@@ -61,6 +73,7 @@ FILE_CASES = {
     "zero pixel scale": (lambda d: _image(d / "z.fits", np.ones((16, 16), np.float32), _wcs_header(cdelt=0.0)), [],
                          "zero or singular pixel scale"),
     "truncated": (lambda d: _truncated(d / "cut.fits"), [], "is truncated"),
+    "truncated, tile-compressed": (lambda d: _compressed(d / "cut.fits.fz", cut=True), [], "is truncated"),
     "corrupt header": (lambda d: _corrupt_header(d / "bad.fits"), [], "is a corrupt FITS file"),
     "unknown instrument": (lambda d: _image(d / "ok.fits", np.ones((16, 16), np.float32), _wcs_header()),
                            ["--instrument", "jwst"], "unknown instrument 'jwst'"),
@@ -94,6 +107,13 @@ def test_read_image_raises_the_same_errors(tmp_path, case):
     options.update({"band": extra[1]} if extra[:1] == ["--band"] else {})
     with pytest.raises(SkyfmError, match=words.replace("'", ".").replace("(", ".")):
         read_image(make(tmp_path), **options)
+
+
+def test_a_tile_compressed_image_is_read_not_taken_for_a_truncated_one(tmp_path):
+    """A ``.fits.fz`` holds its image as a compressed table, far smaller than the image: its size is checked
+    against the table's (a whole file read, a cut one a clear error above), not the image's."""
+    patch = read_image(_compressed(tmp_path / "sky.fits.fz"), instrument="wise", band="W1")
+    assert patch.shape == (1, 64, 64) and abs(float(np.median(patch.data)) - 100.0) < 1.0
 
 
 def test_an_image_without_a_wcs_works_in_pixels_and_says_so(tmp_path, capsys):

@@ -109,14 +109,25 @@ def open_fits(path: str | Path, memmap: bool = True) -> fits.HDUList:
     if _is_compressed(path):  # offsets count decompressed bytes: a cut stream fails when read instead
         return hdul
     size = path.stat().st_size
-    for i, hdu in enumerate(hdul):
+    for i, (hdu, stored) in enumerate(zip(hdul, _stored_sizes(path, hdul))):
         info = hdu.fileinfo()
-        if info is not None and info["datLoc"] + hdu.size > size:
+        if info is not None and info["datLoc"] + stored > size:
             hdul.close()
-            raise SkyfmError(
-                f"{path} is truncated: HDU {i} ({hdu.name}) needs {info['datLoc'] + hdu.size} bytes, the file has {size}"
-            )
+            raise SkyfmError(f"{path} is truncated: HDU {i} ({hdu.name}) needs {info['datLoc'] + stored} bytes, "
+                             f"the file has {size}")
     return hdul
+
+
+def _stored_sizes(path: Path, hdul: fits.HDUList) -> list[int]:
+    """The data size in bytes of each HDU of ``hdul`` as stored: a tile-compressed image (``.fits.fz``, a
+    ``CompImageHDU``) as the binary table that holds it (the image's own size is the decompressed one, which a
+    compressed file never holds)."""
+    if not any(isinstance(hdu, fits.CompImageHDU) for hdu in hdul):
+        return [hdu.size for hdu in hdul]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fits.open(path, memmap=False, lazy_load_hdus=False, disable_image_compression=True) as raw:
+            return [hdu.size for hdu in raw]
 
 
 def _is_compressed(path: Path) -> bool:
