@@ -1,5 +1,7 @@
 """Reading the files users have: FITS images, gtbin counts cubes, skyfm patch files; lazily for big ones."""
 
+import warnings
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -173,6 +175,46 @@ def test_ccd_pixel_units_are_read_as_the_instruments_adu(tmp_path, rng, bunit, e
         assert image.adu_per_unit == pytest.approx(factor)
         assert (image.unit.to_string() if image.unit is not None else None) == unit
     assert patch.meta.get("adu_per_unit", 1.0) == pytest.approx(factor)
+
+
+def test_a_drizzled_hst_file_takes_its_filter_from_the_primary_header(tmp_path, rng):
+    """A ``_drc`` file: TELESCOP, INSTRUME, FILTER1 / FILTER2 and EXPTIME in the primary header, the SCI extension
+    holding the WCS and BUNIT only, WHT and CTX beside it."""
+    primary = fits.PrimaryHDU()
+    primary.header.update({"TELESCOP": "HST", "INSTRUME": "ACS", "FILTER1": "CLEAR1L", "FILTER2": "F814W",
+                           "EXPTIME": 2000.0})
+    sci = _sky_wcs().to_header()
+    sci["BUNIT"] = "ELECTRONS/S"
+    data = rng.normal(0.5, 0.01, size=(20, 24)).astype(np.float32)
+    fits.HDUList([primary, fits.ImageHDU(data, header=sci, name="SCI"),
+                  fits.ImageHDU(np.ones_like(data), header=sci, name="WHT"),
+                  fits.ImageHDU(np.ones(data.shape, np.int32), header=sci, name="CTX")]).writeto(tmp_path / "j_drc.fits")
+    patch = read_image(tmp_path / "j_drc.fits")
+    assert patch.instrument == "hubble" and patch.bands == ["F814W"]
+    np.testing.assert_allclose(patch.data[0], data * 2000.0 / 2.0, rtol=1e-6)  # e-/s x EXPTIME / gain
+
+
+def test_a_file_of_several_ccds_says_that_one_is_read(tmp_path, rng):
+    """A mosaic camera writes one CCD per extension: the first is read, and a warning names the others and --hdu;
+    weight, context and error maps beside a science image are not taken for more CCDs."""
+    from skyfm.data.readers import MoreImagesWarning
+
+    header = _sky_wcs().to_header()
+    header.update({"TELESCOP": "WISE", "BAND": 1})
+    data = rng.normal(10.0, 1.0, size=(20, 24)).astype(np.float32)
+    ccds = [fits.ImageHDU(data + k, header=header, name=f"CCD{k}") for k in range(1, 7)]
+    fits.HDUList([fits.PrimaryHDU(), *ccds, fits.ImageHDU(np.ones((8, 8), np.float32), name="SMALL")]).writeto(
+        tmp_path / "mef.fits")
+    with pytest.warns(MoreImagesWarning, match=r"read HDU 1 \(CCD1\); 5 other image HDU\(s\) of the same size "
+                                               r"\(HDU 2 \(CCD2\), .* and 1 more\) are not read: choose one"):
+        patch = read_image(tmp_path / "mef.fits")
+    np.testing.assert_allclose(patch.data[0], data + 1)
+    assert read_image(tmp_path / "mef.fits", hdu="CCD3").data[0][0, 0] == pytest.approx(data[0, 0] + 3)
+    aux = [fits.ImageHDU(np.ones_like(data), header=header, name=n) for n in ("WHT", "CTX", "ERR")]
+    fits.HDUList([fits.PrimaryHDU(), ccds[0], *aux]).writeto(tmp_path / "drz.fits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MoreImagesWarning)
+        read_image(tmp_path / "drz.fits")
 
 
 def test_ccd_pixel_units_skyfm_cannot_convert_are_read_as_they_are_with_a_warning(tmp_path, rng):

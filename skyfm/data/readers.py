@@ -164,6 +164,25 @@ def _hdu_list_summary(hdul: fits.HDUList) -> str:
     return ", ".join(parts)
 
 
+class MoreImagesWarning(UserWarning):
+    """A file holds several images of one size (a mosaic camera's CCDs) and only one is read."""
+
+
+# extensions that accompany a science image rather than being one: weights, errors, data quality, exposure maps
+_AUXILIARY_HDU_NAMES = {"WHT", "WEIGHT", "WHT_MAP", "CTX", "CON", "ERR", "ERROR", "SIGMA", "RMS", "VAR", "VARIANCE",
+                        "IVAR", "INVVAR", "DQ", "MASK", "BPM", "FLAGS", "EXP", "EXPMAP", "EXPOSURE", "SAMP", "TIME",
+                        "NOISE", "UNC", "UNCERT", "HDRTAB", "BACKGROUND", "BKG", "MODEL", "RESIDUAL"}
+
+
+def _other_science_hdus(hdul: fits.HDUList, index: int) -> list[str]:
+    """Labels of the image HDUs other than ``index`` that could be science images as well: the same 2-D size and
+    not a weight, error, mask or exposure map (:data:`_AUXILIARY_HDU_NAMES`)."""
+    shape = tuple(hdul[index].header.get(f"NAXIS{k}") for k in (1, 2))
+    return [_hdu_label(hdul, i) for i, h in enumerate(hdul)
+            if i != index and _has_image(h) and tuple(h.header.get(f"NAXIS{k}") for k in (1, 2)) == shape
+            and h.name.upper() not in _AUXILIARY_HDU_NAMES]
+
+
 def select_hdu(hdul: fits.HDUList, hdu: int | str | None, path: Path) -> int:
     """Index of the HDU to read: ``hdu`` (an index, a digit string or an EXTNAME) or the first with image data."""
     if hdu is None:
@@ -472,23 +491,26 @@ def _dss_energy_kev(header: fits.Header) -> np.ndarray | None:
     return None
 
 
-def _filter_band(header: fits.Header, inst: Instrument) -> tuple[str | None, str | None]:
-    """(band name, None) from the filter keywords, or (None, the reason none fits)."""
+def _filter_band(headers: list[fits.Header], inst: Instrument) -> tuple[str | None, str | None]:
+    """(band name, None) from the filter keywords of the first of ``headers`` that names a band of ``inst`` (the
+    image HDU's, then the primary's: a drizzled HST file keeps FILTER1 / FILTER2 in its primary header), or (None,
+    the reason none fits)."""
     seen = []
-    for key in _FILTER_KEYS:
-        if key not in header:
-            continue
-        value = str(header[key]).strip()
-        if not value or value.upper().startswith("CLEAR"):
-            continue
-        seen.append(f"{key}={value!r}")
-        for b in inst.bands:
-            if b.name.lower() == value.lower():
-                return b.name, None
-        if value.isdigit():  # WISE Atlas images say BAND = 1 for W1
-            ends = [b.name for b in inst.bands if b.name.endswith(value)]
-            if len(ends) == 1:
-                return ends[0], None
+    for header in headers:
+        for key in _FILTER_KEYS:
+            if key not in header:
+                continue
+            value = str(header[key]).strip()
+            if not value or value.upper().startswith("CLEAR"):
+                continue
+            seen.append(f"{key}={value!r}")
+            for b in inst.bands:
+                if b.name.lower() == value.lower():
+                    return b.name, None
+            if value.isdigit():  # WISE Atlas images say BAND = 1 for W1
+                ends = [b.name for b in inst.bands if b.name.endswith(value)]
+                if len(ends) == 1:
+                    return ends[0], None
     names = " ".join(b.name for b in inst.bands)
     if seen:
         return None, f"{', '.join(seen)} is not a band of {inst.name} ({names}); pass band= (--band)"
@@ -735,6 +757,12 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
     if band_problem:
         problems.append(f"{where}: {band_problem}")
     notes = []
+    others = _other_science_hdus(hdul, index) if hdu is None and fmt != FORMAT_SIMULATED else []
+    if others:  # a camera's CCDs, one per extension: say that only one is read
+        shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+        notes.append(f"{path}: read {label}; {len(others)} other image HDU(s) of the same size ({shown}) are not "
+                     "read: choose one with hdu= (--hdu)")
+        warnings.warn(MoreImagesWarning(notes[-1]), stacklevel=3)
     if grouping is not None:
         notes.append(f"{where}: {grouping.summary(inst.name)}")
         warnings.warn(EnergyBinsWarning(notes[-1]), stacklevel=3)
@@ -794,7 +822,7 @@ def _plane_bands(hdul, planes, shape, inst: Instrument | None, band: str | None,
     if n == 1:
         if len(inst.bands) == 1:
             return [inst.bands[0].name], None, None
-        name, problem = _filter_band(header, inst)
+        name, problem = _filter_band([header] + ([hdul[0].header] if planes[0][0] != 0 else []), inst)
         return [name or "?"], None, problem
     if n == len(inst.bands):  # a cube with one plane per band of the instrument, in its order
         return [b.name for b in inst.bands], None, None
