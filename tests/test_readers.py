@@ -188,7 +188,8 @@ def test_a_drizzled_hst_file_takes_its_filter_from_the_primary_header(tmp_path, 
     data = rng.normal(0.5, 0.01, size=(20, 24)).astype(np.float32)
     fits.HDUList([primary, fits.ImageHDU(data, header=sci, name="SCI"),
                   fits.ImageHDU(np.ones_like(data), header=sci, name="WHT"),
-                  fits.ImageHDU(np.ones(data.shape, np.int32), header=sci, name="CTX")]).writeto(tmp_path / "j_drc.fits")
+                  fits.ImageHDU(np.ones(data.shape, np.int32), header=sci, name="CTX")]
+                 ).writeto(tmp_path / "j_drc.fits")
     patch = read_image(tmp_path / "j_drc.fits")
     assert patch.instrument == "hubble" and patch.bands == ["F814W"]
     np.testing.assert_allclose(patch.data[0], data * 2000.0 / 2.0, rtol=1e-6)  # e-/s x EXPTIME / gain
