@@ -1,4 +1,5 @@
-"""Images that saturate elsewhere than the instrument's nominal level: drizzles of several exposures, other CCDs.
+"""Images from cameras that differ from the instrument's YAML: drizzles of several exposures, other CCDs' full wells
+and gains.
 
 Run (from the repository root):
 
@@ -19,12 +20,16 @@ before it looked for one, and still reads from a file that lacks it):
   saturated ones.
 * ``meerlicht-low-well``: MeerLICHT q (crowded fields) from a CCD whose full well reads out at 20000 ADU (the
   instrument's: 60000), with ``SATURATE = 20000``. Without it, clipped cores are fitted as PSFs.
+* ``meerlicht-gain``: MeerLICHT q (crowded fields) from a CCD read out at 4 e-/ADU (the instrument's: 1), with
+  ``GAIN = 4`` (:func:`skyfm.data.readers.image_gain`). Without it, the PSF fit takes the bright stars' Poisson
+  noise for four times what it is.
 
 Each file goes through ``skyfm detect`` (:func:`skyfm.detect.detect_file`, the shipped default detector).
 Reported: F1 against the simulated truth (:func:`skyfm.finetune.evaluate.score_patch`) and, for two groups of
 true sources matched within the instrument's radius, how many, the median |flux / true - 1|, the share of true
 fluxes inside the 68% intervals and the median position error (pixels): the unsaturated stars whose peak pixel is
-above the instrument's level (which the file's level spares), and the saturated ones (truth column ``saturated``).
+above the instrument's level (which the file's level spares), the saturated ones (truth column ``saturated``) and
+the bright unsaturated ones (true SNR >= 50, whose errors the gain sets).
 
 Writes ``OUT/results.json`` and ``OUT/results.md`` and prints the markdown.
 """
@@ -42,6 +47,7 @@ from image_units import command, write_image
 
 SEED_BASE = 1_799_500_000
 VARIANTS = ("header keyword", "no keyword")
+BRIGHT_SNR = 50.0
 
 
 def drizzle_of(inst, exposures: int):
@@ -56,18 +62,25 @@ def low_well(inst, level: float):
     return dataclasses.replace(inst, noise={**inst.noise, "saturation": level})
 
 
+def other_gain(inst, gain: float):
+    """``inst`` with a CCD read out at ``gain`` e- per ADU (its full well in ADU as the instrument's)."""
+    return dataclasses.replace(inst, noise={**inst.noise, "gain": gain})
+
+
 # case -> (instrument, band, scene (None: the instrument's mix), how the simulated camera differs,
 #          the file's unit and header keywords)
 CASES = {
     "hubble-drizzle": ("hubble", "F606W", None, lambda i: drizzle_of(i, 4), "e-/s", {"NDRIZIM": 4}),
     # (a level in the header is in the file's unit: ADU here)
     "meerlicht-low-well": ("meerlicht", "q", "crowded", lambda i: low_well(i, 20000.0), "adu", {"SATURATE": 20000.0}),
+    "meerlicht-gain": ("meerlicht", "q", "crowded", lambda i: other_gain(i, 4.0), "adu", {"GAIN": 4.0}),
 }
 
 
 def matched_rows(cat, patch, inst, adu_per_unit: float) -> dict:
     """Per true source matched: |flux / true - 1|, inside its 68% interval, position error (px), ``saturated``
-    (truth) and ``above`` (unsaturated, its peak pixel at or above the instrument's saturation level)."""
+    (truth), ``above`` (unsaturated, its peak pixel at or above the instrument's saturation level) and ``bright``
+    (neither, true SNR >= :data:`BRIGHT_SNR`)."""
     from skyfm.catalog import match_catalogs
     from skyfm.catalog.evaluate import default_radius_pix
 
@@ -81,8 +94,10 @@ def matched_rows(cat, patch, inst, adu_per_unit: float) -> dict:
     ix = np.clip(np.rint(np.asarray(truth["x"], float)[ti]).astype(int), 0, w - 1)
     iy = np.clip(np.rint(np.asarray(truth["y"], float)[ti]).astype(int), 0, h - 1)
     peak = patch.data[0, iy, ix]
+    above = ~saturated & (peak >= 0.999 * float(inst.noise["saturation"]))
+    bright = ~saturated & ~above & (np.asarray(truth["snr"], float)[ti] >= BRIGHT_SNR)
     return {"dev": np.abs(flux / true - 1.0), "covered": np.abs(flux - true) <= err, "sep": sep,
-            "saturated": saturated, "above": ~saturated & (peak >= 0.999 * float(inst.noise["saturation"]))}
+            "saturated": saturated, "above": above, "bright": bright}
 
 
 def run(n: int, log) -> list[dict]:
@@ -117,13 +132,14 @@ def run(n: int, log) -> list[dict]:
                 b = {k: np.concatenate([x[k] for x in t["matched"]]) for k in t["matched"][0]}
                 row = {"case": case, "file": variant, "true_sources": t["n_true"],
                        "f1": round(2 * p * r / max(p + r, 1e-9), 3), "seconds": round(t["seconds"], 1)}
-                for part, sel in (("above_level", b["above"]), ("saturated", b["saturated"])):
+                for part, sel in (("above_level", b["above"]), ("saturated", b["saturated"]),
+                                  ("bright", b["bright"])):
                     row[part] = {"n": int(sel.sum()),
                                  "median_flux_dev": round(float(np.median(b["dev"][sel])), 3) if sel.any() else None,
                                  "cov68": round(float(np.mean(b["covered"][sel])), 3) if sel.any() else None,
                                  "median_sep_pix": round(float(np.median(b["sep"][sel])), 3) if sel.any() else None}
                 log(f"  {case:19s} {variant:15s} F1 {row['f1']:.3f}  above the level {row['above_level']}  "
-                    f"saturated {row['saturated']}")
+                    f"saturated {row['saturated']}  bright {row['bright']}")
                 rows.append(row)
     return rows
 
@@ -131,10 +147,11 @@ def run(n: int, log) -> list[dict]:
 def markdown(rows: list[dict], n: int) -> str:
     lines = [f"Saturation levels: {n} fresh 512^2 single-band images per case (seeds from {SEED_BASE}), each "
              "written with and without its header keyword; `skyfm detect` with the shipped default detector. "
-             "Stars matched: unsaturated ones whose peak is above the instrument's level, and saturated ones.", "",
+             "Stars matched: unsaturated ones whose peak is above the instrument's level, saturated ones, and "
+             f"the other unsaturated ones with true SNR >= {BRIGHT_SNR:g}.", "",
              "| case | file | true sources (SNR >= 5) | F1 | unsaturated above the instrument's level: n, median "
-             "abs(flux/true - 1), cov68, median error (px) | saturated: the same |",
-             "|---|---|---|---|---|---|"]
+             "abs(flux/true - 1), cov68, median error (px) | saturated: the same | bright: the same |",
+             "|---|---|---|---|---|---|---|"]
 
     def cell(d):
         if not d["n"]:
@@ -143,7 +160,7 @@ def markdown(rows: list[dict], n: int) -> str:
 
     for r in rows:
         lines.append(f"| {r['case']} | {r['file']} | {r['true_sources']} | {r['f1']:.3f} | {cell(r['above_level'])} "
-                     f"| {cell(r['saturated'])} |")
+                     f"| {cell(r['saturated'])} | {cell(r['bright'])} |")
     return "\n".join(lines)
 
 

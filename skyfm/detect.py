@@ -304,9 +304,9 @@ def _decode_tile(det, out, i: int, patch, units, min_score: float, head, inst):
         # the total-flux head learned the sum over as many bands as its training images held (WISE: all four): of an
         # image holding fewer (a W1 tile, a cube with bands left out) it gives no sum over those it holds (an
         # eighth of a W1 tile's), which its band heads, each of one band, do give (MeerLICHT's head, trained on one
-        # band, is left alone);
-        # their errors add as fully correlated ones (a blend or a misjudged profile errs alike in every band), which
-        # covered more true fluxes on validation images than a quadrature sum (WISE W1+W2 0.646 vs 0.615)
+        # band, is left alone); their errors add as fully correlated ones (a blend or a misjudged profile errs alike
+        # in every band), which covered more true fluxes on validation images than a quadrature sum (WISE W1+W2
+        # 0.646 vs 0.615)
         flux = band_flux[:, known].sum(axis=1)
         flux_err = band_err[:, known].sum(axis=1)
     flux_scale, pos_scale = head.error_scales()  # calibrated on validation patches (1.0: as predicted)
@@ -1817,8 +1817,10 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
         with open_image(path, instrument=instrument, hdu=hdu, band=band) as image:
             image.require_patchable()
             inst = image.instrument
-            if image.saturation_adu is not None:  # the file's own level (SATURATE; a drizzle of N exposures)
-                inst = dataclasses.replace(inst, noise={**inst.noise, "saturation": image.saturation_adu})
+            # the file's own noise model where its header gives one (SATURATE, a drizzle's NDRIZIM; GAIN)
+            own = {k: v for k, v in (("saturation", image.saturation_adu), ("gain", image.gain)) if v is not None}
+            if own:
+                inst = dataclasses.replace(inst, noise={**inst.noise, **own})
             if background is not None and not inst.is_counts:
                 raise SkyfmError(f"--background is for counts cubes; {path.name} is a {inst.name} image")
             model = (None if background is None

@@ -539,6 +539,25 @@ def test_the_seeing_is_measured_and_a_night_broader_than_trained_is_said(model_d
     assert measure_seeing(simulate_patch("hubble", 3, size=96), load_instrument("hubble")) == {}
 
 
+def test_skyfm_detect_fits_with_the_file_s_own_gain_and_saturation_level(tmp_path, monkeypatch):
+    """A file's GAIN and SATURATE reach the PSF fit's noise model (the built-in instrument is left as it is)."""
+    from astropy.io import fits
+
+    import skyfm.detect as D
+
+    p = simulate_patch("meerlicht", 1_790_000_300, size=96, bands=["q"], scene="crowded")
+    header = p.wcs.to_header()
+    header.update({"TELESCOP": "MeerLICHT", "FILTER": "q", "GAIN": 4.0, "SATURATE": 30000.0})
+    fits.PrimaryHDU(p.data[0], header=header).writeto(tmp_path / "q.fits")
+    seen = []
+    refine = D.refine_ccd_tile
+    monkeypatch.setattr(D, "refine_ccd_tile", lambda d, patch, inst, *a, **k: seen.append(dict(inst.noise))
+                        or refine(d, patch, inst, *a, **k))
+    D.detect_file(tmp_path / "q.fits", model_dir=D.get_detector(None), progress=False)
+    assert seen and all(n["gain"] == 4.0 and n["saturation"] == 30000.0 for n in seen)
+    assert D.get_detector(None).instrument("meerlicht").noise["gain"] == 1.0
+
+
 def test_a_mosaic_edge_written_as_zeros_is_no_data():
     """A drizzled or SWarp mosaic writes 0 where no exposure fell: those pixels are masked (a dead column, one pixel
     wide, is not), and the image's noise elsewhere is not turned into sources."""

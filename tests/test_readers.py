@@ -261,6 +261,24 @@ def test_a_ccd_image_s_saturation_level_comes_from_its_header(tmp_path, rng, key
     assert not saturation_mask(np.full((1, 4, 4), 35000.0), inst).any()
 
 
+@pytest.mark.parametrize("keywords, unit, gain", [
+    ({"GAIN": 4.0}, "", 4.0),  # an image in ADU read out at another gain than hubble's 2
+    ({"EGAIN": 1.5}, "ADU", 1.5),
+    ({"GAIN": 2.0}, "", None),  # the instrument's own
+    ({"GAIN": 4.0}, "ELECTRONS", None),  # in electrons any gain fits: converted and weighted alike
+    ({}, "", None),
+])
+def test_a_ccd_image_s_gain_comes_from_its_header(tmp_path, rng, keywords, unit, gain):
+    header = _sky_wcs().to_header()
+    header.update({"TELESCOP": "HST", "INSTRUME": "ACS", "FILTER1": "F606W", **keywords})
+    if unit:
+        header["BUNIT"] = unit
+    fits.PrimaryHDU(rng.normal(10.0, 1.0, size=(20, 24)).astype(np.float32), header=header).writeto(tmp_path / "g.fits")
+    with open_image(tmp_path / "g.fits") as image:
+        assert image.gain == (None if gain is None else pytest.approx(gain))
+        assert any("e-/ADU from" in n for n in image.notes) == (gain is not None)
+
+
 def test_a_gtbin_counts_map_takes_its_band_from_the_energy_keywords(tmp_path):
     header = _sky_wcs(("RA---CAR", "DEC--CAR"), (83.6, 22.0), (8.5, 8.5), cdelt=0.1).to_header()
     header.update({"TELESCOP": "GLAST", "INSTRUME": "LAT", "DSTYP1": "POS(RA,DEC)", "DSVAL1": "CIRCLE(83.6,22,15)",

@@ -471,6 +471,25 @@ def image_saturation(headers: list[fits.Header], inst: Instrument, adu_per_unit:
     return None, None
 
 
+_GAIN_KEYS = ("GAIN", "EGAIN")  # SExtractor's GAIN_KEY default first
+
+
+def image_gain(headers: list[fits.Header], inst: Instrument, unit, where: str):
+    """(the CCD image's gain in e- per ADU or None, a note or None): GAIN or EGAIN of its headers (the image HDU's,
+    then the primary's) for an image in ADU (no BUNIT, ADU or DN: ``unit`` None), where it differs from the
+    instrument's by more than 1%. The PSF fit weights each pixel by the sources' Poisson noise, flux / gain: a
+    camera read out at another gain than the YAML's would have its bright stars' errors off by the square root of
+    the ratio. Images in electrons need none (converted to ADU and weighted with the same gain, any gain fits)."""
+    if inst.is_counts or unit is not None:
+        return None, None
+    found = next(((k, float(h[k])) for h in headers for k in _GAIN_KEYS if k in h and _is_positive_number(h[k])),
+                 None)
+    own = float((inst.noise or {}).get("gain", 1.0)) or 1.0
+    if found is None or abs(found[1] / own - 1.0) <= 0.01:
+        return None, None
+    return found[1], f"{where}: gain {found[1]:.6g} e-/ADU from {found[0]} ({inst.name}'s: {own:g})"
+
+
 def _is_positive_number(value) -> bool:
     try:
         return float(value) > 0 and np.isfinite(float(value))
@@ -541,6 +560,7 @@ class ImageFile:
         unit: the file's own pixel unit when it is not the ADU (catalog fluxes are given back in it), else None.
         saturation_adu: the image's own saturation level in the instrument's ADU (:func:`image_saturation`), or
             None: the instrument's (``noise.saturation``).
+        gain: the image's own gain, e- per ADU (:func:`image_gain`), or None: the instrument's (``noise.gain``).
     """
 
     path: Path
@@ -558,6 +578,7 @@ class ImageFile:
     adu_per_unit: float = 1.0
     unit: u.UnitBase | None = None
     saturation_adu: float | None = None
+    gain: float | None = None
     _hdul: fits.HDUList | None = field(default=None, repr=False)
     _planes: list[tuple[int, tuple]] = field(default_factory=list, repr=False)  # (hdu index, leading index)
     _n_planes: int = 0  # planes in the file (more than shape[0] when energy planes are summed)
@@ -766,20 +787,21 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
     if grouping is not None:
         notes.append(f"{where}: {grouping.summary(inst.name)}")
         warnings.warn(EnergyBinsWarning(notes[-1]), stacklevel=3)
-    adu_per_unit, unit, saturation_adu = 1.0, None, None
+    adu_per_unit, unit, saturation_adu, gain = 1.0, None, None, None
     if inst is not None and fmt != FORMAT_SIMULATED:
         adu_per_unit, unit = image_units(headers, inst, bands, where)
         if unit is not None:
             notes.append(f"{where}: pixels in {unit.to_string()}, read as {inst.name}'s ADU (x {adu_per_unit:.6g}); "
                          f"catalog fluxes in {unit.to_string()}")
         saturation_adu, saturation_note = image_saturation(headers, inst, adu_per_unit, where)
-        if saturation_note is not None:
-            notes.append(saturation_note)
+        gain, gain_note = image_gain(headers, inst, unit, where)
+        notes += [n for n in (saturation_note, gain_note) if n is not None]
     wcs = celestial_wcs(header, where, hdul)
     return ImageFile(
         path=path, format=fmt, shape=(len(bands),) + shape[1:], wcs=wcs, instrument=inst,
         instrument_source=inst_source, bands=bands, energy_edges_kev=edges, hdu_label=label, problems=problems,
         notes=notes, energy_grouping=grouping, adu_per_unit=adu_per_unit, unit=unit, saturation_adu=saturation_adu,
+        gain=gain,
         _hdul=hdul, _planes=planes, _n_planes=shape[0], _mask_hdu=_mask_hdu_for(hdul, shape),
     )
 
