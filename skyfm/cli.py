@@ -551,7 +551,10 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "threshold, chosen on validation patches; 0.2-0.4 for the shipped one, listed in its README, "
                    "where a head may ask more of the peaks its PSF fit does not confirm; any other threshold given "
                    "here applies to every detection).")
-@click.option("--hdu", default=None, help="HDU to read, by index or EXTNAME (default: the first with image data).")
+@click.option("--hdu", default=None,
+              help="HDU to read, by index or EXTNAME (default: the first with image data); all: every science "
+                   "image of a file of several (a mosaic camera's CCDs, one per extension), into one catalog "
+                   "with a column hdu.")
 @click.option("--tile", "tile_size", type=click.IntRange(min=16), default=None,
               help="Tile side (pixels; default 512 for one-band images, 256 for several bands, 128 for counts cubes).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -620,6 +623,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
     Examples:
       skyfm detect image.fits --out catalog.fits --plot
       skyfm detect hst_drc.fits --hdu SCI --instrument hubble --band F606W --out hst.ecsv
+      skyfm detect mosaic.fits.fz --hdu all --instrument my_camera.yaml --band r --out ccds.fits
       skyfm detect W1.fits --instrument wise --band W1 --out w1.ecsv
       skyfm detect ccube.fits --instrument fermi-lat --out fermi.vot --associate 4fgl.fits
       skyfm detect ccube.fits --instrument fermi-lat --background model_cube.fits --out fermi.fits

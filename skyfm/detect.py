@@ -1797,6 +1797,12 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     check_fits_file(path)
     if out is not None:
         catalog_format(out)  # a bad extension fails before any work
+    if isinstance(hdu, str) and hdu.strip().lower() == "all":
+        return _detect_every_hdu(path, out, plot=plot, associate=associate, instrument=instrument, band=band,
+                                 model_dir=model_dir, min_score=min_score, tile_size=tile_size,
+                                 batch_size=batch_size, progress=progress, refine=refine, precision=precision,
+                                 attention_window=attention_window, drop_trails=drop_trails,
+                                 mask_cosmic_rays=mask_cosmic_rays, residual_search=residual_search, device=device)
     _warn_if_denoised(path)
     det = get_detector(model_dir, device=device)
     if residual_search is False:  # a copy: the cached detector keeps its heads' settings
@@ -1883,6 +1889,42 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
         if png is not None and patch_for_plot is not None:
             save_overlay(patch_for_plot, table, png)
         write_catalog(table, out)
+    return table
+
+
+def _detect_every_hdu(path: Path, out, *, plot: bool, associate, **options):
+    """:func:`detect_file` with ``hdu="all"``: every science image of a file of several (a mosaic camera's CCDs,
+    one per extension: :func:`skyfm.data.readers.science_hdus`) detected on its own, with its own WCS, background
+    and seeing, into one catalog with a column ``hdu`` (the extension's name, else its index). Catalog meta:
+    each CCD's measured seeing as ``seeing_<band>_<hdu>``. No overlay is drawn (``plot``: one per CCD would be
+    needed)."""
+    from astropy.table import vstack
+
+    from skyfm.catalog import write_catalog
+    from skyfm.data.readers import open_fits, science_hdus
+
+    with open_fits(path, memmap=True) as hdul:
+        indices = science_hdus(hdul)
+        names = [hdul[i].name if hdul[i].name and hdul[i].name != "PRIMARY" else str(i) for i in indices]
+    if plot:
+        warnings.warn("--plot draws one image; with --hdu all no overlay is written", stacklevel=3)
+    tables, meta = [], {}
+    for index, name in zip(indices, names):
+        table = detect_file(path, None, hdu=index, **options)
+        table["hdu"] = np.full(len(table), name, dtype=f"U{max(len(n) for n in names)}")
+        table["hdu"].info.description = "The file's HDU (EXTNAME, else index) the source was detected in"
+        for key, value in list(table.meta.items()):
+            if key.startswith("seeing_"):
+                meta[f"{key}_{name}"] = value
+                del table.meta[key]
+        tables.append(table)
+    table = vstack(tables, metadata_conflicts="silent")
+    table.meta.update(meta)
+    table.meta["hdus"] = ",".join(names)
+    if associate is not None:
+        table = associate_catalog(table, associate)
+    if out is not None:
+        write_catalog(table, Path(out))
     return table
 
 

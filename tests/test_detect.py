@@ -558,6 +558,33 @@ def test_skyfm_detect_fits_with_the_file_s_own_gain_and_saturation_level(tmp_pat
     assert D.get_detector(None).instrument("meerlicht").noise["gain"] == 1.0
 
 
+def test_every_ccd_of_a_mosaic_file_is_detected_into_one_catalog(tmp_path):
+    """``--hdu all``: each science extension (not its weight map) detected with its own WCS, into one catalog with
+    a column ``hdu``; the same rows as each CCD alone."""
+    from astropy.io import fits
+
+    from skyfm.detect import detect_file, get_detector
+
+    hdus = [fits.PrimaryHDU()]
+    for k, seed in enumerate((1_790_000_400, 1_790_000_401), start=1):
+        p = simulate_patch("meerlicht", seed, size=96, bands=["q"], scene="crowded")
+        header = p.wcs.to_header()
+        header.update({"TELESCOP": "MeerLICHT", "FILTER": "q"})
+        hdus += [fits.ImageHDU(p.data[0], header=header, name=f"CCD{k}"),
+                 fits.ImageHDU(np.ones_like(p.data[0]), header=header, name=("WHT", "ERR")[k - 1])]
+    fits.HDUList(hdus).writeto(tmp_path / "mosaic.fits")
+    det = get_detector(None)
+    every = detect_file(tmp_path / "mosaic.fits", tmp_path / "all.ecsv", hdu="all", model_dir=det, progress=False)
+    alone = {name: detect_file(tmp_path / "mosaic.fits", hdu=name, model_dir=det, progress=False)
+             for name in ("CCD1", "CCD2")}
+    assert set(every["hdu"]) == {"CCD1", "CCD2"} and every.meta["hdus"] == "CCD1,CCD2"  # not the WHT / ERR maps
+    for name, table in alone.items():
+        mine = every[every["hdu"] == name]
+        assert len(mine) == len(table) > 10
+        np.testing.assert_allclose(np.asarray(mine["ra"]), np.asarray(table["ra"]))
+    assert "seeing_q_CCD1" in every.meta and (tmp_path / "all.ecsv").exists()
+
+
 def test_a_mosaic_edge_written_as_zeros_is_no_data():
     """A drizzled or SWarp mosaic writes 0 where no exposure fell: those pixels are masked (a dead column, one pixel
     wide, is not), and the image's noise elsewhere is not turned into sources."""

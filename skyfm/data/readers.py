@@ -174,13 +174,22 @@ _AUXILIARY_HDU_NAMES = {"WHT", "WEIGHT", "WHT_MAP", "CTX", "CON", "ERR", "ERROR"
                         "NOISE", "UNC", "UNCERT", "HDRTAB", "BACKGROUND", "BKG", "MODEL", "RESIDUAL"}
 
 
+def science_hdus(hdul: fits.HDUList) -> list[int]:
+    """Indices of a file's science images: the first HDU with image data and those of the same 2-D size that are
+    not a weight, error, mask or exposure map (:data:`_AUXILIARY_HDU_NAMES`): a mosaic camera's CCDs, one per
+    extension. ``skyfm detect --hdu all`` detects in each."""
+    first = next((i for i, h in enumerate(hdul) if _has_image(h)), None)
+    if first is None:
+        return []
+    shape = tuple(hdul[first].header.get(f"NAXIS{k}") for k in (1, 2))
+    return [first] + [i for i, h in enumerate(hdul)
+                      if i > first and _has_image(h) and tuple(h.header.get(f"NAXIS{k}") for k in (1, 2)) == shape
+                      and h.name.upper() not in _AUXILIARY_HDU_NAMES]
+
+
 def _other_science_hdus(hdul: fits.HDUList, index: int) -> list[str]:
-    """Labels of the image HDUs other than ``index`` that could be science images as well: the same 2-D size and
-    not a weight, error, mask or exposure map (:data:`_AUXILIARY_HDU_NAMES`)."""
-    shape = tuple(hdul[index].header.get(f"NAXIS{k}") for k in (1, 2))
-    return [_hdu_label(hdul, i) for i, h in enumerate(hdul)
-            if i != index and _has_image(h) and tuple(h.header.get(f"NAXIS{k}") for k in (1, 2)) == shape
-            and h.name.upper() not in _AUXILIARY_HDU_NAMES]
+    """Labels of the science images (:func:`science_hdus`) other than ``index``."""
+    return [_hdu_label(hdul, i) for i in science_hdus(hdul) if i != index]
 
 
 def select_hdu(hdul: fits.HDUList, hdu: int | str | None, path: Path) -> int:
@@ -782,7 +791,7 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
     if others:  # a camera's CCDs, one per extension: say that only one is read
         shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
         notes.append(f"{path}: read {label}; {len(others)} other image HDU(s) of the same size ({shown}) are not "
-                     "read: choose one with hdu= (--hdu)")
+                     "read: choose one with hdu= (--hdu), or detect in all with skyfm detect --hdu all")
         warnings.warn(MoreImagesWarning(notes[-1]), stacklevel=3)
     if grouping is not None:
         notes.append(f"{where}: {grouping.summary(inst.name)}")
