@@ -281,7 +281,7 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     from astropy.io import fits
 
     from skyfm.data.fits_io import ebounds_hdu
-    from skyfm.data.readers import EnergyBinsWarning, open_fits, read_image, select_hdu
+    from skyfm.data.readers import EnergyBinsWarning, MoreImagesWarning, open_fits, read_image, select_hdu
     from skyfm.utils import atomic_path
 
     check_flux_correction(flux_correction)
@@ -305,8 +305,8 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
             if ebounds is not None:
                 ebounds = fits.BinTableHDU(data=ebounds.data.copy(), header=ebounds.header.copy(), name="EBOUNDS")
     summed = [w for w in caught if issubclass(w.category, EnergyBinsWarning)]
-    for w in summed:  # the other reading warnings stay quiet here, as before
-        warnings.warn(w.message, stacklevel=2)
+    for w in summed + [w for w in caught if issubclass(w.category, MoreImagesWarning)]:
+        warnings.warn(w.message, stacklevel=2)  # the other reading warnings stay quiet here, as before
     if summed:  # the output has the instrument's bands, not the input's planes
         ebounds = ebounds_hdu(patch.energy_edges_kev)
     bar = None
