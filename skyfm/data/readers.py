@@ -437,8 +437,8 @@ def image_units(headers: list[fits.Header], inst: Instrument, bands: list[str], 
             stacklevel=3)
         return 1.0, None
     if per_second is not None:
-        exptime = next((float(h[k]) for h in headers for k in _EXPTIME_KEYS
-                        if k in h and _is_positive_number(h[k])), None)
+        found = _first_positive(headers, _EXPTIME_KEYS)
+        exptime = None if found is None else found[1]
         if exptime is None:
             known = [inst.band(b).exposure_time for b in bands if b in {x.name for x in inst.bands}]
             exptime = float(known[0]) if known and known[0] else 1.0
@@ -464,20 +464,23 @@ def image_saturation(headers: list[fits.Header], inst: Instrument, adu_per_unit:
     the instrument's level (``noise.saturation``) stands."""
     if inst.is_counts:
         return None, None
-    level = next((float(h[k]) for h in headers for k in _SATURATION_KEYS if k in h and _is_positive_number(h[k])),
-                 None)
-    if level is not None:
-        key = next(k for h in headers for k in _SATURATION_KEYS if k in h and _is_positive_number(h[k]))
-        adu = level * adu_per_unit
-        return adu, f"{where}: saturation level {adu:.6g} ADU from {key}"
+    found = _first_positive(headers, _SATURATION_KEYS)
+    if found is not None:
+        adu = found[1] * adu_per_unit
+        return adu, f"{where}: saturation level {adu:.6g} ADU from {found[0]}"
     own = (inst.noise or {}).get("saturation")
-    combined = next((float(h[k]) for h in headers for k in _COMBINED_KEYS if k in h and _is_positive_number(h[k])),
-                    None)
-    if own and combined is not None and combined > 1:
-        key = next(k for h in headers for k in _COMBINED_KEYS if k in h and _is_positive_number(h[k]))
-        adu = float(own) * combined
-        return adu, f"{where}: saturation level {adu:.6g} ADU ({key} {combined:g} x {inst.name}'s {float(own):g})"
+    combined = _first_positive(headers, _COMBINED_KEYS)
+    if own and combined is not None and combined[1] > 1:
+        adu = float(own) * combined[1]
+        return adu, (f"{where}: saturation level {adu:.6g} ADU ({combined[0]} {combined[1]:g} x {inst.name}'s "
+                     f"{float(own):g})")
     return None, None
+
+
+def _first_positive(headers: list[fits.Header], keys) -> tuple[str, float] | None:
+    """(key, value) of the first of ``keys`` holding a positive finite number in the first of ``headers`` that has
+    one, else None."""
+    return next(((k, float(h[k])) for h in headers for k in keys if k in h and _is_positive_number(h[k])), None)
 
 
 _GAIN_KEYS = ("GAIN", "EGAIN")  # SExtractor's GAIN_KEY default first
@@ -491,8 +494,7 @@ def image_gain(headers: list[fits.Header], inst: Instrument, unit, where: str):
     the ratio. Images in electrons need none (converted to ADU and weighted with the same gain, any gain fits)."""
     if inst.is_counts or unit is not None:
         return None, None
-    found = next(((k, float(h[k])) for h in headers for k in _GAIN_KEYS if k in h and _is_positive_number(h[k])),
-                 None)
+    found = _first_positive(headers, _GAIN_KEYS)
     own = float((inst.noise or {}).get("gain", 1.0)) or 1.0
     if found is None or abs(found[1] / own - 1.0) <= 0.01:
         return None, None
