@@ -1906,6 +1906,8 @@ def _detect_every_hdu(path: Path, out, *, plot: bool, associate, **options):
     with open_fits(path, memmap=True) as hdul:
         indices = science_hdus(hdul)
         names = [hdul[i].name if hdul[i].name and hdul[i].name != "PRIMARY" else str(i) for i in indices]
+    if not indices:  # a table or a HEALPix map: the single-HDU path says what it is
+        return detect_file(path, out, plot=plot, associate=associate, **options)
     if plot:
         warnings.warn("--plot draws one image; with --hdu all no overlay is written", stacklevel=3)
     tables, meta = [], {}

@@ -564,6 +564,7 @@ def test_every_ccd_of_a_mosaic_file_is_detected_into_one_catalog(tmp_path):
     from astropy.io import fits
 
     from skyfm.detect import detect_file, get_detector
+    from skyfm.errors import SkyfmError
 
     hdus = [fits.PrimaryHDU()]
     for k, seed in enumerate((1_790_000_400, 1_790_000_401), start=1):
@@ -583,6 +584,10 @@ def test_every_ccd_of_a_mosaic_file_is_detected_into_one_catalog(tmp_path):
         assert len(mine) == len(table) > 10
         np.testing.assert_allclose(np.asarray(mine["ra"]), np.asarray(table["ra"]))
     assert "seeing_q_CCD1" in every.meta and (tmp_path / "all.ecsv").exists()
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns([fits.Column("FLUX", "E", array=np.ones(3))])]
+                 ).writeto(tmp_path / "table.fits")
+    with pytest.raises(SkyfmError, match="has no image data"):  # no CCD at all: the one-HDU path's error
+        detect_file(tmp_path / "table.fits", hdu="all", instrument="meerlicht", model_dir=det, progress=False)
 
 
 def test_a_mosaic_edge_written_as_zeros_is_no_data():
