@@ -1896,8 +1896,9 @@ def _detect_every_hdu(path: Path, out, *, plot: bool, associate, **options):
     """:func:`detect_file` with ``hdu="all"``: every science image of a file of several (a mosaic camera's CCDs,
     one per extension: :func:`skyfm.data.readers.science_hdus`) detected on its own, with its own WCS, background
     and seeing, into one catalog with a column ``hdu`` (the extension's name, else its index). Catalog meta:
-    each CCD's measured seeing as ``seeing_<band>_<hdu>``. No overlay is drawn (``plot``: one per CCD would be
-    needed)."""
+    each CCD's measured seeing as ``seeing_<band>_<hdu>``, ``hdus`` the HDUs read. A CCD that cannot be read
+    (every pixel NaN, a band that cannot be told) is skipped with a warning; if none can, its error is raised. No
+    overlay is drawn (``plot``: one per CCD would be needed)."""
     from astropy.table import vstack
 
     from skyfm.catalog import write_catalog
@@ -1910,9 +1911,15 @@ def _detect_every_hdu(path: Path, out, *, plot: bool, associate, **options):
         return detect_file(path, out, plot=plot, associate=associate, **options)
     if plot:
         warnings.warn("--plot draws one image; with --hdu all no overlay is written", stacklevel=3)
-    tables, meta = [], {}
+    tables, meta, skipped, done = [], {}, [], []
     for index, name in zip(indices, names):
-        table = detect_file(path, None, hdu=index, **options)
+        try:
+            table = detect_file(path, None, hdu=index, **options)
+        except SkyfmError as error:  # a dead CCD (every pixel NaN) need not lose the others: said, and skipped
+            skipped.append(error)
+            warnings.warn(f"HDU {name} skipped: {error}", stacklevel=3)
+            continue
+        done.append(name)
         table["hdu"] = np.full(len(table), name, dtype=f"U{max(len(n) for n in names)}")
         table["hdu"].info.description = "The file's HDU (EXTNAME, else index) the source was detected in"
         for key, value in list(table.meta.items()):
@@ -1920,9 +1927,11 @@ def _detect_every_hdu(path: Path, out, *, plot: bool, associate, **options):
                 meta[f"{key}_{name}"] = value
                 del table.meta[key]
         tables.append(table)
+    if not tables:
+        raise skipped[0]
     table = vstack(tables, metadata_conflicts="silent")
     table.meta.update(meta)
-    table.meta["hdus"] = ",".join(names)
+    table.meta["hdus"] = ",".join(done)
     if associate is not None:
         table = associate_catalog(table, associate)
     if out is not None:

@@ -560,7 +560,7 @@ def test_skyfm_detect_fits_with_the_file_s_own_gain_and_saturation_level(tmp_pat
 
 def test_every_ccd_of_a_mosaic_file_is_detected_into_one_catalog(tmp_path):
     """``--hdu all``: each science extension (not its weight map) detected with its own WCS, into one catalog with
-    a column ``hdu``; the same rows as each CCD alone."""
+    a column ``hdu``; the same rows as each CCD alone; a dead CCD skipped with a warning."""
     from astropy.io import fits
 
     from skyfm.detect import detect_file, get_detector
@@ -573,9 +573,12 @@ def test_every_ccd_of_a_mosaic_file_is_detected_into_one_catalog(tmp_path):
         header.update({"TELESCOP": "MeerLICHT", "FILTER": "q"})
         hdus += [fits.ImageHDU(p.data[0], header=header, name=f"CCD{k}"),
                  fits.ImageHDU(np.ones_like(p.data[0]), header=header, name=("WHT", "ERR")[k - 1])]
+    hdus.append(fits.ImageHDU(np.full_like(p.data[0], np.nan), header=header, name="CCD3"))  # a dead CCD
     fits.HDUList(hdus).writeto(tmp_path / "mosaic.fits")
     det = get_detector(None)
-    every = detect_file(tmp_path / "mosaic.fits", tmp_path / "all.ecsv", hdu="all", model_dir=det, progress=False)
+    with pytest.warns(UserWarning, match="HDU CCD3 skipped: .*every pixel is NaN"):
+        every = detect_file(tmp_path / "mosaic.fits", tmp_path / "all.ecsv", hdu="all", model_dir=det,
+                            progress=False)
     alone = {name: detect_file(tmp_path / "mosaic.fits", hdu=name, model_dir=det, progress=False)
              for name in ("CCD1", "CCD2")}
     assert set(every["hdu"]) == {"CCD1", "CCD2"} and every.meta["hdus"] == "CCD1,CCD2"  # not the WHT / ERR maps
