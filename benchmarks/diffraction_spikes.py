@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from image_units import f1_score
+
 SEED_BASE = 1_799_600_000
 CASES = {"hubble": "F606W", "meerlicht": "q"}
 BRIGHT_SNR = 300.0
@@ -90,7 +92,7 @@ def run(n: int, share: float, log) -> list[dict]:
         for (image_name, method), total in totals.items():
             tp, fp, nt = total["tp"], total["fp"], total["n_true"]
             row = {"instrument": name, "band": band, "image": image_name, "method": method, "true_sources": nt,
-                   "tp": tp, "fp": fp, "f1": round(2 * tp / max(2 * tp + fp + nt - tp, 1), 3),
+                   "tp": tp, "fp": fp, "f1": f1_score(tp, fp, nt),
                    "on_spikes": total["on"]}
             log(f"  {name:9s} {image_name:9s} {method:12s} F1 {row['f1']:.3f}  FP {fp}  on spikes {total['on']}")
             rows.append(row)

@@ -59,6 +59,12 @@ def write_image(patch, band: str, path: Path, variant: str, inst, keywords: dict
     return adu_per_unit
 
 
+def f1_score(tp: int, fp: int, n_true: int) -> float:
+    """F1 (3 decimals) of ``tp`` true and ``fp`` false detections of ``n_true`` true sources: 2 TP / (2 TP + FP +
+    FN), the harmonic mean of precision and recall (0 where nothing is found)."""
+    return round(2 * tp / max(2 * tp + fp + (n_true - tp), 1), 3)
+
+
 def flux_ratio(cat, reference) -> float:
     """Median flux ratio of ``cat``'s rows to ``reference``'s rows within 0.5 px (NaN if none match)."""
     if not len(cat) or not len(reference):
@@ -107,12 +113,10 @@ def run(n: int, log) -> list[dict]:
                     else:
                         t["ratios"].append(flux_ratio(in_adu, reference))
             for variant, t in totals.items():
-                p = t["tp"] / max(t["tp"] + t["fp"], 1)
-                r = t["tp"] / max(t["n_true"], 1)
                 ratios = [x for x in t["ratios"] if np.isfinite(x)]
                 row = {"instrument": name, "band": band, "scene": scene or "scene mix", "file": variant,
                        "detections": t["n_det"],
-                       "true_sources": t["n_true"], "f1": round(2 * p * r / max(p + r, 1e-9), 3),
+                       "true_sources": t["n_true"], "f1": f1_score(t["tp"], t["fp"], t["n_true"]),
                        "flux_ratio_to_adu": round(float(np.median(ratios)), 3) if ratios else None,
                        "seconds": round(t["seconds"], 1)}
                 log(f"  {name:9s} {variant:15s} F1 {row['f1']:.3f}  {row['detections']:5d} detections  "

@@ -26,6 +26,8 @@ import dataclasses
 
 import numpy as np
 
+from image_units import command, f1_score
+
 SEED_BASE = 1_790_000_000
 CASES = {"hubble": ("F606W", "field"), "meerlicht": ("q", "crowded"), "wise": ("W1", "field")}
 VARIANTS = ("full", "zeros", "NaN")
@@ -71,10 +73,8 @@ def run(n: int, log) -> list[dict]:
                 t["tp"], t["fp"], t["n_true"] = t["tp"] + s["tp"], t["fp"] + s["fp"], t["n_true"] + s["n_true"]
                 t["inside"] += int(inside.sum())
         for variant, t in totals.items():
-            p = t["tp"] / max(t["tp"] + t["fp"], 1)
-            r = t["tp"] / max(t["n_true"], 1)
             row = {"instrument": name, "band": band, "scene": scene, "image": variant, "true_sources": t["n_true"],
-                   "tp": t["tp"], "fp": t["fp"], "f1": round(2 * p * r / max(p + r, 1e-9), 3),
+                   "tp": t["tp"], "fp": t["fp"], "f1": f1_score(t["tp"], t["fp"], t["n_true"]),
                    "detections_in_wedge": t["inside"]}
             log(f"  {name:9s} {variant:6s} F1 {row['f1']:.3f}  TP {t['tp']}  FP {t['fp']}  in the wedge {t['inside']}")
             rows.append(row)
@@ -94,8 +94,6 @@ def markdown(rows: list[dict], n: int) -> str:
 
 
 def main(argv=None) -> int:
-    from image_units import command
-
     return command(argv, __doc__, 3, "runs/bench-no-data", run, markdown)
 
 

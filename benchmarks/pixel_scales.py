@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from image_units import command, f1_score
+
 SEED_BASE = 1_797_000_000
 CASES = {"hubble": (["F606W"], None), "meerlicht": (["q"], "crowded"), "wise": (["W1", "W2"], None)}
 FACTORS = (0.6, 1.0, 2.0)  # image pixel / instrument pixel
@@ -46,10 +48,9 @@ def run(n: int, log) -> list[dict]:
                 patch = dataclasses.replace(patch, instrument=name)
                 s = score_patch(detect_patch(patch, det), patch, inst, radius=match_radius_pix(inst) / factor)
                 tp, fp, n_true = tp + s["tp"], fp + s["fp"], n_true + s["n_true"]
-            p, r = tp / max(tp + fp, 1), tp / max(n_true, 1)
             row = {"instrument": name, "bands": "+".join(bands), "scene": scene or "scene mix", "factor": factor,
                    "arcsec_per_pixel": round(float(scaled.pixel_scale.to_value("arcsec")), 4),
-                   "true_sources": n_true, "tp": tp, "fp": fp, "f1": round(2 * p * r / max(p + r, 1e-9), 3)}
+                   "true_sources": n_true, "tp": tp, "fp": fp, "f1": f1_score(tp, fp, n_true)}
             log(f"  {name:9s} x{factor:<4g} F1 {row['f1']:.3f}  TP {tp}  FP {fp}  of {n_true}")
             rows.append(row)
     return rows
@@ -67,8 +68,6 @@ def markdown(rows: list[dict], n: int) -> str:
 
 
 def main(argv=None) -> int:
-    from image_units import command
-
     return command(argv, __doc__, 4, "runs/bench-pixel-scales", run, markdown)
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from image_units import command, write_image
+from image_units import command, f1_score, write_image
 
 SEED_BASE = 1_799_500_000
 VARIANTS = ("header keyword", "no keyword")
@@ -100,6 +100,16 @@ def matched_rows(cat, patch, inst, adu_per_unit: float) -> dict:
             "saturated": saturated, "above": above, "bright": bright}
 
 
+def group_stats(rows: dict, sel: np.ndarray) -> dict:
+    """How many of :func:`matched_rows`' ``rows`` ``sel`` holds, their median abs(flux / true - 1), 68% coverage
+    and median position error (None for an empty group)."""
+    def stat(f, key):
+        return round(float(f(rows[key][sel])), 3) if sel.any() else None
+
+    return {"n": int(sel.sum()), "median_flux_dev": stat(np.median, "dev"), "cov68": stat(np.mean, "covered"),
+            "median_sep_pix": stat(np.median, "sep")}
+
+
 def run(n: int, log) -> list[dict]:
     from skyfm.data.simulate import simulate_patch
     from skyfm.detect import detect_file, get_detector
@@ -127,17 +137,12 @@ def run(n: int, log) -> list[dict]:
                     t["tp"], t["fp"], t["n_true"] = t["tp"] + s["tp"], t["fp"] + s["fp"], t["n_true"] + s["n_true"]
                     t["matched"].append(matched_rows(cat, patch, inst, adu_per_unit))
             for variant, t in totals.items():
-                p = t["tp"] / max(t["tp"] + t["fp"], 1)
-                r = t["tp"] / max(t["n_true"], 1)
                 b = {k: np.concatenate([x[k] for x in t["matched"]]) for k in t["matched"][0]}
                 row = {"case": case, "file": variant, "true_sources": t["n_true"],
-                       "f1": round(2 * p * r / max(p + r, 1e-9), 3), "seconds": round(t["seconds"], 1)}
+                       "f1": f1_score(t["tp"], t["fp"], t["n_true"]), "seconds": round(t["seconds"], 1)}
                 for part, sel in (("above_level", b["above"]), ("saturated", b["saturated"]),
                                   ("bright", b["bright"])):
-                    row[part] = {"n": int(sel.sum()),
-                                 "median_flux_dev": round(float(np.median(b["dev"][sel])), 3) if sel.any() else None,
-                                 "cov68": round(float(np.mean(b["covered"][sel])), 3) if sel.any() else None,
-                                 "median_sep_pix": round(float(np.median(b["sep"][sel])), 3) if sel.any() else None}
+                    row[part] = group_stats(b, sel)
                 log(f"  {case:19s} {variant:15s} F1 {row['f1']:.3f}  above the level {row['above_level']}  "
                     f"saturated {row['saturated']}  bright {row['bright']}")
                 rows.append(row)

@@ -24,6 +24,8 @@ import dataclasses
 
 import numpy as np
 
+from image_units import command, f1_score
+
 SEED_BASE = 1_799_100_000
 CASES = {"meerlicht": "q", "hubble": "F606W", "wise": "W1"}
 SKIES = ("flat", "gradient 1.5 sigma", "gradient 3 sigma", "gradient 30 sigma", "nebula 20 sigma")
@@ -64,9 +66,9 @@ def run(n: int, log) -> list[dict]:
                     t = totals[(sky, m)]
                     t[0], t[1], t[2] = t[0] + s["tp"], t[1] + s["fp"], t[2] + s["n_true"]
         for (sky, m), (tp, fp, n_true) in totals.items():
-            f1 = 2 * tp / max(2 * tp + fp + (n_true - tp), 1)
+            f1 = f1_score(tp, fp, n_true)
             rows.append({"instrument": name, "band": band, "sky": sky, "method": m, "true_sources": n_true,
-                         "tp": tp, "fp": fp, "f1": round(f1, 3)})
+                         "tp": tp, "fp": fp, "f1": f1})
             log(f"  {name:9s} {sky:20s} {m:12s} F1 {f1:.3f}  TP {tp}  FP {fp}  of {n_true}")
     return rows
 
@@ -85,8 +87,6 @@ def markdown(rows: list[dict], n: int) -> str:
 
 
 def main(argv=None) -> int:
-    from image_units import command
-
     return command(argv, __doc__, 3, "runs/bench-sky-backgrounds", run, markdown)
 
 

@@ -1801,7 +1801,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
         return _detect_every_hdu(path, out, plot=plot, associate=associate, instrument=instrument, band=band,
                                  model_dir=model_dir, min_score=min_score, tile_size=tile_size,
                                  batch_size=batch_size, progress=progress, refine=refine, precision=precision,
-                                 attention_window=attention_window, drop_trails=drop_trails,
+                                 attention_window=attention_window, drop_trails=drop_trails, background=background,
+                                 selection=selection, min_ts=min_ts, test_extension=test_extension,
                                  mask_cosmic_rays=mask_cosmic_rays, residual_search=residual_search, device=device)
     _warn_if_denoised(path)
     det = get_detector(model_dir, device=device)
