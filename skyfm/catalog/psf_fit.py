@@ -300,8 +300,9 @@ def _linear_fit(P, target, use, sky, gain, flux_guess):
     the weights used (inverse variance with the sources' own Poisson noise at the guessed flux)."""
     model = np.clip(flux_guess, 0, None)[:, :, None, None] * P
     wgt = use / (sky + model / gain)  # (N, C, k, k)
-    s_w, s_p, s_pp = wgt.sum((2, 3)), (wgt * P).sum((2, 3)), (wgt * P * P).sum((2, 3))
-    s_t, s_pt = (wgt * target).sum((2, 3)), (wgt * P * target).sum((2, 3))
+    wp = wgt * P  # products shared by the sums below: (w P) P is w P P to the last bit
+    s_w, s_p, s_pp = wgt.sum((2, 3)), wp.sum((2, 3)), (wp * P).sum((2, 3))
+    s_t, s_pt = (wgt * target).sum((2, 3)), (wp * target).sum((2, 3))
     det = s_pp * s_w - s_p ** 2
     with np.errstate(invalid="ignore", divide="ignore"):
         flux = np.where(det > 0, (s_pt * s_w - s_p * s_t) / det, 0.0)
@@ -318,19 +319,20 @@ def _normal_equations(P, GX, GY, flux, wgt, res):
     nb = 2 + 2 * C
     A = np.zeros((n, nb, nb))
     g = np.zeros((n, nb))
-    A[:, 0, 0] = (wgt * jx * jx).sum((1, 2, 3))
-    A[:, 1, 1] = (wgt * jy * jy).sum((1, 2, 3))
-    A[:, 0, 1] = A[:, 1, 0] = (wgt * jx * jy).sum((1, 2, 3))
-    A[:, fi, fi] = (wgt * P * P).sum((2, 3))
+    wjx, wjy, wp = wgt * jx, wgt * jy, wgt * P  # shared by the sums below: (w a) b is w a b to the last bit
+    A[:, 0, 0] = (wjx * jx).sum((1, 2, 3))
+    A[:, 1, 1] = (wjy * jy).sum((1, 2, 3))
+    A[:, 0, 1] = A[:, 1, 0] = (wjx * jy).sum((1, 2, 3))
+    A[:, fi, fi] = (wp * P).sum((2, 3))
     A[:, bi, bi] = wgt.sum((2, 3))
-    A[:, fi, bi] = A[:, bi, fi] = (wgt * P).sum((2, 3))
-    A[:, 0, fi] = A[:, fi, 0] = (wgt * jx * P).sum((2, 3))
-    A[:, 1, fi] = A[:, fi, 1] = (wgt * jy * P).sum((2, 3))
-    A[:, 0, bi] = A[:, bi, 0] = (wgt * jx).sum((2, 3))
-    A[:, 1, bi] = A[:, bi, 1] = (wgt * jy).sum((2, 3))
-    g[:, 0] = (wgt * jx * res).sum((1, 2, 3))
-    g[:, 1] = (wgt * jy * res).sum((1, 2, 3))
-    g[:, fi] = (wgt * P * res).sum((2, 3))
+    A[:, fi, bi] = A[:, bi, fi] = wp.sum((2, 3))
+    A[:, 0, fi] = A[:, fi, 0] = (wjx * P).sum((2, 3))
+    A[:, 1, fi] = A[:, fi, 1] = (wjy * P).sum((2, 3))
+    A[:, 0, bi] = A[:, bi, 0] = wjx.sum((2, 3))
+    A[:, 1, bi] = A[:, bi, 1] = wjy.sum((2, 3))
+    g[:, 0] = (wjx * res).sum((1, 2, 3))
+    g[:, 1] = (wjy * res).sum((1, 2, 3))
+    g[:, fi] = (wp * res).sum((2, 3))
     g[:, bi] = (wgt * res).sum((2, 3))
     A += np.eye(nb)[None] * 1e-12 * np.maximum(np.trace(A, axis1=1, axis2=2), 1e-30)[:, None, None]
     return A, g
@@ -545,16 +547,24 @@ def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, 
                                  wing_fwhm=0, warm_start=False)
         sub = sub - _render(x[others], y[others], np.clip(linear["flux_band"], 0, None), [nominal], pixel_scale_deg,
                             wings, (1, H, W), phases=SEEING_PHASES)[0]
+    # Every trial width fits the chosen sources alone, each on its own box (their fluxes start at zero, so no model
+    # reaches another's box): the boxes, stacked into a (n k, k) mosaic, hold every pixel those fits read, and a
+    # width costs n boxes instead of the whole image (the same fits: 1 Mpix images spent seconds on the rest)
+    k = 2 * r + 1
+    ix, iy, flat, inside = _stamp_indices(x[idx], y[idx], r, H, W)  # every box inside the image (isolated, above)
+    box_sub, box_var = sub.ravel()[flat], var.ravel()[flat]  # (n, k, k)
+    box_rms = np.sqrt(box_var).reshape(1, idx.size * k, k)
+    mosaic_x, mosaic_y = x[idx] - ix + r, y[idx] - iy + r + k * np.arange(idx.size)  # the offsets kept exactly
+    centre_x, centre_y = np.full(idx.size, r), r + k * np.arange(idx.size)
     chi2 = np.zeros((idx.size, len(factors)))  # (sources, widths)
     for j, f in enumerate(factors):
         psf = psf_for_fwhm(f * nominal_fwhm_deg)
-        fit = fit_psf_sources(sub[None], np.zeros((1, H, W)), np.sqrt(var)[None], [psf], pixel_scale_deg, x[idx],
-                              y[idx], radius_pix=r, passes=1, n_iter=4, phases=SEEING_PHASES, wing_fwhm=0,
-                              warm_start=False)
-        ix, iy, flat, inside = _stamp_indices(x[idx], y[idx], r, H, W)
-        model = fit["flux_band"][:, 0, None, None] * _stamps(psf, fit["x"] - ix, fit["y"] - iy, pixel_scale_deg, r,
-                                                                SEEING_PHASES)
-        res = (sub.ravel()[flat] - model) ** 2 / var.ravel()[flat]
+        fit = fit_psf_sources(box_sub.reshape(1, idx.size * k, k), np.zeros_like(box_rms), box_rms, [psf],
+                              pixel_scale_deg, mosaic_x, mosaic_y, radius_pix=r, passes=1, n_iter=4,
+                              phases=SEEING_PHASES, wing_fwhm=0, warm_start=False)
+        model = fit["flux_band"][:, 0, None, None] * _stamps(psf, fit["x"] - centre_x, fit["y"] - centre_y,
+                                                                pixel_scale_deg, r, SEEING_PHASES)
+        res = (box_sub - model) ** 2 / box_var
         chi2[:, j] = np.where(fit["ok"], np.where(inside, res, 0.0).sum((1, 2)), np.nan)
     best = np.argmin(np.nan_to_num(chi2, nan=np.inf), axis=1)
     usable = np.isfinite(chi2).all(axis=1) & (best > 0) & (best < len(factors) - 1)
