@@ -240,7 +240,8 @@ def fit_psf_sources(data, background, rms, psfs, pixel_scale_deg: float, x0, y0,
         models = _render(x, y, flux, psfs, pixel_scale_deg, r, (C, H, W), phases, wing_r, wing_min)  # all sources
         ix, iy, flat, inside = _stamp_indices(x0, y0, r, H, W)  # boxes stay on the detections
         # each source sees the data minus everyone else's model: add its own model back below
-        others = np.stack([(resid_src[c] - models[c]).ravel()[flat] for c in range(C)], axis=1)  # (N, C, k, k)
+        others = np.stack([resid_src[c].ravel()[flat] - models[c].ravel()[flat] for c in range(C)],
+                          axis=1)  # (N, C, k, k), gathered before the difference: the boxes, not the image
         use = inside[:, None] & ~np.stack([bad[c].ravel()[flat] for c in range(C)], axis=1) & band_box[None]
         own = _own_models(x, y, flux, ix, iy, psfs, pixel_scale_deg, r, phases)  # (N, C, k, k) at the current fit
         target = others + own
