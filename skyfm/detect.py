@@ -518,7 +518,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     cubes are refined after all tiles (:func:`refine_counts`). ``drop_trails``: on CCD tiles, drop the detections
     on satellite trails that the tile's image shows (:func:`drop_trail_detections`). ``refine_workers``: threads
     for the CCD tiles' refinement (:func:`_refine_workers`; the estimates carried from tile to tile, seeing and
-    colours, are taken in tile order, so the catalog is the same for any number).
+    colours, are taken in tile order, so the catalog is the same for any number); with more than one, a batch's
+    tiles are refined while the network runs on the next batch.
     """
     import torch
     from tqdm.auto import tqdm
@@ -588,6 +589,10 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             d = _take(d, ((d["fit"] != 0) & ~misfit) | (d["score"] >= unconfirmed) | ~sparse)
         return d
 
+    # A batch's tiles are refined in threads while the network runs on the next batch: the batch in flight is
+    # finished (its fits waited for, its rows added in tile order) after the next one is submitted
+    in_flight: list = []  # [(decoded tiles, their refinement futures or None, tiles in the batch)]
+
     def flush(items):
         if not items:
             return
@@ -603,12 +608,22 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
                 d = _no_rows(p.n_bands, len(head.class_names))
             if d is not None:
                 decoded.append((t, p, d))
+        futures = None
         if ccd_refine and decoded:
             # the tiles' fits run in threads (numpy and scipy release the GIL); their seeing estimates, which
             # accumulate from tile to tile, are taken in tile order, so the catalog is the same for any number
             jobs = [(next(tickets), p, d) for _, p, d in decoded]
-            fitted = list(pool.map(lambda job: refined(*job), jobs)) if pool else [refined(*job) for job in jobs]
-            decoded = [(t, p, d) for (t, p, _), d in zip(decoded, fitted)]
+            if pool is not None:
+                futures = [pool.submit(refined, *job) for job in jobs]
+            else:
+                decoded = [(t, p, refined(*job)) for (t, p, _), job in zip(decoded, jobs)]
+        in_flight.append((decoded, futures, len(items)))
+        while len(in_flight) > (1 if pool is not None else 0):
+            finish(*in_flight.pop(0))
+
+    def finish(decoded, futures, n_items):
+        if futures is not None:
+            decoded = [(t, p, f.result()) for (t, p, _), f in zip(decoded, futures)]
         for t, p, d in decoded:
             f = 1.0 / zoom  # image pixels per network pixel
             if drop_trails and not inst.is_counts:
@@ -623,7 +638,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             own = t.owns(d["x"], d["y"])
             if np.any(own):
                 found.add(**{k: v[own] for k, v in d.items()})
-        bar.update(len(items))
+        bar.update(n_items)
 
     pending = []
     try:
@@ -643,10 +658,12 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
                 flush(pending)
                 pending = []
         flush(pending)
+        while in_flight:
+            finish(*in_flight.pop(0))
     finally:
         bar.close()
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
     arrays = found.arrays()
     if len(arrays["x"]) > 1:  # two tiles may each own one half of a source split across their core boundary
         keep = merge_close(arrays["x"], arrays["y"], arrays["score"], MERGE_RADIUS_PIX)

@@ -948,8 +948,9 @@ def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_di
 
 
 def test_tiles_refined_in_threads_give_the_same_catalog(model_dir):
-    """Threads share the CCD refinement of a batch's tiles; the seeing, which accumulates from tile to tile, is
-    taken in tile order, so the catalog does not depend on the number of threads."""
+    """Threads share the CCD refinement of a batch's tiles, while the network runs on the next batch (four batches
+    here); the seeing, which accumulates from tile to tile, is taken in tile order, so the catalog does not depend
+    on the number of threads."""
     from skyfm.detect import detect_patch
     from skyfm.heads import load_detector
 
