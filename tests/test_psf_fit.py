@@ -141,6 +141,36 @@ def test_estimate_fwhm_in_a_crowded_field_subtracts_the_neighbours():
     assert est == pytest.approx(true.fwhm_deg, rel=0.03)
 
 
+def test_estimate_fwhm_without_star_labels_takes_the_stellar_locus_of_round_sources():
+    """With no star / galaxy labels (``skyfm.detect.measure_seeing``) the median width of every bright peak is a
+    galaxy's where galaxies outnumber the stars: ``locus`` keeps the narrowest sources' widths, and
+    ``max_ellipticity`` leaves out the peaks of a satellite trail, which fit best as a PSF several times too broad."""
+    from skyfm.catalog.psf_fit import _ellipticity
+
+    rng = np.random.default_rng(11)
+    true, broad = _psf(2.5), _psf(5.0)  # galaxies: round blobs twice the PSF's width
+    stars, sx, sy, _ = _scene(rng, 6, size=240, flux=(3e4, 6e4), psf=true, min_sep=30.0)
+    galaxies, gx, gy, _ = _scene(rng, 10, size=240, flux=(6e4, 1.2e5), psf=broad, min_sep=30.0)
+    keep = np.array([np.min(np.hypot(sx - a, sy - b)) > 30 for a, b in zip(gx, gy)])
+    img = stars + galaxies - 100.0  # one sky of 100 ADU, the noise of both images
+    x, y = np.r_[sx, gx[keep]], np.r_[sy, gy[keep]]
+    bg, rms = background_and_rms(img[0])
+    psf_for_fwhm = load_instrument("meerlicht").band("q").psf_with_fwhm
+    factors = np.linspace(0.6, 3.0, 25)
+    args = (img[0], bg, rms, psf_for_fwhm, true.fwhm_deg, SCALE, x, y, np.full(x.size, 100.0))
+    plain = estimate_fwhm(*args, factors=factors, subtract_others=False)
+    locus = estimate_fwhm(*args, factors=factors, subtract_others=False, locus=1.25)
+    assert plain > 1.5 * true.fwhm_deg and locus == pytest.approx(true.fwhm_deg, rel=0.05)
+
+    r = 7
+    off = np.arange(-r, r + 1)
+    yy, xx = np.meshgrid(off, off, indexing="ij")
+    round_box = np.exp(-0.5 * (xx ** 2 + yy ** 2) / 2.0 ** 2)
+    line = np.exp(-0.5 * (xx - 0.3 * yy) ** 2 / 1.5 ** 2)  # a trail crossing the box
+    e = _ellipticity(np.stack([round_box, line]), np.ones((2, 2 * r + 1, 2 * r + 1), bool), r)
+    assert e[0] < 0.05 and e[1] > 0.45
+
+
 def test_empty_masked_and_bad_shapes():
     img = np.random.default_rng(4).normal(100, 5, (1, 40, 40))
     bg, rms = np.full((1, 40, 40), 100.0), np.full((1, 40, 40), 5.0)

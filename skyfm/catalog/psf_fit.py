@@ -77,6 +77,7 @@ TABLE_PHASES = 32  # sub-pixel phases per pixel of a StampTable (bilinear betwee
 TABLE_REACH_PIX = 1.5  # offsets from the box centre the table covers: a fit may move a source off its pixel
 _TABLES: dict = {}
 _TABLES_LOCK = threading.Lock()
+LOCUS_QUANTILE = 0.2  # estimate_fwhm(locus=...): the stellar locus is found above this quantile of the widths
 SEEING_PHASES = 4  # the seeing search's tables: 13 widths per band, built once per process, kept
 
 
@@ -499,9 +500,26 @@ def crowding(x, y, shape, fwhm_pix: float, smooth_fwhm: float = CROWDING_SMOOTH_
     return density / (inside(iy, h) * inside(ix, w)) * float(fwhm_pix) ** 2
 
 
+def _ellipticity(boxes: np.ndarray, inside: np.ndarray, r: int) -> np.ndarray:
+    """(n,) ellipticity |(Ixx - Iyy, 2 Ixy)| / (Ixx + Iyy) of the positive light of (n, k, k) boxes within radius r
+    of their centres, Gaussian-windowed (second moments about the light's own centroid): a round source gives 0, a
+    line across the box about 0.6 (the window makes it look shorter than it is)."""
+    off = np.arange(-r, r + 1, dtype=float)
+    yy, xx = np.meshgrid(off, off, indexing="ij")
+    window = np.exp(-0.5 * (xx ** 2 + yy ** 2) / (0.5 * r) ** 2)  # a Gaussian window: the noise far out weighs little
+    light = np.where(inside & (np.hypot(xx, yy) <= r), np.clip(boxes, 0.0, None) * window, 0.0)  # (n, k, k)
+    total = np.maximum(light.sum((1, 2)), 1e-30)
+    cx, cy = (light * xx).sum((1, 2)) / total, (light * yy).sum((1, 2)) / total
+    dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
+    ixx, iyy, ixy = ((light * dx * dx).sum((1, 2)) / total, (light * dy * dy).sum((1, 2)) / total,
+                     (light * dx * dy).sum((1, 2)) / total)
+    return np.hypot(ixx - iyy, 2.0 * ixy) / np.maximum(ixx + iyy, 1e-30)
+
+
 def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, pixel_scale_deg: float, x, y,
                   snr, *, subtract_others: bool = True, point=None, factors=np.linspace(0.6, 1.8, 13),
-                  n_max: int = 30, min_sources: int = 5) -> float:
+                  n_max: int = 30, min_sources: int = 5, locus: float | None = None,
+                  max_ellipticity: float | None = None) -> float:
     """The PSF FWHM (deg) of one band from its brightest isolated point sources, or the nominal FWHM when fewer
     than ``min_sources`` such sources give an estimate.
 
@@ -515,7 +533,9 @@ def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, 
     the nominal PSF, positions as given), so that a source need only be two nominal FWHM from its nearest
     detection to be used. Without it a source needs its fit box clear of other detections, which few sources of a
     crowded field are: the estimate then falls back to the nominal seeing. ``point``: (N,) bool, the detections
-    preferred (point-like ones); all are candidates when fewer than ``min_sources`` of them qualify.
+    preferred (point-like ones); all are candidates when fewer than ``min_sources`` of them qualify. Without such
+    labels, ``locus`` takes the median of the widths up to ``locus`` x the :data:`LOCUS_QUANTILE` quantile's (the
+    stellar locus), and ``max_ellipticity`` only sources that round (:func:`_ellipticity`).
     """
     x = np.asarray(x, float)
     y = np.asarray(y, float)
@@ -569,6 +589,8 @@ def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, 
         chi2[:, j] = np.where(fit["ok"], np.where(inside, res, 0.0).sum((1, 2)), np.nan)
     best = np.argmin(np.nan_to_num(chi2, nan=np.inf), axis=1)
     usable = np.isfinite(chi2).all(axis=1) & (best > 0) & (best < len(factors) - 1)
+    if max_ellipticity is not None:  # round sources only: a satellite trail's peaks, crossing the box, are no PSF
+        usable &= _ellipticity(box_sub, inside, r) <= max_ellipticity
     if usable.sum() < min_sources:
         return nominal_fwhm_deg
     rows, b = np.flatnonzero(usable), best[usable]
@@ -576,7 +598,10 @@ def estimate_fwhm(data, background, rms, psf_for_fwhm, nominal_fwhm_deg: float, 
     denom = c0 - 2 * c1 + c2
     shift = np.where(denom > 0, 0.5 * (c0 - c2) / np.where(denom > 0, denom, 1.0), 0.0)
     step = factors[1] - factors[0]
-    return float(np.median(factors[b] + np.clip(shift, -1, 1) * step) * nominal_fwhm_deg)
+    widths = factors[b] + np.clip(shift, -1, 1) * step
+    if locus is not None:  # the stellar locus: the narrowest sources' widths (a galaxy only comes out broader)
+        widths = widths[widths <= locus * np.quantile(widths, LOCUS_QUANTILE, method="lower")]
+    return float(np.median(widths) * nominal_fwhm_deg)
 
 
 __all__ = ["background_and_rms", "blank_flux_scatter", "estimate_fwhm", "fit_psf_sources", "fit_radius_pix",
