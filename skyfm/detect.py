@@ -351,7 +351,7 @@ def measure_seeing(source, inst, pixel_scale: float | None = None) -> dict:
     central :data:`SEEING_WINDOW` square, at ``pixel_scale`` deg per pixel (default the instrument's). With no star /
     galaxy labels here, the widths taken are the stellar locus (within :data:`SEEING_LOCUS` of the narrowest
     fifth's; a galaxy only comes out broader) of round peaks (ellipticity up to :data:`SEEING_MAX_ELLIPTICITY`; a
-    satellite trail's peaks are lines): without both, 7 of 296 bands of six-band validation images (2-3" seeing)
+    satellite trail's peaks are lines): without both, 7 of 328 bands of six-band validation images (2-3" seeing)
     came out at 3.6-8" and gave a false :class:`SeeingWarning`. Bands with too few such stars are left out.
     ``source``: a Patch or an opened image."""
     from scipy import ndimage
