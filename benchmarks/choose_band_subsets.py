@@ -21,6 +21,12 @@ is chosen where it beats the shipped thresholds by :data:`MIN_GAIN`; it is then 
 images again with it set, since rows below m also leave the PSF fit's neighbour models (the offline cut cannot
 see that): the subset is written only if that run keeps the gain.
 
+The other way round, MeerLICHT's head is trained on images of one band (its YAML's ``simulation.bands_per_image``)
+and an image of several is what it never saw: there the network is less sure, not more (six-band validation images:
+precision 0.99, recall 0.4-0.55), so for subsets of more bands than the training images held (all of them included,
+``--subsets u+g+q+r+i+z``) the images are detected at the lowest of :data:`LOWER_MIN_SCORES` and every threshold
+of both lists is a candidate, also below the head's.
+
 Prints each subset's sweep and check, and the ``band_subsets`` JSON to write into the head's config.
 """
 
@@ -32,14 +38,17 @@ import json
 import numpy as np
 
 MIN_SCORES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+LOWER_MIN_SCORES = (0.1, 0.15)  # ... and these where the head's own thresholds may be lowered (``lower``)
 UNCONFIRMED = (None, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # None: u = m, every unconfirmed row at m
 MIN_GAIN = 0.005  # mean F1 over the scenes a subset's thresholds must add to the shipped ones
 
 
-def detect_images(det, inst_name: str, bands: list[str], draws, log, override: dict | None = None) -> list[dict]:
+def detect_images(det, inst_name: str, bands: list[str], draws, log, override: dict | None = None,
+                  min_score: float | None = None) -> list[dict]:
     """Per image: ``scene``, the rows' ``x``, ``y``, ``score``, whether the fit confirmed them, ``crowding``, and
     the truth; with ``override`` the head's ``band_subsets`` holds it for these bands, else the head has no
-    ``unconfirmed_min_score`` (every row the fit leaves unconfirmed is kept, for the thresholds to cut)."""
+    ``unconfirmed_min_score`` (every row the fit leaves unconfirmed is kept, for the thresholds to cut);
+    ``min_score``: the network's threshold (default the head's)."""
     from skyfm.data.simulate import simulate_patch
     from skyfm.detect import detect_patch
     from skyfm.heads.config import subset_key
@@ -55,7 +64,7 @@ def detect_images(det, inst_name: str, bands: list[str], draws, log, override: d
     out = []
     for j, (seed, size, scene) in enumerate(draws):
         p = simulate_patch(inst_name, seed, size=size, scene=scene, bands=bands)
-        cat = detect_patch(p, det)
+        cat = detect_patch(p, det) if min_score is None else detect_patch(p, det, min_score=min_score)
         v = lambda c: np.asarray(getattr(cat[c], "value", cat[c]), float)  # noqa: E731
         fit = np.asarray(cat["fit"])
         chi2 = np.nan_to_num(v("fit_chi2"), nan=0.0)
@@ -89,16 +98,21 @@ def describe(f1: dict) -> str:
     return f"mean {np.mean(list(f1.values())):.4f} | " + " | ".join(f"{s} {v:.3f}" for s, v in sorted(f1.items()))
 
 
-def choose_subset(det, inst_name: str, bands: list[str], draws, radius: float, log) -> dict | None:
-    """The subset's thresholds (``{"min_score": m, "unconfirmed_min_score": u}``) or None (the head's own)."""
+def choose_subset(det, inst_name: str, bands: list[str], draws, radius: float, log,
+                  lower: bool = False) -> dict | None:
+    """The subset's thresholds (``{"min_score": m, "unconfirmed_min_score": u}``) or None (the head's own).
+    ``lower``: also thresholds below the head's (images of more bands than its training images held, on which the
+    network is less sure, not more: detected at the lowest of :data:`LOWER_MIN_SCORES`)."""
     from skyfm.detect import default_min_score
 
     head = det.head_config(inst_name)
     shipped = (default_min_score(det, head), head.unconfirmed_min_score)
     max_crowding = head.unconfirmed_crowding_limit()
-    images = detect_images(det, inst_name, bands, draws, log)
+    scores = LOWER_MIN_SCORES + MIN_SCORES if lower else MIN_SCORES
+    images = detect_images(det, inst_name, bands, draws, log, min_score=min(scores) if lower else None)
     mean = {}
-    pairs = [shipped] + [(m, u) for m in MIN_SCORES for u in UNCONFIRMED if m >= shipped[0] and (u is None or u > m)]
+    pairs = [shipped] + [(m, u) for m in scores for u in UNCONFIRMED
+                         if (lower or m >= shipped[0]) and (u is None or u > m)]
     for m, u in pairs:
         f1 = scene_f1(images, m, u, max_crowding, radius)
         mean[(m, u)] = float(np.mean(list(f1.values())))
@@ -107,18 +121,30 @@ def choose_subset(det, inst_name: str, bands: list[str], draws, radius: float, l
     if mean[best] < mean[shipped] + MIN_GAIN:
         log(f"  {'+'.join(bands)}: the shipped thresholds stay (best {mean[best]:.4f}, shipped {mean[shipped]:.4f})")
         return None
-    chosen = {"min_score": best[0]}
-    if best[1] is not None:
-        chosen["unconfirmed_min_score"] = best[1]
-    log(f"  offline: {chosen} {mean[best]:.4f} against the shipped {mean[shipped]:.4f}; checking with it set ...")
-    shipped_run = scene_f1(detect_images(det, inst_name, bands, draws, log, override={}), shipped[0], None, 0, radius)
-    chosen_run = scene_f1(detect_images(det, inst_name, bands, draws, log, override=chosen), best[0], None, 0, radius)
-    log(f"  check, shipped thresholds: {describe(shipped_run)}")
-    log(f"  check, chosen thresholds:  {describe(chosen_run)}")
-    if np.mean(list(chosen_run.values())) < np.mean(list(shipped_run.values())) + MIN_GAIN:
+    # Rows below a threshold also leave the fit's neighbour models and the residual search's view, so the offline
+    # sweep of rows detected at a lower threshold is only a guide: the check runs with the thresholds set. With
+    # ``lower`` (detected at the lowest threshold, which biases the sweep towards low ones) each threshold up to the
+    # head's is checked with its best offline partner, and the best check is chosen.
+    if lower:
+        candidates = [max((q for q in pairs if q[0] == m), key=mean.get) for m in scores if m <= shipped[0]]
+    else:
+        candidates = [best]
+    log(f"  offline best: {best} {mean[best]:.4f} against the shipped {mean[shipped]:.4f}; checking "
+        f"{', '.join(map(str, candidates))} with each set ...")
+    shipped_run = np.mean(list(scene_f1(detect_images(det, inst_name, bands, draws, log, override={}),
+                                        shipped[0], None, 0, radius).values()))
+    log(f"  check, shipped thresholds: mean {shipped_run:.4f}")
+    checked = {}
+    for m, u in candidates:
+        setting = {"min_score": m} if u is None else {"min_score": m, "unconfirmed_min_score": u}
+        run = scene_f1(detect_images(det, inst_name, bands, draws, log, override=setting), m, None, 0, radius)
+        checked[(m, u)] = float(np.mean(list(run.values())))
+        log(f"  check, {setting}: {describe(run)}")
+    m, u = max(checked, key=checked.get)
+    if checked[(m, u)] < shipped_run + MIN_GAIN:
         log(f"  {'+'.join(bands)}: the check does not keep the gain; the shipped thresholds stay")
         return None
-    return chosen
+    return {"min_score": m} if u is None else {"min_score": m, "unconfirmed_min_score": u}
 
 
 def main(argv=None) -> int:
@@ -126,7 +152,7 @@ def main(argv=None) -> int:
     from choose_unconfirmed import DRAWN_BASE
 
     from skyfm.catalog.evaluate import default_radius_pix
-    from skyfm.detect import get_detector
+    from skyfm.detect import _bands_per_training_image, get_detector
     from skyfm.heads.config import subset_key
     from skyfm.instruments import load_instrument
 
@@ -144,13 +170,15 @@ def main(argv=None) -> int:
     radius = float(default_radius_pix(inst))
     draws = validation_draws(fields, args.patches) + [(DRAWN_BASE + i, 256, None) for i in range(args.drawn)]
     chosen = {}
+    trained = _bands_per_training_image(inst)
     for subset in args.subsets.split(","):
         bands = subset.split("+")
         unknown = [b for b in bands if b not in head.bands]
-        if unknown or subset_key(head.bands, bands) == "+".join(head.bands):
-            p.error(f"{subset}: a subset of {inst.name}'s bands {'+'.join(head.bands)} is needed")
+        if unknown or (subset_key(head.bands, bands) == "+".join(head.bands) and trained >= len(head.bands)):
+            p.error(f"{subset}: a subset of {inst.name}'s bands {'+'.join(head.bands)} is needed (all of them only "
+                    f"where its training images held fewer)")
         log(f"{subset} ({len(draws)} validation images):")
-        pick = choose_subset(det, inst.name, bands, draws, radius, log)
+        pick = choose_subset(det, inst.name, bands, draws, radius, log, lower=len(bands) > trained)
         if pick is not None:
             chosen[subset_key(head.bands, bands)] = pick
     log(json.dumps({"band_subsets": chosen or None}))

@@ -98,9 +98,12 @@ CASES = [  # (key, label, instrument, options(rng) -> simulate_patch kwargs)
     # one band of a many-band instrument, as users' single-filter files are (the heads are trained on every band)
     ("wise-w1", "WISE, W1 only (a W1 tile)", "wise", lambda rng: {"bands": ["W1"]}),
     ("hubble-f606w", "Hubble, F606W only", "hubble", lambda rng: {"bands": ["F606W"]}),
+    # the other way round: all six filters of an instrument whose heads are trained on one per image
+    ("meerlicht-six", "MeerLICHT, six bands (u g q r i z), drawn scenes", "meerlicht",
+     lambda rng: {"bands": ["u", "g", "q", "r", "i", "z"]}),
 ]
-# the same seeds (sky positions, sources, noise draws) as fermi-plane, wise and hubble
-SEED_CASE = {"fermi-plane-ichalo": 1, "wise-w1": 6, "hubble-f606w": 5}
+# the same seeds (sky positions, sources, noise draws) as fermi-plane, wise, hubble and meerlicht
+SEED_CASE = {"fermi-plane-ichalo": 1, "wise-w1": 6, "hubble-f606w": 5, "meerlicht-six": 3}
 FIXED = {"sep": 5.0, "sep-nofilter": 5.0, "photutils-dao": 5.0, "photutils-segmentation": 5.0, "tsmap-true": 5.0, "tsmap-estimated": 5.0,
          "tsmap-denoiser": 5.0,
          "skyfm": None, "skyfm-estbg": None, "skyfm-trails": None}

@@ -451,11 +451,19 @@ def test_an_image_with_some_of_a_heads_bands_takes_the_thresholds_chosen_for_the
     head.band_subsets = {"W1": {"min_score": 1.5}}
     with pytest.raises(SkyfmError, match=r"band_subsets\['W1'\] should map"):
         detect_patch(one, det)
+    ml = det.head_config("meerlicht")  # trained on images of one band: an image of all six is a key of its own
+    ml.band_subsets = {"u+g+q+r+i+z": {"min_score": 0.2}}
+    assert ml.for_bands(["z", "i", "r", "q", "g", "u"]).min_score == 0.2 and ml.for_bands(["q"]) is ml
+    from skyfm.detect import _bands_per_training_image
+    from skyfm.instruments import load_instrument
+
     for shipped in get_detector(None).config.heads.values():  # the shipped subsets name real bands, valid values
         for key in shipped.band_subsets or {}:
             bands = key.split("+")
-            assert set(bands) < set(shipped.bands) and subset_key(shipped.bands, bands) == key
+            assert set(bands) <= set(shipped.bands) and subset_key(shipped.bands, bands) == key
             assert shipped.for_bands(bands) is not shipped
+            if set(bands) == set(shipped.bands):  # all of them: only for a head trained on images of fewer
+                assert _bands_per_training_image(load_instrument(shipped.name)) < len(bands)
 
 
 def test_the_flux_of_an_image_with_some_of_a_heads_bands_sums_its_bands():

@@ -272,12 +272,13 @@ class InstrumentHeadConfig:
 
     def for_bands(self, bands) -> "InstrumentHeadConfig":
         """This head for an image of ``bands``: a copy with the thresholds ``band_subsets`` gives for that subset
-        of its bands, else the head itself."""
+        of its bands, else the head itself. (All of its bands are a key too, for a head trained on images of fewer:
+        MeerLICHT's, one band per image.)"""
         if not self.band_subsets:
             return self
         key = subset_key(self.bands, bands)
         override = self.band_subsets.get(key)
-        if key == "+".join(self.bands) or override is None:
+        if override is None:
             return self
         allowed = ("min_score", "unconfirmed_min_score")
         try:
