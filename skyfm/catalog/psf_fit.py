@@ -77,7 +77,7 @@ TABLE_PHASES = 32  # sub-pixel phases per pixel of a StampTable (bilinear betwee
 TABLE_REACH_PIX = 1.5  # offsets from the box centre the table covers: a fit may move a source off its pixel
 _TABLES: dict = {}
 _TABLES_LOCK = threading.Lock()
-LOCUS_QUANTILE = 0.2  # estimate_fwhm(locus=...): the stellar locus is found above this quantile of the widths
+LOCUS_QUANTILE = 0.2  # estimate_fwhm(locus=...): the widths up to locus x this quantile's are the stellar locus
 SEEING_PHASES = 4  # the seeing search's tables: 13 widths per band, built once per process, kept
 
 
