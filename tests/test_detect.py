@@ -972,6 +972,30 @@ def test_tiles_refined_in_threads_give_the_same_catalog(model_dir):
         assert np.array_equal(np.asarray(one[name]), np.asarray(three[name]), equal_nan=True), name
 
 
+def test_a_tile_whose_refinement_fails_stops_detection_with_its_error_and_no_hang(model_dir, monkeypatch):
+    """The tiles' fits run in threads beside the network's next batch: an error in one of them reaches the caller
+    (the later tiles, waiting for their turn, are handed on or cancelled, not left waiting)."""
+    import skyfm.detect as D
+    from skyfm.heads import load_detector
+
+    det = load_detector(model_dir)
+    peak = PeakDetector(det.config, det.foundation)
+    peak.load_state_dict(det.state_dict())
+    calls = []
+    refine = D.refine_ccd_tile
+
+    def failing(d, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a fit went wrong")
+        return refine(d, *args, **kwargs)
+
+    monkeypatch.setattr(D, "refine_ccd_tile", failing)
+    p = simulate_patch("meerlicht", 12, size=256, bands=["q"], scene="crowded")
+    with pytest.raises(RuntimeError, match="a fit went wrong"):
+        D.detect_patch(p, peak, min_score=0.5, tile_size=64, batch_size=4, refine_workers=2)
+
+
 def test_tile_turns_pass_in_ticket_order_and_skips_hand_on():
     import threading
     import time
