@@ -617,12 +617,15 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
     Units: CCD images in electrons or electrons per second (BUNIT; e.g. a Hubble _drc file, with EXPTIME) are
     read as the instrument's ADU, which its noise model describes, and the catalog's fluxes are given in the
     image's own unit. Counts cubes binned otherwise than the instrument (EBOUNDS, or gammapy's BANDSHDU table) are
-    summed into its energy bands; a warning says how.
+    summed into its energy bands; a warning says how. Bad pixels: NaN, a MASK image HDU (non-zero = bad), or the
+    DQ extension of an HST or JWST file (e.g. an _flc file's hot pixels and flagged cosmic rays; --hdu all reads
+    each chip with its own DQ).
 
     \b
     Examples:
       skyfm detect image.fits --out catalog.fits --plot
       skyfm detect hst_drc.fits --hdu SCI --instrument hubble --band F606W --out hst.ecsv
+      skyfm detect hst_flc.fits --hdu all --out flc.ecsv
       skyfm detect mosaic.fits.fz --hdu all --instrument my_camera.yaml --band r --out ccds.fits
       skyfm detect W1.fits --instrument wise --band W1 --out w1.ecsv
       skyfm detect ccube.fits --instrument fermi-lat --out fermi.vot --associate 4fgl.fits

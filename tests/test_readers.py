@@ -12,7 +12,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from skyfm.cli import main
 from skyfm.data import Patch, open_image, read_image, write_patch
 from skyfm.data.fits_io import ebounds_hdu
-from skyfm.data.readers import EnergyBinsWarning, ImageUnitWarning, group_energy_planes
+from skyfm.data.readers import EnergyBinsWarning, ImageUnitWarning, group_energy_planes, inspect_file
 from skyfm.errors import SkyfmError
 from skyfm.instruments import load_instrument
 
@@ -338,6 +338,49 @@ def test_masked_pixels_from_a_mask_hdu_and_blank_integers(tmp_path):
     expected[0, 0] = True
     np.testing.assert_array_equal(patch.mask, expected)
     assert patch.data[0, 0, 0] == 0 and patch.data[0, 1, 1] == 9
+
+
+def _hst_flc(tmp_path, telescop="HST"):
+    """An HST-like file of two CCDs: SCI, ERR, DQ per EXTVER; DQ flags a hot pixel (16), a cosmic ray (4096), a warm
+    pixel (64) and a saturated one (256) on chip 1, a bad column (128) on chip 2."""
+    header = _sky_wcs(cdelt=0.05 / 3600).to_header()
+    header.update({"FILTER1": "F606W", "FILTER2": "CLEAR2L"})
+    hdus = [fits.PrimaryHDU(header=fits.Header({"TELESCOP": telescop, "INSTRUME": "ACS"}))]
+    for ver in (1, 2):
+        dq = np.zeros((12, 10), np.int16)
+        if ver == 1:
+            dq[2, 3], dq[5, 5], dq[7, 1], dq[9, 8] = 16, 4096, 64, 256
+        else:
+            dq[:, 4] = 128
+        hdus += [fits.ImageHDU(np.full((12, 10), 100.0 * ver, np.float32), header=header, name="SCI", ver=ver),
+                 fits.ImageHDU(np.ones((12, 10), np.float32), name="ERR", ver=ver),
+                 fits.ImageHDU(dq, name="DQ", ver=ver)]
+    fits.HDUList(hdus).writeto(tmp_path / "flc.fits")
+    return tmp_path / "flc.fits"
+
+
+def test_an_hst_data_quality_extension_masks_its_chips_bad_pixels(tmp_path):
+    path = _hst_flc(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the second chip is not read: said by MoreImagesWarning
+        chip1 = read_image(path)
+        chip2 = read_image(path, hdu=4)
+        info = inspect_file(path)
+    expected = np.zeros((12, 10), bool)
+    expected[2, 3] = expected[5, 5] = True  # hot pixel and cosmic ray; warm and saturated pixels stay
+    np.testing.assert_array_equal(chip1.mask, expected)
+    assert chip1.data[0, 2, 3] == 0 and chip1.data[0, 9, 8] == 100.0
+    assert chip2.mask[:, 4].all() and chip2.mask.sum() == 12 and chip2.data[0, 0, 0] == 200.0  # its own DQ
+    assert any("pixels flagged in HDU 3 (DQ) masked" in line and "all but 32, 64, 256, 2048" in line for line in info)
+
+
+def test_a_data_quality_extension_of_another_telescope_is_said_and_not_used(tmp_path):
+    from skyfm.data.readers import DataQualityWarning
+
+    path = _hst_flc(tmp_path, telescop="SOAR")
+    with pytest.warns(DataQualityWarning, match=r"\(DQ\) holds data-quality flags.*SOAR.*not used"):
+        patch = read_image(path, hdu=1, instrument="hubble")
+    assert patch.mask is None
 
 
 def test_degenerate_leading_axes_are_dropped(tmp_path):

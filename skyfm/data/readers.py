@@ -14,8 +14,8 @@ What is read, and how:
   cube whose ``BANDSHDU`` keyword names its bins' table (gammapy's ``COUNTS_BANDS``). Bins that are not the
   instrument's are summed into its bands (:func:`group_energy_planes`; an :class:`EnergyBinsWarning` says how).
 * a file written by :func:`skyfm.data.write_patch` is read whole, all bands and its truth (:func:`read_patch`).
-* invalid pixels (NaN or inf, BLANK integers, non-zero pixels of a ``MASK`` image HDU) become ``Patch.mask`` and 0
-  in ``Patch.data``.
+* invalid pixels (NaN or inf, BLANK integers, non-zero pixels of a ``MASK`` image HDU, pixels an HST or JWST
+  ``DQ`` extension flags as unusable: :data:`DQ_BAD_BITS`) become ``Patch.mask`` and 0 in ``Patch.data``.
 * the instrument comes from ``instrument=`` (``--instrument``), else from the header (TELESCOP / INSTRUME /
   SKYFMINS). A one-band image of a many-band instrument takes its band from ``band=``, else from the FILTER /
   BAND header keys; a one-band counts map from ``band=``, EBOUNDS or gtbin's ENERGY data-subspace keywords.
@@ -166,6 +166,10 @@ def _hdu_list_summary(hdul: fits.HDUList) -> str:
 
 class MoreImagesWarning(UserWarning):
     """A file holds several images of one size (a mosaic camera's CCDs) and only one is read."""
+
+
+class DataQualityWarning(UserWarning):
+    """A file has a data-quality (DQ) extension whose flags skyfm cannot read (not an HST or JWST file)."""
 
 
 # extensions that accompany a science image rather than being one: weights, errors, data quality, exposure maps
@@ -594,6 +598,7 @@ class ImageFile:
     _planes: list[tuple[int, tuple]] = field(default_factory=list, repr=False)  # (hdu index, leading index)
     _n_planes: int = 0  # planes in the file (more than shape[0] when energy planes are summed)
     _mask_hdu: int | None = field(default=None, repr=False)
+    _dq: tuple[int, int] | None = field(default=None, repr=False)  # (DQ HDU index, bad bits): DQ_BAD_BITS
     _loaded: dict = field(default_factory=dict, repr=False)  # HDUs astropy could not section, read whole
 
     # -- lifetime ----------------------------------------------------------------------------------------------
@@ -665,6 +670,10 @@ class ImageFile:
         if self._mask_hdu is not None:  # a MASK image HDU: non-zero pixels are invalid
             masked = self._section(self._mask_hdu, (Ellipsis, rows, cols)) != 0
             inner[np.broadcast_to(masked, inner.shape)] = np.nan
+        if self._dq is not None:  # an HST / JWST data-quality extension
+            dq_index, bad_bits = self._dq
+            flagged = (self._section(dq_index, (Ellipsis, rows, cols)).astype(np.int64) & bad_bits) != 0
+            inner[np.broadcast_to(flagged, inner.shape)] = np.nan
         inner[~np.isfinite(inner)] = np.nan
         if self.adu_per_unit != 1.0:
             out *= np.float32(self.adu_per_unit)
@@ -706,6 +715,43 @@ def _unit_meta(image: ImageFile) -> dict:
     """What a Patch's meta says of pixels read in another unit than the instrument's ADU (``skyfm denoise``
     writes its output back in it)."""
     return {} if image.unit is None else {"adu_per_unit": image.adu_per_unit, "unit": image.unit.to_string()}
+
+
+# The data-quality flags (a ``DQ`` extension beside each ``SCI``, same EXTVER) that make a pixel unusable, by
+# TELESCOP. HST (ACS, WFC3, STIS): every flag but CTE tails (32) and warm pixels (64), which measure fine, and
+# full-well and A-to-D saturation (256, 2048), which skyfm finds itself from the pixel values and needs unmasked
+# to place and measure saturated stars. JWST: DO_NOT_USE (1), set by its pipeline on whatever it judged unusable.
+DQ_BAD_BITS = {"HST": ~(32 | 64 | 256 | 2048), "JWST": 1}
+
+
+def _dq_hdu_for(hdul: fits.HDUList, index: int, shape: tuple[int, int, int], headers: list[fits.Header],
+                where: str) -> tuple[tuple[int, int] | None, str | None]:
+    """((DQ HDU index, bad bits), note) for the science HDU ``index``: its ``DQ`` extension (same EXTVER, same
+    size) when the telescope's flags are known (:data:`DQ_BAD_BITS`); else (None, a note if a DQ is ignored)."""
+    ver = hdul[index].ver
+    for i, h in enumerate(hdul):
+        if i == index or h.name.upper() != "DQ" or h.ver != ver or not _has_image(h):
+            continue
+        dshape = tuple(int(h.header.get(f"NAXIS{k}", 0)) for k in range(h.header.get("NAXIS", 0), 0, -1))
+        if dshape not in (shape[1:], shape):
+            continue
+        telescope = next((str(hd["TELESCOP"]).strip().upper() for hd in headers if "TELESCOP" in hd), "")
+        label = _hdu_label(hdul, i)
+        if telescope not in DQ_BAD_BITS:
+            return None, (f"{where}: {label} holds data-quality flags, but skyfm knows what they mean only for "
+                          f"{' and '.join(DQ_BAD_BITS)} files (TELESCOP {telescope or 'missing'}): not used; give "
+                          "the bad pixels as a MASK image HDU (non-zero = bad) or as NaN")
+        bits = DQ_BAD_BITS[telescope]
+        return (i, bits), (f"{where}: pixels flagged in {label} masked ({telescope} data-quality bits "
+                           f"{_bit_list(bits)})")
+    return None, None
+
+
+def _bit_list(bits: int) -> str:
+    """``1`` or ``all but 32, 64, ...`` for a (possibly complemented) bit mask."""
+    if bits >= 0:
+        return ", ".join(str(1 << k) for k in range(bits.bit_length()) if bits >> k & 1)
+    return "all but " + ", ".join(str(1 << k) for k in range((~bits).bit_length()) if ~bits >> k & 1)
 
 
 def _mask_hdu_for(hdul: fits.HDUList, shape: tuple[int, int, int]) -> int | None:
@@ -807,6 +853,13 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
         saturation_adu, saturation_note = image_saturation(headers, inst, adu_per_unit, where)
         gain, gain_note = image_gain(headers, inst, unit, where)
         notes += [n for n in (saturation_note, gain_note) if n is not None]
+    dq = None
+    if fmt != FORMAT_SIMULATED:
+        dq, dq_note = _dq_hdu_for(hdul, index, shape, headers, where)
+        if dq_note:
+            notes.append(dq_note)
+            if dq is None:
+                warnings.warn(DataQualityWarning(dq_note), stacklevel=3)
     wcs = celestial_wcs(header, where, hdul)
     return ImageFile(
         path=path, format=fmt, shape=(len(bands),) + shape[1:], wcs=wcs, instrument=inst,
@@ -814,6 +867,7 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
         notes=notes, energy_grouping=grouping, adu_per_unit=adu_per_unit, unit=unit, saturation_adu=saturation_adu,
         gain=gain,
         _hdul=hdul, _planes=planes, _n_planes=shape[0], _mask_hdu=_mask_hdu_for(hdul, shape),
+        _dq=dq,
     )
 
 
