@@ -555,6 +555,13 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
               help="HDU to read, by index or EXTNAME (default: the first with image data); all: every science "
                    "image of a file of several (a mosaic camera's CCDs, one per extension), into one catalog "
                    "with a column hdu.")
+@click.option("--mask", "mask_path", default=None, type=click.Path(dir_okay=False),
+              help="A bad-pixel mask file beside the image, as pipelines write them (MeerLICHT's _mask.fits.fz, "
+                   "ZTF's mskimg): non-zero pixels are left out (the network sees them filled in, the fits skip "
+                   "them). Same size as the image; with --hdu all, each CCD takes the mask's HDU of its index.")
+@click.option("--mask-bits", default=None,
+              help="Only pixels of --mask with one of these bits set are bad: bit values (1,2,16) or their sum. "
+                   "Leave saturation flags out: skyfm finds saturated stars from the pixel values.")
 @click.option("--tile", "tile_size", type=click.IntRange(min=16), default=None,
               help="Tile side (pixels; default 512 for one-band images, 256 for several bands, 128 for counts cubes).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -605,7 +612,7 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "cuda:N.")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
-               test_extension, mask_cosmic_rays, residual_search, device):
+               test_extension, mask_cosmic_rays, residual_search, device, mask_path, mask_bits):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -617,20 +624,22 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
     Units: CCD images in electrons or electrons per second (BUNIT; e.g. a Hubble _drc file, with EXPTIME) are
     read as the instrument's ADU, which its noise model describes, and the catalog's fluxes are given in the
     image's own unit. Counts cubes binned otherwise than the instrument (EBOUNDS, or gammapy's BANDSHDU table) are
-    summed into its energy bands; a warning says how. Bad pixels: NaN, a MASK image HDU (non-zero = bad), or the
-    DQ extension of an HST or JWST file (e.g. an _flc file's hot pixels and flagged cosmic rays; --hdu all reads
-    each chip with its own DQ).
+    summed into its energy bands; a warning says how. Bad pixels: NaN, a MASK image HDU (non-zero = bad), the DQ
+    extension of an HST or JWST file (e.g. an _flc file's hot pixels and flagged cosmic rays; --hdu all reads
+    each chip with its own DQ), or a mask file of their own (--mask).
 
     \b
     Examples:
       skyfm detect image.fits --out catalog.fits --plot
       skyfm detect hst_drc.fits --hdu SCI --instrument hubble --band F606W --out hst.ecsv
       skyfm detect hst_flc.fits --hdu all --out flc.ecsv
+      skyfm detect ML_red.fits.fz --mask ML_mask.fits.fz --mask-bits 1,2,16,32 --out ml.fits
       skyfm detect mosaic.fits.fz --hdu all --instrument my_camera.yaml --band r --out ccds.fits
       skyfm detect W1.fits --instrument wise --band W1 --out w1.ecsv
       skyfm detect ccube.fits --instrument fermi-lat --out fermi.vot --associate 4fgl.fits
       skyfm detect ccube.fits --instrument fermi-lat --background model_cube.fits --out fermi.fits
     """
+    from skyfm.data.readers import parse_mask_bits
     from skyfm.detect import detect_file
 
     if hdu is not None and hdu.isdigit():
@@ -641,7 +650,8 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             precision=precision, attention_window=attention_window, refine=not no_refine,
                             drop_trails=drop_trails, background=background_path, selection=selection,
                             min_ts=min_ts, test_extension=test_extension, mask_cosmic_rays=mask_cosmic_rays,
-                            residual_search=residual_search, device=device)
+                            residual_search=residual_search, device=device, mask=mask_path,
+                            mask_bits=None if mask_bits is None else parse_mask_bits(mask_bits))
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

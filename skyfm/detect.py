@@ -1794,7 +1794,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
                 background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
                 test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
-                residual_search: bool | None = None, device: str | None = "auto"):
+                residual_search: bool | None = None, device: str | None = "auto", mask=None,
+                mask_bits: int | None = None):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -1809,7 +1810,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     ``test_extension``; ``mask_cosmic_rays`` as :func:`detect_patch`. ``residual_search`` False: CCD images
     without the heads' searches of the PSF fit's residual (:func:`refine_ccd_tile`; catalog ``fit`` 4 and 5): only
     the network's detections; None or True: the heads' own settings. ``device``: where the network runs
-    (:func:`skyfm.utils.resolve_device`; the PSF and likelihood fits run on the CPU).
+    (:func:`skyfm.utils.resolve_device`; the PSF and likelihood fits run on the CPU). ``mask``, ``mask_bits``: a
+    bad-pixel mask file beside the image (:func:`skyfm.data.open_image`; with ``hdu="all"`` each CCD takes the
+    mask file's HDU of the same index where it has one of the CCD's size).
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -1826,7 +1829,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                  batch_size=batch_size, progress=progress, refine=refine, precision=precision,
                                  attention_window=attention_window, drop_trails=drop_trails, background=background,
                                  selection=selection, min_ts=min_ts, test_extension=test_extension,
-                                 mask_cosmic_rays=mask_cosmic_rays, residual_search=residual_search, device=device)
+                                 mask_cosmic_rays=mask_cosmic_rays, residual_search=residual_search, device=device,
+                                 mask=mask, mask_bits=mask_bits)
     _warn_if_denoised(path)
     det = get_detector(model_dir, device=device)
     if residual_search is False:  # a copy: the cached detector keeps its heads' settings
@@ -1837,6 +1841,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     if background is not None:
         check_fits_file(background)
     if _is_healpix_file(path, hdu):
+        if mask is not None:
+            raise SkyfmError("--mask is for pixel images; a HEALPix map marks bad pixels with UNSEEN or NaN")
         if background is not None or test_extension is True:
             raise SkyfmError(f"{'--background' if background is not None else '--test-extension'} is for counts "
                              "cubes in pixel images, not HEALPix maps")
@@ -1844,7 +1850,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                                 precision=precision, attention_window=attention_window)
         min_score = table.meta.get("min_score")
     else:
-        with open_image(path, instrument=instrument, hdu=hdu, band=band) as image:
+        with open_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits) as image:
             image.require_patchable()
             inst = image.instrument
             # the file's own noise model where its header gives one (SATURATE, a drizzle's NDRIZIM; GAIN)
@@ -1861,7 +1867,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             if image.format == FORMAT_SIMULATED or (inst.is_counts and small):
                 from skyfm.data import read_image
 
-                patch = read_image(path, instrument=instrument, hdu=hdu, band=band)
+                patch = read_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits)
                 if model is not None:
                     from dataclasses import replace
 

@@ -109,6 +109,27 @@ def test_read_image_raises_the_same_errors(tmp_path, case):
         read_image(make(tmp_path), **options)
 
 
+@pytest.mark.parametrize("mask, bits, words", [
+    ("wrong size", None, "(the mask, HDU 0) is 8 x 16 pixels but the image is 16 x 16"),
+    ("missing", None, "file not found"),
+    ("table", None, "(the mask) has no image data"),
+    (None, "1,2", "--mask-bits needs --mask"),
+    ("ok", "one,two", "--mask-bits should be bit values"),
+])
+def test_a_bad_mask_file_or_mask_bits_are_one_line_errors(tmp_path, capsys, mask, bits, words):
+    image = _image(tmp_path / "w1.fits", np.ones((16, 16), np.float32), _wcs_header())
+    files = {"wrong size": lambda: _image(tmp_path / "m.fits", np.zeros((8, 16), np.uint8)),
+             "missing": lambda: tmp_path / "nope.fits",
+             "table": lambda: fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
+                 [fits.Column("X", "E", array=np.ones(3))])]).writeto(tmp_path / "t.fits") or tmp_path / "t.fits",
+             "ok": lambda: _image(tmp_path / "m.fits", np.zeros((16, 16), np.uint8))}
+    args = ["detect", str(image), "--out", str(tmp_path / "c.fits")]
+    args += [] if mask is None else ["--mask", str(files[mask]())]
+    args += [] if bits is None else ["--mask-bits", bits]
+    _one_error_line(capsys, main(args), words)
+    assert not (tmp_path / "c.fits").exists()
+
+
 def test_a_tile_compressed_image_is_read_not_taken_for_a_truncated_one(tmp_path):
     """A ``.fits.fz`` holds its image as a compressed table, far smaller than the image: its size is checked
     against the table's (a whole file read, a cut one a clear error above), not the image's."""

@@ -1205,3 +1205,35 @@ def test_the_second_star_of_a_blend_is_found_as_a_companion_and_a_lone_bright_st
     head.companion_search = {"min_snr": 4.0, "intercept": "a", "slope": 1.0}
     with pytest.raises(SkyfmError, match="companion_search"):
         refine_ccd_tile(dict(d), p, inst, head)
+
+
+def test_pixels_a_mask_file_flags_are_no_sources(tmp_path):
+    """``--mask``: three stars under flagged pixels (a pipeline's trail or artefact flag, 16) are not detected;
+    with ``--mask-bits 1`` the flag does not count and they are."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from skyfm.data.simulate.ccd import simulate_ccd_patch
+    from skyfm.detect import detect_file, get_detector
+
+    stars = [(30.3, 40.6), (70.2, 25.4), (60.7, 75.1)]
+    inject = Table({"x": [s[0] for s in stars], "y": [s[1] for s in stars], "mag": [17.5] * 3})
+    p = simulate_ccd_patch("meerlicht", 1_790_000_500, size=112, bands=["q"], scene="field", inject=inject,
+                           seeing=2.5)
+    header = p.wcs.to_header()
+    header.update({"TELESCOP": "MeerLICHT", "FILTER": "q"})
+    fits.PrimaryHDU(p.data[0], header=header).writeto(tmp_path / "q.fits")
+    flags = np.zeros((112, 112), np.int16)
+    for x, y in stars:
+        flags[round(y) - 6:round(y) + 7, round(x) - 6:round(x) + 7] = 16
+    fits.PrimaryHDU(flags).writeto(tmp_path / "q_mask.fits")
+    det = get_detector(None)
+
+    def found(**mask):
+        cat = detect_file(tmp_path / "q.fits", model_dir=det, progress=False, **mask)
+        x, y = np.asarray(cat["x"]), np.asarray(cat["y"])
+        return sum(bool(np.any(np.hypot(x - sx, y - sy) < 3)) for sx, sy in stars)
+
+    assert found() == 3
+    assert found(mask=tmp_path / "q_mask.fits") == 0
+    assert found(mask=tmp_path / "q_mask.fits", mask_bits=1) == 3

@@ -383,6 +383,23 @@ def test_a_data_quality_extension_of_another_telescope_is_said_and_not_used(tmp_
     assert patch.mask is None
 
 
+def test_a_mask_file_beside_the_image_masks_its_flagged_pixels(tmp_path):
+    from skyfm.data.readers import parse_mask_bits
+
+    header = _sky_wcs(cdelt=0.56 / 3600).to_header()
+    header.update({"TELESCOP": "MeerLICHT", "FILTER": "r"})
+    fits.PrimaryHDU(np.full((8, 8), 50.0, np.float32), header=header).writeto(tmp_path / "red.fits")
+    flags = np.zeros((8, 8), np.int16)
+    flags[1, 1], flags[2, 2], flags[3, 3] = 1, 4, 16 | 4  # a bad pixel, a saturated one, a trail on a saturated one
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(flags)]).writeto(tmp_path / "mask.fits.fz")
+    every = read_image(tmp_path / "red.fits", mask=tmp_path / "mask.fits.fz")
+    np.testing.assert_array_equal(every.mask, flags != 0)
+    some = read_image(tmp_path / "red.fits", mask=tmp_path / "mask.fits.fz", mask_bits=parse_mask_bits("1,16"))
+    np.testing.assert_array_equal(some.mask, (flags & 17) != 0)  # the saturated-only pixel stays
+    assert some.data[0, 2, 2] == 50.0 and some.data[0, 3, 3] == 0.0
+    assert parse_mask_bits("0x11") == parse_mask_bits("17") == 17
+
+
 def test_degenerate_leading_axes_are_dropped(tmp_path):
     header = _sky_wcs(cdelt=1e-3).to_header()
     header.update({"WCSAXES": 4, "CTYPE3": "FREQ", "CRVAL3": 1.4e9, "CDELT3": 1e6, "CRPIX3": 1.0,

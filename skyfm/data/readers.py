@@ -599,6 +599,7 @@ class ImageFile:
     _n_planes: int = 0  # planes in the file (more than shape[0] when energy planes are summed)
     _mask_hdu: int | None = field(default=None, repr=False)
     _dq: tuple[int, int] | None = field(default=None, repr=False)  # (DQ HDU index, bad bits): DQ_BAD_BITS
+    _mask_file: tuple[fits.HDUList, int, int | None] | None = field(default=None, repr=False)  # (file, HDU, bits)
     _loaded: dict = field(default_factory=dict, repr=False)  # HDUs astropy could not section, read whole
 
     # -- lifetime ----------------------------------------------------------------------------------------------
@@ -606,6 +607,9 @@ class ImageFile:
         if self._hdul is not None:
             self._hdul.close()
             self._hdul = None
+        if self._mask_file is not None:
+            self._mask_file[0].close()
+            self._mask_file = None
 
     def __enter__(self) -> "ImageFile":
         return self
@@ -670,6 +674,14 @@ class ImageFile:
         if self._mask_hdu is not None:  # a MASK image HDU: non-zero pixels are invalid
             masked = self._section(self._mask_hdu, (Ellipsis, rows, cols)) != 0
             inner[np.broadcast_to(masked, inner.shape)] = np.nan
+        if self._mask_file is not None:  # a bad-pixel mask file beside the image (mask=, skyfm detect --mask)
+            mask_hdul, mask_index, bits = self._mask_file
+            try:
+                values = np.asarray(mask_hdul[mask_index].section[(Ellipsis, rows, cols)])
+            except (OSError, EOFError, ValueError, TypeError, IndexError) as e:
+                raise SkyfmError(f"{mask_hdul.filename()}: cannot read the mask ({_first_line(e)})") from None
+            flagged = values != 0 if bits is None else (np.nan_to_num(values).astype(np.int64) & bits) != 0
+            inner[np.broadcast_to(flagged, inner.shape)] = np.nan
         if self._dq is not None:  # an HST / JWST data-quality extension
             dq_index, bad_bits = self._dq
             flagged = (self._section(dq_index, (Ellipsis, rows, cols)).astype(np.int64) & bad_bits) != 0
@@ -782,17 +794,72 @@ def _skyfm_science_hdus(hdul: fits.HDUList) -> list[int]:
     return [i for i, h in enumerate(hdul) if h.is_image and h.header.get(_ROLE_KEY) == "SCIENCE"]
 
 
-def open_image(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None) -> ImageFile:
+def open_image(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None,
+               mask: str | Path | None = None, mask_bits: int | None = None) -> ImageFile:
     """Open a FITS image lazily (memory-mapped; pixels are read only by ``read_window``). See the module docstring.
 
-    The returned :class:`ImageFile` holds the file open: use it in a ``with`` block or call ``close()``.
+    ``mask``: a bad-pixel mask in a FITS file of its own, as many pipelines write beside their images (a
+    MeerLICHT / BlackGEM ``_mask.fits.fz``, a ZTF ``mskimg``): non-zero pixels are bad, or with ``mask_bits`` only
+    those with one of these bits set (leave a pipeline's saturation flags out: skyfm finds saturated stars from the
+    pixel values and needs them). Its HDU is the image's own index where the mask file has an image of the size
+    there (one mask per CCD), else its first image. The returned :class:`ImageFile` holds the file(s) open: use it
+    in a ``with`` block or call ``close()``.
     """
     hdul = open_fits(path, memmap=True)
     try:
-        return _describe_image(Path(path), hdul, instrument, hdu, band)
+        image = _describe_image(Path(path), hdul, instrument, hdu, band)
     except BaseException:
         hdul.close()
         raise
+    if mask is None:
+        if mask_bits is not None:
+            image.close()
+            raise SkyfmError("mask bits were given without a mask file (--mask-bits needs --mask)")
+        return image
+    try:
+        image._mask_file = _open_mask_file(Path(mask), image._planes[0][0], image.shape, mask_bits)
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def _open_mask_file(path: Path, index: int, shape: tuple[int, int, int], bits: int | None):
+    """(HDUList, HDU index, bits) of a bad-pixel mask file for an image HDU ``index`` of ``shape`` (C, H, W)."""
+    check_fits_file(path)
+    if bits is not None and (isinstance(bits, bool) or int(bits) <= 0):
+        raise SkyfmError(f"mask bits should be a positive integer (a sum of bit values), got {bits!r}")
+    hdul = open_fits(path, memmap=True)
+    try:
+        def size(h):
+            return tuple(int(h.header.get(f"NAXIS{k}", 0)) for k in range(h.header.get("NAXIS", 0), 0, -1))
+
+        images = [i for i, h in enumerate(hdul) if _has_image(h)]
+        if not images:
+            raise SkyfmError(f"{path} (the mask) has no image data (HDUs: {_hdu_list_summary(hdul)})")
+        chosen = index if index in images and size(hdul[index]) in (shape[1:], shape) else images[0]
+        if size(hdul[chosen]) not in (shape[1:], shape):
+            got = " x ".join(str(n) for n in size(hdul[chosen]))
+            raise SkyfmError(f"{path} (the mask, {_hdu_label(hdul, chosen)}) is {got} pixels but the image is "
+                             f"{shape[1]} x {shape[2]}")
+        return hdul, chosen, None if bits is None else int(bits)
+    except BaseException:
+        hdul.close()
+        raise
+
+
+def parse_mask_bits(text: str) -> int:
+    """``--mask-bits``: bit values separated by commas (``1,2,16``) or their sum (``19``, ``0x13``) -> their sum."""
+    try:
+        values = [int(part.strip(), 0) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise SkyfmError(f"--mask-bits should be bit values such as 1,2,16 or their sum, got {text!r}")
+    total = 0
+    for v in values:
+        total |= v
+    return total
 
 
 def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> ImageFile:
@@ -918,7 +985,8 @@ def _plane_bands(hdul, planes, shape, inst: Instrument | None, band: str | None,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def read_image(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None) -> Patch:
+def read_image(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None,
+               mask: str | Path | None = None, mask_bits: int | None = None) -> Patch:
     """Read a FITS image (any image HDU, a gtbin counts cube or a skyfm patch file) into a Patch.
 
     Args:
@@ -926,13 +994,14 @@ def read_image(path: str | Path, *, instrument=None, hdu: int | str | None = Non
         instrument: instrument name or YAML path; default: from the header (TELESCOP / INSTRUME / SKYFMINS).
         hdu: HDU index or EXTNAME to read; default: the first HDU with image data (a skyfm patch: all bands).
         band: the band of a one-band image when its header does not say (FILTER / BAND / EBOUNDS).
+        mask, mask_bits: a bad-pixel mask file beside the image, as :func:`open_image`.
 
     Returns:
         A Patch: ``data`` float32 (C, H, W) with invalid pixels set to 0 and flagged in ``mask``; ``wcs`` the
         celestial WCS or None (then a :class:`NoWCSWarning` is issued); counts data carry ``energy_edges_kev``.
         A simulated patch also carries its truth, source image and contaminant mask.
     """
-    with open_image(path, instrument=instrument, hdu=hdu, band=band) as image:
+    with open_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits) as image:
         image.require_patchable()
         if image.format == FORMAT_SIMULATED:
             patch = read_patch(image.path)
