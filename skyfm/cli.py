@@ -633,7 +633,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
       skyfm detect image.fits --out catalog.fits --plot
       skyfm detect hst_drc.fits --hdu SCI --instrument hubble --band F606W --out hst.ecsv
       skyfm detect hst_flc.fits --hdu all --out flc.ecsv
-      skyfm detect ML_red.fits.fz --mask ML_mask.fits.fz --mask-bits 1,2,16,32 --out ml.fits
+      skyfm detect ML_red.fits.fz --mask ML_mask.fits.fz --mask-bits 1,2,16 --out ml.fits
       skyfm detect mosaic.fits.fz --hdu all --instrument my_camera.yaml --band r --out ccds.fits
       skyfm detect W1.fits --instrument wise --band W1 --out w1.ecsv
       skyfm detect ccube.fits --instrument fermi-lat --out fermi.vot --associate 4fgl.fits

@@ -90,6 +90,37 @@ def test_measured_psf_fwhm_matches_the_seeing(name, band, seeing):
     assert fit.fwhm == pytest.approx(expected_pix, rel=0.10)
 
 
+def test_psf_beta_sets_the_wings_and_keeps_the_fwhm():
+    inject = Table({"x": [64.0], "y": [64.0], "mag": [14.0]})
+    images = {}
+    for beta in (2.0, 5.0):
+        patch = simulate_ccd_patch("meerlicht", 5, scene=BLANK, bands=["q"], size=128, contaminants=False,
+                                   inject=inject, seeing=2.5, psf_beta=beta)
+        assert patch.meta["psf_beta"] == beta
+        images[beta] = patch.source_image[0] / patch.truth["flux"][0]
+    r = np.hypot(*(np.mgrid[:128, :128] - 64.0))
+    fwhm_pix = 2.5 / 0.56
+    for beta, img in images.items():  # half the peak at half the FWHM, whatever the wings
+        assert img[r <= 0.5].mean() / 2 == pytest.approx(img[np.abs(r - fwhm_pix / 2) < 0.3].mean(), rel=0.1)
+    wing = r > 3 * fwhm_pix  # beta 2 holds several times more light beyond 3 FWHM than beta 5
+    assert images[2.0][wing].sum() > 5 * images[5.0][wing].sum()
+    with pytest.raises(SkyfmError, match="beta > 1"):
+        simulate_ccd_patch("meerlicht", 5, scene=BLANK, bands=["q"], size=32, psf_beta=1.0)
+
+
+def test_a_finetune_scene_draws_seeing_and_psf_beta_from_ranges():
+    from skyfm.finetune.data import _scene_options
+
+    rng = np.random.default_rng(0)
+    drawn = [_scene_options("meerlicht", {"weight": 1, "scene": "crowded", "seeing": [1.6, 6.0],
+                                          "psf_beta": [2.0, 5.0]}, rng, 64) for _ in range(50)]
+    seeing = np.array([d["seeing"] for d in drawn])
+    beta = np.array([d["psf_beta"] for d in drawn])
+    assert 1.6 <= seeing.min() and seeing.max() <= 6.0 and seeing.std() > 0.8
+    assert 2.0 <= beta.min() and beta.max() <= 5.0 and beta.std() > 0.5
+    assert _scene_options("meerlicht", {"scene": "field", "seeing": 2.2}, rng, 64)["seeing"] == 2.2
+
+
 @pytest.mark.parametrize("name, band", [("meerlicht", "u"), ("meerlicht", "z"), ("hubble", "F814W"), ("wise", "W3")])
 def test_noise_in_an_empty_region_is_poisson_sky_plus_read_noise(name, band):
     inst = load_instrument(name)

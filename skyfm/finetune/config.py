@@ -22,7 +22,9 @@ Example (``configs/finetune/default.yaml`` trains the shipped default detector):
     log: {every: 10}
 
 A scene is a dict of :func:`skyfm.data.simulate.simulate_patch` options plus ``weight`` and, for counts
-instruments, ``glat`` / ``glon`` ranges (deg) from which the patch centre is drawn (e.g. the Galactic plane).
+instruments, ``glat`` / ``glon`` ranges (deg) from which the patch centre is drawn (e.g. the Galactic plane);
+a CCD scene's ``seeing`` (arcsec) and ``psf_beta`` may be ranges ``[lo, hi]``, drawn per patch
+(``skyfm.finetune.data.RANGE_OPTIONS``), e.g. ``{scene: crowded, seeing: [1.6, 4.5], psf_beta: [2.5, 5.0]}``.
 Each step simulates one batch of one instrument (drawn by weight): patches of one instrument share a band layout,
 so no compute is spent on padding bands.
 

@@ -16,6 +16,9 @@ import numpy as np
 from skyfm.errors import SkyfmError
 from skyfm.finetune.config import SEED_STRIDE, TRAIN_SEED_BASE, VAL_SEED_BASE, FinetuneConfig
 
+# simulate_patch options a scene may give as a range [lo, hi], drawn uniformly per patch
+RANGE_OPTIONS = ("seeing", "psf_beta")
+
 CATALOG_SUFFIXES = ("_truth.ecsv", ".ecsv", "_catalog.ecsv", "_catalog.fits", "_catalog.vot", ".cat.fits")
 
 
@@ -25,6 +28,10 @@ def _scene_options(inst, scene: dict, rng: np.random.Generator, size: int) -> di
     inst = load_instrument(inst)
     options = {k: v for k, v in scene.items() if k not in ("weight", "glat", "glon")}
     options["size"] = size
+    for key in RANGE_OPTIONS:  # [lo, hi]: a value drawn per patch (a night's seeing, a PSF's wings)
+        if isinstance(options.get(key), (list, tuple)):
+            lo, hi = (float(v) for v in options[key])
+            options[key] = float(rng.uniform(lo, hi))
     if inst.is_counts and ("glat" in scene or "glon" in scene):
         lo, hi = scene.get("glat", (-90.0, 90.0))
         l_lo, l_hi = scene.get("glon", (-180.0, 180.0))

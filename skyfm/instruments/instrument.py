@@ -127,10 +127,17 @@ class Band:
         """The nominal PSF (the middle of the range when the YAML gives a seeing range)."""
         return psf_from_spec(self.psf_spec)
 
-    def psf_with_fwhm(self, fwhm_deg: float) -> PSF:
-        """This band's PSF family with another FWHM (a night's seeing)."""
+    def psf_with_fwhm(self, fwhm_deg: float, beta: float | None = None) -> PSF:
+        """This band's PSF family with another FWHM (a night's seeing) and, for a Moffat PSF, another ``beta``
+        (the weight of its wings: a night's atmosphere and optics)."""
         spec = dict(self.psf_spec, fwhm=f"{fwhm_deg} deg")
         spec.pop("r68", None)
+        if beta is not None:
+            if str(spec.get("model", "")).lower() != "moffat":
+                raise SkyfmError(f"band {self.name} has a {spec.get('model')} PSF; only a Moffat PSF takes a beta")
+            if not np.isfinite(beta) or beta <= 1.0:
+                raise SkyfmError(f"a Moffat PSF needs beta > 1, got {beta!r}")
+            spec["beta"] = float(beta)
         return psf_from_spec(spec)
 
     def fwhm_range_deg(self) -> tuple[float, float]:

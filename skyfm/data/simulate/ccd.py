@@ -161,10 +161,11 @@ class BandSetup:
         return float(self.zeropoint_adu - 2.5 * np.log10(flux_adu))
 
 
-def band_setup(inst: Instrument, band: Band, fwhm_deg: float) -> BandSetup:
-    """The photometric set-up of ``band`` of ``inst`` for an image with PSF FWHM ``fwhm_deg``."""
+def band_setup(inst: Instrument, band: Band, fwhm_deg: float, psf_beta: float | None = None) -> BandSetup:
+    """The photometric set-up of ``band`` of ``inst`` for an image with PSF FWHM ``fwhm_deg`` (and, for a Moffat
+    PSF, power index ``psf_beta``; default the YAML's)."""
     scale_deg = inst.pixel_scale_deg
-    psf = band.psf_with_fwhm(fwhm_deg)
+    psf = band.psf_with_fwhm(fwhm_deg, beta=psf_beta)
     gain = float(inst.noise["gain"])
     read_noise = float(inst.noise["read_noise"])
     exposure = float(band.exposure_time)
@@ -245,6 +246,7 @@ def simulate_ccd_patch(
     center: tuple[float, float] | None = None,
     size: int | tuple[int, int] | None = None,
     seeing: float | dict | None = None,
+    psf_beta: float | None = None,
     contaminants: bool = True,
     inject: Table | dict | None = None,
 ) -> Patch:
@@ -260,6 +262,8 @@ def simulate_ccd_patch(
         size: patch side in pixels, or (height, width); default the instrument's ``patch_size``.
         seeing: PSF FWHM in arcsec for every band, or a {band: arcsec} mapping; default drawn per band from the
             YAML's FWHM range (fixed for space telescopes).
+        psf_beta: the Moffat power index of every band's PSF (smaller: heavier wings; real nights and optics give
+            about 2-5); default the YAML's. Only for instruments with Moffat PSFs.
         contaminants: False gives an ideal detector: no cosmic rays, trails, hot or dead pixels, no saturation or
             bleeding, and no extra saturating star.
         inject: extra sources at chosen places, as a table or mapping of columns: ``x``, ``y`` (pixels), ``mag``
@@ -280,7 +284,7 @@ def simulate_ccd_patch(
     the_scene = _choose_scene(inst, scene, layout)
     fwhm = _choose_seeing(inst, chosen, seeing, layout)
     ra0, dec0 = _choose_center(the_scene, center, layout)
-    setups = [band_setup(inst, b, f) for b, f in zip(chosen, fwhm)]
+    setups = [band_setup(inst, b, f, psf_beta) for b, f in zip(chosen, fwhm)]
     wcs = tan_wcs(ra0, dec0, shape, inst.pixel_scale_deg)
     rates = cont.ContaminantRates.from_config(inst.contaminants, inst.source or inst.name)
 
@@ -291,7 +295,7 @@ def simulate_ccd_patch(
     truth = _truth_table(sources, flux_adu, setups, wcs, cmask, shape, inst.pixel_scale_deg)
     meta = {"seed": int(seed), "scene": the_scene.name, **scene_meta, **band_meta,
             "n_stars": int(np.sum(truth["class"] == "star")), "n_galaxies": int(np.sum(truth["class"] == "galaxy")),
-            "contaminants": bool(contaminants)}
+            "contaminants": bool(contaminants), **({} if psf_beta is None else {"psf_beta": float(psf_beta)})}
     return Patch(data=data, instrument=inst.name, bands=[s.band.name for s in setups], wcs=wcs, truth=truth,
                  source_image=source_image.astype(np.float32), contaminant_mask=cmask, meta=meta)
 
