@@ -179,6 +179,25 @@ def info_cmd(file, instrument, hdu, band):
     click.echo("\n".join(lines))
 
 
+def mask_options(command):
+    """``--mask`` and ``--mask-bits``, for the commands that read an image (detect, denoise)."""
+    command = click.option(
+        "--mask-bits", default=None,
+        help="Only pixels of --mask with one of these bits set are bad: bit values (1,2,16) or their sum. Leave "
+             "saturation flags out: skyfm finds saturated stars from the pixel values.")(command)
+    return click.option(
+        "--mask", "mask_path", default=None, type=click.Path(dir_okay=False),
+        help="A bad-pixel mask file beside the image, as pipelines write them (MeerLICHT's _mask.fits.fz, ZTF's "
+             "mskimg): non-zero pixels are left out (the network sees them filled in, the fits skip them). Same "
+             "size as the image (a mask file of several HDUs: the one of the image's HDU index).")(command)
+
+
+def parsed_mask_bits(mask_bits: str | None) -> int | None:
+    from skyfm.data.readers import parse_mask_bits
+
+    return None if mask_bits is None else parse_mask_bits(mask_bits)
+
+
 @contextlib.contextmanager
 def _warnings_as_lines():
     """Each distinct UserWarning of the block (no WCS, a denoised input, ...) becomes one line on stderr, said
@@ -298,8 +317,9 @@ def pretrain_cmd(config_path, out_dir, max_steps, no_resume):
 @click.option("--device", default="auto", show_default=True,
               help="Where the network runs: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda or "
                    "cuda:N.")
+@mask_options
 def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, seed, hdu, band, flux_correction,
-                precision, device):
+                precision, device, mask_path, mask_bits):
     """Remove backgrounds, noise, cosmic rays and trails: write the source-only image of INPUT.
 
     INPUT is a FITS image or a gtbin counts cube. OUT gets the clean image (same shape as the input, same units)
@@ -324,7 +344,8 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
     with _warnings_as_lines():
         out = denoise_file(input_path, out_path, instrument=instrument, model_dir=model_dir, samples=samples,
                            steps=steps, seed=seed, hdu=hdu, band=band, progress=True,
-                           flux_correction=flux_correction, precision=precision, device=device)
+                           flux_correction=flux_correction, precision=precision, device=device, mask=mask_path,
+                           mask_bits=parsed_mask_bits(mask_bits))
     click.echo(f"clean image: {out}")
 
 
@@ -555,13 +576,7 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
               help="HDU to read, by index or EXTNAME (default: the first with image data); all: every science "
                    "image of a file of several (a mosaic camera's CCDs, one per extension), into one catalog "
                    "with a column hdu.")
-@click.option("--mask", "mask_path", default=None, type=click.Path(dir_okay=False),
-              help="A bad-pixel mask file beside the image, as pipelines write them (MeerLICHT's _mask.fits.fz, "
-                   "ZTF's mskimg): non-zero pixels are left out (the network sees them filled in, the fits skip "
-                   "them). Same size as the image; with --hdu all, each CCD takes the mask's HDU of its index.")
-@click.option("--mask-bits", default=None,
-              help="Only pixels of --mask with one of these bits set are bad: bit values (1,2,16) or their sum. "
-                   "Leave saturation flags out: skyfm finds saturated stars from the pixel values.")
+@mask_options
 @click.option("--tile", "tile_size", type=click.IntRange(min=16), default=None,
               help="Tile side (pixels; default 512 for one-band images, 256 for several bands, 128 for counts cubes).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -639,7 +654,6 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
       skyfm detect ccube.fits --instrument fermi-lat --out fermi.vot --associate 4fgl.fits
       skyfm detect ccube.fits --instrument fermi-lat --background model_cube.fits --out fermi.fits
     """
-    from skyfm.data.readers import parse_mask_bits
     from skyfm.detect import detect_file
 
     if hdu is not None and hdu.isdigit():
@@ -651,7 +665,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             drop_trails=drop_trails, background=background_path, selection=selection,
                             min_ts=min_ts, test_extension=test_extension, mask_cosmic_rays=mask_cosmic_rays,
                             residual_search=residual_search, device=device, mask=mask_path,
-                            mask_bits=None if mask_bits is None else parse_mask_bits(mask_bits))
+                            mask_bits=parsed_mask_bits(mask_bits))
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

@@ -200,6 +200,15 @@ def test_cli_2d_image(tmp_path, model_dir, capsys):
         assert np.isnan(b[0].data[3, 4]) and np.isfinite(b[0].data[5, 5])
         assert np.isnan(b["BACKGROUND"].data[3, 4]) and np.isfinite(b["BACKGROUND"].data[5, 5])
         assert b[0].header["CRVAL1"] == hdr["CRVAL1"]
+    flags = np.zeros((30, 30), np.uint8)
+    flags[10, 12], flags[20, 7] = 2, 4  # --mask-bits 2: only the first is bad
+    fits.PrimaryHDU(flags).writeto(tmp_path / "ml_mask.fits")
+    masked = tmp_path / "ml_clean_masked.fits"
+    code, cap = _run(["denoise", str(src), "-i", "meerlicht", "--model", str(model_dir), "--out", str(masked),
+                      "--mask", str(tmp_path / "ml_mask.fits"), "--mask-bits", "2"], capsys)
+    assert code == 0, cap.err
+    with fits.open(masked) as b:
+        assert np.isnan(b[0].data[10, 12]) and np.isnan(b[0].data[3, 4]) and np.isfinite(b[0].data[20, 7])
 
 
 @pytest.mark.parametrize("case", ["missing", "not_fits", "bad_model", "corrupt_model", "bad_out"])

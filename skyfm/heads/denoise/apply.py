@@ -263,14 +263,15 @@ def _clean_header(header):
 def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_dir=None, samples: int | None = None,
                  steps: int | None = None, seed: int = 0, hdu=None, band: str | None = None, tile: int | None = None,
                  progress: bool = False, overwrite: bool = True, flux_correction: str = "forced",
-                 precision: str = "auto", device: str | None = "auto") -> Path:
+                 precision: str = "auto", device: str | None = "auto", mask=None, mask_bits: int | None = None) -> Path:
     """Denoise a FITS image or counts cube into ``out``: the clean image (primary HDU, same shape as the input
     image), its uncertainty (``UNCERT`` HDU), the background it removed (``BACKGROUND`` HDU,
     :func:`removed_background`), the input header and WCS, and the input's ``EBOUNDS`` if any.
 
     Masked or NaN input pixels are NaN in both outputs. The file is written atomically: on any error nothing is
     left at ``out``. ``flux_correction``: see :func:`denoise_patch` (recorded as header keyword ``DNFLUX``);
-    ``precision`` as there; ``device`` as :func:`load_denoiser`.
+    ``precision`` as there; ``device`` as :func:`load_denoiser`; ``mask``, ``mask_bits``: a bad-pixel mask file
+    beside the image (:func:`skyfm.data.open_image`), its pixels NaN in the outputs as the input's own masked ones.
     ``UNCERT`` is the calibrated 1-sigma error of the clean image where the model has a calibration for the
     instrument (:mod:`skyfm.heads.denoise.calibrate`), else the samples' std; NaN with one sample. Header keyword
     ``DNUNCERT`` says which (``calibrated``, ``partly calibrated``, ``spread``, ``none``), a COMMENT in the
@@ -296,7 +297,7 @@ def denoise_file(path: str | Path, out: str | Path, *, instrument=None, model_di
     model = load_denoiser(model_dir, device=device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        patch = read_image(path, instrument=instrument, hdu=hdu, band=band)
+        patch = read_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits)
         with open_fits(path) as hdul:
             index = select_hdu(hdul, hdu, path)
             header = hdul[index].header.copy()
