@@ -1237,3 +1237,28 @@ def test_pixels_a_mask_file_flags_are_no_sources(tmp_path):
     assert found() == 3
     assert found(mask=tmp_path / "q_mask.fits") == 0
     assert found(mask=tmp_path / "q_mask.fits", mask_bits=1) == 3
+
+
+def test_gamma_ray_classes_come_from_the_measured_spectrum():
+    """The Fermi-LAT head's spectral_classifier replaces the network's class probabilities of the rows the
+    likelihood fit measured (fit 2), from their band fluxes: the same rows as without it, the same fluxes."""
+    import copy
+
+    from skyfm.detect import detect_patch, get_detector
+    from skyfm.heads.classification import spectral_class_prob
+
+    det = get_detector(None)
+    classifier = det.config.heads["fermi-lat"].spectral_classifier_terms()
+    assert classifier is not None and "shape" in classifier["features"]
+    plain = copy.deepcopy(det)
+    plain.config.heads["fermi-lat"].spectral_classifier = None
+    p = simulate_patch("fermi-lat", 1_790_000_600, size=64, population="real", center=(330.0, 1.0))
+    with_it, without = detect_patch(p, det), detect_patch(p, plain)
+    assert len(with_it) == len(without) and np.array_equal(with_it["flux_band"], without["flux_band"])
+    fitted = np.asarray(with_it["fit"]) == 2
+    assert fitted.sum() >= 3
+    band, band_err = np.asarray(without["flux_band"])[fitted], np.asarray(without["flux_band_err"])[fitted]
+    expected = spectral_class_prob(np.asarray(without["class_prob"])[fitted], classifier, band, band_err)
+    np.testing.assert_allclose(np.asarray(with_it["class_prob"])[fitted], expected, rtol=1e-5)
+    assert not np.allclose(np.asarray(with_it["class_prob"])[fitted], np.asarray(without["class_prob"])[fitted])
+    np.testing.assert_allclose(np.asarray(with_it["class_prob"]).sum(axis=1), 1.0, rtol=1e-5)

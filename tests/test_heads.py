@@ -181,3 +181,35 @@ def test_class_calibration_functions():
     assert np.isclose(sure.sum(), 1) and np.isclose(sure[0, 0], sure[0, 2]) and sure[0, 1] < 1
     f = calibration_features([0.5], [1.0], [np.nan], [1.0], [100.0])
     assert np.isnan(f["kron_snr"]).all() and np.allclose(f["kron_size"], np.log(10.0))
+
+
+def test_spectral_classifier_functions():
+    """fit_multinomial tells hard cut-off spectra from soft straight ones by the shape of their significance across
+    the bins, whatever their brightness; spectral_class_prob applies it where the fluxes are finite (the
+    network's probabilities elsewhere); a head checks the classifier's shapes."""
+    from skyfm.errors import SkyfmError
+    from skyfm.heads.classification import fit_multinomial, spectral_class_prob, spectral_features
+    from skyfm.heads.config import InstrumentHeadConfig
+
+    rng = np.random.default_rng(5)
+    shapes = np.array([[5.0, 3.0, 2.0, 1.0, 0.5, 0.2], [0.5, 2.0, 4.0, 3.0, 0.5, 0.0]])  # soft / cut off, in sigma
+    y = rng.integers(0, 2, 4000)
+    bright = np.exp(rng.uniform(0.0, 2.5, 4000))[:, None]
+    F = shapes[y] * bright + rng.normal(size=(4000, 6))
+    X = spectral_features(F, np.ones_like(F), ["shape", "snr"])
+    assert X.shape == (4000, 7) and np.isfinite(X).all()
+    mean, scale = X.mean(0), X.std(0)
+    coef, intercept = fit_multinomial((X - mean) / scale, y, 2, l2=1.0)
+    classifier = {"features": ["shape", "snr"], "mean": mean, "scale": scale, "coef": coef, "intercept": intercept}
+    net = np.tile([0.9, 0.1], (4000, 1))
+    called = spectral_class_prob(net, classifier, F, np.ones_like(F)).argmax(1)
+    assert np.mean(called == y) > 0.9 and np.mean(called[y == 1] == 1) > 0.85
+    F[0] = np.nan  # an unmeasured row keeps the network's probabilities
+    assert np.array_equal(spectral_class_prob(net[:2], classifier, F[:2], np.ones((2, 6)))[0], net[0])
+    head = InstrumentHeadConfig.for_instrument("fermi-lat")
+    head.spectral_classifier = {"features": ["shape", "snr"], "mean": [0.0] * 7, "scale": [1.0] * 7,
+                                "coef": [[0.0, 0.0, 0.0]] * 7, "intercept": [0.0, 0.0, 0.0]}
+    assert head.spectral_classifier_terms() is head.spectral_classifier
+    head.spectral_classifier["coef"] = [[0.0, 0.0]] * 7  # two classes' columns for three classes
+    with pytest.raises(SkyfmError, match="spectral_classifier should hold"):
+        head.spectral_classifier_terms()

@@ -43,7 +43,8 @@ DESCRIPTIONS = {
     "flux_err": "1-sigma uncertainty of flux",
     "score": "Detection score: probability in [0, 1] or significance (SNR, sqrt(TS)); see meta score_kind",
     "class": "Most probable class",
-    "class_prob": "Class probabilities, one per entry of meta class_names",
+    "class_prob": "Class probabilities, one per entry of meta class_names (CCD rows with a Kron aperture and "
+                  "counts rows the likelihood fit measured: calibrated on their morphology or spectrum)",
     "extension": "68% containment radius of the source shape before the PSF",
     "flux_band": "Flux per band (counts or ADU), one per band of the image",
     "flux_band_err": "1-sigma uncertainty of flux_band",

@@ -12,6 +12,13 @@ places, :mod:`skyfm.catalog.kron`), the light a source holds beyond its PSF mode
 SExtractor's ``CLASS_STAR`` or SDSS's PSF-minus-model magnitude do. A head's ``class_calibration`` is a logistic
 regression on the network's logit and those measurements (:data:`CALIBRATION_FEATURES`), fitted on validation
 images (``benchmarks/choose_class.py``, :func:`fit_logistic`); :func:`calibrate_class_prob` applies it.
+
+**Classes of gamma-ray sources from their spectra.** The counts heads' class channels call nearly every Fermi-LAT
+source an AGN (validation balanced accuracy over agn / pulsar / other about 1/3, chance). A pulsar's spectrum is
+hard and cut off at a few GeV, an AGN's soft and straight, and the likelihood refinement measures each source's
+flux in every energy bin; a head's ``spectral_classifier`` is a multinomial logistic regression on the shape of
+that spectrum (:data:`SPECTRAL_FEATURES`), fitted on validation images (``benchmarks/choose_spectral_class.py``,
+:func:`fit_multinomial`); :func:`spectral_class_prob` applies it to the rows the likelihood fit measured.
 """
 
 from __future__ import annotations
@@ -127,5 +134,82 @@ def fit_logistic(X, y, l2: float = 0.1, n_iter: int = 50) -> tuple[float, np.nda
     return float(w[0]), w[1:]
 
 
+SPECTRAL_FEATURES = {
+    "shape": "per band, the band flux over its error divided by the root sum of squares of the positive ones (at "
+             "least 1): the shape of the source's significance across the energy bins, whatever its brightness",
+    "snr": "ln of that root sum of squares (at least 1): how far the shape can be trusted",
+    "net": "per class, ln of the network's probability (at least 1e-4) less their mean: what the image around the "
+           "source told the network (its extension, its neighbourhood)",
+}
+
+
+def spectral_features(flux_band, flux_band_err, names, class_prob=None) -> np.ndarray:
+    """(N, F) :data:`SPECTRAL_FEATURES` ``names`` (in that order; ``shape`` gives one column per band, ``net`` one
+    per class of ``class_prob`` (N, K)) of N sources' band fluxes and errors (N, C); rows with a non-finite flux or
+    error are NaN."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.asarray(flux_band, dtype=np.float64) / np.asarray(flux_band_err, dtype=np.float64)
+    finite = np.all(np.isfinite(z), axis=1)
+    z = np.where(finite[:, None], z, 0.0)
+    norm = np.maximum(np.sqrt(np.sum(np.clip(z, 0.0, None) ** 2, axis=1)), 1.0)
+    columns = {"shape": z / norm[:, None], "snr": np.log(norm)[:, None]}
+    if "net" in names:
+        if class_prob is None:
+            raise ValueError("the 'net' feature needs the network's class_prob")
+        logp = np.log(np.clip(np.asarray(class_prob, dtype=np.float64), 1e-4, 1.0))
+        columns["net"] = logp - logp.mean(axis=1, keepdims=True)
+    unknown = [n for n in names if n not in columns]
+    if unknown:
+        raise ValueError(f"unknown spectral features {unknown}; choose from {sorted(columns)}")
+    out = np.hstack([columns[n] for n in names])
+    out[~finite] = np.nan
+    return out
+
+
+def spectral_class_prob(class_prob, classifier: dict, flux_band, flux_band_err) -> np.ndarray:
+    """(N, K) class probabilities: the softmax of ``classifier``'s multinomial logistic regression on the
+    standardised :func:`spectral_features` where they are finite, the network's ``class_prob`` elsewhere.
+    ``classifier``: ``{"features": names, "mean": (F,), "scale": (F,), "coef": (F, K), "intercept": (K,)}``,
+    classes in the head's order."""
+    prob = np.asarray(class_prob, dtype=np.float64)
+    X = (spectral_features(flux_band, flux_band_err, classifier["features"], prob) - np.asarray(classifier["mean"])) \
+        / np.asarray(classifier["scale"])
+    logits = X @ np.asarray(classifier["coef"], dtype=np.float64) + np.asarray(classifier["intercept"])
+    ok = np.all(np.isfinite(logits), axis=1)
+    logits = np.where(ok[:, None], logits, 0.0)
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    return np.where(ok[:, None], p, prob)
+
+
+def fit_multinomial(X, y, n_classes: int, l2: float = 1.0, class_weight=None) -> tuple[np.ndarray, np.ndarray]:
+    """(coef (F, K), intercept (K,)) of a multinomial logistic regression of ``y`` (N,) int on ``X`` (N, F), with an
+    L2 penalty ``l2`` on the coefficients and per-class weights ``class_weight`` (K,) (e.g. balanced: N / (K n_k))."""
+    from scipy.optimize import minimize
+
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=int)
+    N, F = X.shape
+    K = int(n_classes)
+    A = np.hstack([np.ones((N, 1)), X])
+    Y = np.eye(K)[y]
+    w = np.ones(N) if class_weight is None else np.asarray(class_weight, dtype=np.float64)[y]
+    penalty = np.r_[0.0, np.full(F, float(l2))][:, None]
+
+    def loss(theta):
+        W = theta.reshape(F + 1, K)
+        L = A @ W
+        L -= L.max(axis=1, keepdims=True)
+        logp = L - np.log(np.exp(L).sum(axis=1, keepdims=True))
+        value = -np.sum(w * np.sum(Y * logp, axis=1)) / w.sum() + 0.5 * np.sum(penalty * W ** 2) / N
+        grad = A.T @ ((np.exp(logp) - Y) * w[:, None]) / w.sum() + penalty * W / N
+        return value, grad.ravel()
+
+    theta = minimize(loss, np.zeros((F + 1) * K), jac=True, method="L-BFGS-B").x.reshape(F + 1, K)
+    return theta[1:], theta[0]
+
+
 __all__ = ["CALIBRATION_FEATURES", "calibrate_class_prob", "calibration_features", "class_index", "class_loss",
-           "decode_extension", "extension_loss", "extension_target", "fit_logistic"]
+           "decode_extension", "extension_loss", "extension_target", "fit_logistic", "fit_multinomial",
+           "SPECTRAL_FEATURES", "spectral_class_prob", "spectral_features"]

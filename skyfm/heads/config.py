@@ -101,6 +101,12 @@ class InstrumentHeadConfig:
             calibrate_class_prob`): ``{"class": "galaxy", "intercept": b, "coef": {feature: c, ...}}`` with
             features from :data:`skyfm.heads.classification.CALIBRATION_FEATURES`, fitted on validation images
             (``benchmarks/choose_class.py``). None: the network's probabilities everywhere.
+        spectral_classifier: counts cubes: the class probabilities of rows the likelihood fit measured, from a
+            multinomial logistic regression on the shape of their spectrum across the energy bins
+            (:func:`skyfm.heads.classification.spectral_class_prob`): ``{"features": [...], "mean": [...],
+            "scale": [...], "coef": [[...]], "intercept": [...]}`` (features from :data:`skyfm.heads.
+            classification.SPECTRAL_FEATURES`, classes in ``class_names``' order), fitted on validation images
+            (``benchmarks/choose_spectral_class.py``). None: the network's probabilities.
         residual_search: CCD images: after the PSF fit, look in its residual image for faint or diffuse sources that no
             detection stands for (:func:`skyfm.catalog.residual_search.find_residual_sources`, catalog ``fit`` 4):
             ``{"min_snr": s, "intercept": a, "slope": b, "flux_err_floor": f, "kron_excess_min": k,
@@ -159,6 +165,7 @@ class InstrumentHeadConfig:
     kron_max_crowding: float | None = None
     kron_centroid: bool = False
     class_calibration: dict | None = None
+    spectral_classifier: dict | None = None
     residual_search: dict | None = None
     companion_search: dict | None = None
     band_subsets: dict | None = None
@@ -310,6 +317,33 @@ class InstrumentHeadConfig:
         if not ok:
             raise SkyfmError(bad)
         return cal
+
+    def spectral_classifier_terms(self) -> dict | None:
+        """``spectral_classifier`` checked (known features; mean, scale, coef and intercept of matching, finite
+        shapes, one coefficient column per class), or None when unset."""
+        spec = self.spectral_classifier
+        if spec is None:
+            return None
+        from skyfm.heads.classification import SPECTRAL_FEATURES
+
+        bad = (f"head {self.name}: spectral_classifier should hold 'features' from {sorted(SPECTRAL_FEATURES)}, "
+               f"'mean' and 'scale' (one per feature column: {self.n_bands} for 'shape', {len(self.class_names)} for "
+               f"'net'), 'coef' (columns x "
+               f"{len(self.class_names)} classes) and 'intercept' ({len(self.class_names)}), all finite")
+        try:
+            names = list(spec["features"])
+            n = sum({"shape": self.n_bands, "net": len(self.class_names)}.get(f, 1) for f in names)
+            mean, scale = np.asarray(spec["mean"], float), np.asarray(spec["scale"], float)
+            coef, intercept = np.asarray(spec["coef"], float), np.asarray(spec["intercept"], float)
+            K = len(self.class_names)
+            ok = (set(names) <= set(SPECTRAL_FEATURES) and mean.shape == scale.shape == (n,)
+                  and coef.shape == (n, K) and intercept.shape == (K,) and np.all(scale > 0)
+                  and all(np.all(np.isfinite(a)) for a in (mean, scale, coef, intercept)))
+        except (TypeError, ValueError, KeyError):
+            ok = False
+        if not ok:
+            raise SkyfmError(bad)
+        return spec
 
     def error_scales(self, fit: bool = False, estimated: bool = False) -> tuple[float, float]:
         """(flux_err, pos_err) multipliers: those of the network's errors, or with ``fit`` of the likelihood fit's
