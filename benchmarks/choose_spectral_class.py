@@ -86,11 +86,11 @@ def summary(y, prob, names) -> dict:
     """Accuracy, balanced accuracy (mean recall over the classes) and recall of the argmax of ``prob`` (N, K);
     per class the ROC area of its probability against the rest (how well it ranks, whatever the threshold);
     the mean log loss (how honest the probabilities are)."""
-    from sklearn.metrics import roc_auc_score
+    from skyfm.catalog.metrics import rank_auc
 
     called = prob.argmax(axis=1)
     recall = {n: float(np.mean(called[y == k] == k)) for k, n in enumerate(names) if np.any(y == k)}
-    auc = {n: float(roc_auc_score(y == k, prob[:, k])) for k, n in enumerate(names) if 0 < np.sum(y == k) < len(y)}
+    auc = {n: float(rank_auc(y == k, prob[:, k])) for k, n in enumerate(names) if 0 < np.sum(y == k) < len(y)}
     p_true = np.clip(prob[np.arange(len(y)), y], 1e-6, 1.0)
     return {"n": int(len(y)), "per_class": {n: int(np.sum(y == k)) for k, n in enumerate(names)},
             "balanced_accuracy": float(np.mean(list(recall.values()))), "recall": recall,
