@@ -7,6 +7,8 @@ Run (from the repository root; the shipped head's ``spectral_classifier`` comes 
         .venv/bin/python benchmarks/choose_spectral_class.py [--instrument fermi-lat] [--patches 15] \\
         [--features shape,snr,net] [--out runs/choose-spectral-class]
     ... benchmarks/choose_spectral_class.py --seeds test [--patches 15]      # the shipped classifier, test seeds
+    ... benchmarks/choose_spectral_class.py --estimated-background       # spectral_classifier_estbg: no model given
+    ... benchmarks/choose_spectral_class.py --seeds test --estimated-background
 
 The shipped counts heads' class channels call nearly every source an AGN (:mod:`skyfm.heads.classification`). The
 likelihood refinement measures each detection's flux in every energy bin (catalog ``flux_band``,
@@ -16,7 +18,9 @@ likelihood refinement measures each detection's flux in every energy bin (catalo
 4FGL sky anywhere and the real 4FGL-DR2 sky at |b| <= 8 deg (where the pulsars are), seeds ``951_700_000 + 10 i
 (+1)`` (validation) or ``1_517_000_000 + ...`` (``--seeds test``, never used in choosing). The detector's own
 classifier is switched off while the validation catalogs are made. Rows: detections matched to true sources with
-SNR >= 5 (the truth's ``class_group``).
+SNR >= 5 (the truth's ``class_group``). The simulated background model is given to the refinement (as
+``skyfm detect --background``), or with ``--estimated-background`` not (estimated from the counts, whose band
+errors differ: the head's ``spectral_classifier_estbg``).
 
 Validation: with five-fold cross-validation over images (each image's rows predicted by a fit to the others'),
 the network and the classifier (and without each feature in turn): balanced accuracy (mean recall over the
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 import warnings
@@ -40,7 +45,7 @@ N_FOLDS = 5
 SEEDS = {"validation": 951_700_000, "test": 1_517_000_000}
 
 
-def collect(inst_name: str, patches: int, seeds: str, log) -> dict:
+def collect(inst_name: str, patches: int, seeds: str, log, estimated: bool = False) -> dict:
     """Matched rows of ``patches`` images of each sky, the head's spectral classifier off: patch id, true class
     index, the network's class_prob, flux_band, flux_band_err and fit."""
     from skyfm.catalog import match_catalogs
@@ -50,7 +55,7 @@ def collect(inst_name: str, patches: int, seeds: str, log) -> dict:
     from skyfm.instruments import load_instrument
 
     det = copy.deepcopy(get_detector(None))
-    det.config.heads[inst_name].spectral_classifier = None
+    det.config.heads[inst_name].spectral_classifier = det.config.heads[inst_name].spectral_classifier_estbg = None
     names = list(det.config.heads[inst_name].class_names)
     inst = load_instrument(inst_name)
     base = SEEDS[seeds]
@@ -65,6 +70,8 @@ def collect(inst_name: str, patches: int, seeds: str, log) -> dict:
             else:
                 options.update(population="resampled")
             patch = simulate_patch(inst_name, seed, **options)
+            if estimated:  # no background model: the background estimated from the counts, as for a user without one
+                patch = dataclasses.replace(patch, background_image=None)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 cat = detect_patch(patch, det)
@@ -154,28 +161,32 @@ def main() -> None:
     ap.add_argument("--l2", type=float, default=1.0, help="L2 penalty on the coefficients (default 1)")
     ap.add_argument("--seeds", choices=list(SEEDS), default="validation",
                     help="validation: fit and cross-validate; test: measure the shipped classifier")
+    ap.add_argument("--estimated-background", action="store_true",
+                    help="detect without the simulated background model (estimated from the counts, skyfm-estbg)")
     ap.add_argument("--out", default="runs/choose-spectral-class", help="output folder")
     args = ap.parse_args()
     features = [f.strip() for f in args.features.split(",") if f.strip()]
     start = time.perf_counter()
-    d = collect(args.instrument, args.patches, args.seeds, log=print)
+    d = collect(args.instrument, args.patches, args.seeds, log=print, estimated=args.estimated_background)
     names, y = d["names"], d["true"]
     net = d["prob"]
     result = {"seeds": args.seeds, "rows": int(len(y)), "measured_rows": int(np.sum(d["fit"] == 2)),
               "network": summary(y, net, names)}
-    lines = [f"{args.instrument}, {args.seeds} seeds, {args.patches} images of each sky: {len(y)} matched rows "
+    how = ", background estimated from the counts" if args.estimated_background else ", background model given"
+    lines = [f"{args.instrument}, {args.seeds} seeds{how}, {args.patches} images of each sky: {len(y)} matched rows "
              f"({result['measured_rows']} measured by the likelihood fit), "
              f"{', '.join(f'{n} {c}' for n, c in result['network']['per_class'].items())}",
              text("network", result["network"])]
     if args.seeds == "test":
         from skyfm.detect import get_detector
 
-        shipped = get_detector(None).config.heads[args.instrument].spectral_classifier_terms()
+        shipped = get_detector(None).config.heads[args.instrument].spectral_classifier_terms(args.estimated_background)
         if shipped is None:
-            lines.append("the shipped head has no spectral_classifier: its catalogs are the network's")
+            lines.append("the shipped head has no classifier for this background: its catalogs are the network's")
         else:  # applied as refine_counts applies it (nothing else in the catalog depends on the class)
             result["shipped"] = summary(y, prob_with(d, shipped), names)
-            lines.append(text("shipped spectral_classifier", result["shipped"]))
+            key = "spectral_classifier_estbg" if args.estimated_background else "spectral_classifier"
+            lines.append(text(f"shipped {key}", result["shipped"]))
     else:
         result["classifier_cv"] = summary(y, cross_validated(d, features, args.l2), names)
         lines.append(text(f"classifier {'+'.join(features)}, cross-validated", result["classifier_cv"]))
@@ -185,7 +196,8 @@ def main() -> None:
             rest = [f for f in features if f != drop]
             lines.append(text(f"  without {drop}", summary(y, cross_validated(d, rest, args.l2), names)))
         result["classifier"] = fit(d, features, args.l2)
-        lines.append("spectral_classifier (fit to all rows): " + json.dumps(result["classifier"]))
+        key = "spectral_classifier_estbg" if args.estimated_background else "spectral_classifier"
+        lines.append(f"{key} (fit to all rows): " + json.dumps(result["classifier"]))
     lines.append(f"total {time.perf_counter() - start:.0f} s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

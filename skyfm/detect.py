@@ -1368,7 +1368,7 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     arrays["fit"] = np.where(ok, 2, 0).astype(np.int8)
     exposure = np.array([b.exposure for b in band_objs], dtype=np.float64)
     arrays["flux_phys"] = flux_phys(np.clip(arrays["flux_band"], 0, None), exposure)
-    classifier = None if head is None else head.spectral_classifier_terms()
+    classifier = None if head is None else head.spectral_classifier_terms(estimated)
     if classifier is not None and ok.any():  # the class from the measured spectrum (a pulsar's is cut off at GeV)
         from skyfm.heads.classification import spectral_class_prob
 

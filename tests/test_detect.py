@@ -1239,20 +1239,26 @@ def test_pixels_a_mask_file_flags_are_no_sources(tmp_path):
     assert found(mask=tmp_path / "q_mask.fits", mask_bits=1) == 3
 
 
-def test_gamma_ray_classes_come_from_the_measured_spectrum():
-    """The Fermi-LAT head's spectral_classifier replaces the network's class probabilities of the rows the
-    likelihood fit measured (fit 2), from their band fluxes: the same rows as without it, the same fluxes."""
+@pytest.mark.parametrize("estimated", [False, True])
+def test_gamma_ray_classes_come_from_the_measured_spectrum(estimated):
+    """The Fermi-LAT head's spectral_classifier (without a background model: spectral_classifier_estbg) replaces
+    the network's class probabilities of the rows the likelihood fit measured (fit 2), from their band fluxes: the
+    same rows as without it, the same fluxes."""
     import copy
+    import dataclasses
 
     from skyfm.detect import detect_patch, get_detector
     from skyfm.heads.classification import spectral_class_prob
 
     det = get_detector(None)
-    classifier = det.config.heads["fermi-lat"].spectral_classifier_terms()
+    classifier = det.config.heads["fermi-lat"].spectral_classifier_terms(estimated)
     assert classifier is not None and "shape" in classifier["features"]
     plain = copy.deepcopy(det)
-    plain.config.heads["fermi-lat"].spectral_classifier = None
+    head = plain.config.heads["fermi-lat"]
+    head.spectral_classifier = head.spectral_classifier_estbg = None
     p = simulate_patch("fermi-lat", 1_790_000_600, size=64, population="real", center=(330.0, 1.0))
+    if estimated:
+        p = dataclasses.replace(p, background_image=None)
     with_it, without = detect_patch(p, det), detect_patch(p, plain)
     assert len(with_it) == len(without) and np.array_equal(with_it["flux_band"], without["flux_band"])
     fitted = np.asarray(with_it["fit"]) == 2

@@ -49,6 +49,18 @@ def test_a_large_masked_region_does_not_turn_the_noise_elsewhere_into_sources():
     assert len(found) <= 2 and np.all(found.x < 100)
 
 
+def test_light_that_peaks_on_masked_pixels_gives_no_source():
+    """A bright source whose core is masked (a user's bad-pixel mask, a saturated core, a cosmic-ray hit) leaves a
+    ring of wing light around the mask: it is no new source, though the same source unmasked is one."""
+    rng = np.random.default_rng(4)
+    rms = np.full((1, 96, 96), 5.0)
+    image = rng.normal(0, 5.0, (1, 96, 96)) + _gaussian((96, 96), 48.3, 47.6, 3.0, 40000.0)[None]
+    assert len(find_residual_sources(image, rms, None, FWHM, [], [], min_snr=5.0)) == 1
+    mask = np.zeros((1, 96, 96), bool)
+    mask[:, 44:52, 44:52] = True
+    assert len(find_residual_sources(image, rms, mask, FWHM, [], [], min_snr=5.0)) == 0
+
+
 def test_diffuse_sources_are_found_where_no_detection_stands_and_nowhere_else():
     """A faint diffuse galaxy (every pixel below the noise) is found near its centre; one holding a detection, a
     satellite trail across the image, cosmic-ray spikes and a point source's misfit core are not."""

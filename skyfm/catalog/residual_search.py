@@ -118,7 +118,8 @@ def find_residual_sources(resid, rms, mask, fwhm_pix: float, x, y, *, min_snr: f
     Args:
         resid: (C, H, W) image minus background minus the detections' models
             (:func:`~skyfm.catalog.psf_fit.residual_image`).
-        rms: (C, H, W) background rms. mask: (C, H, W) or (H, W) bool of pixels to leave out, or None.
+        rms: (C, H, W) background rms. mask: (C, H, W) or (H, W) bool of pixels to leave out, or None; a region
+            whose light peaks on a pixel masked in every band gives no source.
         fwhm_pix: the PSF's FWHM (pixels); the matched filters scale with it.
         x, y: (N,) the detections (pixels): a footprint that holds one is never a new source.
         min_snr: the smallest normalised peak significance of a new source.
@@ -150,13 +151,15 @@ def find_residual_sources(resid, rms, mask, fwhm_pix: float, x, y, *, min_snr: f
     order = order[lab[order] > 0]
     first = np.unique(lab[order], return_index=True)
     boxes = find_objects(regions)
+    # no data where the light peaks (a masked star, a saturated core, a cosmic-ray hit): no source to place there
+    unseen = np.zeros((H, W), bool) if mask is None else np.broadcast_to(mask, resid.shape).all(axis=0)
     xs, ys, snrs, sig = [], [], [], []
     for region, pos in zip(*first):
         if taken[region]:
             continue
         i = order[pos]
         iy, ix = divmod(int(i), W)
-        if flat[i] < min_snr:
+        if flat[i] < min_snr or unseen[iy, ix]:
             continue
         box = boxes[region - 1]
         py, px = np.nonzero(regions[box] == region)

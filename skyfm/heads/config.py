@@ -107,6 +107,8 @@ class InstrumentHeadConfig:
             "scale": [...], "coef": [[...]], "intercept": [...]}`` (features from :data:`skyfm.heads.
             classification.SPECTRAL_FEATURES`, classes in ``class_names``' order), fitted on validation images
             (``benchmarks/choose_spectral_class.py``). None: the network's probabilities.
+            ``spectral_classifier_estbg``: the same for fits against a background estimated from the counts (no
+            model given), whose band errors differ; None: the network's probabilities there.
         residual_search: CCD images: after the PSF fit, look in its residual image for faint or diffuse sources that no
             detection stands for (:func:`skyfm.catalog.residual_search.find_residual_sources`, catalog ``fit`` 4):
             ``{"min_snr": s, "intercept": a, "slope": b, "flux_err_floor": f, "kron_excess_min": k,
@@ -166,6 +168,7 @@ class InstrumentHeadConfig:
     kron_centroid: bool = False
     class_calibration: dict | None = None
     spectral_classifier: dict | None = None
+    spectral_classifier_estbg: dict | None = None
     residual_search: dict | None = None
     companion_search: dict | None = None
     band_subsets: dict | None = None
@@ -318,10 +321,11 @@ class InstrumentHeadConfig:
             raise SkyfmError(bad)
         return cal
 
-    def spectral_classifier_terms(self) -> dict | None:
-        """``spectral_classifier`` checked (known features; mean, scale, coef and intercept of matching, finite
+    def spectral_classifier_terms(self, estimated: bool = False) -> dict | None:
+        """``spectral_classifier`` (``estimated``: ``spectral_classifier_estbg``, for fits against a background
+        estimated from the counts) checked (known features; mean, scale, coef and intercept of matching, finite
         shapes, one coefficient column per class), or None when unset."""
-        spec = self.spectral_classifier
+        spec = self.spectral_classifier_estbg if estimated else self.spectral_classifier
         if spec is None:
             return None
         from skyfm.heads.classification import SPECTRAL_FEATURES
