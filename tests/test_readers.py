@@ -11,6 +11,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from skyfm.cli import main
 from skyfm.data import Patch, open_image, read_image, write_patch
+from skyfm.data.simulate import simulate_patch
 from skyfm.data.fits_io import ebounds_hdu
 from skyfm.data.readers import EnergyBinsWarning, ImageUnitWarning, group_energy_planes, inspect_file
 from skyfm.errors import SkyfmError
@@ -398,6 +399,12 @@ def test_a_mask_file_beside_the_image_masks_its_flagged_pixels(tmp_path):
     np.testing.assert_array_equal(some.mask, (flags & 17) != 0)  # the saturated-only pixel stays
     assert some.data[0, 2, 2] == 50.0 and some.data[0, 3, 3] == 0.0
     assert parse_mask_bits("0x11") == parse_mask_bits("17") == 17
+    sim = write_patch(simulate_patch("meerlicht", 3, size=16, bands=["r"]), tmp_path / "sim.fits")  # a skyfm file
+    flags16 = np.zeros((16, 16), np.uint8)
+    flags16[5, 6] = 1
+    fits.PrimaryHDU(flags16).writeto(tmp_path / "mask16.fits")
+    assert read_image(sim).mask is None
+    np.testing.assert_array_equal(read_image(sim, mask=tmp_path / "mask16.fits").mask, flags16 != 0)
 
 
 def test_degenerate_leading_axes_are_dropped(tmp_path):

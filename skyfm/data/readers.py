@@ -1006,6 +1006,8 @@ def read_image(path: str | Path, *, instrument=None, hdu: int | str | None = Non
         if image.format == FORMAT_SIMULATED:
             patch = read_patch(image.path)
             invalid = ~np.isfinite(patch.data)
+            if image._mask_file is not None:  # a mask file given for a simulated patch too
+                invalid |= np.isnan(image.read_window(0, image.height, 0, image.width))
             patch.data[invalid] = 0.0
             mask = invalid.any(axis=0)
             patch.mask = mask if mask.any() else None
