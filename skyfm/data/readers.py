@@ -744,8 +744,7 @@ def _dq_hdu_for(hdul: fits.HDUList, index: int, shape: tuple[int, int, int], hea
     for i, h in enumerate(hdul):
         if i == index or h.name.upper() != "DQ" or h.ver != ver or not _has_image(h):
             continue
-        dshape = tuple(int(h.header.get(f"NAXIS{k}", 0)) for k in range(h.header.get("NAXIS", 0), 0, -1))
-        if dshape not in (shape[1:], shape):
+        if _hdu_shape(h) not in (shape[1:], shape):
             continue
         telescope = next((str(hd["TELESCOP"]).strip().upper() for hd in headers if "TELESCOP" in hd), "")
         label = _hdu_label(hdul, i)
@@ -766,12 +765,16 @@ def _bit_list(bits: int) -> str:
     return "all but " + ", ".join(str(1 << k) for k in range((~bits).bit_length()) if ~bits >> k & 1)
 
 
+def _hdu_shape(hdu) -> tuple[int, ...]:
+    """An image HDU's data shape in numpy order, from its header (no pixels read)."""
+    return tuple(int(hdu.header.get(f"NAXIS{k}", 0)) for k in range(hdu.header.get("NAXIS", 0), 0, -1))
+
+
 def _mask_hdu_for(hdul: fits.HDUList, shape: tuple[int, int, int]) -> int | None:
     """Index of a user's ``MASK`` image HDU matching the image's (H, W) or (C, H, W), else None."""
     for i, h in enumerate(hdul):
         if h.name.upper() == MASK_HDU and h.is_image and h.header.get(_ROLE_KEY) != "MASK":
-            mshape = tuple(int(h.header.get(f"NAXIS{k}", 0)) for k in range(h.header.get("NAXIS", 0), 0, -1))
-            if mshape in (shape[1:], shape):
+            if _hdu_shape(h) in (shape[1:], shape):
                 return i
     return None
 
@@ -831,15 +834,12 @@ def _open_mask_file(path: Path, index: int, shape: tuple[int, int, int], bits: i
         raise SkyfmError(f"mask bits should be a positive integer (a sum of bit values), got {bits!r}")
     hdul = open_fits(path, memmap=True)
     try:
-        def size(h):
-            return tuple(int(h.header.get(f"NAXIS{k}", 0)) for k in range(h.header.get("NAXIS", 0), 0, -1))
-
         images = [i for i, h in enumerate(hdul) if _has_image(h)]
         if not images:
             raise SkyfmError(f"{path} (the mask) has no image data (HDUs: {_hdu_list_summary(hdul)})")
-        chosen = index if index in images and size(hdul[index]) in (shape[1:], shape) else images[0]
-        if size(hdul[chosen]) not in (shape[1:], shape):
-            got = " x ".join(str(n) for n in size(hdul[chosen]))
+        chosen = index if index in images and _hdu_shape(hdul[index]) in (shape[1:], shape) else images[0]
+        if _hdu_shape(hdul[chosen]) not in (shape[1:], shape):
+            got = " x ".join(str(n) for n in _hdu_shape(hdul[chosen]))
             raise SkyfmError(f"{path} (the mask, {_hdu_label(hdul, chosen)}) is {got} pixels but the image is "
                              f"{shape[1]} x {shape[2]}")
         return hdul, chosen, None if bits is None else int(bits)
