@@ -154,33 +154,8 @@ def demo_cmd(out_dir, seed, size):
                "(precision / recall against true sources with SNR >= 5)")
 
 
-@cli.command("info")
-@click.argument("file", type=click.Path())
-@click.option("--instrument", "-i", default=None, help="Instrument name or YAML file (default: from the header).")
-@click.option("--hdu", default=None, help="HDU to read, by index or EXTNAME (default: the first with image data).")
-@click.option("--band", default=None, help="Band of a one-band image whose header has no FILTER / BAND keyword.")
-def info_cmd(file, instrument, hdu, band):
-    """Say what skyfm sees in a FITS file: an image, a counts cube, a HEALPix map or a simulated patch.
-
-    Prints the format, the instrument (and whether the header or --instrument named it), the shape, the bands
-    with their energy or wavelength ranges, the pixel scale, the WCS (projection, frame, centre in ra/dec and
-    glon/glat, field size), the fraction of masked pixels and, for simulated patches, the number of true sources.
-
-    \b
-    Examples:
-      skyfm info image.fits
-      skyfm info ccube.fits --instrument fermi-lat
-      skyfm info drizzled.fits --hdu SCI --band F606W
-    """
-    from skyfm.data.readers import inspect_file
-
-    with _warnings_as_lines():
-        lines = inspect_file(file, instrument=instrument, hdu=hdu, band=band)
-    click.echo("\n".join(lines))
-
-
 def mask_options(command):
-    """``--mask`` and ``--mask-bits``, for the commands that read an image (detect, denoise)."""
+    """``--mask`` and ``--mask-bits``, for the commands that read an image (info, detect, denoise)."""
     command = click.option(
         "--mask-bits", default=None,
         help="Only pixels of --mask with one of these bits set are bad: bit values (1,2,16) or their sum. Leave "
@@ -196,6 +171,34 @@ def parsed_mask_bits(mask_bits: str | None) -> int | None:
     from skyfm.data.readers import parse_mask_bits
 
     return None if mask_bits is None else parse_mask_bits(mask_bits)
+
+
+@cli.command("info")
+@click.argument("file", type=click.Path())
+@click.option("--instrument", "-i", default=None, help="Instrument name or YAML file (default: from the header).")
+@click.option("--hdu", default=None, help="HDU to read, by index or EXTNAME (default: the first with image data).")
+@click.option("--band", default=None, help="Band of a one-band image whose header has no FILTER / BAND keyword.")
+@mask_options
+def info_cmd(file, instrument, hdu, band, mask_path, mask_bits):
+    """Say what skyfm sees in a FITS file: an image, a counts cube, a HEALPix map or a simulated patch.
+
+    Prints the format, the instrument (and whether the header or --instrument named it), the shape, the bands
+    with their energy or wavelength ranges, the pixel scale, the WCS (projection, frame, centre in ra/dec and
+    glon/glat, field size), the fraction of masked pixels and, for simulated patches, the number of true sources.
+
+    \b
+    Examples:
+      skyfm info image.fits
+      skyfm info ccube.fits --instrument fermi-lat
+      skyfm info drizzled.fits --hdu SCI --band F606W
+      skyfm info red.fits.fz --mask mask.fits.fz --mask-bits 1,2,16     # how much the pipeline's mask leaves out
+    """
+    from skyfm.data.readers import inspect_file
+
+    with _warnings_as_lines():
+        lines = inspect_file(file, instrument=instrument, hdu=hdu, band=band, mask=mask_path,
+                             mask_bits=parsed_mask_bits(mask_bits))
+    click.echo("\n".join(lines))
 
 
 @contextlib.contextmanager

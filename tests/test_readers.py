@@ -398,6 +398,9 @@ def test_a_mask_file_beside_the_image_masks_its_flagged_pixels(tmp_path):
     some = read_image(tmp_path / "red.fits", mask=tmp_path / "mask.fits.fz", mask_bits=parse_mask_bits("1,16"))
     np.testing.assert_array_equal(some.mask, (flags & 17) != 0)  # the saturated-only pixel stays
     assert some.data[0, 2, 2] == 50.0 and some.data[0, 3, 3] == 0.0
+    info = inspect_file(tmp_path / "red.fits", mask=tmp_path / "mask.fits.fz", mask_bits=17)
+    assert any(line.startswith("masked:      3.12% of pixels (counting") and "its pixels with bits 1, 16" in line
+               for line in info), info
     assert parse_mask_bits("0x11") == parse_mask_bits("17") == 17
     sim = write_patch(simulate_patch("meerlicht", 3, size=16, bands=["r"]), tmp_path / "sim.fits")  # a skyfm file
     flags16 = np.zeros((16, 16), np.uint8)

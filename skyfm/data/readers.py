@@ -814,12 +814,16 @@ def open_image(path: str | Path, *, instrument=None, hdu: int | str | None = Non
     except BaseException:
         hdul.close()
         raise
-    if mask is None:
-        if mask_bits is not None:
-            image.close()
-            raise SkyfmError("mask bits were given without a mask file (--mask-bits needs --mask)")
-        return image
+    return _attach_mask(image, mask, mask_bits)
+
+
+def _attach_mask(image: ImageFile, mask, mask_bits: int | None) -> ImageFile:
+    """``image`` with a bad-pixel mask file (:func:`open_image`'s ``mask``, ``mask_bits``); closed on any error."""
     try:
+        if mask is None:
+            if mask_bits is not None:
+                raise SkyfmError("mask bits were given without a mask file (--mask-bits needs --mask)")
+            return image
         image._mask_file = _open_mask_file(Path(mask), image._planes[0][0], image.shape, mask_bits)
     except BaseException:
         image.close()
@@ -1062,12 +1066,16 @@ def _band_text(name: str, edges_kev: np.ndarray | None, k: int, inst: Instrument
     return name
 
 
-def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None) -> list[str]:
+def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None,
+                 mask=None, mask_bits: int | None = None) -> list[str]:
     """What skyfm sees in a file, as lines of text: format, instrument (and from where), shape, bands with their
-    energy or wavelength ranges, pixel scale, WCS, masked fraction, truth rows."""
+    energy or wavelength ranges, pixel scale, WCS, masked fraction (with a bad-pixel mask file: counted in),
+    truth rows."""
     hdul = open_fits(path, memmap=True)
     try:
         if _healpix_index(hdul, hdu, Path(path)) is not None:
+            if mask is not None:
+                raise SkyfmError("--mask is for pixel images; a HEALPix map marks bad pixels with UNSEEN or NaN")
             hdul.close()
             from skyfm.data.healpix import describe_healpix
 
@@ -1078,7 +1086,7 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
     except BaseException:
         hdul.close()
         raise
-    with image:
+    with _attach_mask(image, mask, mask_bits):
         inst = image.instrument
         lines = [
             f"file:        {image.path} ({image.hdu_label})",
@@ -1096,6 +1104,10 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
         if masked == 1.0:
             raise SkyfmError(f"{path}: every pixel is NaN, infinite or masked; there is no image to read")
         lines.append(f"masked:      {100 * masked:.3g}% of pixels")
+        if image._mask_file is not None:
+            mask_hdul, mask_index, bits = image._mask_file
+            which = "its non-zero pixels" if bits is None else f"its pixels with bits {_bit_list(bits)}"
+            lines[-1] += f" (counting {mask} {_hdu_label(mask_hdul, mask_index)}: {which})"
         if image.format == FORMAT_SIMULATED:
             hdul = image._hdul
             if "TRUTH" in [h.name for h in hdul]:
