@@ -134,11 +134,10 @@ def prob_with(d: dict, classifier: dict | None, rows=None) -> np.ndarray:
 
     rows = np.ones(len(d["true"]), bool) if rows is None else rows
     prob = d["prob"][rows]
-    if classifier is not None:
-        measured = d["fit"][rows] == 2
-        prob = np.where(measured[:, None], spectral_class_prob(prob, classifier, d["flux_band"][rows],
-                                                               d["flux_band_err"][rows]), prob)
-    return prob
+    if classifier is None:
+        return prob
+    return spectral_class_prob(prob, classifier, d["flux_band"][rows], d["flux_band_err"][rows],
+                               rows=d["fit"][rows] == 2)
 
 
 def cross_validated(d: dict, features: list[str], l2: float, balanced: bool = False) -> np.ndarray:

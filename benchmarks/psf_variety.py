@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from image_units import f1_score
 
 SEED_BASE = 951_600_000
 SCENES = (("crowded", "crowded", 4), ("mix", None, 8))  # (label, simulate_patch scene, images)
@@ -60,7 +61,7 @@ def run_model(model: str, min_score: float | None) -> dict:
                 tp, fp, n_true = tp + s["tp"], fp + s["fp"], n_true + s["n_true"]
             key = f"{label} {cell_label(kind, seeing, beta)}"
             out[key] = {"tp": tp, "fp": fp, "n_true": n_true, "precision": tp / max(tp + fp, 1),
-                        "recall": tp / max(n_true, 1), "f1": 2 * tp / max(2 * tp + fp + (n_true - tp), 1),
+                        "recall": tp / max(n_true, 1), "f1": f1_score(tp, fp, n_true),
                         "trained": kind == "seeing" and TRAINED_SEEING[0] <= seeing <= TRAINED_SEEING[1]}
             print(f"[{model}] {key}: F1 {out[key]['f1']:.3f} (P {out[key]['precision']:.2f} / "
                   f"R {out[key]['recall']:.2f})", flush=True)

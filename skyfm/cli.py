@@ -156,8 +156,13 @@ def demo_cmd(out_dir, seed, size):
 
 def mask_options(command):
     """``--mask`` and ``--mask-bits``, for the commands that read an image (info, detect, denoise)."""
+    def bits(ctx, param, value):
+        from skyfm.data.readers import parse_mask_bits
+
+        return parse_mask_bits(value)
+
     command = click.option(
-        "--mask-bits", default=None,
+        "--mask-bits", default=None, callback=bits,
         help="Only pixels of --mask with one of these bits set are bad: bit values (1,2,16) or their sum. Leave "
              "saturation flags out: skyfm finds saturated stars from the pixel values.")(command)
     return click.option(
@@ -165,12 +170,6 @@ def mask_options(command):
         help="A bad-pixel mask file beside the image, as pipelines write them (MeerLICHT's _mask.fits.fz, ZTF's "
              "mskimg): non-zero pixels are left out (the network sees them filled in, the fits skip them). Same "
              "size as the image (a mask file of several HDUs: the one of the image's HDU index).")(command)
-
-
-def parsed_mask_bits(mask_bits: str | None) -> int | None:
-    from skyfm.data.readers import parse_mask_bits
-
-    return None if mask_bits is None else parse_mask_bits(mask_bits)
 
 
 @cli.command("info")
@@ -197,7 +196,7 @@ def info_cmd(file, instrument, hdu, band, mask_path, mask_bits):
 
     with _warnings_as_lines():
         lines = inspect_file(file, instrument=instrument, hdu=hdu, band=band, mask=mask_path,
-                             mask_bits=parsed_mask_bits(mask_bits))
+                             mask_bits=mask_bits)
     click.echo("\n".join(lines))
 
 
@@ -348,7 +347,7 @@ def denoise_cmd(input_path, instrument, model_dir, out_path, samples, steps, see
         out = denoise_file(input_path, out_path, instrument=instrument, model_dir=model_dir, samples=samples,
                            steps=steps, seed=seed, hdu=hdu, band=band, progress=True,
                            flux_correction=flux_correction, precision=precision, device=device, mask=mask_path,
-                           mask_bits=parsed_mask_bits(mask_bits))
+                           mask_bits=mask_bits)
     click.echo(f"clean image: {out}")
 
 
@@ -668,7 +667,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             drop_trails=drop_trails, background=background_path, selection=selection,
                             min_ts=min_ts, test_extension=test_extension, mask_cosmic_rays=mask_cosmic_rays,
                             residual_search=residual_search, device=device, mask=mask_path,
-                            mask_bits=parsed_mask_bits(mask_bits))
+                            mask_bits=mask_bits)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

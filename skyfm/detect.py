@@ -1372,9 +1372,8 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     if classifier is not None and ok.any():  # the class from the measured spectrum (a pulsar's is cut off at GeV)
         from skyfm.heads.classification import spectral_class_prob
 
-        arrays["class_prob"] = np.where(ok[:, None], spectral_class_prob(arrays["class_prob"], classifier,
-                                                                         arrays["flux_band"], arrays["flux_band_err"]),
-                                        arrays["class_prob"])
+        arrays["class_prob"] = spectral_class_prob(arrays["class_prob"], classifier, arrays["flux_band"],
+                                                   arrays["flux_band_err"], rows=ok)
     return (arrays, background) if return_background else arrays
 
 
@@ -1849,7 +1848,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
         check_fits_file(background)
     if _is_healpix_file(path, hdu):
         if mask is not None:
-            raise SkyfmError("--mask is for pixel images; a HEALPix map marks bad pixels with UNSEEN or NaN")
+            from skyfm.data.readers import HEALPIX_MASK_ERROR
+
+            raise SkyfmError(HEALPIX_MASK_ERROR)
         if background is not None or test_extension is True:
             raise SkyfmError(f"{'--background' if background is not None else '--test-extension'} is for counts "
                              "cubes in pixel images, not HEALPix maps")

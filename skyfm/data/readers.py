@@ -852,8 +852,14 @@ def _open_mask_file(path: Path, index: int, shape: tuple[int, int, int], bits: i
         raise
 
 
-def parse_mask_bits(text: str) -> int:
-    """``--mask-bits``: bit values separated by commas (``1,2,16``) or their sum (``19``, ``0x13``) -> their sum."""
+HEALPIX_MASK_ERROR = "--mask is for pixel images; a HEALPix map marks bad pixels with UNSEEN or NaN"
+
+
+def parse_mask_bits(text: str | None) -> int | None:
+    """``--mask-bits``: bit values separated by commas (``1,2,16``) or their sum (``19``, ``0x13``) -> their sum
+    (None: none given)."""
+    if text is None:
+        return None
     try:
         values = [int(part.strip(), 0) for part in str(text).split(",") if part.strip()]
     except ValueError:
@@ -1075,7 +1081,7 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
     try:
         if _healpix_index(hdul, hdu, Path(path)) is not None:
             if mask is not None:
-                raise SkyfmError("--mask is for pixel images; a HEALPix map marks bad pixels with UNSEEN or NaN")
+                raise SkyfmError(HEALPIX_MASK_ERROR)
             hdul.close()
             from skyfm.data.healpix import describe_healpix
 

@@ -166,16 +166,16 @@ def spectral_features(flux_band, flux_band_err, names, class_prob=None) -> np.nd
     return out
 
 
-def spectral_class_prob(class_prob, classifier: dict, flux_band, flux_band_err) -> np.ndarray:
+def spectral_class_prob(class_prob, classifier: dict, flux_band, flux_band_err, rows=None) -> np.ndarray:
     """(N, K) class probabilities: the softmax of ``classifier``'s multinomial logistic regression on the
-    standardised :func:`spectral_features` where they are finite, the network's ``class_prob`` elsewhere.
-    ``classifier``: ``{"features": names, "mean": (F,), "scale": (F,), "coef": (F, K), "intercept": (K,)}``,
-    classes in the head's order."""
+    standardised :func:`spectral_features` where they are finite (and ``rows``, (N,) bool, says the likelihood fit
+    measured the row), the network's ``class_prob`` elsewhere. ``classifier``: ``{"features": names, "mean": (F,),
+    "scale": (F,), "coef": (F, K), "intercept": (K,)}``, classes in the head's order."""
     prob = np.asarray(class_prob, dtype=np.float64)
     X = (spectral_features(flux_band, flux_band_err, classifier["features"], prob) - np.asarray(classifier["mean"])) \
         / np.asarray(classifier["scale"])
     logits = X @ np.asarray(classifier["coef"], dtype=np.float64) + np.asarray(classifier["intercept"])
-    ok = np.all(np.isfinite(logits), axis=1)
+    ok = np.all(np.isfinite(logits), axis=1) & (True if rows is None else np.asarray(rows, bool))
     logits = np.where(ok[:, None], logits, 0.0)
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
