@@ -147,8 +147,8 @@ def find_residual_sources(resid, rms, mask, fwhm_pix: float, x, y, *, min_snr: f
     # one peak per free region: its highest pixel (the first of its pixels in descending order)
     flat = best.ravel()
     lab = regions.ravel()
-    order = np.argsort(-flat, kind="stable")
-    order = order[lab[order] > 0]
+    order = np.flatnonzero(lab > 0)  # only the regions' pixels sorted: a tile's few percent, not all of it
+    order = order[np.argsort(-flat[order], kind="stable")]
     first = np.unique(lab[order], return_index=True)
     boxes = find_objects(regions)
     # no data where the light peaks (a masked star, a saturated core, a cosmic-ray hit): no source to place there
