@@ -85,6 +85,29 @@ def test_diffuse_sources_are_found_where_no_detection_stands_and_nowhere_else():
     assert len(both) >= 2 and np.min(np.hypot(both.x - 190, both.y - 60)) < 1.5
 
 
+def test_a_footprint_with_two_peaks_is_split_and_a_detection_s_own_light_is_not(monkeypatch):
+    """Two diffuse galaxies whose footprints touch are two sources, not one; a galaxy whose footprint runs into the
+    light a detected star's model left is found beside it; a single galaxy's noisy footprint and the star's leftover
+    light give no second source."""
+    rng = np.random.default_rng(7)
+    H = W = 200
+    rms = np.full((1, H, W), 5.0)
+    image = rng.normal(0, 5.0, (1, H, W))
+    image[0] += _gaussian((H, W), 50.0, 60.0, 5.0, 3000.0) + _gaussian((H, W), 66.0, 60.0, 5.0, 2500.0)
+    image[0] += _gaussian((H, W), 140.0, 140.0, 5.0, 3000.0)  # alone
+    image[0] += _gaussian((H, W), 140.0, 40.0, 5.0, 2500.0)  # beside a detected star (its misfit light below)
+    image[0] += _gaussian((H, W), 126.0, 40.0, 2.0, 600.0)
+    found = find_residual_sources(image, rms, None, FWHM, [126.0], [40.0], min_snr=6.0)
+    truth = np.array([[50.0, 60.0], [66.0, 60.0], [140.0, 140.0], [140.0, 40.0]])
+    dist = np.hypot(found.x[:, None] - truth[:, 0], found.y[:, None] - truth[:, 1])
+    assert len(found) == 4 and np.all(dist.min(axis=0) < 2.0)
+    # without the deblending the pair is one source and the galaxy beside the star none
+    import skyfm.catalog.residual_search as rs
+
+    monkeypatch.setattr(rs, "DEBLEND_CONTRAST", 1e9)
+    assert len(find_residual_sources(image, rms, None, FWHM, [126.0], [40.0], min_snr=6.0)) == 2
+
+
 def test_without_the_trail_rule_the_trail_would_be_found(monkeypatch):
     """The trail of the test above is significant: only the footprint rule keeps it out."""
     import skyfm.catalog.residual_search as ds

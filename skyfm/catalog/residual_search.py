@@ -13,11 +13,15 @@ sources' models subtracted):
    inverse variance, masked pixels given no weight, as a significance map (a source's SNR at each place).
 2. The map is divided by its own robust scatter (1.4826 MAD, over the pixels some band sees), so that the light of
    undetected faint sources (confusion, strong at the large scales in crowded fields) counts as noise.
-3. Connected regions above :data:`REGION_SNR` are the candidates' footprints. A region holding a detection is that
-   detection's (its outer light, or a neighbour blended with it): never a new source. A region longer than
+3. Connected regions above :data:`REGION_SNR` are the candidates' footprints. A region longer than
    :data:`MAX_REGION_FWHM` PSF FWHM and elongated beyond :data:`MAX_ELONGATION` is a satellite trail or a bleed
-   column. Each other region whose peak reaches ``min_snr`` is one new source, at the peak (sub-pixel by a
-   parabola through the peak and its neighbours).
+   column: no source. The highest peak of a region that holds no detection is a new source if it reaches
+   ``min_snr``. Any other local maximum that reaches ``min_snr`` (a region's lower peak, or a peak in a region that
+   holds a detection: the detection's outer light, or a neighbour blended with it) is one only where it is
+   deblended, as SExtractor splits a footprint: it stands :data:`DEBLEND_CONTRAST` above the saddle that joins it
+   to a higher peak or to a detection, and lies :data:`DEBLEND_MIN_SEPARATION` FWHM from every detection (two
+   galaxies whose footprints touch; a galaxy beside a detected star). Each source sits at its peak, sub-pixel by a
+   parabola through the peak and its neighbours.
 
 The caller (:func:`skyfm.detect.refine_ccd_tile`) PSF-fits the new sources and measures them in Kron apertures
 (:func:`skyfm.catalog.kron.kron_photometry`); the head's ``residual_search`` says which flux each keeps.
@@ -34,6 +38,8 @@ KERNEL_FWHM = (2.0, 4.0)  # matched-filter Gaussians, FWHM in PSF FWHM (galaxies
 REGION_SNR = 2.5  # a candidate's footprint: the connected pixels above this significance
 MAX_REGION_FWHM = 40.0  # footprints longer than this (PSF FWHM) ...
 MAX_ELONGATION = 5.0  # ... and more elongated than this (major / minor axis) are trails, not galaxies
+DEBLEND_CONTRAST = 2.0  # a footprint's lower peak is a source of its own when it stands this far above its saddle
+DEBLEND_MIN_SEPARATION = 2.0  # ... and at least this many PSF FWHM from every detection
 
 
 @dataclass
@@ -121,10 +127,10 @@ def find_residual_sources(resid, rms, mask, fwhm_pix: float, x, y, *, min_snr: f
         rms: (C, H, W) background rms. mask: (C, H, W) or (H, W) bool of pixels to leave out, or None; a region
             whose light peaks on a pixel masked in every band gives no source.
         fwhm_pix: the PSF's FWHM (pixels); the matched filters scale with it.
-        x, y: (N,) the detections (pixels): a footprint that holds one is never a new source.
+        x, y: (N,) the detections (pixels): a peak joined to one above its saddle, or near one, is no new source.
         min_snr: the smallest normalised peak significance of a new source.
     """
-    from scipy.ndimage import find_objects, label
+    from scipy.ndimage import find_objects, label, maximum_filter
 
     resid = np.asarray(resid, dtype=np.float64)
     H, W = resid.shape[1:]
@@ -142,34 +148,66 @@ def find_residual_sources(resid, rms, mask, fwhm_pix: float, x, y, *, min_snr: f
         return ResidualSources(*(np.zeros(0) for _ in range(4)))
     x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
     inside = (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)
+    det_iy, det_ix = np.rint(y[inside]).astype(int), np.rint(x[inside]).astype(int)
     taken = np.zeros(n_regions + 1, bool)
-    taken[regions[np.rint(y[inside]).astype(int), np.rint(x[inside]).astype(int)]] = True
-    # one peak per free region: its highest pixel (the first of its pixels in descending order)
+    taken[regions[det_iy, det_ix]] = True
+    at_detection = np.zeros((H, W), bool)
+    at_detection[det_iy, det_ix] = True
     flat = best.ravel()
-    lab = regions.ravel()
-    order = np.flatnonzero(lab > 0)  # only the regions' pixels sorted: a tile's few percent, not all of it
-    order = order[np.argsort(-flat[order], kind="stable")]
-    first = np.unique(lab[order], return_index=True)
     boxes = find_objects(regions)
     # no data where the light peaks (a masked star, a saturated core, a cosmic-ray hit): no source to place there
     unseen = np.zeros((H, W), bool) if mask is None else np.broadcast_to(mask, resid.shape).all(axis=0)
-    xs, ys, snrs, sig = [], [], [], []
-    for region, pos in zip(*first):
+    trails = {}
+
+    def is_trail(region: int) -> bool:
+        if region not in trails:
+            py, px = np.nonzero(regions[boxes[region - 1]] == region)
+            trails[region] = _is_trail(py + boxes[region - 1][0].start, px + boxes[region - 1][1].start, fwhm_pix)
+        return trails[region]
+
+    peaks = []
+    # the highest pixel of each free footprint (the first of its pixels in descending order) is its source
+    lab = regions.ravel()
+    order = np.flatnonzero(lab > 0)  # only the regions' pixels sorted: a tile's few percent, not all of it
+    order = order[np.argsort(-flat[order], kind="stable")]
+    regions_first, first = np.unique(lab[order], return_index=True)
+    free_top = np.zeros(H * W, bool)
+    for region, pos in zip(regions_first, first):
         if taken[region]:
             continue
         i = order[pos]
+        free_top[i] = True
         iy, ix = divmod(int(i), W)
-        if flat[i] < min_snr or unseen[iy, ix]:
+        if flat[i] < min_snr or unseen[iy, ix] or is_trail(region):
+            continue
+        peaks.append((iy, ix))
+    # any other local maximum that reaches min_snr (a footprint's lower peak, or a peak of one that holds a
+    # detection) is a source of its own where it stands DEBLEND_CONTRAST above the saddle that joins it to a higher
+    # peak or to a detection (two galaxies whose footprints touch, a galaxy beside a detected star), as SExtractor's
+    # deblending splits a footprint, and lies DEBLEND_MIN_SEPARATION FWHM from every detection (a detected source's
+    # misfit light stays near it)
+    radius = max(1, int(round(sigmas[0])))
+    local = (best >= min_snr) & (regions > 0) & ~free_top.reshape(H, W) & ~unseen
+    local &= best == maximum_filter(best, size=2 * radius + 1)
+    for iy, ix in zip(*np.nonzero(local)):
+        region = regions[iy, ix]
+        level = best[iy, ix] - DEBLEND_CONTRAST
+        if level <= REGION_SNR or is_trail(region):
+            continue
+        if x.size and np.min(np.hypot(x - ix, y - iy)) < DEBLEND_MIN_SEPARATION * fwhm_pix:
             continue
         box = boxes[region - 1]
-        py, px = np.nonzero(regions[box] == region)
-        py, px = py + box[0].start, px + box[1].start
-        if _is_trail(py, px, fwhm_pix):
+        above, _ = label(best[box] >= level)
+        own = above == above[iy - box[0].start, ix - box[1].start]
+        if best[box][own].max() > best[iy, ix] or at_detection[box][own].any():
             continue
+        peaks.append((iy, ix))
+    xs, ys, snrs, sig = [], [], [], []
+    for iy, ix in peaks:
         sx, sy = _subpixel_peak(best, iy, ix)
         xs.append(sx)
         ys.append(sy)
-        snrs.append(float(flat[i]))
+        snrs.append(float(best[iy, ix]))
         sig.append(sigmas[int(which[iy, ix])])
     return ResidualSources(*(np.asarray(v, float) for v in (xs, ys, snrs, sig)))
 
