@@ -18,7 +18,8 @@ Prints, per threshold and scene, pooled over images, as ``benchmarks/detect.py``
 a detection within the match radius of any true source with SNR >= 1.5 is no false positive): F1 without and with
 the finds, and the true and false positives they add; then, for the chosen
 threshold (``--min-snr``, default the highest within :data:`F1_TOLERANCE` of the best F1 over all images), the
-logistic in ln(snr) of a find being a real source and, for each rule of :data:`KRON_RULES` (the ``kron_excess`` from
+logistic in ln(snr) of a find being a real source (never falling with snr: a fitted slope below 0 becomes 0, the
+score the share of real finds) and, for each rule of :data:`KRON_RULES` (the ``kron_excess`` from
 which a find takes its Kron flux), the relative error floor that makes the finds' 68% intervals hold 68% of the
 true fluxes; the rule with the smallest floor is chosen; the scale that makes the finds' position errors match
 their separations from the true sources (median separation = 1.1774 pos_err, a 2-D Gaussian's). Last, the head's
@@ -182,6 +183,9 @@ def main(argv=None) -> int:
         log(f"snr >= {threshold:g}: too few finds (or all of one kind) to fit a score")
         return 0
     intercept, coef = fit_logistic(np.log(np.asarray(a["snr"]))[:, None], np.asarray(a["real"], bool), l2=0.01)
+    if coef[0] <= 0:  # no rise with significance (the few false finds of any significance): the share of real ones
+        share = float(np.clip(np.mean(a["real"]), 0.01, 0.99))
+        intercept, coef = float(np.log(share / (1 - share))), np.zeros(1)
     log(f"{len(a['snr'])} finds at snr >= {threshold:g}, {np.mean(a['real']):.2f} real; their fluxes by Kron rule "
         f"(kron_excess_min), per scene: median flux / true, 68% coverage with the rule's floor")
     floors = {}

@@ -882,10 +882,12 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     # a source whose box is mostly saturated or invalid keeps its own flux (below); a cosmic ray's few pixels are
     # only left out of the fit
     no_psf = mask.copy()
+    cosmics = None
     if head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays:
         from skyfm.catalog.cosmics import cosmic_ray_mask
 
-        mask |= cosmic_ray_mask(data, inst, mask=mask)
+        cosmics = cosmic_ray_mask(data, inst, mask=mask)
+        mask |= cosmics
     scale = inst.pixel_scale_deg
     h, w = data.shape[1:]
     iy = np.clip(np.rint(d["y"]).astype(int), 0, h - 1)
@@ -1016,9 +1018,15 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     search = head.residual_search_terms()
     finds = None
     if search is not None:  # sources no detection stands for: PSF-fitted on the residual, measured with the others
+        from scipy import ndimage
+
         from skyfm.catalog.residual_search import find_residual_sources
 
-        found = find_residual_sources(resid, rms, mask, fwhm_pix, fit["x"], fit["y"], min_snr=search["min_snr"])
+        # L.A.Cosmic flags a hit's core; its edge pixels, a few sigma up, would still make a peak of the search's
+        # matched filter: the search leaves the pixels next to a hit out too
+        search_mask = mask if cosmics is None else mask | ndimage.binary_dilation(cosmics, np.ones((1, 3, 3), bool))
+        found = find_residual_sources(resid, rms, search_mask, fwhm_pix, fit["x"], fit["y"],
+                                      min_snr=search["min_snr"])
         if len(found):
             finds = _fit_finds(found, resid, bg, rms, psfs, scale, gain, mask)
             resid = residual_image(resid + bg, bg, rms, psfs, scale, finds)  # their PSF models out too

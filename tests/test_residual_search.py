@@ -93,12 +93,12 @@ def test_a_footprint_with_two_peaks_is_split_and_a_detection_s_own_light_is_not(
     H = W = 200
     rms = np.full((1, H, W), 5.0)
     image = rng.normal(0, 5.0, (1, H, W))
-    image[0] += _gaussian((H, W), 50.0, 60.0, 5.0, 3000.0) + _gaussian((H, W), 66.0, 60.0, 5.0, 2500.0)
+    image[0] += _gaussian((H, W), 50.0, 60.0, 5.0, 3000.0) + _gaussian((H, W), 68.0, 60.0, 5.0, 2500.0)
     image[0] += _gaussian((H, W), 140.0, 140.0, 5.0, 3000.0)  # alone
     image[0] += _gaussian((H, W), 140.0, 40.0, 5.0, 2500.0)  # beside a detected star (its misfit light below)
     image[0] += _gaussian((H, W), 126.0, 40.0, 2.0, 600.0)
     found = find_residual_sources(image, rms, None, FWHM, [126.0], [40.0], min_snr=6.0)
-    truth = np.array([[50.0, 60.0], [66.0, 60.0], [140.0, 140.0], [140.0, 40.0]])
+    truth = np.array([[50.0, 60.0], [68.0, 60.0], [140.0, 140.0], [140.0, 40.0]])
     dist = np.hypot(found.x[:, None] - truth[:, 0], found.y[:, None] - truth[:, 1])
     assert len(found) == 4 and np.all(dist.min(axis=0) < 2.0)
     # without the deblending the pair is one source and the galaxy beside the star none
@@ -189,7 +189,8 @@ def test_the_shipped_ccd_heads_search_their_residuals_with_valid_settings():
     for name, head in det.config.heads.items():
         terms = head.residual_search_terms()
         if head.kind == "ccd":
-            assert terms is not None and terms["min_snr"] >= 3 and terms["slope"] > 0, name
+            # the score never falls with significance (benchmarks/choose_residual_search.py: slope 0 at the least)
+            assert terms is not None and terms["min_snr"] >= 3 and terms["slope"] >= 0, name
         else:
             assert terms is None, name  # counts cubes have their likelihood selection
     head = det.head_config("hubble")

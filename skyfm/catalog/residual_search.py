@@ -19,9 +19,9 @@ sources' models subtracted):
    ``min_snr``. Any other local maximum that reaches ``min_snr`` (a region's lower peak, or a peak in a region that
    holds a detection: the detection's outer light, or a neighbour blended with it) is one only where it is
    deblended, as SExtractor splits a footprint: it stands :data:`DEBLEND_CONTRAST` above the saddle that joins it
-   to a higher peak or to a detection, and lies :data:`DEBLEND_MIN_SEPARATION` FWHM from every detection (two
-   galaxies whose footprints touch; a galaxy beside a detected star). Each source sits at its peak, sub-pixel by a
-   parabola through the peak and its neighbours.
+   to a higher peak or to the disc of :data:`DEBLEND_MIN_SEPARATION` FWHM around a detection (two galaxies whose
+   footprints touch; a galaxy beside a detected star; not the outskirts of a detected galaxy, whose light rises
+   towards it). Each source sits at its peak, sub-pixel by a parabola through the peak and its neighbours.
 
 The caller (:func:`skyfm.detect.refine_ccd_tile`) PSF-fits the new sources and measures them in Kron apertures
 (:func:`skyfm.catalog.kron.kron_photometry`); the head's ``residual_search`` says which flux each keeps.
@@ -39,7 +39,8 @@ REGION_SNR = 2.5  # a candidate's footprint: the connected pixels above this sig
 MAX_REGION_FWHM = 40.0  # footprints longer than this (PSF FWHM) ...
 MAX_ELONGATION = 5.0  # ... and more elongated than this (major / minor axis) are trails, not galaxies
 DEBLEND_CONTRAST = 2.0  # a footprint's lower peak is a source of its own when it stands this far above its saddle
-DEBLEND_MIN_SEPARATION = 2.0  # ... and at least this many PSF FWHM from every detection
+DEBLEND_FRACTION = 0.2  # ... or this share of its own significance, if more (a bright source's noise is its own)
+DEBLEND_MIN_SEPARATION = 2.0  # ... and not joined above it to the disc of this many PSF FWHM around a detection
 
 
 @dataclass
@@ -108,6 +109,20 @@ def _subpixel_peak(m: np.ndarray, iy: int, ix: int) -> tuple[float, float]:
     return out[1], out[0]
 
 
+def _stands_apart(best: np.ndarray, box: tuple, iy: int, ix: int, near_detection: np.ndarray) -> bool:
+    """Whether the peak at (iy, ix) of the significance map ``best`` stands DEBLEND_CONTRAST (or DEBLEND_FRACTION
+    of itself) above the saddle that joins it to a higher peak or to ``near_detection`` (bool, H x W): at that
+    level its connected light (within ``box``, its footprint's slices) holds neither."""
+    from scipy.ndimage import label
+
+    level = best[iy, ix] - max(DEBLEND_CONTRAST, DEBLEND_FRACTION * best[iy, ix])
+    if level <= REGION_SNR:  # joined to the rest of its footprint above the level
+        return False
+    above, _ = label(best[box] >= level)
+    own = above == above[iy - box[0].start, ix - box[1].start]
+    return bool(best[box][own].max() <= best[iy, ix] and not near_detection[box][own].any())
+
+
 def _is_trail(ys: np.ndarray, xs: np.ndarray, fwhm_pix: float) -> bool:
     """A footprint long and thin: a satellite trail, a bleed column."""
     if ys.size < 3:
@@ -130,7 +145,7 @@ def find_residual_sources(resid, rms, mask, fwhm_pix: float, x, y, *, min_snr: f
         x, y: (N,) the detections (pixels): a peak joined to one above its saddle, or near one, is no new source.
         min_snr: the smallest normalised peak significance of a new source.
     """
-    from scipy.ndimage import find_objects, label, maximum_filter
+    from scipy.ndimage import distance_transform_edt, find_objects, label, maximum_filter
 
     resid = np.asarray(resid, dtype=np.float64)
     H, W = resid.shape[1:]
@@ -151,8 +166,12 @@ def find_residual_sources(resid, rms, mask, fwhm_pix: float, x, y, *, min_snr: f
     det_iy, det_ix = np.rint(y[inside]).astype(int), np.rint(x[inside]).astype(int)
     taken = np.zeros(n_regions + 1, bool)
     taken[regions[det_iy, det_ix]] = True
-    at_detection = np.zeros((H, W), bool)
-    at_detection[det_iy, det_ix] = True
+    # a detection's own leftover light (the wings of a galaxy fitted as a point, a star's misfit core) rises towards
+    # it: peaks whose light joins this disc above their saddle are its, however far out on a large galaxy they lie
+    near_detection = np.zeros((H, W), bool)
+    if det_iy.size:
+        near_detection[det_iy, det_ix] = True
+        near_detection = distance_transform_edt(~near_detection) <= DEBLEND_MIN_SEPARATION * fwhm_pix
     flat = best.ravel()
     boxes = find_objects(regions)
     # no data where the light peaks (a masked star, a saturated core, a cosmic-ray hit): no source to place there
@@ -182,26 +201,16 @@ def find_residual_sources(resid, rms, mask, fwhm_pix: float, x, y, *, min_snr: f
             continue
         peaks.append((iy, ix))
     # any other local maximum that reaches min_snr (a footprint's lower peak, or a peak of one that holds a
-    # detection) is a source of its own where it stands DEBLEND_CONTRAST above the saddle that joins it to a higher
-    # peak or to a detection (two galaxies whose footprints touch, a galaxy beside a detected star), as SExtractor's
-    # deblending splits a footprint, and lies DEBLEND_MIN_SEPARATION FWHM from every detection (a detected source's
-    # misfit light stays near it)
+    # detection) is a source of its own where it is deblended (module docstring)
     radius = max(1, int(round(sigmas[0])))
     local = (best >= min_snr) & (regions > 0) & ~free_top.reshape(H, W) & ~unseen
     local &= best == maximum_filter(best, size=2 * radius + 1)
     for iy, ix in zip(*np.nonzero(local)):
         region = regions[iy, ix]
-        level = best[iy, ix] - DEBLEND_CONTRAST
-        if level <= REGION_SNR or is_trail(region):
+        if near_detection[iy, ix] or is_trail(region):
             continue
-        if x.size and np.min(np.hypot(x - ix, y - iy)) < DEBLEND_MIN_SEPARATION * fwhm_pix:
-            continue
-        box = boxes[region - 1]
-        above, _ = label(best[box] >= level)
-        own = above == above[iy - box[0].start, ix - box[1].start]
-        if best[box][own].max() > best[iy, ix] or at_detection[box][own].any():
-            continue
-        peaks.append((iy, ix))
+        if _stands_apart(best, boxes[region - 1], iy, ix, near_detection):
+            peaks.append((iy, ix))
     xs, ys, snrs, sig = [], [], [], []
     for iy, ix in peaks:
         sx, sy = _subpixel_peak(best, iy, ix)
