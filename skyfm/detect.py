@@ -725,6 +725,7 @@ SEEING_TILES = 5  # tiles of one image whose seeing estimates are enough: later 
 PSF_FIT_PASSES = 2  # rounds of the PSF fit over all detections (each fitted with the others' current models)
 COMPANION_MODEL_ERROR = 0.03  # a companion search's noise: the sky's and this share of the fitted models' light
 COMPANION_MIN_SEPARATION = 0.5  # a companion lies at least this many FWHM from every detection (searched, fitted)
+COSMIC_RAY_SEARCH_MARGIN = 1  # pixels around a flagged cosmic-ray pixel that the residual search also leaves out
 
 
 def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
@@ -1024,7 +1025,10 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
 
         # L.A.Cosmic flags a hit's core; its edge pixels, a few sigma up, would still make a peak of the search's
         # matched filter: the search leaves the pixels next to a hit out too
-        search_mask = mask if cosmics is None else mask | ndimage.binary_dilation(cosmics, np.ones((1, 3, 3), bool))
+        search_mask = mask
+        if cosmics is not None and COSMIC_RAY_SEARCH_MARGIN > 0:
+            search_mask = mask | ndimage.binary_dilation(cosmics, np.ones((1, 3, 3), bool),
+                                                         iterations=COSMIC_RAY_SEARCH_MARGIN)
         found = find_residual_sources(resid, rms, search_mask, fwhm_pix, fit["x"], fit["y"],
                                       min_snr=search["min_snr"])
         if len(found):

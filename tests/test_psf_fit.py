@@ -185,6 +185,24 @@ def test_empty_masked_and_bad_shapes():
         fit_psf_sources(img, bg, rms, [_psf(), _psf()], SCALE, [20.0], [20.0])
 
 
+@pytest.mark.parametrize("bands", [1, 3, 6])
+def test_the_position_step_s_closed_form_schur_complement_is_the_pseudo_inverse_s(bands):
+    """The fit's position step inverts the (flux, sky offset) block band by band in closed form: the same as the
+    pseudo-inverse of the whole block, also for a source with a band that has no usable pixel."""
+    from skyfm.catalog.psf_fit import _normal_equations, _position_schur
+
+    rng = np.random.default_rng(bands)
+    n, k = 40, 9
+    P = rng.random((n, bands, k, k))
+    wgt = rng.random((n, bands, k, k))
+    wgt[3, 0] = 0.0  # source 3 sees nothing in band 0
+    A, _ = _normal_equations(P, rng.normal(size=P.shape), rng.normal(size=P.shape), rng.random((n, bands)) * 100,
+                             wgt, rng.normal(size=P.shape))
+    lin = slice(2, None)
+    expected = A[:, :2, :2] - A[:, :2, lin] @ np.linalg.pinv(A[:, lin, lin]) @ A[:, lin, :2]
+    np.testing.assert_allclose(_position_schur(A, bands), expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+
+
 def test_saturated_core_is_masked_and_the_wings_give_the_flux():
     from types import SimpleNamespace
 
