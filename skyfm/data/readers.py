@@ -671,25 +671,30 @@ class ImageFile:
             block = block.reshape((-1,) + block.shape[-2:])
             inner[plane:plane + len(block)] = block
             plane += len(block)
-        if self._mask_hdu is not None:  # a MASK image HDU: non-zero pixels are invalid
-            masked = self._section(self._mask_hdu, (Ellipsis, rows, cols)) != 0
-            inner[np.broadcast_to(masked, inner.shape)] = np.nan
-        if self._mask_file is not None:  # a bad-pixel mask file beside the image (mask=, skyfm detect --mask)
-            mask_hdul, mask_index, bits = self._mask_file
-            try:
-                values = np.asarray(mask_hdul[mask_index].section[(Ellipsis, rows, cols)])
-            except (OSError, EOFError, ValueError, TypeError, IndexError) as e:
-                raise SkyfmError(f"{mask_hdul.filename()}: cannot read the mask ({_first_line(e)})") from None
+        for values, bits in self._bad_pixel_flags(rows, cols):  # non-zero (or with one of ``bits`` set): invalid
             flagged = values != 0 if bits is None else (np.nan_to_num(values).astype(np.int64) & bits) != 0
-            inner[np.broadcast_to(flagged, inner.shape)] = np.nan
-        if self._dq is not None:  # an HST / JWST data-quality extension
-            dq_index, bad_bits = self._dq
-            flagged = (self._section(dq_index, (Ellipsis, rows, cols)).astype(np.int64) & bad_bits) != 0
             inner[np.broadcast_to(flagged, inner.shape)] = np.nan
         inner[~np.isfinite(inner)] = np.nan
         if self.adu_per_unit != 1.0:
             out *= np.float32(self.adu_per_unit)
         return out if self.energy_grouping is None else self.energy_grouping.apply(out)
+
+    def _bad_pixel_flags(self, rows: slice, cols: slice):
+        """(values, bits) of each bad-pixel source of the window: a MASK image HDU (bits None: non-zero is bad), a
+        mask file beside the image (``mask=``, ``skyfm detect --mask``; its ``mask_bits``), an HST / JWST ``DQ``
+        extension (:data:`DQ_BAD_BITS`)."""
+        if self._mask_hdu is not None:
+            yield self._section(self._mask_hdu, (Ellipsis, rows, cols)), None
+        if self._mask_file is not None:
+            mask_hdul, mask_index, bits = self._mask_file
+            try:
+                values = np.asarray(mask_hdul[mask_index].section[(Ellipsis, rows, cols)])
+            except (OSError, EOFError, ValueError, TypeError, IndexError) as e:
+                raise SkyfmError(f"{mask_hdul.filename()}: cannot read the mask ({_first_line(e)})") from None
+            yield values, bits
+        if self._dq is not None:
+            dq_index, bad_bits = self._dq
+            yield self._section(dq_index, (Ellipsis, rows, cols)), bad_bits
 
     def read_patch_window(self, y0: int, y1: int, x0: int, x1: int) -> Patch:
         """Rows ``y0:y1``, columns ``x0:x1`` as a Patch with its own WCS; invalid or outside pixels masked and 0."""

@@ -330,16 +330,15 @@ class InstrumentHeadConfig:
             return None
         from skyfm.heads.classification import SPECTRAL_FEATURES
 
+        K = len(self.class_names)
         bad = (f"head {self.name}: spectral_classifier should hold 'features' from {sorted(SPECTRAL_FEATURES)}, "
-               f"'mean' and 'scale' (one per feature column: {self.n_bands} for 'shape', {len(self.class_names)} for "
-               f"'net'), 'coef' (columns x "
-               f"{len(self.class_names)} classes) and 'intercept' ({len(self.class_names)}), all finite")
+               f"'mean' and 'scale' (one per feature column: {self.n_bands} for 'shape', {K} for 'net'), 'coef' "
+               f"(columns x {K} classes) and 'intercept' ({K}), all finite")
         try:
             names = list(spec["features"])
-            n = sum({"shape": self.n_bands, "net": len(self.class_names)}.get(f, 1) for f in names)
+            n = sum({"shape": self.n_bands, "net": K}.get(f, 1) for f in names)
             mean, scale = np.asarray(spec["mean"], float), np.asarray(spec["scale"], float)
             coef, intercept = np.asarray(spec["coef"], float), np.asarray(spec["intercept"], float)
-            K = len(self.class_names)
             ok = (set(names) <= set(SPECTRAL_FEATURES) and mean.shape == scale.shape == (n,)
                   and coef.shape == (n, K) and intercept.shape == (K,) and np.all(scale > 0)
                   and all(np.all(np.isfinite(a)) for a in (mean, scale, coef, intercept)))
