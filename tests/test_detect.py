@@ -452,8 +452,15 @@ def test_an_image_with_some_of_a_heads_bands_takes_the_thresholds_chosen_for_the
     with pytest.raises(SkyfmError, match=r"band_subsets\['W1'\] should map"):
         detect_patch(one, det)
     ml = det.head_config("meerlicht")  # trained on images of one band: an image of all six is a key of its own
-    ml.band_subsets = {"u+g+q+r+i+z": {"min_score": 0.2}}
-    assert ml.for_bands(["z", "i", "r", "q", "g", "u"]).min_score == 0.2 and ml.for_bands(["q"]) is ml
+    ml.band_subsets = {"u+g+q+r+i+z": {"min_score": 0.2, "fit_flux_err_scale": 1.7, "fit_flux_err_floor": 0.0}}
+    six = ml.for_bands(["z", "i", "r", "q", "g", "u"])
+    assert six.min_score == 0.2 and six.error_scales(fit=True)[0] == 1.7 and six.error_floors()[0] == 0.0
+    assert ml.for_bands(["q"]) is ml
+    for bad in ({"fit_flux_err_scale": 0.0}, {"fit_flux_err_floor": -0.1}, {"flux_err_scale_estbg": 1.0},
+                {"min_score": "high"}):
+        ml.band_subsets = {"u+g+q+r+i+z": bad}
+        with pytest.raises(SkyfmError, match=r"band_subsets\['u\+g\+q\+r\+i\+z'\] should map"):
+            ml.for_bands(ml.bands)
     from skyfm.detect import _bands_per_training_image
     from skyfm.instruments import load_instrument
 
@@ -666,9 +673,9 @@ def test_a_sky_gradient_is_taken_out_of_what_the_network_sees():
     assert len(detect_patch(tilted, det)) <= len(detect_patch(p, det)) + 5  # without: hundreds
 
 
-def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_path, model_dir, capsys):
+def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_path, capsys):
     """skyfm detect --test-extension on a Fermi-LAT cube of the real sky around IC 443 (4FGL's template, r68 0.27
-    deg): the source there comes out extended with TS_ext >= 16, the point sources keep extension 0; without a
+    deg): the source there comes out extended with TS_ext >= 16, the point sources stay point-like; without a
     background model the option is a one-line error and writes nothing."""
     import astropy.units as u
     from astropy.coordinates import SkyCoord
@@ -680,8 +687,9 @@ def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_pa
     model = tmp_path / "model.fits"
     fits.PrimaryHDU(p.background_image).writeto(model)
     out = tmp_path / "cat.ecsv"
-    rc = main(["detect", str(src), "--model", str(model_dir), "--background", str(model), "--test-extension",
-               "--out", str(out)])
+    # the shipped detector: an untrained one's candidates move with the CPU's convolution kernels (oneDNN), and
+    # on some machines it offered only pieces of IC 443's light and off-source peaks, all tested extended
+    rc = main(["detect", str(src), "--background", str(model), "--test-extension", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     cat = read_catalog(out)
     ic443 = SkyCoord(189.05 * u.deg, 3.03 * u.deg, frame="galactic")
@@ -690,9 +698,9 @@ def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_pa
     assert sep[i].deg < 0.3 and 0.1 < u.Quantity(cat["extension"][i]).to_value(u.deg) < 0.6
     assert cat["ts_ext"][i] >= 16
     point = ~np.isfinite(np.asarray(cat["ts_ext"], dtype=float))
-    assert point.sum() >= 1
+    assert point.sum() >= 1 and np.all(u.Quantity(cat["extension"][point]).to_value(u.deg) < 0.05)  # < 1/2 pixel
     bad = tmp_path / "bad.ecsv"
-    rc = main(["detect", str(src), "--model", str(model_dir), "--test-extension", "--out", str(bad)])
+    rc = main(["detect", str(src), "--test-extension", "--out", str(bad)])
     err = capsys.readouterr().err
     assert rc == 1 and "extension test needs likelihood selection" in err and err.count("\n") == 1, err
     assert not bad.exists()

@@ -146,6 +146,17 @@ def test_write_error_scales_into_a_detector_config(model_dir, tmp_path):
         ship.write_error_scales(d, {"hubble": {"flux_err_scale": 2.0}})
     with pytest.raises(SkyfmError, match="positive"):
         ship.write_error_scales(d, {"wise": {"pos_err_scale": 0.0}})
+    # a band subset's calibration goes to its band_subsets entry, beside the thresholds already there
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["heads"]["wise"]["band_subsets"] = {"W1": {"min_score": 0.5}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    ship.write_error_scales(d, {"wise": {"band_subset": "W1", "fit_flux_err_scale": 2.5, "fit_flux_err_floor": 0.03,
+                                         "fit_flux_err_scale_estbg": 9.0, "n_matched": 40}})
+    wise = SourceDetector.from_pretrained(d).head_config("wise")
+    assert wise.band_subsets == {"W1": {"min_score": 0.5, "fit_flux_err_scale": 2.5, "fit_flux_err_floor": 0.03}}
+    assert wise.fit_flux_err_scale != 2.5  # the head's own terms stay
+    w1 = wise.for_bands(["W1"])
+    assert (w1.min_score, w1.error_scales(fit=True)[0], w1.error_floors()[0]) == (0.5, 2.5, 0.03)
 
 
 def test_every_scene_counts_alike():
@@ -525,3 +536,27 @@ def test_matched_errors_calibrate_psf_fits_only_on_psf_fit_rows():
     m = ship.matched_errors(cat, p, load_instrument("meerlicht"))
     assert len(m["flux"]) == 3  # the fit-4 row left out
     assert list(m["fit"]) == [False, True, False] and list(m["fit_pos"]) == [True, True, True]
+
+
+def test_calibrate_errors_on_images_of_some_bands(model_dir, monkeypatch):
+    """``bands``: the validation patches hold those bands, the head's terms for them are the current ones, and the
+    result names its ``band_subsets`` key; a band the head lacks is a clear error."""
+    from skyfm.finetune import data as fdata
+
+    det = SourceDetector.from_pretrained(model_dir)
+    det.head_config("wise").band_subsets = {"W1": {"fit_flux_err_scale": 4.0}}
+    seen = []
+    real = fdata.validation_patches
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.extend(p.bands for p in out)
+        return out
+
+    monkeypatch.setattr(fdata, "validation_patches", spy)
+    res = ship.calibrate_errors(det, "default", n=1, size=64, instruments=["wise"], bands=["W1"])["wise"]
+    assert res["band_subset"] == "W1" and seen == [["W1"]]
+    if res["fit_n_matched"] < ship.MIN_MATCHES:  # too few matches: the subset's current scale is kept
+        assert res["fit_flux_err_scale"] == 4.0
+    with pytest.raises(SkyfmError, match="no band 'V'"):
+        ship.calibrate_errors(det, "default", n=1, size=64, instruments=["wise"], bands=["V"])

@@ -104,8 +104,10 @@ def augment(patch, k: int):
                  meta=dict(patch.meta))
 
 
-def validation_patches(inst, specs_entry: dict, n: int, size: int, seed_offset: int = 0) -> list:
-    """``n`` validation patches of one instrument (seeds VAL_SEED_BASE + seed_offset + i), scenes as in training."""
+def validation_patches(inst, specs_entry: dict, n: int, size: int, seed_offset: int = 0,
+                       bands: list[str] | None = None) -> list:
+    """``n`` validation patches of one instrument (seeds VAL_SEED_BASE + seed_offset + i), scenes as in training;
+    ``bands``: every patch holds these bands (default: as the instrument's simulations draw them)."""
     from skyfm.data.simulate import simulate_patch
 
     out = []
@@ -114,7 +116,10 @@ def validation_patches(inst, specs_entry: dict, n: int, size: int, seed_offset: 
         seed = VAL_SEED_BASE + seed_offset + i
         rng = np.random.default_rng([seed, 13])
         scene = scenes[choose(rng, [s.get("weight", 1.0) for s in scenes])]
-        out.append(simulate_patch(inst, seed, **_scene_options(inst, scene, rng, size)))
+        options = _scene_options(inst, scene, rng, size)
+        if bands:
+            options["bands"] = list(bands)
+        out.append(simulate_patch(inst, seed, **options))
     return out
 
 

@@ -511,7 +511,7 @@ def _fit_pos_errors(m: dict, head, out: dict, balance_scenes: bool = False) -> N
 def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 128, seed_offset: int = 0,
                      instruments: list[str] | None = None, min_score: float | None = None,
                      balance_scenes: bool = False, selection: str = "network", crowding: bool = True,
-                     confusion: bool = True) -> dict:
+                     confusion: bool = True, bands: list[str] | None = None) -> dict:
     """Per instrument, the error scales of the module docstring, chosen on ``n`` validation patches.
 
     The patches carry the detector's current scales; the factors returned are the new scales (current times the
@@ -527,9 +527,12 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
     (:func:`skyfm.detect.detect_patch`; ``"auto"`` selects counts-cube rows by their TS, the patches carrying
     their true background). ``crowding``: the CCD fits' flux floor grows with crowding (:func:`crowding_floors`);
     False: one floor. ``confusion``: also the errors of the refined CCD rows that keep the network's flux
-    (:func:`_unfitted_flux_errors`).
+    (:func:`_unfitted_flux_errors`). ``bands``: calibrate on patches of these bands (all six of MeerLICHT's, whose
+    head is trained on one per image) for the head's ``band_subsets`` entry of them (result key ``band_subset``;
+    :func:`write_error_scales` writes there).
     """
     from skyfm.detect import default_min_score, detect_patch, get_detector
+    from skyfm.heads.config import subset_key
     from skyfm.finetune.config import load_finetune_config
     from skyfm.finetune.data import VAL_SEED_BASE, validation_patches
     from skyfm.instruments import load_instrument
@@ -545,10 +548,16 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
             continue
         inst = load_instrument(name)
         head = det.head_config(name)
+        subset = None
+        if bands:
+            unknown = [b for b in bands if b not in head.bands]
+            if unknown:
+                raise SkyfmError(f"{name} has no band {unknown[0]!r}; its bands are {', '.join(head.bands)}")
+            subset, head = subset_key(head.bands, bands), head.for_bands(bands)
         current = {k: float(getattr(head, k)) for k in SCALE_KEYS}
         th = default_min_score(det, head) if min_score is None else float(min_score)
         net, fit, est = [], [], []
-        for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset):
+        for p in validation_patches(inst, spec, n, size, seed_offset=seed_offset, bands=bands):
             net.append(matched_errors(detect_patch(p, det, th, refine=False, selection="network"), p, inst))
             fit.append(matched_errors(detect_patch(p, det, th, refine=True, selection=selection), p, inst))
             if inst.is_counts:  # and against a background estimated from the counts, as without a model
@@ -556,6 +565,8 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
                 est.append(matched_errors(cat, p, inst))
         res = {"min_score": th, "n_patches": n, "size": size, "seeds": f"{VAL_SEED_BASE} + {seed_offset} + i",
                "weighting": "scene-balanced" if balance_scenes else "pooled", "selection": selection}
+        if subset is not None:
+            res["band_subset"] = subset
         m = _concat(net)
         _factors(m, np.ones(len(m.get("flux", [])), dtype=bool), "", current, res, balance_scenes)
         mf = _concat(fit)  # the refined rows: likelihood fit (counts) or PSF fit (CCD point sources)
@@ -588,7 +599,10 @@ def _estimated_background_errors(m: dict, head, balance_scenes: bool = False) ->
 
 def write_error_scales(model_dir, scales: dict) -> Path:
     """Write the ``*_err_scale`` values of ``scales`` ({instrument: {...}}) into ``heads.<instrument>`` of
-    ``model_dir/config.json``, leaving every other key (and the weights) as they are."""
+    ``model_dir/config.json`` (into its ``band_subsets`` entry where a result has a ``band_subset``), leaving every
+    other key (and the weights) as they are."""
+    from skyfm.heads.config import SUBSET_FLOOR_KEYS, SUBSET_SCALE_KEYS
+
     path = Path(model_dir) / "config.json"
     try:
         cfg = json.loads(path.read_text())
@@ -598,18 +612,24 @@ def write_error_scales(model_dir, scales: dict) -> Path:
     for name, res in scales.items():
         if name not in heads:
             raise SkyfmError(f"{path}: no head for instrument {name!r} (heads: {', '.join(heads)})")
-        for key in SCALE_KEYS + ESTBG_SCALE_KEYS + UNFITTED_SCALE_KEYS:
+        target, scale_keys = heads[name], SCALE_KEYS + ESTBG_SCALE_KEYS + UNFITTED_SCALE_KEYS
+        floor_keys = FLOOR_KEYS + ESTBG_FLOOR_KEYS + UNFITTED_WEIGHT_KEYS
+        if res.get("band_subset"):
+            target = (target.get("band_subsets") or {}).get(res["band_subset"], {})
+            heads[name]["band_subsets"] = {**(heads[name].get("band_subsets") or {}), res["band_subset"]: target}
+            scale_keys, floor_keys = SUBSET_SCALE_KEYS, SUBSET_FLOOR_KEYS
+        for key in scale_keys:
             if key in res:
                 v = float(res[key])
                 if not (v > 0 and math.isfinite(v)):
                     raise SkyfmError(f"{name}: {key} should be a positive number, got {v}")
-                heads[name][key] = round(v, 4)
-        for key in FLOOR_KEYS + ESTBG_FLOOR_KEYS + UNFITTED_WEIGHT_KEYS:
+                target[key] = round(v, 4)
+        for key in floor_keys:
             if key in res:
                 v = float(res[key])
                 if not (v >= 0 and math.isfinite(v)):
                     raise SkyfmError(f"{name}: {key} should be a number >= 0, got {v}")
-                heads[name][key] = round(v, 5)
+                target[key] = round(v, 5)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     tmp.replace(path)
@@ -643,6 +663,9 @@ def main() -> None:
     parser.add_argument("--no-confusion-errors", action="store_true",
                         help="CCD heads: leave the errors of refined rows that keep the network's flux as they are "
                              "(do not calibrate unfitted_flux_err_scale / _confusion)")
+    parser.add_argument("--bands", default=None,
+                        help="comma-separated bands every calibration patch holds (u,g,q,r,i,z: MeerLICHT images of "
+                             "all six filters); the terms go to the head's band_subsets entry for them")
     parser.add_argument("--out", default=None, help="also write the calibration JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the factors, write nothing")
     args = parser.parse_args()
@@ -656,7 +679,8 @@ def main() -> None:
     res = calibrate_errors(target, args.config, n=args.n, size=args.size, seed_offset=args.seed_offset,
                            instruments=args.instrument, balance_scenes=args.balance_scenes,
                            selection=args.selection, crowding=not args.no_crowding_floor,
-                           confusion=not args.no_confusion_errors)
+                           confusion=not args.no_confusion_errors,
+                           bands=args.bands.split(",") if args.bands else None)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

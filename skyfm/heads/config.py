@@ -127,7 +127,9 @@ class InstrumentHeadConfig:
             every band of an instrument whose simulations draw them all): ``{"W1": {"min_score": m,
             "unconfirmed_min_score": u}, "W1+W2": {...}}``, keyed by the image's bands joined with ``+`` in the
             head's order, the thresholds chosen for that subset on validation images
-            (``benchmarks/choose_band_subsets.py``; :meth:`for_bands`). A subset not listed keeps the head's own.
+            (``benchmarks/choose_band_subsets.py``; :meth:`for_bands`), and error scales and floors calibrated on
+            images of those bands (:data:`SUBSET_SCALE_KEYS`, :data:`SUBSET_FLOOR_KEYS`; ``python -m
+            skyfm.finetune.ship --calibrate-errors --bands ...``). A subset not listed keeps the head's own.
         likelihood_passes: counts cubes with a background model: how many times likelihood selection looks for
             sources (:func:`skyfm.detect.detect_patch`; chosen on validation seeds); None: the module default,
             :data:`skyfm.detect.LIKELIHOOD_PASSES`.
@@ -281,25 +283,25 @@ class InstrumentHeadConfig:
         return out
 
     def for_bands(self, bands) -> "InstrumentHeadConfig":
-        """This head for an image of ``bands``: a copy with the thresholds ``band_subsets`` gives for that subset
-        of its bands, else the head itself. (All of its bands are a key too, for a head trained on images of fewer:
-        MeerLICHT's, one band per image.)"""
+        """This head for an image of ``bands``: a copy with the thresholds and error terms ``band_subsets`` gives
+        for that subset of its bands, else the head itself. (All of its bands are a key too, for a head trained on
+        images of fewer: MeerLICHT's, one band per image.)"""
         if not self.band_subsets:
             return self
         key = subset_key(self.bands, bands)
         override = self.band_subsets.get(key)
         if override is None:
             return self
-        allowed = ("min_score", "unconfirmed_min_score")
         try:
-            ok = isinstance(override, dict) and set(override) <= set(allowed) and all(
-                0.0 < float(v) <= 1.0 for v in override.values())
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise SkyfmError(f"head {self.name}: band_subsets[{key!r}] should map {' and/or '.join(allowed)} to "
-                             f"probabilities in (0, 1], got {override!r}")
-        return dataclasses.replace(self, **{k: float(v) for k, v in override.items()})
+            values = {k: float(v) for k, v in override.items()}
+        except (AttributeError, TypeError, ValueError):
+            values = None
+        if values is None or not all(_subset_value_ok(k, v) for k, v in values.items()):
+            raise SkyfmError(f"head {self.name}: band_subsets[{key!r}] should map "
+                             f"{' and/or '.join(SUBSET_THRESHOLD_KEYS)} to probabilities in (0, 1], "
+                             f"{', '.join(SUBSET_SCALE_KEYS)} to positive numbers and "
+                             f"{', '.join(SUBSET_FLOOR_KEYS)} to numbers >= 0, got {override!r}")
+        return dataclasses.replace(self, **values)
 
     def class_calibration_terms(self) -> dict | None:
         """``class_calibration`` checked (a known class, a finite intercept, known features with finite
@@ -452,6 +454,22 @@ class DetectorConfig:
             return cls(heads=heads, **data)
         except TypeError as e:
             raise SkyfmError(f"{source}: bad detector head config ({e})") from None
+
+
+SUBSET_THRESHOLD_KEYS = ("min_score", "unconfirmed_min_score")
+# an image of other bands than the training images' (all six of MeerLICHT's) has its own error calibration too
+SUBSET_SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale",
+                     "unfitted_flux_err_scale")
+SUBSET_FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_crowding",
+                     "unfitted_flux_err_confusion")
+
+
+def _subset_value_ok(key: str, value: float) -> bool:
+    if key in SUBSET_THRESHOLD_KEYS:
+        return 0.0 < value <= 1.0
+    if key in SUBSET_SCALE_KEYS:
+        return 0.0 < value < float("inf")
+    return key in SUBSET_FLOOR_KEYS and 0.0 <= value < float("inf")
 
 
 def subset_key(head_bands, bands) -> str:
