@@ -91,8 +91,8 @@ def get_detector(detector=None, device: str | None = "auto"):
 
 # ------------------------------------------------------------------------------------------------ accumulation
 # what the CCD refinement measures (refine_ccd_tile), NaN for rows it did not (and every counts row)
-REFINEMENT_COLUMNS = ("fit_chi2", "crowding", "flux_confusion", "flux_kron", "flux_kron_err", "kron_excess",
-                      "kron_size")
+REFINEMENT_COLUMNS = ("fit_chi2", "crowding", "flux_confusion", "flux_blend", "flux_kron", "flux_kron_err",
+                      "kron_excess", "kron_size")
 
 
 def _not_refined(n: int) -> dict:
@@ -869,7 +869,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     that takes them in tile order.
     """
     from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, crowding, estimate_fwhm,
-                                       fit_psf_sources, residual_image)
+                                       fit_psf_sources, neighbour_light, residual_image)
     from skyfm.catalog.kron import half_light_radius_pix, kron_photometry
     from skyfm.heads.classification import calibrate_class_prob
 
@@ -997,10 +997,15 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     # grows with the density of detected neighbours (per FWHM^2), calibrated with it
     crowd = crowding(d["x"], d["y"], (h, w), fwhm_pix)
     floor = np.hypot(flux_floor, head.flux_floor_per_crowding() * crowd)
-    flux_err = np.hypot(stat * flux_scale, floor * fit["flux"])
+    # and how the fit shares light with its neighbours is as uncertain as the PSF model and the positions are: an
+    # error that is a share of their light that overlaps the star, not of its own (a faint star beside a bright one)
+    light_band = neighbour_light(fit["x"], fit["y"], fit["flux_band"], fwhm_pix)  # (N, C)
+    light = light_band.sum(axis=1)
+    blend = head.blend_flux_error_weight()
+    flux_err = np.hypot(np.hypot(stat * flux_scale, floor * fit["flux"]), blend * light)
     d["flux_err"] = np.where(point, flux_err, d["flux_err"])
     d["flux_band"] = np.where(point[:, None], fit["flux_band"], d["flux_band"])
-    band_err = np.hypot(stat_band * flux_scale, floor[:, None] * fit["flux_band"])
+    band_err = np.hypot(np.hypot(stat_band * flux_scale, floor[:, None] * fit["flux_band"]), blend * light_band)
     d["flux_band_err"] = np.where(point[:, None], band_err, d["flux_band_err"])
     # the rows that keep the network's flux: its statistical error and the confusion where the source stands (in a
     # cluster core the faint stars whose light neither the network nor the fit assigns)
@@ -1065,6 +1070,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     d["fit_chi2"] = np.where(fit["ok"], fit["chi2_red"], np.nan)
     d["crowding"] = crowd
     d["flux_confusion"] = np.where(saturated, np.nan, blank)
+    d["flux_blend"] = light
     d["flux_kron"] = np.where(measured, kron["flux"], np.nan)
     d["flux_kron_err"] = np.where(measured, kron["flux_err"], np.nan)
     d["kron_excess"] = np.where(measured, kron["excess"], np.nan)
@@ -1578,6 +1584,12 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
                                    "places of the residual image around it (the light of undetected neighbours); the "
                                    "flux errors of refined rows are at least it; NaN: not refined, or a saturated star "
                                    "(aperture flux)")
+    if "flux_blend" in arrays and not inst.is_counts:
+        extra["flux_blend"] = (np.asarray(arrays["flux_blend"], dtype=np.float64),
+                               "Light of the detected neighbours that overlaps the source's PSF, in flux units "
+                               "(their fitted fluxes weighted by the overlap of two PSFs at their separation, within "
+                               "3 FWHM): the flux errors of PSF-fitted rows hold the head's fit_flux_err_blend times "
+                               "it; NaN: not refined, or a residual-search find")
     if "flux_kron" in arrays and not inst.is_counts:
         extra["flux_kron"] = (np.asarray(arrays["flux_kron"], dtype=np.float64),
                               "Kron aperture flux (skyfm.catalog.kron: 2.5 Kron radii, the other detections' PSF "

@@ -434,8 +434,8 @@ def test_fit_errors_are_chosen_on_their_statistical_part(model_dir):
 
 
 def test_ccd_fit_errors_grow_with_the_square_root_of_chi2_and_keep_the_blank_scatter(monkeypatch):
-    """The PSF-fitted rows of a CCD catalog carry their Fisher errors times sqrt(max(1, fit_chi2)) (scale 1 and no
-    floor here): against the same run with every chi-square forced to 1, the errors differ by exactly that (the
+    """The PSF-fitted rows of a CCD catalog carry their Fisher errors times sqrt(max(1, fit_chi2)) (scale 1, no
+    floor and no blend term here): against the same run with every chi-square forced to 1, the errors differ by exactly that (the
     blank-place scatter set to 0). Flux errors are at least that scatter: set far above them, it is what they are."""
     import skyfm.catalog.psf_fit as psf_fit
     from skyfm.detect import detect_patch
@@ -444,7 +444,7 @@ def test_ccd_fit_errors_grow_with_the_square_root_of_chi2_and_keep_the_blank_sca
     det = load_detector()
     head = det.head_config("meerlicht")
     kept = {k: getattr(head, k) for k in ("fit_flux_err_scale", "fit_pos_err_scale", "fit_flux_err_floor",
-                                          "fit_pos_err_floor", "fit_flux_err_floor_crowding")}
+                                          "fit_pos_err_floor", "fit_flux_err_floor_crowding", "fit_flux_err_blend")}
     blank = [0.0]
 
     def constant_scatter(resid, rms, psfs, scale, x, y, **kwargs):
@@ -453,7 +453,7 @@ def test_ccd_fit_errors_grow_with_the_square_root_of_chi2_and_keep_the_blank_sca
     monkeypatch.setattr(psf_fit, "blank_flux_scatter", constant_scatter)
     try:
         head.fit_flux_err_scale, head.fit_pos_err_scale, head.fit_flux_err_floor, head.fit_pos_err_floor = 1, 1, 0, 0
-        head.fit_flux_err_floor_crowding = 0.0
+        head.fit_flux_err_floor_crowding = head.fit_flux_err_blend = 0.0
         p = simulate_patch("meerlicht", 11, size=96, scene="crowded")
         widened = detect_patch(p, det)
         blank[0] = 1e7  # ADU: far above any Fisher error of these stars
@@ -560,3 +560,63 @@ def test_calibrate_errors_on_images_of_some_bands(model_dir, monkeypatch):
         assert res["fit_flux_err_scale"] == 4.0
     with pytest.raises(SkyfmError, match="no band 'V'"):
         ship.calibrate_errors(det, "default", n=1, size=64, instruments=["wise"], bands=["V"])
+
+
+def test_fitted_rows_flux_errors_grow_with_their_neighbours_light():
+    """A crowded MeerLICHT patch: with the head's blend weight k, the rows that take the PSF fit's flux (fit 2, and
+    the companions, 5) carry hypot(their error without it, k x flux_blend); other rows are untouched,
+    and flux_blend is the overlapping light of the detected neighbours (flux units)."""
+    from skyfm.catalog.psf_fit import neighbour_light
+    from skyfm.detect import detect_patch
+    from skyfm.heads import load_detector
+
+    det = load_detector()
+    head = det.head_config("meerlicht")
+    kept = head.fit_flux_err_blend
+    p = simulate_patch("meerlicht", 11, size=96, scene="crowded")
+    try:
+        head.fit_flux_err_blend = 0.0
+        plain = detect_patch(p, det)
+        head.fit_flux_err_blend = 0.4
+        blended = detect_patch(p, det)
+    finally:
+        head.fit_flux_err_blend = kept
+    assert blended["flux_blend"].unit == blended["flux"].unit
+    fit = np.asarray(blended["fit"])
+    light = np.asarray(blended["flux_blend"].value, dtype=float)
+    f = np.asarray(blended["flux"].value, dtype=float)
+    takes_fit = (fit == 2) | (fit == 5)
+    assert takes_fit.sum() >= 5 and (light[takes_fit] > 0.1 * np.abs(f[takes_fit])).sum() >= 3
+    e0, e1 = _rows(plain)["flux_err"], _rows(blended)["flux_err"]
+    grown = np.hypot(e0, 0.4 * light)
+    np.testing.assert_allclose(e1[takes_fit], grown[takes_fit], rtol=1e-4)
+    np.testing.assert_allclose(e1[~takes_fit], e0[~takes_fit], rtol=1e-6)
+    # the light itself: two stars 1 FWHM apart overlap by exp(-2 ln 2) = 1/4; one over 3 FWHM away not at all;
+    # negative fluxes count as none
+    two = neighbour_light([10.0, 14.0, 40.0], [10.0, 10.0, 10.0], [[100.0, 10.0], [50.0, -5.0], [80.0, 8.0]], 4.0)
+    np.testing.assert_allclose(two, [[12.5, 0.0], [25.0, 2.5], [0.0, 0.0]], rtol=1e-6)
+
+
+def test_blend_weight_is_chosen_on_the_blended_rows():
+    """Synthetic matches whose errors miss a term 0.3 L: the chooser finds about 0.3 from the blended rows
+    (L >= 0.1 |F|) and then they cover 68%; with nothing missing it chooses 0."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(4)
+    n = 6000
+    flux = 10 ** rng.uniform(2, 5, n)
+    light = flux * 10 ** rng.uniform(-3, 1, n)
+    stat = np.sqrt(flux) * 2.0
+    extra = 0.3 * light
+    true = flux + rng.normal(0, np.hypot(stat, extra))
+    m = {"flux": flux, "flux_err": stat, "true_flux": true, "blend": light, "fit": np.ones(n, bool),
+         "companion": np.zeros(n, bool)}
+    head = SimpleNamespace(blend_flux_error_weight=lambda: 0.0)
+    out = {}
+    ship._blend_flux_errors(m, head, out)
+    assert out["fit_flux_err_blend"] == pytest.approx(0.3, rel=0.1)
+    assert out["blend_flux_cov68_before_after"][1] == pytest.approx(ship.COVERAGE_68, abs=0.01)
+    honest = dict(m, flux_err=np.hypot(stat, extra))
+    out = {}
+    ship._blend_flux_errors(honest, SimpleNamespace(blend_flux_error_weight=lambda: 0.0), out)
+    assert out["fit_flux_err_blend"] < 0.15  # honest errors: no more than noise asks for

@@ -474,6 +474,34 @@ def blank_flux_scatter(resid, rms, psfs, pixel_scale_deg: float, x, y, mask=None
     return table[at, :C], table[at, C]
 
 
+BLEND_REACH_FWHM = 3.0  # neighbours beyond this many FWHM share no light with a source
+
+
+def neighbour_light(x, y, flux, fwhm_pix: float, reach_fwhm: float = BLEND_REACH_FWHM) -> np.ndarray:
+    """The light of the other sources that overlaps each one's PSF: ``sum_j max(F_j, 0) exp(-d_ij^2 / 4 s^2)``
+    over the sources within ``reach_fwhm`` FWHM (s the PSF sigma; the factor is the overlap of two Gaussian PSFs at
+    separation d, relative to a PSF with itself), per column of ``flux`` ((N,) or (N, C), flux units).
+
+    A simultaneous fit shares such light between neighbours, and how it is shared depends on what no model is exact
+    about (the PSF's shape, the positions, a third star too faint to detect): the flux errors of blended rows grow
+    with it (:meth:`~skyfm.heads.config.InstrumentHeadConfig.blend_flux_error_weight`)."""
+    from scipy import sparse
+    from scipy.spatial import cKDTree
+
+    x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
+    f = np.clip(np.nan_to_num(np.asarray(flux, float)), 0.0, None)
+    if x.size < 2 or not np.isfinite(fwhm_pix) or fwhm_pix <= 0:
+        return np.zeros(f.shape)
+    pairs = cKDTree(np.c_[x, y]).query_pairs(reach_fwhm * float(fwhm_pix), output_type="ndarray")
+    if not len(pairs):
+        return np.zeros(f.shape)
+    i, j = pairs[:, 0], pairs[:, 1]
+    s2 = float(fwhm_pix) ** 2 / (8.0 * np.log(2.0))  # the PSF sigma squared
+    w = np.exp(-((x[i] - x[j]) ** 2 + (y[i] - y[j]) ** 2) / (4 * s2))
+    W = sparse.coo_matrix((np.r_[w, w], (np.r_[i, j], np.r_[j, i])), shape=(x.size, x.size)).tocsr()
+    return np.asarray(W @ f)
+
+
 CROWDING_SMOOTH_FWHM = 3.0  # the crowding of a source: its detected neighbours' density within a few FWHM
 
 

@@ -66,7 +66,8 @@ def _frame_of(instrument, wcs: WCS | None) -> str | None:
     return "galactic" if ctype.startswith("GLON") else "icrs"
 
 
-FLUX_LIKE_COLUMNS = ("flux_band", "flux_band_err", "flux_confusion", "flux_kron", "flux_kron_err")  # flux units
+FLUX_LIKE_COLUMNS = ("flux_band", "flux_band_err", "flux_confusion", "flux_blend", "flux_kron",
+                     "flux_kron_err")  # flux units
 
 
 def flux_unit(instrument) -> u.UnitBase:

@@ -46,7 +46,7 @@ MEDIAN_2D = math.sqrt(2.0 * math.log(2.0))  # 1.1774: median radius of a circula
 MIN_MATCHES = 20  # fewer matched sources than this: the factor is too noisy, keep 1.0 (and say so)
 SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale")
 # the fits' systematic errors, added in quadrature (the CCD flux floor's part that grows with crowding too)
-FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_crowding")
+FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_crowding", "fit_flux_err_blend")
 # counts cubes fitted against a background estimated from the counts (no model): their own scales and floor
 ESTBG_SCALE_KEYS = ("fit_flux_err_scale_estbg", "fit_pos_err_scale_estbg")
 ESTBG_FLOOR_KEYS = ("fit_flux_err_floor_estbg",)
@@ -320,9 +320,9 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
     ``flux``, ``flux_err``, ``true_flux``, ``sep`` and ``pos_err`` (pixels), ``fit`` (the row's position and flux
     come from the PSF or likelihood fit: catalog column ``fit`` == 2, or a finite ``ts``), ``fit_pos`` (its position
     does: ``fit`` 1-3), ``crowding`` (catalog column ``crowding`` of CCD catalogs, else 0), ``confusion``
-    (catalog column ``flux_confusion`` of refined CCD catalogs, else NaN) and ``scene`` (the patch's scene or
-    population). Rows of the residual search (``fit`` 4), whose errors have their own terms
-    (``residual_search``), are left out."""
+    (catalog column ``flux_confusion`` of refined CCD catalogs, else NaN), ``blend`` (``flux_blend``, else 0),
+    ``companion`` (``fit`` 5) and ``scene`` (the patch's scene or population). Rows of the residual search
+    (``fit`` 4), whose errors have their own terms (``residual_search``), are left out."""
     import astropy.units as u
 
     from skyfm.catalog import match_catalogs
@@ -333,8 +333,9 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
     val = lambda t, k: np.asarray(getattr(t[k], "value", t[k]), dtype=np.float64)  # noqa: E731
     scene = str(patch.meta.get("scene") or patch.meta.get("population") or "patch")
     keys = ("flux", "flux_err", "true_flux", "sep", "pos_err")
-    empty = {k: np.zeros(0) for k in keys + ("crowding", "confusion")} | {
-        "fit": np.zeros(0, dtype=bool), "fit_pos": np.zeros(0, dtype=bool), "scene": np.zeros(0, dtype=object)}
+    empty = {k: np.zeros(0) for k in keys + ("crowding", "confusion", "blend")} | {
+        "fit": np.zeros(0, dtype=bool), "fit_pos": np.zeros(0, dtype=bool), "companion": np.zeros(0, dtype=bool),
+        "scene": np.zeros(0, dtype=object)}
     truth = patch.truth
     if truth is None or not len(truth) or not len(cat):
         return empty
@@ -358,10 +359,12 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
         positioned = fitted
     crowd = np.nan_to_num(val(cat, "crowding"), nan=0.0) if "crowding" in cat.colnames else np.zeros(len(cat))
     confusion = val(cat, "flux_confusion") if "flux_confusion" in cat.colnames else np.full(len(cat), np.nan)
+    blend = np.nan_to_num(val(cat, "flux_blend"), nan=0.0) if "flux_blend" in cat.colnames else np.zeros(len(cat))
+    companion = np.asarray(cat["fit"]) == 5 if "fit" in cat.colnames else np.zeros(len(cat), bool)
     return {"flux": val(cat, "flux")[di], "flux_err": val(cat, "flux_err")[di], "true_flux": val(truth, "flux")[ti],
             "sep": np.asarray(sep, dtype=np.float64), "pos_err": np.asarray(pe_pix, dtype=np.float64)[di],
             "fit": fitted[di], "fit_pos": positioned[di], "crowding": crowd[di], "confusion": confusion[di],
-            "scene": np.full(len(di), scene, dtype=object)}
+            "blend": blend[di], "companion": companion[di], "scene": np.full(len(di), scene, dtype=object)}
 
 
 def _concat(rows: list[dict]) -> dict:
@@ -435,6 +438,8 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
     sc = m["scene"][select]
     w = scene_weights(sc) if balance_scenes else None
     f, e, t = m["flux"][select], m["flux_err"][select], m["true_flux"][select]
+    if not estimated and "blend" in m:  # the blend term, which _blend_flux_errors chooses, taken out too
+        e = np.sqrt(np.maximum(e ** 2 - (head.blend_flux_error_weight() * m["blend"][select]) ** 2, 0.0))
     rho = m["crowding"][select] if "crowding" in m else np.zeros(n)
     stat = _stat_errors(e, np.hypot(floor_now, per_crowding_now * rho) * f, scale_now)
     k, r = flux_err_scale_and_floor(f, stat, t, weights=w)
@@ -457,6 +462,45 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
         dense = rho >= np.median(rho)
         out["fit_flux_cov68_sparse_half_before_after"] = _coverage_before_after(f, e, new, t, ~dense)
         out["fit_flux_cov68_dense_half_before_after"] = _coverage_before_after(f, e, new, t, dense)
+
+
+BLEND_MIN_SHARE = 0.1  # rows whose neighbours' overlapping light is at least this share of their own flux
+
+
+def _blend_flux_errors(m: dict, head, out: dict) -> None:
+    """out[fit_flux_err_blend]: the share of ``flux_blend`` that the flux errors of PSF-fitted CCD rows hold
+    (``fit`` 2 and the companions, 5), the smallest that makes the blended ones (their neighbours' overlapping light
+    at least :data:`BLEND_MIN_SHARE` of their flux) cover 68% of their true fluxes with the head's other terms as
+    they are (0 where they already do); also the coverage before / after, blended and all."""
+    sel = (m["fit"] | m["companion"]) if len(m) else np.zeros(0, bool)
+    f, e, t, light = (m[k][sel] for k in ("flux", "flux_err", "true_flux", "blend")) if len(m) else [np.zeros(0)] * 4
+    now = head.blend_flux_error_weight()
+    base = np.sqrt(np.maximum(e ** 2 - (now * light) ** 2, 0.0))  # the errors without the term
+    blended = light >= BLEND_MIN_SHARE * np.abs(f)
+    out["blend_n_matched"] = int(blended.sum())
+    if blended.sum() < MIN_MATCHES:
+        out["fit_flux_err_blend"] = now
+        out.setdefault("notes", []).append(f"blend errors: {int(blended.sum())} matched blended rows "
+                                           f"(< {MIN_MATCHES}), kept")
+        return
+
+    def coverage(k: float, rows) -> float:
+        return flux_coverage(f[rows], np.hypot(base[rows], k * light[rows]), t[rows])
+
+    lo, hi = 0.0, 1.0
+    while coverage(hi, blended) < COVERAGE_68 and hi < 1e3:
+        hi *= 2.0
+    if coverage(lo, blended) >= COVERAGE_68:
+        hi = 0.0
+    for _ in range(40):  # bisection: coverage grows with the weight
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if coverage(mid, blended) < COVERAGE_68 else (lo, mid)
+    k = float(hi)
+    out["fit_flux_err_blend"] = k
+    out["blend_flux_cov68_before_after"] = [round(coverage(now, blended), 4), round(coverage(k, blended), 4)]
+    everyone = np.ones(len(f), bool)
+    out["blend_all_fitted_flux_cov68_before_after"] = [round(coverage(now, everyone), 4),
+                                                      round(coverage(k, everyone), 4)]
 
 
 def _unfitted_flux_errors(m: dict, head, out: dict) -> None:
@@ -511,7 +555,7 @@ def _fit_pos_errors(m: dict, head, out: dict, balance_scenes: bool = False) -> N
 def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 128, seed_offset: int = 0,
                      instruments: list[str] | None = None, min_score: float | None = None,
                      balance_scenes: bool = False, selection: str = "network", crowding: bool = True,
-                     confusion: bool = True, bands: list[str] | None = None) -> dict:
+                     confusion: bool = True, bands: list[str] | None = None, blend: bool = True) -> dict:
     """Per instrument, the error scales of the module docstring, chosen on ``n`` validation patches.
 
     The patches carry the detector's current scales; the factors returned are the new scales (current times the
@@ -529,7 +573,8 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
     False: one floor. ``confusion``: also the errors of the refined CCD rows that keep the network's flux
     (:func:`_unfitted_flux_errors`). ``bands``: calibrate on patches of these bands (all six of MeerLICHT's, whose
     head is trained on one per image) for the head's ``band_subsets`` entry of them (result key ``band_subset``;
-    :func:`write_error_scales` writes there).
+    :func:`write_error_scales` writes there). ``blend``: also the weight of the fitted CCD rows' blend term
+    (:func:`_blend_flux_errors`), chosen with the head's other terms as they are: write those first.
     """
     from skyfm.detect import default_min_score, detect_patch, get_detector
     from skyfm.heads.config import subset_key
@@ -578,6 +623,8 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
             if confusion:
                 _unfitted_flux_errors(mf, head, res)
         _fit_flux_errors(mf, fitted, head, res, balance_scenes, crowding=crowding)
+        if not inst.is_counts and blend:
+            _blend_flux_errors(mf, head, res)
         if inst.is_counts:
             res.update(_estimated_background_errors(_concat(est), head, balance_scenes))
         results[name] = res

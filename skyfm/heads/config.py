@@ -63,6 +63,12 @@ class InstrumentHeadConfig:
             ``crowding`` the density of detected neighbours per FWHM^2 (catalog column ``crowding``,
             :func:`skyfm.catalog.psf_fit.crowding`): a star may hide a companion too close to split, more likely
             the denser the field (0: one floor for every source).
+        fit_flux_err_blend: PSF-fitted CCD rows' flux errors also hold ``fit_flux_err_blend * L``, in quadrature,
+            with ``L`` the overlapping light of the detected neighbours (catalog column ``flux_blend``,
+            :func:`skyfm.catalog.psf_fit.neighbour_light`): how a fit shares light between blended stars is as
+            uncertain as the PSF model and the positions are, which a relative floor of the star's own flux misses
+            for a faint star beside a bright one (0: none; chosen on validation patches, ``python -m
+            skyfm.finetune.ship --calibrate-errors``).
         unfitted_flux_err_scale, unfitted_flux_err_confusion: the flux errors of the rows of a refined CCD catalog
             that keep the network's flux (catalog column ``fit`` < 2: the PSF fit was not significant, or the source
             is not point-like): ``hypot(unfitted_flux_err_scale * network error, unfitted_flux_err_confusion *
@@ -156,6 +162,7 @@ class InstrumentHeadConfig:
     fit_flux_err_floor: float = 0.0
     fit_pos_err_floor: float = 0.0
     fit_flux_err_floor_crowding: float = 0.0
+    fit_flux_err_blend: float = 0.0
     unfitted_flux_err_scale: float | None = None
     unfitted_flux_err_confusion: float = 0.0
     fit_flux_err_scale_estbg: float | None = None
@@ -202,6 +209,11 @@ class InstrumentHeadConfig:
     def flux_floor_per_crowding(self) -> float:
         """``fit_flux_err_floor_crowding``: the relative flux floor per detected neighbour per FWHM^2 (CCD fits)."""
         return self._number("fit_flux_err_floor_crowding", 0.0, allow_zero=True)
+
+    def blend_flux_error_weight(self) -> float:
+        """``fit_flux_err_blend``: the share of the neighbours' overlapping light that the flux errors of PSF-fitted
+        CCD rows hold (in quadrature)."""
+        return self._number("fit_flux_err_blend", 0.0, allow_zero=True)
 
     def unfitted_flux_error_terms(self) -> tuple[float, float]:
         """(scale of the network's flux error, weight of the confusion scatter) for the rows of a refined CCD catalog
@@ -460,7 +472,7 @@ SUBSET_THRESHOLD_KEYS = ("min_score", "unconfirmed_min_score")
 # an image of other bands than the training images' (all six of MeerLICHT's) has its own error calibration too
 SUBSET_SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale",
                      "unfitted_flux_err_scale")
-SUBSET_FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_crowding",
+SUBSET_FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_crowding", "fit_flux_err_blend",
                      "unfitted_flux_err_confusion")
 
 
