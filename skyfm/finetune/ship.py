@@ -492,6 +492,10 @@ def _blend_flux_errors(m: dict, head, out: dict) -> None:
         hi *= 2.0
     if coverage(lo, blended) >= COVERAGE_68:
         hi = 0.0
+    elif coverage(hi, blended) < COVERAGE_68:  # errors far off for another reason: no weight is an answer
+        out["fit_flux_err_blend"] = now
+        out.setdefault("notes", []).append(f"blend errors: no weight up to {hi:g} covers 68% of the blended rows, kept")
+        return
     for _ in range(40):  # bisection: coverage grows with the weight
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if coverage(mid, blended) < COVERAGE_68 else (lo, mid)
