@@ -90,9 +90,46 @@ def get_detector(detector=None, device: str | None = "auto"):
 
 
 # ------------------------------------------------------------------------------------------------ accumulation
-# what the CCD refinement measures (refine_ccd_tile), NaN for rows it did not (and every counts row)
-REFINEMENT_COLUMNS = ("fit_chi2", "crowding", "flux_confusion", "flux_blend", "flux_kron", "flux_kron_err",
-                      "kron_excess", "kron_size")
+# what the CCD refinement measures (refine_ccd_tile), NaN for rows it did not (and every counts row), as the
+# catalog describes it: (name, dtype, description)
+CCD_COLUMN_DOCS = (
+    ("fit_chi2", np.float32,
+     "Reduced chi-square of the PSF fit over the source's fit box, the other detections "
+     "subtracted (about 1: a point source well fitted; NaN: no converged fit); the errors "
+     "of fitted rows grow with its square root"),
+    ("crowding", np.float32,
+     "Detected neighbours per PSF FWHM^2 around the source (Gaussian-weighted within about 3 "
+     "FWHM, itself left out; 0.01 a sparse field, 0.1 a crowded one, 0.5-1 a cluster core): "
+     "the flux-error floor of PSF-fitted rows grows with it; NaN: not refined"),
+    ("flux_confusion", np.float64,
+     "Confusion noise at the source, in flux units: the scatter of PSF fluxes at blank "
+     "places of the residual image around it (the light of undetected neighbours); the "
+     "flux errors of refined rows are at least it; NaN: not refined, or a saturated star "
+     "(aperture flux)"),
+    ("flux_blend", np.float64,
+     "Light of the detected neighbours that overlaps the source's PSF, in flux units "
+     "(their fitted fluxes weighted by the overlap of two PSFs at their separation, within "
+     "3 FWHM): the flux errors of PSF-fitted rows hold the head's fit_flux_err_blend times "
+     "it; NaN: not refined, or a residual-search find"),
+    ("flux_kron", np.float64,
+     "Kron aperture flux (skyfm.catalog.kron: 2.5 Kron radii, the other detections' PSF "
+     "models subtracted, divided by the PSF's share inside the aperture), the total flux "
+     "of an extended source; NaN: not refined, saturated, the aperture off the image, or a "
+     "crowded place (crowding above the head's kron_max_crowding, else 0.1)"),
+    ("flux_kron_err", np.float64,
+     "Error of flux_kron, flux units: the sky and Poisson noise in the aperture or, "
+     "where larger, the scatter of the residual image in such apertures at blank "
+     "places nearby (confusion)"),
+    ("kron_excess", np.float32,
+     "Light beyond the PSF model, in sigma: (flux_kron - PSF flux) / its error; about 0 "
+     "+- 1 for a point source, several for a galaxy; rows at or above the head's "
+     "kron_excess_min take flux_kron (fit 3)"),
+    ("kron_size", np.float32,
+     "Kron radius (first moment of the light, the neighbours' models subtracted) over a "
+     "point source's at the image's seeing: about 1 for a star, more for a resolved galaxy; "
+     "NaN where flux_kron is"),
+)
+REFINEMENT_COLUMNS = tuple(name for name, _, _ in CCD_COLUMN_DOCS)
 
 
 def _not_refined(n: int) -> dict:
@@ -1551,46 +1588,6 @@ def select_by_ts(arrays: dict, min_ts: float, separation: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- catalogs
-# the CCD refinement's columns (REFINEMENT_COLUMNS) as the catalog describes them: (name, dtype, description)
-CCD_COLUMN_DOCS = (
-    ("fit_chi2", np.float32,
-     "Reduced chi-square of the PSF fit over the source's fit box, the other detections "
-     "subtracted (about 1: a point source well fitted; NaN: no converged fit); the errors "
-     "of fitted rows grow with its square root"),
-    ("crowding", np.float32,
-     "Detected neighbours per PSF FWHM^2 around the source (Gaussian-weighted within about 3 "
-     "FWHM, itself left out; 0.01 a sparse field, 0.1 a crowded one, 0.5-1 a cluster core): "
-     "the flux-error floor of PSF-fitted rows grows with it; NaN: not refined"),
-    ("flux_confusion", np.float64,
-     "Confusion noise at the source, in flux units: the scatter of PSF fluxes at blank "
-     "places of the residual image around it (the light of undetected neighbours); the "
-     "flux errors of refined rows are at least it; NaN: not refined, or a saturated star "
-     "(aperture flux)"),
-    ("flux_blend", np.float64,
-     "Light of the detected neighbours that overlaps the source's PSF, in flux units "
-     "(their fitted fluxes weighted by the overlap of two PSFs at their separation, within "
-     "3 FWHM): the flux errors of PSF-fitted rows hold the head's fit_flux_err_blend times "
-     "it; NaN: not refined, or a residual-search find"),
-    ("flux_kron", np.float64,
-     "Kron aperture flux (skyfm.catalog.kron: 2.5 Kron radii, the other detections' PSF "
-     "models subtracted, divided by the PSF's share inside the aperture), the total flux "
-     "of an extended source; NaN: not refined, saturated, the aperture off the image, or a "
-     "crowded place (crowding above the head's kron_max_crowding, else 0.1)"),
-    ("flux_kron_err", np.float64,
-     "Error of flux_kron, flux units: the sky and Poisson noise in the aperture or, "
-     "where larger, the scatter of the residual image in such apertures at blank "
-     "places nearby (confusion)"),
-    ("kron_excess", np.float32,
-     "Light beyond the PSF model, in sigma: (flux_kron - PSF flux) / its error; about 0 "
-     "+- 1 for a point source, several for a galaxy; rows at or above the head's "
-     "kron_excess_min take flux_kron (fit 3)"),
-    ("kron_size", np.float32,
-     "Kron radius (first moment of the light, the neighbours' models subtracted) over a "
-     "point source's at the image's seeing: about 1 for a star, more for a resolved galaxy; "
-     "NaN where flux_kron is"),
-)
-
-
 def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", meta: dict | None = None):
     import astropy.units as u
 

@@ -39,19 +39,16 @@ import numpy as np
 import torch
 
 from skyfm.errors import SkyfmError
+from skyfm.heads.config import (FLOOR_KEYS, SCALE_KEYS, SUBSET_FLOOR_KEYS, SUBSET_SCALE_KEYS, UNFITTED_SCALE_KEYS,
+                                UNFITTED_WEIGHT_KEYS)
 from skyfm.heads.detector import DEFAULT_MODEL_DIR, SourceDetector
 
 COVERAGE_68 = math.erf(1.0 / math.sqrt(2.0))  # 0.6827: the share of a Gaussian within one sigma
 MEDIAN_2D = math.sqrt(2.0 * math.log(2.0))  # 1.1774: median radius of a circular 2-D Gaussian of unit sigma
 MIN_MATCHES = 20  # fewer matched sources than this: the factor is too noisy, keep 1.0 (and say so)
-SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale")
-# the fits' systematic errors, added in quadrature (the CCD flux floor's part that grows with crowding too)
-FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_crowding", "fit_flux_err_blend")
 # counts cubes fitted against a background estimated from the counts (no model): their own scales and floor
 ESTBG_SCALE_KEYS = ("fit_flux_err_scale_estbg", "fit_pos_err_scale_estbg")
 ESTBG_FLOOR_KEYS = ("fit_flux_err_floor_estbg",)
-# refined CCD rows that keep the network's flux: a scale of its error and a weight of the confusion noise
-UNFITTED_SCALE_KEYS, UNFITTED_WEIGHT_KEYS = ("unfitted_flux_err_scale",), ("unfitted_flux_err_confusion",)
 
 
 def ship(model_dir: str | Path, target: str | Path = DEFAULT_MODEL_DIR, notes: str | Path | None = None,
@@ -472,8 +469,11 @@ def _blend_flux_errors(m: dict, head, out: dict) -> None:
     (``fit`` 2 and the companions, 5), the smallest that makes the blended ones (their neighbours' overlapping light
     at least :data:`BLEND_MIN_SHARE` of their flux) cover 68% of their true fluxes with the head's other terms as
     they are (0 where they already do); also the coverage before / after, blended and all."""
-    sel = (m["fit"] | m["companion"]) if len(m) else np.zeros(0, bool)
-    f, e, t, light = (m[k][sel] for k in ("flux", "flux_err", "true_flux", "blend")) if len(m) else [np.zeros(0)] * 4
+    if not m:
+        m = {k: np.zeros(0, dtype=bool if k in ("fit", "companion") else float)
+             for k in ("fit", "companion", "flux", "flux_err", "true_flux", "blend")}
+    sel = m["fit"] | m["companion"]
+    f, e, t, light = (m[k][sel] for k in ("flux", "flux_err", "true_flux", "blend"))
     now = head.blend_flux_error_weight()
     base = np.sqrt(np.maximum(e ** 2 - (now * light) ** 2, 0.0))  # the errors without the term
     blended = light >= BLEND_MIN_SHARE * np.abs(f)
@@ -487,15 +487,16 @@ def _blend_flux_errors(m: dict, head, out: dict) -> None:
     def coverage(k: float, rows) -> float:
         return flux_coverage(f[rows], np.hypot(base[rows], k * light[rows]), t[rows])
 
-    lo, hi = 0.0, 1.0
-    while coverage(hi, blended) < COVERAGE_68 and hi < 1e3:
-        hi *= 2.0
-    if coverage(lo, blended) >= COVERAGE_68:
-        hi = 0.0
-    elif coverage(hi, blended) < COVERAGE_68:  # errors far off for another reason: no weight is an answer
-        out["fit_flux_err_blend"] = now
-        out.setdefault("notes", []).append(f"blend errors: no weight up to {hi:g} covers 68% of the blended rows, kept")
-        return
+    lo, hi = 0.0, 0.0  # no term needed where the blended rows are covered already
+    if coverage(0.0, blended) < COVERAGE_68:
+        hi = 1.0
+        while coverage(hi, blended) < COVERAGE_68 and hi < 1e3:
+            hi *= 2.0
+        if coverage(hi, blended) < COVERAGE_68:  # errors far off for another reason: no weight is an answer
+            out["fit_flux_err_blend"] = now
+            out.setdefault("notes", []).append(f"blend errors: no weight up to {hi:g} covers 68% of the blended "
+                                               "rows, kept")
+            return
     for _ in range(40):  # bisection: coverage grows with the weight
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if coverage(mid, blended) < COVERAGE_68 else (lo, mid)
@@ -599,9 +600,8 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
         head = det.head_config(name)
         subset = None
         if bands:
-            unknown = [b for b in bands if b not in head.bands]
-            if unknown:
-                raise SkyfmError(f"{name} has no band {unknown[0]!r}; its bands are {', '.join(head.bands)}")
+            for b in bands:
+                inst.band(b)  # one clear error for a band the instrument lacks
             subset, head = subset_key(head.bands, bands), head.for_bands(bands)
         current = {k: float(getattr(head, k)) for k in SCALE_KEYS}
         th = default_min_score(det, head) if min_score is None else float(min_score)
@@ -652,8 +652,6 @@ def write_error_scales(model_dir, scales: dict) -> Path:
     """Write the ``*_err_scale`` values of ``scales`` ({instrument: {...}}) into ``heads.<instrument>`` of
     ``model_dir/config.json`` (into its ``band_subsets`` entry where a result has a ``band_subset``), leaving every
     other key (and the weights) as they are."""
-    from skyfm.heads.config import SUBSET_FLOOR_KEYS, SUBSET_SCALE_KEYS
-
     path = Path(model_dir) / "config.json"
     try:
         cfg = json.loads(path.read_text())

@@ -468,12 +468,17 @@ class DetectorConfig:
             raise SkyfmError(f"{source}: bad detector head config ({e})") from None
 
 
+# the calibrated error terms (skyfm.finetune.ship.calibrate_errors writes them): scales of the network's and the
+# fits' errors; the fits' systematic errors, added in quadrature (the CCD flux floor's part that grows with crowding,
+# the blended CCD rows' share of their neighbours' light)
+SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale")
+FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_crowding", "fit_flux_err_blend")
+# refined CCD rows that keep the network's flux: a scale of its error and a weight of the confusion noise
+UNFITTED_SCALE_KEYS, UNFITTED_WEIGHT_KEYS = ("unfitted_flux_err_scale",), ("unfitted_flux_err_confusion",)
 SUBSET_THRESHOLD_KEYS = ("min_score", "unconfirmed_min_score")
 # an image of other bands than the training images' (all six of MeerLICHT's) has its own error calibration too
-SUBSET_SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale",
-                     "unfitted_flux_err_scale")
-SUBSET_FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_crowding", "fit_flux_err_blend",
-                     "unfitted_flux_err_confusion")
+SUBSET_SCALE_KEYS = SCALE_KEYS + UNFITTED_SCALE_KEYS
+SUBSET_FLOOR_KEYS = FLOOR_KEYS + UNFITTED_WEIGHT_KEYS
 
 
 def _subset_value_ok(key: str, value: float) -> bool:
