@@ -130,6 +130,9 @@ CCD_COLUMN_DOCS = (
      "NaN where flux_kron is"),
 )
 REFINEMENT_COLUMNS = tuple(name for name, _, _ in CCD_COLUMN_DOCS)
+# Not catalog columns: a CCD tile's rows whose Kron aperture runs off the tile (``kron_cut``) and their PSF-fitted
+# band fluxes (``psf_flux_band``), which detect_tiles measures on cut-outs across the tiles (_measure_cut_apertures)
+PENDING_KEYS = ("kron_cut", "psf_flux_band")
 
 
 def _not_refined(n: int) -> dict:
@@ -152,9 +155,12 @@ class _Found:
     class_names: list[str]
     rows: dict = field(default_factory=lambda: {k: [] for k in (
         "x", "y", "pos_err", "flux", "flux_err", "score", "class_prob", "extension", "flux_band", "flux_band_err",
-        "fit", *REFINEMENT_COLUMNS)})
+        "fit", *REFINEMENT_COLUMNS, *PENDING_KEYS)})
 
     def add(self, **arrays):
+        n = len(arrays["x"])  # tiles not refined have no pending rows
+        arrays.setdefault("kron_cut", np.zeros(n, bool))
+        arrays.setdefault("psf_flux_band", np.full((n, self.n_bands), np.nan))
         for k, v in arrays.items():
             self.rows[k].append(np.asarray(v))
 
@@ -165,7 +171,7 @@ class _Found:
                 out[k] = np.concatenate(v, axis=0)
             elif k in ("class_prob",):
                 out[k] = np.zeros((0, len(self.class_names)))
-            elif k in ("flux_band", "flux_band_err"):
+            elif k in ("flux_band", "flux_band_err", "psf_flux_band"):
                 out[k] = np.zeros((0, self.n_bands))
             else:
                 out[k] = np.zeros(0)
@@ -615,11 +621,13 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     # the steps that carry estimates from tile to tile (seeing, colours) in tile order, whatever the threads
     turns, tickets = _TileTurns(("seeing", "colours")), itertools.count()
     colours: dict = {}  # the fitted detections' band fluxes of the tiles so far
+    cosmic_pixels: list = []  # the tiles' cosmic-ray pixels, for the Kron apertures measured across tiles
+    tile_cosmics = cosmic_pixels if zoom == 1.0 else None  # (zoomed tiles' pixels are not the image's)
 
     def refined(k, p, d):
         try:
             d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays, colours=colours,
-                                turn=lambda name: turns.turn(k, name))
+                                turn=lambda name: turns.turn(k, name), cosmic_pixels=tile_cosmics)
         finally:
             turns.skip(k)
         found = np.isin(d["fit"], (4, 5))  # the residual search's finds and companions
@@ -676,7 +684,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             d["pos_err"] = d["pos_err"] * f
             if zoom != 1.0 and not inst.is_counts:  # surface brightness was kept: sums scale with pixel area
                 for k in ("flux", "flux_err", "flux_band", "flux_band_err", "flux_confusion", "flux_kron",
-                          "flux_kron_err"):
+                          "flux_kron_err", "flux_blend", "psf_flux_band"):
                     d[k] = d[k] * f * f
             own = t.owns(d["x"], d["y"])
             if np.any(own):
@@ -712,6 +720,12 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
         keep = merge_close(arrays["x"], arrays["y"], arrays["score"], MERGE_RADIUS_PIX)
         keep = np.sort(keep)
         arrays = {k: v[keep] for k, v in arrays.items()}
+    if np.any(arrays["kron_cut"]):  # on cut-outs of the image in its own pixels, zoomed tiles or not
+        arrays = _measure_cut_apertures(
+            arrays, source, inst, head, grid, tile_hw, inst.pixel_scale_deg if zoom == 1.0 else pixel_scale,
+            seeing, colours, cosmic_pixels if zoom == 1.0 else None, mask_cosmic_rays)
+    for k in PENDING_KEYS:
+        arrays.pop(k)
     order = np.argsort(-arrays["score"], kind="stable")
     return {k: v[order] for k, v in arrays.items()}
 
@@ -868,7 +882,8 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
 
 
 def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
-                    mask_cosmic_rays: bool | None = None, colours: dict | None = None, turn=None) -> dict:
+                    mask_cosmic_rays: bool | None = None, colours: dict | None = None, turn=None,
+                    cosmic_pixels: list | None = None) -> dict:
     """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
 
     Every detection is modelled (so that neighbours share their light) on the pixels below the instrument's
@@ -903,12 +918,14 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     colour template (:func:`colour_template`) gives the residual search's finds their total fluxes
     (:func:`_template_total`). ``turn(name)``: a context manager around the steps that read and add to ``seeing``
     (name ``seeing``) and ``colours`` (``colours``); :func:`detect_tiles`, refining tiles in threads, passes one
-    that takes them in tile order.
+    that takes them in tile order. ``cosmic_pixels`` (a list kept across the tiles of one image): each tile
+    appends its cosmic-ray pixels, (band, y, x) in image pixels (the tile's ``meta`` ``tile_y0``, ``tile_x0``), for
+    :func:`_measure_cut_apertures`. Rows whose Kron aperture runs off the tile take no Kron measurement here: they
+    carry ``kron_cut`` and their fitted ``psf_flux_band`` (:data:`PENDING_KEYS`) for it.
     """
     from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, crowding, estimate_fwhm,
                                        fit_psf_sources, neighbour_light, residual_image)
-    from skyfm.catalog.kron import half_light_radius_pix, kron_photometry
-    from skyfm.heads.classification import calibrate_class_prob
+    from skyfm.catalog.kron import kron_photometry
 
     n = len(d["x"])
     if not head.psf_fit or (n == 0 and head.residual_search is None):
@@ -926,6 +943,10 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
 
         cosmics = cosmic_ray_mask(data, inst, mask=mask)
         mask |= cosmics
+        if cosmic_pixels is not None:
+            c, yy, xx = np.nonzero(cosmics)
+            cosmic_pixels.append(np.stack([c, yy + patch.meta.get("tile_y0", 0), xx + patch.meta.get("tile_x0", 0)]
+                                          ).astype(np.int32))
     scale = inst.pixel_scale_deg
     h, w = data.shape[1:]
     iy = np.clip(np.rint(d["y"]).astype(int), 0, h - 1)
@@ -962,8 +983,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
                     known.append(fwhm)
                 if known:
                     fwhm = float(np.median(known))
-            fwhm = band.psf.fwhm_deg * round(fwhm / band.psf.fwhm_deg / 0.03) * 0.03  # 3% steps: shared stamp tables
-            psfs.append(band.psf_with_fwhm(fwhm))
+            psfs.append(_psf_at_seeing(band, fwhm))
     gain = float((inst.noise or {}).get("gain", 1.0))
     flux0 = np.nan_to_num(d["flux_band"], nan=0.0)  # only weights the first linear fit
     bg, rms = np.stack(bg), np.stack(rms)  # (C, H, W)
@@ -1057,7 +1077,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     # galaxies: the light their PSF model leaves in the residual, in a Kron aperture (the neighbours subtracted),
     # measured where the field is sparse enough for an aperture (crowded places have few galaxies and would cost
     # most of the time)
-    excess_min, kron_scale, kron_floor, kron_crowding = head.kron_settings(KRON_MAX_CROWDING)
+    kron_crowding = head.kron_settings(KRON_MAX_CROWDING)[3]
     search = head.residual_search_terms()
     finds = None
     if search is not None:  # sources no detection stands for: PSF-fitted on the residual, measured with the others
@@ -1082,36 +1102,18 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     kron = kron_photometry(resid, rms, psfs, scale, both["x"], both["y"], both["flux_band"], gain=gain, mask=mask,
                            select=select, windowed=bool(head.kron_centroid))
     kron, kron_finds = _take(kron, slice(None, n)), _take(kron, slice(n, None))
-    measured = np.isfinite(kron["flux"]) & (kron["flux"] > 0)
-    extended = measured & (kron["excess"] >= excess_min) & (np.arange(n) < n_net)  # companions are points
-    d["flux"] = np.where(extended, kron["flux"], d["flux"])
-    d["flux_err"] = np.where(extended, np.hypot(kron["flux_err"] * kron_scale, kron_floor * kron["flux"]),
-                             d["flux_err"])
-    d["flux_band"] = np.where(extended[:, None], kron["flux_band"], d["flux_band"])
-    band_err = np.hypot(kron["flux_band_err"] * kron_scale, kron_floor * kron["flux_band"])
-    d["flux_band_err"] = np.where(extended[:, None], band_err, d["flux_band_err"])
-    d["extension"] = np.where(extended, half_light_radius_pix(kron["r1"], kron["r1_psf"]) * scale, d["extension"])
-    # and their position the centre of their light (a windowed centroid), where a PSF fit settles on a galaxy's
-    # brightest part or on the side its neighbours' models left
-    centred = extended & np.isfinite(kron["x_win"])  # NaN unless the head has kron_centroid
-    d["x"] = np.where(centred, kron["x_win"], d["x"])
-    d["y"] = np.where(centred, kron["y_win"], d["y"])
-    d["pos_err"] = np.where(centred, np.hypot(kron["pos_err_win"] * pos_scale, pos_floor), d["pos_err"])
-    d["fit"] = np.where(extended, 3, d["fit"]).astype(np.int8)
+    network = np.arange(n) < n_net  # companions are points
+    # an aperture that runs off this tile holds part of the light: detect_tiles measures it whole on a cut-out of
+    # the image across the tiles (_measure_cut_apertures), and until then the row keeps its PSF values
+    whole = ~kron["cut"]
+    d = _apply_kron(d, kron, whole, network & whole, head, scale)
     d["fit"][n_net:] = 5  # companions: position and flux from the fit, as fit 2
-    size = kron["r1"] / kron["r1_psf"]  # 1 for a point source
-    calibration = head.class_calibration_terms()
-    if calibration is not None:  # where an aperture says what the source's morphology is
-        d["class_prob"] = calibrate_class_prob(d["class_prob"], names, calibration, kron["excess"], kron["flux"],
-                                               kron["flux_err"], size)
+    d["kron_cut"] = kron["cut"] & network
+    d["psf_flux_band"] = np.asarray(fit["flux_band"], dtype=np.float64)
     d["fit_chi2"] = np.where(fit["ok"], fit["chi2_red"], np.nan)
     d["crowding"] = crowd
     d["flux_confusion"] = np.where(saturated, np.nan, blank)
     d["flux_blend"] = light
-    d["flux_kron"] = np.where(measured, kron["flux"], np.nan)
-    d["flux_kron_err"] = np.where(measured, kron["flux_err"], np.nan)
-    d["kron_excess"] = np.where(measured, kron["excess"], np.nan)
-    d["kron_size"] = np.where(measured, size, np.nan)
     template = None  # one band: its flux is the total
     with turn("colours"):  # the image's colours, from its fitted detections of the tiles so far (tile order)
         if len(patch.bands) > 1:
@@ -1124,6 +1126,58 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
         d = _with_residual_finds(d, finds, kron_finds, head, search, scale, crowding(
             np.concatenate([d["x"], finds["x"]]), np.concatenate([d["y"], finds["y"]]), (h, w), fwhm_pix)[n:],
             template=template)
+    return d
+
+
+def _psf_at_seeing(band, fwhm_deg: float):
+    """``band``'s PSF at the seeing ``fwhm_deg``, in 3% steps of its nominal FWHM (tiles share stamp tables)."""
+    nominal = band.psf.fwhm_deg
+    return band.psf_with_fwhm(nominal * round(fwhm_deg / nominal / 0.03) * 0.03)
+
+
+def _kron_flux(kron: dict, err_scale: float, floor: float) -> tuple:
+    """(flux, flux_err, flux_band, flux_band_err) of rows that take their Kron fluxes: the aperture's errors times
+    the head's ``kron_flux_err_scale``, a relative ``floor`` in quadrature."""
+    return (kron["flux"], np.hypot(kron["flux_err"] * err_scale, floor * kron["flux"]), kron["flux_band"],
+            np.hypot(kron["flux_band_err"] * err_scale, floor * kron["flux_band"]))
+
+
+def _apply_kron(d: dict, kron: dict, rows, may_extend, head, scale: float) -> dict:
+    """``d`` with the Kron measurements ``kron`` (:func:`~skyfm.catalog.kron.kron_photometry`, row for row) of
+    ``rows`` written: the columns ``flux_kron``, ``flux_kron_err``, ``kron_excess``, ``kron_size`` (where a
+    positive flux was measured), class probabilities from the head's ``class_calibration``; and those of
+    ``may_extend`` whose light beyond the PSF model reaches the head's ``kron_excess_min`` take the Kron flux, the
+    half-light radius as extension, with the head's ``kron_centroid`` the windowed centroid of their light as
+    position (where a PSF fit settles on a galaxy's brightest part or on the side its neighbours' models left), and
+    ``fit`` 3."""
+    from skyfm.catalog.kron import half_light_radius_pix
+    from skyfm.heads.classification import calibrate_class_prob
+
+    d = dict(d)
+    excess_min, kron_scale, kron_floor, _ = head.kron_settings(KRON_MAX_CROWDING)
+    pos_scale, pos_floor = head.error_scales(fit=True)[1], head.error_floors()[1]
+    measured = rows & np.isfinite(kron["flux"]) & (kron["flux"] > 0)
+    extended = measured & may_extend & (kron["excess"] >= excess_min)
+    flux, flux_err, flux_band, band_err = _kron_flux(kron, kron_scale, kron_floor)
+    d["flux"] = np.where(extended, flux, d["flux"])
+    d["flux_err"] = np.where(extended, flux_err, d["flux_err"])
+    d["flux_band"] = np.where(extended[:, None], flux_band, d["flux_band"])
+    d["flux_band_err"] = np.where(extended[:, None], band_err, d["flux_band_err"])
+    d["extension"] = np.where(extended, half_light_radius_pix(kron["r1"], kron["r1_psf"]) * scale, d["extension"])
+    centred = extended & np.isfinite(kron["x_win"])  # NaN unless the head has kron_centroid
+    d["x"] = np.where(centred, kron["x_win"], d["x"])
+    d["y"] = np.where(centred, kron["y_win"], d["y"])
+    d["pos_err"] = np.where(centred, np.hypot(kron["pos_err_win"] * pos_scale, pos_floor), d["pos_err"])
+    d["fit"] = np.where(extended, 3, d["fit"]).astype(np.int8)
+    size = kron["r1"] / kron["r1_psf"]  # 1 for a point source
+    calibration = head.class_calibration_terms()
+    if calibration is not None:  # where an aperture says what the source's morphology is
+        prob = calibrate_class_prob(d["class_prob"], list(head.class_names), calibration, kron["excess"],
+                                    kron["flux"], kron["flux_err"], size)
+        d["class_prob"] = np.where(rows[:, None], prob, d["class_prob"])
+    for key, value in (("flux_kron", kron["flux"]), ("flux_kron_err", kron["flux_err"]),
+                       ("kron_excess", kron["excess"]), ("kron_size", size)):
+        d[key] = np.where(rows, np.where(measured, value, np.nan), d.get(key, np.nan))
     return d
 
 
@@ -1244,10 +1298,12 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
                          template: np.ndarray | None = None) -> dict:
     """``d`` with rows (``fit`` 4) for the residual search's ``finds`` (:func:`_fit_finds`): those whose light beyond
     the PSF model (``kron_excess``) reaches the search's ``kron_excess_min``, or whose PSF fit failed, take the Kron
-    flux and the half-light radius from it, the others the PSF fit's flux; finds with no Kron measurement (the
-    aperture off the tile or masked) are dropped, as a diffuse source's PSF flux would hold a fraction of its light,
-    and so are those with no light in the aperture (Kron total <= 0; under the colour ``template`` where there is
-    one) or a Kron row's Kron sum <= 0;
+    flux and the half-light radius from it, the others the PSF fit's flux (:func:`_finds_kron_choice`); finds with
+    no Kron measurement (the aperture masked or off the image) are dropped, as a diffuse source's PSF flux would
+    hold a fraction of its light, and so are those with no light in the aperture (Kron total <= 0; under the colour
+    ``template`` where there is one) or a Kron row's Kron sum <= 0; but a find whose aperture runs off the tile
+    (``kron["cut"]``) stays as a PSF row with no Kron measurement, pending the one :func:`detect_tiles` makes on a
+    cut-out across the tiles (:func:`_measure_cut_apertures`), which settles it by these rules;
     errors with the search's relative floor; position the PSF fit's (else the search's peak; Kron rows of a head
     with ``kron_centroid``: their windowed centroid), error
     sqrt(2) sigma / snr (a Gaussian source's Cramér-Rao bound per axis, sigma the matched filter's) times the
@@ -1256,50 +1312,158 @@ def _with_residual_finds(d: dict, finds: dict, kron: dict, head, search: dict, s
     class 1 / K), else galaxy for Kron rows and 1 / K for the others. With a colour ``template`` (several bands,
     :func:`colour_template`) the PSF rows' total flux is :func:`_template_total` of their band fluxes, not their
     sum (the band fluxes stay as fitted; Kron rows keep the Kron total, the column ``flux_kron``)."""
+    psf_flux, psf_err = finds["flux"], finds["flux_err"]
+    if template is not None:
+        psf_flux, psf_err = _template_total(finds["flux_band"], finds["flux_band_err"], template)
+    psf = np.isfinite(psf_flux) & (psf_flux > 0)
+    pending = kron["cut"]
+    ext, keep = _finds_kron_choice(kron, psf, search, template)
+    keep |= pending
+    if not np.any(keep):
+        return d
+    k, f, psf_flux, psf_err = _take(kron, keep), _take(finds, keep), psf_flux[keep], psf_err[keep]
+    ext, pending = ext[keep] & ~pending[keep], pending[keep]
+    flux_scale, _ = head.error_scales(fit=True)
+    floor = search["flux_err_floor"]
+    score = 1.0 / (1.0 + np.exp(-(search["intercept"] + search["slope"] * np.log(f["snr"]))))
+    pos_err = search["pos_err_scale"] * np.sqrt(2.0) * f["sigma_pix"] / f["snr"]
+    rows = _rows_like(d, len(psf_flux), x=f["x"], y=f["y"], pos_err=pos_err, flux=psf_flux,
+                      flux_err=np.hypot(psf_err * flux_scale, floor * psf_flux), score=score,
+                      class_prob=1.0 / len(head.class_names), extension=0.0, flux_band=f["flux_band"],
+                      flux_band_err=np.hypot(f["flux_band_err"] * flux_scale, floor * f["flux_band"]), fit=4,
+                      fit_chi2=f["chi2_red"], crowding=crowd[keep], kron_cut=pending, psf_flux_band=f["flux_band"])
+    rows = _finds_take_kron(rows, k, ~pending, ext, head, search, scale)
+    return {key: np.concatenate([d[key], rows[key]]) for key in d}
+
+
+def _finds_kron_choice(kron: dict, psf, search: dict, template) -> tuple[np.ndarray, np.ndarray]:
+    """(extended, keep) of residual-search finds measured in Kron apertures (:func:`_with_residual_finds`'s rule):
+    extended where the light beyond the PSF model reaches the search's ``kron_excess_min`` or the PSF fit failed
+    (``psf`` False); kept where measured, with light in the aperture under the image's colours where it has them (a
+    sum over bands would keep the finds whose deep-noise bands, WISE W3 / W4, came out high, and drop as many real
+    ones), and an extended one's Kron sum positive."""
+    kron_total = kron["flux"]
+    if template is not None:
+        kron_total = _template_total(kron["flux_band"], kron["flux_band_err"], template)[0]
+    with np.errstate(invalid="ignore"):
+        ext = (kron["excess"] >= search["kron_excess_min"]) | ~psf
+        keep = np.isfinite(kron["flux"]) & (kron_total > 0) & (~ext | (kron["flux"] > 0))
+    return ext, keep
+
+
+def _finds_take_kron(rows: dict, kron: dict, measured, ext, head, search: dict, scale: float) -> dict:
+    """Residual-search finds' ``rows`` with their Kron measurements ``kron`` (row for row) written where
+    ``measured``: the Kron columns, class probabilities (the head's calibration, else galaxy for the extended);
+    and the ``ext`` rows take the Kron flux (errors with the search's floor), the half-light radius, with the head's
+    ``kron_centroid`` the windowed centroid, and no PSF chi-square."""
     from skyfm.catalog.kron import half_light_radius_pix
     from skyfm.heads.classification import calibrate_class_prob
 
-    psf_flux, psf_err = finds["flux"], finds["flux_err"]
-    kron_total = kron["flux"]
-    if template is not None:
-        psf_flux, psf_err = _template_total(finds["flux_band"], finds["flux_band_err"], template)
-        kron_total = _template_total(kron["flux_band"], kron["flux_band_err"], template)[0]
-    psf = np.isfinite(psf_flux) & (psf_flux > 0)
-    ext = (kron["excess"] >= search["kron_excess_min"]) | ~psf
-    # measured, with light in the aperture: under the image's colours where it has them (a sum over bands would
-    # keep the finds whose deep-noise bands, WISE W3 / W4, came out high, and drop as many real ones); a row that
-    # takes the Kron total needs a positive one
-    keep = np.isfinite(kron["flux"]) & (kron_total > 0) & (~ext | (kron["flux"] > 0))
-    if not np.any(keep):
-        return d
-    k, f, ext, psf_flux, psf_err = _take(kron, keep), _take(finds, keep), ext[keep], psf_flux[keep], psf_err[keep]
+    rows = dict(rows)
     _, kron_scale, _, _ = head.kron_settings(KRON_MAX_CROWDING)
-    flux_scale, _ = head.error_scales(fit=True)
-    floor = search["flux_err_floor"]
-    col = lambda e: e[:, None] if np.ndim(k["flux_band"]) == 2 else e
-    flux = np.where(ext, k["flux"], psf_flux)
-    flux_band = np.where(col(ext), k["flux_band"], f["flux_band"])
-    stat = np.where(ext, k["flux_err"] * kron_scale, psf_err * flux_scale)
-    stat_band = np.where(col(ext), k["flux_band_err"] * kron_scale, f["flux_band_err"] * flux_scale)
+    flux, flux_err, flux_band, band_err = _kron_flux(kron, kron_scale, search["flux_err_floor"])
+    rows["flux"] = np.where(ext, flux, rows["flux"])
+    rows["flux_err"] = np.where(ext, flux_err, rows["flux_err"])
+    rows["flux_band"] = np.where(ext[:, None], flux_band, rows["flux_band"])
+    rows["flux_band_err"] = np.where(ext[:, None], band_err, rows["flux_band_err"])
+    rows["extension"] = np.where(ext, half_light_radius_pix(kron["r1"], kron["r1_psf"]) * scale, rows["extension"])
+    rows["fit_chi2"] = np.where(ext, np.nan, rows["fit_chi2"])
+    centred = ext & np.isfinite(kron["x_win"])  # as refine_ccd_tile's Kron rows (NaN unless kron_centroid)
+    rows["x"] = np.where(centred, kron["x_win"], rows["x"])
+    rows["y"] = np.where(centred, kron["y_win"], rows["y"])
     names = list(head.class_names)
-    size = k["r1"] / k["r1_psf"]
-    prob = np.full((len(flux), len(names)), 1.0 / len(names))
+    size = kron["r1"] / kron["r1_psf"]
     calibration = head.class_calibration_terms()
     if calibration is not None:
-        prob = calibrate_class_prob(prob, names, calibration, k["excess"], k["flux"], k["flux_err"], size)
+        prob = calibrate_class_prob(rows["class_prob"], names, calibration, kron["excess"], kron["flux"],
+                                    kron["flux_err"], size)
+        rows["class_prob"] = np.where(measured[:, None], prob, rows["class_prob"])
     elif "galaxy" in names:
-        prob[ext] = np.eye(len(names))[names.index("galaxy")]
-    score = 1.0 / (1.0 + np.exp(-(search["intercept"] + search["slope"] * np.log(f["snr"]))))
-    pos_err = search["pos_err_scale"] * np.sqrt(2.0) * f["sigma_pix"] / f["snr"]
-    centred = ext & np.isfinite(k["x_win"])  # as refine_ccd_tile's Kron rows (NaN unless kron_centroid)
-    x, y = np.where(centred, k["x_win"], f["x"]), np.where(centred, k["y_win"], f["y"])
-    rows = _rows_like(d, len(flux), x=x, y=y, pos_err=pos_err, flux=flux,
-                      flux_err=np.hypot(stat, floor * flux), score=score, class_prob=prob,
-                      extension=np.where(ext, half_light_radius_pix(k["r1"], k["r1_psf"]) * scale, 0.0),
-                      flux_band=flux_band, flux_band_err=np.hypot(stat_band, floor * flux_band), fit=4,
-                      fit_chi2=np.where(ext, np.nan, f["chi2_red"]), crowding=crowd[keep], flux_kron=k["flux"],
-                      flux_kron_err=k["flux_err"], kron_excess=k["excess"], kron_size=size)
-    return {key: np.concatenate([d[key], rows[key]]) for key in d}
+        rows["class_prob"] = np.where(ext[:, None], np.eye(len(names))[names.index("galaxy")], rows["class_prob"])
+    for key, value in (("flux_kron", kron["flux"]), ("flux_kron_err", kron["flux_err"]),
+                       ("kron_excess", kron["excess"]), ("kron_size", size)):
+        rows[key] = np.where(measured, value, rows[key])
+    return rows
+
+
+def _measure_cut_apertures(arrays: dict, source, inst, head, grid, tile_hw, scale: float, seeing: dict,
+                           colours: dict, cosmic_pixels: list | None, mask_cosmic_rays: bool | None) -> dict:
+    """``arrays`` (image pixels, every tile's rows) with the Kron apertures that ran off their tile (``kron_cut``:
+    a galaxy near a tile's edge, whose aperture may be 50-100 px across on a Hubble image) measured whole on a
+    cut-out of the image, their tile and as far beyond it as the tile's largest aperture: the detections take their Kron
+    flux by :func:`_apply_kron`'s rule, the residual search's finds kept pending by :func:`_with_residual_finds`
+    are settled by its rules (:func:`_finds_kron_choice`; dropped where the aperture is masked or still off the
+    image). The cut-out (pixels of ``scale`` deg) is treated as a tile is: saturated and dead pixels masked, and the
+    cosmic-ray pixels the tiles found (``cosmic_pixels`` of :func:`refine_ccd_tile`; None: found on the cut-out,
+    where ``mask_cosmic_rays`` or the head says), the background and rms of
+    :func:`~skyfm.catalog.psf_fit.background_and_rms`; its residual holds every row's PSF model (the PSF-fitted
+    band fluxes where there are, the catalog's elsewhere), the PSFs at the image's seeing as the tiles found it
+    (``seeing``)."""
+    from skyfm.catalog.kron import kron_photometry
+    from skyfm.catalog.psf_fit import background_and_rms, residual_image
+    from skyfm.data.patch import Patch
+    from skyfm.data.tiling import Tile, tile_patch
+
+    cut, x, y = arrays["kron_cut"], arrays["x"], arrays["y"]
+    finds = cut & (arrays["fit"] == 4)
+    _, height, width = source.shape
+    bands = list(source.bands)
+    psfs = [_psf_at_seeing(inst.band(b), float(np.median(seeing[b])) if seeing.get(b) else inst.band(b).psf.fwhm_deg)
+            for b in bands]
+    gain = float((inst.noise or {}).get("gain", 1.0))
+    max_r = 0.25 * min(tile_hw)  # kron_photometry's largest aperture on a tile
+    margin = int(np.ceil(max_r)) + 2
+    search = head.residual_search_terms()
+    template = colour_template(colours) if len(bands) > 1 else None
+    if cosmic_pixels is None and (head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays):
+        from skyfm.catalog.cosmics import cosmic_ray_mask
+    else:
+        cosmic_ray_mask = None
+    cosmics = np.concatenate(cosmic_pixels, axis=1) if cosmic_pixels else np.zeros((3, 0), np.int32)
+    model_band = np.where(np.isfinite(arrays["psf_flux_band"]), arrays["psf_flux_band"],
+                          np.nan_to_num(arrays["flux_band"]))
+    keep = ~finds
+    for t in grid:
+        idx = np.flatnonzero(cut & t.owns(x, y))
+        if idx.size == 0:
+            continue
+        # the tile and a margin: a cut-out about the sources alone would take a large galaxy's light for background
+        y0, y1 = max(0, t.y0 - margin), min(height, t.y1 + margin)
+        x0, x1 = max(0, t.x0 - margin), min(width, t.x1 + margin)
+        window = Tile(y0, y1, x0, x1, y0, y1, x0, x1)
+        patch = tile_patch(source, window) if isinstance(source, Patch) else source.read_patch_window(y0, y1, x0, x1)
+        patch = _prepare_tile(patch, inst)
+        if patch is None:
+            continue
+        data = np.asarray(patch.data, dtype=np.float64)
+        mask = saturation_mask(data, inst)
+        if patch.mask is not None:
+            mask |= np.asarray(patch.mask, bool)
+        if cosmic_ray_mask is not None:
+            mask |= cosmic_ray_mask(data, inst, mask=mask)
+        hit = (cosmics[1] >= y0) & (cosmics[1] < y1) & (cosmics[2] >= x0) & (cosmics[2] < x1)
+        mask[cosmics[0, hit], cosmics[1, hit] - y0, cosmics[2, hit] - x0] = True
+        bg, rms = (np.stack(a) for a in zip(*(background_and_rms(data[c], mask[c]) for c in range(len(bands)))))
+        mask |= data < bg - DEAD_PIXEL_SIGMA * rms
+        near = np.flatnonzero((x >= x0 - 0.5) & (x < x1 - 0.5) & (y >= y0 - 0.5) & (y < y1 - 0.5))
+        local = {"x": x[near] - x0, "y": y[near] - y0, "flux_band": model_band[near]}
+        resid = residual_image(data, bg, rms, psfs, scale, local)
+        select = np.isin(near, idx)
+        kron = kron_photometry(resid, rms, psfs, scale, local["x"], local["y"], local["flux_band"], gain=gain,
+                               mask=mask, select=select, windowed=bool(head.kron_centroid), max_radius_pix=max_r)
+        kron = _take(kron, select)
+        kron["x_win"], kron["y_win"] = kron["x_win"] + x0, kron["y_win"] + y0
+        rows = near[select]
+        is_find = finds[rows]
+        sub = _apply_kron(_take(arrays, rows), kron, ~is_find, ~is_find, head, scale)
+        if search is not None and is_find.any():
+            psf = np.isfinite(sub["flux"]) & (sub["flux"] > 0)  # a pending find's flux is its PSF fit's
+            ext, measured = _finds_kron_choice(kron, psf, search, template)
+            sub = _finds_take_kron(sub, kron, is_find & measured, is_find & measured & ext, head, search, scale)
+            keep[rows[is_find & measured]] = True
+        for k in arrays:
+            arrays[k][rows] = sub[k]
+    return _take(arrays, keep)
 
 
 def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None) -> dict:

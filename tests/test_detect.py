@@ -963,6 +963,65 @@ def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_di
     assert not (none["fit"] == 3).any() and np.isnan(none["flux_kron"]).all()
 
 
+def test_kron_apertures_that_run_off_a_tile_are_measured_whole_across_the_tiles(model_dir):
+    """Tiles of 128 px (overlap 32) over a 384-px MeerLICHT image with two disk galaxies (half-light radii 6-8 px,
+    Kron apertures ~25-30 px) inside a tile's core 2 px from its boundary: one a detection, one the residual
+    search's find. Their apertures run ~15 px off their tile, which keeps their PSF values (the find pending);
+    measured across the tiles, they take the Kron fluxes a tile centred on each gives them."""
+    import copy
+
+    from scipy.ndimage import gaussian_filter
+
+    from skyfm.data.tiling import Tile, tile_grid, tile_patch
+    from skyfm.detect import _measure_cut_apertures, refine_ccd_tile
+    from skyfm.heads import load_detector
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("meerlicht")
+    head = copy.deepcopy(load_detector(model_dir).head_config("meerlicht"))
+    head.kron_excess_min, head.kron_centroid = 2.0, False
+    head.residual_search = {"min_snr": 5.0, "intercept": 0.0, "slope": 1.0}
+    p = simulate_patch("meerlicht", 5, size=384, bands=["q"], scene="empty")
+    yy, xx = np.mgrid[:384, :384]
+    sigma = inst.band("q").psf.fwhm_deg / inst.pixel_scale_deg / 2.355
+    galaxy, find = (109.6, 200.3), (200.4, 110.1)  # tile cores meet at 112 (x) and 112 (y)
+    light = 0.0
+    for (x, y), flux, r_e in ((galaxy, 2e5, 8.0), (find, 6e4, 6.0)):
+        disk = gaussian_filter(np.exp(-1.678 * np.hypot(xx - x, yy - y) / r_e), sigma)
+        light = light + flux * disk / disk.sum()
+    p.data = p.data + np.random.default_rng(1).poisson(light)[None].astype(p.data.dtype)
+    row = {"x": np.array([galaxy[0]]), "y": np.array([galaxy[1]]), "pos_err": np.full(1, 0.5), "score": np.ones(1),
+           "class_prob": np.array([[0.5, 0.5]]), "extension": np.zeros(1), "flux": np.array([1e5]),
+           "flux_band": np.array([[1e5]]), "flux_err": np.array([1e5]), "flux_band_err": np.array([[1e5]]),
+           "fit": np.zeros(1, np.int8)}
+
+    def refine(tile, rows):  # image pixels in and out
+        rows = {k: v.copy() for k, v in rows.items()}
+        rows["x"], rows["y"] = rows["x"] - tile.x0, rows["y"] - tile.y0
+        out = refine_ccd_tile(rows, tile_patch(p, tile), inst, head)
+        out["x"], out["y"] = out["x"] + tile.x0, out["y"] + tile.y0
+        return out
+
+    grid = tile_grid(384, 384, 128, 32)
+    parts = []
+    for t in grid:
+        r = refine(t, {k: v[t.owns(row["x"], row["y"])] for k, v in row.items()})
+        parts.append({k: v[t.owns(r["x"], r["y"])] for k, v in r.items()})
+    tiled = {k: np.concatenate([r[k] for r in parts]) for k in parts[0]}
+    nearest = lambda rows, xy: int(np.argmin(np.hypot(rows["x"] - xy[0], rows["y"] - xy[1])))
+    g, f = nearest(tiled, galaxy), nearest(tiled, find)
+    assert tiled["kron_cut"][[g, f]].all() and np.isnan(tiled["flux_kron"][[g, f]]).all()
+    assert tiled["fit"][g] == 2 and tiled["fit"][f] == 4 and np.isfinite(tiled["flux"][f])  # PSF values meanwhile
+    measured = _measure_cut_apertures(copy.deepcopy(tiled), p, inst, head, grid, (128, 128), inst.pixel_scale_deg,
+                                      {}, {}, [], None)
+    for xy, rows, fit in ((galaxy, row, 3), (find, {k: v[:0] for k, v in row.items()}, 4)):
+        centred = refine(Tile(int(xy[1]) - 64, int(xy[1]) + 64, int(xy[0]) - 64, int(xy[0]) + 64, 0, 0, 0, 0), rows)
+        i, j = nearest(measured, xy), nearest(centred, xy)
+        assert not centred["kron_cut"][j] and centred["fit"][j] == measured["fit"][i] == fit
+        assert abs(measured["flux"][i] / centred["flux"][j] - 1) < 0.05
+        assert measured["flux"][i] == measured["flux_kron"][i] and measured["extension"][i] > 0
+
+
 def test_tiles_refined_in_threads_give_the_same_catalog(model_dir):
     """Threads share the CCD refinement of a batch's tiles, while the network runs on the next batch (four batches
     here); the seeing, which accumulates from tile to tile, is taken in tile order, so the catalog does not depend

@@ -68,6 +68,8 @@ def test_apertures_off_the_image_or_masked_give_no_flux_and_no_source_is_fine():
     mask[40:60, 40:60] = True
     kron = kron_photometry(img - 100.0, rms, [PSF], SCALE, [3.0, 50.0], [50.0, 50.0], np.zeros((2, 1)), mask=mask)
     assert np.isnan(kron["flux"]).all()  # one half off the image, one masked
+    # only the one off the image is "cut": on a tile of a larger image, a wider cut-out would measure it
+    assert kron["cut"].tolist() == [True, False]
     empty = kron_photometry(img - 100.0, rms, [PSF], SCALE, [], [], np.zeros((0, 1)))
     assert empty["flux"].shape == (0,)
 

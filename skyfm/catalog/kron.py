@@ -72,7 +72,10 @@ def kron_photometry(resid, rms, psfs, pixel_scale_deg: float, x, y, flux_band, *
         (pixels); ``excess`` (N,) the aperture-corrected residual flux over its error (sigma of light beyond the
         PSF model); ``r1_psf`` the PSF's own Kron radius (pixels); ``x_win``, ``y_win``, ``pos_err_win`` (N,) the
         windowed centroid and its error per axis (pixels; NaN where it ran off, see :func:`_windowed_centroids`),
-        the window's sigma :data:`WINDOW_SIGMA_PER_R1` x r1 between one and :data:`WINDOW_MAX_PSF_SIGMA` PSF sigmas.
+        the window's sigma :data:`WINDOW_SIGMA_PER_R1` x r1 between one and :data:`WINDOW_MAX_PSF_SIGMA` PSF sigmas;
+        ``cut`` (N,) bool: the aperture runs off the array, so that its flux (if not NaN) is of the part on it;
+        where the array is a tile of a larger image, a wider cut-out measures all of it
+        (:func:`skyfm.detect.detect_tiles` does).
     """
     resid = np.asarray(resid, dtype=np.float64)
     C, H, W = resid.shape
@@ -90,7 +93,7 @@ def kron_photometry(resid, rms, psfs, pixel_scale_deg: float, x, y, flux_band, *
     out = dict(flux_band=np.full((n, C), np.nan), flux_band_err=np.full((n, C), np.nan), flux=np.full(n, np.nan),
                flux_err=np.full(n, np.nan), radius=np.full(n, np.nan), r1=np.full(n, np.nan),
                excess=np.full(n, np.nan), r1_psf=r1_psf, x_win=np.full(n, np.nan), y_win=np.full(n, np.nan),
-               pos_err_win=np.full(n, np.nan))
+               pos_err_win=np.full(n, np.nan), cut=np.zeros(n, bool))
     ids = np.arange(n) if select is None else np.flatnonzero(np.asarray(select, bool).ravel())
     if ids.size == 0:
         return out
@@ -116,13 +119,14 @@ def kron_photometry(resid, rms, psfs, pixel_scale_deg: float, x, y, flux_band, *
     band, band_err = np.full((m, C), np.nan), np.full((m, C), np.nan)
     for c, p in enumerate(psfs):
         contained = p.containment(radius * scale)  # (m,): the own model's share inside the aperture
-        summed, var, outside = _aperture_sums(resid[c], var_sky[c], bad, x, y, radius, owner, ids)
+        summed, var, outside, off = _aperture_sums(resid[c], var_sky[c], bad, x, y, radius, owner, ids)
         total = summed + flux_band[:, c] * contained  # the aperture's light: residual plus the own model
         # the residual's scatter in apertures of this size at blank places: sky noise, and in crowded fields the
         # light of undetected stars and the misfits of the detected ones (confusion), which the sky rms misses
         blank = _blank_aperture_scatter(resid[c], bad, x, y, radius, rng)
         var = np.maximum(var, blank ** 2) + np.clip(total, 0, None) / gain
         good = outside <= MAX_OUTSIDE_SHARE
+        out["cut"][ids] |= off > 0
         band[:, c] = np.where(good, total / contained, np.nan)
         band_err[:, c] = np.where(good, np.sqrt(var) / contained, np.nan)
         excess_num += summed / contained
@@ -237,9 +241,10 @@ def _windowed_centroids(detection, var, bad, owner, ids, psf, scale, x, y, own_w
     return np.where(bad_row, np.nan, xw), np.where(bad_row, np.nan, yw), np.where(bad_row, np.nan, err)
 
 
-def _aperture_sums(image, var, bad, x, y, radius, owner=None, ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _aperture_sums(image, var, bad, x, y, radius, owner=None, ids=None):
     """Per source: the sum of ``image`` and of ``var`` over the pixels whose centres lie within ``radius`` of (x,
-    y), and the share of the aperture's pixels off the image or masked (those are not summed). With ``owner``
+    y), the share of the aperture's pixels off the image or masked (those are not summed), and the share off the
+    image alone. With ``owner``
     ((H, W) index of the nearest detection; the sources' own indices ``ids``, default 0..N-1), a pixel nearer to
     another detection counts as its mirror image through the source's centre where that one is the source's own,
     else as nothing (SExtractor's ``MASK_TYPE CORRECT``): a neighbour's light left in the residual stays out of the
@@ -248,7 +253,7 @@ def _aperture_sums(image, var, bad, x, y, radius, owner=None, ids=None) -> tuple
     the masked pixels without one count towards the share."""
     H, W = image.shape
     n = x.size
-    summed, variance, outside = np.zeros(n), np.zeros(n), np.zeros(n)
+    summed, variance, outside, off = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     for chunk, iy, ix, yy, xx, inside, yc, xc, r in _boxes(x, y, np.ceil(radius).astype(int) + 1, H, W):
         within = r <= radius[chunk, None, None]
         use = within & inside & ~bad[yc, xc]
@@ -268,8 +273,10 @@ def _aperture_sums(image, var, bad, x, y, radius, owner=None, ids=None) -> tuple
             variances = np.where(foreign, np.where(mirrored, var[myc, mxc], 0.0), variances)
         summed[chunk] = np.where(use, values, 0.0).sum(axis=(1, 2))
         variance[chunk] = np.where(use, variances, 0.0).sum(axis=(1, 2))
-        outside[chunk] = 1.0 - use.sum(axis=(1, 2)) / np.maximum(within.sum(axis=(1, 2)), 1)
-    return summed, variance, outside
+        n_within = np.maximum(within.sum(axis=(1, 2)), 1)
+        outside[chunk] = 1.0 - use.sum(axis=(1, 2)) / n_within
+        off[chunk] = 1.0 - (within & inside).sum(axis=(1, 2)) / n_within
+    return summed, variance, outside, off
 
 
 BLANK_PER_CELL = 48  # blank apertures per cell (a MAD of 48 values is good to ~15%)
