@@ -1022,6 +1022,50 @@ def test_kron_apertures_that_run_off_a_tile_are_measured_whole_across_the_tiles(
         assert measured["flux"][i] == measured["flux_kron"][i] and measured["extension"][i] > 0
 
 
+def test_a_galaxy_across_zoomed_tiles_takes_the_kron_flux_of_one_tile(model_dir, monkeypatch):
+    """An image of pixels twice the instrument's (tiles resampled for the network): a disk galaxy whose aperture
+    crosses small tiles is measured in the image's own pixels after the tiles, and takes the Kron flux (in the
+    image's units) that one tile over the whole image gives it."""
+    import dataclasses
+
+    from scipy.ndimage import gaussian_filter
+
+    import skyfm.detect as detect_module
+    from skyfm.heads import load_detector
+    from skyfm.instruments import load_instrument
+
+    det = load_detector(model_dir)
+    peak = PeakDetector(det.config, det.foundation)
+    peak.load_state_dict(det.state_dict())
+    peak.head_config("meerlicht").kron_excess_min = 2.0
+    inst = load_instrument("meerlicht")
+    p = simulate_patch("meerlicht", 5, size=512, bands=["q"], scene="empty")
+    yy, xx = np.mgrid[:512, :512]
+    disk = gaussian_filter(np.exp(-1.678 * np.hypot(xx - 250.3, yy - 300.2) / 8.0),
+                           inst.band("q").psf.fwhm_deg / inst.pixel_scale_deg / 2.355)
+    p.data = p.data + np.random.default_rng(1).poisson(2e5 * disk / disk.sum())[None].astype(p.data.dtype)
+    coarse = dataclasses.replace(p, data=p.data.reshape(1, 256, 2, 256, 2).sum(axis=(2, 4)), truth=None,
+                                 wcs=p.wcs.slice((slice(None, None, 2), slice(None, None, 2))), mask=None,
+                                 source_image=None, background_image=None, contaminant_mask=None)
+    measured = []
+    original = detect_module._measure_cut_apertures
+
+    def spy(arrays, *args, **kwargs):
+        measured.append(np.c_[arrays["x"], arrays["y"]][arrays["kron_cut"]])
+        return original(arrays, *args, **kwargs)
+
+    monkeypatch.setattr(detect_module, "_measure_cut_apertures", spy)
+    fluxes = []
+    for tile_size in (128, 512):  # network pixels: tiles of 64 image pixels, and one tile
+        cat = detect_module.detect_patch(coarse, peak, min_score=0.5, tile_size=tile_size, precision="fp32")
+        i = int(np.argmin(np.hypot(np.asarray(cat["x"]) - 124.9, np.asarray(cat["y"]) - 149.85)))
+        assert cat["fit"][i] == 3 and "kron_cut" not in cat.colnames
+        fluxes.append(float(cat["flux"][i].value))
+        if tile_size == 128:  # measured across the tiles
+            assert np.hypot(*(measured[0] - [124.9, 149.85]).T).min() < 1.0
+    assert abs(fluxes[0] / fluxes[1] - 1) < 0.05 and abs(fluxes[1] / 2e5 - 1) < 0.1
+
+
 def test_tiles_refined_in_threads_give_the_same_catalog(model_dir):
     """Threads share the CCD refinement of a batch's tiles, while the network runs on the next batch (four batches
     here); the seeing, which accumulates from tile to tile, is taken in tile order, so the catalog does not depend
