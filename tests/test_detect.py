@@ -1066,6 +1066,41 @@ def test_a_galaxy_across_zoomed_tiles_takes_the_kron_flux_of_one_tile(model_dir,
     assert abs(fluxes[0] / fluxes[1] - 1) < 0.05 and abs(fluxes[1] / 2e5 - 1) < 0.1
 
 
+def test_a_file_read_tile_by_tile_measures_apertures_across_tiles_as_in_memory(model_dir, tmp_path):
+    """A plain FITS image (read lazily, a window per tile) with a disk galaxy whose aperture crosses 128-px tiles:
+    the cut-out across the tiles is read from the file, and the catalog is the one of the image in memory."""
+    from astropy.io import fits
+    from scipy.ndimage import gaussian_filter
+
+    from skyfm.catalog import read_catalog
+    from skyfm.detect import detect_file, detect_patch
+    from skyfm.heads import load_detector
+    from skyfm.instruments import load_instrument
+
+    det = load_detector(model_dir)
+    peak = PeakDetector(det.config, det.foundation)
+    peak.load_state_dict(det.state_dict())
+    peak.head_config("meerlicht").kron_excess_min = 2.0
+    inst = load_instrument("meerlicht")
+    p = simulate_patch("meerlicht", 5, size=384, bands=["q"], scene="empty")
+    yy, xx = np.mgrid[:384, :384]
+    disk = gaussian_filter(np.exp(-1.678 * np.hypot(xx - 109.6, yy - 200.3) / 8.0),
+                           inst.band("q").psf.fwhm_deg / inst.pixel_scale_deg / 2.355)
+    p.data = p.data + np.random.default_rng(1).poisson(2e5 * disk / disk.sum())[None].astype(p.data.dtype)
+    path = tmp_path / "plain.fits"
+    fits.PrimaryHDU(p.data[0].astype(np.float32), header=p.wcs.to_header()).writeto(path)
+    options = dict(min_score=0.5, tile_size=128, precision="fp32")
+    memory = detect_patch(p, peak, **options)
+    detect_file(path, tmp_path / "cat.fits", instrument="meerlicht", band="q", model_dir=peak, progress=False,
+                **options)
+    read = read_catalog(tmp_path / "cat.fits")
+    i = int(np.argmin(np.hypot(np.asarray(memory["x"]) - 109.6, np.asarray(memory["y"]) - 200.3)))
+    assert memory["fit"][i] == 3 and abs(memory["flux"][i].value / 2e5 - 1) < 0.1
+    assert len(read) == len(memory)
+    for name in ("x", "y", "flux", "flux_kron", "fit"):
+        assert np.allclose(np.asarray(read[name], float), np.asarray(memory[name], float), rtol=1e-4, equal_nan=True)
+
+
 def test_tiles_refined_in_threads_give_the_same_catalog(model_dir):
     """Threads share the CCD refinement of a batch's tiles, while the network runs on the next batch (four batches
     here); the seeing, which accumulates from tile to tile, is taken in tile order, so the catalog does not depend
