@@ -963,14 +963,42 @@ def test_galaxies_take_the_kron_flux_where_the_head_says_and_only_there(model_di
     assert not (none["fit"] == 3).any() and np.isnan(none["flux_kron"]).all()
 
 
+def _disks_on_empty_sky(size: int, disks) -> Patch:
+    """A MeerLICHT q image of ``size``^2 (an empty scene's sky and noise, seed 5) with exponential disk galaxies
+    ``disks`` ((x, y, flux, half-light radius px), ...) seen through the band's PSF (Gaussian) and Poisson noise."""
+    from scipy.ndimage import gaussian_filter
+
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("meerlicht")
+    p = simulate_patch("meerlicht", 5, size=size, bands=["q"], scene="empty")
+    yy, xx = np.mgrid[:size, :size]
+    sigma = inst.band("q").psf.fwhm_deg / inst.pixel_scale_deg / 2.355
+    light = 0.0
+    for x, y, flux, r_e in disks:
+        disk = gaussian_filter(np.exp(-1.678 * np.hypot(xx - x, yy - y) / r_e), sigma)
+        light = light + flux * disk / disk.sum()
+    p.data = p.data + np.random.default_rng(1).poisson(light)[None].astype(p.data.dtype)
+    return p
+
+
+def _peaks_taking_kron(model_dir) -> PeakDetector:
+    """The stand-in network on the test model, its MeerLICHT head taking Kron fluxes at an excess of 2 sigma."""
+    from skyfm.heads import load_detector
+
+    det = load_detector(model_dir)
+    peak = PeakDetector(det.config, det.foundation)
+    peak.load_state_dict(det.state_dict())
+    peak.head_config("meerlicht").kron_excess_min = 2.0
+    return peak
+
+
 def test_kron_apertures_that_run_off_a_tile_are_measured_whole_across_the_tiles(model_dir):
     """Tiles of 128 px (overlap 32) over a 384-px MeerLICHT image with two disk galaxies (half-light radii 6-8 px,
     Kron apertures ~25-30 px) inside a tile's core 2 px from its boundary: one a detection, one the residual
     search's find. Their apertures run ~15 px off their tile, which keeps their PSF values (the find pending);
     measured across the tiles, they take the Kron fluxes a tile centred on each gives them."""
     import copy
-
-    from scipy.ndimage import gaussian_filter
 
     from skyfm.data.tiling import Tile, tile_grid, tile_patch
     from skyfm.detect import _measure_cut_apertures, refine_ccd_tile
@@ -981,15 +1009,8 @@ def test_kron_apertures_that_run_off_a_tile_are_measured_whole_across_the_tiles(
     head = copy.deepcopy(load_detector(model_dir).head_config("meerlicht"))
     head.kron_excess_min, head.kron_centroid = 2.0, False
     head.residual_search = {"min_snr": 5.0, "intercept": 0.0, "slope": 1.0}
-    p = simulate_patch("meerlicht", 5, size=384, bands=["q"], scene="empty")
-    yy, xx = np.mgrid[:384, :384]
-    sigma = inst.band("q").psf.fwhm_deg / inst.pixel_scale_deg / 2.355
     galaxy, find = (109.6, 200.3), (200.4, 110.1)  # tile cores meet at 112 (x) and 112 (y)
-    light = 0.0
-    for (x, y), flux, r_e in ((galaxy, 2e5, 8.0), (find, 6e4, 6.0)):
-        disk = gaussian_filter(np.exp(-1.678 * np.hypot(xx - x, yy - y) / r_e), sigma)
-        light = light + flux * disk / disk.sum()
-    p.data = p.data + np.random.default_rng(1).poisson(light)[None].astype(p.data.dtype)
+    p = _disks_on_empty_sky(384, [(*galaxy, 2e5, 8.0), (*find, 6e4, 6.0)])
     row = {"x": np.array([galaxy[0]]), "y": np.array([galaxy[1]]), "pos_err": np.full(1, 0.5), "score": np.ones(1),
            "class_prob": np.array([[0.5, 0.5]]), "extension": np.zeros(1), "flux": np.array([1e5]),
            "flux_band": np.array([[1e5]]), "flux_err": np.array([1e5]), "flux_band_err": np.array([[1e5]]),
@@ -1028,22 +1049,10 @@ def test_a_galaxy_across_zoomed_tiles_takes_the_kron_flux_of_one_tile(model_dir,
     image's units) that one tile over the whole image gives it."""
     import dataclasses
 
-    from scipy.ndimage import gaussian_filter
-
     import skyfm.detect as detect_module
-    from skyfm.heads import load_detector
-    from skyfm.instruments import load_instrument
 
-    det = load_detector(model_dir)
-    peak = PeakDetector(det.config, det.foundation)
-    peak.load_state_dict(det.state_dict())
-    peak.head_config("meerlicht").kron_excess_min = 2.0
-    inst = load_instrument("meerlicht")
-    p = simulate_patch("meerlicht", 5, size=512, bands=["q"], scene="empty")
-    yy, xx = np.mgrid[:512, :512]
-    disk = gaussian_filter(np.exp(-1.678 * np.hypot(xx - 250.3, yy - 300.2) / 8.0),
-                           inst.band("q").psf.fwhm_deg / inst.pixel_scale_deg / 2.355)
-    p.data = p.data + np.random.default_rng(1).poisson(2e5 * disk / disk.sum())[None].astype(p.data.dtype)
+    peak = _peaks_taking_kron(model_dir)
+    p = _disks_on_empty_sky(512, [(250.3, 300.2, 2e5, 8.0)])
     coarse = dataclasses.replace(p, data=p.data.reshape(1, 256, 2, 256, 2).sum(axis=(2, 4)), truth=None,
                                  wcs=p.wcs.slice((slice(None, None, 2), slice(None, None, 2))), mask=None,
                                  source_image=None, background_image=None, contaminant_mask=None)
@@ -1070,23 +1079,12 @@ def test_a_file_read_tile_by_tile_measures_apertures_across_tiles_as_in_memory(m
     """A plain FITS image (read lazily, a window per tile) with a disk galaxy whose aperture crosses 128-px tiles:
     the cut-out across the tiles is read from the file, and the catalog is the one of the image in memory."""
     from astropy.io import fits
-    from scipy.ndimage import gaussian_filter
 
     from skyfm.catalog import read_catalog
     from skyfm.detect import detect_file, detect_patch
-    from skyfm.heads import load_detector
-    from skyfm.instruments import load_instrument
 
-    det = load_detector(model_dir)
-    peak = PeakDetector(det.config, det.foundation)
-    peak.load_state_dict(det.state_dict())
-    peak.head_config("meerlicht").kron_excess_min = 2.0
-    inst = load_instrument("meerlicht")
-    p = simulate_patch("meerlicht", 5, size=384, bands=["q"], scene="empty")
-    yy, xx = np.mgrid[:384, :384]
-    disk = gaussian_filter(np.exp(-1.678 * np.hypot(xx - 109.6, yy - 200.3) / 8.0),
-                           inst.band("q").psf.fwhm_deg / inst.pixel_scale_deg / 2.355)
-    p.data = p.data + np.random.default_rng(1).poisson(2e5 * disk / disk.sum())[None].astype(p.data.dtype)
+    peak = _peaks_taking_kron(model_dir)
+    p = _disks_on_empty_sky(384, [(109.6, 200.3, 2e5, 8.0)])
     path = tmp_path / "plain.fits"
     fits.PrimaryHDU(p.data[0].astype(np.float32), header=p.wcs.to_header()).writeto(path)
     options = dict(min_score=0.5, tile_size=128, precision="fp32")
