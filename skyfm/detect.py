@@ -723,7 +723,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     if np.any(arrays["kron_cut"]):  # on cut-outs of the image in its own pixels, zoomed tiles or not
         arrays = _measure_cut_apertures(
             arrays, source, inst, head, grid, tile_hw, inst.pixel_scale_deg if zoom == 1.0 else pixel_scale,
-            seeing, colours, cosmic_pixels if zoom == 1.0 else None, mask_cosmic_rays)
+            seeing, colours, cosmic_pixels if zoom == 1.0 else None, mask_cosmic_rays, progress=progress)
     for k in PENDING_KEYS:
         arrays.pop(k)
     order = np.argsort(-arrays["score"], kind="stable")
@@ -1387,7 +1387,8 @@ def _finds_take_kron(rows: dict, kron: dict, measured, ext, head, search: dict, 
 
 
 def _measure_cut_apertures(arrays: dict, source, inst, head, grid, tile_hw, scale: float, seeing: dict,
-                           colours: dict, cosmic_pixels: list | None, mask_cosmic_rays: bool | None) -> dict:
+                           colours: dict, cosmic_pixels: list | None, mask_cosmic_rays: bool | None,
+                           progress: bool = False) -> dict:
     """``arrays`` (image pixels, every tile's rows) with the Kron apertures that ran off their tile (``kron_cut``:
     a galaxy near a tile's edge, whose aperture may be 50-100 px across on a Hubble image) measured whole on a
     cut-out of the image, their tile and as far beyond it as the tile's largest aperture: the detections take their Kron
@@ -1398,7 +1399,9 @@ def _measure_cut_apertures(arrays: dict, source, inst, head, grid, tile_hw, scal
     where ``mask_cosmic_rays`` or the head says), the background and rms of
     :func:`~skyfm.catalog.psf_fit.background_and_rms`; its residual holds every row's PSF model (the PSF-fitted
     band fluxes where there are, the catalog's elsewhere), the PSFs at the image's seeing as the tiles found it
-    (``seeing``)."""
+    (``seeing``). ``progress``: a progress bar over the tiles that have such rows (where four or more do)."""
+    from tqdm.auto import tqdm
+
     from skyfm.catalog.kron import kron_photometry
     from skyfm.catalog.psf_fit import background_and_rms, residual_image
     from skyfm.data.patch import Patch
@@ -1423,10 +1426,9 @@ def _measure_cut_apertures(arrays: dict, source, inst, head, grid, tile_hw, scal
     model_band = np.where(np.isfinite(arrays["psf_flux_band"]), arrays["psf_flux_band"],
                           np.nan_to_num(arrays["flux_band"]))
     keep = ~finds
-    for t in grid:
-        idx = np.flatnonzero(cut & t.owns(x, y))
-        if idx.size == 0:
-            continue
+    owned = [(t, np.flatnonzero(cut & t.owns(x, y))) for t in grid]
+    owned = [(t, idx) for t, idx in owned if idx.size]
+    for t, idx in tqdm(owned, desc="apertures across tiles", unit="tile", disable=not progress or len(owned) < 4):
         # the tile and a margin: a cut-out about the sources alone would take a large galaxy's light for background
         y0, y1 = max(0, t.y0 - margin), min(height, t.y1 + margin)
         x0, x1 = max(0, t.x0 - margin), min(width, t.x1 + margin)
