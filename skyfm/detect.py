@@ -923,8 +923,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     :func:`_measure_cut_apertures`. Rows whose Kron aperture runs off the tile take no Kron measurement here: they
     carry ``kron_cut`` and their fitted ``psf_flux_band`` (:data:`PENDING_KEYS`) for it.
     """
-    from skyfm.catalog.psf_fit import (background_and_rms, blank_flux_scatter, crowding, estimate_fwhm,
-                                       fit_psf_sources, neighbour_light, residual_image)
+    from skyfm.catalog.psf_fit import (blank_flux_scatter, crowding, estimate_fwhm, fit_psf_sources, neighbour_light,
+                                       residual_image)
     from skyfm.catalog.kron import kron_photometry
 
     n = len(d["x"])
@@ -954,7 +954,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     names = list(head.class_names)
     star = d["class_prob"][:, names.index("star")] if "star" in names else np.ones(n)
     point = (star >= 0.5) & (np.nan_to_num(d["extension"] / scale, nan=0.0) < 1.0)  # seeing from point sources
-    bg, rms = zip(*(background_and_rms(data[c], mask[c]) for c in range(len(patch.bands))))
+    bg, rms = _sky(data, mask)  # (C, H, W)
 
     def tile_fwhm(c: int) -> float:  # this tile's own seeing estimate (its nominal PSF's if too few stars)
         band = inst.band(patch.bands[c])
@@ -986,7 +986,6 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
             psfs.append(_psf_at_seeing(band, fwhm))
     gain = float((inst.noise or {}).get("gain", 1.0))
     flux0 = np.nan_to_num(d["flux_band"], nan=0.0)  # only weights the first linear fit
-    bg, rms = np.stack(bg), np.stack(rms)  # (C, H, W)
     # dead pixels and columns read (near) zero: in a band with a bright sky (WISE W3 / W4) one is hundreds of sigma
     # below it and alone sets the chi-square, and so the errors, of every fit whose box holds it
     mask |= data < bg - DEAD_PIXEL_SIGMA * rms
@@ -1127,6 +1126,15 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
             np.concatenate([d["x"], finds["x"]]), np.concatenate([d["y"], finds["y"]]), (h, w), fwhm_pix)[n:],
             template=template)
     return d
+
+
+def _sky(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C, H, W) background and rms of each band of a CCD tile
+    (:func:`~skyfm.catalog.psf_fit.background_and_rms`, the ``mask``'s pixels left out)."""
+    from skyfm.catalog.psf_fit import background_and_rms
+
+    bg, rms = zip(*(background_and_rms(data[c], mask[c]) for c in range(data.shape[0])))
+    return np.stack(bg), np.stack(rms)
 
 
 def _psf_at_seeing(band, fwhm_deg: float):
@@ -1403,7 +1411,7 @@ def _measure_cut_apertures(arrays: dict, source, inst, head, grid, tile_hw, scal
     from tqdm.auto import tqdm
 
     from skyfm.catalog.kron import kron_photometry
-    from skyfm.catalog.psf_fit import background_and_rms, residual_image
+    from skyfm.catalog.psf_fit import residual_image
     from skyfm.data.patch import Patch
     from skyfm.data.tiling import Tile, tile_patch
 
@@ -1445,7 +1453,7 @@ def _measure_cut_apertures(arrays: dict, source, inst, head, grid, tile_hw, scal
             mask |= cosmic_ray_mask(data, inst, mask=mask)
         hit = (cosmics[1] >= y0) & (cosmics[1] < y1) & (cosmics[2] >= x0) & (cosmics[2] < x1)
         mask[cosmics[0, hit], cosmics[1, hit] - y0, cosmics[2, hit] - x0] = True
-        bg, rms = (np.stack(a) for a in zip(*(background_and_rms(data[c], mask[c]) for c in range(len(bands)))))
+        bg, rms = _sky(data, mask)
         mask |= data < bg - DEAD_PIXEL_SIGMA * rms
         near = np.flatnonzero((x >= x0 - 0.5) & (x < x1 - 0.5) & (y >= y0 - 0.5) & (y < y1 - 0.5))
         local = {"x": x[near] - x0, "y": y[near] - y0, "flux_band": model_band[near]}
