@@ -627,7 +627,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     def refined(k, p, d):
         try:
             d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays, colours=colours,
-                                turn=lambda name: turns.turn(k, name), cosmic_pixels=tile_cosmics)
+                                turn=lambda name: turns.turn(k, name), cosmic_pixels=tile_cosmics,
+                                whole_image=len(grid) == 1)
         finally:
             turns.skip(k)
         found = np.isin(d["fit"], (4, 5))  # the residual search's finds and companions
@@ -883,7 +884,7 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
 
 def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
                     mask_cosmic_rays: bool | None = None, colours: dict | None = None, turn=None,
-                    cosmic_pixels: list | None = None) -> dict:
+                    cosmic_pixels: list | None = None, whole_image: bool = False) -> dict:
     """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
 
     Every detection is modelled (so that neighbours share their light) on the pixels below the instrument's
@@ -921,7 +922,9 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     that takes them in tile order. ``cosmic_pixels`` (a list kept across the tiles of one image): each tile
     appends its cosmic-ray pixels, (band, y, x) in image pixels (the tile's ``meta`` ``tile_y0``, ``tile_x0``), for
     :func:`_measure_cut_apertures`. Rows whose Kron aperture runs off the tile take no Kron measurement here: they
-    carry ``kron_cut`` and their fitted ``psf_flux_band`` (:data:`PENDING_KEYS`) for it.
+    carry ``kron_cut`` and their fitted ``psf_flux_band`` (:data:`PENDING_KEYS`) for it; unless the tile is the
+    ``whole_image``, whose edges no cut-out could see past (the part of such an aperture on the image is measured,
+    and none where more than a tenth of it is off).
     """
     from skyfm.catalog.psf_fit import (blank_flux_scatter, crowding, estimate_fwhm, fit_psf_sources, neighbour_light,
                                        residual_image)
@@ -1100,6 +1103,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     both = {k: np.concatenate([fit[k], finds[k]]) if m else fit[k] for k in ("x", "y", "flux_band")}
     kron = kron_photometry(resid, rms, psfs, scale, both["x"], both["y"], both["flux_band"], gain=gain, mask=mask,
                            select=select, windowed=bool(head.kron_centroid))
+    if whole_image:
+        kron["cut"][:] = False
     kron, kron_finds = _take(kron, slice(None, n)), _take(kron, slice(n, None))
     network = np.arange(n) < n_net  # companions are points
     # an aperture that runs off this tile holds part of the light: detect_tiles measures it whole on a cut-out of

@@ -1073,6 +1073,7 @@ def test_a_galaxy_across_zoomed_tiles_takes_the_kron_flux_of_one_tile(model_dir,
         if tile_size == 128:  # measured across the tiles
             assert np.hypot(*(measured[0] - [124.9, 149.85]).T).min() < 1.0
     assert abs(fluxes[0] / fluxes[1] - 1) < 0.05 and abs(fluxes[1] / 2e5 - 1) < 0.1
+    assert len(measured) == 1  # one tile over the whole image: its apertures are measured in it, as before
 
 
 def test_a_file_read_tile_by_tile_measures_apertures_across_tiles_as_in_memory(model_dir, tmp_path):
