@@ -573,6 +573,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     import torch
     from tqdm.auto import tqdm
 
+    from skyfm.catalog.table import FLUX_LIKE_COLUMNS
     from skyfm.data.tiling import iter_tiles, tile_grid
     from skyfm.heads.localization import merge_close
 
@@ -684,8 +685,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             d["y"] = t.y0 + (d["y"] + 0.5) * f - 0.5
             d["pos_err"] = d["pos_err"] * f
             if zoom != 1.0 and not inst.is_counts:  # surface brightness was kept: sums scale with pixel area
-                for k in ("flux", "flux_err", "flux_band", "flux_band_err", "flux_confusion", "flux_kron",
-                          "flux_kron_err", "flux_blend", "psf_flux_band"):
+                for k in ("flux", "flux_err", *FLUX_LIKE_COLUMNS, "psf_flux_band"):
                     d[k] = d[k] * f * f
             own = t.owns(d["x"], d["y"])
             if np.any(own):
@@ -1415,6 +1415,7 @@ def _measure_cut_apertures(arrays: dict, source, inst, head, grid, tile_hw, scal
     (``seeing``). ``progress``: a progress bar over the tiles that have such rows (where four or more do)."""
     from tqdm.auto import tqdm
 
+    from skyfm.catalog.cosmics import cosmic_ray_mask
     from skyfm.catalog.kron import kron_photometry
     from skyfm.catalog.psf_fit import residual_image
     from skyfm.data.patch import Patch
@@ -1431,10 +1432,8 @@ def _measure_cut_apertures(arrays: dict, source, inst, head, grid, tile_hw, scal
     margin = int(np.ceil(max_r)) + 2
     search = head.residual_search_terms()
     template = colour_template(colours) if len(bands) > 1 else None
-    if cosmic_pixels is None and (head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays):
-        from skyfm.catalog.cosmics import cosmic_ray_mask
-    else:
-        cosmic_ray_mask = None
+    find_cosmics = cosmic_pixels is None and (head.mask_cosmic_rays if mask_cosmic_rays is None
+                                              else mask_cosmic_rays)
     cosmics = np.concatenate(cosmic_pixels, axis=1) if cosmic_pixels else np.zeros((3, 0), np.int32)
     model_band = np.where(np.isfinite(arrays["psf_flux_band"]), arrays["psf_flux_band"],
                           np.nan_to_num(arrays["flux_band"]))
@@ -1454,7 +1453,7 @@ def _measure_cut_apertures(arrays: dict, source, inst, head, grid, tile_hw, scal
         mask = saturation_mask(data, inst)
         if patch.mask is not None:
             mask |= np.asarray(patch.mask, bool)
-        if cosmic_ray_mask is not None:
+        if find_cosmics:
             mask |= cosmic_ray_mask(data, inst, mask=mask)
         hit = (cosmics[1] >= y0) & (cosmics[1] < y1) & (cosmics[2] >= x0) & (cosmics[2] < x1)
         mask[cosmics[0, hit], cosmics[1, hit] - y0, cosmics[2, hit] - x0] = True

@@ -436,7 +436,7 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
     w = scene_weights(sc) if balance_scenes else None
     f, e, t = m["flux"][select], m["flux_err"][select], m["true_flux"][select]
     if not estimated and "blend" in m:  # the blend term, which _blend_flux_errors chooses, taken out too
-        e = np.sqrt(np.maximum(e ** 2 - (head.blend_flux_error_weight() * m["blend"][select]) ** 2, 0.0))
+        e = _without_blend(e, m["blend"][select], head.blend_flux_error_weight())
     rho = m["crowding"][select] if "crowding" in m else np.zeros(n)
     stat = _stat_errors(e, np.hypot(floor_now, per_crowding_now * rho) * f, scale_now)
     k, r = flux_err_scale_and_floor(f, stat, t, weights=w)
@@ -461,6 +461,12 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
         out["fit_flux_cov68_dense_half_before_after"] = _coverage_before_after(f, e, new, t, dense)
 
 
+def _without_blend(err, light, weight: float) -> np.ndarray:
+    """Flux errors with their blend term (``weight`` x the neighbours' overlapping ``light``, in quadrature) taken
+    out."""
+    return np.sqrt(np.maximum(err ** 2 - (weight * light) ** 2, 0.0))
+
+
 BLEND_MIN_SHARE = 0.1  # rows whose neighbours' overlapping light is at least this share of their own flux
 
 
@@ -475,7 +481,7 @@ def _blend_flux_errors(m: dict, head, out: dict) -> None:
     sel = m["fit"] | m["companion"]
     f, e, t, light = (m[k][sel] for k in ("flux", "flux_err", "true_flux", "blend"))
     now = head.blend_flux_error_weight()
-    base = np.sqrt(np.maximum(e ** 2 - (now * light) ** 2, 0.0))  # the errors without the term
+    base = _without_blend(e, light, now)
     blended = light >= BLEND_MIN_SHARE * np.abs(f)
     out["blend_n_matched"] = int(blended.sum())
     if blended.sum() < MIN_MATCHES:
