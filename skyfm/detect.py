@@ -237,12 +237,20 @@ def _zoom_patch(patch, out_size: tuple[int, int], counts: bool):
         data = data / (fy * fx)
     elif fy * fx > 1.0 + RESAMPLE_TOLERANCE:
         data = _restore_pixel_noise(patch, data, fy * fx)
-    mask = None
-    if patch.mask is not None:
-        mask = zoom(patch.mask.astype(np.float32), (fy, fx), order=0, mode="nearest", grid_mode=True) > 0.5
-        mask = mask[:out_size[0], :out_size[1]]
+    mask = None if patch.mask is None else _zoom_mask(patch.mask, out_size)
     return Patch(data=data.astype(np.float32), instrument=patch.instrument, bands=list(patch.bands), wcs=None,
                  mask=mask, energy_edges_kev=patch.energy_edges_kev, meta=dict(patch.meta))
+
+
+def _zoom_mask(mask: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    """A (H, W) or (C, H, W) bool mask resampled to ``out_size`` as :func:`_zoom_patch` resamples its tile: each new
+    pixel takes the old one it falls in."""
+    from scipy.ndimage import zoom
+
+    h, w = mask.shape[-2:]
+    factors = (*(1,) * (mask.ndim - 2), out_size[0] / h, out_size[1] / w)
+    out = zoom(mask.astype(np.float32), factors, order=0, mode="nearest", grid_mode=True) > 0.5
+    return out[..., :out_size[0], :out_size[1]]
 
 
 # the share of the missing white noise that _restore_pixel_noise adds: all of it (validation images, pixels 1.5x and
@@ -624,12 +632,17 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     colours: dict = {}  # the fitted detections' band fluxes of the tiles so far
     cosmic_pixels: list = []  # the tiles' cosmic-ray pixels, for the Kron apertures measured across tiles
     tile_cosmics = cosmic_pixels if zoom == 1.0 else None  # (zoomed tiles' pixels are not the image's)
+    # interpolated onto other pixels a cosmic ray is no sharper than a star (the network and the residual search
+    # took a 2x2-binned Hubble exposure's hits for sources: 2645 rows for about 100 true), so a zoomed CCD tile's
+    # are found on the image's own pixels before it is resampled
+    cosmics_before_zoom = zoom != 1.0 and not inst.is_counts and (
+        head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays)
 
-    def refined(k, p, d):
+    def refined(k, p, d, cosmics):
         try:
             d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays, colours=colours,
                                 turn=lambda name: turns.turn(k, name), cosmic_pixels=tile_cosmics,
-                                whole_image=len(grid) == 1)
+                                whole_image=len(grid) == 1, cosmics=cosmics)
         finally:
             turns.skip(k)
         found = np.isin(d["fit"], (4, 5))  # the residual search's finds and companions
@@ -645,39 +658,40 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     # A batch's tiles are refined in threads while the network runs on the next batch: the batch in flight is
     # finished (its fits waited for, its rows added in tile order) after the next one is submitted
     in_flight: list = []  # [(decoded tiles, their refinement futures or None, tiles in the batch)]
+    # pending and decoded tiles: (tile, patch, its cosmic-ray pixels found before zooming or None[, decoded rows])
 
     def flush(items):
         if not items:
             return
-        batch = det.make_batch([p if inst.is_counts else flat_sky_view(p) for _, p in items])
+        batch = det.make_batch([p if inst.is_counts else flat_sky_view(p) for _, p, _ in items])
         with inference_context(det, bf16, window):
             out = det({k: (v.to(det.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
         decoded = []
-        for i, (t, p) in enumerate(items):
+        for i, (t, p, c) in enumerate(items):
             d = _decode_tile(det, out, i, p, batch["flux_units"][i], min_score, head, inst)
             if not inst.is_counts:
                 d = add_saturated_stars(d, p, inst, head)
             if d is None and search:  # nothing detected: the residual search may still find something
                 d = _no_rows(p.n_bands, len(head.class_names))
             if d is not None:
-                decoded.append((t, p, d))
+                decoded.append((t, p, c, d))
         futures = None
         if ccd_refine and decoded:
             # the tiles' fits run in threads (numpy and scipy release the GIL); their seeing estimates, which
             # accumulate from tile to tile, are taken in tile order, so the catalog is the same for any number
-            jobs = [(next(tickets), p, d) for _, p, d in decoded]
+            jobs = [(next(tickets), p, d, c) for _, p, c, d in decoded]
             if pool is not None:
                 futures = [pool.submit(refined, *job) for job in jobs]
             else:
-                decoded = [(t, p, refined(*job)) for (t, p, _), job in zip(decoded, jobs)]
+                decoded = [(t, p, c, refined(*job)) for (t, p, c, _), job in zip(decoded, jobs)]
         in_flight.append((decoded, futures, len(items)))
         while len(in_flight) > (1 if pool is not None else 0):
             finish(*in_flight.pop(0))
 
     def finish(decoded, futures, n_items):
         if futures is not None:
-            decoded = [(t, p, f.result()) for (t, p, _), f in zip(decoded, futures)]
-        for t, p, d in decoded:
+            decoded = [(t, p, c, f.result()) for (t, p, c, _), f in zip(decoded, futures)]
+        for t, p, _, d in decoded:
             f = 1.0 / zoom  # image pixels per network pixel
             if drop_trails and not inst.is_counts:
                 d = drop_trail_detections(d, p, inst, pixel_scale=(pixel_scale or inst.pixel_scale_deg) * f)
@@ -701,11 +715,17 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             if patch is None:
                 bar.update(1)
                 continue
+            cosmics = None
             if zoom != 1.0:
+                if cosmics_before_zoom:
+                    from skyfm.catalog.cosmics import cosmic_ray_mask
+
+                    cosmics = (_zoom_mask(cosmic_ray_mask(patch.data, inst, mask=patch.mask), net_hw),
+                               _zoom_mask(_cosmic_ray_test_mask(patch.data, inst, patch.mask), net_hw))
                 patch = _zoom_patch(patch, net_hw, inst.is_counts)
                 patch = _prepare_tile(patch, inst) or patch
             patch.truth = None
-            pending.append((t, patch))
+            pending.append((t, patch, cosmics))
             if len(pending) >= batch_size:
                 flush(pending)
                 pending = []
@@ -778,6 +798,12 @@ PSF_FIT_PASSES = 2  # rounds of the PSF fit over all detections (each fitted wit
 COMPANION_MODEL_ERROR = 0.03  # a companion search's noise: the sky's and this share of the fitted models' light
 COMPANION_MIN_SEPARATION = 0.5  # a companion lies at least this many FWHM from every detection (searched, fitted)
 COSMIC_RAY_SEARCH_MARGIN = 1  # pixels around a flagged cosmic-ray pixel that the residual search also leaves out
+# a detection with more than this share of the light within a FWHM of it on cosmic-ray pixels (the deeper test
+# pass, _cosmic_ray_test_mask) ...
+COSMIC_RAY_LIGHT_MAX = 0.5
+# ... and the light off them within two FWHM at a lower signal-to-noise ratio is a hit: dropped (chosen on validation
+# images, benchmarks/choose_cosmic_rays.py)
+COSMIC_RAY_SOURCE_SNR = 5.0
 
 
 def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
@@ -884,7 +910,8 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
 
 def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
                     mask_cosmic_rays: bool | None = None, colours: dict | None = None, turn=None,
-                    cosmic_pixels: list | None = None, whole_image: bool = False) -> dict:
+                    cosmic_pixels: list | None = None, whole_image: bool = False,
+                    cosmics: np.ndarray | None = None) -> dict:
     """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
 
     Every detection is modelled (so that neighbours share their light) on the pixels below the instrument's
@@ -924,7 +951,12 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     :func:`_measure_cut_apertures`. Rows whose Kron aperture runs off the tile take no Kron measurement here: they
     carry ``kron_cut`` and their fitted ``psf_flux_band`` (:data:`PENDING_KEYS`) for it; unless the tile is the
     ``whole_image``, whose edges no cut-out could see past (the part of such an aperture on the image is measured,
-    and none where more than a tenth of it is off).
+    and none where more than a tenth of it is off). ``cosmics``: where the tile's cosmic rays were found before (a
+    resampled tile's, on the image's own pixels), (its (C, H, W) cosmic-ray pixels, :func:`_cosmic_ray_test_mask`),
+    in place of finding them on the tile. With cosmic-ray masking, detections and finds whose light within a FWHM is
+    mostly on the test mask's pixels (:func:`~skyfm.catalog.cosmics.light_on_cosmic_rays`: a share above
+    :data:`COSMIC_RAY_LIGHT_MAX`) and whose light off them within two FWHM has a signal-to-noise ratio below
+    :data:`COSMIC_RAY_SOURCE_SNR` are dropped: the hits themselves.
     """
     from skyfm.catalog.psf_fit import (blank_flux_scatter, crowding, estimate_fwhm, fit_psf_sources, neighbour_light,
                                        residual_image)
@@ -940,24 +972,46 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     # a source whose box is mostly saturated or invalid keeps its own flux (below); a cosmic ray's few pixels are
     # only left out of the fit
     no_psf = mask.copy()
-    cosmics = None
-    if head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays:
+    cosmic_test = None
+    if cosmics is not None:
+        cosmics, cosmic_test = cosmics
+    elif head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays:
         from skyfm.catalog.cosmics import cosmic_ray_mask
 
         cosmics = cosmic_ray_mask(data, inst, mask=mask)
+        cosmic_test = _cosmic_ray_test_mask(data, inst, mask)
+    if cosmics is not None:
+        cosmics = cosmics & ~mask
         mask |= cosmics
         if cosmic_pixels is not None:
             c, yy, xx = np.nonzero(cosmics)
             cosmic_pixels.append(np.stack([c, yy + patch.meta.get("tile_y0", 0), xx + patch.meta.get("tile_x0", 0)]
                                           ).astype(np.int32))
     scale = inst.pixel_scale_deg
+    bg, rms = _sky(data, mask)  # (C, H, W)
+    fwhm_nominal = float(np.median([inst.band(b).psf.fwhm_deg for b in patch.bands])) / scale
+
+    def on_cosmic_rays(x, y):  # detections whose light is mostly on cosmic-ray pixels, with no source beside
+        if cosmic_test is None or not len(x):
+            return np.zeros(len(x), bool)
+        from skyfm.catalog.cosmics import light_on_cosmic_rays
+
+        # the share within a FWHM; the rest within two FWHM, where a star's wings still show when L.A.Cosmic has
+        # flagged its core (as it does some bright undersampled stars': the grown mask then covers the first FWHM)
+        share = light_on_cosmic_rays(data - bg, rms, cosmic_test, x, y, max(fwhm_nominal, 1.5))[0]
+        snr = light_on_cosmic_rays(data - bg, rms, cosmic_test, x, y, 2 * max(fwhm_nominal, 1.5))[1]
+        return (share > COSMIC_RAY_LIGHT_MAX) & (snr < COSMIC_RAY_SOURCE_SNR)
+
+    hits = on_cosmic_rays(d["x"], d["y"])
+    if hits.any():
+        d = _take(d, ~hits)
+        n = len(d["x"])
     h, w = data.shape[1:]
     iy = np.clip(np.rint(d["y"]).astype(int), 0, h - 1)
     ix = np.clip(np.rint(d["x"]).astype(int), 0, w - 1)
     names = list(head.class_names)
     star = d["class_prob"][:, names.index("star")] if "star" in names else np.ones(n)
     point = (star >= 0.5) & (np.nan_to_num(d["extension"] / scale, nan=0.0) < 1.0)  # seeing from point sources
-    bg, rms = _sky(data, mask)  # (C, H, W)
 
     def tile_fwhm(c: int) -> float:  # this tile's own seeing estimate (its nominal PSF's if too few stars)
         band = inst.band(patch.bands[c])
@@ -1097,7 +1151,11 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
                                       min_snr=search["min_snr"])
         if len(found):
             finds = _fit_finds(found, resid, bg, rms, psfs, scale, gain, mask)
-            resid = residual_image(resid + bg, bg, rms, psfs, scale, finds)  # their PSF models out too
+            finds = _take(finds, ~on_cosmic_rays(finds["x"], finds["y"]))
+            if len(finds["x"]):
+                resid = residual_image(resid + bg, bg, rms, psfs, scale, finds)  # their PSF models out too
+            else:
+                finds = None
     m = 0 if finds is None else len(finds["x"])
     select = np.concatenate([ok & ~saturated & (crowd < kron_crowding), np.ones(m, bool)])
     both = {k: np.concatenate([fit[k], finds[k]]) if m else fit[k] for k in ("x", "y", "flux_band")}
@@ -1131,6 +1189,18 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
             np.concatenate([d["x"], finds["x"]]), np.concatenate([d["y"], finds["y"]]), (h, w), fwhm_pix)[n:],
             template=template)
     return d
+
+
+def _cosmic_ray_test_mask(data: np.ndarray, inst, mask: np.ndarray | None) -> np.ndarray:
+    """(C, H, W) bool: the pixels whose light makes a detection a cosmic ray (:func:`refine_ccd_tile`): a deeper
+    L.A.Cosmic pass (:data:`~skyfm.catalog.cosmics.TEST_SIGMA_CLIP`, which also flags a hit's faint tail), grown by
+    one pixel (the edge pixels of a hit, a few sigma up, that L.A.Cosmic leaves)."""
+    from scipy import ndimage
+
+    from skyfm.catalog.cosmics import TEST_SIGMA_CLIP, cosmic_ray_mask
+
+    deep = cosmic_ray_mask(data, inst, mask=mask, sigma_clip=TEST_SIGMA_CLIP)
+    return ndimage.binary_dilation(deep, np.ones((1, 3, 3), bool))
 
 
 def _sky(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -79,3 +79,85 @@ def test_detect_cli_masks_cosmic_rays_on_request(tmp_path, capsys):
         error[flag] = float(np.min(np.hypot(np.asarray(cat["x"], float) - 31.3, np.asarray(cat["y"], float) - 32.6)))
     assert error["--mask-cosmic-rays"] < 0.05
     assert error["--keep-cosmic-rays"] > 0.3
+
+
+def _hits_on(patch) -> np.ndarray:
+    """(H, W) bool: the simulated image's cosmic-ray pixels (any band)."""
+    return ((np.asarray(patch.contaminant_mask) & CONTAMINANT_BITS["cosmic_ray"]) > 0).any(axis=0)
+
+
+def test_light_share_tells_a_hit_from_a_star():
+    """The share of the light within a FWHM that lies on cosmic-ray pixels (the deeper test pass) and the
+    signal-to-noise ratio of the rest: at bright and faint stars little of it (0.4 where a hit lands beside one) and
+    a high ratio, at the image's bright hits most of it and a low one; NaN where there is no light."""
+    from scipy import ndimage
+
+    from skyfm.catalog.cosmics import light_on_cosmic_rays
+    from skyfm.detect import _cosmic_ray_test_mask
+
+    stars = {"x": [20.2, 60.7, 100.4, 30.5, 80.9], "y": [25.6, 30.1, 20.8, 90.3, 100.5],
+             "mag": [21.0, 22.0, 23.0, 24.5, 25.5]}
+    p = simulate_patch("hubble", 21, size=128, scene="empty", bands=["F606W"], inject=stars)
+    inst = load_instrument("hubble")
+    test = _cosmic_ray_test_mask(p.data, inst, None)
+    image = p.data - np.median(p.data, axis=(1, 2), keepdims=True)
+    rms = np.full_like(image, 1.4826 * np.median(np.abs(image[0] - np.median(image[0]))))
+    at_stars, snr = light_on_cosmic_rays(image, rms, test, stars["x"], stars["y"], 2.0)
+    assert np.all(at_stars < 0.5) and np.sum(at_stars < 0.05) >= 4, at_stars
+    assert np.all(snr > 10), snr
+    labels, n = ndimage.label(_hits_on(p), np.ones((3, 3)))
+    peaks = np.array(ndimage.maximum(image[0], labels, np.arange(1, n + 1)))
+    bright = np.nonzero(peaks > 20 * rms[0, 0, 0])[0] + 1
+    assert len(bright) >= 10
+    yx = np.array(ndimage.maximum_position(image[0], labels, bright))
+    at_hits, snr = light_on_cosmic_rays(image, rms, test, yx[:, 1], yx[:, 0], 2.0)
+    assert np.mean((at_hits > 0.5) & (snr < 5)) >= 0.9, (at_hits, snr)
+    assert np.isnan(light_on_cosmic_rays(np.zeros_like(image), rms, test, [64.0], [64.0], 2.0)[0][0])
+
+
+def _rows_on_hits(cat, patch, scale: int = 1) -> tuple[int, int]:
+    """(rows within 3 native px of a true source, rows on a cosmic ray (grown by 2 px) that match none)."""
+    from scipy import ndimage
+
+    hits = ndimage.binary_dilation(_hits_on(patch), iterations=2)
+    x = (np.asarray(cat["x"], float) + 0.5) * scale - 0.5
+    y = (np.asarray(cat["y"], float) + 0.5) * scale - 0.5
+    tx, ty = np.asarray(patch.truth["x"], float), np.asarray(patch.truth["y"], float)
+    matched = np.hypot(x[:, None] - tx[None], y[:, None] - ty[None]).min(axis=1) < 3.0
+    on = hits[np.clip(np.rint(y).astype(int), 0, hits.shape[0] - 1), np.clip(np.rint(x).astype(int), 0,
+                                                                            hits.shape[1] - 1)]
+    return int(matched.sum()), int((on & ~matched).sum())
+
+
+def test_detections_on_cosmic_rays_are_dropped(monkeypatch):
+    """A single-band Hubble field exposure: without the light-share test the network's peaks and the residual
+    search's finds on hits are a large part of the catalog; with it (the default) half of them are left, and the true
+    sources stay."""
+    import skyfm.detect as detect
+
+    counts = np.zeros(4, int)  # matched, on hits; the same without the test
+    for seed in (1_234_567, 1_234_569):
+        p = simulate_patch("hubble", seed, size=512, scene="field", bands=["F606W"])
+        with monkeypatch.context() as m:
+            counts[:2] += _rows_on_hits(detect.detect_patch(p), p)
+            m.setattr(detect, "COSMIC_RAY_LIGHT_MAX", np.inf)
+            counts[2:] += _rows_on_hits(detect.detect_patch(p), p)
+    matched, on_hits, matched_off, on_hits_off = counts
+    assert on_hits_off >= 8 and on_hits <= 0.6 * on_hits_off, counts
+    assert matched >= matched_off - 2, counts
+
+
+def test_a_binned_exposure_has_its_hits_found_on_its_own_pixels():
+    """A 2 x 2-binned single Hubble exposure (pixels twice the head's, so tiles are resampled): interpolated onto
+    the network's pixels a hit is no sharper than a star, so the hits are found on the image's own pixels (before
+    this, such an image gave about 25 rows per true source)."""
+    from skyfm.detect import detect_patch
+
+    p = simulate_patch("hubble", 1_234_568, size=512, scene="field", bands=["F606W"])
+    binned = replace(p, data=p.data.reshape(1, 256, 2, 256, 2).sum(axis=(2, 4)),
+                     wcs=p.wcs.slice((slice(None, None, 2), slice(None, None, 2))), mask=None, truth=None,
+                     source_image=None, background_image=None, contaminant_mask=None)
+    cat = detect_patch(binned)
+    matched, on_hits = _rows_on_hits(cat, p, scale=2)
+    n_true = int((np.asarray(p.truth["snr"]) >= 5).sum())
+    assert matched >= 0.3 * n_true and on_hits <= 0.25 * len(cat), (len(cat), matched, on_hits, n_true)
