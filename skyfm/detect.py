@@ -632,17 +632,21 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     colours: dict = {}  # the fitted detections' band fluxes of the tiles so far
     cosmic_pixels: list = []  # the tiles' cosmic-ray pixels, for the Kron apertures measured across tiles
     tile_cosmics = cosmic_pixels if zoom == 1.0 else None  # (zoomed tiles' pixels are not the image's)
-    # interpolated onto other pixels a cosmic ray is no sharper than a star (the network and the residual search
-    # took a 2x2-binned Hubble exposure's hits for sources: 2645 rows for about 100 true), so a zoomed CCD tile's
-    # are found on the image's own pixels before it is resampled
-    cosmics_before_zoom = zoom != 1.0 and not inst.is_counts and (
+    # averaged onto coarser pixels a cosmic ray is no sharper than a star, so a tile of pixels finer than the
+    # instrument's has its hits found and cleaned on its own pixels before it is resampled (Hubble images at 0.6x its
+    # pixels: F1 0.763 -> 0.815). Coarser pixels keep the pass on the resampled tile, and no detection is dropped as
+    # a hit: there L.A.Cosmic takes stars for hits (the PSF undersampled in the image's pixels, smooth in the
+    # resampled ones; at 2x Hubble's pixels, F1 0.602 -> 0.127 with the hits found on the image's pixels, 0.551 with
+    # the test on the resampled tile's)
+    hit_test = zoom <= 1.0
+    cosmics_before_zoom = zoom < 1.0 and not inst.is_counts and (
         head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays)
 
     def refined(k, p, d, cosmics):
         try:
             d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays, colours=colours,
                                 turn=lambda name: turns.turn(k, name), cosmic_pixels=tile_cosmics,
-                                whole_image=len(grid) == 1, cosmics=cosmics)
+                                whole_image=len(grid) == 1, cosmics=cosmics, hit_test=hit_test)
         finally:
             turns.skip(k)
         found = np.isin(d["fit"], (4, 5))  # the residual search's finds and companions
@@ -718,10 +722,11 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             cosmics = None
             if zoom != 1.0:
                 if cosmics_before_zoom:
-                    from skyfm.catalog.cosmics import cosmic_ray_mask
+                    from skyfm.catalog.cosmics import clean_cosmic_rays
 
-                    cosmics = (_zoom_mask(cosmic_ray_mask(patch.data, inst, mask=patch.mask), net_hw),
-                               _zoom_mask(_cosmic_ray_test_mask(patch.data, inst, patch.mask), net_hw))
+                    cosmics = _cosmic_rays(patch.data, inst, patch.mask)
+                    patch.data = clean_cosmic_rays(patch.data, cosmics[0])
+                    cosmics = tuple(_zoom_mask(m, net_hw) for m in cosmics)
                 patch = _zoom_patch(patch, net_hw, inst.is_counts)
                 patch = _prepare_tile(patch, inst) or patch
             patch.truth = None
@@ -799,7 +804,7 @@ COMPANION_MODEL_ERROR = 0.03  # a companion search's noise: the sky's and this s
 COMPANION_MIN_SEPARATION = 0.5  # a companion lies at least this many FWHM from every detection (searched, fitted)
 COSMIC_RAY_SEARCH_MARGIN = 1  # pixels around a flagged cosmic-ray pixel that the residual search also leaves out
 # a detection with more than this share of the light within a FWHM of it on cosmic-ray pixels (the deeper test
-# pass, _cosmic_ray_test_mask) ...
+# pass, _cosmic_rays) ...
 COSMIC_RAY_LIGHT_MAX = 0.5
 # ... and the light off them within two FWHM at a lower signal-to-noise ratio is a hit: dropped (chosen on validation
 # images, benchmarks/choose_cosmic_rays.py)
@@ -911,7 +916,7 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
 def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
                     mask_cosmic_rays: bool | None = None, colours: dict | None = None, turn=None,
                     cosmic_pixels: list | None = None, whole_image: bool = False,
-                    cosmics: np.ndarray | None = None) -> dict:
+                    cosmics: tuple | None = None, hit_test: bool = True) -> dict:
     """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
 
     Every detection is modelled (so that neighbours share their light) on the pixels below the instrument's
@@ -952,11 +957,11 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     carry ``kron_cut`` and their fitted ``psf_flux_band`` (:data:`PENDING_KEYS`) for it; unless the tile is the
     ``whole_image``, whose edges no cut-out could see past (the part of such an aperture on the image is measured,
     and none where more than a tenth of it is off). ``cosmics``: where the tile's cosmic rays were found before (a
-    resampled tile's, on the image's own pixels), (its (C, H, W) cosmic-ray pixels, :func:`_cosmic_ray_test_mask`),
-    in place of finding them on the tile. With cosmic-ray masking, detections and finds whose light within a FWHM is
-    mostly on the test mask's pixels (:func:`~skyfm.catalog.cosmics.light_on_cosmic_rays`: a share above
-    :data:`COSMIC_RAY_LIGHT_MAX`) and whose light off them within two FWHM has a signal-to-noise ratio below
-    :data:`COSMIC_RAY_SOURCE_SNR` are dropped: the hits themselves.
+    resampled tile's, on the image's own pixels), its :func:`_cosmic_rays`, in place of finding them on the tile.
+    With cosmic-ray masking, detections and finds whose light within a FWHM is mostly on the test mask's pixels
+    (:func:`~skyfm.catalog.cosmics.light_on_cosmic_rays`: a share above :data:`COSMIC_RAY_LIGHT_MAX`) and whose light
+    off them within two FWHM has a signal-to-noise ratio below :data:`COSMIC_RAY_SOURCE_SNR` are dropped: the hits
+    themselves (unless ``hit_test`` is False: :func:`detect_tiles` tiles resampled from coarser pixels).
     """
     from skyfm.catalog.psf_fit import (blank_flux_scatter, crowding, estimate_fwhm, fit_psf_sources, neighbour_light,
                                        residual_image)
@@ -972,14 +977,9 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     # a source whose box is mostly saturated or invalid keeps its own flux (below); a cosmic ray's few pixels are
     # only left out of the fit
     no_psf = mask.copy()
-    cosmic_test = None
-    if cosmics is not None:
-        cosmics, cosmic_test = cosmics
-    elif head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays:
-        from skyfm.catalog.cosmics import cosmic_ray_mask
-
-        cosmics = cosmic_ray_mask(data, inst, mask=mask)
-        cosmic_test = _cosmic_ray_test_mask(data, inst, mask)
+    if cosmics is None and (head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays):
+        cosmics = _cosmic_rays(data, inst, mask, test=hit_test)
+    cosmics, cosmic_test = (None, None) if cosmics is None else cosmics
     if cosmics is not None:
         cosmics = cosmics & ~mask
         mask |= cosmics
@@ -992,7 +992,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     fwhm_nominal = float(np.median([inst.band(b).psf.fwhm_deg for b in patch.bands])) / scale
 
     def on_cosmic_rays(x, y):  # detections whose light is mostly on cosmic-ray pixels, with no source beside
-        if cosmic_test is None or not len(x):
+        if cosmic_test is None or not hit_test or not len(x):
             return np.zeros(len(x), bool)
         from skyfm.catalog.cosmics import light_on_cosmic_rays
 
@@ -1191,16 +1191,22 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     return d
 
 
-def _cosmic_ray_test_mask(data: np.ndarray, inst, mask: np.ndarray | None) -> np.ndarray:
-    """(C, H, W) bool: the pixels whose light makes a detection a cosmic ray (:func:`refine_ccd_tile`): a deeper
-    L.A.Cosmic pass (:data:`~skyfm.catalog.cosmics.TEST_SIGMA_CLIP`, which also flags a hit's faint tail), grown by
-    one pixel (the edge pixels of a hit, a few sigma up, that L.A.Cosmic leaves)."""
+def _cosmic_rays(data: np.ndarray, inst, mask: np.ndarray | None, test: bool = True) -> tuple:
+    """A CCD tile's cosmic rays for :func:`refine_ccd_tile`, two (C, H, W) bool masks: the hits L.A.Cosmic finds
+    (:func:`~skyfm.catalog.cosmics.cosmic_ray_mask`), left out of the fits; and the pixels whose light makes a
+    detection a hit: those of a deeper pass (:data:`~skyfm.catalog.cosmics.TEST_SIGMA_CLIP`, a hit's faint tail)
+    joined to a hit (alone, the deeper pass also flags faint sources' peaks), grown by one pixel (a hit's edge
+    pixels, a few sigma up); None for ``test`` False."""
     from scipy import ndimage
 
     from skyfm.catalog.cosmics import TEST_SIGMA_CLIP, cosmic_ray_mask
 
-    deep = cosmic_ray_mask(data, inst, mask=mask, sigma_clip=TEST_SIGMA_CLIP)
-    return ndimage.binary_dilation(deep, np.ones((1, 3, 3), bool))
+    hits = cosmic_ray_mask(data, inst, mask=mask)
+    if not test:
+        return hits, None
+    deep = cosmic_ray_mask(data, inst, mask=mask, sigma_clip=TEST_SIGMA_CLIP) | hits
+    joined = ndimage.binary_propagation(hits, structure=np.ones((1, 3, 3), bool), mask=deep)
+    return hits, ndimage.binary_dilation(joined, np.ones((1, 3, 3), bool))
 
 
 def _sky(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -87,3 +87,24 @@ def light_on_cosmic_rays(image: np.ndarray, rms: np.ndarray, cosmics: np.ndarray
         share = np.where(total > 0, (total - elsewhere) / total, np.nan)
         snr = np.where(variance > 0, elsewhere / np.sqrt(variance), 0.0)
     return share, snr
+
+
+def clean_cosmic_rays(data: np.ndarray, hits: np.ndarray) -> np.ndarray:
+    """(C, H, W) float32 copy of ``data`` with each of its ``hits`` pixels (:func:`cosmic_ray_mask`) replaced by the
+    mean of the other pixels of the 5 x 5 box around it (astroscrappy's ``meanmask``; the band's median where the box
+    holds none). For an image that is resampled before the network sees it: averaged onto coarser pixels a hit is
+    no longer sharper than a star (``skyfm.detect``)."""
+    from scipy import ndimage
+
+    out = np.array(data, dtype=np.float32)
+    hits = np.asarray(hits, bool)
+    for c in range(out.shape[0]):
+        if not hits[c].any():
+            continue
+        good = (~hits[c] & np.isfinite(out[c])).astype(np.float32)
+        values = np.where(good > 0, out[c], 0.0).astype(np.float32)
+        total = ndimage.uniform_filter(values, 5, mode="nearest")
+        weight = ndimage.uniform_filter(good, 5, mode="nearest")
+        fill = np.where(weight > 1e-6, total / np.maximum(weight, 1e-6), np.median(out[c][good > 0]))
+        out[c][hits[c]] = fill[hits[c]]
+    return out
