@@ -10,7 +10,8 @@ and 3.0x where it holds a contaminated pixel, as 78% of the boxes do (``docs/ben
 the Laplacian of the image against its noise (from the instrument's gain and read noise), with a fine-structure test
 (the median-filter one) that tells a hit from an undersampled star's peak. The mask is only ever used to leave
 pixels out of fits, and to tell a detection on a hit from a source (:func:`light_on_cosmic_rays`); the image itself is
-not changed.
+not changed, but for a tile of pixels finer than the network's, cleaned before it is resampled
+(:func:`clean_cosmic_rays`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from skyfm.errors import SkyfmError
 SIGMA_CLIP = 4.5  # Laplacian-to-noise limit of a hit (astroscrappy's default)
 OBJECT_LIMIT = 5.0  # fine-structure contrast a hit needs over a star's peak (astroscrappy's default)
 ITERATIONS = 1  # L.A.Cosmic passes: more grow the hits found (astroscrappy: 4) at no gain in the fit, Run 15
-# the deeper pass whose pixels tell whether a detection is a hit (cosmic_ray_light_share): at 4.5 a hit's faint tail
-# stays unflagged and the residual search takes it for a source (a third of a single-band Hubble field's finds)
+# the deeper pass whose pixels, joined to a hit, tell whether a detection is one (skyfm.detect._cosmic_rays,
+# light_on_cosmic_rays): at 4.5 a hit's faint tail stays unflagged, and the residual search took it for a source
 TEST_SIGMA_CLIP = 3.0
 
 
