@@ -999,8 +999,9 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
 
         # the share within a FWHM; the rest within two FWHM, where a star's wings still show when L.A.Cosmic has
         # flagged its core (as it does some bright undersampled stars': the grown mask then covers the first FWHM)
-        share = light_on_cosmic_rays(data - bg, rms, test, x, y, max(fwhm_nominal, 1.5))[0]
-        snr = light_on_cosmic_rays(data - bg, rms, test, x, y, 2 * max(fwhm_nominal, 1.5))[1]
+        image, radius = data - bg, max(fwhm_nominal, 1.5)
+        share = light_on_cosmic_rays(image, rms, test, x, y, radius)[0]
+        snr = light_on_cosmic_rays(image, rms, test, x, y, 2 * radius)[1]
         return (share > COSMIC_RAY_LIGHT_MAX) & (snr < COSMIC_RAY_SOURCE_SNR)
 
     hits = on_cosmic_rays(d["x"], d["y"], cosmic_test)
