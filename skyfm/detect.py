@@ -981,6 +981,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     if cosmics is None and (head.mask_cosmic_rays if mask_cosmic_rays is None else mask_cosmic_rays):
         cosmics = _cosmic_rays(data, inst, mask, test=hit_test)
     cosmics, cosmic_test, find_test = (None, None, None) if cosmics is None else cosmics
+    if not hit_test:
+        cosmic_test = find_test = None
     if cosmics is not None:
         cosmics = cosmics & ~mask
         mask |= cosmics
@@ -993,7 +995,7 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     fwhm_nominal = float(np.median([inst.band(b).psf.fwhm_deg for b in patch.bands])) / scale
 
     def on_cosmic_rays(x, y, test):  # detections whose light is mostly on cosmic-ray pixels, with no source beside
-        if test is None or not hit_test or not len(x):
+        if test is None or not len(x):
             return np.zeros(len(x), bool)
         from skyfm.catalog.cosmics import light_on_cosmic_rays
 
