@@ -1206,12 +1206,12 @@ def _cosmic_rays(data: np.ndarray, inst, mask: np.ndarray | None, test: bool = T
     mix unchanged). The last two None for ``test`` False."""
     from scipy import ndimage
 
-    from skyfm.catalog.cosmics import TEST_SIGMA_CLIP, cosmic_ray_mask
+    from skyfm.catalog.cosmics import SIGMA_CLIP, TEST_SIGMA_CLIP, cosmic_ray_masks
 
-    hits = cosmic_ray_mask(data, inst, mask=mask)
     if not test:
-        return hits, None, None
-    deep = cosmic_ray_mask(data, inst, mask=mask, sigma_clip=TEST_SIGMA_CLIP) | hits
+        return cosmic_ray_masks(data, inst, mask)[0], None, None
+    hits, deep = cosmic_ray_masks(data, inst, mask, (SIGMA_CLIP, TEST_SIGMA_CLIP))  # one pass, two limits
+    deep |= hits
     joined = ndimage.binary_propagation(hits, structure=np.ones((1, 3, 3), bool), mask=deep)
     grow = np.ones((1, 3, 3), bool)
     return hits, ndimage.binary_dilation(joined, grow), ndimage.binary_dilation(deep, grow)

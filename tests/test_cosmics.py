@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from skyfm.catalog.cosmics import cosmic_ray_mask
+from skyfm.catalog.cosmics import cosmic_ray_mask, cosmic_ray_masks
 from skyfm.data.patch import CONTAMINANT_BITS
 from skyfm.data.simulate import simulate_patch
 from skyfm.errors import SkyfmError
@@ -31,6 +31,29 @@ def test_cosmic_ray_mask_finds_the_hits_and_spares_the_stars():
     assert not cosmic_ray_mask(p.data, inst, mask=hits.any(axis=0))[hits].any()
     with pytest.raises(SkyfmError, match="cosmic_ray_mask"):
         cosmic_ray_mask(p.data[0], inst)
+
+
+def test_one_pass_at_two_limits_flags_what_astroscrappy_flags():
+    """cosmic_ray_masks computes L.A.Cosmic's images once for both limits: its masks are astroscrappy's
+    detect_cosmics' (one iteration) bit for bit, with a saturated star and a mask of pixels to ignore."""
+    import astroscrappy
+
+    inst = load_instrument("hubble")
+    data = np.asarray(simulate_patch("hubble", 5, size=96, scene="field").data, float)
+    data[:, 40:47, 50:57] = 1.2 * inst.noise["saturation"]  # a saturated core: astroscrappy masks it, grown
+    ignore = np.zeros(data.shape[1:], bool)
+    ignore[10:14, 70:90] = True
+    masks = cosmic_ray_masks(data, inst, ignore, (4.5, 3.0))
+    for clip, found in zip((4.5, 3.0), masks):
+        for c in range(data.shape[0]):
+            expected, _ = astroscrappy.detect_cosmics(
+                np.where(ignore, 0.0, data[c]).astype(np.float32), inmask=ignore, sigclip=clip, objlim=5.0,
+                gain=inst.noise["gain"], readnoise=inst.noise["read_noise"], satlevel=inst.noise["saturation"],
+                fsmode="median", niter=1)
+            assert np.array_equal(found[c], expected & ~ignore)
+    assert masks[0].sum() > 50 and masks[1].sum() > masks[0].sum()
+    assert not masks[1][:, 38:49, 48:59].any()  # the saturated core and its rim
+    assert np.array_equal(cosmic_ray_mask(data, inst, ignore), masks[0])
 
 
 def test_a_hit_beside_a_star_no_longer_pulls_its_fitted_position():

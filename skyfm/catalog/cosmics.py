@@ -22,7 +22,7 @@ from skyfm.errors import SkyfmError
 
 SIGMA_CLIP = 4.5  # Laplacian-to-noise limit of a hit (astroscrappy's default)
 OBJECT_LIMIT = 5.0  # fine-structure contrast a hit needs over a star's peak (astroscrappy's default)
-ITERATIONS = 1  # L.A.Cosmic passes: more grow the hits found (astroscrappy: 4) at no gain in the fit, Run 15
+# one L.A.Cosmic pass (astroscrappy's default is 4): more grow the hits found at no gain in the fit (Run 15)
 # the deeper pass whose pixels, joined to a hit, tell whether a detection is one (skyfm.detect._cosmic_rays,
 # light_on_cosmic_rays): at 4.5 a hit's faint tail stays unflagged, and the residual search took it for a source
 TEST_SIGMA_CLIP = 3.0
@@ -38,24 +38,68 @@ def cosmic_ray_mask(data: np.ndarray, inst, mask: np.ndarray | None = None,
         mask: (H, W) or (C, H, W) bool of pixels to ignore (saturated, off the detector), or None; never flagged.
         sigma_clip: the Laplacian-to-noise limit of a hit (:data:`TEST_SIGMA_CLIP` for the deeper test pass).
     """
-    import astroscrappy
+    return cosmic_ray_masks(data, inst, mask, (sigma_clip,))[0]
 
+
+def cosmic_ray_masks(data: np.ndarray, inst, mask: np.ndarray | None = None,
+                     sigma_clips: tuple[float, ...] = (SIGMA_CLIP,)) -> list[np.ndarray]:
+    """:func:`cosmic_ray_mask` at each of ``sigma_clips``: a list of (C, H, W) bool masks.
+
+    The pixels astroscrappy's ``detect_cosmics`` flags in one pass (``niter=1``, separable medians, the median
+    fine-structure image), computed with its own C filters (``astroscrappy.utils``) so that the Laplacian-to-noise
+    and fine-structure images, the median filters that are nearly all of the cost, are made once for every limit;
+    and without the cleaned image ``detect_cosmics`` also makes, which the mask does not need. A test holds the
+    masks equal to ``detect_cosmics``'s.
+    """
     data = np.asarray(data)
     if data.ndim != 3:
         raise SkyfmError(f"cosmic_ray_mask needs a (C, H, W) image, got shape {data.shape}")
     noise = inst.noise or {}
     gain = float(noise.get("gain", 1.0)) or 1.0
     saturation = float(noise.get("saturation", 0.0)) or 1e30
+    read_noise = float(noise.get("read_noise", 0.0))
     ignore = np.zeros(data.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), data.shape)
-    out = np.zeros(data.shape, dtype=bool)
+    out = [np.zeros(data.shape, dtype=bool) for _ in sigma_clips]
     for c in range(data.shape[0]):
         bad = ignore[c] | ~np.isfinite(data[c])
         plane = np.where(bad, 0.0, data[c]).astype(np.float32)
-        out[c], _ = astroscrappy.detect_cosmics(plane, inmask=bad, sigclip=sigma_clip, objlim=OBJECT_LIMIT, gain=gain,
-                                                readnoise=float(noise.get("read_noise", 0.0)), satlevel=saturation,
-                                                fsmode="median", niter=ITERATIONS)
-        out[c] &= ~bad
+        for found, plane_mask in zip(out, _lacosmic_one_pass(plane, bad, sigma_clips, gain, read_noise, saturation)):
+            found[c] = plane_mask & ~bad
     return out
+
+
+def _lacosmic_one_pass(plane: np.ndarray, bad: np.ndarray, sigma_clips, gain: float, read_noise: float,
+                       saturation: float, sigma_frac: float = 0.3) -> list[np.ndarray]:
+    """(H, W) bool hits of one band at each limit: astroscrappy 1.3's ``detect_cosmics`` loop body, step for step
+    (its arguments are C floats, hence the float32 casts that keep the masks bit for bit)."""
+    from astroscrappy.utils import dilate3, dilate5, laplaceconvolve, rebin, sepmedfilt5, sepmedfilt7, sepmedfilt9
+    from astroscrappy.utils import subsample
+
+    f32 = np.float32
+    electrons = np.ascontiguousarray(plane * float(f32(gain)), dtype=np.float32)  # (H, W)
+    variance = electrons + float(f32(read_noise) * f32(read_noise))
+    # astroscrappy's update_mask: saturated stars' cores grown by two pixels, the given mask by one
+    saturated = electrons >= float(f32(saturation))
+    if saturated.any():  # the median is all the cost, and it only ever narrows a saturated set
+        saturated &= sepmedfilt7(electrons) > float(f32(saturation)) / 10.0
+    ignore = dilate5(saturated.view(np.uint8), 2).astype(bool) | dilate3(bad.astype(np.uint8)).astype(bool)
+    good = ~ignore
+    laplacian = rebin(np.clip(laplaceconvolve(subsample(electrons)), 0.0, None))  # L+ of van Dokkum (2001)
+    sigma = np.sqrt(np.maximum(sepmedfilt7(variance), f32(0.00001)))  # a hit-free noise map
+    laplacian /= 2.0 * sigma
+    sharp = laplacian - sepmedfilt7(laplacian)  # S': the Laplacian-to-noise ratio, smooth structure removed
+    fine = sepmedfilt5(electrons)
+    fine = (fine - sepmedfilt9(fine)) / sigma  # the fine-structure image, in S' units
+    fine[fine < 0.01] = 0.01
+    contrast = sharp / fine
+    masks = []
+    for clip in sigma_clips:
+        clip = float(f32(clip))
+        hits = (sharp > clip) & good & (contrast > OBJECT_LIMIT)
+        hits = dilate3(hits.view(np.uint8)).astype(bool) & good & (sharp > clip)
+        low = float(f32(sigma_frac) * f32(clip))
+        masks.append(dilate3(hits.view(np.uint8)).astype(bool) & good & (sharp > low))
+    return masks
 
 
 def light_on_cosmic_rays(image: np.ndarray, rms: np.ndarray, cosmics: np.ndarray, x: np.ndarray, y: np.ndarray,
