@@ -22,7 +22,6 @@ from skyfm.errors import SkyfmError
 
 SIGMA_CLIP = 4.5  # Laplacian-to-noise limit of a hit (astroscrappy's default)
 OBJECT_LIMIT = 5.0  # fine-structure contrast a hit needs over a star's peak (astroscrappy's default)
-# one L.A.Cosmic pass (astroscrappy's default is 4): more grow the hits found at no gain in the fit (Run 15)
 # the deeper pass whose pixels, joined to a hit, tell whether a detection is one (skyfm.detect._cosmic_rays,
 # light_on_cosmic_rays): at 4.5 a hit's faint tail stays unflagged, and the residual search took it for a source
 TEST_SIGMA_CLIP = 3.0
@@ -45,11 +44,12 @@ def cosmic_ray_masks(data: np.ndarray, inst, mask: np.ndarray | None = None,
                      sigma_clips: tuple[float, ...] = (SIGMA_CLIP,)) -> list[np.ndarray]:
     """:func:`cosmic_ray_mask` at each of ``sigma_clips``: a list of (C, H, W) bool masks.
 
-    The pixels astroscrappy's ``detect_cosmics`` flags in one pass (``niter=1``, separable medians, the median
-    fine-structure image), computed with its own C filters (``astroscrappy.utils``) so that the Laplacian-to-noise
-    and fine-structure images, the median filters that are nearly all of the cost, are made once for every limit;
-    and without the cleaned image ``detect_cosmics`` also makes, which the mask does not need. A test holds the
-    masks equal to ``detect_cosmics``'s.
+    The pixels astroscrappy's ``detect_cosmics`` flags in one pass (``niter=1``: its default of 4 grows the hits
+    found at no gain in the fit, Run 15; separable medians, the median fine-structure image), computed with its
+    own C filters (``astroscrappy.utils``) so that the Laplacian-to-noise and fine-structure images, the median
+    filters that are nearly all of the cost, are made once for every limit; and without the cleaned image
+    ``detect_cosmics`` also makes, which the mask does not need. A test holds the masks equal to
+    ``detect_cosmics``'s.
     """
     data = np.asarray(data)
     if data.ndim != 3:
