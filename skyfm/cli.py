@@ -590,9 +590,10 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
               help="Keep the network's positions and fluxes: no PSF fit (CCD images) or Poisson likelihood fit "
                    "(counts cubes, which then get no TS). Faster, less accurate.")
 @click.option("--drop-trails", is_flag=True,
-              help="CCD images: find satellite trails in each tile (straight ridges of light across it) and drop "
-                   "the detections on them, except stars standing above the trail; saturated stars' bleed "
-                   "columns are not trails. Costs ~0.2 s per 512^2 tile.")
+              help="CCD images: find satellite trails in each tile (straight ridges of light across it, and "
+                   "fainter ones that the detections line up along) and drop the detections on them, except stars "
+                   "standing above the trail; saturated stars' bleed columns are not trails. Costs 0.05-0.3 s per "
+                   "512^2 tile.")
 @click.option("--background", "background_path", default=None, type=click.Path(),
               help="Counts cubes: FITS file with the expected background counts (same bins and pixels as INPUT, e.g. "
                    "the interstellar-emission + isotropic model cube from gtmodel); the likelihood refinement fits "

@@ -130,3 +130,32 @@ def test_a_bleed_column_across_the_tile_is_no_trail():
     d = {"x": xy[:, 0], "y": xy[:, 1], "score": np.ones(3), "flux_band": np.ones((3, 1))}
     kept = drop_trail_detections(d, Tile, inst)
     assert len(kept["x"]) == 3
+
+
+def test_a_faint_trail_is_found_from_the_detections_it_breaks_into():
+    """A trail of 4 noise sigma per pixel across a crowded field: too faint for the image-wide search, but the
+    detections a detector makes along it are each a piece of a line, and together they find it. Without the trail
+    the same detections (and the field's stars) find nothing."""
+    from skyfm.catalog.trails import detection_lineness, trails_through_detections
+
+    rng = np.random.default_rng(11)
+    field = star_field(rng, n_stars=400, cluster=False)
+    theta_deg, rho = 60.0, 130.0
+    image = add_line(field, theta_deg, rho, 4.0)
+    assert find_trails(image, FWHM) == []
+    t = np.deg2rad(theta_deg)
+    along = np.arange(-140.0, 141.0, 18.0)
+    lx, ly = rho * np.cos(t) - along * np.sin(t), rho * np.sin(t) + along * np.cos(t)
+    inside = (lx >= 8) & (lx < SIZE - 8) & (ly >= 8) & (ly < SIZE - 8)
+    lx, ly = lx[inside], ly[inside]
+    sx, sy = rng.uniform(0, SIZE, 300), rng.uniform(0, SIZE, 300)  # where the field's stars are detected
+    x, y = np.concatenate([lx, sx]), np.concatenate([ly, sy])
+    lineness, direction = detection_lineness(image, x, y, FWHM)
+    assert np.median(lineness[: lx.size]) > 3 > np.median(lineness[lx.size:])
+    trails = trails_through_detections(image, x, y, FWHM)
+    assert len(trails) == 1
+    assert abs(((np.degrees(trails[0].theta) - theta_deg + 90) % 180) - 90) <= 2.0
+    assert np.all(trails[0].distance(lx, ly) <= 2.0)
+    assert trails_through_detections(field, x, y, FWHM) == []
+    # a line already known is not found again
+    assert trails_through_detections(image, x, y, FWHM, known=trails) == []

@@ -20,6 +20,12 @@ detector then fires along its flanks, not on its centre line). :func:`find_trail
    galaxy lifts a line only where they are). A trail found is masked out and the search repeated, up to
    ``max_trails``.
 
+Faint trails (a few noise sigma per pixel) do not stand out of a crowded field's line medians, yet a detector
+still fires along them. :func:`trails_through_detections` finds them from those detections: each that looks like a
+piece of a line (:func:`detection_lineness`: the light along one direction through it, on both sides) proposes
+its line, and a line that several of them lie on is kept when it is narrow, stands out of its parallel lines'
+scatter (a chance row of a crowded field's stars does not) and is lit from end to end.
+
 :func:`on_trail` marks the detections within a trail's half-width; ``skyfm detect`` drops them, except those
 where :func:`point_sources_on_trail` sees a point source of its own standing above the trail (a star the trail
 crosses). Saturated stars and their bleed columns are straight ridges too: ``skyfm detect`` leaves them out of
@@ -34,6 +40,12 @@ from dataclasses import dataclass
 import numpy as np
 
 ANGLE_STEP_DEG = 1.0
+RAY_ANGLES = 36  # detection_lineness: directions (5 degrees apart)
+RAY_REACH_FWHM = (1.5, 6.0)  # detection_lineness: the part of each ray whose median is taken, in PSF FWHMs
+SUPPORT_DISTANCE_FWHM = 0.75  # trails_through_detections: detections on a proposed line, within this
+SUPPORT_ANGLE_DEG = 10.0  # trails_through_detections: ... and their directions within this of the line's
+NARROW_SIDE_FWHM = 2.0  # trails_through_detections: lit end to end against the lines this far beside it
+MIN_PARALLEL_SIGMAS = 5.0  # trails_through_detections: the line's narrow excess over its parallels' scatter
 
 
 @dataclass
@@ -203,17 +215,20 @@ def _line_scores(zb: np.ndarray, thetas: np.ndarray, block: int, min_excess: flo
     return np.where(good, excess, -np.inf), rhos
 
 
-def _lit_end_to_end(z: np.ndarray, trail: "Trail", min_excess: float, segments: int = 4) -> bool:
+def _lit_end_to_end(z: np.ndarray, trail: "Trail", min_excess: float, segments: int = 4,
+                    side: float | None = None) -> bool:
     """Whether the trail's ridge runs across the whole image: in each of ``segments`` equal stretches of the
     line, the median along it is ``min_excess`` sigma above the median beside it (3 half-widths away and more,
     the mean of the two sides: a ridge rises above both, the edge of a cluster or a gradient only above one).
     A satellite crosses the whole image; a bleed column, a cluster's core or a galaxy lifts the
-    line only where it is."""
+    line only where it is. ``side``: how far beside (px; the default 3 half-widths); nearer, a line must also
+    be narrow: a line through the middle of a diffuse glow (a cluster's unresolved stars) is brighter than the
+    lines far beside it all along its length, but not than those a few pixels away."""
     t, x0, y0 = _line_points(z.shape, trail.theta, trail.rho)
     if t.size < 8 * segments:
         return False
     bounds = np.linspace(t.min(), t.max() + 1e-9, segments + 1)
-    side = 3.0 * max(trail.half_width, 2.0)
+    side = 3.0 * max(trail.half_width, 2.0) if side is None else side
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         stretch = (t >= lo) & (t < hi)
         values = {}
@@ -257,6 +272,139 @@ def _refine(z: np.ndarray, theta: float, rho: float, fwhm: float, block: int, ed
         k = int(np.argmin(above)) if not above.all() else len(reach)  # first offset below edge_sigma
         half = max(half, float(reach[k - 1]) if k > 0 else 0.0)
     return Trail(float(theta), float(rho), float(excess), half + fwhm)
+
+
+def detection_lineness(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix: float, *,
+                       mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """How much each detection (x, y) looks like a piece of a line of light: (N,) line-ness, (N,) its direction
+    (radians, in [0, pi)).
+
+    In the PSF-smoothed image in units of its own robust scatter, the median along each of ``RAY_ANGLES`` directions
+    through the point, ``RAY_REACH_FWHM`` out on either side (past the point's own PSF), is taken per side; the
+    line-ness is the smaller side's median in the best direction less the median over directions of both sides'
+    mean. A trail lifts both sides along itself and no other direction; a star's neighbours in a crowded field
+    lift one side of a few directions; a galaxy's halo or a gradient lifts every direction alike.
+    """
+    from scipy import ndimage
+
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if x.size == 0:
+        return np.zeros(0), np.zeros(0)
+    z = _noise_units(image)
+    if mask is not None:
+        z = np.where(np.asarray(mask, bool), 0.0, z)
+    smooth = ndimage.gaussian_filter(z, max(float(fwhm_pix), 1.0) / 2.3548)
+    smooth = smooth / max(1.4826 * float(np.median(np.abs(smooth - np.median(smooth)))), 1e-12)
+    if mask is not None:
+        smooth[np.asarray(mask, bool)] = np.nan
+    h, w = smooth.shape
+    angles = np.linspace(0.0, np.pi, RAY_ANGLES, endpoint=False)  # (A,)
+    reach = np.arange(RAY_REACH_FWHM[0] * fwhm_pix, RAY_REACH_FWHM[1] * fwhm_pix, 1.0)  # (K,)
+    medians = np.full((x.size, angles.size, 2), np.nan)  # (N, A, side)
+    for side, sign in enumerate((-1.0, 1.0)):
+        xs = np.rint(x[:, None, None] + sign * reach * np.cos(angles)[:, None]).astype(int)  # (N, A, K)
+        ys = np.rint(y[:, None, None] + sign * reach * np.sin(angles)[:, None]).astype(int)
+        inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+        values = np.where(inside, smooth[np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)], np.nan)
+        enough = np.isfinite(values).sum(axis=2) >= 4
+        with warnings.catch_warnings():  # rays off the image or on masked pixels: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            medians[..., side] = np.where(enough, np.nanmedian(values, axis=2), np.nan)
+    both = medians.min(axis=2)  # (N, A): NaN where a side is
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        level = np.nanmedian(np.nanmean(medians, axis=2), axis=1)  # (N,)
+    ok = np.isfinite(both).any(axis=1) & np.isfinite(level)
+    best = np.argmax(np.where(np.isfinite(both), both, -np.inf), axis=1)
+    lineness = np.where(ok, both[np.arange(x.size), best] - level, 0.0)
+    return lineness, angles[best]
+
+
+def trails_through_detections(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix: float, *,
+                              mask: np.ndarray | None = None, known: list[Trail] | tuple = (),
+                              min_lineness: float = 3.0, min_support: int = 4,
+                              min_excess: float = 1.5) -> list[Trail]:
+    """Trails found from the detections they break into: faint trails that :func:`find_trails`' image-wide
+    search does not see through a crowded field (whose line medians scatter far beyond the pixel noise) still
+    make a detector fire along them.
+
+    Detections with :func:`detection_lineness` of at least ``min_lineness`` propose the line through themselves
+    in their direction; a line that ``min_support`` of them (themselves included) lie on (within
+    ``SUPPORT_DISTANCE_FWHM``, their directions within ``SUPPORT_ANGLE_DEG``) is fitted through them, refined and
+    kept when it stands out of its parallel lines (:func:`_stands_out`) and is lit from end to end by
+    ``min_excess`` noise sigma (as :func:`find_trails`' candidates are) over the lines ``NARROW_SIDE_FWHM`` beside
+    it (the line must be narrow: a line through a cluster's diffuse glow is not). ``min_excess`` 1.5: on
+    validation patches (``docs/benchmarks.md``, Run 31) the trails drawn had 1.66 to 36 in their faintest quarter,
+    a chance row of a crowded field's stars 1.08. Lines near one of ``known`` are skipped. ``image`` and ``mask``
+    as for :func:`find_trails`.
+    """
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    lineness, direction = detection_lineness(image, x, y, fwhm_pix, mask=mask)
+    candidates = np.flatnonzero(lineness >= min_lineness)
+    if candidates.size < min_support:
+        return []
+    z = _noise_units(image)
+    if mask is not None:
+        z = np.where(np.asarray(mask, bool), np.nan, z)
+    fwhm = max(float(fwhm_pix), 1.0)
+    trails: list[Trail] = []
+    free = np.ones(x.size, dtype=bool)
+    for j in candidates[np.argsort(-lineness[candidates])]:
+        if not free[j]:
+            continue
+        theta = (direction[j] + np.pi / 2) % np.pi  # the line's normal
+        rho = x[j] * np.cos(theta) + y[j] * np.sin(theta)
+        turn = np.abs(((direction[candidates] - direction[j]) + np.pi / 2) % np.pi - np.pi / 2)
+        near = Trail(theta, rho, 0.0, 0.0).distance(x[candidates], y[candidates]) <= SUPPORT_DISTANCE_FWHM * fwhm
+        support = candidates[near & (turn <= np.deg2rad(SUPPORT_ANGLE_DEG)) & free[candidates]]
+        if support.size < min_support:
+            continue
+        theta, rho = _fit_line(x[support], y[support])
+        if any(_same_line(theta, rho, t, fwhm) for t in (*known, *trails)):
+            free[support] = False
+            continue
+        trail = _refine(z, theta, rho, fwhm, max(2, int(round(fwhm))), 3.0, float(np.median(lineness[support])))
+        if _stands_out(z, trail, fwhm) and _lit_end_to_end(z, trail, min_excess, side=NARROW_SIDE_FWHM * fwhm):
+            trails.append(trail)
+            free[trail.distance(x, y) <= trail.half_width] = False
+        else:
+            free[support] = False
+    return trails
+
+
+def _stands_out(z: np.ndarray, trail: Trail, fwhm: float) -> bool:
+    """Whether the line's narrow excess (its median less the mean of the medians ``NARROW_SIDE_FWHM`` to either
+    side) is ``MIN_PARALLEL_SIGMAS`` times the scatter of the same excess of the parallel lines 4-12 FWHM away:
+    in a cluster every line crosses stars, and a line of them, a few pixels from the next, is no trail."""
+    side = max(1, int(round(NARROW_SIDE_FWHM * fwhm)))
+    reach = int(round(12 * fwhm)) + side
+    offsets = np.arange(-reach, reach + 1, dtype=float)
+    medians, _ = _line_medians(z, trail.theta, trail.rho, offsets)
+    excess = medians[side:-side] - 0.5 * (medians[:-2 * side] + medians[2 * side:])  # at offsets[side:-side]
+    centre = offsets[side:-side]
+    parallel = excess[(np.abs(centre) >= 4 * fwhm) & np.isfinite(excess)]
+    here = excess[np.abs(centre) <= 1.0]
+    if parallel.size < 8 or not np.isfinite(here).any():
+        return False
+    scatter = 1.4826 * float(np.median(np.abs(parallel - np.median(parallel))))
+    return float(np.nanmax(here)) - float(np.median(parallel)) >= MIN_PARALLEL_SIGMAS * scatter
+
+
+def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(theta, rho) of the total-least-squares line through the points, theta in [0, pi)."""
+    cx, cy = float(np.mean(x)), float(np.mean(y))
+    _, vectors = np.linalg.eigh(np.cov(np.c_[x - cx, y - cy].T))
+    nx, ny = vectors[:, 0]  # the normal: the direction of least spread
+    theta = float(np.arctan2(ny, nx)) % np.pi
+    return theta, cx * np.cos(theta) + cy * np.sin(theta)
+
+
+def _same_line(theta: float, rho: float, trail: Trail, fwhm: float) -> bool:
+    """Whether (theta, rho) is ``trail`` again: within 3 degrees, and its point nearest the origin's projection
+    within the trail's half-width plus a FWHM of it."""
+    turn = abs(((theta - trail.theta) + np.pi / 2) % np.pi - np.pi / 2)
+    px, py = rho * np.cos(theta), rho * np.sin(theta)
+    return turn <= np.deg2rad(3.0) and float(trail.distance(px, py)) <= trail.half_width + fwhm
 
 
 def on_trail(x: np.ndarray, y: np.ndarray, trails: list[Trail]) -> np.ndarray:
@@ -307,4 +455,5 @@ def point_sources_on_trail(image: np.ndarray, trails: list[Trail], x: np.ndarray
     return out
 
 
-__all__ = ["Trail", "find_trails", "on_trail", "point_sources_on_trail"]
+__all__ = ["Trail", "detection_lineness", "find_trails", "on_trail", "point_sources_on_trail",
+           "trails_through_detections"]
