@@ -285,12 +285,17 @@ def detection_lineness(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix
     mean. A trail lifts both sides along itself and no other direction; a star's neighbours in a crowded field
     lift one side of a few directions; a galaxy's halo or a gradient lifts every direction alike.
     """
-    from scipy import ndimage
-
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if x.size == 0:
         return np.zeros(0), np.zeros(0)
-    z = _noise_units(image)
+    return _lineness(_noise_units(image), x, y, fwhm_pix, mask)
+
+
+def _lineness(z: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix: float,
+              mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`detection_lineness` of the points (x, y) (1-D float arrays) in the noise-unit image ``z``."""
+    from scipy import ndimage
+
     if mask is not None:
         z = np.where(np.asarray(mask, bool), 0.0, z)
     smooth = ndimage.gaussian_filter(z, max(float(fwhm_pix), 1.0) / 2.3548)
@@ -339,11 +344,13 @@ def trails_through_detections(image: np.ndarray, x: np.ndarray, y: np.ndarray, f
     as for :func:`find_trails`.
     """
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
-    lineness, direction = detection_lineness(image, x, y, fwhm_pix, mask=mask)
+    if x.size < min_support:
+        return []
+    z = _noise_units(image)
+    lineness, direction = _lineness(z, x, y, fwhm_pix, mask)
     candidates = np.flatnonzero(lineness >= min_lineness)
     if candidates.size < min_support:
         return []
-    z = _noise_units(image)
     if mask is not None:
         z = np.where(np.asarray(mask, bool), np.nan, z)
     fwhm = max(float(fwhm_pix), 1.0)
