@@ -1566,9 +1566,9 @@ def _measure_cut_apertures(arrays: dict, source, inst, head, grid, tile_hw, scal
 
 def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None) -> dict:
     """The detections of one CCD tile (``d``, tile pixels) less those on satellite trails that the tile shows
-    (:func:`skyfm.catalog.trails.find_trails` on its pixels, and the fainter ones its detections line up along,
-    :func:`~skyfm.catalog.trails.trails_through_detections`; saturated stars and their bleed columns left out;
-    ``pixel_scale`` in deg per tile pixel); a detection on a trail stays where a point source of its own stands
+    (:func:`skyfm.catalog.trails.find_trails` on its pixels, and on one-band tiles the fainter ones its detections
+    line up along, :func:`~skyfm.catalog.trails.trails_through_detections`; saturated stars and their bleed
+    columns left out; ``pixel_scale`` in deg per tile pixel); a detection on a trail stays where a point source of its own stands
     above the trail's profile (:func:`skyfm.catalog.trails.point_sources_on_trail`)."""
     from scipy import ndimage
 
@@ -1583,7 +1583,10 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
     if saturated.any():  # a bleed column is a straight ridge too, and a saturated star's halo lifts lines
         saturated = ndimage.binary_dilation(saturated, iterations=int(np.ceil(2 * fwhm)))
     trails = find_trails(data, fwhm, mask=saturated)
-    trails += trails_through_detections(data, d["x"], d["y"], fwhm, mask=saturated, known=trails)
+    # one band only: in a many-band image a trail crosses one band's exposure, and the stars along it, seen in the
+    # others, were what the detections' lines found (six-band MeerLICHT validation: 69 more rows dropped, 33 true)
+    if data.shape[0] == 1:
+        trails += trails_through_detections(data, d["x"], d["y"], fwhm, mask=saturated, known=trails)
     if not trails:
         return d
     on = on_trail(d["x"], d["y"], trails)

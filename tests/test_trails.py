@@ -159,3 +159,36 @@ def test_a_faint_trail_is_found_from_the_detections_it_breaks_into():
     assert trails_through_detections(field, x, y, FWHM) == []
     # a line already known is not found again
     assert trails_through_detections(image, x, y, FWHM, known=trails) == []
+
+
+def test_the_search_through_detections_runs_on_one_band_tiles_only():
+    """drop_trail_detections: a faint trail in a one-band tile takes the rows along it; the same trail in one band of
+    a two-band tile (a trail crosses one exposure) takes none: there the rows along it are as much stars seen in the
+    other band."""
+    from types import SimpleNamespace
+
+    from skyfm.detect import drop_trail_detections
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("meerlicht")
+    scale = inst.band("q").psf.fwhm_deg / FWHM  # the test images' PSF in the instrument's band
+    rng = np.random.default_rng(11)
+    field = star_field(rng, n_stars=400, cluster=False)
+    theta_deg, rho = 60.0, 130.0
+    trail = add_line(field, theta_deg, rho, 4.0)
+    t = np.deg2rad(theta_deg)
+    along = np.arange(-140.0, 141.0, 18.0)
+    lx, ly = rho * np.cos(t) - along * np.sin(t), rho * np.sin(t) + along * np.cos(t)
+    inside = (lx >= 8) & (lx < SIZE - 8) & (ly >= 8) & (ly < SIZE - 8)
+    x = np.concatenate([lx[inside], rng.uniform(0, SIZE, 300)])
+    y = np.concatenate([ly[inside], rng.uniform(0, SIZE, 300)])
+    rows = {"x": x, "y": y, "score": np.ones(x.size)}
+    one = drop_trail_detections(rows, SimpleNamespace(data=trail[None], bands=["q"]), inst, pixel_scale=scale)
+    assert x.size - len(one["x"]) >= inside.sum() - 2  # the trail's rows, give or take a star under it
+    assert len(one["x"]) >= x.size - inside.sum() - 10
+    # sqrt(2) brighter in its band: as bright in the bands' average as in the one-band tile
+    bright = add_line(field, theta_deg, rho, 4.0 * np.sqrt(2.0))
+    other = SKY + np.random.default_rng(12).normal(0, NOISE, field.shape)  # a band where the stars are faint
+    two = drop_trail_detections(rows, SimpleNamespace(data=np.stack([bright, other]), bands=["q", "q"]), inst,
+                                pixel_scale=scale)
+    assert len(two["x"]) == x.size
