@@ -1568,8 +1568,8 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
     """The detections of one CCD tile (``d``, tile pixels) less those on satellite trails that the tile shows
     (:func:`skyfm.catalog.trails.find_trails` on its pixels, and on one-band tiles the fainter ones its detections
     line up along, :func:`~skyfm.catalog.trails.trails_through_detections`; saturated stars and their bleed
-    columns left out; ``pixel_scale`` in deg per tile pixel); a detection on a trail stays where a point source of its own stands
-    above the trail's profile (:func:`skyfm.catalog.trails.point_sources_on_trail`)."""
+    columns left out; ``pixel_scale`` in deg per tile pixel); a detection on a trail stays where a point source
+    of its own stands above the trail's profile (:func:`skyfm.catalog.trails.point_sources_on_trail`)."""
     from scipy import ndimage
 
     from skyfm.catalog.trails import find_trails, on_trail, point_sources_on_trail, trails_through_detections

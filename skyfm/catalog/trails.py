@@ -339,7 +339,7 @@ def trails_through_detections(image: np.ndarray, x: np.ndarray, y: np.ndarray, f
     kept when it stands out of its parallel lines (:func:`_stands_out`) and is lit from end to end by
     ``min_excess`` noise sigma (as :func:`find_trails`' candidates are) over the lines ``NARROW_SIDE_FWHM`` beside
     it (the line must be narrow: a line through a cluster's diffuse glow is not). ``min_excess`` 1.5: on
-    validation patches (``docs/benchmarks.md``, Run 31) the trails drawn had 1.66 to 36 in their faintest quarter,
+    validation patches (``docs/benchmarks.md``, Run 32) the trails drawn had 1.66 to 36 in their faintest quarter,
     a chance row of a crowded field's stars 1.08. Lines near one of ``known`` are skipped. ``image`` and ``mask``
     as for :func:`find_trails`.
     """
