@@ -1210,8 +1210,8 @@ def _cosmic_rays(data: np.ndarray, inst, mask: np.ndarray | None, test: bool = T
 
     if not test:
         return cosmic_ray_masks(data, inst, mask)[0], None, None
-    hits, deep = cosmic_ray_masks(data, inst, mask, (SIGMA_CLIP, TEST_SIGMA_CLIP))  # one pass, two limits
-    deep |= hits
+    # one pass, two limits; the deeper mask holds every hit (its candidates and growth limits are the lower ones)
+    hits, deep = cosmic_ray_masks(data, inst, mask, (SIGMA_CLIP, TEST_SIGMA_CLIP))
     joined = ndimage.binary_propagation(hits, structure=np.ones((1, 3, 3), bool), mask=deep)
     grow = np.ones((1, 3, 3), bool)
     return hits, ndimage.binary_dilation(joined, grow), ndimage.binary_dilation(deep, grow)

@@ -49,7 +49,8 @@ def cosmic_ray_masks(data: np.ndarray, inst, mask: np.ndarray | None = None,
     own C filters (``astroscrappy.utils``) so that the Laplacian-to-noise and fine-structure images, the median
     filters that are nearly all of the cost, are made once for every limit; and without the cleaned image
     ``detect_cosmics`` also makes, which the mask does not need. A test holds the masks equal to
-    ``detect_cosmics``'s.
+    ``detect_cosmics``'s. A lower limit's mask holds every pixel of a higher one's: its candidates pass the lower
+    limit, and its growth the lower fraction of it.
     """
     data = np.asarray(data)
     if data.ndim != 3:
