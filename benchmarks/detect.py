@@ -25,7 +25,8 @@ gets the simulator's true background (``patch.background_image``), like ``tsmap-
 likelihood (the network's and the TS map's peaks fitted together, kept at TS >= 25, score sqrt(TS):
 ``skyfm detect --background``); ``skyfm-estbg`` is the same without it (the network's selection, with the
 background estimated from the counts for the refinement, as for real data without a model). On CCD
-images ``skyfm-trails`` is ``skyfm`` with ``drop_trails=True`` (``skyfm detect --drop-trails``). With
+images ``skyfm-notrails`` is ``skyfm`` with ``drop_trails=False`` (``skyfm detect --no-drop-trails``; the
+satellite-trail filter is on by default for MeerLICHT and Hubble, off for WISE). With
 ``--with-denoiser``, counts cubes also get ``tsmap-denoiser``: the TS map with the background the shipped diffusion
 denoiser removed (``skyfm denoise``'s ``BACKGROUND`` HDU, :func:`skyfm.heads.denoise.apply.denoise_patch` with
 ``return_background=True``, its default samples and steps; its Mpix/s includes the denoiser).
@@ -106,7 +107,7 @@ CASES = [  # (key, label, instrument, options(rng) -> simulate_patch kwargs)
 SEED_CASE = {"fermi-plane-ichalo": 1, "wise-w1": 6, "hubble-f606w": 5, "meerlicht-six": 3}
 FIXED = {"sep": 5.0, "sep-nofilter": 5.0, "photutils-dao": 5.0, "photutils-segmentation": 5.0, "tsmap-true": 5.0, "tsmap-estimated": 5.0,
          "tsmap-denoiser": 5.0,
-         "skyfm": None, "skyfm-estbg": None, "skyfm-trails": None}
+         "skyfm": None, "skyfm-estbg": None, "skyfm-notrails": None}
 
 
 def _simulate(case_index: int, instrument: str, options, n: int, base: int) -> list:
@@ -120,7 +121,7 @@ def _simulate(case_index: int, instrument: str, options, n: int, base: int) -> l
     return out
 
 
-def _skyfm_runner(min_score=None, drop_trails=False):
+def _skyfm_runner(min_score=None, drop_trails=None):
     """(callable, note): skyfm's detect_patch with the default detector, or (None, why not)."""
     try:
         from skyfm.detect import detect_patch
@@ -131,7 +132,7 @@ def _skyfm_runner(min_score=None, drop_trails=False):
         return None, f"skyfm not run: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     from skyfm.detect import default_min_score
 
-    def run(patch, drop_trails=drop_trails):  # min_score None: the detector's own per-instrument threshold
+    def run(patch, drop_trails=drop_trails):  # min_score / drop_trails None: the detector's per-instrument ones
         # likelihood selection keeps TS >= 16 here, as the TS-map baseline's table does, so that the sweeps of both
         # go below the catalogs' TS >= 25 alike; F1@fixed cuts at 25 (skyfm detect's default --min-ts)
         return detect_patch(patch, det, min_score=min_score, drop_trails=drop_trails, min_ts=SWEEP_MIN_TS)
@@ -172,8 +173,8 @@ def _methods(counts: bool, skyfm_fn, with_denoiser: bool = False):
             from dataclasses import replace
 
             m["skyfm-estbg"] = lambda p: skyfm_fn(replace(p, background_image=None))
-        else:  # CCD images: also with the satellite-trail filter (skyfm detect --drop-trails)
-            m["skyfm-trails"] = lambda p: skyfm_fn(p, drop_trails=True)
+        else:  # CCD images: also without the satellite-trail filter (skyfm detect --no-drop-trails)
+            m["skyfm-notrails"] = lambda p: skyfm_fn(p, drop_trails=False)
     return m
 
 

@@ -6,7 +6,8 @@ Run (from the repository root)::
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forced_trails.py \\
         [--cases meerlicht:crowded:1:12,meerlicht:field:1:8,hubble:field:1:8,hubble:cluster:1:8,meerlicht:crowded:0:24]
 
-Each case is ``instrument:scene:trail probability:patches``: 256^2 patches of validation seeds (9.565e8 upward,
+Each case is ``instrument:scene:trail probability:patches`` (``instrument/BAND``: images of that band alone,
+``hubble/F606W``): 256^2 patches of validation seeds (9.565e8 upward,
 never used in training or reported as test numbers) drawn with the instrument's satellite-trail probability set
 to the given value (1: a trail across every patch; 0: none, so anything the filter drops is a loss). At the
 benchmark's natural rates (``benchmarks/trail_filter.py``) a few patches in 32 hold a trail, too few to choose
@@ -40,13 +41,15 @@ def run_case(detector, name: str, scene: str, probability: float, n: int) -> str
     from skyfm.detect import detect_patch
     from skyfm.instruments import load_instrument
 
+    name, _, band = name.partition("/")
+    options = {"scene": scene, **({"bands": [band]} if band else {})}
     inst = load_instrument(name)
     inst = dataclasses.replace(inst, contaminants={**inst.contaminants, "satellite_trail_probability": probability})
     radius = default_radius_pix(inst)
     totals = np.zeros((2, 3), int)  # (plain, filtered) x (TP of SNR >= 5, FP, CR+trail)
     n_true = 0
     for i in range(n):
-        patch = simulate_patch(inst, SEED_BASE + i, scene=scene)
+        patch = simulate_patch(inst, SEED_BASE + i, **options)
         bright = np.asarray(patch.truth["snr"], float) >= 5
         n_true += int(bright.sum())
         for k, drop in enumerate((False, True)):
@@ -59,7 +62,7 @@ def run_case(detector, name: str, scene: str, probability: float, n: int) -> str
         return 2 * tp / max(2 * tp + fp + (n_true - tp), 1)
 
     cells = [f"{tp} / {fp} / {hits}, F1 {f1(tp, fp):.4f}" for tp, fp, hits in totals]
-    return f"| {name} {scene} | {probability:g} | {n} | {cells[0]} | {cells[1]} |"
+    return f"| {name}{'/' + band if band else ''} {scene} | {probability:g} | {n} | {cells[0]} | {cells[1]} |"
 
 
 def main(argv=None) -> int:

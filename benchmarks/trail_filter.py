@@ -45,7 +45,7 @@ def run_case(key: str, n: int) -> dict:
     out = {"patches": n, "with_trail": 0, "with_drops": 0, "dropped": 0, "true_lost": 0, "per_patch": []}
     patches = bench._simulate(case_index, instrument, options, n, bench.VALIDATION_SEED_BASES[0])
     for i, p in enumerate(patches):
-        plain, filtered = detect_patch(p, det), detect_patch(p, det, drop_trails=True)
+        plain, filtered = detect_patch(p, det, drop_trails=False), detect_patch(p, det, drop_trails=True)
         bright = np.asarray(p.truth["snr"], dtype=float) >= 5
         found = [np.isin(np.arange(len(p.truth)), detection_metrics(c, p.truth, radius)["truth_idx"]) & bright
                  for c in (plain, filtered)]

@@ -589,11 +589,12 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 @click.option("--no-refine", is_flag=True,
               help="Keep the network's positions and fluxes: no PSF fit (CCD images) or Poisson likelihood fit "
                    "(counts cubes, which then get no TS). Faster, less accurate.")
-@click.option("--drop-trails", is_flag=True,
+@click.option("--drop-trails/--no-drop-trails", default=None,
               help="CCD images: find satellite trails in each tile (straight ridges of light across it, and "
                    "fainter ones that the detections line up along) and drop the detections on them, except stars "
-                   "standing above the trail; saturated stars' bleed columns are not trails. Costs 0.05-0.3 s per "
-                   "512^2 tile.")
+                   "standing above the trail or seen in a band the trail does not cross; saturated stars' bleed "
+                   "columns are not trails. Costs 0.05-0.3 s per 512^2 tile and band. Default: the instrument head's "
+                   "setting (on for MeerLICHT and Hubble, off for WISE).")
 @click.option("--background", "background_path", default=None, type=click.Path(),
               help="Counts cubes: FITS file with the expected background counts (same bins and pixels as INPUT, e.g. "
                    "the interstellar-emission + isotropic model cube from gtmodel); the likelihood refinement fits "

@@ -566,17 +566,17 @@ def _even_tile(length: int, side: int, overlap: int, stride: int, granule: int) 
 def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None = None, overlap: int | None = None,
                  batch_size: int | None = None, progress: bool = False, pixel_scale: float | None = None,
                  precision: str = "auto", attention_window: int | None = None, refine: bool = True,
-                 drop_trails: bool = False, mask_cosmic_rays: bool | None = None,
+                 drop_trails: bool | None = None, mask_cosmic_rays: bool | None = None,
                  refine_workers: int | None = None) -> dict:
     """Run the detector over every tile of ``source`` (a Patch or an opened ImageFile) -> full-image arrays.
 
     ``precision`` and ``attention_window``: see :func:`inference_settings`. ``refine``: PSF-fit refinement of
     the bright detections of CCD tiles (:func:`refine_ccd_tile`, which ``mask_cosmic_rays`` passes on); counts
     cubes are refined after all tiles (:func:`refine_counts`). ``drop_trails``: on CCD tiles, drop the detections
-    on satellite trails that the tile's image shows (:func:`drop_trail_detections`). ``refine_workers``: threads
-    for the CCD tiles' refinement (:func:`_refine_workers`; the estimates carried from tile to tile, seeing and
-    colours, are taken in tile order, so the catalog is the same for any number); with more than one, a batch's
-    tiles are refined while the network runs on the next batch.
+    on satellite trails that the tile's image shows (:func:`drop_trail_detections`; None: the head's
+    ``drop_trails``). ``refine_workers``: threads for the CCD tiles' refinement (:func:`_refine_workers`; the
+    estimates carried from tile to tile, seeing and colours, are taken in tile order, so the catalog is the same
+    for any number); with more than one, a batch's tiles are refined while the network runs on the next batch.
     """
     import torch
     from tqdm.auto import tqdm
@@ -586,6 +586,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     from skyfm.heads.localization import merge_close
 
     head = det.head_config(inst.name).for_bands(source.bands)
+    drop_trails = head.drop_trails if drop_trails is None else bool(drop_trails)
     stride = det.token_stride
     default_tile, default_window = default_tiling(det, inst, len(source.bands))
     tile_size = default_tile if tile_size is None else tile_size
@@ -657,6 +658,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             # a fit far off the data (reduced chi-square above the head's limit) confirms nothing either
             misfit = ~found & (np.nan_to_num(d["fit_chi2"], nan=0.0) > unconfirmed_chi2)
             d = _take(d, ((d["fit"] != 0) & ~misfit) | (d["score"] >= unconfirmed) | ~sparse)
+        if drop_trails:  # here, in the refinement's threads, rather than in finish: beside the network's next batch
+            d = drop_trail_detections(d, p, inst, pixel_scale=(pixel_scale or inst.pixel_scale_deg) / zoom)
         return d
 
     # A batch's tiles are refined in threads while the network runs on the next batch: the batch in flight is
@@ -697,7 +700,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             decoded = [(t, p, c, f.result()) for (t, p, c, _), f in zip(decoded, futures)]
         for t, p, _, d in decoded:
             f = 1.0 / zoom  # image pixels per network pixel
-            if drop_trails and not inst.is_counts:
+            if drop_trails and not inst.is_counts and not ccd_refine:  # refined tiles: done in refined()
                 d = drop_trail_detections(d, p, inst, pixel_scale=(pixel_scale or inst.pixel_scale_deg) * f)
             d["x"] = t.x0 + (d["x"] + 0.5) * f - 0.5
             d["y"] = t.y0 + (d["y"] + 0.5) * f - 0.5
@@ -829,6 +832,7 @@ def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
 DEAD_PIXEL_SIGMA = 10.0  # a pixel this many sigma below the sky is a dead pixel or column: no light is negative
 MAX_MASKED_SHARE = 0.1  # a source whose fit box is masked beyond this (a saturated core) keeps its own flux
 KRON_MAX_CROWDING = 0.1  # Kron fluxes are measured below this crowding, or the head's kron_max_crowding
+TRAIL_OTHER_BAND_SNR = 5.0  # a detection on one band's satellite trail stays where another band sees it this well
 
 
 def _masked_share(mask: np.ndarray, x, y, psfs, scale: float) -> np.ndarray:
@@ -1569,29 +1573,49 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
     (:func:`skyfm.catalog.trails.find_trails` on its pixels, and on one-band tiles the fainter ones its detections
     line up along, :func:`~skyfm.catalog.trails.trails_through_detections`; saturated stars and their bleed
     columns left out; ``pixel_scale`` in deg per tile pixel); a detection on a trail stays where a point source
-    of its own stands above the trail's profile (:func:`skyfm.catalog.trails.point_sources_on_trail`)."""
+    of its own stands above the trail's profile (:func:`skyfm.catalog.trails.point_sources_on_trail`).
+
+    A many-band tile's bands are often separate exposures (MeerLICHT's, Hubble's) and a satellite crosses one of
+    them: each band is searched on its own, and a detection on a band's trail also stays where another band that
+    no trail crosses there sees a point source (matched-filter SNR ``TRAIL_OTHER_BAND_SNR``,
+    :func:`skyfm.catalog.trails.point_source_snr`; a row's own band fluxes would not do: the network's per-band
+    errors are wide). A trail seen in every band (simultaneous exposures) leaves no band to vouch."""
     from scipy import ndimage
 
-    from skyfm.catalog.trails import find_trails, on_trail, point_sources_on_trail, trails_through_detections
+    from skyfm.catalog.trails import (find_trails, on_trail, point_source_snr, point_sources_on_trail,
+                                      trails_through_detections)
 
     if len(d["x"]) == 0:
         return d
     scale = pixel_scale or inst.pixel_scale_deg
-    fwhm = float(np.median([inst.band(b).psf.fwhm_deg / scale for b in patch.bands]))
+    fwhms = [inst.band(b).psf.fwhm_deg / scale for b in patch.bands]
     data = np.asarray(patch.data, dtype=np.float64)
     saturated = saturation_mask(data, inst).any(axis=0)
     if saturated.any():  # a bleed column is a straight ridge too, and a saturated star's halo lifts lines
-        saturated = ndimage.binary_dilation(saturated, iterations=int(np.ceil(2 * fwhm)))
-    trails = find_trails(data, fwhm, mask=saturated)
-    # one band only: in a many-band image a trail crosses one band's exposure, and the stars along it, seen in the
-    # others, were what the detections' lines found (six-band MeerLICHT validation: 69 more rows dropped, 33 true)
-    if data.shape[0] == 1:
-        trails += trails_through_detections(data, d["x"], d["y"], fwhm, mask=saturated, known=trails)
-    if not trails:
-        return d
-    on = on_trail(d["x"], d["y"], trails)
-    if on.any():
-        on[on] = ~point_sources_on_trail(data, trails, d["x"][on], d["y"][on], fwhm, mask=saturated)
+        saturated = ndimage.binary_dilation(saturated, iterations=int(np.ceil(2 * float(np.median(fwhms)))))
+    trails = []  # per band
+    for band, fwhm in enumerate(fwhms):
+        image = data[band:band + 1]
+        found = find_trails(image, fwhm, mask=saturated)
+        # one band only: in a many-band image the stars that the other bands show along a line were what the
+        # detections' lines found (six-band MeerLICHT validation: 69 more rows dropped, 33 true)
+        if data.shape[0] == 1:
+            found += trails_through_detections(image, d["x"], d["y"], fwhm, mask=saturated, known=found)
+        trails.append(found)
+    crossed = np.array([on_trail(d["x"], d["y"], found) for found in trails])  # (B, N)
+    on = np.zeros(len(d["x"]), dtype=bool)
+    for band, fwhm in enumerate(fwhms):
+        hit = crossed[band] & ~on
+        if hit.any():
+            hit[hit] = ~point_sources_on_trail(data[band:band + 1], trails[band], d["x"][hit], d["y"][hit], fwhm,
+                                               mask=saturated)
+        # another band vouches for a row where no trail of its own crosses it (trails of two bands can overlap)
+        for other in np.flatnonzero(np.arange(data.shape[0]) != band):
+            vouch = hit & ~crossed[other]
+            if vouch.any():  # saturated pixels too: a star's bleed column is no trail
+                snr = point_source_snr(data[other], d["x"][vouch], d["y"][vouch], fwhms[other])
+                hit[vouch] = np.nan_to_num(snr, nan=0.0) < TRAIL_OTHER_BAND_SNR
+        on |= hit
     keep = ~on
     return {k: (v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v) for k, v in d.items()}
 
@@ -1897,7 +1921,7 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
 
 def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_size: int | None = None,
                  overlap: int | None = None, refine: bool = True, batch_size: int | None = None, progress: bool = False,
-                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
+                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool | None = None,
                  selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int | None = None,
                  test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
                  refine_workers: int | None = None):
@@ -1911,7 +1935,8 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
         refine: for counts cubes, the Poisson likelihood refinement (TS, physical flux).
         precision, attention_window: how the network runs (:func:`inference_settings`): by default bf16 where
             the hardware has it natively, and the tiling of :func:`default_tiling`.
-        drop_trails: CCD images: drop the detections on satellite trails (:func:`drop_trail_detections`).
+        drop_trails: CCD images: drop the detections on satellite trails (:func:`drop_trail_detections`; None:
+            the head's ``drop_trails``, on for MeerLICHT and Hubble).
         mask_cosmic_rays: CCD images: leave cosmic-ray pixels out of the PSF fit (:func:`refine_ccd_tile`);
             default the head's ``mask_cosmic_rays``.
         refine_workers: threads for the CCD tiles' refinement (:func:`detect_tiles`; default: the CPUs, at most 8).
@@ -2088,7 +2113,7 @@ def _warn_if_denoised(path: Path) -> None:
 def detect_file(path, out=None, *, instrument=None, band: str | None = None, model_dir=None,
                 min_score: float | None = None, plot: bool = False, associate=None, hdu=None,
                 tile_size: int | None = None, batch_size: int | None = None, progress: bool = True, refine: bool = True,
-                precision: str = "auto", attention_window: int | None = None, drop_trails: bool = False,
+                precision: str = "auto", attention_window: int | None = None, drop_trails: bool | None = None,
                 background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
                 test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
                 residual_search: bool | None = None, device: str | None = "auto", mask=None,

@@ -858,6 +858,30 @@ def test_extension_test_comes_from_the_head_unless_told(model_dir, monkeypatch):
         D.detect_patch(no_model, det, test_extension=True)
 
 
+def test_the_trail_filter_comes_from_the_head_unless_told(model_dir, monkeypatch):
+    """The shipped MeerLICHT and Hubble heads drop detections on satellite trails by default, WISE's does not;
+    the caller's True / False wins."""
+    import skyfm.detect as D
+    from skyfm.heads import load_detector
+
+    shipped = load_detector()
+    assert shipped.head_config("meerlicht").drop_trails and shipped.head_config("hubble").drop_trails
+    assert shipped.head_config("wise").drop_trails is False
+    det = load_detector(model_dir)
+    p = simulate_patch("meerlicht", 3, size=64)
+    calls = []
+    monkeypatch.setattr(D, "drop_trail_detections", lambda d, *a, **k: calls.append(len(d["x"])) or d)
+    det.head_config("meerlicht").drop_trails = False
+    D.detect_patch(p, det, min_score=0.0101)
+    assert calls == []
+    D.detect_patch(p, det, min_score=0.0101, drop_trails=True)
+    assert len(calls) == 1
+    det.head_config("meerlicht").drop_trails = True
+    D.detect_patch(p, det, min_score=0.0101)
+    D.detect_patch(p, det, min_score=0.0101, drop_trails=False)
+    assert len(calls) == 2
+
+
 def test_likelihood_passes_come_from_the_head_and_bad_values_are_one_line(model_dir, monkeypatch):
     """detect_patch's likelihood selection looks as many times as the head says (the shipped Fermi-LAT head: twice,
     chosen on validation seeds) unless told; a value that is not a whole number >= 1 is a clear error."""

@@ -163,8 +163,8 @@ def test_a_faint_trail_is_found_from_the_detections_it_breaks_into():
 
 def test_the_search_through_detections_runs_on_one_band_tiles_only():
     """drop_trail_detections: a faint trail in a one-band tile takes the rows along it; the same trail in one band of
-    a two-band tile (a trail crosses one exposure) takes none: there the rows along it are as much stars seen in the
-    other band."""
+    a two-band tile (a trail crosses one exposure) takes none: there the lines of rows were as often stars seen in
+    the other bands."""
     from types import SimpleNamespace
 
     from skyfm.detect import drop_trail_detections
@@ -186,9 +186,109 @@ def test_the_search_through_detections_runs_on_one_band_tiles_only():
     one = drop_trail_detections(rows, SimpleNamespace(data=trail[None], bands=["q"]), inst, pixel_scale=scale)
     assert x.size - len(one["x"]) >= inside.sum() - 2  # the trail's rows, give or take a star under it
     assert len(one["x"]) >= x.size - inside.sum() - 10
-    # sqrt(2) brighter in its band: as bright in the bands' average as in the one-band tile
+    # brighter in its band than in the one-band tile, still too faint for the image-wide search of that band
     bright = add_line(field, theta_deg, rho, 4.0 * np.sqrt(2.0))
     other = SKY + np.random.default_rng(12).normal(0, NOISE, field.shape)  # a band where the stars are faint
     two = drop_trail_detections(rows, SimpleNamespace(data=np.stack([bright, other]), bands=["q", "q"]), inst,
                                 pixel_scale=scale)
     assert len(two["x"]) == x.size
+
+
+def test_a_star_under_a_trail_through_a_crowded_field_stays():
+    """In a crowded field the filtered values along a trail scatter with the field's stars, and a bright star under
+    the trail rarely stands 3 of that scatter above their median; it is still a peak along the trail, which the
+    trail's empty stretches are not."""
+    from scipy import ndimage
+
+    from skyfm.catalog.trails import point_sources_on_trail
+
+    rng = np.random.default_rng(1)
+    field = star_field(rng, n_stars=1500, cluster=False)
+    theta_deg, rho = 30.0, 150.0
+    t = np.deg2rad(theta_deg)
+    along = lambda a: np.array([rho * np.cos(t) - a * np.sin(t), rho * np.sin(t) + a * np.cos(t)])  # noqa: E731
+    star_at = np.arange(-90.0, 91.0, 30.0)
+    stars = np.array([along(a) for a in star_at])
+    quiet = ndimage.gaussian_filter((field - SKY) / NOISE, FWHM / 2.3548)
+    empty = np.array([along(a) for a in np.arange(-120.0, 121.0, 3.0)  # off the stars, and no star of the field
+                      if np.min(np.abs(star_at - a)) > 3 * FWHM
+                      and quiet[tuple(np.rint(along(a)[::-1]).astype(int))] < 1.0])
+    assert len(empty) >= 2
+    image = add_line(field, theta_deg, rho, 60.0)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    sigma = FWHM / 2.3548
+    for x, y in stars:  # matched-filter SNR 110 each
+        image = image + 3000.0 / (2 * np.pi * sigma**2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+    trails = find_trails(image[None], FWHM)
+    assert len(trails) == 1
+    kept = point_sources_on_trail(image[None], trails, stars[:, 0], stars[:, 1], FWHM)
+    scatter_only = point_sources_on_trail(image[None], trails, stars[:, 0], stars[:, 1], FWHM, peak_snr=np.inf)
+    assert kept.sum() >= 5 and scatter_only.sum() <= 1
+    assert not point_sources_on_trail(image[None], trails, empty[:, 0], empty[:, 1], FWHM).any()
+
+
+def test_a_trail_in_one_band_of_many_takes_only_what_the_other_bands_do_not_see():
+    """Bands are separate exposures: a trail across one band's image takes the rows on its empty stretches; a star
+    under it that another band shows stays (the trail drowns it in its own band); a trail across both bands (one
+    exposure through two filters) takes its rows, no band vouching for them."""
+    from types import SimpleNamespace
+
+    from skyfm.detect import drop_trail_detections
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("meerlicht")
+    scale = inst.band("q").psf.fwhm_deg / FWHM
+    rng = np.random.default_rng(21)
+    sky = [SKY + rng.normal(0, NOISE, (SIZE, SIZE)) for _ in range(2)]
+    theta_deg, rho = 60.0, 150.0
+    t = np.deg2rad(theta_deg)
+    along = lambda a: np.array([rho * np.cos(t) - a * np.sin(t), rho * np.sin(t) + a * np.cos(t)])  # noqa: E731
+    star = along(-30.0)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    sigma = FWHM / 2.3548
+    psf = np.exp(-((xx - star[0]) ** 2 + (yy - star[1]) ** 2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+    faint = sky[0] + 150.0 * psf  # matched-filter SNR 6: under a 400-sigma trail, not a peak along it
+    seen = sky[1] + 600.0 * psf  # SNR 23 in the other band
+    pieces = np.array([along(a) for a in (-120.0, -60.0, 0.0, 60.0)])
+    xy = np.concatenate([pieces, star[None], [[200.0, 200.0]]])
+    rows = {"x": xy[:, 0], "y": xy[:, 1], "score": np.ones(len(xy))}
+    one_band = np.stack([add_line(faint, theta_deg, rho, 400.0), seen])
+    kept = drop_trail_detections(rows, SimpleNamespace(data=one_band, bands=["q", "r"]), inst, pixel_scale=scale)
+    np.testing.assert_allclose(np.c_[kept["x"], kept["y"]], xy[4:])
+    both = np.stack([add_line(faint, theta_deg, rho, 400.0), add_line(seen, theta_deg, rho, 400.0)])
+    kept = drop_trail_detections(rows, SimpleNamespace(data=both, bands=["q", "r"]), inst, pixel_scale=scale)
+    np.testing.assert_allclose(np.c_[kept["x"], kept["y"]], xy[5:])
+
+
+def test_line_medians_are_the_medians_of_the_lines(monkeypatch):
+    """The Radon median: at angle 0 its lines are the image's columns, at 90 degrees its rows (NaN pixels left
+    out); with the sample grid cached or worked out per call, the same; the NaN-aware median of its side lines is
+    numpy's."""
+    import warnings
+
+    import skyfm.catalog.trails as T
+
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(41, 57))  # odd sides: the lines about the centre run through pixel centres
+    z[rng.random(z.shape) < 0.2] = np.nan
+    thetas = np.deg2rad(np.arange(0.0, 180.0, 1.0))
+    med, count, rho = T._radon_median(z, thetas)
+    cx, cy = (z.shape[1] - 1) / 2.0, (z.shape[0] - 1) / 2.0
+    for col in (0, 17, 56):
+        k = int(np.argmin(np.abs(rho - (col - cx))))
+        assert med[0, k] == np.nanmedian(z[:, col]) and count[0, k] == np.isfinite(z[:, col]).sum()
+    for row in (3, 40):
+        k = int(np.argmin(np.abs(rho - (row - cy))))
+        assert med[90, k] == np.nanmedian(z[row]) and count[90, k] == np.isfinite(z[row]).sum()
+    monkeypatch.setattr(T, "RADON_CACHE_BYTES", 0)
+    T._radon_indices.cache_clear()
+    uncached = T._radon_median(z, thetas)
+    T._radon_indices.cache_clear()
+    np.testing.assert_array_equal(uncached[0], med)
+    np.testing.assert_array_equal(uncached[1], count)
+    stack = rng.normal(size=(4, 30, 20))
+    stack[rng.random(stack.shape) < 0.5] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
+        for axis in (0, 1, 2):
+            np.testing.assert_array_equal(T._nanmedian(stack, axis), np.nanmedian(stack, axis=axis))

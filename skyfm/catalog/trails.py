@@ -27,13 +27,15 @@ its line, and a line that several of them lie on is kept when it is narrow, stan
 scatter (a chance row of a crowded field's stars does not) and is lit from end to end.
 
 :func:`on_trail` marks the detections within a trail's half-width; ``skyfm detect`` drops them, except those
-where :func:`point_sources_on_trail` sees a point source of its own standing above the trail (a star the trail
-crosses). Saturated stars and their bleed columns are straight ridges too: ``skyfm detect`` leaves them out of
-the search (``mask``).
+where :func:`point_sources_on_trail` sees a point source of its own standing above the trail or a peak along it
+(a star the trail crosses), and in a many-band image those that another band, which the trail does not cross,
+shows (:func:`point_source_snr`; each band is searched on its own). Saturated stars and their bleed columns are
+straight ridges too: ``skyfm detect`` leaves them out of the search (``mask``).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -46,6 +48,8 @@ SUPPORT_DISTANCE_FWHM = 0.75  # trails_through_detections: detections on a propo
 SUPPORT_ANGLE_DEG = 10.0  # trails_through_detections: ... and their directions within this of the line's
 NARROW_SIDE_FWHM = 2.0  # trails_through_detections: lit end to end against the lines this far beside it
 MIN_PARALLEL_SIGMAS = 5.0  # trails_through_detections: the line's narrow excess over its parallels' scatter
+PEAK_STEP_FWHM = 1.5  # point_sources_on_trail: a peak along the trail, against the trail this far along each side
+PEAK_MODEL_ERROR = 0.05  # point_sources_on_trail: ... with this share of the trail's light added to the noise
 
 
 @dataclass
@@ -120,29 +124,57 @@ def _block_mean(z: np.ndarray, block: int) -> np.ndarray:
     return z[:h, :w].reshape(h // block, block, w // block, block).mean(axis=(1, 3))
 
 
+RADON_CACHE_BYTES = 32 * 2**20  # _radon_indices keeps the sample indices of line grids up to this size (4 grids)
+
+
+@functools.lru_cache(maxsize=4)
+def _radon_indices(h: int, w: int, thetas: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(indices (n_theta, n_rho, n_t) into an (h, w) image's flattened pixels, h * w for a point outside it;
+    rho values): the nearest pixels of every line of :func:`_radon_median`. Every tile of an image, and every band
+    of a tile, has the same grid, so they are worked out once (None where they would take more than
+    ``RADON_CACHE_BYTES``)."""
+    half = float(np.ceil(np.hypot(h, w) / 2.0))
+    rho_c = np.arange(-half, half + 1.0)  # about the image centre, so that every line crosses the image
+    if len(thetas) * rho_c.size**2 * 4 > RADON_CACHE_BYTES:
+        return None
+    out = np.stack([_line_grid_indices(h, w, theta, rho_c) for theta in thetas]).astype(np.int32)
+    out.setflags(write=False)
+    return out, rho_c
+
+
+def _line_grid_indices(h: int, w: int, theta: float, rho_c: np.ndarray) -> np.ndarray:
+    """(n_rho, n_t): flattened indices of the nearest pixels of the lines (theta, rho about the image centre),
+    samples 1 px apart; ``h * w`` where a sample is off the image."""
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    c, s = np.cos(theta), np.sin(theta)
+    t = rho_c  # the same half-length along the lines as across
+    xs = np.rint(cx + rho_c[:, None] * c - t[None, :] * s).astype(np.int64)  # (n_rho, n_t)
+    ys = np.rint(cy + rho_c[:, None] * s + t[None, :] * c).astype(np.int64)
+    inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+    return np.where(inside, ys * w + xs, h * w)
+
+
 def _radon_median(z: np.ndarray, thetas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Median of ``z`` (NaN: ignored) along every line (theta, rho), rho in 1-pixel steps: (medians (n_theta,
     n_rho), finite samples per line, rho values). Lines with fewer than 8 samples are NaN."""
     h, w = z.shape
-    half = float(np.ceil(np.hypot(h, w) / 2.0))
-    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
-    rho_c = np.arange(-half, half + 1.0)  # about the image centre, so that every line crosses the image
-    t = np.arange(-half, half + 1.0)
+    cached = _radon_indices(h, w, tuple(float(t) for t in thetas))
+    rho_c = cached[1] if cached is not None else np.arange(-np.ceil(np.hypot(h, w) / 2.0),
+                                                            np.ceil(np.hypot(h, w) / 2.0) + 1.0)
+    flat = np.append(np.asarray(z, dtype=np.float64).ravel(), np.nan)  # the last: every point off the image
     med = np.full((len(thetas), len(rho_c)), np.nan)
     count = np.zeros((len(thetas), len(rho_c)), dtype=np.int32)
-    rows = np.arange(len(rho_c))
-    for i, theta in enumerate(thetas):
-        c, s = np.cos(theta), np.sin(theta)
-        xs = np.rint(cx + rho_c[:, None] * c - t[None, :] * s).astype(int)  # (n_rho, n_t)
-        ys = np.rint(cy + rho_c[:, None] * s + t[None, :] * c).astype(int)
-        inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
-        values = np.where(inside, z[np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)], np.nan)
-        values = np.sort(values, axis=1)  # NaNs (outside, masked) sort last
-        n = np.isfinite(values).sum(axis=1)
-        ok = n >= 8
-        lo, hi = np.maximum(n - 1, 0) // 2, n // 2
-        med[i, ok] = 0.5 * (values[rows, lo] + values[rows, hi])[ok]
-        count[i] = n
+    chunk = max(1, int(2**20 // (8 * rho_c.size**2)))  # angles sorted at once: about 1 MB (faster than more)
+    for start in range(0, len(thetas), chunk):
+        angles = range(start, min(start + chunk, len(thetas)))
+        index = (cached[0][angles.start:angles.stop] if cached is not None else
+                 np.stack([_line_grid_indices(h, w, float(thetas[i]), rho_c) for i in angles]))
+        values = np.sort(flat[index], axis=2)  # (angles, n_rho, n_t); NaNs (outside, masked) sort last
+        n = np.isfinite(values).sum(axis=2)
+        lo = np.take_along_axis(values, (np.maximum(n - 1, 0) // 2)[..., None], axis=2)[..., 0]
+        hi = np.take_along_axis(values, np.minimum(n // 2, values.shape[2] - 1)[..., None], axis=2)[..., 0]
+        med[angles.start:angles.stop] = np.where(n >= 8, 0.5 * (lo + hi), np.nan)
+        count[angles.start:angles.stop] = n
     return med, count, rho_c
 
 
@@ -196,12 +228,8 @@ def _line_scores(zb: np.ndarray, thetas: np.ndarray, block: int, min_excess: flo
     """(excess of every trail-like line (n_theta, n_rho), -inf for the others; rho about the block grid's
     centre, in blocks)."""
     med, count, rhos = _radon_median(zb, thetas)
-    sides = []
-    with warnings.catch_warnings():  # lines off the image are NaN: so are their sides' medians
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for sign in (-1, 1):
-            shifted = [np.roll(med, sign * k, axis=1) for k in range(3, 7)]
-            sides.append(np.nanmedian(np.stack(shifted), axis=0))
+    sides = [_nanmedian(np.stack([np.roll(med, sign * k, axis=1) for k in range(3, 7)]), axis=0)
+             for sign in (-1, 1)]  # lines off the image are NaN: so are their sides' medians
     floor = np.fmax(sides[0], sides[1])
     noise = 1.2533 / (block * np.sqrt(np.maximum(count, 1)))  # a block mean has noise 1 / block
     excess = med - floor
@@ -213,6 +241,17 @@ def _line_scores(zb: np.ndarray, thetas: np.ndarray, block: int, min_excess: flo
     scatter = 1.4826 * float(np.median(np.abs(values - np.median(values))))
     good = long_enough & (excess >= min_excess) & (excess >= min_sigmas * noise) & (excess >= min_sigmas * scatter)
     return np.where(good, excess, -np.inf), rhos
+
+
+def _nanmedian(values: np.ndarray, axis: int) -> np.ndarray:
+    """``np.nanmedian(values, axis)`` (NaN where every value is), without its per-slice warnings and masked
+    arrays: on the many short slices of :func:`_line_scores` and :func:`_lineness` those cost more than the
+    medians."""
+    ordered = np.sort(np.moveaxis(values, axis, -1), axis=-1)  # NaNs last
+    n = np.isfinite(ordered).sum(axis=-1)
+    lo = np.take_along_axis(ordered, (np.maximum(n - 1, 0) // 2)[..., None], axis=-1)[..., 0]
+    hi = np.take_along_axis(ordered, np.minimum(n // 2, ordered.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
 
 
 def _lit_end_to_end(z: np.ndarray, trail: "Trail", min_excess: float, segments: int = 4,
@@ -311,14 +350,12 @@ def _lineness(z: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix: float,
         ys = np.rint(y[:, None, None] + sign * reach * np.sin(angles)[:, None]).astype(int)
         inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
         values = np.where(inside, smooth[np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)], np.nan)
-        enough = np.isfinite(values).sum(axis=2) >= 4
-        with warnings.catch_warnings():  # rays off the image or on masked pixels: NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            medians[..., side] = np.where(enough, np.nanmedian(values, axis=2), np.nan)
+        enough = np.isfinite(values).sum(axis=2) >= 4  # rays off the image or on masked pixels: NaN
+        medians[..., side] = np.where(enough, _nanmedian(values, axis=2), np.nan)
     both = medians.min(axis=2)  # (N, A): NaN where a side is
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        level = np.nanmedian(np.nanmean(medians, axis=2), axis=1)  # (N,)
+        level = _nanmedian(np.nanmean(medians, axis=2), axis=1)  # (N,)
     ok = np.isfinite(both).any(axis=1) & np.isfinite(level)
     best = np.argmax(np.where(np.isfinite(both), both, -np.inf), axis=1)
     lineness = np.where(ok, both[np.arange(x.size), best] - level, 0.0)
@@ -424,7 +461,8 @@ def on_trail(x: np.ndarray, y: np.ndarray, trails: list[Trail]) -> np.ndarray:
 
 
 def point_sources_on_trail(image: np.ndarray, trails: list[Trail], x: np.ndarray, y: np.ndarray, fwhm_pix: float,
-                           *, min_snr: float = 3.0, mask: np.ndarray | None = None) -> np.ndarray:
+                           *, min_snr: float = 3.0, peak_snr: float = 5.0,
+                           mask: np.ndarray | None = None) -> np.ndarray:
     """(N,) bool: which points (x, y) hold a point source of their own above the trails they lie on.
 
     The image is matched-filtered (a Gaussian of ``fwhm_pix``); at each point on a trail the filtered value is
@@ -432,7 +470,12 @@ def point_sources_on_trail(image: np.ndarray, trails: list[Trail], x: np.ndarray
     the trail itself gives there (its flanks, its photon noise, wherever along its length), their scatter the
     noise, and a point source of its own must stand ``min_snr`` times that scatter above the median. A star
     under a trail passes; the detections a trail's flanks break into look like every other point of the flank.
-    ``image`` and ``mask`` as for :func:`find_trails`.
+
+    In a crowded field that scatter is the field's stars, and a star under the trail rarely stands 3 of it above
+    the median; so a point also passes where it is a peak *along* the trail (:func:`_peaks_along_trail`): its
+    filtered value stands ``peak_snr`` noise sigma above the mean of the values ``PEAK_STEP_FWHM`` FWHMs along
+    the trail on either side, which hold the same trail light and not the star's. ``image`` and ``mask`` as for
+    :func:`find_trails`.
     """
     from scipy import ndimage
 
@@ -449,7 +492,9 @@ def point_sources_on_trail(image: np.ndarray, trails: list[Trail], x: np.ndarray
     h, w = z.shape
     for trail in trails:
         _, x0, y0 = _line_points(z.shape, trail.theta, trail.rho)
-        for j in np.flatnonzero(trail.distance(x, y) <= trail.half_width):
+        rows = np.flatnonzero(trail.distance(x, y) <= trail.half_width)
+        out[rows] |= _peaks_along_trail(z, filtered, trail, x[rows], y[rows], fwhm_pix, peak_snr)
+        for j in rows:
             ix, iy = int(np.clip(round(x[j]), 0, w - 1)), int(np.clip(round(y[j]), 0, h - 1))
             offset = x[j] * np.cos(trail.theta) + y[j] * np.sin(trail.theta) - trail.rho
             along = _shifted_samples(filtered, x0, y0, trail.theta, offset)
@@ -462,5 +507,69 @@ def point_sources_on_trail(image: np.ndarray, trails: list[Trail], x: np.ndarray
     return out
 
 
-__all__ = ["Trail", "detection_lineness", "find_trails", "on_trail", "point_sources_on_trail",
+def point_source_snr(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix: float) -> np.ndarray:
+    """(N,) the matched-filter SNR of a point source at (x, y) in a one-band ``image`` (H, W): the image in noise
+    units (its robust sky and scatter), filtered by a Gaussian of ``fwhm_pix``, read at the nearest pixel, over
+    the filtered noise. NaN where a pixel is not finite.
+
+    Tried as well and not kept (``docs/benchmarks.md`` "Run 33"): the light above the mean of two points 1.5 FWHM
+    away, the lowest over four directions (a ridge does not stand out along itself): in crowded six-band fields
+    a neighbour in one direction hid too many stars."""
+    from scipy import ndimage
+
+    z = _noise_units(image)
+    bad = ~np.isfinite(np.asarray(image, dtype=np.float64).reshape(z.shape))
+    sigma_filter = max(float(fwhm_pix), 1.0) / 2.3548
+    filtered = ndimage.gaussian_filter(np.where(bad, 0.0, z), sigma_filter) * (2.0 * np.sqrt(np.pi) * sigma_filter)
+    filtered[bad] = np.nan
+    h, w = z.shape
+    ix = np.clip(np.rint(np.asarray(x, dtype=np.float64)), 0, w - 1).astype(int)
+    iy = np.clip(np.rint(np.asarray(y, dtype=np.float64)), 0, h - 1).astype(int)
+    return filtered[iy, ix]
+
+
+def _peaks_along_trail(z: np.ndarray, filtered: np.ndarray, trail: Trail, x: np.ndarray, y: np.ndarray,
+                       fwhm_pix: float, min_snr: float) -> np.ndarray:
+    """(N,) bool: which points (x, y) on ``trail`` are peaks along it in ``filtered`` (``z`` matched-filtered by
+    a Gaussian of ``fwhm_pix``).
+
+    The trail's light at a point is taken as the mean of the filtered image ``PEAK_STEP_FWHM`` FWHMs along the
+    trail on either side (one where the other is off the image; a glint's slow change along the trail cancels to
+    first order; a star's light there is 4% of its peak), read by bilinear interpolation at the point's exact
+    offset (nearest pixels would step across a bright trail's steep flank). The noise: the pixel noise
+    (pixel-to-pixel differences of ``z`` along the point's line, 1.5 to 4 FWHM away) through the filter, and in
+    quadrature ``PEAK_MODEL_ERROR`` of the trail's light there, for what a straight, smooth trail model misses of
+    a real one.
+    """
+    from scipy import ndimage
+
+    c, s = np.cos(trail.theta), np.sin(trail.theta)
+    step = PEAK_STEP_FWHM * fwhm_pix
+    sigma_filter = max(float(fwhm_pix), 1.0) / 2.3548
+    along_x, along_y = -s, c  # the unit vector along the trail
+    points = ndimage.map_coordinates(filtered, [np.concatenate([y, y - step * along_y, y + step * along_y]),
+                                                np.concatenate([x, x - step * along_x, x + step * along_x])],
+                                     order=1, cval=np.nan).reshape(3, -1)  # (3, N): the point, behind, ahead
+    sides = np.isfinite(points[1:])  # off the image or masked: the other side alone
+    light = np.where(sides, points[1:], 0.0).sum(axis=0) / np.maximum(sides.sum(axis=0), 1)  # (N,)
+    t_line, x_line, y_line = _line_points(z.shape, trail.theta, trail.rho)
+    out = np.zeros(x.shape, dtype=bool)
+    for j in range(x.size):
+        if not (np.isfinite(points[0, j]) and sides[:, j].any()):
+            continue
+        offset = x[j] * c + y[j] * s - trail.rho
+        t_j = x[j] * along_x + y[j] * along_y
+        # the point's own light (within PEAK_STEP_FWHM along) left out: its profile is no noise
+        near = (np.abs(t_line - t_j) <= 4.0 * fwhm_pix) & (np.abs(t_line - t_j) >= step)
+        raw = _shifted_samples(z, x_line[near], y_line[near], trail.theta, offset)
+        raw = raw[np.isfinite(raw)]
+        if raw.size < 8:
+            continue
+        pixel_noise = 1.4826 * float(np.median(np.abs(np.diff(raw)))) / np.sqrt(2.0)
+        noise = np.hypot(pixel_noise / (2.0 * np.sqrt(np.pi) * sigma_filter), PEAK_MODEL_ERROR * max(light[j], 0.0))
+        out[j] = points[0, j] - light[j] >= min_snr * max(noise, 1e-12)
+    return out
+
+
+__all__ = ["Trail", "detection_lineness", "find_trails", "on_trail", "point_source_snr", "point_sources_on_trail",
            "trails_through_detections"]

@@ -88,6 +88,9 @@ class InstrumentHeadConfig:
             (:func:`skyfm.catalog.cosmics.cosmic_ray_mask`) out of the PSF fit (chosen on validation seeds: on for
             single exposures, Hubble's and MeerLICHT's, and for the WISE coadds since their hot pixels, which it
             finds too, were seen setting fits; ~0.5-1 s per Mpix per band).
+        drop_trails: CCD images: drop the detections on satellite trails
+            (:func:`skyfm.detect.drop_trail_detections`) unless the caller says otherwise (chosen on validation
+            seeds: on for MeerLICHT and Hubble, single exposures that satellites cross).
         kron_excess_min: CCD images: a refined source whose light beyond its PSF model (the Kron aperture flux minus
             the PSF flux, aperture-corrected, over its error: catalog column ``kron_excess``) reaches this takes the
             Kron aperture flux (:mod:`skyfm.catalog.kron`; catalog ``fit`` 3), its error times
@@ -170,6 +173,7 @@ class InstrumentHeadConfig:
     fit_pos_err_scale_estbg: float | None = None
     psf_fit: bool = True
     mask_cosmic_rays: bool = False
+    drop_trails: bool = False
     kron_excess_min: float | None = None
     kron_flux_err_scale: float | None = None
     kron_flux_err_floor: float | None = None
