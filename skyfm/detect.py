@@ -574,9 +574,10 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     the bright detections of CCD tiles (:func:`refine_ccd_tile`, which ``mask_cosmic_rays`` passes on); counts
     cubes are refined after all tiles (:func:`refine_counts`). ``drop_trails``: on CCD tiles, drop the detections
     on satellite trails that the tile's image shows (:func:`drop_trail_detections`; None: the head's
-    ``drop_trails``). ``refine_workers``: threads for the CCD tiles' refinement (:func:`_refine_workers`; the
-    estimates carried from tile to tile, seeing and colours, are taken in tile order, so the catalog is the same
-    for any number); with more than one, a batch's tiles are refined while the network runs on the next batch.
+    ``drop_trails``). ``refine_workers``: threads for the CCD tiles' refinement and trail filter
+    (:func:`_refine_workers`; the estimates carried from tile to tile, seeing and colours, are taken in tile order,
+    so the catalog is the same for any number); with more than one, a batch's tiles are refined (or filtered) while
+    the network runs on the next batch.
     """
     import torch
     from tqdm.auto import tqdm
@@ -626,7 +627,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     unconfirmed = head.unconfirmed_threshold(min_score) if ccd_refine and head.psf_fit and own else min_score
     unconfirmed_crowding = head.unconfirmed_crowding_limit()
     unconfirmed_chi2 = head.unconfirmed_chi2_limit()
-    workers = _refine_workers(refine_workers) if ccd_refine else 1
+    trail_filter = drop_trails and not inst.is_counts
+    workers = _refine_workers(refine_workers) if ccd_refine or trail_filter else 1
     pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
     # the steps that carry estimates from tile to tile (seeing, colours) in tile order, whatever the threads
     turns, tickets = _TileTurns(("seeing", "colours")), itertools.count()
@@ -658,9 +660,12 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             # a fit far off the data (reduced chi-square above the head's limit) confirms nothing either
             misfit = ~found & (np.nan_to_num(d["fit_chi2"], nan=0.0) > unconfirmed_chi2)
             d = _take(d, ((d["fit"] != 0) & ~misfit) | (d["score"] >= unconfirmed) | ~sparse)
-        if drop_trails:  # here, in the refinement's threads, rather than in finish: beside the network's next batch
-            d = drop_trail_detections(d, p, inst, pixel_scale=(pixel_scale or inst.pixel_scale_deg) / zoom)
-        return d
+        return trails_only(k, p, d, cosmics) if trail_filter else d
+
+    def trails_only(k, p, d, cosmics):  # in the refinement's threads too, beside the network's next batch
+        return drop_trail_detections(d, p, inst, pixel_scale=(pixel_scale or inst.pixel_scale_deg) / zoom)
+
+    post = refined if ccd_refine else trails_only if trail_filter else None  # what the threads do to a tile
 
     # A batch's tiles are refined in threads while the network runs on the next batch: the batch in flight is
     # finished (its fits waited for, its rows added in tile order) after the next one is submitted
@@ -683,14 +688,14 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             if d is not None:
                 decoded.append((t, p, c, d))
         futures = None
-        if ccd_refine and decoded:
+        if post is not None and decoded:
             # the tiles' fits run in threads (numpy and scipy release the GIL); their seeing estimates, which
             # accumulate from tile to tile, are taken in tile order, so the catalog is the same for any number
             jobs = [(next(tickets), p, d, c) for _, p, c, d in decoded]
             if pool is not None:
-                futures = [pool.submit(refined, *job) for job in jobs]
+                futures = [pool.submit(post, *job) for job in jobs]
             else:
-                decoded = [(t, p, c, refined(*job)) for (t, p, c, _), job in zip(decoded, jobs)]
+                decoded = [(t, p, c, post(*job)) for (t, p, c, _), job in zip(decoded, jobs)]
         in_flight.append((decoded, futures, len(items)))
         while len(in_flight) > (1 if pool is not None else 0):
             finish(*in_flight.pop(0))
@@ -700,8 +705,6 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
             decoded = [(t, p, c, f.result()) for (t, p, c, _), f in zip(decoded, futures)]
         for t, p, _, d in decoded:
             f = 1.0 / zoom  # image pixels per network pixel
-            if drop_trails and not inst.is_counts and not ccd_refine:  # refined tiles: done in refined()
-                d = drop_trail_detections(d, p, inst, pixel_scale=(pixel_scale or inst.pixel_scale_deg) * f)
             d["x"] = t.x0 + (d["x"] + 0.5) * f - 0.5
             d["y"] = t.y0 + (d["y"] + 0.5) * f - 0.5
             d["pos_err"] = d["pos_err"] * f

@@ -876,10 +876,12 @@ def test_the_trail_filter_comes_from_the_head_unless_told(model_dir, monkeypatch
     assert calls == []
     D.detect_patch(p, det, min_score=0.0101, drop_trails=True)
     assert len(calls) == 1
+    D.detect_patch(p, det, min_score=0.0101, drop_trails=True, refine=False)  # without the PSF fit too
+    assert len(calls) == 2
     det.head_config("meerlicht").drop_trails = True
     D.detect_patch(p, det, min_score=0.0101)
     D.detect_patch(p, det, min_score=0.0101, drop_trails=False)
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 def test_likelihood_passes_come_from_the_head_and_bad_values_are_one_line(model_dir, monkeypatch):
