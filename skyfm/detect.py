@@ -1619,6 +1619,8 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
                 snr = point_source_snr(data[other], d["x"][vouch], d["y"][vouch], fwhms[other])
                 hit[vouch] = np.nan_to_num(snr, nan=0.0) < TRAIL_OTHER_BAND_SNR
         on |= hit
+    if not on.any():
+        return d
     keep = ~on
     return {k: (v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v) for k, v in d.items()}
 
