@@ -1585,7 +1585,7 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
     errors are wide). A trail seen in every band (simultaneous exposures) leaves no band to vouch."""
     from scipy import ndimage
 
-    from skyfm.catalog.trails import (find_trails, on_trail, point_source_snr, point_sources_on_trail,
+    from skyfm.catalog.trails import (find_trails, noise_units, on_trail, point_source_snr, point_sources_on_trail,
                                       trails_through_detections)
 
     if len(d["x"]) == 0:
@@ -1596,14 +1596,16 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
     saturated = saturation_mask(data, inst).any(axis=0)
     if saturated.any():  # a bleed column is a straight ridge too, and a saturated star's halo lifts lines
         saturated = ndimage.binary_dilation(saturated, iterations=int(np.ceil(2 * float(np.median(fwhms)))))
+    noise = [noise_units(band) for band in data]  # each band in noise units, once for every step below
     trails = []  # per band
     for band, fwhm in enumerate(fwhms):
         image = data[band:band + 1]
-        found = find_trails(image, fwhm, mask=saturated)
+        found = find_trails(image, fwhm, mask=saturated, noise=noise[band])
         # one band only: in a many-band image the stars that the other bands show along a line were what the
         # detections' lines found (six-band MeerLICHT validation: 69 more rows dropped, 33 true)
         if data.shape[0] == 1:
-            found += trails_through_detections(image, d["x"], d["y"], fwhm, mask=saturated, known=found)
+            found += trails_through_detections(image, d["x"], d["y"], fwhm, mask=saturated, known=found,
+                                               noise=noise[band])
         trails.append(found)
     crossed = np.array([on_trail(d["x"], d["y"], found) for found in trails])  # (B, N)
     on = np.zeros(len(d["x"]), dtype=bool)
@@ -1611,12 +1613,12 @@ def drop_trail_detections(d: dict, patch, inst, pixel_scale: float | None = None
         hit = crossed[band] & ~on
         if hit.any():
             hit[hit] = ~point_sources_on_trail(data[band:band + 1], trails[band], d["x"][hit], d["y"][hit], fwhm,
-                                               mask=saturated)
+                                               mask=saturated, noise=noise[band])
         # another band vouches for a row where no trail of its own crosses it (trails of two bands can overlap)
         for other in np.flatnonzero(np.arange(data.shape[0]) != band):
             vouch = hit & ~crossed[other]
             if vouch.any():  # saturated pixels too: a star's bleed column is no trail
-                snr = point_source_snr(data[other], d["x"][vouch], d["y"][vouch], fwhms[other])
+                snr = point_source_snr(data[other], d["x"][vouch], d["y"][vouch], fwhms[other], noise=noise[other])
                 hit[vouch] = np.nan_to_num(snr, nan=0.0) < TRAIL_OTHER_BAND_SNR
         on |= hit
     if not on.any():

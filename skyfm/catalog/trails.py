@@ -66,7 +66,7 @@ class Trail:
         return np.abs(np.asarray(x) * np.cos(self.theta) + np.asarray(y) * np.sin(self.theta) - self.rho)
 
 
-def _noise_units(image: np.ndarray) -> np.ndarray:
+def noise_units(image: np.ndarray) -> np.ndarray:
     """(H, W): the bands' background-subtracted images in noise units, averaged and rescaled to unit noise."""
     from skyfm.instruments.scaling import robust_background
 
@@ -133,13 +133,18 @@ def _radon_indices(h: int, w: int, thetas: tuple[float, ...]) -> tuple[np.ndarra
     rho values): the nearest pixels of every line of :func:`_radon_median`. Every tile of an image, and every band
     of a tile, has the same grid, so they are worked out once (None where they would take more than
     ``RADON_CACHE_BYTES``)."""
-    half = float(np.ceil(np.hypot(h, w) / 2.0))
-    rho_c = np.arange(-half, half + 1.0)  # about the image centre, so that every line crosses the image
+    rho_c = _radon_rhos(h, w)
     if len(thetas) * rho_c.size**2 * 4 > RADON_CACHE_BYTES:
         return None
     out = np.stack([_line_grid_indices(h, w, theta, rho_c) for theta in thetas]).astype(np.int32)
     out.setflags(write=False)
     return out, rho_c
+
+
+def _radon_rhos(h: int, w: int) -> np.ndarray:
+    """The lines' offsets (px, 1 px apart) about the centre of an (h, w) image, so that every line crosses it."""
+    half = float(np.ceil(np.hypot(h, w) / 2.0))
+    return np.arange(-half, half + 1.0)
 
 
 def _line_grid_indices(h: int, w: int, theta: float, rho_c: np.ndarray) -> np.ndarray:
@@ -159,8 +164,7 @@ def _radon_median(z: np.ndarray, thetas: np.ndarray) -> tuple[np.ndarray, np.nda
     n_rho), finite samples per line, rho values). Lines with fewer than 8 samples are NaN."""
     h, w = z.shape
     cached = _radon_indices(h, w, tuple(float(t) for t in thetas))
-    rho_c = cached[1] if cached is not None else np.arange(-np.ceil(np.hypot(h, w) / 2.0),
-                                                            np.ceil(np.hypot(h, w) / 2.0) + 1.0)
+    rho_c = cached[1] if cached is not None else _radon_rhos(h, w)
     flat = np.append(np.asarray(z, dtype=np.float64).ravel(), np.nan)  # the last: every point off the image
     med = np.full((len(thetas), len(rho_c)), np.nan)
     count = np.zeros((len(thetas), len(rho_c)), dtype=np.int32)
@@ -180,14 +184,15 @@ def _radon_median(z: np.ndarray, thetas: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def find_trails(image: np.ndarray, fwhm_pix: float, *, mask: np.ndarray | None = None, block: int | None = None,
                 min_excess: float = 5.0, min_sigmas: float = 8.0, min_length: float = 64.0, edge_sigma: float = 3.0,
-                max_trails: int = 4, max_candidates: int = 12) -> list[Trail]:
+                max_trails: int = 4, max_candidates: int = 12, noise: np.ndarray | None = None) -> list[Trail]:
     """Trails across ``image`` ((C, H, W) or (H, W), data units, sky included); see the module docstring.
 
     ``fwhm_pix``: the PSF FWHM in pixels (blocks of about two FWHMs, at least 4 px, and the width margin).
     ``mask``: (H, W) bool, pixels to leave out (saturated stars and their bleed columns, which are straight
     ridges too: :func:`skyfm.detect.drop_trail_detections` passes the saturated pixels grown by two FWHM).
+    ``noise``: ``image`` already in noise units (:func:`noise_units`), when the caller has it.
     """
-    z = _noise_units(image)
+    z = noise_units(image) if noise is None else noise
     if mask is not None:
         z = np.where(np.asarray(mask, bool), np.nan, z)
     h, w = z.shape
@@ -327,7 +332,7 @@ def detection_lineness(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if x.size == 0:
         return np.zeros(0), np.zeros(0)
-    return _lineness(_noise_units(image), x, y, fwhm_pix, mask)
+    return _lineness(noise_units(image), x, y, fwhm_pix, mask)
 
 
 def _lineness(z: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix: float,
@@ -365,7 +370,7 @@ def _lineness(z: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix: float,
 def trails_through_detections(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix: float, *,
                               mask: np.ndarray | None = None, known: list[Trail] | tuple = (),
                               min_lineness: float = 3.0, min_support: int = 4,
-                              min_excess: float = 1.5) -> list[Trail]:
+                              min_excess: float = 1.5, noise: np.ndarray | None = None) -> list[Trail]:
     """Trails found from the detections they break into: faint trails that :func:`find_trails`' image-wide
     search does not see through a crowded field (whose line medians scatter far beyond the pixel noise) still
     make a detector fire along them.
@@ -377,13 +382,13 @@ def trails_through_detections(image: np.ndarray, x: np.ndarray, y: np.ndarray, f
     ``min_excess`` noise sigma (as :func:`find_trails`' candidates are) over the lines ``NARROW_SIDE_FWHM`` beside
     it (the line must be narrow: a line through a cluster's diffuse glow is not). ``min_excess`` 1.5: on
     validation patches (``docs/benchmarks.md``, Run 32) the trails drawn had 1.66 to 36 in their faintest quarter,
-    a chance row of a crowded field's stars 1.08. Lines near one of ``known`` are skipped. ``image`` and ``mask``
-    as for :func:`find_trails`.
+    a chance row of a crowded field's stars 1.08. Lines near one of ``known`` are skipped. ``image``, ``mask`` and
+    ``noise`` as for :func:`find_trails`.
     """
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if x.size < min_support:
         return []
-    z = _noise_units(image)
+    z = noise_units(image) if noise is None else noise
     lineness, direction = _lineness(z, x, y, fwhm_pix, mask)
     candidates = np.flatnonzero(lineness >= min_lineness)
     if candidates.size < min_support:
@@ -461,8 +466,8 @@ def on_trail(x: np.ndarray, y: np.ndarray, trails: list[Trail]) -> np.ndarray:
 
 
 def point_sources_on_trail(image: np.ndarray, trails: list[Trail], x: np.ndarray, y: np.ndarray, fwhm_pix: float,
-                           *, min_snr: float = 3.0, peak_snr: float = 5.0,
-                           mask: np.ndarray | None = None) -> np.ndarray:
+                           *, min_snr: float = 3.0, peak_snr: float = 5.0, mask: np.ndarray | None = None,
+                           noise: np.ndarray | None = None) -> np.ndarray:
     """(N,) bool: which points (x, y) hold a point source of their own above the trails they lie on.
 
     The image is matched-filtered (a Gaussian of ``fwhm_pix``); at each point on a trail the filtered value is
@@ -474,8 +479,8 @@ def point_sources_on_trail(image: np.ndarray, trails: list[Trail], x: np.ndarray
     In a crowded field that scatter is the field's stars, and a star under the trail rarely stands 3 of it above
     the median; so a point also passes where it is a peak *along* the trail (:func:`_peaks_along_trail`): its
     filtered value stands ``peak_snr`` noise sigma above the mean of the values ``PEAK_STEP_FWHM`` FWHMs along
-    the trail on either side, which hold the same trail light and not the star's. ``image`` and ``mask`` as for
-    :func:`find_trails`.
+    the trail on either side, which hold the same trail light and not the star's. ``image``, ``mask`` and
+    ``noise`` as for :func:`find_trails`.
     """
     from scipy import ndimage
 
@@ -483,7 +488,7 @@ def point_sources_on_trail(image: np.ndarray, trails: list[Trail], x: np.ndarray
     out = np.zeros(x.shape, dtype=bool)
     if not trails or x.size == 0:
         return out
-    z = _noise_units(image)
+    z = noise_units(image) if noise is None else noise
     if mask is not None:
         z = np.where(np.asarray(mask, bool), np.nan, z)
     filtered = ndimage.gaussian_filter(np.nan_to_num(z, nan=0.0), max(float(fwhm_pix), 1.0) / 2.3548)
@@ -507,17 +512,18 @@ def point_sources_on_trail(image: np.ndarray, trails: list[Trail], x: np.ndarray
     return out
 
 
-def point_source_snr(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix: float) -> np.ndarray:
+def point_source_snr(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix: float, *,
+                     noise: np.ndarray | None = None) -> np.ndarray:
     """(N,) the matched-filter SNR of a point source at (x, y) in a one-band ``image`` (H, W): the image in noise
     units (its robust sky and scatter), filtered by a Gaussian of ``fwhm_pix``, read at the nearest pixel, over
-    the filtered noise. NaN where a pixel is not finite.
+    the filtered noise. NaN where a pixel is not finite. ``noise`` as for :func:`find_trails`.
 
     Tried as well and not kept (``docs/benchmarks.md`` "Run 33"): the light above the mean of two points 1.5 FWHM
     away, the lowest over four directions (a ridge does not stand out along itself): in crowded six-band fields
     a neighbour in one direction hid too many stars."""
     from scipy import ndimage
 
-    z = _noise_units(image)
+    z = noise_units(image) if noise is None else noise
     bad = ~np.isfinite(np.asarray(image, dtype=np.float64).reshape(z.shape))
     sigma_filter = max(float(fwhm_pix), 1.0) / 2.3548
     filtered = ndimage.gaussian_filter(np.where(bad, 0.0, z), sigma_filter) * (2.0 * np.sqrt(np.pi) * sigma_filter)
@@ -571,5 +577,5 @@ def _peaks_along_trail(z: np.ndarray, filtered: np.ndarray, trail: Trail, x: np.
     return out
 
 
-__all__ = ["Trail", "detection_lineness", "find_trails", "on_trail", "point_source_snr", "point_sources_on_trail",
-           "trails_through_detections"]
+__all__ = ["Trail", "detection_lineness", "find_trails", "noise_units", "on_trail", "point_source_snr",
+           "point_sources_on_trail", "trails_through_detections"]
