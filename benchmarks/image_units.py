@@ -139,16 +139,20 @@ def markdown(rows: list[dict], n: int) -> str:
     return "\n".join(lines)
 
 
-def command(argv, doc: str, n: int, out: str, run, markdown) -> int:
+def command(argv, doc: str, n: int, out: str, run, markdown, options=None) -> int:
     """The command line of this script and ``benchmarks/no_data_edges.py``: ``--n`` images per instrument,
-    ``--out`` folder; ``run(n, log)`` gives the rows, ``markdown(rows, n)`` the table written beside their JSON."""
+    ``--out`` folder; ``run(n, log, **options)`` gives the rows, ``markdown(rows, n, **options)`` the table written
+    beside their JSON. ``options``: {name: (default, help)}, each a ``--name`` string option."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--n", type=int, default=n, help=f"images per instrument (default {n})")
     parser.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
+    for name, (default, text) in (options or {}).items():
+        parser.add_argument(f"--{name}", default=default, help=f"{text} (default {default})")
     args = parser.parse_args(argv)
-    rows = run(args.n, lambda m: print(m, flush=True))
+    extra = {name: getattr(args, name) for name in (options or {})}
+    rows = run(args.n, lambda m: print(m, flush=True), **extra)
     args.out.mkdir(parents=True, exist_ok=True)
-    text = markdown(rows, args.n)
+    text = markdown(rows, args.n, **extra)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     (args.out / "results.md").write_text(text + "\n")
     print(text)

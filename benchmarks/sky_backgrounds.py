@@ -4,12 +4,14 @@ patch of nebulosity, beside sep on the same images.
 Run (from the repository root):
 
     MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 OMP_NUM_THREADS=1 \\
-        .venv/bin/python benchmarks/sky_backgrounds.py [--n 3] [--out runs/bench-sky-backgrounds]
+        .venv/bin/python benchmarks/sky_backgrounds.py [--n 3] [--scene field] [--out runs/bench-sky-backgrounds]
 
 The simulators' skies are flat across an image; real ones rarely are. Each case simulates ``--n`` fresh 512^2
-single-band field images (seeds ``1.7991e9 + 100 * case + i``, never used in training: MeerLICHT q, Hubble F606W,
-WISE W1) and adds to each, in units of its robust sky noise sigma: nothing; a linear gradient from 0 at the left
-edge to 1.5, 3 or 30 sigma at the right; a Gaussian glow of 20 sigma at its peak and 60 px sigma (nebulosity).
+single-band images of the simulator's ``--scene`` (``field``; ``crowded``: nebulae lie in the Galactic plane, among
+many stars) (seeds ``1.7991e9 + 100 * case + i``, never used in training: MeerLICHT q, Hubble F606W, WISE W1) and
+adds to each, in units of its robust sky noise sigma: nothing; a linear gradient from 0 at the left
+edge to 1.5, 3 or 30 sigma at the right; a Gaussian glow of 20 sigma at its peak and 60 px sigma (nebulosity); a
+filament of 20 sigma, a Gaussian 15 x 150 px (sigmas) across the centre at 30 deg.
 The sources are those of the flat image (the truth with SNR >= 5 as simulated; the extra light's Poisson noise is
 not added). Methods: skyfm (:func:`skyfm.detect.detect_patch`, the shipped default detector) and ``sep-nofilter``
 (:data:`skyfm.baselines.BASELINES`, sep's crowded-field configuration, which estimates its background on a 64-px
@@ -28,7 +30,7 @@ from image_units import command, f1_score
 
 SEED_BASE = 1_799_100_000
 CASES = {"meerlicht": "q", "hubble": "F606W", "wise": "W1"}
-SKIES = ("flat", "gradient 1.5 sigma", "gradient 3 sigma", "gradient 30 sigma", "nebula 20 sigma")
+SKIES = ("flat", "gradient 1.5 sigma", "gradient 3 sigma", "gradient 30 sigma", "nebula 20 sigma", "filament 20 sigma")
 
 
 def extra_sky(kind: str, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -37,10 +39,14 @@ def extra_sky(kind: str, shape: tuple[int, int], sigma: float) -> np.ndarray:
         return np.zeros(shape)
     if kind.startswith("gradient"):
         return float(kind.split()[1]) * sigma * xx / (shape[1] - 1)
+    if kind.startswith("filament"):  # 15 x 150 px (Gaussian sigmas), its long axis at 30 deg
+        u = (xx - 0.5 * shape[1]) * np.cos(np.pi / 6) + (yy - 0.5 * shape[0]) * np.sin(np.pi / 6)
+        v = -(xx - 0.5 * shape[1]) * np.sin(np.pi / 6) + (yy - 0.5 * shape[0]) * np.cos(np.pi / 6)
+        return 20.0 * sigma * np.exp(-u ** 2 / (2 * 150.0 ** 2) - v ** 2 / (2 * 15.0 ** 2))
     return 20.0 * sigma * np.exp(-((xx - 0.6 * shape[1]) ** 2 + (yy - 0.4 * shape[0]) ** 2) / (2 * 60.0 ** 2))
 
 
-def run(n: int, log) -> list[dict]:
+def run(n: int, log, scene: str = "field") -> list[dict]:
     from skyfm.baselines import BASELINES
     from skyfm.data.simulate import simulate_patch
     from skyfm.detect import detect_patch, get_detector
@@ -56,7 +62,7 @@ def run(n: int, log) -> list[dict]:
         inst = load_instrument(name)
         totals = {(sky, m): [0, 0, 0] for sky in SKIES for m in methods}
         for i in range(n):
-            patch = simulate_patch(name, SEED_BASE + 100 * k + i, size=512, bands=[band], scene="field")
+            patch = simulate_patch(name, SEED_BASE + 100 * k + i, size=512, bands=[band], scene=scene)
             _, sigma = robust_background(patch.data[0])
             for sky in SKIES:
                 data = (patch.data + extra_sky(sky, patch.data.shape[1:], sigma)[None]).astype(np.float32)
@@ -73,8 +79,8 @@ def run(n: int, log) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], n: int) -> str:
-    lines = [f"Sky backgrounds: {n} fresh 512^2 field images per instrument (seeds from {SEED_BASE}) with light "
+def markdown(rows: list[dict], n: int, scene: str = "field") -> str:
+    lines = [f"Sky backgrounds: {n} fresh 512^2 {scene} images per instrument (seeds from {SEED_BASE}) with light "
              "added; F1 (TP / FP).", "",
              "| instrument (band) | method | " + " | ".join(SKIES) + " |", "|---|---|" + "---|" * len(SKIES)]
     for name in CASES:
@@ -87,7 +93,8 @@ def markdown(rows: list[dict], n: int) -> str:
 
 
 def main(argv=None) -> int:
-    return command(argv, __doc__, 3, "runs/bench-sky-backgrounds", run, markdown)
+    return command(argv, __doc__, 3, "runs/bench-sky-backgrounds", run, markdown,
+                   options={"scene": ("field", "the simulator's scene: field, crowded, ...")})
 
 
 if __name__ == "__main__":

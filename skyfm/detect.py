@@ -261,30 +261,47 @@ RESTORED_NOISE = 1.0
 # field already doubled its false positives) ...
 FLAT_SKY_MIN_RANGE = 1.0
 FLAT_SKY_BOX = 64  # ... with a mesh of this box (SExtractor's BACK_SIZE default; 32 took nebulae out better and cost
-# the drawn MeerLICHT validation scenes 0.014 F1, their cluster cores' glow)
+# the drawn MeerLICHT validation scenes 0.014 F1, their cluster cores' glow; nebulae are now followed by the mesh's
+# finer one where the coarse one misses them, skyfm.catalog.psf_fit.extended_light)
 
 
-def flat_sky_view(patch):
+def flat_sky_view(patch, fwhm_pix: list | None = None, inst=None):
     """A CCD tile as the network should see it: where a band's smooth background (the PSF fit's SExtractor-style
-    mesh, :func:`~skyfm.catalog.psf_fit.background_and_rms`) varies across the tile by more than
+    mesh, :func:`~skyfm.catalog.psf_fit.background_and_rms`, with the extended light of nebulae that the mesh
+    misses, :func:`~skyfm.catalog.psf_fit.extended_light`) varies across the tile by more than
     :data:`FLAT_SKY_MIN_RANGE` rms, it is taken out, around the tile's median sky. The networks were trained on
     skies flat across a tile: on a sky gradient (scattered light, the moon, a bright star's halo) or nebulosity
     they fired everywhere (a 3-sigma gradient across three 512^2 MeerLICHT fields: 2500 false positives;
     ``benchmarks/sky_backgrounds.py``, ``docs/benchmarks.md`` Run 23). The noise is left as it is (made uniform too, a cluster core's catalog lost
-    half its stars). Only the network's input: the PSF fit measures its own background."""
+    half its stars). Only the network's input: the PSF fit measures its own background. ``fwhm_pix``: each band's
+    PSF FWHM in pixels (:func:`sky_fwhm_pix`; the finest scale the background may follow). ``inst``: where given,
+    its saturated pixels (:func:`saturation_mask`) are left out of the mesh, as the PSF fit's are (a bleed column's
+    light is no sky)."""
     from dataclasses import replace
 
     from skyfm.catalog.psf_fit import background_and_rms
 
     data = np.array(patch.data, dtype=np.float32)
-    mask = None if patch.mask is None else np.asarray(patch.mask, bool)
+    mask = np.zeros(data.shape, bool)
+    if patch.mask is not None:
+        mask |= np.asarray(patch.mask, bool)
+    if inst is not None:
+        mask |= saturation_mask(data, inst)
     changed = False
     for c in range(data.shape[0]):
-        bg, rms = background_and_rms(data[c], mask, box=FLAT_SKY_BOX)
+        bg, rms = background_and_rms(data[c], mask[c], box=FLAT_SKY_BOX,
+                                     fwhm_pix=None if fwhm_pix is None else fwhm_pix[c])
         if np.ptp(bg) > FLAT_SKY_MIN_RANGE * float(np.median(rms)):
             data[c] = (data[c] - bg + float(np.median(bg))).astype(np.float32)
             changed = True
     return replace(patch, data=data) if changed else patch
+
+
+def sky_fwhm_pix(inst, bands, seeing: dict | None = None) -> list[float]:
+    """Each band's PSF FWHM in the instrument's pixels, for the background meshes of CCD tiles: the image's measured
+    seeing (arcsec, :func:`measure_seeing`) where there is one, else the band's nominal PSF."""
+    seeing = seeing or {}
+    return [(seeing[b] / 3600.0 if b in seeing else inst.band(b).psf.fwhm_deg) / inst.pixel_scale_deg for b in bands]
 
 
 def _restore_pixel_noise(patch, upsampled: np.ndarray, area: float) -> np.ndarray:
@@ -434,7 +451,7 @@ def measure_seeing(source, inst, pixel_scale: float | None = None) -> dict:
         if valid.sum() < 64 * 64:
             continue
         image = np.where(valid, data[c], np.median(data[c][valid]))
-        bg, rms = background_and_rms(image, ~valid)
+        bg, rms = background_and_rms(image, ~valid, extended=False)  # the seeing is not known yet
         nominal_pix = band.psf.fwhm_deg / scale
         signal = (image - bg) / rms
         peaks = valid & (signal > 5.0)
@@ -567,7 +584,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
                  batch_size: int | None = None, progress: bool = False, pixel_scale: float | None = None,
                  precision: str = "auto", attention_window: int | None = None, refine: bool = True,
                  drop_trails: bool | None = None, mask_cosmic_rays: bool | None = None,
-                 refine_workers: int | None = None) -> dict:
+                 refine_workers: int | None = None, image_seeing: dict | None = None) -> dict:
     """Run the detector over every tile of ``source`` (a Patch or an opened ImageFile) -> full-image arrays.
 
     ``precision`` and ``attention_window``: see :func:`inference_settings`. ``refine``: PSF-fit refinement of
@@ -577,7 +594,8 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     ``drop_trails``). ``refine_workers``: threads for the CCD tiles' refinement and trail filter
     (:func:`_refine_workers`; the estimates carried from tile to tile, seeing and colours, are taken in tile order,
     so the catalog is the same for any number); with more than one, a batch's tiles are refined (or filtered) while
-    the network runs on the next batch.
+    the network runs on the next batch. ``image_seeing``: the image's measured seeing (:func:`measure_seeing`), for
+    the scale of the tiles' background meshes (:func:`sky_fwhm_pix`).
     """
     import torch
     from tqdm.auto import tqdm
@@ -617,6 +635,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     found = _Found(n_bands=len(source.bands), class_names=list(head.class_names))
     bf16, window = inference_settings(det, precision, attention_window)
     seeing: dict = {}  # per band, the PSF fit's seeing estimates of the tiles so far
+    sky_fwhm = None if inst.is_counts else sky_fwhm_pix(inst, source.bands, image_seeing)
     bar = tqdm(total=len(grid), desc="detecting", unit="tile", disable=not progress or len(grid) < 4)
 
     ccd_refine = refine and not inst.is_counts  # the PSF fit of CCD tiles (counts cubes are refined after all tiles)
@@ -648,6 +667,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     def refined(k, p, d, cosmics):
         try:
             d = refine_ccd_tile(d, p, inst, head, seeing, mask_cosmic_rays=mask_cosmic_rays, colours=colours,
+                                sky_fwhm=sky_fwhm,
                                 turn=lambda name: turns.turn(k, name), cosmic_pixels=tile_cosmics,
                                 whole_image=len(grid) == 1, cosmics=cosmics, hit_test=hit_test)
         finally:
@@ -675,7 +695,7 @@ def detect_tiles(source, inst, det, *, min_score: float, tile_size: int | None =
     def flush(items):
         if not items:
             return
-        batch = det.make_batch([p if inst.is_counts else flat_sky_view(p) for _, p, _ in items])
+        batch = det.make_batch([p if inst.is_counts else flat_sky_view(p, sky_fwhm, inst) for _, p, _ in items])
         with inference_context(det, bf16, window):
             out = det({k: (v.to(det.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
         decoded = []
@@ -923,7 +943,8 @@ def add_saturated_stars(d: dict | None, patch, inst, head) -> dict | None:
 def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
                     mask_cosmic_rays: bool | None = None, colours: dict | None = None, turn=None,
                     cosmic_pixels: list | None = None, whole_image: bool = False,
-                    cosmics: tuple | None = None, hit_test: bool = True) -> dict:
+                    cosmics: tuple | None = None, hit_test: bool = True,
+                    sky_fwhm: list | None = None) -> dict:
     """PSF-fit refinement of one CCD tile's detections (tile pixels), :mod:`skyfm.catalog.psf_fit`.
 
     Every detection is modelled (so that neighbours share their light) on the pixels below the instrument's
@@ -970,6 +991,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
     a share above :data:`COSMIC_RAY_LIGHT_MAX`) and whose light
     off them within two FWHM has a signal-to-noise ratio below :data:`COSMIC_RAY_SOURCE_SNR` are dropped: the hits
     themselves (unless ``hit_test`` is False: :func:`detect_tiles` tiles resampled from coarser pixels).
+    ``sky_fwhm``: each band's PSF FWHM in pixels for the background mesh (:func:`sky_fwhm_pix`; default the nominal
+    PSFs').
     """
     from skyfm.catalog.psf_fit import (blank_flux_scatter, crowding, estimate_fwhm, fit_psf_sources, neighbour_light,
                                        residual_image)
@@ -998,7 +1021,8 @@ def refine_ccd_tile(d: dict, patch, inst, head, seeing: dict | None = None,
             cosmic_pixels.append(np.stack([c, yy + patch.meta.get("tile_y0", 0), xx + patch.meta.get("tile_x0", 0)]
                                           ).astype(np.int32))
     scale = inst.pixel_scale_deg
-    bg, rms = _sky(data, mask)  # (C, H, W)
+    # (C, H, W); meshes no finer than the PSF allows (the image's seeing where measured, else the nominal PSF's)
+    bg, rms = _sky(data, mask, sky_fwhm or sky_fwhm_pix(inst, patch.bands))
     fwhm_nominal = float(np.median([inst.band(b).psf.fwhm_deg for b in patch.bands])) / scale
 
     def on_cosmic_rays(x, y, test):  # detections whose light is mostly on cosmic-ray pixels, with no source beside
@@ -1224,12 +1248,14 @@ def _cosmic_rays(data: np.ndarray, inst, mask: np.ndarray | None, test: bool = T
     return hits, ndimage.binary_dilation(joined, grow), ndimage.binary_dilation(deep, grow)
 
 
-def _sky(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sky(data: np.ndarray, mask: np.ndarray, fwhm_pix: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(C, H, W) background and rms of each band of a CCD tile
-    (:func:`~skyfm.catalog.psf_fit.background_and_rms`, the ``mask``'s pixels left out)."""
+    (:func:`~skyfm.catalog.psf_fit.background_and_rms`, the ``mask``'s pixels left out; ``fwhm_pix``: each band's
+    PSF FWHM in pixels)."""
     from skyfm.catalog.psf_fit import background_and_rms
 
-    bg, rms = zip(*(background_and_rms(data[c], mask[c]) for c in range(data.shape[0])))
+    bg, rms = zip(*(background_and_rms(data[c], mask[c], fwhm_pix=None if fwhm_pix is None else fwhm_pix[c])
+                    for c in range(data.shape[0])))
     return np.stack(bg), np.stack(rms)
 
 
@@ -1548,7 +1574,7 @@ def _measure_cut_apertures(arrays: dict, source, inst, head, grid, tile_hw, scal
             mask |= cosmic_ray_mask(data, inst, mask=mask)
         hit = (cosmics[1] >= y0) & (cosmics[1] < y1) & (cosmics[2] >= x0) & (cosmics[2] < x1)
         mask[cosmics[0, hit], cosmics[1, hit] - y0, cosmics[2, hit] - x0] = True
-        bg, rms = _sky(data, mask)
+        bg, rms = _sky(data, mask, [p.fwhm_deg / scale for p in psfs])
         mask |= data < bg - DEAD_PIXEL_SIGMA * rms
         near = np.flatnonzero((x >= x0 - 0.5) & (x < x1 - 0.5) & (y >= y0 - 0.5) & (y < y1 - 0.5))
         local = {"x": x[near] - x0, "y": y[near] - y0, "flux_band": model_band[near]}
@@ -1990,7 +2016,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     arrays = detect_tiles(patch, inst, det, min_score=min_score, tile_size=tile_size, overlap=overlap,
                           batch_size=batch_size, progress=progress, pixel_scale=scale, precision=precision,
                           attention_window=attention_window, refine=refine, drop_trails=drop_trails,
-                          mask_cosmic_rays=mask_cosmic_rays, refine_workers=refine_workers)
+                          mask_cosmic_rays=mask_cosmic_rays, refine_workers=refine_workers, image_seeing=seeing)
     if inst.is_counts and refine:
         arrays = refine_counts(arrays, patch.data, inst, scale, background, bands=list(patch.bands), head=head)
     return _catalog(arrays, inst, patch.wcs, head, meta={"min_score": min_score, "selection": "network",
@@ -2229,7 +2255,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 arrays = detect_tiles(image, inst, det, min_score=min_score, tile_size=tile_size,
                                       batch_size=batch_size, progress=progress, pixel_scale=scale,
                                       precision=precision, attention_window=attention_window, refine=refine,
-                                      drop_trails=drop_trails, mask_cosmic_rays=mask_cosmic_rays)
+                                      drop_trails=drop_trails, mask_cosmic_rays=mask_cosmic_rays,
+                                      image_seeing=seeing)
                 if inst.is_counts and refine:
                     data = image.read_window(0, image.height, 0, image.width)
                     data = np.nan_to_num(data, nan=0.0)

@@ -673,6 +673,35 @@ def test_a_sky_gradient_is_taken_out_of_what_the_network_sees():
     assert len(detect_patch(tilted, det)) <= len(detect_patch(p, det)) + 5  # without: hundreds
 
 
+def test_nebulosity_is_taken_out_of_what_the_network_and_the_fit_see():
+    """A 20-sigma glow 40 px wide on a field (nebulosity): the 64-px mesh missed it and the network and the PSF
+    fit took it for hundreds of stars (MeerLICHT 732 rows, WISE W1 1607, against 6 and 24 on the flat sky)."""
+    import dataclasses
+
+    from skyfm.detect import detect_patch, get_detector
+    from skyfm.instruments.scaling import robust_background
+
+    det = get_detector(None)
+    for name, band in (("meerlicht", "q"), ("wise", "W1")):
+        p = simulate_patch(name, 1_799_200_000, size=256, bands=[band], scene="field")
+        _, sigma = robust_background(p.data[0])
+        yy, xx = np.indices((256, 256))
+        glow = 20.0 * sigma * np.exp(-((xx - 140) ** 2 + (yy - 110) ** 2) / (2 * 40.0 ** 2))
+        nebula = dataclasses.replace(p, data=(p.data + glow[None]).astype(np.float32))
+        assert len(detect_patch(nebula, det)) <= len(detect_patch(p, det)) + 5
+
+
+def test_a_bleed_column_is_no_nebula():
+    """A crowded WISE W4 tile with a saturated star bleeding along its column: shown the bleed in the network's
+    view, the finer background mesh took it for a nebula and the network fired around it (247 rows, one true
+    source); the view leaves saturated pixels out of its mesh, as the PSF fit does (5 rows; 24 before the finer
+    mesh, whose coarse mesh the bleed had pulled up)."""
+    from skyfm.detect import detect_patch, get_detector
+
+    p = simulate_patch("wise", 955_501_005, size=256, bands=["W4"], scene="crowded")
+    assert len(detect_patch(p, get_detector(None))) <= 12
+
+
 def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_path, capsys):
     """skyfm detect --test-extension on a Fermi-LAT cube of the real sky around IC 443 (4FGL's template, r68 0.27
     deg): the source there comes out extended with TS_ext >= 16, the point sources stay point-like; without a

@@ -329,3 +329,34 @@ def test_blank_flux_scatter_leaves_masked_places_out():
     assert abs(half[0] / open_sky[0] - 1) < 0.15
     _, none = blank_flux_scatter(noise, rms, [psf], SCALE, x, y, mask=np.ones((size, size), bool), cell=size)
     assert none[0] == 0.0
+
+
+def _glow(size, amplitude, width, centre):
+    yy, xx = np.indices((size, size))
+    return amplitude * np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * width ** 2))
+
+
+def test_background_follows_nebulosity_and_leaves_a_flat_sky_alone():
+    """A glow a few mesh boxes wide (nebulosity) left the 64-px mesh ~10 rms under its peak; the finer mesh of the
+    compact-masked sky follows it. On a flat sky the maps are the coarse mesh's, bit for bit."""
+    rng = np.random.default_rng(7)
+    img, *_ = _scene(rng, 40, size=256, flux=(2e3, 2e4), min_sep=20.0)
+    coarse, rms = background_and_rms(img[0], extended=False)
+    flat_bg, flat_rms = background_and_rms(img[0])
+    assert np.array_equal(flat_bg, coarse) and np.array_equal(flat_rms, rms)
+    sigma = float(np.median(rms))
+    glow = _glow(256, 15 * sigma, 30.0, (140, 110))
+    nebula = img[0] + glow
+    before, _ = background_and_rms(nebula, extended=False)
+    after, after_rms = background_and_rms(nebula)
+    truth = coarse + glow
+    core = glow > 5 * sigma
+    assert np.median(np.abs(before - truth)[core]) > 4 * sigma  # the coarse mesh misses it
+    assert np.median(np.abs(after - truth)[core]) < 0.5 * sigma
+    assert np.median(after_rms) < 1.1 * sigma  # the glow's slope does not count as noise
+    far = glow < 0.01 * sigma
+    assert np.median(np.abs(after - coarse)[far]) < 0.1 * sigma
+    # light taken away is no nebula: a corner of dead pixels (a WISE W3 tile's pulled the fine mesh 28 rms down)
+    dead = img[0].copy()
+    dead[-20:, -20:] = 0.0
+    assert np.array_equal(background_and_rms(dead)[0], background_and_rms(dead, extended=False)[0])
