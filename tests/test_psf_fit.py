@@ -360,3 +360,17 @@ def test_background_follows_nebulosity_and_leaves_a_flat_sky_alone():
     dead = img[0].copy()
     dead[-20:, -20:] = 0.0
     assert np.array_equal(background_and_rms(dead)[0], background_and_rms(dead, extended=False)[0])
+
+
+def test_the_rms_of_a_steep_gradient_is_the_noise_about_it():
+    """A box's rms is the scatter about one level: a 30-sigma slope across the image, 3.75 sigma across each 64-px
+    box, had inflated it 1.5x (and every SNR deflated); it is measured again about the sky where the sky changes by
+    more than an rms across a box."""
+    rng = np.random.default_rng(11)
+    img, *_ = _scene(rng, 30, size=256, flux=(2e3, 2e4), min_sep=20.0)
+    _, flat_rms = background_and_rms(img[0])
+    sigma = float(np.median(flat_rms))
+    slope = 15.0 * sigma * np.arange(256)[None, :] / 255.0  # 3.75 sigma per 64 px
+    back, rms = background_and_rms(img[0] + slope)
+    assert abs(np.median(rms) / sigma - 1.0) < 0.08
+    assert np.median(np.abs(back - slope - background_and_rms(img[0])[0])) < 0.2 * sigma

@@ -47,6 +47,7 @@ EXTENDED_BOX_FWHM = 3.5
 # (validation fields and crowded fields of five bands: at most 1.1 in 58 of 60; a 10-sigma glow 90 px wide: 2-2.5),
 # and within two fine boxes of there (a glow's outskirts, where the coarse mesh is off by less, are its too)
 EXTENDED_MIN_RMS = 1.0
+SLOPE_MAX_RMS = 1.0  # a sky that changes by more than this many rms across a box: its rms is measured about it
 
 
 def background_and_rms(image: np.ndarray, mask: np.ndarray | None = None, box: int = 64, extended: bool = True,
@@ -57,7 +58,8 @@ def background_and_rms(image: np.ndarray, mask: np.ndarray | None = None, box: i
     sky holds light on scales between the PSF's and the box's (nebulosity) that the coarse mesh cannot follow,
     the background follows it there (:func:`extended_light`, boxes of ``box`` / :data:`EXTENDED_BOX_DIVISOR` and at
     least :data:`EXTENDED_BOX_FWHM` x ``fwhm_pix``, the PSF's FWHM in pixels, where given); elsewhere the maps are
-    the mesh's as they are."""
+    the mesh's as they are. Where the sky changes across a box by more than :data:`SLOPE_MAX_RMS` rms, or extended
+    light was taken, the rms is measured again about the sky (a box's rms is its scatter about one level)."""
     import sep
     from scipy import ndimage
 
@@ -71,15 +73,18 @@ def background_and_rms(image: np.ndarray, mask: np.ndarray | None = None, box: i
         bkg = sep.Background(data, mask=np.ascontiguousarray(base | sources), bw=b, bh=b, fw=3, fh=3)
     back, rms = bkg.back().astype(np.float64), np.maximum(bkg.rms().astype(np.float64), 1e-12)
     fine = max(8, b // EXTENDED_BOX_DIVISOR, int(np.ceil(EXTENDED_BOX_FWHM * fwhm_pix)) if fwhm_pix else 0)
-    if extended and fine <= b // 2:
-        followed = extended_light(data, base, back, rms, fine)
-        if followed is not back:  # the noise about the sky that is there (the glow's slope inflated the coarse rms)
-            back = followed
-            rest = np.ascontiguousarray(data - back, dtype=np.float32)
-            sources = ndimage.binary_dilation(rest > 2.5 * rms, iterations=2)
-            keep = base | sources if (base | sources).mean() < 0.7 else base
-            again = sep.Background(rest, mask=np.ascontiguousarray(keep), bw=b, bh=b, fw=3, fh=3).rms()
-            rms = np.clip(again.astype(np.float64), 0.5 * rms, rms)  # (boxes with too little sky left: ~0)
+    followed = extended_light(data, base, back, rms, fine) if extended and fine <= b // 2 else back
+    # a box's rms is the scatter about the box's one level: where the sky changes across a box (a glow taken out
+    # above; a steep gradient: 30 sigma across a 512^2 field inflated it 1.5x) it is measured again about the sky
+    coarse = followed[::8, ::8]
+    step = max(np.abs(np.diff(coarse, axis=0)).max(initial=0.0), np.abs(np.diff(coarse, axis=1)).max(initial=0.0))
+    if followed is not back or step * b / 8 > SLOPE_MAX_RMS * float(np.median(rms)):
+        back = followed
+        rest = np.ascontiguousarray(data - back, dtype=np.float32)
+        sources = ndimage.binary_dilation(rest > 2.5 * rms, iterations=2)
+        keep = base | sources if (base | sources).mean() < 0.7 else base
+        again = sep.Background(rest, mask=np.ascontiguousarray(keep), bw=b, bh=b, fw=3, fh=3).rms()
+        rms = np.clip(again.astype(np.float64), 0.5 * rms, rms)  # (boxes with too little sky left: ~0)
     return back, rms
 
 
