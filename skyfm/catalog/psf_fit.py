@@ -105,17 +105,23 @@ def extended_light(data: np.ndarray, mask: np.ndarray, back: np.ndarray, rms: np
     base = np.ascontiguousarray(mask, dtype=bool)
     first = sep.Background(data, mask=base, bw=box, bh=box, fw=1, fh=1).back()  # unfiltered: it follows a glow's peak
     noise = np.maximum(rms, 0.5 * float(np.median(rms[::8, ::8])))  # masked boxes' rms can be tiny (a smooth map)
+    # both meshes are smooth on the fine box's scale: the test runs on every (box / 4)-th pixel
+    step = max(1, box // 4)
+
+    def rises(mesh):  # where a fine mesh rises above the coarse one by more than EXTENDED_MIN_RMS, smoothed
+        grid = ((mesh - back) / noise)[step // 2::step, step // 2::step]
+        return ndimage.gaussian_filter(grid, box / step, mode="nearest") > EXTENDED_MIN_RMS
+
+    if not rises(first).any():  # masking the compact sources would only lower it (flat skies: no more work)
+        return back
     # compact sources, and pixels far below the sky (dead or cold ones: a W3 tile's corner pulled the mesh 28 rms down)
     rest = data - first
     compact = ndimage.binary_dilation((rest > 2.5 * noise) | (rest < -5.0 * noise), iterations=2) & ~base
     if (base | compact).mean() > 0.7:  # too little sky left to follow
         return back
     fine = sep.Background(data, mask=np.ascontiguousarray(base | compact), bw=box, bh=box, fw=1, fh=1).back()
-    # both meshes are smooth on the fine box's scale: the test runs on every (box / 4)-th pixel
-    step = max(1, box // 4)
-    grid = ((fine - back) / noise)[step // 2::step, step // 2::step]
     # light added to the sky: a mesh pulled down (dead pixels, a bleed column's masked surroundings) is no nebula
-    found = ndimage.gaussian_filter(grid, box / step, mode="nearest") > EXTENDED_MIN_RMS
+    found = rises(fine)
     if not found.any():
         return back
     # in full where it is taken: a glow taken out in part leaves a slope of its own for the network to tile
