@@ -61,16 +61,15 @@ def background_and_rms(image: np.ndarray, mask: np.ndarray | None = None, box: i
     the mesh's as they are. Where the sky changes across a box by more than :data:`SLOPE_MAX_RMS` rms, or extended
     light was taken, the rms is measured again about the sky (a box's rms is its scatter about one level)."""
     import sep
-    from scipy import ndimage
 
     data = np.ascontiguousarray(image, dtype=np.float32)
     h, w = data.shape
     b = int(min(box, max(8, min(h, w) // 2)))
     base = np.zeros((h, w), bool) if mask is None else np.asarray(mask, dtype=bool)
     bkg = sep.Background(data, mask=np.ascontiguousarray(base), bw=b, bh=b, fw=3, fh=3)
-    sources = ndimage.binary_dilation(data - bkg.back() > 2.5 * bkg.rms(), iterations=2)
-    if (base | sources).mean() < 0.7:  # keep enough sky for the mesh
-        bkg = sep.Background(data, mask=np.ascontiguousarray(base | sources), bw=b, bh=b, fw=3, fh=3)
+    keep = _without_sources(base, data - bkg.back() > 2.5 * bkg.rms())
+    if keep is not base:
+        bkg = sep.Background(data, mask=keep, bw=b, bh=b, fw=3, fh=3)
     back, rms = bkg.back().astype(np.float64), np.maximum(bkg.rms().astype(np.float64), 1e-12)
     fine = max(8, b // EXTENDED_BOX_DIVISOR, int(np.ceil(EXTENDED_BOX_FWHM * fwhm_pix)) if fwhm_pix else 0)
     followed = extended_light(data, base, back, rms, fine) if extended and fine <= b // 2 else back
@@ -81,11 +80,20 @@ def background_and_rms(image: np.ndarray, mask: np.ndarray | None = None, box: i
     if followed is not back or step * b / 8 > SLOPE_MAX_RMS * float(np.median(rms)):
         back = followed
         rest = np.ascontiguousarray(data - back, dtype=np.float32)
-        sources = ndimage.binary_dilation(rest > 2.5 * rms, iterations=2)
-        keep = base | sources if (base | sources).mean() < 0.7 else base
-        again = sep.Background(rest, mask=np.ascontiguousarray(keep), bw=b, bh=b, fw=3, fh=3).rms()
+        keep = np.ascontiguousarray(_without_sources(base, rest > 2.5 * rms))
+        again = sep.Background(rest, mask=keep, bw=b, bh=b, fw=3, fh=3).rms()
         rms = np.clip(again.astype(np.float64), 0.5 * rms, rms)  # (boxes with too little sky left: ~0)
     return back, rms
+
+
+def _without_sources(base: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """The pixels a second mesh leaves out: ``base`` and the sources (``above``, grown by two pixels), so that the
+    wings of many sources do not inflate the noise; ``base`` itself where that would leave under 30% of the image
+    (keep enough sky for the mesh)."""
+    from scipy import ndimage
+
+    sources = ndimage.binary_dilation(above, iterations=2)
+    return np.ascontiguousarray(base | sources) if (base | sources).mean() < 0.7 else base
 
 
 def extended_light(data: np.ndarray, mask: np.ndarray, back: np.ndarray, rms: np.ndarray, box: int) -> np.ndarray:
