@@ -546,7 +546,8 @@ def inference_settings(det, precision: str = "auto", attention_window: int | Non
 
 @contextlib.contextmanager
 def inference_context(det, bf16: bool, window: int | None):
-    """No gradients, bf16 autocast when asked, and the backbone's attention window set (restored on exit)."""
+    """No gradients, bf16 autocast when asked, the backbone's attention window set, and on a CPU the weights in
+    channels-last order (all restored on exit)."""
     import torch
 
     backbone = det.foundation.backbone
@@ -554,6 +555,11 @@ def inference_context(det, bf16: bool, window: int | None):
     before = backbone.attention_window if has_window else None
     if has_window:
         backbone.attention_window = window
+    # a detector handed in (load_detector's, a fine-tuning run's) as get_detector leaves those it loads: oneDNN's
+    # convolutions run 1.3-3x faster on NHWC tensors, and the same catalogs as the command line's come out
+    reorder = det.device.type == "cpu" and not _channels_last(det)
+    if reorder:
+        det.to(memory_format=torch.channels_last)
     autocast = torch.autocast(det.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     try:
         with torch.inference_mode(), autocast:
@@ -561,6 +567,18 @@ def inference_context(det, bf16: bool, window: int | None):
     finally:
         if has_window:
             backbone.attention_window = before
+        if reorder:
+            det.to(memory_format=torch.contiguous_format)
+
+
+def _channels_last(det) -> bool:
+    """Whether ``det``'s convolution weights are in channels-last (NHWC) order: its first one wider than 1 x 1."""
+    import torch
+
+    for module in det.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.weight.shape[-1] > 1 and module.weight.shape[1] > 1:
+            return module.weight.is_contiguous(memory_format=torch.channels_last)
+    return True
 
 
 def _round_up(n: int, k: int) -> int:

@@ -180,6 +180,17 @@ def test_inference_settings_and_default_tiling(model_dir):
     assert (heats[(True, None)] - heats[(False, None)]).abs().max() < 0.05
     assert not torch.equal(heats[(False, 8)], heats[(False, None)])  # the window changes what a token sees
 
+    # a detector handed in runs channels-last as the loaded ones do (the same heatmap), and is given back as it was
+    from skyfm.heads import load_detector
+
+    handed_in = load_detector(model_dir)
+    conv = handed_in.trunk[0].weight
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+    with inference_context(handed_in, True, None):
+        assert handed_in.trunk[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(torch.sigmoid(handed_in(batch).heat.float()), heats[(True, None)])
+    assert handed_in.trunk[0].weight.is_contiguous() and handed_in.trunk[0].weight is conv
+
 
 def test_windowed_and_global_detection_agree_on_bright_sources(model_dir):
     """The PeakDetector's heatmap is the image, so tiling settings must not change what it finds."""
