@@ -580,7 +580,7 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "with a column hdu.")
 @mask_options
 @click.option("--tile", "tile_size", type=click.IntRange(min=16), default=None,
-              help="Tile side (pixels; default 512 for one-band images, 256 for several bands, 128 for counts cubes).")
+              help="Tile side (pixels; default 512 for CCD images, 128 for counts cubes).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Network arithmetic: auto = bfloat16 where the CPU or GPU has it natively, else float32.")
 @click.option("--attention-window", type=click.IntRange(min=0), default=None,

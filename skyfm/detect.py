@@ -516,17 +516,18 @@ def training_patch_size(det) -> int:
 def default_tiling(det, inst, n_bands: int) -> tuple[int, int]:
     """(tile side in pixels, attention window in tokens; 0 = global) when the caller gives neither.
 
-    CCD images: large tiles (512 px for one band, 256 for several) with attention in windows the size of the
-    training patches, so the overlap between tiles costs little and the transformer's cost is linear in the area.
-    On validation seeds (9.5e8) this kept F1 within 0.01 of global attention on 128/256-px tiles at 2-3x the speed.
-    Counts cubes keep the detector's tile (128 px) and global attention: there the scaling of a tile depends on
-    its size, and larger tiles lost 0.1 F1 on the Fermi plane on the same seeds.
+    CCD images: large tiles (512 px, whatever ``n_bands``) with attention in windows the size of the training
+    patches, so the overlap between tiles costs little and the transformer's cost is linear in the area. On
+    validation seeds (9.5e8) this kept F1 within 0.01 of global attention on 128/256-px tiles at 2-3x the speed;
+    images of several bands had 256-px tiles until Run 35, whose overlaps cost them 11-25% more time for the same
+    F1 (``docs/benchmarks.md``). Counts cubes keep the detector's tile (128 px) and global attention: there the
+    scaling of a tile depends on its size, and larger tiles lost 0.1 F1 on the Fermi plane on the same seeds.
     """
     base = int(det.config.tile_size)
     if inst.is_counts:
         return base, 0
     window = max(1, training_patch_size(det) // det.token_stride)
-    return base * (4 if n_bands == 1 else 2), window
+    return base * 4, window
 
 
 def inference_settings(det, precision: str = "auto", attention_window: int | None = None) -> tuple[bool, int | None]:

@@ -164,6 +164,7 @@ def test_inference_settings_and_default_tiling(model_dir):
     assert default_tiling(det, load_instrument("fermi-lat"), 6) == (det.config.tile_size, 0)
     tile, window = default_tiling(det, load_instrument("meerlicht"), 1)
     assert tile == 4 * det.config.tile_size and window == 64 // det.token_stride
+    assert default_tiling(det, load_instrument("wise"), 4) == (tile, window)  # several bands: the same tiles
     assert inference_settings(det, "fp32", 0) == (False, None)
     assert inference_settings(det, "bf16", 8) == (True, 8)
     with pytest.raises(SkyfmError, match="precision"):
