@@ -131,3 +131,8 @@ def test_class_metrics_count_what_the_catalog_called_each_true_class(capsys):
     assert "classification" not in evaluate(cat, truth[["x", "y", "snr"]], radius_pix=2.0)
     truth["class"] = ["qso"] * 6
     assert "classification" not in evaluate(cat, truth, radius_pix=2.0)
+    # a catalog with no rows (nothing found): every true source missed, no class called
+    truth["class"] = ["star"] * 6
+    empty = evaluate(cat[:0], truth, radius_pix=2.0)
+    assert empty["detection"]["fn"] == 6 and empty["detection"]["f1"] == 0
+    assert "classification" not in empty
