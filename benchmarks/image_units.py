@@ -1,4 +1,4 @@
-"""Images in other units than the instrument's ADU: electrons and electrons per second, as real pipelines write them.
+"""Images in other units than the instrument's ADU, and with their sky subtracted, as real pipelines write them.
 
 Run (from the repository root):
 
@@ -9,12 +9,15 @@ skyfm's CCD models work in the instrument's ADU: its gain and read noise describ
 weights by, and every fit-SNR rule rests on that. Hubble's drizzled images (``_drc``, ``_drz``) are in e-/s, its
 ``_flt`` images in electrons. Each case simulates ``--n`` fresh 256^2 single-band images per instrument (seeds
 ``1.78e9 + 100 * case + i``, never used in training; Hubble F606W and WISE W1 in their instruments' scene mix,
-MeerLICHT q crowded) and writes each as a FITS file three ways:
+MeerLICHT q crowded) and writes each as a FITS file five ways:
 
 * ``adu``: the pixels as simulated (no BUNIT), the reference;
 * ``e-/s``: pixels x gain / EXPTIME, ``BUNIT = 'ELECTRONS/S'`` in the image HDU and ``EXPTIME`` in the primary (a
   drizzled HST file's layout): read back into ADU by :func:`skyfm.data.readers.image_units`;
-* ``e-/s, no BUNIT``: the same pixels without the keyword, read as ADU: what skyfm did before it read BUNIT.
+* ``e-/s, no BUNIT``: the same pixels without the keyword, read as ADU: what skyfm did before it read BUNIT;
+* ``adu, sky subtracted``: the simulated sky level taken off every pixel (survey coadds, SDSS frames);
+* ``e-/s, sky subtracted``: both, as MAST's drizzled Hubble files are (their ``MDRIZSKY`` records the level; the
+  file here carries it too, though skyfm does not read it).
 
 Each file goes through ``skyfm detect`` (:func:`skyfm.detect.detect_file`, the shipped default detector). Reported:
 F1 against the simulated truth (:func:`skyfm.finetune.evaluate.score_patch`), the number of detections, and the
@@ -36,7 +39,7 @@ import numpy as np
 
 SEED_BASE = 1_780_000_000
 CASES = {"hubble": ("F606W", None), "meerlicht": ("q", "crowded"), "wise": ("W1", None)}  # None: the scene mix
-VARIANTS = ("adu", "e-/s", "e-/s, no BUNIT")
+VARIANTS = ("adu", "e-/s", "e-/s, no BUNIT", "adu, sky subtracted", "e-/s, sky subtracted")
 
 
 def write_image(patch, band: str, path: Path, variant: str, inst, keywords: dict | None = None) -> float:
@@ -46,15 +49,18 @@ def write_image(patch, band: str, path: Path, variant: str, inst, keywords: dict
 
     exptime = float(inst.band(band).exposure_time)
     gain = float(inst.noise["gain"])
-    adu_per_unit = 1.0 if variant == "adu" else exptime / gain
+    adu_per_unit = 1.0 if variant.startswith("adu") else exptime / gain
     header = patch.wcs.to_header()
     header["FILTER"] = band
-    if variant == "e-/s":
+    if variant.startswith("e-/s") and "no BUNIT" not in variant:
         header["BUNIT"] = "ELECTRONS/S"
     primary = fits.PrimaryHDU()
     primary.header["EXPTIME"] = exptime
     primary.header.update(keywords or {})
-    data = (patch.data[patch.bands.index(band)] / adu_per_unit).astype(np.float32)
+    sky = float(patch.meta[f"sky_{band}"]) if variant.endswith("sky subtracted") else 0.0  # ADU
+    if sky:
+        header["MDRIZSKY"] = (sky / adu_per_unit, "sky level subtracted, in the file's unit")
+    data = ((patch.data[patch.bands.index(band)] - sky) / adu_per_unit).astype(np.float32)
     fits.HDUList([primary, fits.ImageHDU(data, header=header, name="SCI")]).writeto(path)
     return adu_per_unit
 
@@ -126,8 +132,8 @@ def run(n: int, log) -> list[dict]:
 
 
 def markdown(rows: list[dict], n: int) -> str:
-    lines = [f"Images in other units: {n} fresh 256^2 single-band images per instrument, each written three ways "
-             f"(seeds from {SEED_BASE}); `skyfm detect` with the shipped default detector.", "",
+    lines = [f"Images in other units: {n} fresh 256^2 single-band images per instrument, each written "
+             f"{len(VARIANTS)} ways (seeds from {SEED_BASE}); `skyfm detect` with the shipped default detector.", "",
              "| instrument (band, scene) | file | true sources (SNR >= 5) | detections | F1 | "
              "median flux / the adu run's |",
              "|---|---|---|---|---|---|"]

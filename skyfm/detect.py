@@ -859,13 +859,25 @@ COSMIC_RAY_SOURCE_SNR = 5.0
 def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
     """(C, H, W) bool: pixels at or above 99.9% of the instrument's saturation level (``noise.saturation``,
     ADU), grown by one pixel (a clipped core's edge pixels are already non-linear). All False when the instrument
-    gives no level."""
+    gives no level. In a band whose sky has been subtracted (:func:`~skyfm.catalog.cosmics.missing_sky`) a clipped
+    core lies that much below the level, and the limit with it."""
     from scipy import ndimage
 
-    level = (inst.noise or {}).get("saturation")
+    from skyfm.catalog.cosmics import missing_sky
+
+    noise = inst.noise or {}
+    level = noise.get("saturation")
     if not level or not np.isfinite(float(level)):
         return np.zeros(data.shape, bool)
-    full = data >= 0.999 * float(level)
+    limit = np.full(data.shape[0], 0.999 * float(level))
+    for c in range(data.shape[0]):
+        top = float(np.nanmax(data[c], initial=-np.inf))
+        # a flat top short of the level (a few pixels within 1% of the band's highest; no star's peak is that flat)
+        # is a clipped core with the sky taken off, if any sky was: no subtracted sky is half the level
+        if 0.5 * float(level) <= top < limit[c] and np.count_nonzero(data[c] >= 0.99 * top) >= 3:
+            limit[c] -= missing_sky(data[c], np.zeros(data.shape[1:], bool), float(noise.get("gain", 1.0)) or 1.0,
+                                    float(noise.get("read_noise", 0.0)))
+    full = data >= limit[:, None, None]
     if not full.any():
         return full
     return ndimage.binary_dilation(full, structure=np.ones((1, 3, 3), bool))

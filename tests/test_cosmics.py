@@ -56,6 +56,35 @@ def test_one_pass_at_two_limits_flags_what_astroscrappy_flags():
     assert np.array_equal(cosmic_ray_mask(data, inst, ignore), masks[0])
 
 
+@pytest.mark.parametrize("instrument", ["meerlicht", "hubble"])
+def test_a_sky_subtracted_image_has_the_hits_and_saturated_cores_of_the_image_as_exposed(instrument):
+    """Sky-subtracted images (MAST's drizzled Hubble ones, survey coadds) hold less than their noise implies: the
+    noise model takes the missing sky back, so L.A.Cosmic flags what it flags on the image as exposed (without,
+    a crowded MeerLICHT field had 20x as many pixels flagged), and a clipped core, now that far below the
+    saturation level, is still masked. Images as exposed, a cluster's core included, take nothing."""
+    from skyfm.catalog.cosmics import missing_sky
+    from skyfm.detect import saturation_mask
+
+    inst = load_instrument(instrument)
+    gain, rn = inst.noise["gain"], inst.noise["read_noise"]
+    p = simulate_patch(instrument, 950_000_002, size=128, scene="crowded")
+    data = np.asarray(p.data, float)
+    sky = np.array([p.meta[f"sky_{b}"] for b in p.bands])[:, None, None]
+    data[0, 60:65, 60:65] = inst.noise["saturation"]  # a clipped core
+    subtracted = data - sky
+    none = np.zeros(data.shape[1:], bool)
+    for c in range(data.shape[0]):
+        assert missing_sky(data[c], none, gain, rn) == 0.0
+        assert 0.5 < missing_sky(subtracted[c], none, gain, rn) / sky[c, 0, 0] < 1.5
+    exposed, found = cosmic_ray_mask(data, inst), cosmic_ray_mask(subtracted, inst)
+    assert abs(int(found.sum()) - int(exposed.sum())) <= 0.2 * exposed.sum() + 5
+    assert (found & exposed).sum() >= 0.8 * exposed.sum()
+    assert saturation_mask(subtracted, inst)[0, 60:65, 60:65].all()
+    assert np.array_equal(saturation_mask(subtracted, inst), saturation_mask(data, inst))
+    cluster = np.asarray(simulate_patch(instrument, 950_000_001, size=128, scene="cluster").data, float)
+    assert all(missing_sky(band, none, gain, rn) == 0.0 for band in cluster)
+
+
 def test_a_hit_beside_a_star_no_longer_pulls_its_fitted_position():
     """A bright Hubble star with a cosmic-ray hit 1.5 px from its centre in one band: fitted with the hit's pixels
     left out (mask_cosmic_rays) it lands where it does without the hit; fitted through the hit it is pulled."""
