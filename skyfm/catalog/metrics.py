@@ -403,7 +403,8 @@ def classification_metrics(det, truth, det_idx, truth_idx, class_names=None, tru
     d_idx, t_idx = np.asarray(det_idx, int), np.asarray(truth_idx, int)
     true = np.array([lookup.get(str(v).strip().lower(), -1) for v in np.asarray(truth[key])[t_idx]], dtype=int)
     keep = true >= 0
-    prob = np.asarray(det["class_prob"], dtype=np.float64).reshape(len(det), len(names))[d_idx[keep]]
+    prob = np.asarray(det["class_prob"], dtype=np.float64)
+    prob = (prob.reshape(len(det), -1) if len(det) else np.zeros((0, len(names))))[d_idx[keep]]
     true = true[keep]
     k = len(names)
     called = prob.argmax(axis=1) if len(prob) else np.zeros(0, int)
