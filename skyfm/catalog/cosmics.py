@@ -88,12 +88,12 @@ def missing_sky(plane: np.ndarray, bad: np.ndarray, gain: float, read_noise: flo
     the saturation test); the Laplacian and fine-structure images do not change with a constant.
 
     Args:
-        plane: (H, W) one band, ADU; bad: (H, W) bool, its pixels to ignore.
+        plane: (H, W) one band, ADU; bad: (H, W) bool, its pixels to ignore (and its exact zeros are).
     """
     h, w = (plane.shape[0] // block) * block, (plane.shape[1] // block) * block
     if h == 0 or w == 0:
         return 0.0
-    unusable = bad | ~np.isfinite(plane)
+    unusable = bad | ~np.isfinite(plane) | (plane == 0)  # exact zeros: no data (a drizzle's edge), not sky
     boxes = np.where(unusable, np.nan, plane)[:h, :w].reshape(h // block, block, w // block, block)
     boxes = boxes.transpose(0, 2, 1, 3).reshape(-1, block, block)  # (B, block, block)
     if unusable[:h, :w].any():
