@@ -9,20 +9,25 @@ skyfm's CCD models work in the instrument's ADU: its gain and read noise describ
 weights by, and every fit-SNR rule rests on that. Hubble's drizzled images (``_drc``, ``_drz``) are in e-/s, its
 ``_flt`` images in electrons. Each case simulates ``--n`` fresh 256^2 single-band images per instrument (seeds
 ``1.78e9 + 100 * case + i``, never used in training; Hubble F606W and WISE W1 in their instruments' scene mix,
-MeerLICHT q crowded) and writes each as a FITS file five ways:
+MeerLICHT q crowded) and writes each as a FITS file six ways:
 
 * ``adu``: the pixels as simulated (no BUNIT), the reference;
 * ``e-/s``: pixels x gain / EXPTIME, ``BUNIT = 'ELECTRONS/S'`` in the image HDU and ``EXPTIME`` in the primary (a
   drizzled HST file's layout): read back into ADU by :func:`skyfm.data.readers.image_units`;
-* ``e-/s, no BUNIT``: the same pixels without the keyword, read as ADU: what skyfm did before it read BUNIT;
+* ``e-/s, no BUNIT``: the same pixels without the keyword (before Run 23, skyfm read every file so);
 * ``adu, sky subtracted``: the simulated sky level taken off every pixel (survey coadds, SDSS frames);
 * ``e-/s, sky subtracted``: both, as MAST's drizzled Hubble files are (their ``MDRIZSKY`` records the level; the
-  file here carries it too, though skyfm does not read it).
+  file here carries it too, though skyfm does not read it);
+* ``e-/s, no BUNIT, sky subtracted``: both, without the keyword.
+
+A file with no BUNIT is read in the unit its sky's noise gives where that is far finer than the ADU
+(:func:`skyfm.data.readers.units_from_noise`; before Run 36, as ADU).
 
 Each file goes through ``skyfm detect`` (:func:`skyfm.detect.detect_file`, the shipped default detector). Reported:
 F1 against the simulated truth (:func:`skyfm.finetune.evaluate.score_patch`), the number of detections, and the
 median ratio of each detection's flux (back in ADU) to the ``adu`` run's flux of the detection at the same place
-(within 0.5 px; 1.00 means the same photometry).
+(within 0.5 px; 1.00 means the same photometry), and the range over the images of the ADU per unit that skyfm read the
+file in, against the truth (1: read right).
 
 Writes ``OUT/results.json`` and ``OUT/results.md`` and prints the markdown.
 """
@@ -33,13 +38,15 @@ import argparse
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 SEED_BASE = 1_780_000_000
 CASES = {"hubble": ("F606W", None), "meerlicht": ("q", "crowded"), "wise": ("W1", None)}  # None: the scene mix
-VARIANTS = ("adu", "e-/s", "e-/s, no BUNIT", "adu, sky subtracted", "e-/s, sky subtracted")
+VARIANTS = ("adu", "e-/s", "e-/s, no BUNIT", "adu, sky subtracted", "e-/s, sky subtracted",
+            "e-/s, no BUNIT, sky subtracted")
 
 
 def write_image(patch, band: str, path: Path, variant: str, inst, keywords: dict | None = None) -> float:
@@ -86,6 +93,7 @@ def flux_ratio(cat, reference) -> float:
 
 
 def run(n: int, log) -> list[dict]:
+    from skyfm.data.readers import open_image
     from skyfm.data.simulate import simulate_patch
     from skyfm.detect import detect_file, get_detector
     from skyfm.finetune.evaluate import score_patch
@@ -96,13 +104,17 @@ def run(n: int, log) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for c, (name, (band, scene)) in enumerate(CASES.items()):
             inst = load_instrument(name)
-            totals = {v: {"tp": 0, "fp": 0, "n_true": 0, "n_det": 0, "ratios": [], "seconds": 0.0} for v in VARIANTS}
+            totals = {v: {"tp": 0, "fp": 0, "n_true": 0, "n_det": 0, "ratios": [], "seconds": 0.0,
+                          "scales": []} for v in VARIANTS}
             for i in range(n):
                 patch = simulate_patch(name, SEED_BASE + 100 * c + i, size=256, bands=[band], scene=scene)
                 reference = None
                 for v, variant in enumerate(VARIANTS):
                     path = Path(tmp) / f"{name}-{i}-{v}.fits"
                     adu_per_unit = write_image(patch, band, path, variant, inst)
+                    with warnings.catch_warnings(), open_image(path, instrument=name) as image:
+                        warnings.simplefilter("ignore")
+                        totals[variant]["scales"].append(image.adu_per_unit / adu_per_unit)
                     t0 = time.perf_counter()
                     cat = detect_file(path, instrument=name, model_dir=det, progress=False)
                     totals[variant]["seconds"] += time.perf_counter() - t0
@@ -124,6 +136,7 @@ def run(n: int, log) -> list[dict]:
                        "detections": t["n_det"],
                        "true_sources": t["n_true"], "f1": f1_score(t["tp"], t["fp"], t["n_true"]),
                        "flux_ratio_to_adu": round(float(np.median(ratios)), 3) if ratios else None,
+                       "scale_read_to_true": [round(float(x), 3) for x in (min(t["scales"]), max(t["scales"]))],
                        "seconds": round(t["seconds"], 1)}
                 log(f"  {name:9s} {variant:15s} F1 {row['f1']:.3f}  {row['detections']:5d} detections  "
                     f"flux / adu run {row['flux_ratio_to_adu']}")
@@ -135,13 +148,14 @@ def markdown(rows: list[dict], n: int) -> str:
     lines = [f"Images in other units: {n} fresh 256^2 single-band images per instrument, each written "
              f"{len(VARIANTS)} ways (seeds from {SEED_BASE}); `skyfm detect` with the shipped default detector.", "",
              "| instrument (band, scene) | file | true sources (SNR >= 5) | detections | F1 | "
-             "median flux / the adu run's |",
-             "|---|---|---|---|---|---|"]
+             "median flux / the adu run's | ADU per unit read / true (range) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "-" if r["flux_ratio_to_adu"] is None else f"{r['flux_ratio_to_adu']:.3f}"
         lines.append(f"| {r['instrument']} ({r['band']}, {r['scene']}) | {r['file']} | {r['true_sources']} | "
                      f"{r['detections']} | "
-                     f"{r['f1']:.3f} | {ratio if r['file'] != 'adu' else '1 (reference)'} |")
+                     f"{r['f1']:.3f} | {ratio if r['file'] != 'adu' else '1 (reference)'} | "
+                     f"{r['scale_read_to_true'][0]:.3g}-{r['scale_read_to_true'][1]:.3g} |")
     return "\n".join(lines)
 
 

@@ -642,7 +642,9 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
 
     Units: CCD images in electrons or electrons per second (BUNIT; e.g. a Hubble _drc file, with EXPTIME) are
     read as the instrument's ADU, which its noise model describes, and the catalog's fluxes are given in the
-    image's own unit. Counts cubes binned otherwise than the instrument (EBOUNDS, or gammapy's BANDSHDU table) are
+    image's own unit. A file that does not say its unit (no BUNIT, or one such as MJy/sr or nanomaggies) and whose
+    sky's noise is far finer than the ADU's (a rate, a calibrated flux) is read in the unit that noise gives; a
+    warning says so. Counts cubes binned otherwise than the instrument (EBOUNDS, or gammapy's BANDSHDU table) are
     summed into its energy bands; a warning says how. Bad pixels: NaN, a MASK image HDU (non-zero = bad), the DQ
     extension of an HST or JWST file (e.g. an _flc file's hot pixels and flagged cosmic rays; --hdu all reads
     each chip with its own DQ), or a mask file of their own (--mask).

@@ -859,11 +859,11 @@ COSMIC_RAY_SOURCE_SNR = 5.0
 def saturation_mask(data: np.ndarray, inst) -> np.ndarray:
     """(C, H, W) bool: pixels at or above 99.9% of the instrument's saturation level (``noise.saturation``,
     ADU), grown by one pixel (a clipped core's edge pixels are already non-linear). All False when the instrument
-    gives no level. In a band whose sky has been subtracted (:func:`~skyfm.catalog.cosmics.missing_sky`) a clipped
+    gives no level. In a band whose sky has been subtracted (:func:`~skyfm.instruments.ccd_noise.missing_sky`) a clipped
     core lies that much below the level, and the limit with it."""
     from scipy import ndimage
 
-    from skyfm.catalog.cosmics import missing_sky
+    from skyfm.instruments.ccd_noise import missing_sky
 
     noise = inst.noise or {}
     level = noise.get("saturation")

@@ -19,16 +19,13 @@ from __future__ import annotations
 import numpy as np
 
 from skyfm.errors import SkyfmError
+from skyfm.instruments.ccd_noise import SKY_BLOCK, SKY_DEFICIT, missing_sky  # noqa: F401 (re-exported)
 
 SIGMA_CLIP = 4.5  # Laplacian-to-noise limit of a hit (astroscrappy's default)
 OBJECT_LIMIT = 5.0  # fine-structure contrast a hit needs over a star's peak (astroscrappy's default)
 # the deeper pass whose pixels, joined to a hit, tell whether a detection is one (skyfm.detect._cosmic_rays,
 # light_on_cosmic_rays): at 4.5 a hit's faint tail stays unflagged, and the residual search took it for a source
 TEST_SIGMA_CLIP = 3.0
-# a band whose sky level is below this share of the sky its noise implies has had its sky subtracted (MAST's drizzled
-# Hubble images, SDSS frames, survey coadds): the noise model takes the missing sky back (missing_sky)
-SKY_DEFICIT = 0.5
-SKY_BLOCK = 32  # px: the boxes missing_sky looks for the emptiest sky in
 
 
 def cosmic_ray_mask(data: np.ndarray, inst, mask: np.ndarray | None = None,
@@ -72,50 +69,6 @@ def cosmic_ray_masks(data: np.ndarray, inst, mask: np.ndarray | None = None,
         for found, plane_mask in zip(out, _lacosmic_one_pass(plane, bad, sigma_clips, gain, read_noise, saturation)):
             found[c] = plane_mask & ~bad
     return out
-
-
-def missing_sky(plane: np.ndarray, bad: np.ndarray, gain: float, read_noise: float, block: int = SKY_BLOCK) -> float:
-    """ADU of sky that a band's noise implies and its level lacks: 0 for an image as exposed, about the subtracted
-    level for a sky-subtracted one.
-
-    L.A.Cosmic's noise model is the pixel's own electrons plus the read noise; with the sky subtracted a pixel holds
-    only the read noise by that model, the noise is underestimated and noise peaks pass for hits (a crowded MeerLICHT
-    field: 2.4% of its pixels flagged against 0.12%). The emptiest ``block`` x ``block`` box of the band (the 10th
-    percentile of the boxes' median levels) gives its sky level and its pixel noise (the scatter of differences
-    between neighbouring pixels, in which the light of sources broader than a pixel, a cluster's included, mostly
-    cancels); where that level is within one sigma of zero and below :data:`SKY_DEFICIT` of the sky the noise
-    implies (``(sigma gain)^2 - read_noise^2`` electrons), the difference is added back for the noise model (and
-    the saturation test); the Laplacian and fine-structure images do not change with a constant.
-
-    Args:
-        plane: (H, W) one band, ADU; bad: (H, W) bool, its pixels to ignore (and its exact zeros are).
-    """
-    h, w = (plane.shape[0] // block) * block, (plane.shape[1] // block) * block
-    if h == 0 or w == 0:
-        return 0.0
-    unusable = bad | ~np.isfinite(plane) | (plane == 0)  # exact zeros: no data (a drizzle's edge), not sky
-    boxes = np.where(unusable, np.nan, plane)[:h, :w].reshape(h // block, block, w // block, block)
-    boxes = boxes.transpose(0, 2, 1, 3).reshape(-1, block, block)  # (B, block, block)
-    if unusable[:h, :w].any():
-        usable = np.isfinite(boxes).mean(axis=(1, 2)) >= 0.5
-        if not usable.any():
-            return 0.0
-        boxes = boxes[usable]
-        level = np.nanmedian(boxes.reshape(len(boxes), -1), axis=1)  # (B,)
-    else:
-        level = np.median(boxes.reshape(len(boxes), -1), axis=1)
-    emptiest = int(np.argsort(level)[int(0.1 * len(level))])
-    d = (boxes[emptiest][:, 1:] - boxes[emptiest][:, :-1]).ravel()
-    d = d[np.isfinite(d)]
-    if d.size < 16:
-        return 0.0
-    sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / np.sqrt(2.0)  # one pixel's noise
-    implied = ((sigma * gain) ** 2 - read_noise ** 2) / gain  # ADU
-    sky = float(level[emptiest])
-    # an image as exposed keeps its sky many sigma above zero (a cluster core's emptiest box too, whose light
-    # inflates the scatter); a sky-subtracted one is within a sigma of it
-    subtracted = implied > 0 and sky < SKY_DEFICIT * implied and sky < sigma
-    return implied - sky if subtracted else 0.0
 
 
 def _lacosmic_one_pass(plane: np.ndarray, bad: np.ndarray, sigma_clips, gain: float, read_noise: float,

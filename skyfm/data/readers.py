@@ -417,16 +417,20 @@ class ImageUnitWarning(UserWarning):
 
 
 def image_units(headers: list[fits.Header], inst: Instrument, bands: list[str], where: str):
-    """(ADU per unit of the image, the image's unit for catalog fluxes or None when it is the ADU itself) for a
-    CCD image with ``BUNIT`` in the first of ``headers`` that has one (the image HDU's, then the primary's).
+    """(ADU per unit of the image, the image's unit for catalog fluxes or None when it is the ADU itself, whether
+    the header told) for a CCD image with ``BUNIT`` in the first of ``headers`` that has one (the image HDU's, then
+    the primary's).
 
-    No BUNIT, ADU, DN or counts: 1 (as the simulators write). Electrons: 1 / gain. Per second: times the
-    exposure time (EXPTIME, TEXPTIME, EXPOSURE or XPOSURE; else the band's nominal one, with an
-    :class:`ImageUnitWarning`). Any other unit (MJy/sr, nanomaggies): 1, with an :class:`ImageUnitWarning`."""
-    raw = next((str(h["BUNIT"]).strip() for h in headers if str(h.get("BUNIT", "")).strip()), "")
+    ADU, DN or counts: 1, told (as WISE's Atlas images say). Electrons: 1 / gain. Per second: times the exposure
+    time (EXPTIME, TEXPTIME, EXPOSURE or XPOSURE; else the band's nominal one, with an :class:`ImageUnitWarning`).
+    No BUNIT, or one skyfm does not convert (MJy/sr, nanomaggies): 1, not told: the pixels' own noise may tell
+    (:func:`units_from_noise`)."""
+    raw = bunit_text(headers)
     text = raw.lower().replace(" ", "")
-    if not text or inst.is_counts:
-        return 1.0, None
+    if inst.is_counts:
+        return 1.0, None, True
+    if not text:
+        return 1.0, None, False
     per_second = next((text[: -len(s)] for s in _RATE_SUFFIXES if text.endswith(s)), None)
     base = text if per_second is None else per_second
     gain = float((inst.noise or {}).get("gain", 1.0)) or 1.0
@@ -435,11 +439,7 @@ def image_units(headers: list[fits.Header], inst: Instrument, bands: list[str], 
     elif base in _ELECTRON_UNITS:
         factor, unit = 1.0 / gain, u.electron
     else:
-        warnings.warn(ImageUnitWarning(
-            f"{where}: BUNIT {raw!r} is not a unit skyfm converts (ADU, DN, counts or electrons, or these per "
-            f"second): read as {inst.name}'s ADU, so the PSF fit's noise model (gain, read noise) may not fit it"),
-            stacklevel=3)
-        return 1.0, None
+        return 1.0, None, False
     if per_second is not None:
         found = _first_positive(headers, _EXPTIME_KEYS)
         exptime = None if found is None else found[1]
@@ -450,7 +450,75 @@ def image_units(headers: list[fits.Header], inst: Instrument, bands: list[str], 
                 f"{where}: BUNIT {raw!r} is a rate but the header has no EXPTIME: {exptime:g} s assumed "
                 f"({inst.name}'s nominal exposure)"), stacklevel=3)
         factor, unit = factor * exptime, unit / u.s
-    return factor, (None if (factor == 1.0 and unit == u.adu) else unit)
+    return factor, (None if (factor == 1.0 and unit == u.adu) else unit), True
+
+
+def bunit_text(headers: list[fits.Header]) -> str:
+    """BUNIT of the first of ``headers`` that has a non-empty one, stripped; '' if none."""
+    return next((str(h["BUNIT"]).strip() for h in headers if str(h.get("BUNIT", "")).strip()), "")
+
+
+# A file that does not say its unit is read as the instrument's ADU unless its sky's noise says it is this many times
+# finer (a rate, a calibrated flux): a file in ADU gives 0.9-1.1 (validation patches as simulated, every scene), e-/s
+# EXPTIME / gain (60-300 here). Only finer: in a crowded core, structure between pixels inflates the noise and the
+# scale comes out low (0.06 on a Hubble cluster core), and a file in units coarser than the ADU is rare.
+UNIT_SCALE_LIMIT = 4.0
+UNIT_SAMPLE_STRIPS = 32  # strips of ccd_noise.SKY_BLOCK rows, spread over the image, that the noise is read in
+
+
+def units_from_noise(image: "ImageFile", headers: list[fits.Header], where: str) -> None:
+    """Set ``image``'s ADU per unit and unit from its pixels' noise where its header does not say them (no BUNIT,
+    or one skyfm does not convert): :func:`skyfm.instruments.ccd_noise.noise_unit_scale` of each band, read in
+    :data:`UNIT_SAMPLE_STRIPS` strips spread over the image, their median taken when it exceeds
+    :data:`UNIT_SCALE_LIMIT` (the image's saturation level is then that of its new unit). Catalog fluxes come back
+    in the file's unit (BUNIT where astropy parses it, else dimensionless). An unconverted BUNIT read as ADU is
+    warned of (:class:`ImageUnitWarning`), as is a scale taken from the noise."""
+    from skyfm.instruments.ccd_noise import SKY_BLOCK, noise_unit_scale
+
+    inst, raw = image.instrument, bunit_text(headers)
+    n_rows = image.height // SKY_BLOCK
+    scale = float("nan")
+    if n_rows and not image.problems:
+        starts = np.unique(np.linspace(0, n_rows - 1, min(n_rows, UNIT_SAMPLE_STRIPS)).astype(int)) * SKY_BLOCK
+        planes = np.concatenate([image.read_window(y, y + SKY_BLOCK, 0, image.width) for y in starts], axis=1)
+        gain = image.gain or float(inst.noise.get("gain", 1.0)) or 1.0
+        read_noise = float(inst.noise.get("read_noise", 0.0))
+        pixel_area = (inst.pixel_scale_deg * 3600.0) ** 2  # arcsec^2
+        if image.wcs is not None:
+            pixel_area = float(np.prod(proj_plane_pixel_scales(image.wcs))) * 3600.0 ** 2
+        scales = [noise_unit_scale(plane, gain, read_noise, _nominal_sky_e(inst, band, pixel_area))
+                  for plane, band in zip(planes, image.bands)]
+        scales = [c for c in scales if np.isfinite(c)]
+        scale = float(np.median(scales)) if scales else float("nan")
+    if not scale > UNIT_SCALE_LIMIT:
+        if raw:
+            warnings.warn(ImageUnitWarning(
+                f"{where}: BUNIT {raw!r} is not a unit skyfm converts (ADU, DN, counts or electrons, or these per "
+                f"second): read as {inst.name}'s ADU (its noise agrees within {UNIT_SCALE_LIMIT:g}x)"), stacklevel=3)
+        return
+    unit = u.Unit(raw, parse_strict="silent") if raw else u.dimensionless_unscaled
+    if isinstance(unit, u.UnrecognizedUnit):
+        unit = u.dimensionless_unscaled
+    said = f"BUNIT {raw!r} is not a unit skyfm converts" if raw else "no BUNIT says its unit"
+    image.adu_per_unit, image.unit = scale, unit
+    image.notes.append(f"{where}: {said}; its sky's noise gives {scale:.4g} {inst.name} ADU per unit (gain "
+                       f"{image.gain or inst.noise.get('gain', 1.0):g}, read noise {inst.noise.get('read_noise', 0):g} "
+                       f"e-): read so; catalog fluxes in the file's unit")
+    warnings.warn(ImageUnitWarning(image.notes[-1]), stacklevel=3)
+    image.saturation_adu, note = image_saturation(headers, inst, scale, where)
+    if note:
+        image.notes.append(note)
+
+
+def _nominal_sky_e(inst: Instrument, band: str, pixel_area_arcsec2: float) -> float | None:
+    """The band's nominal sky (its YAML ``sky``, AB mag / arcsec^2, over its ``exposure_time``), e- per pixel of
+    ``pixel_area_arcsec2``; None where the YAML does not give it."""
+    try:
+        b = inst.band(band)
+        sky_e = 10.0 ** (-0.4 * (float(b.sky) - float(b.zeropoint))) * float(b.exposure_time) * pixel_area_arcsec2
+    except (AttributeError, TypeError, ValueError, KeyError, SkyfmError):
+        return None
+    return sky_e if np.isfinite(sky_e) and sky_e > 0 else None
 
 
 _SATURATION_KEYS = ("SATURATE", "SATLEVEL", "SATURAT")  # SExtractor's SATUR_KEY default first
@@ -598,6 +666,8 @@ class ImageFile:
     _planes: list[tuple[int, tuple]] = field(default_factory=list, repr=False)  # (hdu index, leading index)
     _n_planes: int = 0  # planes in the file (more than shape[0] when energy planes are summed)
     _mask_hdu: int | None = field(default=None, repr=False)
+    # (headers, where) of a CCD image whose header does not say its unit: open_image asks its noise (units_from_noise)
+    _units_from: tuple | None = field(default=None, repr=False)
     _dq: tuple[int, int] | None = field(default=None, repr=False)  # (DQ HDU index, bad bits): DQ_BAD_BITS
     _mask_file: tuple[fits.HDUList, int, int | None] | None = field(default=None, repr=False)  # (file, HDU, bits)
     _loaded: dict = field(default_factory=dict, repr=False)  # HDUs astropy could not section, read whole
@@ -819,7 +889,14 @@ def open_image(path: str | Path, *, instrument=None, hdu: int | str | None = Non
     except BaseException:
         hdul.close()
         raise
-    return _attach_mask(image, mask, mask_bits)
+    image = _attach_mask(image, mask, mask_bits)
+    if image._units_from is not None:
+        try:
+            units_from_noise(image, *image._units_from)
+        except BaseException:
+            image.close()
+            raise
+    return image
 
 
 def _attach_mask(image: ImageFile, mask, mask_bits: int | None) -> ImageFile:
@@ -926,9 +1003,9 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
     if grouping is not None:
         notes.append(f"{where}: {grouping.summary(inst.name)}")
         warnings.warn(EnergyBinsWarning(notes[-1]), stacklevel=3)
-    adu_per_unit, unit, saturation_adu, gain = 1.0, None, None, None
+    adu_per_unit, unit, saturation_adu, gain, unit_told = 1.0, None, None, None, True
     if inst is not None and fmt != FORMAT_SIMULATED:
-        adu_per_unit, unit = image_units(headers, inst, bands, where)
+        adu_per_unit, unit, unit_told = image_units(headers, inst, bands, where)
         if unit is not None:
             notes.append(f"{where}: pixels in {unit.to_string()}, read as {inst.name}'s ADU (x {adu_per_unit:.6g}); "
                          f"catalog fluxes in {unit.to_string()}")
@@ -947,7 +1024,7 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
         path=path, format=fmt, shape=(len(bands),) + shape[1:], wcs=wcs, instrument=inst,
         instrument_source=inst_source, bands=bands, energy_edges_kev=edges, hdu_label=label, problems=problems,
         notes=notes, energy_grouping=grouping, adu_per_unit=adu_per_unit, unit=unit, saturation_adu=saturation_adu,
-        gain=gain,
+        gain=gain, _units_from=None if unit_told else (headers, where),
         _hdul=hdul, _planes=planes, _n_planes=shape[0], _mask_hdu=_mask_hdu_for(hdul, shape),
         _dq=dq,
     )

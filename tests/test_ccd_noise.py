@@ -1,0 +1,90 @@
+"""What a CCD image's own noise says of it: the unit of a file whose header does not say (and a subtracted sky,
+tested with L.A.Cosmic in test_cosmics.py)."""
+
+import warnings
+
+import astropy.units as u
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from skyfm.data import open_image, read_image
+from skyfm.data.readers import UNIT_SCALE_LIMIT, ImageUnitWarning
+from skyfm.data.simulate import simulate_patch
+from skyfm.instruments import load_instrument
+from skyfm.instruments.ccd_noise import noise_unit_scale
+
+
+@pytest.fixture(scope="module")
+def hubble_patch():
+    return simulate_patch("hubble", 950_000_003, size=128, bands=["F606W"])
+
+
+def _write(patch, path, per_adu: float, bunit: str | None = None, sky_subtracted: bool = False):
+    """The patch's one band as a drizzled-HST-like file, pixels x ``per_adu`` (file units per ADU)."""
+    header = patch.wcs.to_header()
+    header["FILTER"] = patch.bands[0]
+    if bunit:
+        header["BUNIT"] = bunit
+    sky = float(patch.meta[f"sky_{patch.bands[0]}"]) if sky_subtracted else 0.0
+    data = ((patch.data[0] - sky) * per_adu).astype(np.float32)
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, header=header, name="SCI")]).writeto(path)
+
+
+def test_a_band_s_noise_gives_its_adu_per_unit(hubble_patch):
+    """1 for pixels in ADU; EXPTIME / gain for the same pixels in e-/s, sky subtracted too (then the band's nominal
+    sky stands in for the level; without it the read noise alone gives a lower bound)."""
+    inst = load_instrument("hubble")
+    gain, rn = inst.noise["gain"], inst.noise["read_noise"]
+    band = inst.band("F606W")
+    sky_e = float(hubble_patch.meta["sky_F606W"]) * gain
+    adu = np.asarray(hubble_patch.data[0], float)
+    rate = gain / float(band.exposure_time)  # e-/s per ADU
+    assert noise_unit_scale(adu, gain, rn, sky_e) == pytest.approx(1.0, abs=0.15)
+    assert noise_unit_scale(adu * rate, gain, rn, sky_e) * rate == pytest.approx(1.0, abs=0.15)
+    subtracted = (adu - sky_e / gain) * rate
+    assert noise_unit_scale(subtracted, gain, rn, sky_e) * rate == pytest.approx(1.0, abs=0.15)
+    assert noise_unit_scale(subtracted, gain, rn, None) * rate < 0.8  # read noise alone: too low
+    assert np.isnan(noise_unit_scale(np.zeros((64, 64)), gain, rn, sky_e))  # no data
+
+
+@pytest.mark.parametrize("per_adu, bunit, sky_subtracted, unit", [
+    (2.0 / 600.0, None, False, u.dimensionless_unscaled),  # e-/s with no BUNIT
+    (2.0 / 600.0, None, True, u.dimensionless_unscaled),  # ... and its sky subtracted, as MAST's drizzled files
+    (1e-3, "nanomaggy", False, u.nanomaggy),  # a calibrated unit skyfm does not convert to ADU (SDSS)
+    (1e-3, "flux of nothing", False, u.dimensionless_unscaled),  # one astropy does not know
+])
+def test_a_file_that_does_not_say_its_unit_is_read_in_the_unit_its_noise_gives(tmp_path, hubble_patch, per_adu,
+                                                                                 bunit, sky_subtracted, unit):
+    """Read as ADU, a file in e-/s has a noise model 300x off (L.A.Cosmic finds nothing, the PSF fit weighs bright
+    stars wrongly): its noise gives its ADU per unit, said in a warning; catalog fluxes stay in its unit."""
+    _write(hubble_patch, tmp_path / "f.fits", per_adu, bunit, sky_subtracted)
+    with pytest.warns(ImageUnitWarning, match="its sky's noise gives .* ADU per unit"):
+        image = open_image(tmp_path / "f.fits", instrument="hubble")
+    with image:
+        assert image.adu_per_unit * per_adu == pytest.approx(1.0, abs=0.2)
+        assert image.unit == unit
+        assert any("catalog fluxes in the file's unit" in n for n in image.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageUnitWarning)
+        patch = read_image(tmp_path / "f.fits", instrument="hubble")
+    assert patch.meta["adu_per_unit"] * per_adu == pytest.approx(1.0, abs=0.2)
+
+
+def test_a_file_in_adu_is_read_as_it_is(tmp_path, hubble_patch):
+    """No BUNIT, pixels in ADU (as the simulators write): nothing changes, nothing is said. A BUNIT skyfm does not
+    convert whose noise agrees with the ADU's is read as ADU, with a warning; one the header says (DN) is believed."""
+    _write(hubble_patch, tmp_path / "adu.fits", 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImageUnitWarning)
+        with open_image(tmp_path / "adu.fits", instrument="hubble") as image:
+            assert image.adu_per_unit == 1.0 and image.unit is None and not image.notes
+    _write(hubble_patch, tmp_path / "mjy.fits", 1.0, "MJy/sr")
+    with pytest.warns(ImageUnitWarning, match=f"read as hubble's ADU \\(its noise agrees within "
+                                              f"{UNIT_SCALE_LIMIT:g}x\\)"):
+        open_image(tmp_path / "mjy.fits", instrument="hubble").close()
+    _write(hubble_patch, tmp_path / "dn.fits", 1e-3, "DN")  # the header's word stands, whatever the noise
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImageUnitWarning)
+        with open_image(tmp_path / "dn.fits", instrument="hubble") as image:
+            assert image.adu_per_unit == 1.0
