@@ -9,7 +9,7 @@ import pytest
 from astropy.io import fits
 
 from skyfm.data import open_image, read_image
-from skyfm.data.readers import UNIT_SCALE_LIMIT, ImageUnitWarning
+from skyfm.data.readers import UNIT_SCALE_LIMIT, ImageUnitWarning, inspect_file
 from skyfm.data.simulate import simulate_patch
 from skyfm.instruments import load_instrument
 from skyfm.instruments.ccd_noise import noise_unit_scale
@@ -69,6 +69,10 @@ def test_a_file_that_does_not_say_its_unit_is_read_in_the_unit_its_noise_gives(t
         warnings.simplefilter("ignore", ImageUnitWarning)
         patch = read_image(tmp_path / "f.fits", instrument="hubble")
     assert patch.meta["adu_per_unit"] * per_adu == pytest.approx(1.0, abs=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImageUnitWarning)  # skyfm info says it as a note, not twice
+        lines = inspect_file(tmp_path / "f.fits", instrument="hubble")
+    assert any(line.startswith("note:") and "ADU per unit" in line for line in lines)
 
 
 def test_a_file_in_adu_is_read_as_it_is(tmp_path, hubble_patch):
@@ -88,3 +92,16 @@ def test_a_file_in_adu_is_read_as_it_is(tmp_path, hubble_patch):
         warnings.simplefilter("error", ImageUnitWarning)
         with open_image(tmp_path / "dn.fits", instrument="hubble") as image:
             assert image.adu_per_unit == 1.0
+
+
+def test_a_file_s_saturation_level_is_read_in_the_unit_its_noise_gives(tmp_path, hubble_patch):
+    """SATURATE is in the file's unit: a file read at c ADU per unit saturates at c x SATURATE ADU, said once."""
+    per_adu = 2.0 / 600.0
+    _write(hubble_patch, tmp_path / "f.fits", per_adu)
+    with fits.open(tmp_path / "f.fits", mode="update") as hdul:
+        hdul[1].header["SATURATE"] = 42000.0 * per_adu
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageUnitWarning)
+        with open_image(tmp_path / "f.fits", instrument="hubble") as image:
+            assert image.saturation_adu == pytest.approx(42000.0, rel=0.2)
+            assert sum("saturation level" in n for n in image.notes) == 1

@@ -475,14 +475,14 @@ def units_from_noise(image: "ImageFile", headers: list[fits.Header], where: str)
     warned of (:class:`ImageUnitWarning`), as is a scale taken from the noise."""
     from skyfm.instruments.ccd_noise import SKY_BLOCK, noise_unit_scale
 
-    inst, raw = image.instrument, bunit_text(headers)
+    inst, raw, noise = image.instrument, bunit_text(headers), image.instrument.noise or {}
+    gain = image.gain or float(noise.get("gain", 1.0)) or 1.0
+    read_noise = float(noise.get("read_noise", 0.0))
     n_rows = image.height // SKY_BLOCK
     scale = float("nan")
     if n_rows and not image.problems:
         starts = np.unique(np.linspace(0, n_rows - 1, min(n_rows, UNIT_SAMPLE_STRIPS)).astype(int)) * SKY_BLOCK
         planes = np.concatenate([image.read_window(y, y + SKY_BLOCK, 0, image.width) for y in starts], axis=1)
-        gain = image.gain or float(inst.noise.get("gain", 1.0)) or 1.0
-        read_noise = float(inst.noise.get("read_noise", 0.0))
         pixel_area = (inst.pixel_scale_deg * 3600.0) ** 2  # arcsec^2
         if image.wcs is not None:
             pixel_area = float(np.prod(proj_plane_pixel_scales(image.wcs))) * 3600.0 ** 2
@@ -492,9 +492,11 @@ def units_from_noise(image: "ImageFile", headers: list[fits.Header], where: str)
         scale = float(np.median(scales)) if scales else float("nan")
     if not scale > UNIT_SCALE_LIMIT:
         if raw:
-            warnings.warn(ImageUnitWarning(
-                f"{where}: BUNIT {raw!r} is not a unit skyfm converts (ADU, DN, counts or electrons, or these per "
-                f"second): read as {inst.name}'s ADU (its noise agrees within {UNIT_SCALE_LIMIT:g}x)"), stacklevel=3)
+            why = (f"its noise agrees within {UNIT_SCALE_LIMIT:g}x" if np.isfinite(scale) else
+                   f"no {SKY_BLOCK}-px box of sky to measure its noise in")
+            image.notes.append(f"{where}: BUNIT {raw!r} is not a unit skyfm converts (ADU, DN, counts or electrons, "
+                               f"or these per second): read as {inst.name}'s ADU ({why})")
+            warnings.warn(ImageUnitWarning(image.notes[-1]), stacklevel=3)
         return
     unit = u.Unit(raw, parse_strict="silent") if raw else u.dimensionless_unscaled
     if isinstance(unit, u.UnrecognizedUnit):
@@ -502,9 +504,10 @@ def units_from_noise(image: "ImageFile", headers: list[fits.Header], where: str)
     said = f"BUNIT {raw!r} is not a unit skyfm converts" if raw else "no BUNIT says its unit"
     image.adu_per_unit, image.unit = scale, unit
     image.notes.append(f"{where}: {said}; its sky's noise gives {scale:.4g} {inst.name} ADU per unit (gain "
-                       f"{image.gain or inst.noise.get('gain', 1.0):g}, read noise {inst.noise.get('read_noise', 0):g} "
-                       f"e-): read so; catalog fluxes in the file's unit")
+                       f"{gain:g}, read noise {read_noise:g} e-): read so; catalog fluxes in the file's unit")
     warnings.warn(ImageUnitWarning(image.notes[-1]), stacklevel=3)
+    said_before = image_saturation(headers, inst, 1.0, where)[1]  # a header's level, now in the new unit
+    image.notes = [n for n in image.notes if n != said_before]
     image.saturation_adu, note = image_saturation(headers, inst, scale, where)
     if note:
         image.notes.append(note)
@@ -889,7 +892,12 @@ def open_image(path: str | Path, *, instrument=None, hdu: int | str | None = Non
     except BaseException:
         hdul.close()
         raise
-    image = _attach_mask(image, mask, mask_bits)
+    return _with_units(_attach_mask(image, mask, mask_bits))
+
+
+def _with_units(image: ImageFile) -> ImageFile:
+    """``image`` with its unit from its pixels' noise where its header does not say it (:func:`units_from_noise`);
+    closed on any error."""
     if image._units_from is not None:
         try:
             units_from_noise(image, *image._units_from)
@@ -1174,7 +1182,10 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
     except BaseException:
         hdul.close()
         raise
-    with _attach_mask(image, mask, mask_bits):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageUnitWarning)  # said below as a note
+        image = _with_units(_attach_mask(image, mask, mask_bits))
+    with image:
         inst = image.instrument
         lines = [
             f"file:        {image.path} ({image.hdu_label})",
