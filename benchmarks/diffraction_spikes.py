@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from image_units import f1_score
+from image_units import catalog_of, f1_score
 
 SEED_BASE = 1_799_600_000
 CASES = {"hubble": "F606W", "meerlicht": "q"}
@@ -53,9 +53,8 @@ def spike_image(shape, x, y, flux, share: float, fwhm_pix: float, sigma: float) 
 
 
 def run(n: int, share: float, log) -> list[dict]:
-    from skyfm.baselines import BASELINES
     from skyfm.data.simulate import simulate_patch
-    from skyfm.detect import detect_patch, get_detector
+    from skyfm.detect import get_detector
     from skyfm.finetune.evaluate import score_patch
     from skyfm.instruments import load_instrument
     from skyfm.instruments.scaling import robust_background
@@ -77,11 +76,7 @@ def run(n: int, share: float, log) -> list[dict]:
             with_spikes = dataclasses.replace(patch, data=(patch.data + spikes[None]).astype(np.float32))
             for image_name, image in (("no spikes", patch), ("spikes", with_spikes)):
                 for method in ("skyfm", "sep-nofilter"):
-                    if method == "skyfm":
-                        cat = detect_patch(image, det)
-                    else:
-                        cat = BASELINES[method](image)
-                        cat = cat[np.asarray(cat["score"], float) >= 5]
+                    cat = catalog_of(method, image, det)
                     s = score_patch(cat, patch, inst)
                     ix = np.clip(np.asarray(cat["x"], float).astype(int), 0, patch.width - 1)
                     iy = np.clip(np.asarray(cat["y"], float).astype(int), 0, patch.height - 1)

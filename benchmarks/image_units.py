@@ -78,6 +78,18 @@ def f1_score(tp: int, fp: int, n_true: int) -> float:
     return round(2 * tp / max(2 * tp + fp + (n_true - tp), 1), 3)
 
 
+def catalog_of(method: str, patch, detector):
+    """``method``'s catalog of ``patch``: ``skyfm`` (:func:`skyfm.detect.detect_patch` with ``detector``) or a
+    baseline of :data:`skyfm.baselines.BASELINES` at SNR 5 (the detection benchmark's fixed threshold)."""
+    from skyfm.baselines import BASELINES
+    from skyfm.detect import detect_patch
+
+    if method == "skyfm":
+        return detect_patch(patch, detector)
+    cat = BASELINES[method](patch)
+    return cat[np.asarray(cat["score"], float) >= 5]
+
+
 def flux_ratio(cat, reference) -> float:
     """Median flux ratio of ``cat``'s rows to ``reference``'s rows within 0.5 px (NaN if none match)."""
     if not len(cat) or not len(reference):

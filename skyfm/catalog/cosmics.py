@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from skyfm.errors import SkyfmError
-from skyfm.instruments.ccd_noise import SKY_BLOCK, SKY_DEFICIT, missing_sky  # noqa: F401 (re-exported)
+from skyfm.instruments.ccd_noise import SKY_BLOCK, SKY_DEFICIT, missing_sky, sky_noise_offset  # noqa: F401
 
 SIGMA_CLIP = 4.5  # Laplacian-to-noise limit of a hit (astroscrappy's default)
 OBJECT_LIMIT = 5.0  # fine-structure contrast a hit needs over a star's peak (astroscrappy's default)
@@ -33,8 +33,9 @@ def cosmic_ray_mask(data: np.ndarray, inst, mask: np.ndarray | None = None,
     """(C, H, W) bool, True on the cosmic-ray pixels of each band of ``data``.
 
     Args:
-        data: (C, H, W) image in ADU (the noise model needs its sky: where a band's has been subtracted,
-            :func:`missing_sky` adds it back).
+        data: (C, H, W) image in ADU (the noise model needs its sky: where a band's has been subtracted, or its
+            noise is not what the instrument's gain and read noise make of its level, the sky its noise implies
+            stands in for it: :func:`~skyfm.instruments.ccd_noise.sky_noise_offset`).
         inst: the :class:`~skyfm.instruments.Instrument` (gain e-/ADU, read noise e-, saturation ADU).
         mask: (H, W) or (C, H, W) bool of pixels to ignore (saturated, off the detector), or None; never flagged.
         sigma_clip: the Laplacian-to-noise limit of a hit (:data:`TEST_SIGMA_CLIP` for the deeper test pass).
@@ -65,7 +66,7 @@ def cosmic_ray_masks(data: np.ndarray, inst, mask: np.ndarray | None = None,
     out = [np.zeros(data.shape, dtype=bool) for _ in sigma_clips]
     for c in range(data.shape[0]):
         bad = ignore[c] | ~np.isfinite(data[c])
-        plane = np.where(bad, 0.0, data[c] + missing_sky(data[c], bad, gain, read_noise)).astype(np.float32)
+        plane = np.where(bad, 0.0, data[c] + sky_noise_offset(data[c], bad, gain, read_noise)).astype(np.float32)
         for found, plane_mask in zip(out, _lacosmic_one_pass(plane, bad, sigma_clips, gain, read_noise, saturation)):
             found[c] = plane_mask & ~bad
     return out

@@ -5,6 +5,8 @@ A CCD pixel's noise is fixed by its level: ``sigma^2 = L / gain + (read_noise / 
 
 * :func:`missing_sky`: the level is near zero but the noise is a sky's: the sky was subtracted (MAST's drizzled
   Hubble images, SDSS frames, survey coadds). L.A.Cosmic's noise model and the saturation test take it back.
+* :func:`sky_noise_offset`: the noise is not the level's by the rule (a camera read out at another gain or with
+  another read noise than the YAML's): L.A.Cosmic's noise model takes the sky the noise implies.
 * :func:`noise_unit_scale`: the noise is far from what the level implies: the pixels are not in the instrument's
   ADU (a file in e-/s or nanomaggies with no BUNIT saying so). The scale that makes the rule hold is the number
   of ADU per unit of the file.
@@ -54,6 +56,16 @@ def pixel_noise(box: np.ndarray) -> float:
     return 1.4826 * float(np.median(np.abs(d - np.median(d)))) / np.sqrt(2.0)
 
 
+def emptiest_sky(plane: np.ndarray, bad: np.ndarray | None = None, block: int = SKY_BLOCK) -> tuple[float, float]:
+    """(level, pixel noise) of a band's emptiest box (the :data:`EMPTIEST_SHARE` quantile of the boxes' median
+    levels); NaNs where no box is usable."""
+    boxes, level = sky_boxes(plane, bad, block)
+    if not len(boxes):
+        return float("nan"), float("nan")
+    emptiest = int(np.argsort(level)[int(EMPTIEST_SHARE * len(level))])
+    return float(level[emptiest]), pixel_noise(boxes[emptiest])
+
+
 def missing_sky(plane: np.ndarray, bad: np.ndarray, gain: float, read_noise: float, block: int = SKY_BLOCK) -> float:
     """ADU of sky that a band's noise implies and its level lacks: 0 for an image as exposed, about the subtracted
     level for a sky-subtracted one.
@@ -69,15 +81,14 @@ def missing_sky(plane: np.ndarray, bad: np.ndarray, gain: float, read_noise: flo
     Args:
         plane: (H, W) one band, ADU; bad: (H, W) bool, its pixels to ignore (and its exact zeros are).
     """
-    boxes, level = sky_boxes(plane, bad, block)
-    if not len(boxes):
-        return 0.0
-    emptiest = int(np.argsort(level)[int(EMPTIEST_SHARE * len(level))])
-    sigma = pixel_noise(boxes[emptiest])
+    return _missing_sky(*emptiest_sky(plane, bad, block), gain, read_noise)
+
+
+def _missing_sky(sky: float, sigma: float, gain: float, read_noise: float) -> float:
+    """:func:`missing_sky` of an emptiest box's level and noise."""
     if not np.isfinite(sigma):
         return 0.0
     implied = ((sigma * gain) ** 2 - read_noise ** 2) / gain  # ADU
-    sky = float(level[emptiest])
     # an image as exposed keeps its sky many sigma above zero (a cluster core's emptiest box too, whose light
     # inflates the scatter); a sky-subtracted one is within a sigma of it
     subtracted = implied > 0 and sky < SKY_DEFICIT * implied and sky < sigma
@@ -109,3 +120,29 @@ def noise_unit_scale(plane: np.ndarray, gain: float, read_noise: float, sky_e: f
         return float(np.median(np.sqrt((sky_e or 0.0) / gain ** 2 + read_adu2) / sigma))
     b = level / gain
     return float(np.median((b + np.sqrt(b * b + 4.0 * sigma ** 2 * read_adu2)) / (2.0 * sigma ** 2)))
+
+
+# a band whose sky noise is this far (relative) from the model's has another gain or read noise than the YAML's: on
+# validation patches as simulated only cluster cores were (structure between pixels inflates their noise)
+NOISE_MISMATCH = 0.15
+
+
+def sky_noise_offset(plane: np.ndarray, bad: np.ndarray, gain: float, read_noise: float,
+                     block: int = SKY_BLOCK) -> float:
+    """ADU to add to a band for the noise model ``level / gain + (read_noise / gain)^2`` (ADU^2) to give its sky's
+    measured noise: :func:`missing_sky` where the sky was subtracted; else, where the emptiest box's noise is more
+    than :data:`NOISE_MISMATCH` from the model's (a camera read out at another gain or with another read noise than
+    the instrument's YAML says, as an independent simulator's may be), the sky that noise implies minus the level
+    (negative where the noise is finer); else 0. L.A.Cosmic's noise model takes it: a camera of half the gain
+    had a third more pixels flagged than its hits, the extra ones peaks of noise and of stars."""
+    sky, sigma = emptiest_sky(plane, bad, block)
+    subtracted = _missing_sky(sky, sigma, gain, read_noise)
+    if subtracted > 0:
+        return subtracted
+    if not (np.isfinite(sigma) and sky > 0):
+        return 0.0
+    model = np.sqrt(sky / gain + (read_noise / gain) ** 2)
+    if abs(sigma / model - 1.0) <= NOISE_MISMATCH:
+        return 0.0
+    implied = ((sigma * gain) ** 2 - read_noise ** 2) / gain
+    return max(implied, 0.0) - sky
