@@ -2359,16 +2359,19 @@ def _detect_every_hdu(path: Path, out, *, plot: bool, associate, **options):
 
 
 def in_image_units(table, adu_per_unit: float, unit):
-    """The catalog's fluxes in the image's own unit (electrons, e-/s: :func:`skyfm.data.readers.image_units`)
-    rather than the instrument's ADU that detection worked in."""
+    """The catalog's fluxes in the image's own unit (electrons, e-/s: :func:`skyfm.data.readers.image_units`; a unit
+    its noise gave: :func:`skyfm.data.readers.units_from_noise`) rather than the instrument's ADU that detection
+    worked in; meta ``flux_unit`` and ``adu_per_unit`` say which."""
     from skyfm.catalog.table import FLUX_LIKE_COLUMNS
 
     for name in ("flux", "flux_err", *FLUX_LIKE_COLUMNS):
         if name in table.colnames:
             description = table[name].info.description
             table[name] = table[name].value / adu_per_unit * unit
-            table[name].info.description = description and f"{description} (here in the image's unit, BUNIT)"
-    table.meta["flux_unit"] = unit.to_string()
+            table[name].info.description = description and f"{description} (here in the image's own unit)"
+    # dimensionless: a file with no BUNIT whose unit its noise gave (skyfm.data.readers.units_from_noise)
+    table.meta["flux_unit"] = unit.to_string() or "the image's pixel unit"
+    table.meta["adu_per_unit"] = float(adu_per_unit)  # the instrument's ADU per unit of the image, as detected
     return table
 
 

@@ -105,3 +105,28 @@ def test_a_file_s_saturation_level_is_read_in_the_unit_its_noise_gives(tmp_path,
         with open_image(tmp_path / "f.fits", instrument="hubble") as image:
             assert image.saturation_adu == pytest.approx(42000.0, rel=0.2)
             assert sum("saturation level" in n for n in image.notes) == 1
+
+
+def test_skyfm_detect_finds_in_a_file_with_no_bunit_what_it_finds_in_adu(tmp_path):
+    """End to end: the same image in ADU and in e-/s with no BUNIT gives the same catalog, its fluxes in the file's
+    unit (the catalog says which and how many ADU per unit), and the catalog file writes."""
+    from astropy.table import Table
+
+    from skyfm.detect import detect_file
+
+    per_adu = 2.0 / 600.0
+    crowded = simulate_patch("hubble", 950_000_002, size=128, scene="crowded", bands=["F606W"])
+    _write(crowded, tmp_path / "adu.fits", 1.0)
+    _write(crowded, tmp_path / "rate.fits", per_adu)
+    adu = detect_file(tmp_path / "adu.fits", instrument="hubble", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageUnitWarning)
+        rate = detect_file(tmp_path / "rate.fits", tmp_path / "rate.ecsv", instrument="hubble", progress=False)
+    assert len(rate) == pytest.approx(len(adu), rel=0.05) and len(adu) > 10
+    assert rate.meta["adu_per_unit"] * per_adu == pytest.approx(1.0, abs=0.2)
+    assert rate.meta["flux_unit"] == "the image's pixel unit"
+    x, y = (np.asarray(adu[c], float) for c in ("x", "y"))
+    ratios = [f / float(adu["flux"][np.argmin(np.hypot(x - xr, y - yr))].value)
+              for xr, yr, f in zip(np.asarray(rate["x"], float), np.asarray(rate["y"], float), np.asarray(rate["flux"]))]
+    assert np.median(ratios) == pytest.approx(per_adu, rel=0.02)  # back in the file's unit
+    assert len(Table.read(tmp_path / "rate.ecsv")) == len(rate)
