@@ -124,9 +124,10 @@ def run(n: int, log) -> list[dict]:
                 for v, variant in enumerate(VARIANTS):
                     path = Path(tmp) / f"{name}-{i}-{v}.fits"
                     adu_per_unit = write_image(patch, band, path, variant, inst)
-                    with warnings.catch_warnings(), open_image(path, instrument=name) as image:
-                        warnings.simplefilter("ignore")
-                        totals[variant]["scales"].append(image.adu_per_unit / adu_per_unit)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # detect_file below says it
+                        with open_image(path, instrument=name) as image:
+                            totals[variant]["scales"].append(image.adu_per_unit / adu_per_unit)
                     t0 = time.perf_counter()
                     cat = detect_file(path, instrument=name, model_dir=det, progress=False)
                     totals[variant]["seconds"] += time.perf_counter() - t0
