@@ -126,7 +126,7 @@ def test_skyfm_detect_finds_in_a_file_with_no_bunit_what_it_finds_in_adu(tmp_pat
     assert rate.meta["adu_per_unit"] * per_adu == pytest.approx(1.0, abs=0.2)
     assert rate.meta["flux_unit"] == "the image's pixel unit"
     x, y = (np.asarray(adu[c], float) for c in ("x", "y"))
-    ratios = [f / float(adu["flux"][np.argmin(np.hypot(x - xr, y - yr))].value)
-              for xr, yr, f in zip(np.asarray(rate["x"], float), np.asarray(rate["y"], float), np.asarray(rate["flux"]))]
+    xr, yr, flux = (np.asarray(rate[c], float) for c in ("x", "y", "flux"))
+    ratios = [f / float(adu["flux"][np.argmin(np.hypot(x - a, y - b))].value) for a, b, f in zip(xr, yr, flux)]
     assert np.median(ratios) == pytest.approx(per_adu, rel=0.02)  # back in the file's unit
     assert len(Table.read(tmp_path / "rate.ecsv")) == len(rate)

@@ -459,9 +459,9 @@ def bunit_text(headers: list[fits.Header]) -> str:
 
 
 # A file that does not say its unit is read as the instrument's ADU unless its sky's noise says it is this many times
-# finer (a rate, a calibrated flux): a file in ADU gives 0.9-1.1 (validation patches as simulated, every scene), e-/s
-# EXPTIME / gain (60-300 here). Only finer: in a crowded core, structure between pixels inflates the noise and the
-# scale comes out low (0.06 on a Hubble cluster core), and a file in units coarser than the ADU is rare.
+# finer (a rate, a calibrated flux): a file in ADU gives 0.87-1.09 (validation patches as simulated, cluster cores
+# aside), e-/s EXPTIME / gain (60-300 here). Only finer: in a crowded core, structure between pixels inflates the
+# noise and the scale comes out low (0.05 on a Hubble cluster core), and a file in units coarser than the ADU is rare.
 UNIT_SCALE_LIMIT = 4.0
 UNIT_SAMPLE_STRIPS = 32  # strips of ccd_noise.SKY_BLOCK rows, spread over the image, that the noise is read in
 

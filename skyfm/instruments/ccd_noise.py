@@ -11,7 +11,7 @@ A CCD pixel's noise is fixed by its level: ``sigma^2 = L / gain + (read_noise / 
   ADU (a file in e-/s or nanomaggies with no BUNIT saying so). The scale that makes the rule hold is the number
   of ADU per unit of the file.
 
-Both read the emptiest ``block`` x ``block`` boxes of a band: their median level is the sky, and the scatter of
+All three read the emptiest ``block`` x ``block`` boxes of a band: their median level is the sky, and the scatter of
 differences between neighbouring pixels is one pixel's noise (the light of sources broader than a pixel, a
 cluster's included, mostly cancels in it).
 """
