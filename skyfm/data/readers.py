@@ -504,7 +504,8 @@ def units_from_noise(image: "ImageFile", headers: list[fits.Header], where: str)
     said = f"BUNIT {raw!r} is not a unit skyfm converts" if raw else "no BUNIT says its unit"
     image.adu_per_unit, image.unit = scale, unit
     image.notes.append(f"{where}: {said}; its sky's noise gives {scale:.4g} {inst.name} ADU per unit (gain "
-                       f"{gain:g}, read noise {read_noise:g} e-): read so; catalog fluxes in the file's unit")
+                       f"{gain:g}, read noise {read_noise:g} e-): read so; catalog fluxes in the file's unit (a BUNIT "
+                       "of ADU, electrons or electrons/s in the header says otherwise)")
     warnings.warn(ImageUnitWarning(image.notes[-1]), stacklevel=3)
     said_before = image_saturation(headers, inst, 1.0, where)[1]  # a header's level, now in the new unit
     image.notes = [n for n in image.notes if n != said_before]
