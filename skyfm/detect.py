@@ -2348,6 +2348,11 @@ def _detect_every_hdu(path: Path, out, *, plot: bool, associate, **options):
         tables.append(table)
     if not tables:
         raise skipped[0]
+    units = {str(t["flux"].unit) or "the file's own" for t in tables if "flux" in t.colnames}
+    if len(units) > 1:  # CCDs read in different units (BUNIT, or the unit each one's noise gave): one catalog in ADU
+        warnings.warn(f"the HDUs were read in different units ({', '.join(sorted(units))}): the catalog's fluxes are "
+                      "all in the instrument's ADU", stacklevel=3)
+        tables = [in_instrument_units(t) for t in tables]
     table = vstack(tables, metadata_conflicts="silent")
     table.meta.update(meta)
     table.meta["hdus"] = ",".join(done)
@@ -2372,6 +2377,26 @@ def in_image_units(table, adu_per_unit: float, unit):
     # dimensionless: a file with no BUNIT whose unit its noise gave (skyfm.data.readers.units_from_noise)
     table.meta["flux_unit"] = unit.to_string() or "the image's pixel unit"
     table.meta["adu_per_unit"] = float(adu_per_unit)  # the instrument's ADU per unit of the image, as detected
+    return table
+
+
+def in_instrument_units(table):
+    """The catalog's fluxes back in the instrument's ADU where :func:`in_image_units` gave them in the image's own
+    unit (its meta ``adu_per_unit``); other catalogs as they are."""
+    import astropy.units as u
+
+    from skyfm.catalog.table import FLUX_LIKE_COLUMNS
+
+    if "adu_per_unit" not in table.meta:
+        return table
+    table = table.copy()
+    factor = float(table.meta.pop("adu_per_unit"))
+    for name in ("flux", "flux_err", *FLUX_LIKE_COLUMNS):
+        if name in table.colnames:
+            description = (table[name].info.description or "").replace(" (here in the image's own unit)", "")
+            table[name] = table[name].value * factor * u.adu
+            table[name].info.description = description or None
+    table.meta["flux_unit"] = "adu"
     return table
 
 

@@ -130,3 +130,22 @@ def test_skyfm_detect_finds_in_a_file_with_no_bunit_what_it_finds_in_adu(tmp_pat
     ratios = [f / float(adu["flux"][np.argmin(np.hypot(x - a, y - b))].value) for a, b, f in zip(xr, yr, flux)]
     assert np.median(ratios) == pytest.approx(per_adu, rel=0.02)  # back in the file's unit
     assert len(Table.read(tmp_path / "rate.ecsv")) == len(rate)
+
+
+def test_a_mosaic_whose_ccds_are_read_in_different_units_gives_one_catalog_in_adu(tmp_path):
+    """--hdu all: a CCD in ADU beside one in e-/s with no BUNIT (read in the unit its noise gives) made a catalog
+    whose flux columns could not be stacked (a traceback); now it is one catalog in the instrument's ADU, said."""
+    from skyfm.detect import detect_file
+
+    crowded = simulate_patch("hubble", 950_000_002, size=128, scene="crowded", bands=["F606W"])
+    header = crowded.wcs.to_header()
+    header["FILTER"] = "F606W"
+    data = crowded.data[0].astype(np.float32)
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, header=header, name="CCD1"),
+                  fits.ImageHDU(data * 2.0 / 600.0, header=header, name="CCD2")]).writeto(tmp_path / "mosaic.fits")
+    with pytest.warns(UserWarning, match="read in different units .* all in the instrument's ADU"):
+        cat = detect_file(tmp_path / "mosaic.fits", tmp_path / "mosaic.ecsv", instrument="hubble", hdu="all",
+                          progress=False)
+    assert cat["flux"].unit == u.adu and cat.meta["flux_unit"] == "adu" and "adu_per_unit" not in cat.meta
+    one, two = (np.median(np.asarray(cat["flux"], float)[np.asarray(cat["hdu"]) == h]) for h in ("CCD1", "CCD2"))
+    assert two == pytest.approx(one, rel=0.25)  # the same stars, in ADU (CCD2's as far as its noise tells them)
