@@ -149,3 +149,20 @@ def test_a_mosaic_whose_ccds_are_read_in_different_units_gives_one_catalog_in_ad
     assert cat["flux"].unit == u.adu and cat.meta["flux_unit"] == "adu" and "adu_per_unit" not in cat.meta
     one, two = (np.median(np.asarray(cat["flux"], float)[np.asarray(cat["hdu"]) == h]) for h in ("CCD1", "CCD2"))
     assert two == pytest.approx(one, rel=0.25)  # the same stars, in ADU (CCD2's as far as its noise tells them)
+
+
+def test_a_region_filled_with_one_value_is_not_taken_for_the_sky(hubble_patch):
+    """A corner padded with one value below the sky (as some pipelines fill their edges) is the emptiest box but
+    holds no noise: taken for the sky's, it had L.A.Cosmic's noise model lose the sky (an offset of minus the level)
+    and the unit estimate fail; now the sky noise is not measured there and nothing is changed."""
+    from skyfm.instruments.ccd_noise import emptiest_sky, sky_noise_offset
+
+    inst = load_instrument("hubble")
+    gain, rn = inst.noise["gain"], inst.noise["read_noise"]
+    plane = np.asarray(hubble_patch.data[0], float)
+    sky = float(hubble_patch.meta["sky_F606W"])
+    assert sky_noise_offset(plane, None, gain, rn) == 0.0
+    padded = plane.copy()
+    padded[:96, :96] = 0.5 * sky  # nine 32-px boxes, the emptiest of the band
+    assert np.isnan(emptiest_sky(padded)[1])
+    assert sky_noise_offset(padded, None, gain, rn) == 0.0

@@ -48,12 +48,14 @@ def sky_boxes(plane: np.ndarray, bad: np.ndarray | None = None,
 
 def pixel_noise(box: np.ndarray) -> float:
     """One pixel's noise in a box: the robust scatter (MAD) of differences between horizontal neighbours over
-    sqrt(2); NaN with fewer than 16 usable differences."""
+    sqrt(2); NaN with fewer than 16 usable differences, or none (a box filled with one value, as some pipelines pad
+    their images, holds no noise to measure: taken for the sky's, it would tell L.A.Cosmic that the sky has none)."""
     d = (box[:, 1:] - box[:, :-1]).ravel()
     d = d[np.isfinite(d)]
     if d.size < 16:
         return float("nan")
-    return 1.4826 * float(np.median(np.abs(d - np.median(d)))) / np.sqrt(2.0)
+    mad = float(np.median(np.abs(d - np.median(d))))
+    return 1.4826 * mad / np.sqrt(2.0) if mad > 0 else float("nan")
 
 
 def emptiest_sky(plane: np.ndarray, bad: np.ndarray | None = None, block: int = SKY_BLOCK) -> tuple[float, float]:
