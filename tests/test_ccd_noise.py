@@ -166,3 +166,22 @@ def test_a_region_filled_with_one_value_is_not_taken_for_the_sky(hubble_patch):
     padded[:96, :96] = 0.5 * sky  # nine 32-px boxes, the emptiest of the band
     assert np.isnan(emptiest_sky(padded)[1])
     assert sky_noise_offset(padded, None, gain, rn) == 0.0
+
+
+def test_a_sky_subtracted_file_s_unit_takes_the_exposure_its_header_gives(tmp_path):
+    """With the sky subtracted the unit comes from the nominal sky, which grows with the exposure: a drizzle of four
+    nominal exposures in e-/s with no BUNIT (EXPTIME 2400 s) is read at 2400 / gain ADU per e-/s, not half of it."""
+    import dataclasses
+
+    inst = load_instrument("hubble")
+    deep = dataclasses.replace(inst, bands=tuple(dataclasses.replace(b, exposure_time=4 * b.exposure_time)
+                                                 for b in inst.bands))
+    patch = simulate_patch(deep, 950_000_004, size=128, bands=["F606W"], scene="field")
+    per_adu = inst.noise["gain"] / 2400.0  # e-/s per ADU of the whole exposure
+    _write(patch, tmp_path / "drz.fits", per_adu, sky_subtracted=True)
+    with fits.open(tmp_path / "drz.fits", mode="update") as hdul:
+        hdul[0].header["EXPTIME"] = 2400.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageUnitWarning)
+        with open_image(tmp_path / "drz.fits", instrument="hubble") as image:
+            assert image.adu_per_unit * per_adu == pytest.approx(1.0, abs=0.2)

@@ -486,7 +486,9 @@ def units_from_noise(image: "ImageFile", headers: list[fits.Header], where: str)
         pixel_area = (inst.pixel_scale_deg * 3600.0) ** 2  # arcsec^2
         if image.wcs is not None:
             pixel_area = float(np.prod(proj_plane_pixel_scales(image.wcs))) * 3600.0 ** 2
-        scales = [noise_unit_scale(plane, gain, read_noise, _nominal_sky_e(inst, band, pixel_area))
+        exptime = _first_positive(headers, _EXPTIME_KEYS)  # the sky of a sky-subtracted file grew with its exposure
+        scales = [noise_unit_scale(plane, gain, read_noise,
+                                   _nominal_sky_e(inst, band, pixel_area, None if exptime is None else exptime[1]))
                   for plane, band in zip(planes, image.bands)]
         scales = [c for c in scales if np.isfinite(c)]
         scale = float(np.median(scales)) if scales else float("nan")
@@ -514,12 +516,14 @@ def units_from_noise(image: "ImageFile", headers: list[fits.Header], where: str)
         image.notes.append(note)
 
 
-def _nominal_sky_e(inst: Instrument, band: str, pixel_area_arcsec2: float) -> float | None:
-    """The band's nominal sky (its YAML ``sky``, AB mag / arcsec^2, over its ``exposure_time``), e- per pixel of
-    ``pixel_area_arcsec2``; None where the YAML does not give it."""
+def _nominal_sky_e(inst: Instrument, band: str, pixel_area_arcsec2: float,
+                   exposure_s: float | None = None) -> float | None:
+    """The band's nominal sky (its YAML ``sky``, AB mag / arcsec^2, over ``exposure_s``, default its
+    ``exposure_time``), e- per pixel of ``pixel_area_arcsec2``; None where the YAML does not give it."""
     try:
         b = inst.band(band)
-        sky_e = 10.0 ** (-0.4 * (float(b.sky) - float(b.zeropoint))) * float(b.exposure_time) * pixel_area_arcsec2
+        exposure = float(exposure_s if exposure_s is not None else b.exposure_time)
+        sky_e = 10.0 ** (-0.4 * (float(b.sky) - float(b.zeropoint))) * exposure * pixel_area_arcsec2
     except (AttributeError, TypeError, ValueError, KeyError, SkyfmError):
         return None
     return sky_e if np.isfinite(sky_e) and sky_e > 0 else None
