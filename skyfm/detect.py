@@ -2363,17 +2363,14 @@ def _detect_every_hdu(path: Path, out, *, plot: bool, associate, **options):
     return table
 
 
+IN_IMAGE_UNIT = " (here in the image's own unit)"  # what in_image_units adds to the flux columns' descriptions
+
+
 def in_image_units(table, adu_per_unit: float, unit):
     """The catalog's fluxes in the image's own unit (electrons, e-/s: :func:`skyfm.data.readers.image_units`; a unit
     its noise gave: :func:`skyfm.data.readers.units_from_noise`) rather than the instrument's ADU that detection
     worked in; meta ``flux_unit`` and ``adu_per_unit`` say which."""
-    from skyfm.catalog.table import FLUX_LIKE_COLUMNS
-
-    for name in ("flux", "flux_err", *FLUX_LIKE_COLUMNS):
-        if name in table.colnames:
-            description = table[name].info.description
-            table[name] = table[name].value / adu_per_unit * unit
-            table[name].info.description = description and f"{description} (here in the image's own unit)"
+    _rescale_fluxes(table, lambda v: v / adu_per_unit, unit, lambda d: d and f"{d}{IN_IMAGE_UNIT}")
     # dimensionless: a file with no BUNIT whose unit its noise gave (skyfm.data.readers.units_from_noise)
     table.meta["flux_unit"] = unit.to_string() or "the image's pixel unit"
     table.meta["adu_per_unit"] = float(adu_per_unit)  # the instrument's ADU per unit of the image, as detected
@@ -2385,19 +2382,25 @@ def in_instrument_units(table):
     unit (its meta ``adu_per_unit``); other catalogs as they are."""
     import astropy.units as u
 
-    from skyfm.catalog.table import FLUX_LIKE_COLUMNS
-
     if "adu_per_unit" not in table.meta:
         return table
     table = table.copy()
     factor = float(table.meta.pop("adu_per_unit"))
-    for name in ("flux", "flux_err", *FLUX_LIKE_COLUMNS):
-        if name in table.colnames:
-            description = (table[name].info.description or "").replace(" (here in the image's own unit)", "")
-            table[name] = table[name].value * factor * u.adu
-            table[name].info.description = description or None
+    _rescale_fluxes(table, lambda v: v * factor, u.adu, lambda d: (d or "").replace(IN_IMAGE_UNIT, "") or None)
     table.meta["flux_unit"] = "adu"
     return table
+
+
+def _rescale_fluxes(table, convert, unit, describe) -> None:
+    """Every flux column of ``table`` as ``convert(values)`` in ``unit``, its description passed through
+    ``describe``."""
+    from skyfm.catalog.table import FLUX_LIKE_COLUMNS
+
+    for name in ("flux", "flux_err", *FLUX_LIKE_COLUMNS):
+        if name in table.colnames:
+            description = table[name].info.description
+            table[name] = convert(table[name].value) * unit
+            table[name].info.description = describe(description)
 
 
 def _is_healpix_file(path: Path, hdu) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from skyfm.errors import SkyfmError
-from skyfm.instruments.ccd_noise import SKY_BLOCK, SKY_DEFICIT, missing_sky, sky_noise_offset  # noqa: F401
+from skyfm.instruments.ccd_noise import missing_sky, sky_noise_offset  # noqa: F401 (missing_sky: its old place)
 
 SIGMA_CLIP = 4.5  # Laplacian-to-noise limit of a hit (astroscrappy's default)
 OBJECT_LIMIT = 5.0  # fine-structure contrast a hit needs over a star's peak (astroscrappy's default)

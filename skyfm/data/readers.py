@@ -470,9 +470,9 @@ def units_from_noise(image: "ImageFile", headers: list[fits.Header], where: str)
     """Set ``image``'s ADU per unit and unit from its pixels' noise where its header does not say them (no BUNIT,
     or one skyfm does not convert): :func:`skyfm.instruments.ccd_noise.noise_unit_scale` of each band, read in
     :data:`UNIT_SAMPLE_STRIPS` strips spread over the image, their median taken when it exceeds
-    :data:`UNIT_SCALE_LIMIT` (the image's saturation level is then that of its new unit). Catalog fluxes come back
-    in the file's unit (BUNIT where astropy parses it, else dimensionless). An unconverted BUNIT read as ADU is
-    warned of (:class:`ImageUnitWarning`), as is a scale taken from the noise."""
+    :data:`UNIT_SCALE_LIMIT`; then the image's saturation level (:func:`image_saturation`) in the unit settled on.
+    Catalog fluxes come back in the file's unit (BUNIT where astropy parses it, else dimensionless). An unconverted
+    BUNIT read as ADU is warned of (:class:`ImageUnitWarning`), as is a scale taken from the noise."""
     from skyfm.instruments.ccd_noise import SKY_BLOCK, noise_unit_scale
 
     inst, raw, noise = image.instrument, bunit_text(headers), image.instrument.noise or {}
@@ -492,26 +492,24 @@ def units_from_noise(image: "ImageFile", headers: list[fits.Header], where: str)
                   for plane, band in zip(planes, image.bands)]
         scales = [c for c in scales if np.isfinite(c)]
         scale = float(np.median(scales)) if scales else float("nan")
-    if not scale > UNIT_SCALE_LIMIT:
-        if raw:
-            why = (f"its noise agrees within {UNIT_SCALE_LIMIT:g}x" if np.isfinite(scale) else
-                   f"no {SKY_BLOCK}-px box of sky to measure its noise in")
-            image.notes.append(f"{where}: BUNIT {raw!r} is not a unit skyfm converts (ADU, DN, counts or electrons, "
-                               f"or these per second): read as {inst.name}'s ADU ({why})")
-            warnings.warn(ImageUnitWarning(image.notes[-1]), stacklevel=3)
-        return
-    unit = u.Unit(raw, parse_strict="silent") if raw else u.dimensionless_unscaled
-    if isinstance(unit, u.UnrecognizedUnit):
-        unit = u.dimensionless_unscaled
-    said = f"BUNIT {raw!r} is not a unit skyfm converts" if raw else "no BUNIT says its unit"
-    image.adu_per_unit, image.unit = scale, unit
-    image.notes.append(f"{where}: {said}; its sky's noise gives {scale:.4g} {inst.name} ADU per unit (gain "
-                       f"{gain:g}, read noise {read_noise:g} e-): read so; catalog fluxes in the file's unit (a BUNIT "
-                       "of ADU, electrons or electrons/s in the header says otherwise)")
-    warnings.warn(ImageUnitWarning(image.notes[-1]), stacklevel=3)
-    said_before = image_saturation(headers, inst, 1.0, where)[1]  # a header's level, now in the new unit
-    image.notes = [n for n in image.notes if n != said_before]
-    image.saturation_adu, note = image_saturation(headers, inst, scale, where)
+    said = None
+    if scale > UNIT_SCALE_LIMIT:
+        unit = u.Unit(raw, parse_strict="silent") if raw else u.dimensionless_unscaled
+        image.adu_per_unit = scale
+        image.unit = u.dimensionless_unscaled if isinstance(unit, u.UnrecognizedUnit) else unit
+        said = (f"{where}: {f'BUNIT {raw!r} is not a unit skyfm converts' if raw else 'no BUNIT says its unit'}; its "
+                f"sky's noise gives {scale:.4g} {inst.name} ADU per unit (gain {gain:g}, read noise {read_noise:g} "
+                "e-): read so; catalog fluxes in the file's unit (a BUNIT of ADU, electrons or electrons/s in the "
+                "header says otherwise)")
+    elif raw:
+        why = (f"its noise agrees within {UNIT_SCALE_LIMIT:g}x" if np.isfinite(scale) else
+               f"no {SKY_BLOCK}-px box of sky to measure its noise in")
+        said = (f"{where}: BUNIT {raw!r} is not a unit skyfm converts (ADU, DN, counts or electrons, or these per "
+                f"second): read as {inst.name}'s ADU ({why})")
+    if said is not None:
+        image.notes.append(said)
+        warnings.warn(ImageUnitWarning(said), stacklevel=3)
+    image.saturation_adu, note = image_saturation(headers, inst, image.adu_per_unit, where)  # in the unit settled
     if note:
         image.notes.append(note)
 
@@ -1022,7 +1020,9 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
         if unit is not None:
             notes.append(f"{where}: pixels in {unit.to_string()}, read as {inst.name}'s ADU (x {adu_per_unit:.6g}); "
                          f"catalog fluxes in {unit.to_string()}")
-        saturation_adu, saturation_note = image_saturation(headers, inst, adu_per_unit, where)
+        saturation_note = None
+        if unit_told:  # else in the unit the noise gives (units_from_noise)
+            saturation_adu, saturation_note = image_saturation(headers, inst, adu_per_unit, where)
         gain, gain_note = image_gain(headers, inst, unit, where)
         notes += [n for n in (saturation_note, gain_note) if n is not None]
     dq = None

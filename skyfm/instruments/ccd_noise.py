@@ -113,7 +113,7 @@ def noise_unit_scale(plane: np.ndarray, gain: float, read_noise: float, sky_e: f
     emptiest = np.argsort(level)[: max(1, int(EMPTIEST_SHARE * len(level)))]
     level = level[emptiest].astype(np.float64)
     sigma = np.array([pixel_noise(boxes[k]) for k in emptiest])
-    good = np.isfinite(sigma) & (sigma > 0)
+    good = np.isfinite(sigma)  # (pixel_noise gives NaN, never 0, where it measures nothing)
     if not good.any():
         return float("nan")
     level, sigma = level[good], sigma[good]
