@@ -172,13 +172,19 @@ def mask_options(command):
              "size as the image (a mask file of several HDUs: the one of the image's HDU index).")(command)
 
 
+BUNIT_HELP = ("CCD images: the pixels' unit, in place of the header's BUNIT (a file with none, or a wrong one): ADU, "
+              "DN, counts or electrons, or any of these per second ('electron/s': the exposure time from EXPTIME). "
+              "Default: the header's BUNIT; without one, the unit the sky's noise gives.")
+
+
 @cli.command("info")
 @click.argument("file", type=click.Path())
 @click.option("--instrument", "-i", default=None, help="Instrument name or YAML file (default: from the header).")
 @click.option("--hdu", default=None, help="HDU to read, by index or EXTNAME (default: the first with image data).")
 @click.option("--band", default=None, help="Band of a one-band image whose header has no FILTER / BAND keyword.")
 @mask_options
-def info_cmd(file, instrument, hdu, band, mask_path, mask_bits):
+@click.option("--bunit", default=None, help=BUNIT_HELP)
+def info_cmd(file, instrument, hdu, band, mask_path, mask_bits, bunit):
     """Say what skyfm sees in a FITS file: an image, a counts cube, a HEALPix map or a simulated patch.
 
     Prints the format, the instrument (and whether the header or --instrument named it), the shape, the bands
@@ -196,7 +202,7 @@ def info_cmd(file, instrument, hdu, band, mask_path, mask_bits):
 
     with _warnings_as_lines():
         lines = inspect_file(file, instrument=instrument, hdu=hdu, band=band, mask=mask_path,
-                             mask_bits=mask_bits)
+                             mask_bits=mask_bits, bunit=bunit)
     click.echo("\n".join(lines))
 
 
@@ -600,6 +606,12 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "the interstellar-emission + isotropic model cube from gtmodel); the likelihood refinement fits "
                    "against it, and sources are kept by their TS (see --selection). Default: estimated from the "
                    "counts (TS and flux errors are then less reliable).")
+@click.option("--bunit", default=None, help=BUNIT_HELP)
+@click.option("--exposure", "exposure_path", default=None, type=click.Path(),
+              help="Counts cubes: FITS exposure cube (cm2 s; gtexpcube2's, with its ENERGIES table, on any celestial "
+                   "grid that covers the image) that flux_phys takes each source's exposure from, per energy bin, "
+                   "at its position. Default: the instrument YAML's one exposure per bin, right only for cubes of "
+                   "that exposure (a typical one).")
 @click.option("--selection", type=click.Choice(["auto", "network", "likelihood"]), default="auto", show_default=True,
               help="Counts cubes: which detections the catalog keeps. network = heatmap probability >= --min-score; "
                    "likelihood = the network's peaks and the Poisson TS map's, fitted together, kept at TS >= "
@@ -631,7 +643,8 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "cuda:N.")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
-               test_extension, mask_cosmic_rays, residual_search, device, mask_path, mask_bits):
+               test_extension, mask_cosmic_rays, residual_search, device, mask_path, mask_bits, bunit,
+               exposure_path):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -640,14 +653,15 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
     point-source fluxes with their errors, Kron fluxes for galaxies, and a search of the fit's residual image for
     the faint or diffuse sources the network missed (catalog fit = 4).
 
-    Units: CCD images in electrons or electrons per second (BUNIT; e.g. a Hubble _drc file, with EXPTIME) are
-    read as the instrument's ADU, which its noise model describes, and the catalog's fluxes are given in the
-    image's own unit. A file that does not say its unit (no BUNIT, or one such as MJy/sr or nanomaggies) and whose
-    sky's noise is far finer than the ADU's (a rate, a calibrated flux) is read in the unit that noise gives; a
-    warning says so. Counts cubes binned otherwise than the instrument (EBOUNDS, or gammapy's BANDSHDU table) are
-    summed into its energy bands; a warning says how. Bad pixels: NaN, a MASK image HDU (non-zero = bad), the DQ
-    extension of an HST or JWST file (e.g. an _flc file's hot pixels and flagged cosmic rays; --hdu all reads
-    each chip with its own DQ), or a mask file of their own (--mask).
+    Units: CCD images in electrons or electrons per second (BUNIT; e.g. a Hubble _drc file, with EXPTIME) are read as
+    the instrument's ADU, which its noise model describes, and the catalog's fluxes are given in the image's own
+    unit. A file that does not say its unit (no BUNIT, or one such as MJy/sr or nanomaggies) and whose sky's noise
+    is far finer than the ADU's (a rate, a calibrated flux) is read in the unit that noise gives; a warning says so;
+    --bunit names the unit where the header does not, or says a wrong one. Counts cubes binned otherwise than the
+    instrument (EBOUNDS, or gammapy's BANDSHDU table) are summed into its energy bands; a warning says how. Bad
+    pixels: NaN, a MASK image HDU (non-zero = bad), the DQ extension of an HST or JWST file (e.g. an _flc file's hot
+    pixels and flagged cosmic rays; --hdu all reads each chip with its own DQ), or a mask file of their own
+    (--mask).
 
     \b
     Examples:
@@ -657,8 +671,10 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
       skyfm detect ML_red.fits.fz --mask ML_mask.fits.fz --mask-bits 1,2,16 --out ml.fits
       skyfm detect mosaic.fits.fz --hdu all --instrument my_camera.yaml --band r --out ccds.fits
       skyfm detect W1.fits --instrument wise --band W1 --out w1.ecsv
+      skyfm detect rate.fits --instrument hubble --band F606W --bunit electron/s --out rate.ecsv
       skyfm detect ccube.fits --instrument fermi-lat --out fermi.vot --associate 4fgl.fits
       skyfm detect ccube.fits --instrument fermi-lat --background model_cube.fits --out fermi.fits
+      skyfm detect ccube.fits --background model_cube.fits --exposure expcube.fits --out fermi.fits
     """
     from skyfm.detect import detect_file
 
@@ -671,7 +687,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             drop_trails=drop_trails, background=background_path, selection=selection,
                             min_ts=min_ts, test_extension=test_extension, mask_cosmic_rays=mask_cosmic_rays,
                             residual_search=residual_search, device=device, mask=mask_path,
-                            mask_bits=mask_bits)
+                            mask_bits=mask_bits, exposure=exposure_path, bunit=bunit)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

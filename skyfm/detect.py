@@ -2181,7 +2181,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
                 test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
                 residual_search: bool | None = None, device: str | None = "auto", mask=None,
-                mask_bits: int | None = None):
+                mask_bits: int | None = None, exposure=None, bunit: str | None = None):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -2198,7 +2198,10 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     the network's detections; None or True: the heads' own settings. ``device``: where the network runs
     (:func:`skyfm.utils.resolve_device`; the PSF and likelihood fits run on the CPU). ``mask``, ``mask_bits``: a
     bad-pixel mask file beside the image (:func:`skyfm.data.open_image`; with ``hdu="all"`` each CCD takes the
-    mask file's HDU of the same index where it has one of the CCD's size).
+    mask file's HDU of the same index where it has one of the CCD's size). ``exposure``: for a counts cube, an
+    exposure cube file (gtexpcube2's; :mod:`skyfm.catalog.exposure`) that ``flux_phys`` takes each source's exposure
+    from, instead of the instrument YAML's one number per band. ``bunit``: a CCD image's pixel unit in place of its
+    header's BUNIT (:func:`skyfm.data.open_image`).
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -2216,7 +2219,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                  attention_window=attention_window, drop_trails=drop_trails, background=background,
                                  selection=selection, min_ts=min_ts, test_extension=test_extension,
                                  mask_cosmic_rays=mask_cosmic_rays, residual_search=residual_search, device=device,
-                                 mask=mask, mask_bits=mask_bits)
+                                 mask=mask, mask_bits=mask_bits, exposure=exposure, bunit=bunit)
     _warn_if_denoised(path)
     det = get_detector(model_dir, device=device)
     if residual_search is False:  # a copy: the cached detector keeps its heads' settings
@@ -2226,27 +2229,44 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             head.residual_search = head.companion_search = None
     if background is not None:
         check_fits_file(background)
+    exposure_cube = None
+    if exposure is not None:
+        from skyfm.catalog.exposure import read_exposure_cube
+
+        if not refine:
+            raise SkyfmError("--exposure gives the physical fluxes of the Poisson likelihood refinement, which "
+                             "--no-refine leaves out")
+        exposure_cube = read_exposure_cube(exposure)
+    energy_edges = None
     if _is_healpix_file(path, hdu):
         if mask is not None:
             from skyfm.data.readers import HEALPIX_MASK_ERROR
 
             raise SkyfmError(HEALPIX_MASK_ERROR)
-        if background is not None or test_extension is True:
-            raise SkyfmError(f"{'--background' if background is not None else '--test-extension'} is for counts "
-                             "cubes in pixel images, not HEALPix maps")
+        for option, given in (("--background", background), ("--exposure", exposure),
+                              ("--test-extension", test_extension is True or None)):
+            if given is not None:
+                raise SkyfmError(f"{option} is for counts cubes in pixel images, not HEALPix maps")
+        if bunit is not None:
+            raise SkyfmError("--bunit is for CCD images in pixel images, not HEALPix maps")
         table, patch_for_plot = _detect_healpix(path, det, instrument, min_score, progress, batch_size,
                                                 precision=precision, attention_window=attention_window)
         min_score = table.meta.get("min_score")
     else:
-        with open_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits) as image:
+        with open_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits,
+                        bunit=bunit) as image:
             image.require_patchable()
             inst = image.instrument
             # the file's own noise model where its header gives one (SATURATE, a drizzle's NDRIZIM; GAIN)
             own = {k: v for k, v in (("saturation", image.saturation_adu), ("gain", image.gain)) if v is not None}
             if own:
                 inst = dataclasses.replace(inst, noise={**inst.noise, **own})
-            if background is not None and not inst.is_counts:
-                raise SkyfmError(f"--background is for counts cubes; {path.name} is a {inst.name} image")
+            for option, given in (("--background", background), ("--exposure", exposure)):
+                if given is not None and not inst.is_counts:
+                    raise SkyfmError(f"{option} is for counts cubes; {path.name} is a {inst.name} image")
+            energy_edges = image.energy_edges_kev
+            if energy_edges is None and inst.is_counts:
+                energy_edges = [[e.to_value("keV") for e in inst.band(name).energy] for name in image.bands]
             model = (None if background is None
                      else read_background_model(background, image.shape, image.energy_grouping))
             head = det.head_config(inst.name).for_bands(image.bands)
@@ -2255,7 +2275,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             if image.format == FORMAT_SIMULATED or (inst.is_counts and small):
                 from skyfm.data import read_image
 
-                patch = read_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits)
+                patch = read_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits,
+                                   bunit=bunit)
                 if model is not None:
                     from dataclasses import replace
 
@@ -2299,6 +2320,10 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                     patch_for_plot = image.read_patch_window(0, image.height, 0, image.width)
             if image.unit is not None:
                 table = in_image_units(table, image.adu_per_unit, image.unit)
+    if exposure_cube is not None:
+        from skyfm.catalog.exposure import apply_exposure
+
+        table = apply_exposure(table, exposure_cube, energy_edges)
     table.meta["input"] = path.name
     if associate is not None:
         table = associate_catalog(table, associate)

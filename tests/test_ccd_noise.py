@@ -185,3 +185,35 @@ def test_a_sky_subtracted_file_s_unit_takes_the_exposure_its_header_gives(tmp_pa
         warnings.simplefilter("ignore", ImageUnitWarning)
         with open_image(tmp_path / "drz.fits", instrument="hubble") as image:
             assert image.adu_per_unit * per_adu == pytest.approx(1.0, abs=0.2)
+
+
+def test_bunit_gives_the_unit_a_header_gets_wrong(tmp_path, hubble_patch, capsys):
+    """--bunit: a file in e-/s whose header says ADU is read in e-/s (EXPTIME from the header): the pixels come back
+    as the ADU image's, and a note says the header's BUNIT was set aside (skyfm info shows it). A unit skyfm does not
+    convert, and --bunit on a counts cube, are one-line errors that write nothing."""
+    from skyfm.cli import main
+    from skyfm.data import write_patch
+
+    per_adu = 2.0 / 600.0  # Hubble's gain 2, 600 s
+    path = tmp_path / "rate.fits"
+    _write(hubble_patch, path, per_adu, "ADU")
+    with fits.open(path, mode="update") as hdul:
+        hdul[0].header["EXPTIME"] = 600.0
+    with open_image(path, instrument="hubble") as image:  # the header is believed
+        assert image.adu_per_unit == 1.0 and image.unit is None
+    with open_image(path, instrument="hubble", bunit="electron/s") as image:
+        assert image.adu_per_unit == pytest.approx(1.0 / per_adu) and image.unit == u.electron / u.s
+        assert any("pixels in electron/s, as --bunit says, not the header's BUNIT 'ADU'" in n for n in image.notes)
+    patch = read_image(path, instrument="hubble", bunit="e-/s")
+    np.testing.assert_allclose(patch.data, hubble_patch.data, rtol=1e-5, atol=1e-3)
+    assert main(["info", str(path), "--instrument", "hubble", "--bunit", "e-/s"]) == 0
+    assert "as --bunit says" in capsys.readouterr().out
+    cube = write_patch(simulate_patch("fermi-lat", 3, size=32, population="resampled"), tmp_path / "cube.fits")
+    for image, bunit, words in ((path, "MJy/sr", "--bunit 'MJy/sr' is not a unit skyfm converts"),
+                                (cube, "ct", "--bunit is for CCD images")):
+        out = tmp_path / "bad.ecsv"
+        rc = main(["detect", str(image), "--instrument", "hubble" if image == path else "fermi-lat",
+                   "--bunit", bunit, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 1 and words in err and err.count("\n") == 1, err
+        assert not out.exists()

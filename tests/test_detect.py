@@ -16,12 +16,8 @@ from skyfm.heads import SourceDetector
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    fm = create_model("skyfm-tiny", backbone={"depth": 1, "embed_dim": 32, "num_heads": 2})
-    det = SourceDetector.from_foundation(fm, ["meerlicht", "fermi-lat", "wise"], trunk_channels=16, trunk_depth=1,
-                                        min_score=0.0101)  # an untrained head: a threshold just above its prior
-    return det.save_pretrained(tmp_path_factory.mktemp("det") / "model")
+def model_dir(untrained_detector):
+    return untrained_detector(("meerlicht", "fermi-lat", "wise"))
 
 
 class PeakDetector(SourceDetector):

@@ -8,12 +8,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from skyfm.data.simulate import simulate_patch
 from skyfm.errors import SkyfmError
 from skyfm.finetune import ship
-from skyfm.foundation import create_model
 from skyfm.heads import SourceDetector
 from skyfm.heads.config import DetectorConfig, InstrumentHeadConfig
 
@@ -21,12 +19,8 @@ SCALES = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    fm = create_model("skyfm-tiny", backbone={"depth": 1, "embed_dim": 32, "num_heads": 2})
-    det = SourceDetector.from_foundation(fm, ["fermi-lat", "wise"], trunk_channels=16, trunk_depth=1,
-                                        min_score=0.0101)  # an untrained head: a threshold just above its prior
-    return det.save_pretrained(tmp_path_factory.mktemp("det") / "model")
+def model_dir(untrained_detector):
+    return untrained_detector(("fermi-lat", "wise"))
 
 
 def test_scales_default_to_one_and_old_configs_load_unchanged(model_dir):

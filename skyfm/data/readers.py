@@ -453,6 +453,19 @@ def image_units(headers: list[fits.Header], inst: Instrument, bands: list[str], 
     return factor, (None if (factor == 1.0 and unit == u.adu) else unit), True
 
 
+def _check_bunit_option(bunit: str, inst: Instrument | None, fmt: str, where: str) -> None:
+    """A unit given in place of the header's BUNIT must be one :func:`image_units` converts, for a CCD image."""
+    if inst is None:
+        raise SkyfmError(f"{where}: --bunit needs the instrument (--instrument NAME), whose gain converts it")
+    if inst.is_counts or fmt == FORMAT_SIMULATED:
+        raise SkyfmError(f"{where}: --bunit is for CCD images read from a file; this one is "
+                         f"{'a counts cube (counts)' if inst.is_counts else 'a skyfm simulated patch (ADU)'}")
+    _, _, told = image_units([fits.Header({"BUNIT": bunit.strip(), "EXPTIME": 1.0})], inst, [], where)
+    if not told:
+        raise SkyfmError(f"--bunit {bunit!r} is not a unit skyfm converts: give ADU, DN, counts or electrons, or any "
+                         "of these per second (e.g. 'electron/s')")
+
+
 def bunit_text(headers: list[fits.Header]) -> str:
     """BUNIT of the first of ``headers`` that has a non-empty one, stripped; '' if none."""
     return next((str(h["BUNIT"]).strip() for h in headers if str(h.get("BUNIT", "")).strip()), "")
@@ -879,7 +892,7 @@ def _skyfm_science_hdus(hdul: fits.HDUList) -> list[int]:
 
 
 def open_image(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None,
-               mask: str | Path | None = None, mask_bits: int | None = None) -> ImageFile:
+               mask: str | Path | None = None, mask_bits: int | None = None, bunit: str | None = None) -> ImageFile:
     """Open a FITS image lazily (memory-mapped; pixels are read only by ``read_window``). See the module docstring.
 
     ``mask``: a bad-pixel mask in a FITS file of its own, as many pipelines write beside their images (a
@@ -888,10 +901,13 @@ def open_image(path: str | Path, *, instrument=None, hdu: int | str | None = Non
     pixel values and needs them). Its HDU is the image's own index where the mask file has an image of the size
     there (one mask per CCD), else its first image. The returned :class:`ImageFile` holds the file(s) open: use it
     in a ``with`` block or call ``close()``.
+
+    ``bunit``: a CCD image's pixel unit, in place of its header's BUNIT (a file with none, or a wrong one): ADU, DN,
+    counts, electrons, or any of these per second (the exposure time from the header's EXPTIME).
     """
     hdul = open_fits(path, memmap=True)
     try:
-        image = _describe_image(Path(path), hdul, instrument, hdu, band)
+        image = _describe_image(Path(path), hdul, instrument, hdu, band, bunit)
     except BaseException:
         hdul.close()
         raise
@@ -965,7 +981,7 @@ def parse_mask_bits(text: str | None) -> int | None:
     return total
 
 
-def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> ImageFile:
+def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band, bunit: str | None = None) -> ImageFile:
     index = select_hdu(hdul, hdu, path)
     header = hdul[index].header
     label = _hdu_label(hdul, index)
@@ -1001,6 +1017,9 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
                              f"{len(edges)} rows")
         if fmt == FORMAT_IMAGE and int(header["NAXIS"]) - dropped == 3:
             fmt = FORMAT_CUBE
+    not_counts = _not_counts(hdul, headers) if inst is not None and inst.is_counts and bands_index is None else None
+    if not_counts:  # before the bands' problem, which a cube of one plane per energy would also have
+        problems.append(f"{where}: {not_counts}")
     bands, edges, band_problem, grouping = _bands(hdul, planes, shape, inst, band, edges, where)
     if band_problem:
         problems.append(f"{where}: {band_problem}")
@@ -1015,8 +1034,14 @@ def _describe_image(path: Path, hdul: fits.HDUList, instrument, hdu, band) -> Im
         notes.append(f"{where}: {grouping.summary(inst.name)}")
         warnings.warn(EnergyBinsWarning(notes[-1]), stacklevel=3)
     adu_per_unit, unit, saturation_adu, gain, unit_told = 1.0, None, None, None, True
+    if bunit is not None:
+        _check_bunit_option(bunit, inst, fmt, where)
+        raw = bunit_text(headers)
+        aside = f", not the header's BUNIT {raw!r}" if raw and raw != bunit.strip() else ""
+        notes.append(f"{where}: pixels in {bunit.strip()}, as --bunit says{aside}")
     if inst is not None and fmt != FORMAT_SIMULATED:
-        adu_per_unit, unit, unit_told = image_units(headers, inst, bands, where)
+        told = headers if bunit is None else [fits.Header({"BUNIT": bunit.strip()})] + list(headers)
+        adu_per_unit, unit, unit_told = image_units(told, inst, bands, where)
         if unit is not None:
             notes.append(f"{where}: pixels in {unit.to_string()}, read as {inst.name}'s ADU (x {adu_per_unit:.6g}); "
                          f"catalog fluxes in {unit.to_string()}")
@@ -1055,6 +1080,25 @@ def _bands(hdul, planes, shape, inst: Instrument | None, band: str | None, edges
     return list(grouping.bands), grouping.edges_kev, None, grouping
 
 
+def _not_counts(hdul, headers: list[fits.Header]) -> str | None:
+    """Why an image given for a counts instrument, with no EBOUNDS, holds no counts, or None: an exposure cube
+    (gtexpcube2's: BUNIT cm2 s) or a model intensity cube (the interstellar-emission model: BUNIT ph cm-2 s-1 MeV-1
+    sr-1), or planes at energies rather than bins (an ENERGIES table). gtbin and gtmodel counts cubes carry
+    EBOUNDS, so they are not questioned."""
+    raw = bunit_text(headers)
+    unit = u.Unit(raw, parse_strict="silent") if raw else None
+    if unit is not None and not isinstance(unit, u.UnrecognizedUnit):
+        if unit.is_equivalent(u.cm**2 * u.s):
+            return (f"its pixels are an exposure (BUNIT {raw!r}), not counts: give it to skyfm detect as "
+                    "--exposure, beside the counts cube")
+        if unit.physical_type != "dimensionless" and not unit.is_equivalent(u.ct):
+            return f"its pixels are in {raw!r}, not counts: a counts cube (gtbin's) is what skyfm detects in"
+    if any(h.name == "ENERGIES" for h in hdul):
+        return ("its planes are at energies (an ENERGIES table: an exposure or model cube), not counts in energy "
+                "bins (EBOUNDS): an exposure cube goes to skyfm detect as --exposure")
+    return None
+
+
 def _plane_bands(hdul, planes, shape, inst: Instrument | None, band: str | None, edges: np.ndarray | None):
     """(band names, energy edges keV or None, problem or None) for the planes of an image."""
     n = shape[0]
@@ -1091,7 +1135,7 @@ def _plane_bands(hdul, planes, shape, inst: Instrument | None, band: str | None,
 
 # ----------------------------------------------------------------------------------------------------------------
 def read_image(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None,
-               mask: str | Path | None = None, mask_bits: int | None = None) -> Patch:
+               mask: str | Path | None = None, mask_bits: int | None = None, bunit: str | None = None) -> Patch:
     """Read a FITS image (any image HDU, a gtbin counts cube or a skyfm patch file) into a Patch.
 
     Args:
@@ -1100,13 +1144,15 @@ def read_image(path: str | Path, *, instrument=None, hdu: int | str | None = Non
         hdu: HDU index or EXTNAME to read; default: the first HDU with image data (a skyfm patch: all bands).
         band: the band of a one-band image when its header does not say (FILTER / BAND / EBOUNDS).
         mask, mask_bits: a bad-pixel mask file beside the image, as :func:`open_image`.
+        bunit: a CCD image's pixel unit in place of its header's BUNIT, as :func:`open_image`.
 
     Returns:
         A Patch: ``data`` float32 (C, H, W) with invalid pixels set to 0 and flagged in ``mask``; ``wcs`` the
         celestial WCS or None (then a :class:`NoWCSWarning` is issued); counts data carry ``energy_edges_kev``.
         A simulated patch also carries its truth, source image and contaminant mask.
     """
-    with open_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits) as image:
+    with open_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits,
+                    bunit=bunit) as image:
         image.require_patchable()
         if image.format == FORMAT_SIMULATED:
             patch = read_patch(image.path)
@@ -1168,7 +1214,7 @@ def _band_text(name: str, edges_kev: np.ndarray | None, k: int, inst: Instrument
 
 
 def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = None, band: str | None = None,
-                 mask=None, mask_bits: int | None = None) -> list[str]:
+                 mask=None, mask_bits: int | None = None, bunit: str | None = None) -> list[str]:
     """What skyfm sees in a file, as lines of text: format, instrument (and from where), shape, bands with their
     energy or wavelength ranges, pixel scale, WCS, masked fraction (with a bad-pixel mask file: counted in),
     truth rows."""
@@ -1183,7 +1229,7 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
             return describe_healpix(path, instrument=instrument, hdu=hdu)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EnergyBinsWarning)  # said below as a note
-            image = _describe_image(Path(path), hdul, instrument, hdu, band)
+            image = _describe_image(Path(path), hdul, instrument, hdu, band, bunit)
     except BaseException:
         hdul.close()
         raise

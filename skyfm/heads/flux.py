@@ -48,9 +48,10 @@ def decode_flux(mean: np.ndarray, logvar: np.ndarray, unit) -> tuple[np.ndarray,
 
 def flux_phys(band_counts: np.ndarray, exposure_cm2_s: np.ndarray) -> np.ndarray:
     """Photon flux (ph cm-2 s-1) over the bands given: sum over bands of counts / exposure, as the simulator's
-    ``flux_phys`` (the sum of the bands' photon fluxes)."""
+    ``flux_phys`` (the sum of the bands' photon fluxes). ``exposure_cm2_s``: (C,) one per band, or (N, C) one per
+    source and band (an exposure cube's, :mod:`skyfm.catalog.exposure`)."""
     band_counts = np.atleast_2d(np.asarray(band_counts, dtype=np.float64))
-    return (band_counts / np.asarray(exposure_cm2_s, dtype=np.float64)[None, :]).sum(axis=1)
+    return (band_counts / np.atleast_2d(np.asarray(exposure_cm2_s, dtype=np.float64))).sum(axis=1)
 
 
 __all__ = ["decode_flux", "flux_phys", "gaussian_nll", "log_flux_target"]

@@ -1,0 +1,252 @@
+"""Exposure cubes: a counts cube's physical photon fluxes from the exposure its observation had.
+
+A counts catalog's ``flux_phys`` (ph cm-2 s-1) is each band's fitted counts over the band's exposure, summed over the
+bands. Without more to go on, the exposure is the instrument YAML's one number per band (a typical exposure; the
+simulator's). A real observation's exposure varies over the sky and with energy (for Fermi-LAT, the survey's time
+on each direction and the effective area's rise from 100 MeV to 1 GeV), and a cube of another mission length or
+event selection has another exposure altogether: ``flux_phys`` from the YAML is then off by their ratio (a cube of
+three times the YAML's exposure gives fluxes three times too bright).
+
+Fermi's ``gtexpcube2`` writes the exposure as a cube in cm2 s: a 3-D primary image (energy, lat, lon) on a celestial
+grid of its own (often the whole sky, coarser than the counts), with an ``ENERGIES`` table of the energy of each
+plane (MeV; the counts cube's bin edges, so one plane more than bins). gammapy writes the same (``format =
+"fgst-template"``) or planes per bin with an ``EBOUNDS`` / ``BANDS`` table. :func:`read_exposure_cube` reads any of
+these, and a 2-D map (one exposure for every energy); :meth:`ExposureCube.band_exposure` gives each source its
+exposure per band: bilinear in the sky at the source's position, and over the band the mean weighted by a power law
+of index 2 (the spectrum the likelihood fit assumes, ``skyfm.catalog.likelihood.powerlaw_band_weights``), the
+exposure linear in log energy between planes where the planes are energies (``gtexpcube2``'s), constant over each
+bin where they are bins.
+:func:`apply_exposure` puts the result into a catalog.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from skyfm.errors import SkyfmError
+
+#: points per band, uniform in log energy, at which the exposure is averaged
+ENERGY_SAMPLES = 64
+#: spectral index of the power law that weighs the exposure over a band (the likelihood fit's)
+SPECTRAL_INDEX = 2.0
+#: a band may reach this far (relative) beyond the cube's energies: rounding in the files' edges
+ENERGY_TOLERANCE = 1e-3
+#: a source this many pixels beyond the cube's edge takes the edge's exposure: gtexpcube2 cmap=COUNTS_CUBE makes the
+#: exposure on the counts cube's own grid, and a fitted position may lie just outside it
+EDGE_MARGIN_PIX = 2.0
+
+ENERGY_TABLES = ("ENERGIES", "EBOUNDS", "BANDS")
+
+
+@dataclass
+class ExposureCube:
+    """An exposure cube read by :func:`read_exposure_cube`.
+
+    Attributes:
+        data: (P, H, W) exposure in cm2 s, one plane per energy or energy bin (P = 1: the same exposure at every
+            energy). May be a memory map: only the pixels around the sources are read.
+        energies_mev: (P,) energy of each plane (MeV), increasing, for a cube of energies; else None.
+        bins_mev: (P, 2) energy bin of each plane (MeV), for a cube of bins; else None.
+        wcs: celestial WCS of the planes.
+        source: the file, for messages.
+    """
+
+    data: np.ndarray
+    energies_mev: np.ndarray | None
+    bins_mev: np.ndarray | None
+    wcs: object
+    source: str
+
+    def at_sky(self, coords) -> np.ndarray:
+        """(N, P) exposure of each plane at ``coords`` (a SkyCoord of N positions in any frame): bilinear between
+        pixel centres; NaN outside the cube's pixels."""
+        px, py = (np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in self.wcs.world_to_pixel(coords))
+        return self.at_pixels(px, py)
+
+    def at_pixels(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        """(N, P) exposure of each plane at 0-based pixel positions of the cube; NaN more than
+        :data:`EDGE_MARGIN_PIX` outside its pixels (within it, the edge pixels' exposure)."""
+        from scipy.ndimage import map_coordinates
+
+        n_planes, height, width = self.data.shape
+        m = EDGE_MARGIN_PIX
+        inside = (np.isfinite(px) & np.isfinite(py) & (px >= -0.5 - m) & (px <= width - 0.5 + m)
+                  & (py >= -0.5 - m) & (py <= height - 0.5 + m))
+        out = np.full((len(px), n_planes), np.nan)
+        if not inside.any():
+            return out
+        # only the box around the sources is read (an all-sky cube may be memory-mapped)
+        x0 = min(max(int(np.floor(px[inside].min())) - 1, 0), width - 1)
+        x1 = max(min(int(np.ceil(px[inside].max())) + 2, width), x0 + 1)
+        y0 = min(max(int(np.floor(py[inside].min())) - 1, 0), height - 1)
+        y1 = max(min(int(np.ceil(py[inside].max())) + 2, height), y0 + 1)
+        points = np.stack([py[inside] - y0, px[inside] - x0])
+        for k in range(n_planes):
+            box = np.asarray(self.data[k, y0:y1, x0:x1], dtype=np.float64)
+            out[inside, k] = map_coordinates(box, points, order=1, mode="nearest")
+        return out
+
+    def band_weights(self, energy_edges_kev) -> np.ndarray:
+        """(P, C) matrix that turns the planes' exposures into each band's: over the band, the mean of the exposure
+        weighted by a power law, the exposure linear in log energy between a cube's energies (flat beyond the first
+        and last) or constant over each of its bins. Bands outside the cube's energies are an error."""
+        from skyfm.data.readers import energy_label
+
+        edges = np.asarray(energy_edges_kev, dtype=np.float64).reshape(-1, 2) / 1e3  # MeV
+        n_planes = self.data.shape[0]
+        if self.energies_mev is None and self.bins_mev is None:
+            return np.ones((1, len(edges)))
+        nodes = self.energies_mev if self.energies_mev is not None else self.bins_mev
+        lo, hi = float(np.min(nodes)), float(np.max(nodes))
+        outside = (edges[:, 0] < lo * (1 - ENERGY_TOLERANCE)) | (edges[:, 1] > hi * (1 + ENERGY_TOLERANCE))
+        if outside.any():
+            k = int(np.flatnonzero(outside)[0])
+            raise SkyfmError(f"exposure cube {self.source}: it covers {energy_label(lo * 1e3, hi * 1e3)}, but the "
+                             f"image's band {k} is {energy_label(*edges[k] * 1e3)}; make the exposure cube for the "
+                             "counts cube's energy bins (gtexpcube2 cmap=COUNTS_CUBE)")
+        weights = np.zeros((n_planes, len(edges)))
+        t = (np.arange(ENERGY_SAMPLES) + 0.5) / ENERGY_SAMPLES
+        for c, (e_lo, e_hi) in enumerate(edges):
+            # midpoints of equal steps in ln E; a power law E^-index per unit ln E weighs as E^(1 - index)
+            log_e = np.log(e_lo) + t * np.log(e_hi / e_lo)
+            w = np.exp((1.0 - SPECTRAL_INDEX) * log_e)
+            if self.energies_mev is not None:
+                log_nodes = np.log(self.energies_mev)
+                for p in range(n_planes):
+                    weights[p, c] = np.dot(w, np.interp(log_e, log_nodes, np.eye(n_planes)[p]))
+            else:
+                e = np.exp(log_e)
+                for p, (b_lo, b_hi) in enumerate(self.bins_mev):
+                    weights[p, c] = w[(e >= b_lo) & (e < b_hi)].sum()
+            weights[:, c] /= weights[:, c].sum()
+        return weights
+
+    def band_exposure(self, coords, energy_edges_kev) -> np.ndarray:
+        """(N, C) exposure (cm2 s) of each band at ``coords`` (SkyCoord, N positions); NaN outside the cube."""
+        return self.at_sky(coords) @ self.band_weights(energy_edges_kev)
+
+
+def read_exposure_cube(path) -> ExposureCube:
+    """Read an exposure cube (module docstring): the first HDU with image data, its celestial WCS, the plane
+    energies from its ``ENERGIES`` table (energies of the planes, MeV unless TUNIT says otherwise) or an
+    ``EBOUNDS`` / ``BANDS`` table of bins (keV unless TUNIT says otherwise; each plane at its bin's log centre).
+    A file without a celestial WCS, a cube without an energy table or with one of the wrong length, and NaN,
+    infinite or negative exposures are errors."""
+    import astropy.units as u
+    from astropy.table import Table
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    from skyfm.data.readers import open_fits
+
+    where = f"exposure cube {Path(path).name}"
+    with open_fits(path) as hdul:
+        image = next((h for h in hdul if h.is_image and h.data is not None and h.data.ndim in (2, 3)), None)
+        if image is None:
+            raise SkyfmError(f"{where}: no 2-D or 3-D image in the file (gtexpcube2 writes the exposure as the "
+                             "primary image)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(image.header).celestial
+        if not wcs.has_celestial or wcs.naxis != 2:
+            raise SkyfmError(f"{where}: its image has no celestial WCS, so the sources' sky positions cannot be "
+                             "found on it")
+        data = image.data if image.data.ndim == 3 else image.data[None]
+        energies = bins = None
+        if data.shape[0] > 1:
+            table_hdu = next((h for name in ENERGY_TABLES for h in hdul if h.name == name), None)
+            if table_hdu is None:
+                raise SkyfmError(f"{where}: {data.shape[0]} planes but no ENERGIES, EBOUNDS or BANDS table to say "
+                                 "their energies")
+            table = Table.read(table_hdu)
+            if "E_MIN" in table.colnames and "E_MAX" in table.colnames:
+                from skyfm.data.fits_io import read_ebounds
+
+                bins = read_ebounds(table_hdu, where=where) / 1e3  # MeV
+                n_given = len(bins)
+                ordered = np.all(bins > 0) and np.all(bins[:, 1] > bins[:, 0]) and np.all(bins[1:, 0] >= bins[:-1, 1])
+            else:
+                column = next((c for c in table.colnames if c.upper() in ("ENERGY", "ENERGIES")), table.colnames[0])
+                col = table[column]
+                energies = np.asarray(u.Quantity(col, col.unit or u.MeV).to_value(u.MeV), dtype=np.float64)
+                n_given = len(energies)
+                ordered = np.all(energies > 0) and np.all(np.diff(energies) > 0)
+            if n_given != data.shape[0]:
+                raise SkyfmError(f"{where}: {data.shape[0]} planes but its {table_hdu.name} table gives "
+                                 f"{n_given} energies")
+            if not ordered:
+                raise SkyfmError(f"{where}: the planes' energies should be positive and increasing")
+        # a large cube is checked on a grid of its pixels (the sources' own are checked again where they are read)
+        step = 1 if data.size <= 1e8 else int(np.ceil(np.sqrt(data.size / 1e8)))
+        planes = np.asarray(data[:, ::step, ::step])
+        if not np.isfinite(planes).all() or (planes < 0).any():
+            raise SkyfmError(f"{where}: the exposure has NaN, infinite or negative values; it should be cm2 s "
+                             "per pixel and energy")
+        if not (planes > 0).any():
+            raise SkyfmError(f"{where}: the exposure is zero everywhere")
+    return ExposureCube(data=data, energies_mev=energies, bins_mev=bins, wcs=wcs, source=Path(path).name)
+
+
+def catalog_coords(table):
+    """SkyCoord of a catalog's rows from its ``glon``/``glat`` or ``ra``/``dec`` columns; None without them."""
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+
+    def deg(name):
+        return np.asarray(getattr(table[name], "value", table[name]), dtype=np.float64)
+
+    if "glon" in table.colnames and "glat" in table.colnames:
+        return SkyCoord(l=deg("glon") * u.deg, b=deg("glat") * u.deg, frame="galactic")
+    if "ra" in table.colnames and "dec" in table.colnames:
+        return SkyCoord(ra=deg("ra") * u.deg, dec=deg("dec") * u.deg, frame="icrs")
+    return None
+
+
+def apply_exposure(table, cube: ExposureCube, energy_edges_kev):
+    """``table`` with ``flux_phys`` from ``cube``: each row's bands' counts (``flux_band``, the likelihood fit's)
+    over the exposure at its position (:meth:`ExposureCube.band_exposure`), summed. ``energy_edges_kev`` (C, 2):
+    the energy bins of ``flux_band``'s columns. Rows outside the cube, or where its exposure is zero, get NaN (a
+    warning says how many); the table's meta ``exposure_cube`` names the file. A catalog without ``flux_phys`` (no
+    likelihood refinement) or without sky coordinates is an error."""
+    import astropy.units as u
+
+    from skyfm.heads.flux import flux_phys
+
+    if "flux_phys" not in table.colnames:
+        raise SkyfmError("--exposure gives the physical fluxes of the Poisson likelihood refinement; this catalog "
+                         "has none (a CCD image, --no-refine, or a HEALPix map)")
+    coords = catalog_coords(table)
+    if coords is None:
+        raise SkyfmError(f"--exposure {cube.source}: the image has no celestial WCS, so its sources cannot be "
+                         "placed on the exposure cube")
+    out = table.copy(copy_data=False)
+    if len(out) == 0:
+        out.meta["exposure_cube"] = cube.source
+        return out
+    exposure = cube.band_exposure(coords, energy_edges_kev)  # (N, C)
+    counts = np.clip(np.asarray(getattr(out["flux_band"], "value", out["flux_band"]), dtype=np.float64), 0, None)
+    if counts.ndim == 1:
+        counts = counts[:, None]
+    if counts.shape[1] != exposure.shape[1]:
+        raise SkyfmError(f"--exposure {cube.source}: the catalog has {counts.shape[1]} bands, the image "
+                         f"{exposure.shape[1]} energy bins")
+    usable = np.isfinite(exposure).all(axis=1) & (exposure > 0).all(axis=1)
+    phys = np.full(len(out), np.nan)
+    if usable.any():
+        phys[usable] = flux_phys(counts[usable], exposure[usable])
+    if not usable.all():
+        warnings.warn(f"{int((~usable).sum())} of {len(out)} sources lie outside the exposure cube "
+                      f"{cube.source} or where its exposure is zero or not a number: their flux_phys is NaN",
+                      stacklevel=2)
+    out["flux_phys"] = u.Quantity(phys, u.ph / u.cm**2 / u.s)
+    out["flux_phys"].info.description = (f"Photon flux over the bands of the image: sum of counts / exposure per "
+                                         f"bin, the exposure from {cube.source} at the source (power-law weighted "
+                                         "over each bin)")
+    out.meta["exposure_cube"] = cube.source
+    return out
+
+
+__all__ = ["ExposureCube", "apply_exposure", "catalog_coords", "read_exposure_cube"]

@@ -1,0 +1,212 @@
+"""Exposure cubes (skyfm.catalog.exposure, skyfm detect --exposure): flux_phys from the exposure the observation had."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import astropy.units as u
+import numpy as np
+import pytest
+from astropy.coordinates import SkyCoord
+from astropy.io import fits
+from astropy.wcs import WCS
+from scipy.integrate import quad
+
+from skyfm.catalog.exposure import read_exposure_cube
+from skyfm.cli import main
+from skyfm.data import write_patch
+from skyfm.data.fits_io import ebounds_hdu
+from skyfm.data.simulate import simulate_patch
+from skyfm.errors import SkyfmError
+from skyfm.instruments import load_instrument
+
+FERMI = load_instrument("fermi-lat")
+EDGES_KEV = np.array([[b.energy[0].to_value("keV"), b.energy[1].to_value("keV")] for b in FERMI.bands])
+
+
+def car_wcs(frame: str, centre: tuple[float, float], shape: tuple[int, int], step_deg: float) -> WCS:
+    """A plate carrée grid like gtexpcube2's, centred on ``centre`` (deg)."""
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["GLON-CAR", "GLAT-CAR"] if frame == "galactic" else ["RA---CAR", "DEC--CAR"]
+    w.wcs.crval = [centre[0], 0.0]
+    w.wcs.crpix = [(shape[1] + 1) / 2, (shape[0] + 1) / 2 - centre[1] / step_deg]
+    w.wcs.cdelt = [-step_deg, step_deg]
+    return w
+
+
+def write_gtexpcube2(path, planes: np.ndarray, energies_mev: np.ndarray, wcs: WCS):
+    """The layout gtexpcube2 writes: the exposure as a 3-D primary image, the planes' energies in ENERGIES."""
+    header = wcs.to_header()
+    header.update({"WCSAXES": 3, "CTYPE3": "Energy", "CUNIT3": "MeV", "BUNIT": "cm2 s", "TELESCOP": "GLAST"})
+    table = fits.BinTableHDU.from_columns([fits.Column("Energy", "D", unit="MeV", array=energies_mev)],
+                                          name="ENERGIES")
+    fits.HDUList([fits.PrimaryHDU(planes.astype(np.float32), header=header), table]).writeto(path)
+    return path
+
+
+def powerlaw_mean(exposure_of_log_e, lo_mev: float, hi_mev: float) -> float:
+    """The E^-2-weighted mean of an exposure over [lo, hi], integrated by quad (the reference)."""
+    num = quad(lambda e: exposure_of_log_e(np.log(e)) * e**-2, lo_mev, hi_mev, limit=200)[0]
+    return num / quad(lambda e: e**-2, lo_mev, hi_mev)[0]
+
+
+def test_a_gtexpcube2_cube_gives_each_band_its_power_law_mean_exposure_where_the_source_is(tmp_path):
+    """Planes at the bins' edges (gtexpcube2): each band's exposure is the E^-2-weighted mean of the exposure,
+    linear in log energy, at the source's position (bilinear: a gradient in longitude is followed exactly), in
+    whatever frame the positions come."""
+    energies = np.append(EDGES_KEV[:, 0], EDGES_KEV[-1, 1]) / 1e3  # 7 planes, MeV
+    area = np.array([2.0, 3.1, 3.4, 3.5, 3.3, 3.1, 2.8]) * 1e11  # an effective area's rise and fall
+    shape, step = (30, 40), 0.5
+    wcs = car_wcs("galactic", (20.0, 1.0), shape, step)
+    lon = wcs.pixel_to_world(np.arange(shape[1]), np.zeros(shape[1])).l.wrap_at(180 * u.deg).deg
+    gradient = 1.0 + 0.02 * (lon - 20.0)  # exposure varies across the sky
+    planes = area[:, None, None] * np.broadcast_to(gradient, shape)[None]
+    cube = read_exposure_cube(write_gtexpcube2(tmp_path / "expcube.fits", planes, energies, wcs))
+    assert cube.data.shape == (7, 30, 40) and np.allclose(cube.energies_mev, energies)
+    where = SkyCoord(l=[18.3, 20.0, 23.7] * u.deg, b=[0.4, 1.0, 2.2] * u.deg, frame="galactic")
+    got = cube.band_exposure(where, EDGES_KEV)
+    for c, (lo, hi) in enumerate(EDGES_KEV / 1e3):
+        mean = powerlaw_mean(lambda x: np.interp(x, np.log(energies), area), lo, hi)
+        np.testing.assert_allclose(got[:, c], mean * (1.0 + 0.02 * (where.l.deg - 20.0)), rtol=1e-3)
+    np.testing.assert_allclose(cube.band_exposure(where.icrs, EDGES_KEV), got, rtol=1e-6)  # any frame
+    far = cube.band_exposure(SkyCoord(l=[90.0] * u.deg, b=[0.0] * u.deg, frame="galactic"), EDGES_KEV)
+    assert np.isnan(far).all()  # outside the cube's pixels
+    edge = cube.at_pixels(np.array([-1.5, 40.5, 12.0]), np.array([5.0, 29.0, 31.0]))  # just beyond: the edge's
+    np.testing.assert_allclose(edge, cube.at_pixels(np.array([0.0, 39.0, 12.0]), np.array([5.0, 29.0, 29.0])))
+    assert np.isnan(cube.at_pixels(np.array([-3.0, 43.0]), np.array([5.0, 5.0]))).all()
+
+
+def test_a_cube_of_bins_and_a_map_of_one_exposure(tmp_path):
+    """A cube with an EBOUNDS table (one plane per bin, gammapy's layout) gives a band of those bins its plane,
+    and a band of two bins their power-law mean; a 2-D map gives every band its value."""
+    wcs = car_wcs("icrs", (150.0, 2.0), (20, 20), 0.25)
+    bins_kev = np.array([[3e5, 1e6], [1e6, 4e6], [4e6, 1e7]])
+    values = np.array([1.0, 2.0, 4.0]) * 1e11
+    planes = values[:, None, None] * np.ones((3, 20, 20))
+    path = tmp_path / "bins.fits"
+    fits.HDUList([fits.PrimaryHDU(planes, header=wcs.to_header()), ebounds_hdu(bins_kev)]).writeto(path)
+    cube = read_exposure_cube(path)
+    at = SkyCoord(ra=[150.2] * u.deg, dec=[2.1] * u.deg)
+    np.testing.assert_allclose(cube.band_exposure(at, bins_kev), values[None], rtol=1e-9)
+    w = np.array([1 / 3e5 - 1 / 1e6, 1 / 1e6 - 1 / 4e6])  # the E^-2 photons in each of the two bins
+    two = cube.band_exposure(at, [[3e5, 4e6]])
+    np.testing.assert_allclose(two[0, 0], (w * values[:2]).sum() / w.sum(), rtol=0.02)  # 64 samples in ln E
+    flat = tmp_path / "map.fits"
+    fits.PrimaryHDU(np.full((20, 20), 5e11), header=wcs.to_header()).writeto(flat)
+    np.testing.assert_allclose(read_exposure_cube(flat).band_exposure(at, bins_kev), 5e11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("no-wcs", "no celestial WCS"), ("no-energies", "no ENERGIES, EBOUNDS or BANDS"),
+    ("wrong-length", "3 planes but its ENERGIES table gives 2"), ("nan", "NaN"), ("zero", "zero everywhere"),
+    ("table-only", "no 2-D or 3-D image"), ("not-fits", "not a FITS file"), ("missing", "not found"),
+    ("unordered", "positive and increasing")])
+def test_bad_exposure_cubes_are_one_clear_error(tmp_path, case, words):
+    wcs = car_wcs("galactic", (0.0, 0.0), (8, 8), 1.0)
+    planes = np.full((3, 8, 8), 1e11)
+    energies = fits.BinTableHDU.from_columns([fits.Column("Energy", "D", array=[100.0, 1e3, 1e4])], name="ENERGIES")
+    path = tmp_path / f"{case}.fits"
+    if case == "no-wcs":
+        fits.HDUList([fits.PrimaryHDU(planes), energies]).writeto(path)
+    elif case == "no-energies":
+        fits.PrimaryHDU(planes, header=wcs.to_header()).writeto(path)
+    elif case in ("wrong-length", "unordered"):
+        values = [100.0, 1e3] if case == "wrong-length" else [1e3, 100.0, 1e4]
+        table = fits.BinTableHDU.from_columns([fits.Column("Energy", "D", array=values)], name="ENERGIES")
+        fits.HDUList([fits.PrimaryHDU(planes, header=wcs.to_header()), table]).writeto(path)
+    elif case in ("nan", "zero"):
+        bad = planes.copy()
+        if case == "nan":
+            bad[1, 2, 2] = np.nan
+        else:
+            bad[:] = 0.0
+        fits.HDUList([fits.PrimaryHDU(bad, header=wcs.to_header()), energies]).writeto(path)
+    elif case == "table-only":
+        fits.HDUList([fits.PrimaryHDU(), energies]).writeto(path)
+    elif case == "not-fits":
+        path.write_text("exposure, please\n")
+    with pytest.raises(SkyfmError, match=words):
+        read_exposure_cube(path)
+
+
+def _meta(table, key: str):
+    """A catalog's meta value, whatever case the file format gave its key (FITS: upper)."""
+    return table.meta.get(key, table.meta.get(key.upper()))
+
+
+@pytest.fixture(scope="module")
+def model_dir(untrained_detector):
+    return untrained_detector(("meerlicht", "fermi-lat"))
+
+
+def test_detect_with_an_exposure_cube_divides_each_source_by_its_own_exposure(tmp_path, model_dir, capsys):
+    """A cube observed three times as long as the YAML says: --exposure with a cube of three times the YAML's
+    exposure in every bin gives a third of the YAML's flux_phys for every source (and so the true one); sources off
+    the exposure cube get NaN and a warning; the file is named in the catalog's meta. Bad input: a CCD image,
+    --no-refine, a cube whose energies miss the bins: one line each, nothing written."""
+    from skyfm.catalog import read_catalog
+
+    longer = dataclasses.replace(FERMI, bands=tuple(dataclasses.replace(b, exposure=3 * b.exposure)
+                                                    for b in FERMI.bands))
+    p = simulate_patch(longer, 3, size=48, population="real", center=(20.0, 0.5))
+    src = write_patch(p, tmp_path / "cube.fits")
+    exposure = np.array([b.exposure for b in FERMI.bands])
+    bins = tmp_path / "expcube.fits"  # on a coarser ICRS grid of its own that covers the image
+    centre = SkyCoord(l=20.0 * u.deg, b=0.5 * u.deg, frame="galactic").icrs
+    wcs = car_wcs("icrs", (centre.ra.deg, centre.dec.deg), (40, 40), 0.25)
+    fits.HDUList([fits.PrimaryHDU(3 * exposure[:, None, None] * np.ones((6, 40, 40)), header=wcs.to_header()),
+                  ebounds_hdu(EDGES_KEV)]).writeto(bins)
+    half = tmp_path / "half.fits"  # covers only the image's eastern half (RA increases to the east)
+    half_wcs = car_wcs("icrs", (centre.ra.deg + 2.5, centre.dec.deg), (40, 20), 0.25)
+    fits.HDUList([fits.PrimaryHDU(3 * exposure[:, None, None] * np.ones((6, 40, 20)), header=half_wcs.to_header()),
+                  ebounds_hdu(EDGES_KEV)]).writeto(half)
+    tables = {}
+    for name, extra in (("yaml", []), ("cube", ["--exposure", str(bins)]), ("half", ["--exposure", str(half)])):
+        out = tmp_path / f"cat-{name}.fits"
+        rc = main(["detect", str(src), "--model", str(model_dir), "--min-score", "0.0101", "--out", str(out)] + extra)
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert ("lie outside the exposure cube half.fits" in err) == (name == "half"), err
+        tables[name] = read_catalog(out)
+    yaml_flux, cube_flux = (np.asarray(tables[k]["flux_phys"]) for k in ("yaml", "cube"))
+    assert len(yaml_flux) > 3 and _meta(tables["cube"], "exposure_cube") == "expcube.fits"
+    assert "expcube.fits" in tables["cube"]["flux_phys"].info.description
+    np.testing.assert_allclose(cube_flux, yaml_flux / 3, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(tables["cube"]["flux"]), np.asarray(tables["yaml"]["flux"]))
+    off = np.isnan(np.asarray(tables["half"]["flux_phys"]))
+    assert 0 < off.sum() < len(off)
+    np.testing.assert_allclose(np.asarray(tables["half"]["flux_phys"])[~off], cube_flux[~off], rtol=1e-5)
+    ml = write_patch(simulate_patch("meerlicht", 1, size=32), tmp_path / "ml.fits")
+    high = tmp_path / "high.fits"
+    write_gtexpcube2(high, np.ones((2, 40, 40)) * 3e11, np.array([1e3, 1e6]), wcs)
+    for image, extra, words in ((ml, ["--exposure", str(bins)], "for counts cubes"),
+                                (src, ["--exposure", str(bins), "--no-refine"], "--no-refine"),
+                                (src, ["--exposure", str(high)],
+                                 "it covers 1-1000 GeV, but the image's band 0 is 0.3-1.159 GeV"),
+                                (src, ["--exposure", str(tmp_path / "none.fits")], "not found")):
+        out = tmp_path / "bad.fits"
+        rc = main(["detect", str(image), "--model", str(model_dir), "--out", str(out)] + extra)
+        err = capsys.readouterr().err
+        assert rc == 1 and words in err and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_an_exposure_or_model_cube_given_as_the_counts_is_one_clear_error(tmp_path, capsys):
+    """gtexpcube2's cube (BUNIT cm2 s; or no BUNIT, but planes at ENERGIES) or an intensity model cube given to
+    skyfm detect as the counts: one line that says what it is (and where an exposure cube goes), nothing written."""
+    wcs = car_wcs("galactic", (20.0, 0.0), (30, 40), 0.5)
+    energies = np.append(EDGES_KEV[:, 0], EDGES_KEV[-1, 1]) / 1e3
+    files = {"exposure": "its pixels are an exposure (BUNIT 'cm2 s')", "no-bunit": "its planes are at energies",
+             "intensity": "its pixels are in 'ph / (cm2 s MeV sr)', not counts"}
+    for name, words in files.items():
+        path = write_gtexpcube2(tmp_path / f"{name}.fits", np.full((7, 30, 40), 3e11), energies, wcs)
+        with fits.open(path, mode="update") as hdul:
+            if name == "no-bunit":
+                del hdul[0].header["BUNIT"]
+            elif name == "intensity":
+                hdul[0].header["BUNIT"] = "ph / (cm2 s MeV sr)"
+        out = tmp_path / f"cat-{name}.fits"
+        rc = main(["detect", str(path), "--instrument", "fermi-lat", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 1 and words in err and err.count("\n") == 1, err
+        assert not out.exists()
