@@ -603,9 +603,15 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "setting (on for MeerLICHT and Hubble, off for WISE).")
 @click.option("--background", "background_path", default=None, type=click.Path(),
               help="Counts cubes: FITS file with the expected background counts (same bins and pixels as INPUT, e.g. "
-                   "the interstellar-emission + isotropic model cube from gtmodel); the likelihood refinement fits "
-                   "against it, and sources are kept by their TS (see --selection). Default: estimated from the "
-                   "counts (TS and flux errors are then less reliable).")
+                   "the interstellar-emission + isotropic model cube from gtmodel), or, with --exposure, the "
+                   "interstellar-emission model itself (gll_iem_v07.fits, a photon intensity on any grid: skyfm "
+                   "makes the counts, PSF and all); the likelihood refinement fits against it, and sources are kept "
+                   "by their TS (see --selection). Default: estimated from the counts (TS and flux errors are then "
+                   "less reliable).")
+@click.option("--isotropic", "isotropic_path", default=None, type=click.Path(),
+              help="Counts cubes, with --exposure: the isotropic emission's spectrum (the FSSC's text file, e.g. "
+                   "iso_P8R3_SOURCE_V3_v1.txt: energy in MeV, intensity, error), added to the --background "
+                   "intensity cube's counts.")
 @click.option("--bunit", default=None, help=BUNIT_HELP)
 @click.option("--exposure", "exposure_path", default=None, type=click.Path(),
               help="Counts cubes: FITS exposure cube (cm2 s; gtexpcube2's, with its ENERGIES table, on any celestial "
@@ -644,7 +650,7 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
                test_extension, mask_cosmic_rays, residual_search, device, mask_path, mask_bits, bunit,
-               exposure_path):
+               exposure_path, isotropic_path):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -675,6 +681,8 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
       skyfm detect ccube.fits --instrument fermi-lat --out fermi.vot --associate 4fgl.fits
       skyfm detect ccube.fits --instrument fermi-lat --background model_cube.fits --out fermi.fits
       skyfm detect ccube.fits --background model_cube.fits --exposure expcube.fits --out fermi.fits
+      skyfm detect ccube.fits --background gll_iem_v07.fits --isotropic iso_P8R3_SOURCE_V3_v1.txt \\
+          --exposure expcube.fits --out fermi.fits
     """
     from skyfm.detect import detect_file
 
@@ -687,7 +695,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             drop_trails=drop_trails, background=background_path, selection=selection,
                             min_ts=min_ts, test_extension=test_extension, mask_cosmic_rays=mask_cosmic_rays,
                             residual_search=residual_search, device=device, mask=mask_path,
-                            mask_bits=mask_bits, exposure=exposure_path, bunit=bunit)
+                            mask_bits=mask_bits, exposure=exposure_path, bunit=bunit, isotropic=isotropic_path)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

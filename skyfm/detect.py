@@ -2155,6 +2155,48 @@ def read_background_model(path, shape: tuple, grouping=None) -> np.ndarray:
     return model
 
 
+def _diffuse_inputs(background, isotropic, exposure_cube) -> tuple | None:
+    """(intensity cube or None, isotropic spectrum or None) when ``skyfm detect`` is to make the background model
+    from the diffuse-emission files (``--background`` an intensity cube, ``--isotropic``), else None; read now, so
+    that a bad file fails before any work."""
+    from skyfm.catalog import background_model as bm
+
+    intensity = background is not None and bm.is_intensity_cube(background)
+    if not intensity and isotropic is None:
+        return None
+    if exposure_cube is None:
+        given = "--background is an intensity cube" if intensity else "--isotropic is given"
+        raise SkyfmError(f"{given}: its counts need the observation's exposure, --exposure EXPCUBE (gtexpcube2's)")
+    if isotropic is not None and background is not None and not intensity:
+        raise SkyfmError("--isotropic adds to an interstellar-emission intensity cube (gll_iem); --background "
+                         f"{Path(background).name} is a counts model, which holds the isotropic counts already")
+    return (bm.read_intensity_cube(background) if intensity else None,
+            None if isotropic is None else bm.read_isotropic_spectrum(isotropic))
+
+
+def diffuse_background(image, inst, energy_edges_kev, exposure_cube, intensity, isotropic) -> np.ndarray:
+    """A counts cube's background model (C, H, W) from an interstellar-emission intensity cube and an isotropic
+    spectrum through the observation's exposure cube (:func:`skyfm.catalog.background_model.background_counts`),
+    with a warning where a bin's model holds far more or far fewer counts than the cube (a wrong exposure, a model
+    of another event class)."""
+    from skyfm.catalog import background_model as bm
+
+    if image.wcs is None:
+        raise SkyfmError("the counts cube has no celestial WCS: a background model cannot be placed on it")
+    band_objs = [inst.band(b) if b in {x.name for x in inst.bands} else None for b in image.bands]
+    if None in band_objs:
+        raise SkyfmError(f"the cube's bands {image.bands} are not all {inst.name}'s: no PSF to spread the model with")
+    kernels = bm.diffuse_kernels(inst, image.pixel_scale_deg, band_objs)
+    model = bm.background_counts(image.wcs, (image.height, image.width), energy_edges_kev, exposure_cube, intensity,
+                                 isotropic, kernels)
+    counts = np.nansum(image.read_window(0, image.height, 0, image.width), axis=(1, 2))
+    for c, (m, n) in enumerate(zip(model.sum(axis=(1, 2)), counts)):
+        if n >= 100 and not 1 / 2 <= m / n <= bm.MODEL_COUNTS_TOLERANCE:
+            warnings.warn(f"band {image.bands[c]}: the background model holds {m:.0f} counts, the cube {n:.0f}; check "
+                          "the exposure cube and the diffuse models (event class, IRFs)", stacklevel=3)
+    return model
+
+
 class DenoisedInputWarning(UserWarning):
     """The input is a ``skyfm denoise`` output, not an observed image."""
 
@@ -2181,7 +2223,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
                 test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
                 residual_search: bool | None = None, device: str | None = "auto", mask=None,
-                mask_bits: int | None = None, exposure=None, bunit: str | None = None):
+                mask_bits: int | None = None, exposure=None, bunit: str | None = None, isotropic=None):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -2200,8 +2242,10 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     bad-pixel mask file beside the image (:func:`skyfm.data.open_image`; with ``hdu="all"`` each CCD takes the
     mask file's HDU of the same index where it has one of the CCD's size). ``exposure``: for a counts cube, an
     exposure cube file (gtexpcube2's; :mod:`skyfm.catalog.exposure`) that ``flux_phys`` takes each source's exposure
-    from, instead of the instrument YAML's one number per band. ``bunit``: a CCD image's pixel unit in place of its
-    header's BUNIT (:func:`skyfm.data.open_image`).
+    from, instead of the instrument YAML's one number per band; with it, ``background`` may also be an
+    interstellar-emission intensity cube (gll_iem_v07.fits) and ``isotropic`` an isotropic spectrum (its text file),
+    from which the background model is made (:func:`diffuse_background`). ``bunit``: a CCD image's pixel unit in
+    place of its header's BUNIT (:func:`skyfm.data.open_image`).
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -2219,7 +2263,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                  attention_window=attention_window, drop_trails=drop_trails, background=background,
                                  selection=selection, min_ts=min_ts, test_extension=test_extension,
                                  mask_cosmic_rays=mask_cosmic_rays, residual_search=residual_search, device=device,
-                                 mask=mask, mask_bits=mask_bits, exposure=exposure, bunit=bunit)
+                                 mask=mask, mask_bits=mask_bits, exposure=exposure, bunit=bunit,
+                                 isotropic=isotropic)
     _warn_if_denoised(path)
     det = get_detector(model_dir, device=device)
     if residual_search is False:  # a copy: the cached detector keeps its heads' settings
@@ -2237,13 +2282,14 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             raise SkyfmError("--exposure gives the physical fluxes of the Poisson likelihood refinement, which "
                              "--no-refine leaves out")
         exposure_cube = read_exposure_cube(exposure)
+    diffuse = _diffuse_inputs(background, isotropic, exposure_cube)
     energy_edges = None
     if _is_healpix_file(path, hdu):
         if mask is not None:
             from skyfm.data.readers import HEALPIX_MASK_ERROR
 
             raise SkyfmError(HEALPIX_MASK_ERROR)
-        for option, given in (("--background", background), ("--exposure", exposure),
+        for option, given in (("--background", background), ("--exposure", exposure), ("--isotropic", isotropic),
                               ("--test-extension", test_extension is True or None)):
             if given is not None:
                 raise SkyfmError(f"{option} is for counts cubes in pixel images, not HEALPix maps")
@@ -2261,14 +2307,17 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             own = {k: v for k, v in (("saturation", image.saturation_adu), ("gain", image.gain)) if v is not None}
             if own:
                 inst = dataclasses.replace(inst, noise={**inst.noise, **own})
-            for option, given in (("--background", background), ("--exposure", exposure)):
+            for option, given in (("--background", background), ("--exposure", exposure), ("--isotropic", isotropic)):
                 if given is not None and not inst.is_counts:
                     raise SkyfmError(f"{option} is for counts cubes; {path.name} is a {inst.name} image")
             energy_edges = image.energy_edges_kev
             if energy_edges is None and inst.is_counts:
                 energy_edges = [[e.to_value("keV") for e in inst.band(name).energy] for name in image.bands]
-            model = (None if background is None
-                     else read_background_model(background, image.shape, image.energy_grouping))
+            if diffuse is not None:
+                model = diffuse_background(image, inst, energy_edges, exposure_cube, *diffuse)
+            else:
+                model = (None if background is None
+                         else read_background_model(background, image.shape, image.energy_grouping))
             head = det.head_config(inst.name).for_bands(image.bands)
             min_score = default_min_score(det, head) if min_score is None else float(min_score)
             small = image.shape[0] * image.height * image.width <= 64e6

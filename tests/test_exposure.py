@@ -210,3 +210,14 @@ def test_an_exposure_or_model_cube_given_as_the_counts_is_one_clear_error(tmp_pa
         err = capsys.readouterr().err
         assert rc == 1 and words in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_counts_in_any_counting_unit_are_counts():
+    """BUNIT ph, photon, counts, ct, ADU or none: counts; an exposure, an intensity or a flux density: not."""
+    from skyfm.data.readers import _not_counts
+
+    hdul = fits.HDUList([fits.PrimaryHDU()])
+    for bunit in ("ph", "photon", "counts", "ct", "adu", ""):
+        assert _not_counts(hdul, [fits.Header({"BUNIT": bunit})]) is None, bunit
+    for bunit in ("cm2 s", "ph / (cm2 s MeV sr)", "Jy"):
+        assert _not_counts(hdul, [fits.Header({"BUNIT": bunit})]) is not None, bunit

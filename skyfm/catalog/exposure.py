@@ -11,7 +11,7 @@ Fermi's ``gtexpcube2`` writes the exposure as a cube in cm2 s: a 3-D primary ima
 grid of its own (often the whole sky, coarser than the counts), with an ``ENERGIES`` table of the energy of each
 plane (MeV; the counts cube's bin edges, so one plane more than bins). gammapy writes the same (``format =
 "fgst-template"``) or planes per bin with an ``EBOUNDS`` / ``BANDS`` table. :func:`read_exposure_cube` reads any of
-these, and a 2-D map (one exposure for every energy); :meth:`ExposureCube.band_exposure` gives each source its
+these, and a 2-D map (one exposure for every energy); :meth:`SkyCube.band_exposure` gives each source its
 exposure per band: bilinear in the sky at the source's position, and over the band the mean weighted by a power law
 of index 2 (the spectrum the likelihood fit assumes, ``skyfm.catalog.likelihood.powerlaw_band_weights``), the
 exposure linear in log energy between planes where the planes are energies (``gtexpcube2``'s), constant over each
@@ -43,16 +43,18 @@ ENERGY_TABLES = ("ENERGIES", "EBOUNDS", "BANDS")
 
 
 @dataclass
-class ExposureCube:
-    """An exposure cube read by :func:`read_exposure_cube`.
+class SkyCube:
+    """Planes of a quantity on a celestial grid, one per energy or energy bin: an exposure cube
+    (:func:`read_exposure_cube`) or an intensity cube (:func:`skyfm.catalog.background_model.read_intensity_cube`).
 
     Attributes:
-        data: (P, H, W) exposure in cm2 s, one plane per energy or energy bin (P = 1: the same exposure at every
-            energy). May be a memory map: only the pixels around the sources are read.
+        data: (P, H, W) the quantity (exposure: cm2 s), one plane per energy or energy bin (P = 1: the same at every
+            energy). May be a memory map: only the pixels asked for are read.
         energies_mev: (P,) energy of each plane (MeV), increasing, for a cube of energies; else None.
         bins_mev: (P, 2) energy bin of each plane (MeV), for a cube of bins; else None.
         wcs: celestial WCS of the planes.
         source: the file, for messages.
+        what: what the cube is, for messages ("exposure cube").
     """
 
     data: np.ndarray
@@ -60,22 +62,33 @@ class ExposureCube:
     bins_mev: np.ndarray | None
     wcs: object
     source: str
+    what: str = "exposure cube"
 
-    def at_sky(self, coords) -> np.ndarray:
-        """(N, P) exposure of each plane at ``coords`` (a SkyCoord of N positions in any frame): bilinear between
-        pixel centres; NaN outside the cube's pixels."""
-        px, py = (np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in self.wcs.world_to_pixel(coords))
-        return self.at_pixels(px, py)
+    def at_sky(self, coords, clamp: bool = False) -> np.ndarray:
+        """(N, P) value of each plane at ``coords`` (a SkyCoord of N positions in any frame): bilinear between
+        pixel centres; NaN outside the cube's pixels (:meth:`at_pixels`)."""
+        return self.at_pixels(*self.sky_to_pixels(coords), clamp=clamp)
 
-    def at_pixels(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
-        """(N, P) exposure of each plane at 0-based pixel positions of the cube; NaN more than
-        :data:`EDGE_MARGIN_PIX` outside its pixels (within it, the edge pixels' exposure)."""
+    def sky_to_pixels(self, coords) -> tuple[np.ndarray, np.ndarray]:
+        """0-based pixel positions (x, y) on the cube of ``coords`` (a SkyCoord in any frame)."""
+        return tuple(np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in self.wcs.world_to_pixel(coords))
+
+    def covers(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        """Whether each pixel position lies on the cube (or within :data:`EDGE_MARGIN_PIX` of its edge)."""
+        _, height, width = self.data.shape
+        m = EDGE_MARGIN_PIX
+        return (np.isfinite(px) & np.isfinite(py) & (px >= -0.5 - m) & (px <= width - 0.5 + m)
+                & (py >= -0.5 - m) & (py <= height - 0.5 + m))
+
+    def at_pixels(self, px: np.ndarray, py: np.ndarray, clamp: bool = False) -> np.ndarray:
+        """(N, P) value of each plane at 0-based pixel positions of the cube; NaN more than
+        :data:`EDGE_MARGIN_PIX` outside its pixels (within it, the edge pixels' value), or with ``clamp`` the
+        nearest edge pixel's value wherever the position is finite."""
         from scipy.ndimage import map_coordinates
 
         n_planes, height, width = self.data.shape
-        m = EDGE_MARGIN_PIX
-        inside = (np.isfinite(px) & np.isfinite(py) & (px >= -0.5 - m) & (px <= width - 0.5 + m)
-                  & (py >= -0.5 - m) & (py <= height - 0.5 + m))
+        inside = (np.isfinite(px) & np.isfinite(py)) if clamp else self.covers(px, py)
+        px, py = np.clip(px, 0, width - 1), np.clip(py, 0, height - 1)
         out = np.full((len(px), n_planes), np.nan)
         if not inside.any():
             return out
@@ -90,39 +103,46 @@ class ExposureCube:
             out[inside, k] = map_coordinates(box, points, order=1, mode="nearest")
         return out
 
-    def band_weights(self, energy_edges_kev) -> np.ndarray:
-        """(P, C) matrix that turns the planes' exposures into each band's: over the band, the mean of the exposure
-        weighted by a power law, the exposure linear in log energy between a cube's energies (flat beyond the first
-        and last) or constant over each of its bins. Bands outside the cube's energies are an error."""
-        from skyfm.data.readers import energy_label
-
-        edges = np.asarray(energy_edges_kev, dtype=np.float64).reshape(-1, 2) / 1e3  # MeV
+    def plane_weights(self, energies_mev) -> np.ndarray:
+        """(P, S) matrix that turns the planes' values into the values at ``energies_mev`` (S,): linear in log
+        energy between a cube's energies (flat beyond the first and last), constant over each of its bins."""
+        energies = np.asarray(energies_mev, dtype=np.float64)
         n_planes = self.data.shape[0]
         if self.energies_mev is None and self.bins_mev is None:
-            return np.ones((1, len(edges)))
+            return np.ones((1, len(energies)))
+        if self.energies_mev is not None:
+            log_nodes, identity = np.log(self.energies_mev), np.eye(n_planes)
+            return np.stack([np.interp(np.log(energies), log_nodes, identity[p]) for p in range(n_planes)])
+        inside = (energies[None] >= self.bins_mev[:, :1]) & (energies[None] < self.bins_mev[:, 1:])
+        inside[-1] |= energies >= self.bins_mev[-1, 1]  # the last bin's upper edge
+        return inside.astype(np.float64)
+
+    def check_energies(self, edges_mev: np.ndarray) -> None:
+        """An error naming the first band of ``edges_mev`` (C, 2) that reaches outside the cube's energies."""
+        from skyfm.data.readers import energy_label
+
+        if self.energies_mev is None and self.bins_mev is None:
+            return
         nodes = self.energies_mev if self.energies_mev is not None else self.bins_mev
         lo, hi = float(np.min(nodes)), float(np.max(nodes))
-        outside = (edges[:, 0] < lo * (1 - ENERGY_TOLERANCE)) | (edges[:, 1] > hi * (1 + ENERGY_TOLERANCE))
+        outside = (edges_mev[:, 0] < lo * (1 - ENERGY_TOLERANCE)) | (edges_mev[:, 1] > hi * (1 + ENERGY_TOLERANCE))
         if outside.any():
             k = int(np.flatnonzero(outside)[0])
-            raise SkyfmError(f"exposure cube {self.source}: it covers {energy_label(lo * 1e3, hi * 1e3)}, but the "
-                             f"image's band {k} is {energy_label(*edges[k] * 1e3)}; make the exposure cube for the "
-                             "counts cube's energy bins (gtexpcube2 cmap=COUNTS_CUBE)")
-        weights = np.zeros((n_planes, len(edges)))
-        t = (np.arange(ENERGY_SAMPLES) + 0.5) / ENERGY_SAMPLES
+            raise SkyfmError(f"{self.what} {self.source}: it covers {energy_label(lo * 1e3, hi * 1e3)}, but the "
+                             f"image's band {k} is {energy_label(*edges_mev[k] * 1e3)}; make the {self.what} for "
+                             "the counts cube's energy range")
+
+    def band_weights(self, energy_edges_kev) -> np.ndarray:
+        """(P, C) matrix that turns the planes' values into each band's: over the band, their mean weighted by a
+        power law of index :data:`SPECTRAL_INDEX` (:meth:`plane_weights` between planes). Bands outside the cube's
+        energies are an error."""
+        edges = np.asarray(energy_edges_kev, dtype=np.float64).reshape(-1, 2) / 1e3  # MeV
+        self.check_energies(edges)
+        weights = np.zeros((self.data.shape[0], len(edges)))
         for c, (e_lo, e_hi) in enumerate(edges):
-            # midpoints of equal steps in ln E; a power law E^-index per unit ln E weighs as E^(1 - index)
-            log_e = np.log(e_lo) + t * np.log(e_hi / e_lo)
-            w = np.exp((1.0 - SPECTRAL_INDEX) * log_e)
-            if self.energies_mev is not None:
-                log_nodes = np.log(self.energies_mev)
-                for p in range(n_planes):
-                    weights[p, c] = np.dot(w, np.interp(log_e, log_nodes, np.eye(n_planes)[p]))
-            else:
-                e = np.exp(log_e)
-                for p, (b_lo, b_hi) in enumerate(self.bins_mev):
-                    weights[p, c] = w[(e >= b_lo) & (e < b_hi)].sum()
-            weights[:, c] /= weights[:, c].sum()
+            log_e, _ = log_energy_samples(e_lo, e_hi)
+            w = np.exp((1.0 - SPECTRAL_INDEX) * log_e)  # a power law E^-index per unit ln E
+            weights[:, c] = self.plane_weights(np.exp(log_e)) @ (w / w.sum())
         return weights
 
     def band_exposure(self, coords, energy_edges_kev) -> np.ndarray:
@@ -130,24 +150,44 @@ class ExposureCube:
         return self.at_sky(coords) @ self.band_weights(energy_edges_kev)
 
 
-def read_exposure_cube(path) -> ExposureCube:
+def log_energy_samples(lo_mev: float, hi_mev: float, n: int = ENERGY_SAMPLES) -> tuple[np.ndarray, float]:
+    """(ln E of the midpoints of ``n`` equal steps in ln E over [lo, hi], the step): a band's quadrature nodes."""
+    step = np.log(hi_mev / lo_mev) / n
+    return np.log(lo_mev) + (np.arange(n) + 0.5) * step, float(step)
+
+
+def read_exposure_cube(path) -> SkyCube:
     """Read an exposure cube (module docstring): the first HDU with image data, its celestial WCS, the plane
     energies from its ``ENERGIES`` table (energies of the planes, MeV unless TUNIT says otherwise) or an
     ``EBOUNDS`` / ``BANDS`` table of bins (keV unless TUNIT says otherwise; each plane at its bin's log centre).
     A file without a celestial WCS, a cube without an energy table or with one of the wrong length, and NaN,
     infinite or negative exposures are errors."""
+    cube = read_sky_cube(path, "exposure cube", "cm2 s per pixel and energy")
+    if not (np.asarray(cube.data[:, :: _check_step(cube.data), :: _check_step(cube.data)]) > 0).any():
+        raise SkyfmError(f"exposure cube {cube.source}: the exposure is zero everywhere")
+    return cube
+
+
+def _check_step(data) -> int:
+    """A large cube is checked on a grid of its pixels, every this many (the pixels used are checked where read)."""
+    return 1 if data.size <= 1e8 else int(np.ceil(np.sqrt(data.size / 1e8)))
+
+
+def read_sky_cube(path, what: str, unit_text: str) -> SkyCube:
+    """Read a :class:`SkyCube` (:func:`read_exposure_cube`'s rules); ``what`` ("exposure cube") and ``unit_text``
+    (what its values should be) name it in errors."""
     import astropy.units as u
     from astropy.table import Table
     from astropy.wcs import WCS, FITSFixedWarning
 
     from skyfm.data.readers import open_fits
 
-    where = f"exposure cube {Path(path).name}"
+    where = f"{what} {Path(path).name}"
     with open_fits(path) as hdul:
         image = next((h for h in hdul if h.is_image and h.data is not None and h.data.ndim in (2, 3)), None)
         if image is None:
-            raise SkyfmError(f"{where}: no 2-D or 3-D image in the file (gtexpcube2 writes the exposure as the "
-                             "primary image)")
+            raise SkyfmError(f"{where}: no 2-D or 3-D image in the file (gtexpcube2 and the Fermi-LAT diffuse models "
+                             "hold theirs in the primary image)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
             wcs = WCS(image.header).celestial
@@ -179,15 +219,10 @@ def read_exposure_cube(path) -> ExposureCube:
                                  f"{n_given} energies")
             if not ordered:
                 raise SkyfmError(f"{where}: the planes' energies should be positive and increasing")
-        # a large cube is checked on a grid of its pixels (the sources' own are checked again where they are read)
-        step = 1 if data.size <= 1e8 else int(np.ceil(np.sqrt(data.size / 1e8)))
-        planes = np.asarray(data[:, ::step, ::step])
+        planes = np.asarray(data[:, :: _check_step(data), :: _check_step(data)])
         if not np.isfinite(planes).all() or (planes < 0).any():
-            raise SkyfmError(f"{where}: the exposure has NaN, infinite or negative values; it should be cm2 s "
-                             "per pixel and energy")
-        if not (planes > 0).any():
-            raise SkyfmError(f"{where}: the exposure is zero everywhere")
-    return ExposureCube(data=data, energies_mev=energies, bins_mev=bins, wcs=wcs, source=Path(path).name)
+            raise SkyfmError(f"{where}: NaN, infinite or negative values; it should be {unit_text}")
+    return SkyCube(data=data, energies_mev=energies, bins_mev=bins, wcs=wcs, source=Path(path).name, what=what)
 
 
 def catalog_coords(table):
@@ -205,9 +240,9 @@ def catalog_coords(table):
     return None
 
 
-def apply_exposure(table, cube: ExposureCube, energy_edges_kev):
+def apply_exposure(table, cube: SkyCube, energy_edges_kev):
     """``table`` with ``flux_phys`` from ``cube``: each row's bands' counts (``flux_band``, the likelihood fit's)
-    over the exposure at its position (:meth:`ExposureCube.band_exposure`), summed. ``energy_edges_kev`` (C, 2):
+    over the exposure at its position (:meth:`SkyCube.band_exposure`), summed. ``energy_edges_kev`` (C, 2):
     the energy bins of ``flux_band``'s columns. Rows outside the cube, or where its exposure is zero, get NaN (a
     warning says how many); the table's meta ``exposure_cube`` names the file. A catalog without ``flux_phys`` (no
     likelihood refinement) or without sky coordinates is an error."""
@@ -249,4 +284,4 @@ def apply_exposure(table, cube: ExposureCube, energy_edges_kev):
     return out
 
 
-__all__ = ["ExposureCube", "apply_exposure", "catalog_coords", "read_exposure_cube"]
+__all__ = ["SkyCube", "apply_exposure", "catalog_coords", "log_energy_samples", "read_exposure_cube", "read_sky_cube"]

@@ -1080,18 +1080,29 @@ def _bands(hdul, planes, shape, inst: Instrument | None, band: str | None, edges
     return list(grouping.bands), grouping.edges_kev, None, grouping
 
 
+def parse_unit(text: str):
+    """An astropy unit from a header's BUNIT text, or None where it is empty or astropy does not know it (quietly:
+    the Fermi-LAT models' 'photon/cm**2/MeV/s/sr' draws a warning about its many slashes)."""
+    if not text:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", u.UnitsWarning)
+        unit = u.Unit(text, parse_strict="silent")
+    return None if isinstance(unit, u.UnrecognizedUnit) else unit
+
+
 def _not_counts(hdul, headers: list[fits.Header]) -> str | None:
     """Why an image given for a counts instrument, with no EBOUNDS, holds no counts, or None: an exposure cube
     (gtexpcube2's: BUNIT cm2 s) or a model intensity cube (the interstellar-emission model: BUNIT ph cm-2 s-1 MeV-1
     sr-1), or planes at energies rather than bins (an ENERGIES table). gtbin and gtmodel counts cubes carry
     EBOUNDS, so they are not questioned."""
     raw = bunit_text(headers)
-    unit = u.Unit(raw, parse_strict="silent") if raw else None
-    if unit is not None and not isinstance(unit, u.UnrecognizedUnit):
+    unit = parse_unit(raw)
+    if unit is not None:
         if unit.is_equivalent(u.cm**2 * u.s):
             return (f"its pixels are an exposure (BUNIT {raw!r}), not counts: give it to skyfm detect as "
                     "--exposure, beside the counts cube")
-        if unit.physical_type != "dimensionless" and not unit.is_equivalent(u.ct):
+        if set(unit.decompose().bases) & {u.m, u.s, u.kg, u.rad}:  # an intensity, a flux: physical dimensions
             return f"its pixels are in {raw!r}, not counts: a counts cube (gtbin's) is what skyfm detects in"
     if any(h.name == "ENERGIES" for h in hdul):
         return ("its planes are at energies (an ENERGIES table: an exposure or model cube), not counts in energy "

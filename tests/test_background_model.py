@@ -1,0 +1,173 @@
+"""Background models from the diffuse-emission files (skyfm.catalog.background_model; skyfm detect --background
+gll_iem.fits --isotropic iso.txt --exposure expcube.fits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from test_exposure import EDGES_KEV, FERMI, car_wcs, write_gtexpcube2
+
+from skyfm.catalog import background_model as bm
+from skyfm.catalog.exposure import read_exposure_cube
+from skyfm.cli import main
+from skyfm.data import write_patch
+from skyfm.data.simulate import simulate_patch
+from skyfm.errors import SkyfmError
+
+GAL_K, GAL_INDEX = 2e-9, 2.6  # ph cm-2 s-1 MeV-1 sr-1 at 1 GeV
+ISO_K, ISO_INDEX = 3e-10, 2.2
+EXPOSURE = 3e11
+
+
+def write_intensity_cube(path, wcs, shape, energies_mev, pattern=None, bunit="photon/cm**2/MeV/s/sr"):
+    """A gll_iem-like cube: GAL_K (E / 1 GeV)^-GAL_INDEX x ``pattern`` (H, W) at each plane's energy."""
+    pattern = np.ones(shape) if pattern is None else pattern
+    planes = GAL_K * (energies_mev[:, None, None] / 1e3) ** -GAL_INDEX * pattern[None]
+    header = wcs.to_header()
+    header.update({"BUNIT": bunit} if bunit else {})
+    table = fits.BinTableHDU.from_columns([fits.Column("Energy", "D", unit="MeV", array=energies_mev)],
+                                          name="ENERGIES")
+    fits.HDUList([fits.PrimaryHDU(planes.astype(np.float32), header=header), table]).writeto(path)
+    return path
+
+
+def write_isotropic(path, energies_mev):
+    rows = [f"{e:.6e} {ISO_K * (e / 1e3) ** -ISO_INDEX:.6e} {0.1 * ISO_K:.3e}" for e in energies_mev]
+    path.write_text("# energy intensity error\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def powerlaw_integral(k: float, index: float, lo: float, hi: float) -> float:
+    """integral of k (E / 1 GeV)^-index dE over [lo, hi] MeV."""
+    return k * 1e3 / (1 - index) * ((hi / 1e3) ** (1 - index) - (lo / 1e3) ** (1 - index))
+
+
+@pytest.fixture(scope="module")
+def sky_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("diffuse")
+    energies = np.geomspace(50.0, 2e6, 30)  # like gll_iem_v07: 50 MeV - 2 TeV in log steps
+    wide = car_wcs("galactic", (20.0, 0.0), (120, 160), 0.25)  # coarser and wider than the counts cube
+    gal = write_intensity_cube(tmp / "gll.fits", wide, (120, 160), energies)
+    iso = write_isotropic(tmp / "iso.txt", energies)
+    expo = write_gtexpcube2(tmp / "expcube.fits", np.full((7, 120, 160), EXPOSURE),
+                            np.append(EDGES_KEV[:, 0], EDGES_KEV[-1, 1]) / 1e3, wide)
+    return {"gal": gal, "iso": iso, "exposure": expo}
+
+
+def test_pixel_solid_angles_are_those_of_the_sphere():
+    """CAR pixels centred on the equator: Delta l x Delta sin b, to the diagonals' second order."""
+    wcs = car_wcs("galactic", (0.0, 0.0), (40, 20), 0.5)
+    omega = bm.pixel_solid_angles(wcs, (40, 20))
+    b = wcs.pixel_to_world(np.zeros(40), np.arange(40)).b.rad
+    step = np.radians(0.5)
+    exact = step * (np.sin(b + step / 2) - np.sin(b - step / 2))
+    np.testing.assert_allclose(omega[:, 7], exact, rtol=1e-4)
+
+
+def test_a_uniform_sky_gives_its_analytic_counts_in_every_pixel_and_bin(sky_files):
+    """A power-law Galactic intensity and isotropic spectrum over a uniform exposure: each pixel's counts are
+    Omega x exposure x the integral of the intensity over the bin (1e-3), edges included (the PSF spreads the light
+    from beyond the edge in), whatever the grids' frames."""
+    wcs = car_wcs("icrs", (274.0, -11.0), (40, 48), 0.1)  # the counts cube in ICRS, the model galactic
+    shape = (40, 48)
+    kernels = bm.diffuse_kernels(FERMI, 0.1, FERMI.bands)
+    model = bm.background_counts(wcs, shape, EDGES_KEV, read_exposure_cube(sky_files["exposure"]),
+                                 bm.read_intensity_cube(sky_files["gal"]), bm.read_isotropic_spectrum(sky_files["iso"]),
+                                 kernels)
+    omega = bm.pixel_solid_angles(wcs, shape)
+    assert model.shape == (6, 40, 48) and model.dtype == np.float32
+    for c, (lo, hi) in enumerate(EDGES_KEV / 1e3):
+        per_sr = powerlaw_integral(GAL_K, GAL_INDEX, lo, hi) + powerlaw_integral(ISO_K, ISO_INDEX, lo, hi)
+        np.testing.assert_allclose(model[c], omega * EXPOSURE * per_sr, rtol=2e-3)
+
+
+def test_a_bright_stripe_is_spread_by_each_bin_s_psf(sky_files, tmp_path):
+    """An intensity cube bright in one column of pixels: the model's light in each bin spreads across as wide as
+    that bin's PSF (the lowest bin's r68 0.8 deg, the highest 0.1 deg), and its total is kept."""
+    wcs = car_wcs("galactic", (20.0, 0.0), (64, 64), 0.1)
+    pattern = np.zeros((64, 64))
+    pattern[:, 32] = 1.0
+    gal = write_intensity_cube(tmp_path / "stripe.fits", wcs, (64, 64), np.geomspace(50.0, 2e6, 30), pattern)
+    kernels = bm.diffuse_kernels(FERMI, 0.1, FERMI.bands)
+    model = bm.background_counts(wcs, (64, 64), EDGES_KEV, read_exposure_cube(sky_files["exposure"]),
+                                 bm.read_intensity_cube(gal), None, kernels)
+    profile = model[:, 32].astype(np.float64)  # (C, W) across the stripe at the middle row
+    widths = [(p > 0.05 * p.max()).sum() for p in profile]
+    assert widths[0] > widths[2] >= widths[5] and widths[0] >= 10
+    omega = bm.pixel_solid_angles(wcs, (64, 64))[32, 32]
+    for c, (lo, hi) in enumerate(EDGES_KEV / 1e3):
+        total = omega * EXPOSURE * powerlaw_integral(GAL_K, GAL_INDEX, lo, hi)
+        assert profile[c].sum() == pytest.approx(total, rel=0.03 if c else 0.15)  # bin 0's wings reach past the box
+
+
+def test_intensity_cubes_are_told_from_counts_models_and_bad_files_are_errors(sky_files, tmp_path):
+    from skyfm.data.fits_io import ebounds_hdu
+
+    assert bm.is_intensity_cube(sky_files["gal"])
+    wcs = car_wcs("galactic", (20.0, 0.0), (8, 8), 1.0)
+    unitless = write_intensity_cube(tmp_path / "unitless.fits", wcs, (8, 8), np.geomspace(100.0, 1e6, 4), bunit=None)
+    assert bm.is_intensity_cube(unitless)  # planes at ENERGIES, no EBOUNDS
+    counts_model = tmp_path / "model.fits"
+    fits.HDUList([fits.PrimaryHDU(np.ones((6, 8, 8)), header=wcs.to_header()),
+                  ebounds_hdu(EDGES_KEV)]).writeto(counts_model)
+    assert not bm.is_intensity_cube(counts_model)
+    bad = {"text.txt": "1 2 3\n4 five 6\n", "one.txt": "100 1e-9 1e-10\n", "down.txt": "1000 1 0\n100 1 0\n"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SkyfmError, match="isotropic spectrum"):
+            bm.read_isotropic_spectrum(tmp_path / name)
+    with pytest.raises(SkyfmError, match="file not found"):
+        bm.read_isotropic_spectrum(tmp_path / "none.txt")
+    bins = tmp_path / "bins.fits"  # an intensity given per bin: not a model skyfm integrates
+    fits.HDUList([fits.PrimaryHDU(np.ones((6, 8, 8)), header=wcs.to_header()), ebounds_hdu(EDGES_KEV)]).writeto(bins)
+    with pytest.raises(SkyfmError, match="not energy bins"):
+        bm.read_intensity_cube(bins)
+    small = car_wcs("galactic", (20.0, 0.0), (8, 8), 0.1)  # 0.8 deg wide: does not cover a 4.8 deg cube
+    write_gtexpcube2(tmp_path / "small.fits", np.full((7, 8, 8), EXPOSURE),
+                     np.append(EDGES_KEV[:, 0], EDGES_KEV[-1, 1]) / 1e3, small)
+    with pytest.raises(SkyfmError, match="does not cover the whole counts cube"):
+        bm.background_counts(car_wcs("galactic", (20.0, 0.0), (48, 48), 0.1), (48, 48), EDGES_KEV,
+                             read_exposure_cube(tmp_path / "small.fits"), bm.read_intensity_cube(sky_files["gal"]),
+                             None, bm.diffuse_kernels(FERMI, 0.1, FERMI.bands))
+
+
+@pytest.fixture(scope="module")
+def model_dir(untrained_detector):
+    return untrained_detector(("fermi-lat",))
+
+
+def test_skyfm_detect_makes_the_background_model_from_the_diffuse_files(sky_files, tmp_path, model_dir, capsys):
+    """--background gll.fits --isotropic iso.txt --exposure expcube.fits: the likelihood fit runs against the counts
+    those files give (the same catalog as with that model written as a counts cube); an intensity cube or
+    --isotropic without --exposure, and --isotropic beside a counts model, are one-line errors."""
+    from skyfm.catalog import read_catalog
+
+    p = simulate_patch("fermi-lat", 3, size=48, population="real", center=(20.0, 0.5))
+    src = write_patch(p, tmp_path / "cube.fits")
+    kernels = bm.diffuse_kernels(FERMI, 0.1, FERMI.bands)
+    model = bm.background_counts(p.wcs, (48, 48), p.energy_edges_kev, read_exposure_cube(sky_files["exposure"]),
+                                 bm.read_intensity_cube(sky_files["gal"]), bm.read_isotropic_spectrum(sky_files["iso"]),
+                                 kernels)
+    fits.PrimaryHDU(model).writeto(tmp_path / "counts-model.fits")
+    tables = {}
+    for name, extra in (("files", ["--background", str(sky_files["gal"]), "--isotropic", str(sky_files["iso"])]),
+                        ("counts", ["--background", str(tmp_path / "counts-model.fits")])):
+        out = tmp_path / f"cat-{name}.fits"
+        rc = main(["detect", str(src), "--model", str(model_dir), "--min-score", "0.0101", "--selection", "network",
+                   "--exposure", str(sky_files["exposure"]), "--out", str(out)] + extra)
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        tables[name] = read_catalog(out)
+    assert len(tables["files"]) > 0
+    for column in ("ts", "flux", "flux_phys"):
+        np.testing.assert_allclose(np.asarray(tables["files"][column]), np.asarray(tables["counts"][column]),
+                                   rtol=1e-4)
+    for extra, words in (([str(sky_files["gal"])], "its counts need the observation's exposure"),
+                         ([str(tmp_path / "counts-model.fits"), "--isotropic", str(sky_files["iso"]), "--exposure",
+                           str(sky_files["exposure"])], "holds the isotropic counts already")):
+        out = tmp_path / "bad.fits"
+        rc = main(["detect", str(src), "--model", str(model_dir), "--out", str(out), "--background"] + extra)
+        err = capsys.readouterr().err
+        assert rc == 1 and words in err and err.count("\n") == 1, err
+        assert not out.exists()
