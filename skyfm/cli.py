@@ -654,7 +654,8 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
-    simulated patch, or a HEALPix map. Counts cubes get a Poisson likelihood refinement: TS and physical flux.
+    simulated patch, or a HEALPix map. Counts cubes and counts maps (per sky tile) get a Poisson likelihood
+    refinement: TS and physical flux.
     CCD images get a PSF-fit refinement of the bright detections (seeing fitted on the image): positions and
     point-source fluxes with their errors, Kron fluxes for galaxies, and a search of the fit's residual image for
     the faint or diffuse sources the network missed (catalog fit = 4).

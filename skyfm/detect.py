@@ -2227,13 +2227,14 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
-    native pixel scale (:func:`skyfm.data.healpix.healpix_tiles`). With ``out``: the catalog (FITS / ECSV /
+    native pixel scale (:func:`skyfm.data.healpix.healpix_tiles`); counts maps get each tile's likelihood
+    refinement (:func:`_detect_healpix`). With ``out``: the catalog (FITS / ECSV /
     VOTable by extension) and a DS9 region file beside it; with ``plot`` also ``OUT.png`` (images up to ~4k
     pixels a side). Nothing is written when anything fails. Returns the catalog.
 
-    ``background``: for a counts cube (not a HEALPix map), a FITS file with its background model
-    (:func:`read_background_model`), which the Poisson likelihood refinement fits against instead of an estimate
-    from the counts (the detector's error scales were calibrated that way); ``selection`` and ``min_ts`` as
+    ``background``: for a counts cube (for a HEALPix map only an intensity cube, below), a FITS file with its
+    background model (:func:`read_background_model`), which the Poisson likelihood refinement fits against instead of
+    an estimate from the counts (the detector's error scales were calibrated that way); ``selection`` and ``min_ts`` as
     :func:`detect_patch` (likelihood selection, the default with a model, on cubes up to 64 M voxels), and
     ``test_extension``; ``mask_cosmic_rays`` as :func:`detect_patch`. ``residual_search`` False: CCD images
     without the heads' searches of the PSF fit's residual (:func:`refine_ccd_tile`; catalog ``fit`` 4 and 5): only
@@ -2289,14 +2290,17 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             from skyfm.data.readers import HEALPIX_MASK_ERROR
 
             raise SkyfmError(HEALPIX_MASK_ERROR)
-        for option, given in (("--background", background), ("--exposure", exposure), ("--isotropic", isotropic),
-                              ("--test-extension", test_extension is True or None)):
-            if given is not None:
-                raise SkyfmError(f"{option} is for counts cubes in pixel images, not HEALPix maps")
+        if background is not None and (diffuse is None or diffuse[0] is None):
+            raise SkyfmError("--background for a HEALPix map is the interstellar-emission intensity cube (with "
+                             "--exposure), from which each sky tile's model is made; a counts model is not read")
+        if test_extension is True:
+            raise SkyfmError("--test-extension is for counts cubes in pixel images, not HEALPix maps")
         if bunit is not None:
             raise SkyfmError("--bunit is for CCD images in pixel images, not HEALPix maps")
-        table, patch_for_plot = _detect_healpix(path, det, instrument, min_score, progress, batch_size,
-                                                precision=precision, attention_window=attention_window)
+        table, patch_for_plot, energy_edges = _detect_healpix(
+            path, det, instrument, min_score, progress, batch_size, precision=precision,
+            attention_window=attention_window, refine=refine, selection=selection, min_ts=min_ts, diffuse=diffuse,
+            exposure_cube=exposure_cube)
         min_score = table.meta.get("min_score")
     else:
         with open_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits,
@@ -2491,20 +2495,35 @@ def _is_healpix_file(path: Path, hdu) -> bool:
 
 
 def _detect_healpix(path: Path, det, instrument, min_score: float, progress: bool, batch_size: int,
-                    lon_range=None, lat_range=(-90.0, 90.0), precision: str = "auto", attention_window=None):
+                    lon_range=None, lat_range=(-90.0, 90.0), precision: str = "auto", attention_window=None,
+                    refine: bool = True, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, diffuse=None,
+                    exposure_cube=None):
     """Sky tiles of a HEALPix map at the instrument's native pixel scale, each detection kept by the tile whose
-    sky cell owns it (:class:`skyfm.data.healpix.SkyTile`), so the all-sky catalog has each source once."""
+    sky cell owns it (:class:`skyfm.data.healpix.SkyTile`), so the all-sky catalog has each source once ->
+    (catalog, None, the bands' energy edges keV or None).
+
+    Counts maps get each tile's Poisson likelihood refinement (:func:`detect_patch`; TS, ``flux_phys``), against a
+    background model made for the tile from ``diffuse`` (:func:`_diffuse_inputs`, with ``exposure_cube``) where
+    given (then the likelihood selection by default), else one estimated from the tile's counts."""
     from astropy.table import vstack
     from astropy.wcs.utils import pixel_to_skycoord
     from tqdm.auto import tqdm
 
     from skyfm.catalog import empty_catalog
+    from skyfm.catalog.exposure import catalog_coords
     from skyfm.data.healpix import healpix_tiles, read_healpix
 
     hmap = read_healpix(path, instrument=instrument)
     if hmap.instrument is None:
         raise SkyfmError(f"{path} is a HEALPix map of an unknown instrument: pass --instrument NAME")
     inst = hmap.instrument
+    edges = None
+    if inst.is_counts:
+        edges = (hmap.energy_edges_kev if hmap.energy_edges_kev is not None
+                 else np.array([[e.to_value("keV") for e in b.energy] for b in inst.bands]))
+    elif diffuse is not None or exposure_cube is not None:
+        raise SkyfmError(f"--exposure, --background and --isotropic are for counts maps; {path.name} is a {inst.name} "
+                         "map")
     head = det.head_config(inst.name)
     min_score = default_min_score(det, head) if min_score is None else float(min_score)
     tile = det.config.tile_size * 2
@@ -2518,6 +2537,24 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
             continue
         if len(patch.bands) == len(inst.bands) and "?" in patch.bands:
             patch.bands = [b.name for b in inst.bands]
+        if inst.is_counts and refine:
+            if diffuse is not None:
+                from skyfm.catalog.background_model import background_counts, diffuse_kernels
+
+                kernels = diffuse_kernels(inst, inst.pixel_scale_deg, [inst.band(b) for b in patch.bands])
+                patch.background_image = background_counts(patch.wcs, patch.data.shape[1:], edges, exposure_cube,
+                                                           *diffuse, kernels)
+                if patch.mask is not None:  # where the map has no data, the model's own counts: no false deficit
+                    patch.data[:, patch.mask] = patch.background_image[:, patch.mask]
+            t = detect_patch(patch, det, min_score, refine=True, selection=selection, min_ts=min_ts,
+                             batch_size=batch_size, precision=precision, attention_window=attention_window)
+            if len(t):
+                sph = catalog_coords(t).transform_to(hmap.frame).spherical
+                t = t[sky_tile.owns(sph.lon.deg, sph.lat.deg)]
+            if len(t):
+                t["tile"] = np.full(len(t), sky_tile.index)
+                tables.append(t)
+            continue
         arrays = detect_tiles(patch, inst, det, min_score=min_score, batch_size=batch_size, precision=precision,
                               attention_window=attention_window)
         if not len(arrays["x"]):
@@ -2531,11 +2568,11 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
             t["tile"] = np.full(len(t), sky_tile.index)
             tables.append(t)
     if not tables:
-        return empty_catalog(class_names=list(head.class_names), instrument=inst), None
+        return empty_catalog(class_names=list(head.class_names), instrument=inst), None, edges
     table = vstack(tables, metadata_conflicts="silent")
     table.meta["min_score"] = min_score
     table.meta["note"] = "x, y are pixels of each row's sky tile (column tile); use the sky coordinates"
-    return table, None
+    return table, None, edges
 
 
 def _healpix_coverage(hmap):

@@ -12,6 +12,7 @@ from skyfm.catalog import background_model as bm
 from skyfm.catalog.exposure import read_exposure_cube
 from skyfm.cli import main
 from skyfm.data import write_patch
+from skyfm.data.healpix import pixel_solid_angle
 from skyfm.data.simulate import simulate_patch
 from skyfm.errors import SkyfmError
 
@@ -55,16 +56,6 @@ def sky_files(tmp_path_factory):
     return {"gal": gal, "iso": iso, "exposure": expo}
 
 
-def test_pixel_solid_angles_are_those_of_the_sphere():
-    """CAR pixels centred on the equator: Delta l x Delta sin b, to the diagonals' second order."""
-    wcs = car_wcs("galactic", (0.0, 0.0), (40, 20), 0.5)
-    omega = bm.pixel_solid_angles(wcs, (40, 20))
-    b = wcs.pixel_to_world(np.zeros(40), np.arange(40)).b.rad
-    step = np.radians(0.5)
-    exact = step * (np.sin(b + step / 2) - np.sin(b - step / 2))
-    np.testing.assert_allclose(omega[:, 7], exact, rtol=1e-4)
-
-
 def test_a_uniform_sky_gives_its_analytic_counts_in_every_pixel_and_bin(sky_files):
     """A power-law Galactic intensity and isotropic spectrum over a uniform exposure: each pixel's counts are
     Omega x exposure x the integral of the intensity over the bin (1e-3), edges included (the PSF spreads the light
@@ -75,7 +66,7 @@ def test_a_uniform_sky_gives_its_analytic_counts_in_every_pixel_and_bin(sky_file
     model = bm.background_counts(wcs, shape, EDGES_KEV, read_exposure_cube(sky_files["exposure"]),
                                  bm.read_intensity_cube(sky_files["gal"]), bm.read_isotropic_spectrum(sky_files["iso"]),
                                  kernels)
-    omega = bm.pixel_solid_angles(wcs, shape)
+    omega = pixel_solid_angle(wcs, shape)
     assert model.shape == (6, 40, 48) and model.dtype == np.float32
     for c, (lo, hi) in enumerate(EDGES_KEV / 1e3):
         per_sr = powerlaw_integral(GAL_K, GAL_INDEX, lo, hi) + powerlaw_integral(ISO_K, ISO_INDEX, lo, hi)
@@ -95,7 +86,7 @@ def test_a_bright_stripe_is_spread_by_each_bin_s_psf(sky_files, tmp_path):
     profile = model[:, 32].astype(np.float64)  # (C, W) across the stripe at the middle row
     widths = [(p > 0.05 * p.max()).sum() for p in profile]
     assert widths[0] > widths[2] >= widths[5] and widths[0] >= 10
-    omega = bm.pixel_solid_angles(wcs, (64, 64))[32, 32]
+    omega = pixel_solid_angle(wcs, (64, 64))[32, 32]
     for c, (lo, hi) in enumerate(EDGES_KEV / 1e3):
         total = omega * EXPOSURE * powerlaw_integral(GAL_K, GAL_INDEX, lo, hi)
         assert profile[c].sum() == pytest.approx(total, rel=0.03 if c else 0.15)  # bin 0's wings reach past the box
@@ -171,3 +162,73 @@ def test_skyfm_detect_makes_the_background_model_from_the_diffuse_files(sky_file
         err = capsys.readouterr().err
         assert rc == 1 and words in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_a_healpix_counts_map_gets_ts_and_its_tiles_background_models(sky_files, tmp_path, capsys):
+    """A partial-sky HEALPix Fermi-LAT counts map: each sky tile is refined by the Poisson likelihood (ts,
+    flux_phys); with the diffuse files and the exposure cube each tile's model is made from them (likelihood
+    selection: score = sqrt(TS) >= 5), flux_phys from the exposure; a counts-model --background is an error."""
+    from astropy.coordinates import SkyCoord
+    from astropy_healpix import HEALPix
+    from test_healpix import write_healpix
+
+    from skyfm.catalog import read_catalog
+
+    nside = 512
+    hp = HEALPix(nside=nside, order="ring", frame="galactic")
+    lon, lat = hp.healpix_to_lonlat(np.arange(hp.npix))
+    l180 = (lon.deg + 180) % 360 - 180
+    pixels = np.flatnonzero((np.abs(l180 - 20) < 3) & (np.abs(lat.deg) < 3))
+    area = hp.pixel_area.to_value("sr")
+    rng = np.random.default_rng(5)
+    means = [area * EXPOSURE * (powerlaw_integral(GAL_K, GAL_INDEX, lo, hi)
+                                + powerlaw_integral(ISO_K, ISO_INDEX, lo, hi)) for lo, hi in EDGES_KEV / 1e3]
+    maps = [rng.poisson(m, len(pixels)).astype(np.float32) for m in means]
+    where = SkyCoord(l=lon[pixels], b=lat[pixels], frame="galactic")
+    for glon, glat, n in ((19.0, 0.5, 400), (21.2, -1.0, 300), (20.3, 1.8, 500)):  # point sources through a PSF
+        d = where.separation(SkyCoord(l=glon, b=glat, unit="deg", frame="galactic")).deg
+        for c, share in enumerate((0.35, 0.35, 0.2, 0.07, 0.02, 0.01)):
+            sigma = FERMI.bands[c].psf.containment_radius(0.68) / 1.515  # a Gaussian of the bin's r68
+            weights = np.exp(-0.5 * (d / sigma) ** 2)
+            maps[c] += rng.poisson(share * n * weights / weights.sum())
+    path = write_healpix(tmp_path / "map.fits", maps, nside, edges_kev=EDGES_KEV, pixels=pixels)
+    tables = {}
+    for name, extra in (("estimated", []), ("files", ["--exposure", str(sky_files["exposure"]), "--background",
+                                                      str(sky_files["gal"]), "--isotropic", str(sky_files["iso"])])):
+        out = tmp_path / f"cat-{name}.fits"
+        rc = main(["detect", str(path), "--instrument", "fermi-lat", "--out", str(out)] + extra)  # the shipped model
+        assert rc == 0, capsys.readouterr().err
+        capsys.readouterr()
+        tables[name] = read_catalog(out)
+    for name, t in tables.items():
+        assert len(t) > 0 and "ts" in t.colnames and np.isfinite(np.asarray(t["flux_phys"])).any(), name
+    assert np.all(np.asarray(tables["files"]["score"]) >= 5.0)  # sqrt(TS) >= 5: the likelihood selection
+    for found in tables.values():
+        rows = SkyCoord(l=np.asarray(found["glon"]), b=np.asarray(found["glat"]), unit="deg", frame="galactic")
+        for glon, glat in ((19.0, 0.5), (21.2, -1.0), (20.3, 1.8)):
+            assert rows.separation(SkyCoord(l=glon, b=glat, unit="deg", frame="galactic")).deg.min() < 0.2
+    assert tables["files"].meta.get("EXPOSURE_CUBE", tables["files"].meta.get("exposure_cube")) == "expcube.fits"
+    counts_model = tmp_path / "model.fits"
+    fits.PrimaryHDU(np.ones((6, 8, 8))).writeto(counts_model)
+    rc = main(["detect", str(path), "--instrument", "fermi-lat", "--out", str(tmp_path / "bad.fits"),
+               "--background", str(counts_model)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "a counts model is not read" in err and err.count("\n") == 1, err
+
+
+def test_a_model_that_stops_short_of_the_bins_is_extrapolated_as_a_power_law(sky_files, tmp_path):
+    """gll_iem_v07 stops at 814 GeV, Fermi-LAT's last bin at 1 TeV: the intensity beyond the last plane follows the
+    power law of the last two (exactly, for a power-law sky), with a warning; a model that stops at a third of the
+    bins' reach is an error."""
+    wide = car_wcs("galactic", (20.0, 0.0), (120, 160), 0.25)
+    short = write_intensity_cube(tmp_path / "short.fits", wide, (120, 160), np.geomspace(50.0, 8.14e5, 28))
+    far = write_intensity_cube(tmp_path / "far.fits", wide, (120, 160), np.geomspace(50.0, 3e5, 20))
+    wcs, kernels = car_wcs("galactic", (20.0, 0.5), (16, 16), 0.1), bm.diffuse_kernels(FERMI, 0.1, FERMI.bands)
+    exposure = read_exposure_cube(sky_files["exposure"])
+    with pytest.warns(UserWarning, match="extrapolated as the power law of its last two energies"):
+        model = bm.background_counts(wcs, (16, 16), EDGES_KEV, exposure, bm.read_intensity_cube(short), None, kernels)
+    omega = pixel_solid_angle(wcs, (16, 16))
+    lo, hi = EDGES_KEV[-1] / 1e3
+    np.testing.assert_allclose(model[-1], omega * EXPOSURE * powerlaw_integral(GAL_K, GAL_INDEX, lo, hi), rtol=2e-3)
+    with pytest.raises(SkyfmError, match="too far from the image's"):
+        bm.background_counts(wcs, (16, 16), EDGES_KEV, exposure, bm.read_intensity_cube(far), None, kernels)

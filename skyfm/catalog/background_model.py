@@ -10,11 +10,12 @@ bins,
 
     mu = Omega_pixel * integral over the bin of (I_galactic(E) + I_isotropic(E)) * exposure(E) dE,
 
-then convolves each bin with its PSF. The intensity is interpolated bilinearly in the sky and as a power law
-(linear in log-log) between planes, the exposure as :class:`~skyfm.catalog.exposure.SkyCube` reads it; the integral
-is a quadrature of 64 points per bin, uniform in log energy. The model is computed on the counts cube's grid widened
-by the PSF kernels' radius, so that light from beyond the edge is counted, and cut back after the convolution. The
-solid angle of each pixel comes from its corners on the sphere, so any projection is right.
+then convolves each bin with its PSF. The intensity is interpolated bilinearly in the sky and as a power law (linear
+in log-log) between planes and, up to twice the last plane's energy (gll_iem_v07 and the isotropic spectra stop
+below 1 TeV), beyond them, with a warning; the exposure as :class:`~skyfm.catalog.exposure.SkyCube` reads it; the
+integral is a quadrature of 64 points per bin, uniform in log energy. The model is computed on the counts cube's
+grid widened by the PSF kernels' radius, so that light from beyond the edge is counted, and cut back after the
+convolution. The solid angle of each pixel comes from its corners on the sphere, so any projection is right.
 
 No normalisation is fitted: a Fermi-LAT analysis frees the diffuse components' normalisations, skyfm takes the model
 as given (:func:`background_counts` reports its total against the counts per bin, and ``skyfm detect`` warns when they
@@ -23,6 +24,7 @@ are far apart: a wrong exposure cube or a model of another event class).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,8 @@ DIFFUSE_PSF_FRACTION = 0.995
 DIFFUSE_PSF_MAX_RADIUS = 40
 #: quadrature points per bin
 BIN_SAMPLES = 64
+#: an intensity spectrum is extrapolated (a power law) up to this factor in energy beyond its last plane
+EXTRAPOLATION_FACTOR = 2.0
 #: pixels integrated at once (bounds the memory: a few hundred MB)
 PIXEL_CHUNK = 65536
 #: a model whose total counts in a bin are further than this factor from the counts' is warned of
@@ -93,21 +97,9 @@ def read_isotropic_spectrum(path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _loglog(energies_mev: np.ndarray, nodes_mev: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Values at ``energies_mev`` interpolated as a power law between ``nodes_mev`` (flat beyond the ends)."""
-    logs = np.log(np.maximum(values, 1e-300))
-    return np.exp(np.interp(np.log(energies_mev), np.log(nodes_mev), logs))
-
-
-def pixel_solid_angles(wcs, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) solid angle of each pixel in sr, from its corners on the sphere (the two diagonals' cross product)."""
-    h, w = shape
-    ys, xs = np.mgrid[-0.5:h, -0.5:w]  # (H + 1, W + 1) corners
-    sky = wcs.pixel_to_world(xs, ys)
-    lon, lat = sky.spherical.lon.rad, sky.spherical.lat.rad
-    v = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
-    d1 = v[1:, 1:] - v[:-1, :-1]
-    d2 = v[1:, :-1] - v[:-1, 1:]
-    return 0.5 * np.linalg.norm(np.cross(d1, d2), axis=-1)
+    """Values at ``energies_mev`` interpolated as a power law between ``nodes_mev``, extrapolated as the power law
+    of the last two nodes beyond the ends."""
+    return np.exp(np.log(np.maximum(values, 1e-300)) @ _log_weights(nodes_mev, energies_mev))
 
 
 def _widened(wcs, margin: int):
@@ -143,20 +135,21 @@ def background_counts(wcs, shape: tuple[int, int], energy_edges_kev, exposure: S
     """
     from scipy.signal import fftconvolve
 
+    from skyfm.data.healpix import pixel_solid_angle
+
     if intensity is None and isotropic is None:
         raise SkyfmError("a background model needs an interstellar-emission cube, an isotropic spectrum, or both")
     edges = np.asarray(energy_edges_kev, dtype=np.float64).reshape(-1, 2) / 1e3  # MeV
     exposure.check_energies(edges)
     if intensity is not None:
-        intensity.check_energies(edges)
-    if isotropic is not None and (edges.min() < isotropic[0][0] * 0.999 or edges.max() > isotropic[0][-1] * 1.001):
-        raise SkyfmError(f"the isotropic spectrum covers {isotropic[0][0]:.4g}-{isotropic[0][-1]:.4g} MeV, not the "
-                         f"image's {edges.min():.4g}-{edges.max():.4g} MeV")
+        _check_reach(edges, intensity.energies_mev, f"intensity cube {intensity.source}")
+    if isotropic is not None:
+        _check_reach(edges, isotropic[0], "the isotropic spectrum")
     h, w = shape
     margin = max(k.shape[0] // 2 for k in kernels)
     big = _widened(wcs, margin)
     hb, wb = h + 2 * margin, w + 2 * margin
-    omega = pixel_solid_angles(big, (hb, wb)).ravel()  # (N,)
+    omega = pixel_solid_angle(big, (hb, wb)).ravel()  # (N,) sr
     ys, xs = np.mgrid[0:hb, 0:wb]
     sky = big.pixel_to_world(xs.ravel(), ys.ravel())
     in_image = ((ys >= margin) & (ys < margin + h) & (xs >= margin) & (xs < margin + w)).ravel()
@@ -195,11 +188,34 @@ def background_counts(wcs, shape: tuple[int, int], energy_edges_kev, exposure: S
 
 
 def _log_weights(nodes_mev: np.ndarray, energies_mev: np.ndarray) -> np.ndarray:
-    """(P, S) weights of linear interpolation in log E (flat beyond the ends): applied to log values, a power law
-    between planes."""
-    identity = np.eye(len(nodes_mev))
-    return np.stack([np.interp(np.log(energies_mev), np.log(nodes_mev), identity[p]) for p in range(len(nodes_mev))])
+    """(P, S) weights of linear interpolation in log E, and linear extrapolation from the two nearest nodes beyond
+    the ends: applied to log values, a power law between planes and beyond them."""
+    log_nodes, log_e = np.log(np.asarray(nodes_mev, np.float64)), np.log(np.asarray(energies_mev, np.float64))
+    weights = np.zeros((len(log_nodes), len(log_e)))
+    if len(log_nodes) == 1:
+        weights[0] = 1.0
+        return weights
+    upper = np.clip(np.searchsorted(log_nodes, log_e), 1, len(log_nodes) - 1)  # the segment, or the end one
+    t = (log_e - log_nodes[upper - 1]) / (log_nodes[upper] - log_nodes[upper - 1])
+    columns = np.arange(len(log_e))
+    weights[upper - 1, columns] = 1.0 - t
+    weights[upper, columns] = t
+    return weights
 
 
-__all__ = ["background_counts", "diffuse_kernels", "is_intensity_cube", "pixel_solid_angles",
-           "read_intensity_cube", "read_isotropic_spectrum"]
+def _check_reach(edges_mev: np.ndarray, nodes_mev: np.ndarray, what: str) -> None:
+    """Bands within the nodes' energies are read; up to :data:`EXTRAPOLATION_FACTOR` beyond them the spectrum is
+    extrapolated as a power law, with a warning (Fermi-LAT's gll_iem_v07 and isotropic spectra stop below 1 TeV);
+    farther, an error."""
+    lo, hi = float(nodes_mev[0]), float(nodes_mev[-1])
+    if edges_mev.min() < lo / EXTRAPOLATION_FACTOR or edges_mev.max() > hi * EXTRAPOLATION_FACTOR:
+        raise SkyfmError(f"{what} covers {lo:.4g}-{hi:.4g} MeV, too far from the image's {edges_mev.min():.4g}-"
+                         f"{edges_mev.max():.4g} MeV to extrapolate")
+    if edges_mev.min() < lo * 0.999 or edges_mev.max() > hi * 1.001:
+        warnings.warn(f"{what} covers {lo:.4g}-{hi:.4g} MeV; the image's bins reach {edges_mev.min():.4g}-"
+                      f"{edges_mev.max():.4g} MeV: extrapolated as the power law of its last two energies",
+                      stacklevel=3)
+
+
+__all__ = ["background_counts", "diffuse_kernels", "is_intensity_cube", "read_intensity_cube",
+           "read_isotropic_spectrum"]

@@ -250,17 +250,18 @@ def apply_exposure(table, cube: SkyCube, energy_edges_kev):
 
     from skyfm.heads.flux import flux_phys
 
+    if len(table) == 0:  # nothing detected (a HEALPix map's empty catalog has no flux_phys column either)
+        out = table.copy(copy_data=False)
+        out.meta["exposure_cube"] = cube.source
+        return out
     if "flux_phys" not in table.colnames:
         raise SkyfmError("--exposure gives the physical fluxes of the Poisson likelihood refinement; this catalog "
-                         "has none (a CCD image, --no-refine, or a HEALPix map)")
+                         "has none (a CCD image, or --no-refine)")
     coords = catalog_coords(table)
     if coords is None:
         raise SkyfmError(f"--exposure {cube.source}: the image has no celestial WCS, so its sources cannot be "
                          "placed on the exposure cube")
     out = table.copy(copy_data=False)
-    if len(out) == 0:
-        out.meta["exposure_cube"] = cube.source
-        return out
     exposure = cube.band_exposure(coords, energy_edges_kev)  # (N, C)
     counts = np.clip(np.asarray(getattr(out["flux_band"], "value", out["flux_band"]), dtype=np.float64), 0, None)
     if counts.ndim == 1:
