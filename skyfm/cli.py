@@ -608,6 +608,11 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "makes the counts, PSF and all); the likelihood refinement fits against it, and sources are kept "
                    "by their TS (see --selection). Default: estimated from the counts (TS and flux errors are then "
                    "less reliable).")
+@click.option("--background-as-is", is_flag=True,
+              help="Counts cubes with a background model: fit against the model as given. Default: the model is "
+                   "first rescaled, one factor per energy bin, to the counts away from the sources (catalog meta "
+                   "background_scale), as LAT analyses free the diffuse normalisations: a model 13% low otherwise "
+                   "reads its residual as sources.")
 @click.option("--isotropic", "isotropic_path", default=None, type=click.Path(),
               help="Counts cubes, with --exposure: the isotropic emission's spectrum (the FSSC's text file, e.g. "
                    "iso_P8R3_SOURCE_V3_v1.txt: energy in MeV, intensity, error), added to the --background "
@@ -650,7 +655,7 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
                test_extension, mask_cosmic_rays, residual_search, device, mask_path, mask_bits, bunit,
-               exposure_path, isotropic_path):
+               exposure_path, isotropic_path, background_as_is):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -696,7 +701,8 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             drop_trails=drop_trails, background=background_path, selection=selection,
                             min_ts=min_ts, test_extension=test_extension, mask_cosmic_rays=mask_cosmic_rays,
                             residual_search=residual_search, device=device, mask=mask_path,
-                            mask_bits=mask_bits, exposure=exposure_path, bunit=bunit, isotropic=isotropic_path)
+                            mask_bits=mask_bits, exposure=exposure_path, bunit=bunit, isotropic=isotropic_path,
+                            fit_background=not background_as_is)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

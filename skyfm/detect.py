@@ -1988,7 +1988,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
                  precision: str = "auto", attention_window: int | None = None, drop_trails: bool | None = None,
                  selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int | None = None,
                  test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
-                 refine_workers: int | None = None):
+                 refine_workers: int | None = None, fit_background: bool = True):
     """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
 
     Args:
@@ -2014,6 +2014,9 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
             ``test_extension`` (likelihood selection only; default the head's ``likelihood_extension_test``):
             test each source for extension (:func:`apply_extension_test`); extended ones get a Gaussian fit,
             ``extension`` and ``ts_ext``. True where likelihood selection does not run is an error.
+            ``fit_background`` (likelihood selection with a model): the model first rescaled to the counts, one
+            factor per bin (:func:`~skyfm.catalog.likelihood.correct_background_model`; catalog meta
+            ``background_scale``), as LAT analyses free the diffuse normalisations; False: the model as given.
     """
     from skyfm.instruments import load_instrument
 
@@ -2039,7 +2042,8 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
         if test_extension is None:
             test_extension = bool(head.likelihood_extension_test)
         return _detect_likelihood(patch, det, inst, head, scale, background, min_score, min_ts, passes=int(passes),
-                                  extension=test_extension, tile_size=tile_size, overlap=overlap,
+                                  extension=test_extension, fit_background=fit_background, tile_size=tile_size,
+                                  overlap=overlap,
                                   batch_size=batch_size, progress=progress, precision=precision,
                                   attention_window=attention_window)
     seeing = measure_seeing(patch, inst, scale)
@@ -2056,9 +2060,9 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
 
 def _detect_likelihood(patch, det, inst, head, scale, background, min_score: float, min_ts: float,
                        candidate_ts: float = CANDIDATE_TS, passes: int = LIKELIHOOD_PASSES, extension: bool = False,
-                       **tiling):
+                       fit_background: bool = True, **tiling):
     """detect_patch's likelihood selection (its docstring). ``extension``: test the sources for extension
-    (:func:`apply_extension_test`)."""
+    (:func:`apply_extension_test`); ``fit_background``: rescale the model to the counts first."""
     from skyfm.catalog import likelihood
 
     bands = list(patch.bands)
@@ -2068,6 +2072,13 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
     counts = np.nan_to_num(patch.data.astype(np.float64))
     found = detect_tiles(patch, inst, det, min_score=min(WEAK_SCORE, min_score), pixel_scale=scale, **tiling)
     weak = {k: np.asarray(v)[np.asarray(found["score"]) < min_score] for k, v in found.items()}
+    meta = {"min_score": min_score, "selection": "likelihood", "min_ts": float(min_ts)}
+    if not estimated and fit_background:  # the model rescaled to the counts, one factor per bin, sources left out
+        strong = np.asarray(found["score"]) >= min_score
+        background, scale_map = likelihood.correct_background_model(counts, background, kernels,
+                                                                    (np.asarray(found["x"])[strong],
+                                                                     np.asarray(found["y"])[strong]))
+        meta["background_scale"] = ",".join(f"{v:.4f}" for v in scale_map.mean(axis=(1, 2)))
     search = likelihood.estimate_background(counts, kernels) if estimated else background
     arrays = add_ts_map_candidates(found, patch.data, inst, scale, search, bands, min_score, candidate_ts)
     # estimated: refine_counts fits positions against the search estimate, fluxes against one without the sources
@@ -2095,8 +2106,7 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
         arrays = select_by_ts(arrays, min_ts, separation)
     arrays["net_score"] = arrays["score"]
     arrays["score"] = np.sqrt(np.clip(arrays["ts"], 0, None))
-    return _catalog(arrays, inst, patch.wcs, head, score_kind="sqrt_ts",
-                    meta={"min_score": min_score, "selection": "likelihood", "min_ts": float(min_ts)})
+    return _catalog(arrays, inst, patch.wcs, head, score_kind="sqrt_ts", meta=meta)
 
 
 def default_min_score(det, head) -> float:
@@ -2223,7 +2233,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
                 test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
                 residual_search: bool | None = None, device: str | None = "auto", mask=None,
-                mask_bits: int | None = None, exposure=None, bunit: str | None = None, isotropic=None):
+                mask_bits: int | None = None, exposure=None, bunit: str | None = None, isotropic=None,
+                fit_background: bool = True):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -2246,7 +2257,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     from, instead of the instrument YAML's one number per band; with it, ``background`` may also be an
     interstellar-emission intensity cube (gll_iem_v07.fits) and ``isotropic`` an isotropic spectrum (its text file),
     from which the background model is made (:func:`diffuse_background`). ``bunit``: a CCD image's pixel unit in
-    place of its header's BUNIT (:func:`skyfm.data.open_image`).
+    place of its header's BUNIT (:func:`skyfm.data.open_image`). ``fit_background`` as :func:`detect_patch`.
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -2265,7 +2276,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                  selection=selection, min_ts=min_ts, test_extension=test_extension,
                                  mask_cosmic_rays=mask_cosmic_rays, residual_search=residual_search, device=device,
                                  mask=mask, mask_bits=mask_bits, exposure=exposure, bunit=bunit,
-                                 isotropic=isotropic)
+                                 isotropic=isotropic, fit_background=fit_background)
     _warn_if_denoised(path)
     det = get_detector(model_dir, device=device)
     if residual_search is False:  # a copy: the cached detector keeps its heads' settings
@@ -2300,7 +2311,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
         table, patch_for_plot, energy_edges = _detect_healpix(
             path, det, instrument, min_score, progress, batch_size, precision=precision,
             attention_window=attention_window, refine=refine, selection=selection, min_ts=min_ts, diffuse=diffuse,
-            exposure_cube=exposure_cube)
+            exposure_cube=exposure_cube, fit_background=fit_background)
         min_score = table.meta.get("min_score")
     else:
         with open_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits,
@@ -2338,7 +2349,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                      drop_trails=drop_trails, selection=selection, min_ts=min_ts,
                                      test_extension=test_extension, batch_size=batch_size, progress=progress,
                                      precision=precision, attention_window=attention_window,
-                                     mask_cosmic_rays=mask_cosmic_rays)
+                                     mask_cosmic_rays=mask_cosmic_rays, fit_background=fit_background)
                 patch_for_plot = patch
             else:
                 if image.masked_fraction() >= 1.0:
@@ -2497,7 +2508,7 @@ def _is_healpix_file(path: Path, hdu) -> bool:
 def _detect_healpix(path: Path, det, instrument, min_score: float, progress: bool, batch_size: int,
                     lon_range=None, lat_range=(-90.0, 90.0), precision: str = "auto", attention_window=None,
                     refine: bool = True, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, diffuse=None,
-                    exposure_cube=None):
+                    exposure_cube=None, fit_background: bool = True):
     """Sky tiles of a HEALPix map at the instrument's native pixel scale, each detection kept by the tile whose
     sky cell owns it (:class:`skyfm.data.healpix.SkyTile`), so the all-sky catalog has each source once ->
     (catalog, None, the bands' energy edges keV or None).
@@ -2547,7 +2558,8 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
                 if patch.mask is not None:  # where the map has no data, the model's own counts: no false deficit
                     patch.data[:, patch.mask] = patch.background_image[:, patch.mask]
             t = detect_patch(patch, det, min_score, refine=True, selection=selection, min_ts=min_ts,
-                             batch_size=batch_size, precision=precision, attention_window=attention_window)
+                             batch_size=batch_size, precision=precision, attention_window=attention_window,
+                             fit_background=fit_background)
             if len(t):
                 sph = catalog_coords(t).transform_to(hmap.frame).spherical
                 t = t[sky_tile.owns(sph.lon.deg, sph.lat.deg)]

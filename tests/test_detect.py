@@ -775,6 +775,9 @@ def test_likelihood_selection_keeps_what_the_ts_map_finds(model_dir):
     assert len(cat) > 0 and np.all(np.asarray(cat["ts"]) >= 25.0)
     np.testing.assert_allclose(np.asarray(cat["score"]), np.sqrt(np.asarray(cat["ts"])))
     assert np.all(np.asarray(cat["net_score"]) < 0.999)
+    scales = [float(v) for v in cat.meta["background_scale"].split(",")]  # the model rescaled per bin
+    assert len(scales) == 6 and all(0.95 < v < 1.3 for v in scales), scales  # true model + unresolved sources
+    assert "background_scale" not in detect_patch(p, model_dir, min_score=0.999, fit_background=False).meta
     ts = tsmap_detect(p, background="true")
     ts = ts[np.asarray(ts["ts"]) >= 25.0]
     d_idx, _, _ = match_catalogs(cat, ts, 3.0)
