@@ -2030,6 +2030,8 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
         patch = _finite_copy(patch)
     scale = _wcs_scale(patch.wcs)
     background = getattr(patch, "background_image", None)
+    if inst.is_counts and background is not None and patch.mask is not None and patch.mask.any():
+        patch = _model_filled(patch, background)
     chosen = resolve_selection(selection, inst, background, refine)
     if test_extension is True and chosen != "likelihood":
         raise SkyfmError("the extension test needs likelihood selection: a counts cube with a background model "
@@ -2077,7 +2079,8 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
         strong = np.asarray(found["score"]) >= min_score
         background, scale_map = likelihood.correct_background_model(counts, background, kernels,
                                                                     (np.asarray(found["x"])[strong],
-                                                                     np.asarray(found["y"])[strong]))
+                                                                     np.asarray(found["y"])[strong]),
+                                                                    invalid=patch.mask)
         meta["background_scale"] = ",".join(f"{v:.4f}" for v in scale_map.mean(axis=(1, 2)))
     search = likelihood.estimate_background(counts, kernels) if estimated else background
     arrays = add_ts_map_candidates(found, patch.data, inst, scale, search, bands, min_score, candidate_ts)
@@ -2112,6 +2115,16 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
 def default_min_score(det, head) -> float:
     """The instrument's threshold chosen on validation patches, else the detector's default."""
     return float(head.min_score if head.min_score is not None else det.config.min_score)
+
+
+def _model_filled(patch, background):
+    """A counts patch whose masked pixels (no data: NaN, a mask) hold the background model's counts rather than zeros,
+    which the likelihood would read as a deficit under the model."""
+    import copy
+
+    p = copy.copy(patch)
+    p.data = np.where(patch.mask[None], background, patch.data).astype(np.float32)
+    return p
 
 
 def _finite_copy(patch):
@@ -2555,8 +2568,6 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
                 kernels = diffuse_kernels(inst, inst.pixel_scale_deg, [inst.band(b) for b in patch.bands])
                 patch.background_image = background_counts(patch.wcs, patch.data.shape[1:], edges, exposure_cube,
                                                            *diffuse, kernels)
-                if patch.mask is not None:  # where the map has no data, the model's own counts: no false deficit
-                    patch.data[:, patch.mask] = patch.background_image[:, patch.mask]
             t = detect_patch(patch, det, min_score, refine=True, selection=selection, min_ts=min_ts,
                              batch_size=batch_size, precision=precision, attention_window=attention_window,
                              fit_background=fit_background)

@@ -255,3 +255,20 @@ def test_a_model_off_in_normalisation_is_rescaled_to_the_counts_and_sources_do_n
     _, smooth = correct_background_model(counts, model, kernels, (np.array([48.0]), np.array([48.0])),
                                          smoothing_fwhm=4.0)  # R over the image: the gradient is the model's
     assert smooth[0].min() == pytest.approx(1.2, rel=0.05) and smooth[0].max() == pytest.approx(1.2, rel=0.05)
+
+
+def test_a_counts_cube_with_a_quarter_of_no_data_keeps_its_sources_elsewhere():
+    """NaN pixels of a counts cube with a background model hold the model's counts, not zeros (which the likelihood
+    read as a deficit, and which pulled the model's per-bin scale down): validation plane cubes with a NaN quarter,
+    F1 in the rest 0.302 -> 0.772 (``runs/exp37/nan_quarter.py``). Here: the rows away from the quarter are those of
+    the whole cube."""
+    import dataclasses
+
+    from skyfm.detect import detect_patch
+
+    p = simulate_patch("fermi-lat", 11, size=96, population="real", center=(20.0, 0.5))
+    data = p.data.copy()
+    data[:, :48, :48] = np.nan
+    tables = [detect_patch(p), detect_patch(dataclasses.replace(p, data=data))]  # the shipped detector
+    away = [t[~((np.asarray(t["x"]) < 56) & (np.asarray(t["y"]) < 56))] for t in tables]
+    assert len(away[0]) > 3 and abs(len(away[1]) - len(away[0])) <= max(2, 0.2 * len(away[0])), [len(a) for a in away]
