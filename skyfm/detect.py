@@ -2553,7 +2553,7 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
     tile = det.config.tile_size * 2
     if lon_range is None and lat_range == (-90.0, 90.0):
         lon_range, lat_range = _healpix_coverage(hmap)
-    tables = []
+    tables, kernels = [], None
     tiles = healpix_tiles(hmap, tile, inst.pixel_scale_deg, overlap=det.config.tile_overlap, frame=hmap.frame,
                           lon_range=lon_range, lat_range=lat_range)
     for sky_tile, patch in tqdm(tiles, desc="detecting", unit="sky tile", disable=not progress):
@@ -2565,7 +2565,8 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
             if diffuse is not None:
                 from skyfm.catalog.background_model import background_counts, diffuse_kernels
 
-                kernels = diffuse_kernels(inst, inst.pixel_scale_deg, [inst.band(b) for b in patch.bands])
+                if kernels is None:  # every tile has the map's bands and the instrument's pixel scale
+                    kernels = diffuse_kernels(inst, inst.pixel_scale_deg, [inst.band(b) for b in patch.bands])
                 patch.background_image = background_counts(patch.wcs, patch.data.shape[1:], edges, exposure_cube,
                                                            *diffuse, kernels)
             t = detect_patch(patch, det, min_score, refine=True, selection=selection, min_ts=min_ts,

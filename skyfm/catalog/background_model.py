@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skyfm.catalog.exposure import SkyCube, log_energy_samples, read_sky_cube
+from skyfm.catalog.exposure import SkyCube, log_energy_samples, log_energy_weights, read_sky_cube
 from skyfm.errors import SkyfmError
 
 #: the PSF kernels for the diffuse light reach out to the radius holding this fraction of the PSF (renormalised)
@@ -99,7 +99,7 @@ def read_isotropic_spectrum(path) -> tuple[np.ndarray, np.ndarray]:
 def _loglog(energies_mev: np.ndarray, nodes_mev: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Values at ``energies_mev`` interpolated as a power law between ``nodes_mev``, extrapolated as the power law
     of the last two nodes beyond the ends."""
-    return np.exp(np.log(np.maximum(values, 1e-300)) @ _log_weights(nodes_mev, energies_mev))
+    return np.exp(np.log(np.maximum(values, 1e-300)) @ log_energy_weights(nodes_mev, energies_mev))
 
 
 def _widened(wcs, margin: int):
@@ -175,7 +175,7 @@ def background_counts(wcs, shape: tuple[int, int], energy_edges_kev, exposure: S
             energies = np.exp(log_e)
             total = np.zeros((rows.stop - rows.start, len(energies)))
             if log_gal is not None:
-                total += np.exp(log_gal @ _log_weights(intensity.energies_mev, energies))
+                total += np.exp(log_gal @ log_energy_weights(intensity.energies_mev, energies))
             if isotropic is not None:
                 total += _loglog(energies, *isotropic)[None]
             exp_samples = exp_planes @ exposure.plane_weights(energies)  # (n, S)
@@ -185,22 +185,6 @@ def background_counts(wcs, shape: tuple[int, int], energy_edges_kev, exposure: S
         smooth = fftconvolve(mu[c].reshape(hb, wb), kernels[c], mode="same")
         out[c] = np.clip(smooth[margin:margin + h, margin:margin + w], 0.0, None)
     return out
-
-
-def _log_weights(nodes_mev: np.ndarray, energies_mev: np.ndarray) -> np.ndarray:
-    """(P, S) weights of linear interpolation in log E, and linear extrapolation from the two nearest nodes beyond
-    the ends: applied to log values, a power law between planes and beyond them."""
-    log_nodes, log_e = np.log(np.asarray(nodes_mev, np.float64)), np.log(np.asarray(energies_mev, np.float64))
-    weights = np.zeros((len(log_nodes), len(log_e)))
-    if len(log_nodes) == 1:
-        weights[0] = 1.0
-        return weights
-    upper = np.clip(np.searchsorted(log_nodes, log_e), 1, len(log_nodes) - 1)  # the segment, or the end one
-    t = (log_e - log_nodes[upper - 1]) / (log_nodes[upper] - log_nodes[upper - 1])
-    columns = np.arange(len(log_e))
-    weights[upper - 1, columns] = 1.0 - t
-    weights[upper, columns] = t
-    return weights
 
 
 def _check_reach(edges_mev: np.ndarray, nodes_mev: np.ndarray, what: str) -> None:

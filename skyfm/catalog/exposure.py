@@ -107,12 +107,10 @@ class SkyCube:
         """(P, S) matrix that turns the planes' values into the values at ``energies_mev`` (S,): linear in log
         energy between a cube's energies (flat beyond the first and last), constant over each of its bins."""
         energies = np.asarray(energies_mev, dtype=np.float64)
-        n_planes = self.data.shape[0]
         if self.energies_mev is None and self.bins_mev is None:
             return np.ones((1, len(energies)))
-        if self.energies_mev is not None:
-            log_nodes, identity = np.log(self.energies_mev), np.eye(n_planes)
-            return np.stack([np.interp(np.log(energies), log_nodes, identity[p]) for p in range(n_planes)])
+        if self.energies_mev is not None:  # flat beyond the ends: the energies clipped into the planes' range
+            return log_energy_weights(self.energies_mev, np.clip(energies, self.energies_mev[0], self.energies_mev[-1]))
         inside = (energies[None] >= self.bins_mev[:, :1]) & (energies[None] < self.bins_mev[:, 1:])
         inside[-1] |= energies >= self.bins_mev[-1, 1]  # the last bin's upper edge
         return inside.astype(np.float64)
@@ -154,6 +152,22 @@ def log_energy_samples(lo_mev: float, hi_mev: float, n: int = ENERGY_SAMPLES) ->
     """(ln E of the midpoints of ``n`` equal steps in ln E over [lo, hi], the step): a band's quadrature nodes."""
     step = np.log(hi_mev / lo_mev) / n
     return np.log(lo_mev) + (np.arange(n) + 0.5) * step, float(step)
+
+
+def log_energy_weights(nodes_mev, energies_mev) -> np.ndarray:
+    """(P, S) weights of linear interpolation in log E between ``nodes_mev`` (P,) at ``energies_mev`` (S,), and of
+    linear extrapolation from the two end nodes beyond them; applied to log values, a power law."""
+    log_nodes, log_e = np.log(np.asarray(nodes_mev, np.float64)), np.log(np.asarray(energies_mev, np.float64))
+    weights = np.zeros((len(log_nodes), len(log_e)))
+    if len(log_nodes) == 1:
+        weights[0] = 1.0
+        return weights
+    upper = np.clip(np.searchsorted(log_nodes, log_e), 1, len(log_nodes) - 1)  # the segment, or the end one
+    t = (log_e - log_nodes[upper - 1]) / (log_nodes[upper] - log_nodes[upper - 1])
+    columns = np.arange(len(log_e))
+    weights[upper - 1, columns] = 1.0 - t
+    weights[upper, columns] = t
+    return weights
 
 
 def read_exposure_cube(path) -> SkyCube:
@@ -285,4 +299,5 @@ def apply_exposure(table, cube: SkyCube, energy_edges_kev):
     return out
 
 
-__all__ = ["SkyCube", "apply_exposure", "catalog_coords", "log_energy_samples", "read_exposure_cube", "read_sky_cube"]
+__all__ = ["SkyCube", "apply_exposure", "catalog_coords", "log_energy_samples", "log_energy_weights",
+           "read_exposure_cube", "read_sky_cube"]

@@ -507,9 +507,9 @@ def units_from_noise(image: "ImageFile", headers: list[fits.Header], where: str)
         scale = float(np.median(scales)) if scales else float("nan")
     said = None
     if scale > UNIT_SCALE_LIMIT:
-        unit = u.Unit(raw, parse_strict="silent") if raw else u.dimensionless_unscaled
         image.adu_per_unit = scale
-        image.unit = u.dimensionless_unscaled if isinstance(unit, u.UnrecognizedUnit) else unit
+        unit = parse_unit(raw)
+        image.unit = u.dimensionless_unscaled if unit is None else unit
         said = (f"{where}: {f'BUNIT {raw!r} is not a unit skyfm converts' if raw else 'no BUNIT says its unit'}; its "
                 f"sky's noise gives {scale:.4g} {inst.name} ADU per unit (gain {gain:g}, read noise {read_noise:g} "
                 "e-): read so; catalog fluxes in the file's unit (a BUNIT of ADU, electrons or electrons/s in the "
