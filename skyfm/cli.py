@@ -612,7 +612,9 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
               help="Counts cubes with a background model: fit against the model as given. Default: the model is "
                    "first rescaled, one factor per energy bin, to the counts away from the sources (catalog meta "
                    "background_scale), as LAT analyses free the diffuse normalisations: a model 13% low otherwise "
-                   "reads its residual as sources.")
+                   "reads its residual as sources; and a model whose structure the counts contradict (too many "
+                   "places 3 sigma below it; a warning, meta background_deficit) is corrected over the image on "
+                   "scales of 1 PSF FWHM (meta background_correction).")
 @click.option("--isotropic", "isotropic_path", default=None, type=click.Path(),
               help="Counts cubes, with --exposure: the isotropic emission's spectrum (the FSSC's text file, e.g. "
                    "iso_P8R3_SOURCE_V3_v1.txt: energy in MeV, intensity, error), added to the --background "

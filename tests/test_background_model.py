@@ -272,3 +272,70 @@ def test_a_counts_cube_with_a_quarter_of_no_data_keeps_its_sources_elsewhere():
     tables = [detect_patch(p), detect_patch(dataclasses.replace(p, data=data))]  # the shipped detector
     away = [t[~((np.asarray(t["x"]) < 56) & (np.asarray(t["y"]) < 56))] for t in tables]
     assert len(away[0]) > 3 and abs(len(away[1]) - len(away[0])) <= max(2, 0.2 * len(away[0])), [len(a) for a in away]
+
+
+def test_model_deficit_tells_a_model_of_other_structure_from_one_of_the_sky_s():
+    """model_deficit: counts drawn from the model leave (almost) no place 3 sigma short of it; a model with clumps the
+    sky lacks leaves many; a model 1.5% high in 10^4-count boxes is within the 2% it allows (not without); places
+    near the sources given, or without data, are not counted; a bin with too few places is NaN."""
+    from scipy import ndimage
+
+    from skyfm.catalog.likelihood import model_deficit, psf_kernels
+
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:128, 0:128]
+    model = np.stack([40.0 * (1 + xx / 128.0), 2.0 * np.ones((128, 128))])
+    kernels = psf_kernels(FERMI, 0.1, psfs=[b.psf for b in FERMI.bands[2:4]])
+    counts = rng.poisson(model).astype(np.float64)
+    share, short = model_deficit(counts, model, kernels)
+    assert share.max() < 0.01 and short.max() <= 2, (share, short)
+
+    clumps = ndimage.gaussian_filter(rng.normal(size=(128, 128)), 3.0)
+    wrong = model * np.clip(1 + 0.5 * clumps / clumps.std(), 0.2, None)[None]
+    share, short = model_deficit(counts, wrong, kernels)
+    assert share[0] > 0.05 and short[0] >= 5, (share, short)
+
+    deep = 2000.0 * np.ones((1, 128, 128))  # boxes of ~10^4-10^5 counts
+    deep_counts = rng.poisson(deep).astype(np.float64)
+    assert model_deficit(deep_counts, 1.015 * deep, kernels[:1])[0][0] < 0.01
+    assert model_deficit(deep_counts, 1.015 * deep, kernels[:1], tolerance=0.0)[0][0] > 0.05
+
+    invalid = np.zeros((128, 128), bool)
+    invalid[:, 64:] = True  # no data in the right half: zeros there, which are no deficit of the sky
+    blank = np.where(invalid[None], 0.0, counts)
+    assert model_deficit(blank, model, kernels)[0][0] > 0.3
+    share, _ = model_deficit(blank, model, kernels, invalid=invalid)
+    assert share[0] < 0.01
+    assert np.isnan(model_deficit(counts, model, kernels, min_boxes=10_000)[0]).all()
+    ys, xs = np.mgrid[4:128:8, 4:128:8]
+    share, short = model_deficit(counts, wrong, kernels, (xs.ravel(), ys.ravel()))  # sources everywhere: no place
+    assert np.isnan(share).all() and short.sum() == 0
+
+
+def test_skyfm_detect_corrects_a_background_model_whose_structure_the_counts_contradict():
+    """A Fermi-LAT plane cube's true model passes the deficit test (rescaled per bin, no warning); the same model with
+    clumps the sky lacks fails it: a warning, the model corrected over the image (catalog meta
+    ``background_correction``), or, as given (``fit_background=False``), the warning only."""
+    import dataclasses
+    import warnings
+
+    from scipy import ndimage
+
+    from skyfm.detect import detect_patch
+
+    p = simulate_patch("fermi-lat", 11, size=128, population="real", center=(20.0, 0.5))
+    rng = np.random.default_rng(5)
+    clumps = ndimage.gaussian_filter(rng.normal(size=p.data.shape[1:]), 4.0)
+    wrong = p.background_image * np.clip(1 + 0.6 * clumps / clumps.std(), 0.2, None)[None]
+    runs = {}
+    for label, model, fit in (("true", p.background_image, True), ("wrong", wrong, True), ("as is", wrong, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cat = detect_patch(dataclasses.replace(p, background_image=model.astype(np.float32)), fit_background=fit)
+        runs[label] = (cat.meta, [str(w.message) for w in caught if "does not follow the counts" in str(w.message)])
+    assert runs["true"][0]["background_correction"] == "per bin" and not runs["true"][1]
+    assert runs["wrong"][0]["background_correction"] == "local, 1 FWHM"
+    assert len(runs["wrong"][1]) == 1 and "1 PSF FWHM" in runs["wrong"][1][0]
+    assert np.nanmax([float(v) for v in runs["wrong"][0]["background_deficit"].split(",")]) > 0.01
+    assert runs["as is"][0]["background_correction"] == "none" and "used as given" in runs["as is"][1][0]
+    assert "background_scale" not in runs["as is"][0]

@@ -898,6 +898,19 @@ def test_extension_test_comes_from_the_head_unless_told(model_dir, monkeypatch):
         D.detect_patch(no_model, det, test_extension=True)
 
 
+def test_likelihood_selection_without_a_model_tests_extension_against_the_estimate():
+    """selection="likelihood" on a CTAO cube without a background model (the CTAO head tests extension): the test
+    runs against the estimated background (it met None and failed before)."""
+    from dataclasses import replace
+
+    from skyfm.detect import detect_patch
+
+    p = replace(simulate_patch("ctao", 2, size=64, population="plane"), background_image=None)
+    cat = detect_patch(p, selection="likelihood")  # the shipped detector
+    assert cat.meta["selection"] == "likelihood" and "ts_ext" in cat.colnames
+    assert len(cat) > 0 and np.all(np.asarray(cat["ts"]) >= 25.0)
+
+
 def test_the_trail_filter_comes_from_the_head_unless_told(model_dir, monkeypatch):
     """The shipped MeerLICHT and Hubble heads drop detections on satellite trails by default, WISE's does not;
     the caller's True / False wins."""
