@@ -629,7 +629,8 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
               help="Counts cubes: which detections the catalog keeps. network = heatmap probability >= --min-score; "
                    "likelihood = the network's peaks and the Poisson TS map's, fitted together, kept at TS >= "
                    "--min-ts (score is then sqrt(TS), net_score the network's probability); auto = likelihood with "
-                   "--background, else network.")
+                   "--background (and without one where the instrument's head chose it on validation: CTAO), else "
+                   "network.")
 @click.option("--min-ts", type=click.FloatRange(min=0), default=25.0, show_default=True,
               help="Likelihood selection: the least fitted TS a source needs (25: the 4FGL convention).")
 @click.option("--test-extension/--no-test-extension", default=None,

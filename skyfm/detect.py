@@ -1815,15 +1815,18 @@ MODEL_DEFICIT_MIN_PLACES = 5
 LOCAL_CORRECTION_FWHM = 1.0
 
 
-def resolve_selection(selection: str, inst, background, refine: bool = True) -> str:
+def resolve_selection(selection: str, inst, background, refine: bool = True, head=None) -> str:
     """``"network"`` (heatmap probability >= min_score) or ``"likelihood"`` (fitted TS >= min_ts).
 
-    ``"auto"``: the likelihood where it can be trusted, i.e. a refined counts cube with a background model; else
-    the network (an estimated background is biased near sources, and CCD images have no Poisson likelihood here)."""
+    ``"auto"``: the likelihood where it can be trusted, i.e. a refined counts cube with a background model, or
+    without one where the instrument's ``head`` says so (``likelihood_without_model``, chosen on validation seeds:
+    CTAO); else the network (an estimated background is biased near sources, and CCD images have no Poisson
+    likelihood here)."""
     if selection not in SELECTIONS:
         raise SkyfmError(f"selection should be one of {', '.join(SELECTIONS)}; got {selection!r}")
     if selection == "auto":
-        return "likelihood" if inst.is_counts and background is not None and refine else "network"
+        trusted = background is not None or bool(getattr(head, "likelihood_without_model", False))
+        return "likelihood" if inst.is_counts and refine and trusted else "network"
     if selection == "likelihood" and not inst.is_counts:
         raise SkyfmError(f"likelihood selection is for counts cubes; {inst.name} is a {inst.kind} instrument")
     if selection == "likelihood" and not refine:
@@ -2046,7 +2049,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     background = getattr(patch, "background_image", None)
     if inst.is_counts and background is not None and patch.mask is not None and patch.mask.any():
         patch = _model_filled(patch, background)
-    chosen = resolve_selection(selection, inst, background, refine)
+    chosen = resolve_selection(selection, inst, background, refine, head)
     if test_extension is True and chosen != "likelihood":
         raise SkyfmError("the extension test needs likelihood selection: a counts cube with a background model "
                          "(--background)")

@@ -898,17 +898,26 @@ def test_extension_test_comes_from_the_head_unless_told(model_dir, monkeypatch):
         D.detect_patch(no_model, det, test_extension=True)
 
 
-def test_likelihood_selection_without_a_model_tests_extension_against_the_estimate():
-    """selection="likelihood" on a CTAO cube without a background model (the CTAO head tests extension): the test
-    runs against the estimated background (it met None and failed before)."""
+def test_ctao_cubes_without_a_model_are_selected_by_the_likelihood_and_tested_for_extension():
+    """The shipped CTAO head selects by TS also without a background model (``likelihood_without_model``), Fermi-LAT's
+    by the network's probability; the CTAO head's extension test then runs against the estimated background (with
+    selection="likelihood" it met no background and failed before)."""
     from dataclasses import replace
 
-    from skyfm.detect import detect_patch
+    from skyfm.detect import detect_patch, resolve_selection
+    from skyfm.heads import load_detector
+    from skyfm.instruments import load_instrument
 
+    shipped = load_detector()
+    ctao, fermi = load_instrument("ctao"), load_instrument("fermi-lat")
+    assert resolve_selection("auto", ctao, None, head=shipped.head_config("ctao")) == "likelihood"
+    assert resolve_selection("auto", ctao, None, refine=False, head=shipped.head_config("ctao")) == "network"
+    assert resolve_selection("auto", fermi, None, head=shipped.head_config("fermi-lat")) == "network"
     p = replace(simulate_patch("ctao", 2, size=64, population="plane"), background_image=None)
-    cat = detect_patch(p, selection="likelihood")  # the shipped detector
+    cat = detect_patch(p, shipped)
     assert cat.meta["selection"] == "likelihood" and "ts_ext" in cat.colnames
     assert len(cat) > 0 and np.all(np.asarray(cat["ts"]) >= 25.0)
+    assert detect_patch(p, shipped, selection="network").meta["selection"] == "network"
 
 
 def test_the_trail_filter_comes_from_the_head_unless_told(model_dir, monkeypatch):
