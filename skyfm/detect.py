@@ -1810,6 +1810,7 @@ LIKELIHOOD_PASSES = 1
 # (runs/exp38/fallback.py, fallback2.py), the other model / a half-and-half mix of the two: per bin 0.51 / 0.58 (6
 # cubes), at 2 FWHM 0.59 / 0.69 (6) and 0.50 / 0.66 (10 more), at 1 FWHM 0.60 / 0.67 and 0.58 / 0.73, no model 0.58
 # and 0.66; at 0.5 FWHM 0.44 / 0.53 (6).
+MODEL_DEFICIT_TOLERANCE = 0.02  # the relative error a model may have beside Poisson noise
 MODEL_DEFICIT_LIMIT = 0.01
 MODEL_DEFICIT_MIN_PLACES = 5
 LOCAL_CORRECTION_FWHM = 1.0
@@ -2143,7 +2144,8 @@ def _fitted_background_model(counts, model, kernels, sources, invalid, fit_backg
         meta["background_scale"] = ",".join(f"{v:.4f}" for v in scale_map.mean(axis=(1, 2)))
     else:
         rescaled = model
-    share, short = likelihood.model_deficit(counts, rescaled, kernels, sources, invalid=invalid)
+    share, short = likelihood.model_deficit(counts, rescaled, kernels, sources, tolerance=MODEL_DEFICIT_TOLERANCE,
+                                            invalid=invalid)
     meta["background_deficit"] = ",".join("nan" if np.isnan(v) else f"{v:.4f}" for v in share)
     failed = (np.nan_to_num(share) > MODEL_DEFICIT_LIMIT) & (short >= MODEL_DEFICIT_MIN_PLACES)
     if not failed.any():
@@ -2151,8 +2153,9 @@ def _fitted_background_model(counts, model, kernels, sources, invalid, fit_backg
         return rescaled, meta
     # one message for every tile of a map (the CLI says each distinct warning once); the numbers are in the meta
     what = (f"the background model does not follow the counts: in a band over {100 * MODEL_DEFICIT_LIMIT:g}% of the "
-            "places away from sources hold 3 sigma fewer counts than it predicts, a 2% error allowed (catalog meta "
-            "background_deficit, per band; a model of the sky's structure stays under it)")
+            "places away from sources hold 3 sigma fewer counts than it predicts, "
+            f"a {100 * MODEL_DEFICIT_TOLERANCE:g}% error allowed (catalog meta background_deficit, per band; a model "
+            "of the sky's structure stays under it)")
     if not fit_background:
         warnings.warn(f"{what}; used as given (--background-as-is)", stacklevel=4)
         meta["background_correction"] = "none"
