@@ -622,9 +622,9 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 @click.option("--bunit", default=None, help=BUNIT_HELP)
 @click.option("--exposure", "exposure_path", default=None, type=click.Path(),
               help="Counts cubes: FITS exposure cube (cm2 s; gtexpcube2's, with its ENERGIES table, on any celestial "
-                   "grid that covers the image) that flux_phys takes each source's exposure from, per energy bin, "
-                   "at its position. Default: the instrument YAML's one exposure per bin, right only for cubes of "
-                   "that exposure (a typical one).")
+                   "grid that covers the image, or a HEALPix map with one column per plane) that flux_phys takes "
+                   "each source's exposure from, per energy bin, at its position. Default: the instrument YAML's "
+                   "one exposure per bin, right only for cubes of that exposure (a typical one).")
 @click.option("--selection", type=click.Choice(["auto", "network", "likelihood"]), default="auto", show_default=True,
               help="Counts cubes: which detections the catalog keeps. network = heatmap probability >= --min-score; "
                    "likelihood = the network's peaks and the Poisson TS map's, fitted together, kept at TS >= "

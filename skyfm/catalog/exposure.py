@@ -11,11 +11,12 @@ Fermi's ``gtexpcube2`` writes the exposure as a cube in cm2 s: a 3-D primary ima
 grid of its own (often the whole sky, coarser than the counts), with an ``ENERGIES`` table of the energy of each
 plane (MeV; the counts cube's bin edges, so one plane more than bins). gammapy writes the same (``format =
 "fgst-template"``) or planes per bin with an ``EBOUNDS`` / ``BANDS`` table. :func:`read_exposure_cube` reads any of
-these, and a 2-D map (one exposure for every energy); :meth:`SkyCube.band_exposure` gives each source its
-exposure per band: bilinear in the sky at the source's position, and over the band the mean weighted by a power law
-of index 2 (the spectrum the likelihood fit assumes, ``skyfm.catalog.likelihood.powerlaw_band_weights``), the
-exposure linear in log energy between planes where the planes are energies (``gtexpcube2``'s), constant over each
-bin where they are bins.
+these, a 2-D map (one exposure for every energy), and a HEALPix table of one column per plane with the same energy
+tables (all-sky or partial, RING or NESTED: :class:`HealpixSkyCube`, as HEALPix analyses keep their exposure);
+:meth:`SkyCube.band_exposure` gives each source its exposure per band: bilinear in the sky at the source's
+position, and over the band the mean weighted by a power law of index 2 (the spectrum the likelihood fit assumes,
+``skyfm.catalog.likelihood.powerlaw_band_weights``), the exposure linear in log energy between planes where the planes
+are energies (``gtexpcube2``'s), constant over each bin where they are bins.
 :func:`apply_exposure` puts the result into a catalog.
 """
 
@@ -148,6 +149,81 @@ class SkyCube:
         return self.at_sky(coords) @ self.band_weights(energy_edges_kev)
 
 
+@dataclass
+class HealpixSkyCube(SkyCube):
+    """A :class:`SkyCube` on a HEALPix grid (an all-sky or partial exposure map, as fermipy's HEALPix analyses and
+    gtexpcube2's ``proj=HPX`` write them): ``data`` is (P, npix), NaN where a partial map has no pixel; ``wcs`` is
+    None. Its "pixel positions" are the longitude and latitude (deg) in the map's frame, and values are bilinear
+    between the HEALPix pixel centres (``astropy_healpix``)."""
+
+    nside: int = 0
+    nested: bool = False
+    frame: str = "galactic"
+
+    def sky_to_pixels(self, coords) -> tuple[np.ndarray, np.ndarray]:
+        sky = coords.transform_to(self.frame).spherical
+        return (np.atleast_1d(sky.lon.deg).astype(np.float64), np.atleast_1d(sky.lat.deg).astype(np.float64))
+
+    def covers(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        """Whether each position lies where the map has data (every finite one, for an all-sky map)."""
+        inside = np.isfinite(px) & np.isfinite(py)
+        if inside.any() and np.isnan(self.data[0]).any():
+            inside[inside] = np.isfinite(self._interpolate(0, px[inside], py[inside]))
+        return inside
+
+    def at_pixels(self, px: np.ndarray, py: np.ndarray, clamp: bool = False) -> np.ndarray:
+        """(N, P) value of each plane at (lon, lat) deg; NaN where the map has no data, or with ``clamp`` the mean of
+        the positions that have (a partial map's stand-in beyond its edge, for the PSF's reach past the image)."""
+        out = np.full((len(px), self.data.shape[0]), np.nan)
+        finite = np.isfinite(px) & np.isfinite(py)
+        for k in range(self.data.shape[0]):
+            out[finite, k] = self._interpolate(k, px[finite], py[finite])
+        if clamp:
+            missing = np.isnan(out) & finite[:, None]
+            if missing.any():
+                fill = np.nanmean(np.where(missing, np.nan, out), axis=0)
+                out = np.where(missing, np.nan_to_num(fill)[None], out)
+        return out
+
+    def _interpolate(self, plane: int, lon_deg: np.ndarray, lat_deg: np.ndarray) -> np.ndarray:
+        import astropy.units as u
+        from astropy_healpix import HEALPix
+
+        grid = HEALPix(nside=self.nside, order="nested" if self.nested else "ring")
+        return grid.interpolate_bilinear_lonlat(lon_deg * u.deg, lat_deg * u.deg, np.asarray(self.data[plane]))
+
+
+def _read_healpix_cube(hdul, path, what: str, where: str, unit_text: str) -> HealpixSkyCube:
+    """:func:`read_sky_cube` for a HEALPix table: one column per plane (or one vector column), RING or NESTED, all-sky
+    or partial (a PIXEL column), its frame from COORDSYS, the planes' energies as for images."""
+    from skyfm.data.healpix import _column_values, _frame_of, _healpix_hdu, npix_to_nside
+
+    index = _healpix_hdu(hdul, None, Path(path))
+    table = hdul[index]
+    ordering = str(table.header.get("ORDERING", "")).strip().upper()
+    if ordering not in ("RING", "NESTED"):
+        raise SkyfmError(f"{where}: ORDERING = {ordering or 'nothing'!r}; skyfm reads RING or NESTED maps")
+    names = [c.name for c in table.columns]
+    index_col = next((n for n in names if n.upper() in ("PIXEL", "PIX", "INDEX", "IPIX")), None)
+    data_cols = [n for n in names if n != index_col and np.issubdtype(table.columns[n].dtype.base, np.number)]
+    if not data_cols:
+        raise SkyfmError(f"{where}: no numeric column in its HEALPix table")
+    nside = int(table.header.get("NSIDE", 0))
+    if len(data_cols) == 1 and table.columns[data_cols[0]].dtype.shape:  # one vector column: a plane per element
+        values = np.asarray(table.data[data_cols[0]], dtype=np.float64).reshape(len(table.data), -1).T
+        if index_col is not None:
+            raise SkyfmError(f"{where}: a partial map with a vector column; write one column per plane")
+    else:
+        values = _column_values(table, data_cols, index_col, nside, where)
+    energies, bins = _plane_energies(hdul, values.shape[0], where)
+    seen = values[np.isfinite(values)]
+    if seen.size == 0 or (seen < 0).any():
+        raise SkyfmError(f"{where}: {'negative values' if seen.size else 'no data'}; it should be {unit_text}")
+    return HealpixSkyCube(data=values, energies_mev=energies, bins_mev=bins, wcs=None, source=Path(path).name,
+                          what=what, nside=npix_to_nside(values.shape[1]), nested=ordering == "NESTED",
+                          frame=_frame_of(table.header, where, None))
+
+
 def log_energy_samples(lo_mev: float, hi_mev: float, n: int = ENERGY_SAMPLES) -> tuple[np.ndarray, float]:
     """(ln E of the midpoints of ``n`` equal steps in ln E over [lo, hi], the step): a band's quadrature nodes."""
     step = np.log(hi_mev / lo_mev) / n
@@ -171,13 +247,16 @@ def log_energy_weights(nodes_mev, energies_mev) -> np.ndarray:
 
 
 def read_exposure_cube(path) -> SkyCube:
-    """Read an exposure cube (module docstring): the first HDU with image data, its celestial WCS, the plane
-    energies from its ``ENERGIES`` table (energies of the planes, MeV unless TUNIT says otherwise) or an
-    ``EBOUNDS`` / ``BANDS`` table of bins (keV unless TUNIT says otherwise; each plane at its bin's log centre).
+    """Read an exposure cube (module docstring): the first HDU with image data, its celestial WCS (or, without an
+    image, a HEALPix table: :class:`HealpixSkyCube`), the plane energies from its ``ENERGIES`` table (energies of
+    the planes, MeV unless TUNIT says otherwise) or an ``EBOUNDS`` / ``BANDS`` table of bins (keV unless TUNIT says
+    otherwise; each plane at its bin's log centre).
     A file without a celestial WCS, a cube without an energy table or with one of the wrong length, and NaN,
     infinite or negative exposures are errors."""
     cube = read_sky_cube(path, "exposure cube", "cm2 s per pixel and energy")
-    if not (np.asarray(cube.data[:, :: _check_step(cube.data), :: _check_step(cube.data)]) > 0).any():
+    step = _check_step(cube.data)
+    sample = cube.data[:, ::step, ::step] if cube.data.ndim == 3 else cube.data[:, :: step * step]  # HEALPix: (P, npix)
+    if not (np.nan_to_num(np.asarray(sample)) > 0).any():
         raise SkyfmError(f"exposure cube {cube.source}: the exposure is zero everywhere")
     return cube
 
@@ -190,18 +269,18 @@ def _check_step(data) -> int:
 def read_sky_cube(path, what: str, unit_text: str) -> SkyCube:
     """Read a :class:`SkyCube` (:func:`read_exposure_cube`'s rules); ``what`` ("exposure cube") and ``unit_text``
     (what its values should be) name it in errors."""
-    import astropy.units as u
-    from astropy.table import Table
     from astropy.wcs import WCS, FITSFixedWarning
 
-    from skyfm.data.readers import open_fits
+    from skyfm.data.readers import _is_healpix, open_fits
 
     where = f"{what} {Path(path).name}"
     with open_fits(path) as hdul:
         image = next((h for h in hdul if h.is_image and h.data is not None and h.data.ndim in (2, 3)), None)
+        if image is None and any(_is_healpix(h) for h in hdul):
+            return _read_healpix_cube(hdul, path, what, where, unit_text)
         if image is None:
-            raise SkyfmError(f"{where}: no 2-D or 3-D image in the file (gtexpcube2 and the Fermi-LAT diffuse models "
-                             "hold theirs in the primary image)")
+            raise SkyfmError(f"{where}: no 2-D or 3-D image or HEALPix table in the file (gtexpcube2 and the Fermi-LAT "
+                             "diffuse models hold theirs in the primary image)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
             wcs = WCS(image.header).celestial
@@ -209,34 +288,43 @@ def read_sky_cube(path, what: str, unit_text: str) -> SkyCube:
             raise SkyfmError(f"{where}: its image has no celestial WCS, so the sources' sky positions cannot be "
                              "found on it")
         data = image.data if image.data.ndim == 3 else image.data[None]
-        energies = bins = None
-        if data.shape[0] > 1:
-            table_hdu = next((h for name in ENERGY_TABLES for h in hdul if h.name == name), None)
-            if table_hdu is None:
-                raise SkyfmError(f"{where}: {data.shape[0]} planes but no ENERGIES, EBOUNDS or BANDS table to say "
-                                 "their energies")
-            table = Table.read(table_hdu)
-            if "E_MIN" in table.colnames and "E_MAX" in table.colnames:
-                from skyfm.data.fits_io import read_ebounds
-
-                bins = read_ebounds(table_hdu, where=where) / 1e3  # MeV
-                n_given = len(bins)
-                ordered = np.all(bins > 0) and np.all(bins[:, 1] > bins[:, 0]) and np.all(bins[1:, 0] >= bins[:-1, 1])
-            else:
-                column = next((c for c in table.colnames if c.upper() in ("ENERGY", "ENERGIES")), table.colnames[0])
-                col = table[column]
-                energies = np.asarray(u.Quantity(col, col.unit or u.MeV).to_value(u.MeV), dtype=np.float64)
-                n_given = len(energies)
-                ordered = np.all(energies > 0) and np.all(np.diff(energies) > 0)
-            if n_given != data.shape[0]:
-                raise SkyfmError(f"{where}: {data.shape[0]} planes but its {table_hdu.name} table gives "
-                                 f"{n_given} energies")
-            if not ordered:
-                raise SkyfmError(f"{where}: the planes' energies should be positive and increasing")
+        energies, bins = _plane_energies(hdul, data.shape[0], where)
         planes = np.asarray(data[:, :: _check_step(data), :: _check_step(data)])
         if not np.isfinite(planes).all() or (planes < 0).any():
             raise SkyfmError(f"{where}: NaN, infinite or negative values; it should be {unit_text}")
     return SkyCube(data=data, energies_mev=energies, bins_mev=bins, wcs=wcs, source=Path(path).name, what=what)
+
+
+def _plane_energies(hdul, n_planes: int, where: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(energies (P,) MeV, or None; bins (P, 2) MeV, or None) of a cube's ``n_planes`` planes from its ``ENERGIES``,
+    ``EBOUNDS`` or ``BANDS`` table (none needed for one plane)."""
+    import astropy.units as u
+    from astropy.table import Table
+
+    if n_planes == 1:
+        return None, None
+    table_hdu = next((h for name in ENERGY_TABLES for h in hdul if h.name == name), None)
+    if table_hdu is None:
+        raise SkyfmError(f"{where}: {n_planes} planes but no ENERGIES, EBOUNDS or BANDS table to say their energies")
+    energies = bins = None
+    table = Table.read(table_hdu)
+    if "E_MIN" in table.colnames and "E_MAX" in table.colnames:
+        from skyfm.data.fits_io import read_ebounds
+
+        bins = read_ebounds(table_hdu, where=where) / 1e3  # MeV
+        n_given = len(bins)
+        ordered = np.all(bins > 0) and np.all(bins[:, 1] > bins[:, 0]) and np.all(bins[1:, 0] >= bins[:-1, 1])
+    else:
+        column = next((c for c in table.colnames if c.upper() in ("ENERGY", "ENERGIES")), table.colnames[0])
+        col = table[column]
+        energies = np.asarray(u.Quantity(col, col.unit or u.MeV).to_value(u.MeV), dtype=np.float64)
+        n_given = len(energies)
+        ordered = np.all(energies > 0) and np.all(np.diff(energies) > 0)
+    if n_given != n_planes:
+        raise SkyfmError(f"{where}: {n_planes} planes but its {table_hdu.name} table gives {n_given} energies")
+    if not ordered:
+        raise SkyfmError(f"{where}: the planes' energies should be positive and increasing")
+    return energies, bins
 
 
 def catalog_coords(table):
