@@ -328,3 +328,22 @@ def test_skyfm_detect_takes_a_healpix_exposure_map(tmp_path, model_dir, capsys):
         tables.append(read_catalog(out))
     assert len(tables[0]) > 3
     np.testing.assert_allclose(np.asarray(tables[1]["flux_phys"]), np.asarray(tables[0]["flux_phys"]) / 3, rtol=1e-4)
+
+
+def test_a_healpix_exposure_map_given_as_the_counts_is_one_clear_error(tmp_path, capsys):
+    """A HEALPix exposure map handed to skyfm detect as the counts map (planes at energies, or columns in cm2 s) is
+    one line that says where it goes, not an all-sky search of exposures read as counts."""
+    energies = np.append(EDGES_KEV[:, 0], EDGES_KEV[-1, 1]) / 1e3
+    at_energies = write_healpix_cube(tmp_path / "energies.fits", 3e11 * np.ones((7, 12 * 8**2)), energies, 8)
+    in_cm2s = tmp_path / "cm2s.fits"
+    cols = [fits.Column(f"CHANNEL{k + 1}", "E", unit="cm2 s", array=np.full(12 * 8**2, 3e11, np.float32))
+            for k in range(6)]
+    table = fits.BinTableHDU.from_columns(cols, name="SKYMAP")
+    table.header.update({"PIXTYPE": "HEALPIX", "ORDERING": "RING", "NSIDE": 8, "COORDSYS": "G"})
+    fits.HDUList([fits.PrimaryHDU(), table]).writeto(in_cm2s)
+    for path, words in ((at_energies, "planes are at energies"), (in_cm2s, "an exposure")):
+        out = tmp_path / "cat.fits"
+        rc = main(["detect", str(path), "--instrument", "fermi-lat", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 1 and words in err and "--exposure" in err and err.count("\n") == 1, err
+        assert not out.exists()

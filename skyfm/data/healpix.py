@@ -43,6 +43,7 @@ from skyfm.data.patch import Patch
 from skyfm.data.readers import (
     EnergyBinsWarning,
     _is_healpix,
+    _not_counts,
     band_names_for_energies,
     bands_hdu,
     energy_label,
@@ -186,6 +187,11 @@ def read_healpix(path: str | Path, *, hdu: int | str | None = None, columns: lis
         values = _column_values(table, data_cols, index_col, nside, where)
         inst, inst_source = resolve_instrument(instrument, [header, hdul[0].header])
         bands_index = bands_hdu(hdul, header, where)
+        if inst is not None and inst.is_counts and bands_index is None:  # an exposure or model map, not counts?
+            unit = str(table.columns[data_cols[0]].unit or "").strip()
+            problem = _not_counts(hdul, [fits.Header({"BUNIT": unit})] if unit else [])
+            if problem is not None:
+                raise SkyfmError(f"{where}: {problem}")
         edges = None if bands_index is None else read_ebounds(hdul[bands_index], where)
         if edges is not None and len(edges) != len(data_cols):
             raise SkyfmError(f"{where} has {len(data_cols)} map column(s) but {hdul[bands_index].name} has "
