@@ -168,7 +168,7 @@ class HealpixSkyCube(SkyCube):
         """Whether each position lies where the map has data (every finite one, for an all-sky map)."""
         inside = np.isfinite(px) & np.isfinite(py)
         if inside.any() and np.isnan(self.data[0]).any():
-            inside[inside] = np.isfinite(self._interpolate(0, px[inside], py[inside]))
+            inside[inside] = np.isfinite(self._interpolate(px[inside], py[inside], planes=[0])[:, 0])
         return inside
 
     def at_pixels(self, px: np.ndarray, py: np.ndarray, clamp: bool = False) -> np.ndarray:
@@ -176,8 +176,7 @@ class HealpixSkyCube(SkyCube):
         the positions that have (a partial map's stand-in beyond its edge, for the PSF's reach past the image)."""
         out = np.full((len(px), self.data.shape[0]), np.nan)
         finite = np.isfinite(px) & np.isfinite(py)
-        for k in range(self.data.shape[0]):
-            out[finite, k] = self._interpolate(k, px[finite], py[finite])
+        out[finite] = self._interpolate(px[finite], py[finite])
         if clamp:
             missing = np.isnan(out) & finite[:, None]
             if missing.any():
@@ -185,29 +184,25 @@ class HealpixSkyCube(SkyCube):
                 out = np.where(missing, np.nan_to_num(fill)[None], out)
         return out
 
-    def _interpolate(self, plane: int, lon_deg: np.ndarray, lat_deg: np.ndarray) -> np.ndarray:
+    def _interpolate(self, lon_deg: np.ndarray, lat_deg: np.ndarray, planes=slice(None)) -> np.ndarray:
+        """(N, P) bilinear values of the ``planes`` at the positions: the four neighbours and their weights found
+        once for every plane."""
         import astropy.units as u
         from astropy_healpix import HEALPix
 
         grid = HEALPix(nside=self.nside, order="nested" if self.nested else "ring")
-        return grid.interpolate_bilinear_lonlat(lon_deg * u.deg, lat_deg * u.deg, np.asarray(self.data[plane]))
+        index, weight = grid.bilinear_interpolation_weights(lon_deg * u.deg, lat_deg * u.deg)  # (4, N) each
+        values = np.asarray(self.data[planes])[:, index]  # (P, 4, N): only the neighbours are read
+        return (values * weight[None]).sum(axis=1).T.astype(np.float64)
 
 
 def _read_healpix_cube(hdul, path, what: str, where: str, unit_text: str) -> HealpixSkyCube:
     """:func:`read_sky_cube` for a HEALPix table: one column per plane (or one vector column), RING or NESTED, all-sky
     or partial (a PIXEL column), its frame from COORDSYS, the planes' energies as for images."""
-    from skyfm.data.healpix import _column_values, _frame_of, _healpix_hdu, npix_to_nside
+    from skyfm.data.healpix import _column_values, _frame_of, _healpix_hdu, map_layout, npix_to_nside
 
-    index = _healpix_hdu(hdul, None, Path(path))
-    table = hdul[index]
-    ordering = str(table.header.get("ORDERING", "")).strip().upper()
-    if ordering not in ("RING", "NESTED"):
-        raise SkyfmError(f"{where}: ORDERING = {ordering or 'nothing'!r}; skyfm reads RING or NESTED maps")
-    names = [c.name for c in table.columns]
-    index_col = next((n for n in names if n.upper() in ("PIXEL", "PIX", "INDEX", "IPIX")), None)
-    data_cols = [n for n in names if n != index_col and np.issubdtype(table.columns[n].dtype.base, np.number)]
-    if not data_cols:
-        raise SkyfmError(f"{where}: no numeric column in its HEALPix table")
+    table = hdul[_healpix_hdu(hdul, None, Path(path))]
+    ordering, index_col, data_cols = map_layout(table, where)
     nside = int(table.header.get("NSIDE", 0))
     if len(data_cols) == 1 and table.columns[data_cols[0]].dtype.shape:  # one vector column: a plane per element
         values = np.asarray(table.data[data_cols[0]], dtype=np.float64).reshape(len(table.data), -1).T

@@ -167,22 +167,13 @@ def read_healpix(path: str | Path, *, hdu: int | str | None = None, columns: lis
         table = hdul[index]
         header = table.header
         where = f"{path} HDU {index}"
-        ordering = str(header.get("ORDERING", "")).strip().upper()
-        if ordering not in ("RING", "NESTED"):
-            raise SkyfmError(f"{where} has ORDERING = {ordering or 'nothing'!r}; skyfm reads RING or NESTED maps")
-        names = [c.name for c in table.columns]
-        index_col = next((n for n in names if n.upper() in _INDEX_COLUMNS), None)
-        explicit = str(header.get("INDXSCHM", "")).strip().upper() == "EXPLICIT" or index_col is not None
-        if explicit and index_col is None:
-            raise SkyfmError(f"{where} is an explicit-index (partial-sky) map without a PIXEL column")
-        data_cols = [n for n in names if n != index_col and np.issubdtype(table.columns[n].dtype.base, np.number)]
+        ordering, index_col, data_cols = map_layout(table, where)
         if columns is not None:
+            names = [c.name for c in table.columns]
             missing = [c for c in columns if c not in names]
             if missing:
                 raise SkyfmError(f"{where} has no column {', '.join(missing)}; its columns are {', '.join(names)}")
             data_cols = list(columns)
-        if not data_cols:
-            raise SkyfmError(f"{where} has no numeric data column")
         nside = int(header.get("NSIDE", 0))
         values = _column_values(table, data_cols, index_col, nside, where)
         inst, inst_source = resolve_instrument(instrument, [header, hdul[0].header])
@@ -212,6 +203,24 @@ def read_healpix(path: str | Path, *, hdu: int | str | None = None, columns: lis
     return HealpixMap(values=values, nside=npix_to_nside(values.shape[1]), nested=ordering == "NESTED",
                       frame=frame_name, columns=data_cols, bands=bands, counts=is_counts, instrument=inst,
                       instrument_source=inst_source, energy_edges_kev=edges, source=str(path))
+
+
+def map_layout(table: fits.BinTableHDU, where: str) -> tuple[str, str | None, list[str]]:
+    """(ORDERING, "RING" or "NESTED"; the pixel-index column of a partial-sky map, or None; the numeric data columns)
+    of a HEALPix table, with an error for what skyfm cannot read."""
+    header = table.header
+    ordering = str(header.get("ORDERING", "")).strip().upper()
+    if ordering not in ("RING", "NESTED"):
+        raise SkyfmError(f"{where} has ORDERING = {ordering or 'nothing'!r}; skyfm reads RING or NESTED maps")
+    names = [c.name for c in table.columns]
+    index_col = next((n for n in names if n.upper() in _INDEX_COLUMNS), None)
+    explicit = str(header.get("INDXSCHM", "")).strip().upper() == "EXPLICIT" or index_col is not None
+    if explicit and index_col is None:
+        raise SkyfmError(f"{where} is an explicit-index (partial-sky) map without a PIXEL column")
+    data_cols = [n for n in names if n != index_col and np.issubdtype(table.columns[n].dtype.base, np.number)]
+    if not data_cols:
+        raise SkyfmError(f"{where} has no numeric data column")
+    return ordering, index_col, data_cols
 
 
 def _column_values(table, data_cols: list[str], index_col: str | None, nside: int, where: str) -> np.ndarray:
