@@ -625,6 +625,13 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "grid that covers the image, or a HEALPix map with one column per plane) that flux_phys takes "
                    "each source's exposure from, per energy bin, at its position. Default: the instrument YAML's "
                    "one exposure per bin, right only for cubes of that exposure (a typical one).")
+@click.option("--psf", "psf_path", default=None, type=click.Path(),
+              help="Counts cubes: the observation's PSF file, as gtpsf writes it for the data's event selection "
+                   "(PSF and THETA tables) or an IACT IRF's psf_table (at 1 deg off axis): each band's PSF, the "
+                   "file's averaged over the band for a power law of index 2 and fitted with a King function, is "
+                   "the one the likelihood fits, the TS map and a background model made with --exposure use "
+                   "(catalog meta psf_file, psf_r68). Default: the instrument YAML's PSF, a typical one (all event "
+                   "types together).")
 @click.option("--selection", type=click.Choice(["auto", "network", "likelihood"]), default="auto", show_default=True,
               help="Counts cubes: which detections the catalog keeps. network = heatmap probability >= --min-score; "
                    "likelihood = the network's peaks and the Poisson TS map's, fitted together, kept at TS >= "
@@ -658,7 +665,7 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
                test_extension, mask_cosmic_rays, residual_search, device, mask_path, mask_bits, bunit,
-               exposure_path, isotropic_path, background_as_is):
+               exposure_path, isotropic_path, background_as_is, psf_path):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -692,6 +699,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
       skyfm detect ccube.fits --background model_cube.fits --exposure expcube.fits --out fermi.fits
       skyfm detect ccube.fits --background gll_iem_v07.fits --isotropic iso_P8R3_SOURCE_V3_v1.txt \\
           --exposure expcube.fits --out fermi.fits
+      skyfm detect ccube.fits --background model_cube.fits --psf gtpsf_psf3.fits --out fermi.fits
     """
     from skyfm.detect import detect_file
 
@@ -705,7 +713,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             min_ts=min_ts, test_extension=test_extension, mask_cosmic_rays=mask_cosmic_rays,
                             residual_search=residual_search, device=device, mask=mask_path,
                             mask_bits=mask_bits, exposure=exposure_path, bunit=bunit, isotropic=isotropic_path,
-                            fit_background=not background_as_is)
+                            fit_background=not background_as_is, psf=psf_path)
     click.echo(f"{len(table)} sources -> {out_path}")
 
 

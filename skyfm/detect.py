@@ -1759,7 +1759,7 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
                                                np.where(placed, fit["flux"], arrays["flux"]))
         flux_background = background
     moved = np.hypot(fit["x"] - arrays["x"], fit["y"] - arrays["y"])
-    ok = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (moved < 3.0)
+    ok = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (moved < _max_fit_move_pix(band_objs))
     for key in ("x", "y"):
         arrays[key] = np.where(ok, fit[key], arrays[key])
     # what the counts scatter beyond Poisson noise where no source was fitted (undetected sources, misfits)
@@ -1785,6 +1785,16 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
         arrays["class_prob"] = spectral_class_prob(arrays["class_prob"], classifier, arrays["flux_band"],
                                                    arrays["flux_band_err"], rows=ok)
     return (arrays, background) if return_background else arrays
+
+
+MAX_FIT_MOVE_PIX = 3.0  # a candidate whose Poisson fit moves it farther has run off to a neighbour: not kept
+
+
+def _max_fit_move_pix(band_objs) -> float:
+    """:data:`MAX_FIT_MOVE_PIX`, widened by the median breadth of the bands' PSFs over the YAML's where an
+    observation's own PSF is broader (``--psf``): a blend's fit moves its candidates in proportion to the PSF (a
+    cube of 1.6x the YAML's PSF lost a source of SNR 62 whose fit moved 4 px, ``benchmarks/psf_file.py``)."""
+    return MAX_FIT_MOVE_PIX * max(1.0, float(np.median([b.psf_breadth for b in band_objs])))
 
 
 # ------------------------------------------------------------------------------------------ likelihood selection
@@ -2004,7 +2014,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
                  precision: str = "auto", attention_window: int | None = None, drop_trails: bool | None = None,
                  selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int | None = None,
                  test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
-                 refine_workers: int | None = None, fit_background: bool = True):
+                 refine_workers: int | None = None, fit_background: bool = True, psfs: dict | None = None):
     """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
 
     Args:
@@ -2035,11 +2045,19 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
             ``background_scale``), as LAT analyses free the diffuse normalisations, and a model whose structure the
             counts contradict corrected over the image (:data:`MODEL_DEFICIT_LIMIT`; a warning, catalog meta
             ``background_deficit`` and ``background_correction``); False: the model as given (still checked).
+        psfs: counts cubes: ``{band name: PSF}``, the observation's own PSF for the likelihood fits, the TS map and
+            the extension test in place of the instrument's (:func:`skyfm.catalog.psf_file.band_psfs` reads one
+            from a gtpsf or IRF file); the network sees the pixels as they are.
     """
     from skyfm.instruments import load_instrument
 
     det = get_detector(detector)
     inst = det.instrument(patch.instrument) if patch.instrument in det.config.heads else load_instrument(patch.instrument)
+    if psfs:
+        if not inst.is_counts:
+            raise SkyfmError(f"a PSF of the observation is for counts cubes; {inst.name} images have their seeing "
+                             "measured on the image")
+        inst = inst.with_psfs(psfs)
     head = det.head_config(inst.name).for_bands(patch.bands)
     min_score = default_min_score(det, head) if min_score is None else float(min_score)
     if patch.mask is not None and patch.mask.all():
@@ -2304,7 +2322,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
                 residual_search: bool | None = None, device: str | None = "auto", mask=None,
                 mask_bits: int | None = None, exposure=None, bunit: str | None = None, isotropic=None,
-                fit_background: bool = True):
+                fit_background: bool = True, psf=None):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -2328,6 +2346,10 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     interstellar-emission intensity cube (gll_iem_v07.fits) and ``isotropic`` an isotropic spectrum (its text file),
     from which the background model is made (:func:`diffuse_background`). ``bunit``: a CCD image's pixel unit in
     place of its header's BUNIT (:func:`skyfm.data.open_image`). ``fit_background`` as :func:`detect_patch`.
+    ``psf``: for a counts cube or map, a PSF file of the observation (gtpsf's, or an IACT IRF's psf_table;
+    :mod:`skyfm.catalog.psf_file`) whose PSF, one King function per band, the likelihood refinement, the TS map and
+    a background model made with ``exposure`` use instead of the instrument YAML's (catalog meta ``psf_file``,
+    ``psf_r68``).
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -2346,7 +2368,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                  selection=selection, min_ts=min_ts, test_extension=test_extension,
                                  mask_cosmic_rays=mask_cosmic_rays, residual_search=residual_search, device=device,
                                  mask=mask, mask_bits=mask_bits, exposure=exposure, bunit=bunit,
-                                 isotropic=isotropic, fit_background=fit_background)
+                                 isotropic=isotropic, fit_background=fit_background, psf=psf)
     _warn_if_denoised(path)
     det = get_detector(model_dir, device=device)
     if residual_search is False:  # a copy: the cached detector keeps its heads' settings
@@ -2364,6 +2386,11 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             raise SkyfmError("--exposure gives the physical fluxes of the Poisson likelihood refinement, which "
                              "--no-refine leaves out")
         exposure_cube = read_exposure_cube(exposure)
+    if psf is not None:
+        check_fits_file(psf)
+        if not refine:
+            raise SkyfmError("--psf is the PSF of the Poisson likelihood refinement, which --no-refine leaves out")
+    psf_meta = {}
     diffuse = _diffuse_inputs(background, isotropic, exposure_cube)
     energy_edges = None
     if _is_healpix_file(path, hdu):
@@ -2381,7 +2408,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
         table, patch_for_plot, energy_edges = _detect_healpix(
             path, det, instrument, min_score, progress, batch_size, precision=precision,
             attention_window=attention_window, refine=refine, selection=selection, min_ts=min_ts, diffuse=diffuse,
-            exposure_cube=exposure_cube, fit_background=fit_background)
+            exposure_cube=exposure_cube, fit_background=fit_background, psf=psf)
         min_score = table.meta.get("min_score")
     else:
         with open_image(path, instrument=instrument, hdu=hdu, band=band, mask=mask, mask_bits=mask_bits,
@@ -2392,9 +2419,12 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             own = {k: v for k, v in (("saturation", image.saturation_adu), ("gain", image.gain)) if v is not None}
             if own:
                 inst = dataclasses.replace(inst, noise={**inst.noise, **own})
-            for option, given in (("--background", background), ("--exposure", exposure), ("--isotropic", isotropic)):
+            for option, given in (("--background", background), ("--exposure", exposure), ("--isotropic", isotropic),
+                                  ("--psf", psf)):
                 if given is not None and not inst.is_counts:
                     raise SkyfmError(f"{option} is for counts cubes; {path.name} is a {inst.name} image")
+            psfs, psf_meta = _psfs_from_file(psf, inst, image.bands)
+            inst = inst.with_psfs(psfs)
             energy_edges = image.energy_edges_kev
             if energy_edges is None and inst.is_counts:
                 energy_edges = [[e.to_value("keV") for e in inst.band(name).energy] for name in image.bands]
@@ -2419,7 +2449,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                      drop_trails=drop_trails, selection=selection, min_ts=min_ts,
                                      test_extension=test_extension, batch_size=batch_size, progress=progress,
                                      precision=precision, attention_window=attention_window,
-                                     mask_cosmic_rays=mask_cosmic_rays, fit_background=fit_background)
+                                     mask_cosmic_rays=mask_cosmic_rays, fit_background=fit_background, psfs=psfs)
                 patch_for_plot = patch
             else:
                 if image.masked_fraction() >= 1.0:
@@ -2458,6 +2488,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
         from skyfm.catalog.exposure import apply_exposure
 
         table = apply_exposure(table, exposure_cube, energy_edges)
+    table.meta.update(psf_meta)
     table.meta["input"] = path.name
     if associate is not None:
         table = associate_catalog(table, associate)
@@ -2468,6 +2499,17 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             save_overlay(patch_for_plot, table, png)
         write_catalog(table, out)
     return table
+
+
+def _psfs_from_file(psf, inst, bands) -> tuple[dict, dict]:
+    """({band name: PSF}, catalog meta) from ``--psf`` for ``bands`` of a counts image; ({}, {}) without one."""
+    if psf is None:
+        return {}, {}
+    from skyfm.catalog.psf_file import band_psfs
+
+    psfs, _ = band_psfs(psf, [inst.band(b) for b in bands])
+    return psfs, {"psf_file": Path(psf).name,
+                  "psf_r68": ",".join(f"{p.containment_radius(0.68):.4f}" for p in psfs.values())}
 
 
 def _detect_every_hdu(path: Path, out, *, plot: bool, associate, **options):
@@ -2578,14 +2620,15 @@ def _is_healpix_file(path: Path, hdu) -> bool:
 def _detect_healpix(path: Path, det, instrument, min_score: float, progress: bool, batch_size: int,
                     lon_range=None, lat_range=(-90.0, 90.0), precision: str = "auto", attention_window=None,
                     refine: bool = True, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, diffuse=None,
-                    exposure_cube=None, fit_background: bool = True):
+                    exposure_cube=None, fit_background: bool = True, psf=None):
     """Sky tiles of a HEALPix map at the instrument's native pixel scale, each detection kept by the tile whose
     sky cell owns it (:class:`skyfm.data.healpix.SkyTile`), so the all-sky catalog has each source once ->
     (catalog, None, the bands' energy edges keV or None).
 
     Counts maps get each tile's Poisson likelihood refinement (:func:`detect_patch`; TS, ``flux_phys``), against a
     background model made for the tile from ``diffuse`` (:func:`_diffuse_inputs`, with ``exposure_cube``) where
-    given (then the likelihood selection by default), else one estimated from the tile's counts."""
+    given (then the likelihood selection by default), else one estimated from the tile's counts; ``psf``: a PSF
+    file of the observation (:func:`detect_file`)."""
     from astropy.table import vstack
     from astropy.wcs.utils import pixel_to_skycoord
     from tqdm.auto import tqdm
@@ -2602,9 +2645,11 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
     if inst.is_counts:
         edges = (hmap.energy_edges_kev if hmap.energy_edges_kev is not None
                  else np.array([[e.to_value("keV") for e in b.energy] for b in inst.bands]))
-    elif diffuse is not None or exposure_cube is not None:
-        raise SkyfmError(f"--exposure, --background and --isotropic are for counts maps; {path.name} is a {inst.name} "
-                         "map")
+    elif diffuse is not None or exposure_cube is not None or psf is not None:
+        raise SkyfmError(f"--exposure, --background, --isotropic and --psf are for counts maps; {path.name} is a "
+                         f"{inst.name} map")
+    psfs, psf_meta = _psfs_from_file(psf, inst, [b.name for b in inst.bands])
+    inst = inst.with_psfs(psfs)
     head = det.head_config(inst.name)
     min_score = default_min_score(det, head) if min_score is None else float(min_score)
     tile = det.config.tile_size * 2
@@ -2628,7 +2673,7 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
                                                            *diffuse, kernels)
             t = detect_patch(patch, det, min_score, refine=True, selection=selection, min_ts=min_ts,
                              batch_size=batch_size, precision=precision, attention_window=attention_window,
-                             fit_background=fit_background)
+                             fit_background=fit_background, psfs=psfs)
             if len(t):
                 sph = catalog_coords(t).transform_to(hmap.frame).spherical
                 t = t[sky_tile.owns(sph.lon.deg, sph.lat.deg)]
@@ -2649,8 +2694,11 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
             t["tile"] = np.full(len(t), sky_tile.index)
             tables.append(t)
     if not tables:
-        return empty_catalog(class_names=list(head.class_names), instrument=inst), None, edges
+        table = empty_catalog(class_names=list(head.class_names), instrument=inst)
+        table.meta.update(psf_meta)
+        return table, None, edges
     table = vstack(tables, metadata_conflicts="silent")
+    table.meta.update(psf_meta)
     table.meta["min_score"] = min_score
     table.meta["note"] = "x, y are pixels of each row's sky tile (column tile); use the sky coordinates"
     return table, None, edges

@@ -167,10 +167,12 @@ def test_skyfm_detect_makes_the_background_model_from_the_diffuse_files(sky_file
 def test_a_healpix_counts_map_gets_ts_and_its_tiles_background_models(sky_files, tmp_path, capsys):
     """A partial-sky HEALPix Fermi-LAT counts map: each sky tile is refined by the Poisson likelihood (ts,
     flux_phys); with the diffuse files and the exposure cube each tile's model is made from them (likelihood
-    selection: score = sqrt(TS) >= 5), flux_phys from the exposure; a counts-model --background is an error."""
+    selection: score = sqrt(TS) >= 5), flux_phys from the exposure, and the PSF of a gtpsf file (--psf; here the
+    YAML's); a counts-model --background is an error."""
     from astropy.coordinates import SkyCoord
     from astropy_healpix import HEALPix
     from test_healpix import write_healpix
+    from test_psf_file import write_band_gtpsf
 
     from skyfm.catalog import read_catalog
 
@@ -193,8 +195,10 @@ def test_a_healpix_counts_map_gets_ts_and_its_tiles_background_models(sky_files,
             maps[c] += rng.poisson(share * n * weights / weights.sum())
     path = write_healpix(tmp_path / "map.fits", maps, nside, edges_kev=EDGES_KEV, pixels=pixels)
     tables = {}
+    psf_file = write_band_gtpsf(tmp_path / "gtpsf.fits", FERMI)
     for name, extra in (("estimated", []), ("files", ["--exposure", str(sky_files["exposure"]), "--background",
-                                                      str(sky_files["gal"]), "--isotropic", str(sky_files["iso"])])):
+                                                      str(sky_files["gal"]), "--isotropic", str(sky_files["iso"]),
+                                                      "--psf", str(psf_file)])):
         out = tmp_path / f"cat-{name}.fits"
         rc = main(["detect", str(path), "--instrument", "fermi-lat", "--out", str(out)] + extra)  # the shipped model
         assert rc == 0, capsys.readouterr().err
@@ -208,6 +212,7 @@ def test_a_healpix_counts_map_gets_ts_and_its_tiles_background_models(sky_files,
         for glon, glat in ((19.0, 0.5), (21.2, -1.0), (20.3, 1.8)):
             assert rows.separation(SkyCoord(l=glon, b=glat, unit="deg", frame="galactic")).deg.min() < 0.2
     assert tables["files"].meta.get("EXPOSURE_CUBE", tables["files"].meta.get("exposure_cube")) == "expcube.fits"
+    assert tables["files"].meta.get("PSF_FILE", tables["files"].meta.get("psf_file")) == "gtpsf.fits"
     counts_model = tmp_path / "model.fits"
     fits.PrimaryHDU(np.ones((6, 8, 8))).writeto(counts_model)
     rc = main(["detect", str(path), "--instrument", "fermi-lat", "--out", str(tmp_path / "bad.fits"),

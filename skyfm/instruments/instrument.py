@@ -28,7 +28,7 @@ Every problem is reported as a :class:`~skyfm.errors.SkyfmError` that names the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -111,6 +111,8 @@ class Band:
         zeropoint: AB magnitude of a source that gives 1 e-/s (ccd).
         sky: sky brightness, AB mag / arcsec^2 (ccd).
         exposure_time: seconds (ccd).
+        nominal_psf_spec: where an observation's own PSF replaced the YAML's (:meth:`Instrument.with_psfs`), the
+            YAML's; else None.
     """
 
     name: str
@@ -121,11 +123,19 @@ class Band:
     zeropoint: float | None = None
     sky: float | None = None
     exposure_time: float | None = None
+    nominal_psf_spec: dict | None = None
 
     @property
     def psf(self) -> PSF:
         """The nominal PSF (the middle of the range when the YAML gives a seeing range)."""
         return psf_from_spec(self.psf_spec)
+
+    @property
+    def psf_breadth(self) -> float:
+        """This band's PSF r68 over the instrument YAML's (1 unless an observation's own PSF replaced it)."""
+        if self.nominal_psf_spec is None:
+            return 1.0
+        return self.psf.containment_radius() / psf_from_spec(self.nominal_psf_spec).containment_radius()
 
     def psf_with_fwhm(self, fwhm_deg: float, beta: float | None = None) -> PSF:
         """This band's PSF family with another FWHM (a night's seeing) and, for a Moffat PSF, another ``beta``
@@ -162,6 +172,13 @@ class Band:
     def edges_label(self) -> str:
         lo, hi = self.energy if self.energy is not None else self.wavelength
         return f"{lo.value:g}-{hi.to_value(lo.unit):g} {lo.unit}"
+
+
+def psf_spec_of(psf: PSF) -> dict:
+    """The YAML ``psf`` mapping of a :class:`PSF` (:func:`psf_from_spec` reads it back)."""
+    if psf.model == "gaussian":
+        return {"model": "gaussian", "fwhm": f"{psf.fwhm_deg!r} deg"}
+    return {"model": "moffat", "fwhm": f"{psf.fwhm_deg!r} deg", "beta": float(psf.beta)}
 
 
 def psf_from_spec(spec: dict, where: _Where | None = None, key: str = "psf") -> PSF:
@@ -245,6 +262,18 @@ class Instrument:
 
     def psf_fwhm_pix(self, band: int = 0) -> float:
         return self.bands[band].psf.fwhm_deg / self.pixel_scale_deg
+
+    def with_psfs(self, psfs: dict | None) -> "Instrument":
+        """This instrument with other PSFs for some of its bands (``{band name: PSF}``; e.g. an observation's own,
+        :func:`skyfm.catalog.psf_file.band_psfs`); None or {}: itself."""
+        if not psfs:
+            return self
+        wanted = {self.band(name).name: psf for name, psf in psfs.items()}
+        # a band given its own PSF stays as it is: the YAML's spec, not one rebuilt from it (rounding would differ)
+        bands = tuple(replace(b, psf_spec=psf_spec_of(wanted[b.name]),
+                              nominal_psf_spec=b.nominal_psf_spec or b.psf_spec)
+                      if b.name in wanted and wanted[b.name] != b.psf else b for b in self.bands)
+        return replace(self, bands=bands)
 
     def __repr__(self) -> str:
         return (
