@@ -185,11 +185,13 @@ BUNIT_HELP = ("CCD images: the pixels' unit, in place of the header's BUNIT (a f
 @mask_options
 @click.option("--bunit", default=None, help=BUNIT_HELP)
 def info_cmd(file, instrument, hdu, band, mask_path, mask_bits, bunit):
-    """Say what skyfm sees in a FITS file: an image, a counts cube, a HEALPix map or a simulated patch.
+    """Say what skyfm sees in a FITS file: an image, a counts cube, a HEALPix map, a simulated patch or a PSF file.
 
     Prints the format, the instrument (and whether the header or --instrument named it), the shape, the bands
     with their energy or wavelength ranges, the pixel scale, the WCS (projection, frame, centre in ra/dec and
     glon/glat, field size), the fraction of masked pixels and, for simulated patches, the number of true sources.
+    For a PSF file (gtpsf's, or an IACT IRF's psf_table): the King function skyfm detect --psf would fit to each
+    band of the instrument, beside the YAML's PSF.
 
     \b
     Examples:
@@ -197,6 +199,7 @@ def info_cmd(file, instrument, hdu, band, mask_path, mask_bits, bunit):
       skyfm info ccube.fits --instrument fermi-lat
       skyfm info drizzled.fits --hdu SCI --band F606W
       skyfm info red.fits.fz --mask mask.fits.fz --mask-bits 1,2,16     # how much the pipeline's mask leaves out
+      skyfm info gtpsf_psf3.fits                                        # the PSF per band that --psf would use
     """
     from skyfm.data.readers import inspect_file
 

@@ -182,8 +182,9 @@ def test_the_observations_psf_finds_more_sources_and_fits_them_better():
 
 
 def test_skyfm_detect_psf_reads_the_file_and_refuses_what_it_cannot_use(tmp_path, untrained_detector, capsys):
-    """--psf with a gtpsf file of the cube's PSF: the catalog's meta names the file and the r68 it read per band; a
-    CCD image, --no-refine, a file that is not a PSF: one line each, nothing written."""
+    """--psf with a gtpsf file of the cube's PSF: the catalog's meta names the file and the r68 it read per band, and
+    skyfm info shows them per band; a CCD image, --no-refine, a file that is not a PSF: one line each, nothing
+    written."""
     from skyfm.catalog import read_catalog
 
     model_dir = untrained_detector(("meerlicht", "fermi-lat"))
@@ -199,6 +200,10 @@ def test_skyfm_detect_psf_reads_the_file_and_refuses_what_it_cannot_use(tmp_path
     assert meta["psf_file"] == "gtpsf.fits"
     read = [float(v) for v in meta["psf_r68"].split(",")]
     np.testing.assert_allclose(read, [b.psf.containment_radius() for b in inst.bands], rtol=5e-3)
+    assert main(["info", str(psf_file)]) == 0  # what --psf will use, band by band, beside the YAML's
+    shown = capsys.readouterr().out
+    assert "PSF file (gtpsf)" in shown and "instrument:  fermi-lat" in shown
+    assert re.search(r"E0 +0.3-1.1595 GeV +r68 0.480\d deg \(0.8000\), King gamma 2.20 \(2.20\)", shown), shown
     ml = write_patch(simulate_patch("meerlicht", 1, size=32), tmp_path / "ml.fits")
     for image, extra, words in ((ml, ["--psf", str(psf_file)], "--psf is for counts cubes"),
                                 (src, ["--psf", str(psf_file), "--no-refine"], "--no-refine leaves out"),

@@ -59,6 +59,7 @@ class PSFTable:
         density: (E, T) the PSF per steradian at each energy and angle (integrates to about 1 over the sphere).
         exposure: (E,) exposure or effective area at each energy (any unit: only ratios are used), or None.
         source: the file, for messages.
+        layout: ``"gtpsf"`` or ``"psf_table"`` (an IACT IRF's, read at :data:`IACT_OFFSET_DEG`).
     """
 
     energies_mev: np.ndarray
@@ -66,6 +67,7 @@ class PSFTable:
     density: np.ndarray
     exposure: np.ndarray | None
     source: str
+    layout: str = "gtpsf"
 
 
 def read_psf_file(path) -> PSFTable:
@@ -89,6 +91,45 @@ def read_psf_file(path) -> PSFTable:
             raise SkyfmError(f"PSF file {name}: no PSF table in it (gtpsf's PSF and THETA tables, or an IRF's "
                              "psf_table with ENERG_LO, RAD_LO and RPSF columns)")
     return _checked(table)
+
+
+def is_psf_file(hdul) -> bool:
+    """Whether an open FITS file holds a PSF table :func:`read_psf_file` reads."""
+    names = [{c.name.upper() for c in h.columns} for h in hdul if hasattr(h, "columns")]
+    return any({"ENERGY", "PSF"} <= n or {"ENERG_LO", "RAD_LO", "RPSF"} <= n for n in names)
+
+
+def describe_psf_file(path, instrument=None) -> list[str]:
+    """``skyfm info``'s lines for a PSF file: its layout and ranges, and per band of ``instrument`` (default:
+    Fermi-LAT for gtpsf's layout, CTAO for a psf_table) the King function ``--psf`` would use beside the YAML's."""
+    from skyfm.instruments import load_instrument
+
+    table = read_psf_file(path)
+    inst = load_instrument(instrument or ("fermi-lat" if table.layout == "gtpsf" else "ctao"))
+    e = table.energies_mev
+    layout = "gtpsf" if table.layout == "gtpsf" else f"an IRF's psf_table, read at {IACT_OFFSET_DEG:g} deg off axis"
+    lines = [f"file:        {path}",
+             f"format:      PSF file ({layout})",
+             f"energies:    {len(e)}, {e[0]:g}-{e[-1]:g} MeV; angles: {len(table.theta_deg)}, "
+             f"{table.theta_deg[0]:g}-{table.theta_deg[-1]:g} deg",
+             f"instrument:  {inst.name}" + ("" if instrument else " (the layout's usual one; --instrument chooses)"),
+             "bands:       the King function skyfm detect --psf fits to each (the YAML's in brackets)"]
+    bands = [b for b in inst.bands if b.energy is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the containment error is on each line
+        for band in bands:
+            lo, hi = (q.to_value("MeV") for q in band.energy)
+            try:
+                psf, err = fit_king(table.theta_deg, band_profile(table, lo, hi))
+            except SkyfmError as exc:
+                lines.append(f"  {band.name:<6} {band.edges_label():<22} {str(exc).split(': ', 1)[-1]}")  # not covered
+                continue
+            own = band.psf
+            own_shape = f"{own.beta:.2f}" if own.model == "moffat" else "Gaussian"
+            lines.append(f"  {band.name:<6} {band.edges_label():<22} r68 {psf.containment_radius():.4f} deg "
+                         f"({own.containment_radius():.4f}), King gamma {psf.beta:.2f} ({own_shape}), containment "
+                         f"error {100 * err:.1f}%" + (" (above 3%: a warning)" if err > MAX_CONTAINMENT_ERROR else ""))
+    return lines
 
 
 def _read_gtpsf(hdul, hdu, cols: dict, name: str) -> PSFTable:
@@ -125,7 +166,7 @@ def _read_psf_table(hdu, cols: dict, name: str) -> PSFTable:
     order = _axis_order(rpsf.shape, sizes, name)  # which stored axis is which
     rpsf = np.transpose(rpsf, [order.index(k) for k in ("energy", "offset", "rad")])
     at = int(np.argmin(np.abs(offsets - IACT_OFFSET_DEG)))
-    return PSFTable(energies, rad, rpsf[:, at, :], None, name)
+    return PSFTable(energies, rad, rpsf[:, at, :], None, name, layout="psf_table")
 
 
 def _axis_order(shape: tuple, sizes: dict, name: str) -> list[str]:

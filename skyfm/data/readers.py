@@ -1238,6 +1238,11 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
             from skyfm.data.healpix import describe_healpix
 
             return describe_healpix(path, instrument=instrument, hdu=hdu)
+        from skyfm.catalog.psf_file import describe_psf_file, is_psf_file
+
+        if is_psf_file(hdul) and not any(h.is_image and h.data is not None for h in hdul):
+            hdul.close()
+            return describe_psf_file(path, instrument=instrument)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EnergyBinsWarning)  # said below as a note
             image = _describe_image(Path(path), hdul, instrument, hdu, band, bunit)
