@@ -160,6 +160,16 @@ def test_instrument_with_psfs_replaces_only_the_bands_named():
         FERMI.with_psfs({"E9": new})
 
 
+def test_a_fit_may_move_farther_where_the_observations_psf_is_broader():
+    """A candidate whose fit moves 3 px or more is a runaway, except where --psf gave broader PSFs than the YAML's:
+    then the limit grows with their median breadth (a sharper PSF keeps 3 px)."""
+    from skyfm.detect import MAX_FIT_MOVE_PIX, _max_fit_move_pix
+
+    assert _max_fit_move_pix(FERMI.bands) == MAX_FIT_MOVE_PIX == 3.0
+    assert _max_fit_move_pix(sharper(FERMI, 1.6).bands) == pytest.approx(4.8)
+    assert _max_fit_move_pix(sharper(FERMI, 0.6).bands) == 3.0
+
+
 def test_the_observations_psf_finds_more_sources_and_fits_them_better():
     """A cube of a PSF3-like selection (every band's PSF 0.6 times the YAML's), with its true background model (the
     likelihood selection): fitted with its own PSF, the Poisson fits find more of the true sources, with higher TS
