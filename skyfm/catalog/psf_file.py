@@ -114,21 +114,18 @@ def describe_psf_file(path, instrument=None) -> list[str]:
              f"{table.theta_deg[0]:g}-{table.theta_deg[-1]:g} deg",
              f"instrument:  {inst.name}" + ("" if instrument else " (the layout's usual one; --instrument chooses)"),
              "bands:       the King function skyfm detect --psf fits to each (the YAML's in brackets)"]
-    bands = [b for b in inst.bands if b.energy is not None]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the containment error is on each line
-        for band in bands:
-            lo, hi = (q.to_value("MeV") for q in band.energy)
-            try:
-                psf, err = fit_king(table.theta_deg, band_profile(table, lo, hi))
-            except SkyfmError as exc:
-                lines.append(f"  {band.name:<6} {band.edges_label():<22} {str(exc).split(': ', 1)[-1]}")  # not covered
-                continue
-            own = band.psf
-            own_shape = f"{own.beta:.2f}" if own.model == "moffat" else "Gaussian"
-            lines.append(f"  {band.name:<6} {band.edges_label():<22} r68 {psf.containment_radius():.4f} deg "
-                         f"({own.containment_radius():.4f}), King gamma {psf.beta:.2f} ({own_shape}), containment "
-                         f"error {100 * err:.1f}%" + (" (above 3%: a warning)" if err > MAX_CONTAINMENT_ERROR else ""))
+    for band in (b for b in inst.bands if b.energy is not None):
+        lo, hi = (q.to_value("MeV") for q in band.energy)
+        try:
+            psf, err = fit_king(table.theta_deg, band_profile(table, lo, hi))
+        except SkyfmError as exc:
+            lines.append(f"  {band.name:<6} {band.edges_label():<22} {str(exc).split(': ', 1)[-1]}")  # not covered
+            continue
+        own = band.psf
+        own_shape = f"{own.beta:.2f}" if own.model == "moffat" else "Gaussian"
+        lines.append(f"  {band.name:<6} {band.edges_label():<22} r68 {psf.containment_radius():.4f} deg "
+                     f"({own.containment_radius():.4f}), King gamma {psf.beta:.2f} ({own_shape}), containment "
+                     f"error {100 * err:.1f}%" + (" (above 3%: a warning)" if err > MAX_CONTAINMENT_ERROR else ""))
     return lines
 
 
