@@ -633,8 +633,8 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "(PSF and THETA tables) or an IACT IRF's psf_table (at 1 deg off axis): each band's PSF, the "
                    "file's averaged over the band for a power law of index 2 and fitted with a King function, is "
                    "the one the likelihood fits, the TS map and a background model made with --exposure use "
-                   "(catalog meta psf_file, psf_r68). Default: the instrument YAML's PSF, a typical one (all event "
-                   "types together).")
+                   "(catalog meta psf_file, psf_r68; skyfm info FILE lists them per band). Default: the instrument "
+                   "YAML's PSF, a typical one (all event types together).")
 @click.option("--selection", type=click.Choice(["auto", "network", "likelihood"]), default="auto", show_default=True,
               help="Counts cubes: which detections the catalog keeps. network = heatmap probability >= --min-score; "
                    "likelihood = the network's peaks and the Poisson TS map's, fitted together, kept at TS >= "
