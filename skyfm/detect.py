@@ -2693,14 +2693,13 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
             t = _catalog(arrays, inst, patch.wcs, head)
             t["tile"] = np.full(len(t), sky_tile.index)
             tables.append(t)
-    if not tables:
+    if tables:
+        table = vstack(tables, metadata_conflicts="silent")
+        table.meta["min_score"] = min_score
+        table.meta["note"] = "x, y are pixels of each row's sky tile (column tile); use the sky coordinates"
+    else:
         table = empty_catalog(class_names=list(head.class_names), instrument=inst)
-        table.meta.update(psf_meta)
-        return table, None, edges
-    table = vstack(tables, metadata_conflicts="silent")
     table.meta.update(psf_meta)
-    table.meta["min_score"] = min_score
-    table.meta["note"] = "x, y are pixels of each row's sky tile (column tile); use the sky coordinates"
     return table, None, edges
 
 

@@ -32,14 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+# the power law that weighs a band (the likelihood fit's) and the rounding allowed at its edges, as for exposures
+from skyfm.catalog.exposure import ENERGY_TOLERANCE, SPECTRAL_INDEX, log_energy_samples, log_energy_weights
 from skyfm.errors import SkyfmError
 
-#: spectral index of the power law whose counts weigh the PSF over a band (the likelihood fit's)
-SPECTRAL_INDEX = 2.0
 #: energies per band, uniform in log energy, at which the file's PSF is averaged
-ENERGY_SAMPLES = 32
-#: a band may reach this far (relative) beyond the file's energies: rounding in the files' edges
-ENERGY_TOLERANCE = 1e-3
+PSF_ENERGY_SAMPLES = 32
 #: the field-of-view offset (deg) whose PSF an IACT ``psf_table`` gives: a survey's sources sit 0-2.5 deg from the
 #: pointing, and a cube of many pointings sees them at all of these
 IACT_OFFSET_DEG = 1.0
@@ -73,30 +71,39 @@ class PSFTable:
 def read_psf_file(path) -> PSFTable:
     """Read a ``gtpsf`` or IACT ``psf_table`` file (module docstring). A file with neither, tables of the wrong
     shape, and negative or non-finite values are errors naming the file."""
-    from astropy.io import fits
-
     from skyfm.data.readers import open_fits
 
     name = Path(path).name
     with open_fits(path, memmap=False) as hdul:
-        tables = [h for h in hdul if isinstance(h, (fits.BinTableHDU, fits.TableHDU))]
-        columns = {h.name: {c.name.upper(): c.name for c in h.columns} for h in tables}
-        gtpsf = next((h for h in tables if {"ENERGY", "PSF"} <= set(columns[h.name])), None)
-        iact = next((h for h in tables if {"ENERG_LO", "RAD_LO", "RPSF"} <= set(columns[h.name])), None)
+        gtpsf, iact = _psf_tables(hdul)
         if gtpsf is not None:
-            table = _read_gtpsf(hdul, gtpsf, columns[gtpsf.name], name)
+            table = _read_gtpsf(hdul, gtpsf, _columns(gtpsf), name)
         elif iact is not None:
-            table = _read_psf_table(iact, columns[iact.name], name)
+            table = _read_psf_table(iact, _columns(iact), name)
         else:
             raise SkyfmError(f"PSF file {name}: no PSF table in it (gtpsf's PSF and THETA tables, or an IRF's "
                              "psf_table with ENERG_LO, RAD_LO and RPSF columns)")
     return _checked(table)
 
 
+def _columns(hdu) -> dict:
+    """{upper-case column name: the file's own spelling} of a table HDU."""
+    return {c.name.upper(): c.name for c in hdu.columns}
+
+
+def _psf_tables(hdul) -> tuple:
+    """(the first gtpsf ``PSF`` table, the first IRF ``psf_table``) of an open FITS file, each None if absent."""
+    from astropy.io import fits
+
+    tables = [h for h in hdul if isinstance(h, (fits.BinTableHDU, fits.TableHDU))]
+    gtpsf = next((h for h in tables if {"ENERGY", "PSF"} <= set(_columns(h))), None)
+    iact = next((h for h in tables if {"ENERG_LO", "RAD_LO", "RPSF"} <= set(_columns(h))), None)
+    return gtpsf, iact
+
+
 def is_psf_file(hdul) -> bool:
     """Whether an open FITS file holds a PSF table :func:`read_psf_file` reads."""
-    names = [{c.name.upper() for c in h.columns} for h in hdul if hasattr(h, "columns")]
-    return any({"ENERGY", "PSF"} <= n or {"ENERG_LO", "RAD_LO", "RPSF"} <= n for n in names)
+    return any(t is not None for t in _psf_tables(hdul))
 
 
 def describe_psf_file(path, instrument=None) -> list[str]:
@@ -262,21 +269,16 @@ def band_profile(table: PSFTable, lo_mev: float, hi_mev: float, index: float = S
     if hi_mev < e[0] * (1 - ENERGY_TOLERANCE) or lo_mev > e[-1] * (1 + ENERGY_TOLERANCE):
         raise SkyfmError(f"PSF file {table.source}: it covers {e[0]:g}-{e[-1]:g} MeV, not the band "
                          f"{lo_mev:g}-{hi_mev:g} MeV")
-    # the midpoints of ENERGY_SAMPLES equal steps in log energy: the band's own edges, where a file may change
-    # from one band's PSF to the next, are never sampled
-    logs = np.log(lo_mev) + (np.arange(ENERGY_SAMPLES) + 0.5) / ENERGY_SAMPLES * np.log(hi_mev / lo_mev)
-    samples, loge = np.exp(logs), np.log(e)
-    if len(e) == 1:
-        profiles = np.repeat(table.density, len(samples), axis=0)
-    else:
-        upper = np.clip(np.searchsorted(loge, logs), 1, len(e) - 1)
-        t = np.clip((logs - loge[upper - 1]) / (loge[upper] - loge[upper - 1]), 0.0, 1.0)[:, None]
-        profiles = (1 - t) * table.density[upper - 1] + t * table.density[upper]  # (S, T)
-    exposure = 1.0 if table.exposure is None else np.interp(logs, loge, table.exposure)
+    # the midpoints of equal steps in log energy: the band's own edges, where a file may change from one band's PSF
+    # to the next, are never sampled; beyond the file's energies, its nearest energy's PSF
+    logs, _ = log_energy_samples(lo_mev, hi_mev, PSF_ENERGY_SAMPLES)
+    samples = np.exp(logs)
+    at = log_energy_weights(e, np.clip(samples, e[0], e[-1]))  # (E, S)
+    exposure = 1.0 if table.exposure is None else table.exposure @ at
     weights = exposure * samples ** (1.0 - index)  # E^-index dE = E^(1 - index) d ln E, the samples even in ln E
     if not np.sum(weights) > 0:
         raise SkyfmError(f"PSF file {table.source}: zero exposure over the band {lo_mev:g}-{hi_mev:g} MeV")
-    return np.average(profiles, axis=0, weights=np.broadcast_to(weights, samples.shape))
+    return (at @ weights) @ table.density / weights.sum()
 
 
 def band_psfs(path_or_table, bands, index: float = SPECTRAL_INDEX) -> tuple[dict, dict]:
