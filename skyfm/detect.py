@@ -2648,7 +2648,9 @@ def _detect_healpix(path: Path, det, instrument, min_score: float, progress: boo
     elif diffuse is not None or exposure_cube is not None or psf is not None:
         raise SkyfmError(f"--exposure, --background, --isotropic and --psf are for counts maps; {path.name} is a "
                          f"{inst.name} map")
-    psfs, psf_meta = _psfs_from_file(psf, inst, [b.name for b in inst.bands])
+    own = {b.name for b in inst.bands}
+    map_bands = list(hmap.bands) if set(hmap.bands) <= own else [b.name for b in inst.bands]
+    psfs, psf_meta = _psfs_from_file(psf, inst, map_bands)  # only the map's bands: the file need not cover others
     inst = inst.with_psfs(psfs)
     head = det.head_config(inst.name)
     min_score = default_min_score(det, head) if min_score is None else float(min_score)

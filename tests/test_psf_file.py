@@ -223,3 +223,33 @@ def test_skyfm_detect_psf_reads_the_file_and_refuses_what_it_cannot_use(tmp_path
         err = capsys.readouterr().err
         assert rc == 1 and words in err and err.count("\n") == 1, err
         assert not bad.exists()
+
+
+def test_a_healpix_map_of_some_bands_needs_a_psf_file_only_for_them(tmp_path, untrained_detector, capsys):
+    """A HEALPix counts map of Fermi-LAT's first three bins with a gtpsf file of just their energies: --psf fits
+    the map's bands (it asked for every band of the instrument, and a file that stops at 10 GeV was an error)."""
+    from astropy_healpix import HEALPix
+    from test_exposure import EDGES_KEV
+    from test_healpix import write_healpix
+
+    from skyfm.catalog import read_catalog
+
+    model_dir = untrained_detector(("meerlicht", "fermi-lat"))
+    nside = 512
+    hp = HEALPix(nside=nside, order="ring", frame="galactic")
+    lon, lat = hp.healpix_to_lonlat(np.arange(hp.npix))
+    pixels = np.flatnonzero((np.abs(lon.deg - 20) < 1) & (np.abs(lat.deg) < 1))
+    rng = np.random.default_rng(2)
+    maps = [rng.poisson(m, len(pixels)).astype(np.float32) for m in (20.0, 8.0, 2.0)]
+    path = write_healpix(tmp_path / "map.fits", maps, nside, edges_kev=EDGES_KEV[:3], pixels=pixels)
+    inst = sharper(FERMI)
+    low = dataclasses.replace(inst, bands=inst.bands[:3])
+    psf_file = write_band_gtpsf(tmp_path / "gtpsf.fits", low)
+    with pytest.raises(SkyfmError, match="not the band"):
+        band_psfs(psf_file, [inst.bands[5]])
+    out = tmp_path / "cat.fits"
+    rc = main(["detect", str(path), "--instrument", "fermi-lat", "--model", str(model_dir), "--out", str(out),
+               "--min-score", "0.0101", "--psf", str(psf_file)])
+    assert rc == 0, capsys.readouterr().err
+    read = [float(v) for v in {k.lower(): v for k, v in read_catalog(out).meta.items()}["psf_r68"].split(",")]
+    np.testing.assert_allclose(read, [b.psf.containment_radius() for b in low.bands], rtol=5e-3)
