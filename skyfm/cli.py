@@ -190,8 +190,8 @@ def info_cmd(file, instrument, hdu, band, mask_path, mask_bits, bunit):
     Prints the format, the instrument (and whether the header or --instrument named it), the shape, the bands
     with their energy or wavelength ranges, the pixel scale, the WCS (projection, frame, centre in ra/dec and
     glon/glat, field size), the fraction of masked pixels and, for simulated patches, the number of true sources.
-    For a PSF file (gtpsf's, or an IACT IRF's psf_table): the King function skyfm detect --psf would fit to each
-    band of the instrument, beside the YAML's PSF.
+    For a PSF file (gtpsf's, an IACT IRF's psf_table, or gammapy's PSF map): the King function skyfm detect --psf
+    would fit to each band of the instrument, beside the YAML's PSF.
 
     \b
     Examples:
@@ -606,7 +606,8 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "setting (on for MeerLICHT and Hubble, off for WISE).")
 @click.option("--background", "background_path", default=None, type=click.Path(),
               help="Counts cubes: FITS file with the expected background counts (same bins and pixels as INPUT, e.g. "
-                   "the interstellar-emission + isotropic model cube from gtmodel), or, with --exposure, the "
+                   "the interstellar-emission + isotropic model cube from gtmodel, or a gammapy MapDataset file's "
+                   "BACKGROUND), or, with --exposure, the "
                    "interstellar-emission model itself (gll_iem_v07.fits, a photon intensity on any grid: skyfm "
                    "makes the counts, PSF and all); the likelihood refinement fits against it, and sources are kept "
                    "by their TS (see --selection). Default: estimated from the counts (TS and flux errors are then "
@@ -624,13 +625,15 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "intensity cube's counts.")
 @click.option("--bunit", default=None, help=BUNIT_HELP)
 @click.option("--exposure", "exposure_path", default=None, type=click.Path(),
-              help="Counts cubes: FITS exposure cube (cm2 s; gtexpcube2's, with its ENERGIES table, on any celestial "
-                   "grid that covers the image, or a HEALPix map with one column per plane) that flux_phys takes "
+              help="Counts cubes: FITS exposure cube (gtexpcube2's, with its ENERGIES table, on any celestial "
+                   "grid that covers the image, a gammapy MapDataset file's EXPOSURE, or a HEALPix map with one "
+                   "column per plane; in its BUNIT, cm2 s if none) that flux_phys takes "
                    "each source's exposure from, per energy bin, at its position. Default: the instrument YAML's "
                    "one exposure per bin, right only for cubes of that exposure (a typical one).")
 @click.option("--psf", "psf_path", default=None, type=click.Path(),
               help="Counts cubes: the observation's PSF file, as gtpsf writes it for the data's event selection "
-                   "(PSF and THETA tables) or an IACT IRF's psf_table (at 1 deg off axis): each band's PSF, the "
+                   "(PSF and THETA tables), an IACT IRF's psf_table (at 1 deg off axis) or gammapy's PSF map (a "
+                   "MapDataset file's PSF, averaged over the sky by its exposure): each band's PSF, the "
                    "file's averaged over the band for a power law of index 2 and fitted with a King function, is "
                    "the one the likelihood fits, the TS map and a background model made with --exposure use "
                    "(catalog meta psf_file, psf_r68; skyfm info FILE lists them per band). Default: the instrument "
@@ -703,6 +706,8 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
       skyfm detect ccube.fits --background gll_iem_v07.fits --isotropic iso_P8R3_SOURCE_V3_v1.txt \\
           --exposure expcube.fits --out fermi.fits
       skyfm detect ccube.fits --background model_cube.fits --psf gtpsf_psf3.fits --out fermi.fits
+      skyfm detect dataset.fits --instrument ctao --background dataset.fits --exposure dataset.fits \\
+          --psf dataset.fits --out ctao.fits     # a gammapy MapDataset file: COUNTS and the rest
     """
     from skyfm.detect import detect_file
 

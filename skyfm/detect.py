@@ -2346,10 +2346,12 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     interstellar-emission intensity cube (gll_iem_v07.fits) and ``isotropic`` an isotropic spectrum (its text file),
     from which the background model is made (:func:`diffuse_background`). ``bunit``: a CCD image's pixel unit in
     place of its header's BUNIT (:func:`skyfm.data.open_image`). ``fit_background`` as :func:`detect_patch`.
-    ``psf``: for a counts cube or map, a PSF file of the observation (gtpsf's, or an IACT IRF's psf_table;
-    :mod:`skyfm.catalog.psf_file`) whose PSF, one King function per band, the likelihood refinement, the TS map and
-    a background model made with ``exposure`` use instead of the instrument YAML's (catalog meta ``psf_file``,
-    ``psf_r68``).
+    ``psf``: for a counts cube or map, a PSF file of the observation (gtpsf's, an IACT IRF's psf_table, gammapy's
+    PSF map; :mod:`skyfm.catalog.psf_file`) whose PSF, one King function per band, the likelihood refinement, the TS
+    map and a background model made with ``exposure`` use instead of the instrument YAML's (catalog meta
+    ``psf_file``, ``psf_r68``). A gammapy ``MapDataset`` file serves as the counts (its ``COUNTS``), ``background``
+    (its ``BACKGROUND``), ``exposure`` (its ``EXPOSURE``) and ``psf`` (its PSF map) at once. ``out`` (or its region
+    file or plot) the name of one of the inputs is an error before any work.
     """
     from skyfm.catalog import write_catalog
     from skyfm.catalog.io import catalog_format
@@ -2360,6 +2362,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     check_fits_file(path)
     if out is not None:
         catalog_format(out)  # a bad extension fails before any work
+        _refuse_writing_over_inputs(out, plot, {"the input": path, "--background": background, "--exposure": exposure,
+                                                "--isotropic": isotropic, "--psf": psf, "--mask": mask,
+                                                "--associate": associate})
     if isinstance(hdu, str) and hdu.strip().lower() == "all":
         return _detect_every_hdu(path, out, plot=plot, associate=associate, instrument=instrument, band=band,
                                  model_dir=model_dir, min_score=min_score, tile_size=tile_size,
@@ -2499,6 +2504,21 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             save_overlay(patch_for_plot, table, png)
         write_catalog(table, out)
     return table
+
+
+def _refuse_writing_over_inputs(out, plot: bool, inputs: dict) -> None:
+    """An error, before any work, where the catalog ``out``, its region file or its plot would overwrite one of
+    ``inputs`` ({option: path or None}): a gammapy dataset file is given as the counts and as --psf, and ``--out``
+    the same name would have replaced it with the catalog."""
+    out = Path(out)
+    written = [out, out.with_suffix(".reg")] + ([out.with_suffix(".png")] if plot else [])
+    for option, given in inputs.items():
+        if given is None or not Path(given).exists():
+            continue
+        clash = next((w for w in written if w.exists() and w.resolve() == Path(given).resolve()), None)
+        if clash is not None:
+            raise SkyfmError(f"--out {out}: skyfm detect would write {clash.name} over {option} file; choose another "
+                             "name")
 
 
 def _psfs_from_file(psf, inst, bands) -> tuple[dict, dict]:

@@ -96,6 +96,39 @@ def test_a_cube_of_bins_and_a_map_of_one_exposure(tmp_path):
     np.testing.assert_allclose(read_exposure_cube(flat).band_exposure(at, bins_kev), 5e11, rtol=1e-9)
 
 
+def test_a_gammapy_exposure_map_is_read_in_its_unit_over_its_true_energy_bins(tmp_path):
+    """gammapy writes exposure in m2 s, with a BANDS table of true-energy bins (ENERGY_TRUE_MIN / _MAX, TeV) that
+    its BANDSHDU keyword names: read as cm2 s (x 1e4) over those bins; a file with no BUNIT is cm2 s, one in another
+    kind of unit an error."""
+    wcs = car_wcs("icrs", (83.6, 22.0), (20, 20), 0.02)
+    edges_tev = np.array([0.1, 1.0, 10.0, 100.0])
+    values = np.array([1.0, 3.0, 2.0]) * 1e6  # m2 s
+    header = wcs.to_header()
+    header.update({"BUNIT": "m2 s", "BANDSHDU": "BANDS"})
+    bands = fits.BinTableHDU.from_columns([
+        fits.Column("CHANNEL", "J", array=np.arange(3)),
+        fits.Column("ENERGY_TRUE", "D", unit="TeV", array=np.sqrt(edges_tev[1:] * edges_tev[:-1])),
+        fits.Column("ENERGY_TRUE_MIN", "D", unit="TeV", array=edges_tev[:-1]),
+        fits.Column("ENERGY_TRUE_MAX", "D", unit="TeV", array=edges_tev[1:])], name="BANDS")
+    bands.header.update({"AXCOLS1": "ENERGY_TRUE_MIN,ENERGY_TRUE_MAX"})
+    path = tmp_path / "gammapy_exposure.fits"
+    fits.HDUList([fits.PrimaryHDU(values[:, None, None] * np.ones((3, 20, 20)), header=header), bands]).writeto(path)
+    cube = read_exposure_cube(path)
+    at = SkyCoord(ra=[83.6] * u.deg, dec=[22.0] * u.deg)
+    bins_kev = np.c_[edges_tev[:-1], edges_tev[1:]] * 1e9
+    np.testing.assert_allclose(cube.band_exposure(at, bins_kev), 1e4 * values[None], rtol=1e-9)
+    for unit, factor in (("", 1.0), ("cm2 s", 1.0), ("ph", None)):
+        with fits.open(path) as hdul:
+            hdul[0].header["BUNIT"] = unit
+            hdul.writeto(tmp_path / "other.fits", overwrite=True)
+        if factor is None:
+            with pytest.raises(SkyfmError, match="its values are in 'ph', not an exposure"):
+                read_exposure_cube(tmp_path / "other.fits")
+        else:
+            got = read_exposure_cube(tmp_path / "other.fits").band_exposure(at, bins_kev)
+            np.testing.assert_allclose(got, factor * values[None], rtol=1e-9)
+
+
 @pytest.mark.parametrize("case, words", [
     ("no-wcs", "no celestial WCS"), ("no-energies", "no ENERGIES, EBOUNDS or BANDS"),
     ("wrong-length", "3 planes but its ENERGIES table gives 2"), ("nan", "NaN"), ("zero", "zero everywhere"),

@@ -253,3 +253,146 @@ def test_a_healpix_map_of_some_bands_needs_a_psf_file_only_for_them(tmp_path, un
     assert rc == 0, capsys.readouterr().err
     read = [float(v) for v in {k.lower(): v for k, v in read_catalog(out).meta.items()}["psf_r68"].split(",")]
     np.testing.assert_allclose(read, [b.psf.containment_radius() for b in low.bands], rtol=5e-3)
+
+
+def write_psf_map(path, e_edges_tev, rad_edges_deg, profile_of, sky=(3, 4), exposure=None, rad_first=True,
+                  extra=()):
+    """gammapy's PSFMap layout (``PSFMap.write``, a MapDataset's PSF HDU): a PSF image (numpy: energy, rad, lat,
+    lon; sr^-1) whose BANDSHDU table lists every (rad, energy) cell, and a PSF_EXPOSURE image (energy, 1, lat,
+    lon). ``profile_of(iy, ix, rad_centres)``: each sky pixel's profile (deg -> per deg^2); ``extra``: HDUs before
+    them (a MapDataset's COUNTS)."""
+    rad = 0.5 * (rad_edges_deg[1:] + rad_edges_deg[:-1])
+    n_e, n_r = len(e_edges_tev) - 1, len(rad)
+    cube = np.zeros((n_e, n_r) + sky)
+    for iy in range(sky[0]):
+        for ix in range(sky[1]):
+            cube[:, :, iy, ix] = profile_of(iy, ix, rad) * PER_SR
+    axes = [("RAD", rad_edges_deg, "deg"), ("ENERGY_TRUE", e_edges_tev, "TeV")]
+    if not rad_first:
+        axes, cube = axes[::-1], cube.transpose(1, 0, 2, 3)
+    grids = np.meshgrid(*[np.arange(len(e) - 1) for _, e, _ in axes])
+    cols = [fits.Column("CHANNEL", "J", array=np.arange(grids[0].size))]
+    for (name, edges, unit), idx in zip(axes, grids):
+        idx = idx.ravel()
+        cols += [fits.Column(name, "D", unit=unit, array=np.sqrt(edges[idx] * edges[idx + 1])),
+                 fits.Column(f"{name}_MIN", "D", unit=unit, array=edges[idx]),
+                 fits.Column(f"{name}_MAX", "D", unit=unit, array=edges[idx + 1])]
+    bands = fits.BinTableHDU.from_columns(cols, name="PSF_BANDS")
+    for k, (name, _, _) in enumerate(axes, start=1):
+        bands.header[f"AXCOLS{k}"] = f"{name}_MIN,{name}_MAX"
+    header = fits.Header({"CTYPE1": "GLON-CAR", "CTYPE2": "GLAT-CAR", "CRPIX1": 2.5, "CRPIX2": 2.0, "CRVAL1": 20.0,
+                          "CRVAL2": 0.0, "CDELT1": -1.0, "CDELT2": 1.0, "BANDSHDU": "PSF_BANDS", "BUNIT": "sr-1"})
+    hdus = [fits.PrimaryHDU(), *extra, fits.ImageHDU(cube, header=header, name="PSF"), bands]
+    if exposure is not None:
+        ehead = header.copy()
+        ehead.update({"BANDSHDU": "PSF_EXPOSURE_BANDS", "BUNIT": "m2 s"})
+        hdus.append(fits.ImageHDU(np.broadcast_to(exposure, (n_e, 1) + sky).copy(), header=ehead,
+                                  name="PSF_EXPOSURE"))
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+    return path
+
+
+def test_a_gammapy_psf_map_is_read_averaged_over_the_sky_by_its_exposure(tmp_path, capsys):
+    """gammapy's PSF map (energies in TeV, rad in deg, a PSF per sky position): each band gets the exposure-weighted
+    mean over the sky (a pixel of no exposure, however broad its PSF, counts for nothing), in either order of its
+    axes; skyfm info describes it; a map whose image does not match its table is one clear error."""
+    ctao = load_instrument("ctao")
+    e_edges = np.geomspace(0.01, 300.0, 25)
+    rad_edges = np.linspace(0.0, 1.5, 301)
+
+    def profile(iy, ix, rad):  # r68 0.05 deg everywhere but the corner pixel, which has no exposure
+        return PSF.gaussian(r68_deg=0.5 if (iy, ix) == (0, 0) else 0.05).profile(rad)
+
+    exposure = np.ones((3, 4))
+    exposure[0, 0] = 0.0
+    for rad_first in (True, False):
+        path = write_psf_map(tmp_path / f"psfmap-{rad_first}.fits", e_edges, rad_edges, profile, exposure=exposure,
+                             rad_first=rad_first)
+        table = read_psf_file(path)
+        assert table.layout == "psfmap" and table.density.shape == (24, 300)
+        psfs, _ = band_psfs(table, ctao.bands)
+        for band in ctao.bands:
+            assert psfs[band.name].containment_radius() == pytest.approx(0.05, rel=0.02), rad_first
+    unweighted = write_psf_map(tmp_path / "plain.fits", e_edges, rad_edges, profile)  # every pixel counts alike
+    with pytest.warns(UserWarning, match="a King function follows its PSF only to within"):  # a core and a halo
+        assert band_psfs(unweighted, ctao.bands[:1])[0]["T0"].containment_radius() > 0.053
+    assert main(["info", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "gammapy's PSF map, averaged over the sky" in shown and "instrument:  ctao" in shown, shown
+    with fits.open(path) as hdul:
+        hdul["PSF"].data = hdul["PSF"].data[:, :-1]
+        hdul.writeto(tmp_path / "bad.fits")
+    with pytest.raises(SkyfmError, match="not its table's 24 energies and 300 angles"):
+        read_psf_file(tmp_path / "bad.fits")
+
+
+def test_a_gammapy_map_dataset_file_gives_the_counts_exposure_background_and_psf(tmp_path, untrained_detector,
+                                                                                 capsys):
+    """A gammapy MapDataset file (COUNTS, EXPOSURE in m2 s over bins of true energy, BACKGROUND, the PSF map) given
+    as the counts and as --exposure, --background and --psf: each option takes its own HDU. The exposure is the
+    YAML's in m2 s, so flux_phys is the YAML's counts over the YAML's exposure; the BACKGROUND HDU is the model
+    (twice it, half its fitted scale per bin); each band's PSF r68 is the map's."""
+    from astropy.wcs import WCS
+
+    from skyfm.catalog import read_catalog
+    from skyfm.data.simulate import simulate_patch
+
+    model_dir = untrained_detector(("meerlicht", "ctao"))
+    ctao = load_instrument("ctao")
+    p = simulate_patch(ctao, 4, size=48)
+    edges = np.array([[e.to_value("TeV") for e in b.energy] for b in ctao.bands])
+    sky = WCS(p.wcs.to_header()).celestial.to_header()
+
+    def image(data, name, unit, bands):
+        hdu = fits.ImageHDU(np.asarray(data, np.float32), header=sky.copy(), name=name)
+        hdu.header.update({"BANDSHDU": bands, "BUNIT": unit})
+        return hdu
+
+    def bands(name, lo, hi, prefix):
+        cols = [fits.Column("CHANNEL", "J", array=np.arange(len(lo))),
+                fits.Column(f"{prefix}_MIN", "D", unit="TeV", array=lo), fits.Column(f"{prefix}_MAX", "D",
+                                                                                      unit="TeV", array=hi)]
+        return fits.BinTableHDU.from_columns(cols, name=name)
+
+    true_edges = np.geomspace(edges[0, 0], edges[-1, 1], 13)  # four true-energy bins per band
+    per_bin = np.repeat([b.exposure for b in ctao.bands], 4) / 1e4  # the YAML's cm2 s, in m2 s
+    extra = (image(p.data, "COUNTS", "", "COUNTS_BANDS"), bands("COUNTS_BANDS", edges[:, 0], edges[:, 1], "E"),
+             image(per_bin[:, None, None] * np.ones((1,) + p.data.shape[1:]), "EXPOSURE", "m2 s", "EXPOSURE_BANDS"),
+             bands("EXPOSURE_BANDS", true_edges[:-1], true_edges[1:], "ENERGY_TRUE"),
+             image(p.background_image, "BACKGROUND", "", "BACKGROUND_BANDS"),
+             bands("BACKGROUND_BANDS", edges[:, 0], edges[:, 1], "E"))
+    path = write_psf_map(tmp_path / "dataset.fits", np.geomspace(0.01, 300.0, 25), np.linspace(0.0, 1.5, 301),
+                         lambda iy, ix, rad: PSF.gaussian(r68_deg=0.06).profile(rad), exposure=np.ones((3, 4)),
+                         extra=extra)
+    tables = {}
+    for name, options in (("yaml", []), ("dataset", ["--exposure", "--background", "--psf"])):
+        out = tmp_path / f"cat-{name}.fits"
+        given = [word for option in options for word in (option, str(path))]
+        rc = main(["detect", str(path), "--instrument", "ctao", "--model", str(model_dir), "--min-score", "0.0101",
+                   "--out", str(out)] + given)
+        assert rc == 0, capsys.readouterr().err
+        tables[name] = read_catalog(out)
+    meta = {k.lower(): v for k, v in tables["dataset"].meta.items()}
+    np.testing.assert_allclose([float(v) for v in meta["psf_r68"].split(",")], 0.06, rtol=0.02)
+    assert meta["exposure_cube"] == "dataset.fits" and meta["background_correction"] == "per bin"
+    with fits.open(path) as hdul:  # the BACKGROUND HDU is the one read: twice it, half the fitted scale
+        hdul["BACKGROUND"].data = 2 * hdul["BACKGROUND"].data
+        hdul.writeto(tmp_path / "twice.fits")
+    rc = main(["detect", str(path), "--instrument", "ctao", "--model", str(model_dir), "--min-score", "0.0101",
+               "--out", str(tmp_path / "twice-cat.fits"), "--background", str(tmp_path / "twice.fits")])
+    assert rc == 0, capsys.readouterr().err
+    twice = {k.lower(): v for k, v in read_catalog(tmp_path / "twice-cat.fits").meta.items()}
+    scales = [np.array([float(v) for v in m["background_scale"].split(",")]) for m in (meta, twice)]
+    np.testing.assert_allclose(scales[1][:2], scales[0][:2] / 2, rtol=0.02)
+    assert scales[1][2] < 0.8 * scales[0][2]  # few counts in the last bin: the fit's prior pulls it towards 1
+    found = tables["dataset"]
+    assert len(found) > 0 and np.all(np.asarray(found["score"]) >= 5.0)  # sqrt(TS): the likelihood selection
+    band_counts = np.asarray(found["flux_band"])
+    expected = (band_counts / np.array([b.exposure for b in ctao.bands])).sum(axis=1)
+    np.testing.assert_allclose(np.asarray(found["flux_phys"]), expected, rtol=1e-4)
+    before = path.read_bytes()  # --out the dataset's own name: an error, and the file as it was
+    rc = main(["detect", str(path), "--instrument", "ctao", "--model", str(model_dir), "--out", str(path),
+               "--psf", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "would write dataset.fits over the input file" in err and err.count("\n") == 1, err
+    assert path.read_bytes() == before

@@ -8,15 +8,17 @@ event selection has another exposure altogether: ``flux_phys`` from the YAML is 
 three times the YAML's exposure gives fluxes three times too bright).
 
 Fermi's ``gtexpcube2`` writes the exposure as a cube in cm2 s: a 3-D primary image (energy, lat, lon) on a celestial
-grid of its own (often the whole sky, coarser than the counts), with an ``ENERGIES`` table of the energy of each
-plane (MeV; the counts cube's bin edges, so one plane more than bins). gammapy writes the same (``format =
-"fgst-template"``) or planes per bin with an ``EBOUNDS`` / ``BANDS`` table. :func:`read_exposure_cube` reads any of
-these, a 2-D map (one exposure for every energy), and a HEALPix table of one column per plane with the same energy
-tables (all-sky or partial, RING or NESTED: :class:`HealpixSkyCube`, as HEALPix analyses keep their exposure);
-:meth:`SkyCube.band_exposure` gives each source its exposure per band: bilinear in the sky at the source's
-position, and over the band the mean weighted by a power law of index 2 (the spectrum the likelihood fit assumes,
-``skyfm.catalog.likelihood.powerlaw_band_weights``), the exposure linear in log energy between planes where the planes
-are energies (``gtexpcube2``'s), constant over each bin where they are bins.
+grid of its own (often the whole sky, coarser than the counts), with an ``ENERGIES`` table of the energy of each plane
+(MeV; the counts cube's bin edges, so one plane more than bins). gammapy writes the same (``format = "fgst-
+template"``) or, by default, planes per bin of true energy with the table its ``BANDSHDU`` keyword names
+(``ENERGY_TRUE_MIN`` / ``_MAX``, TeV), in m2 s, and a ``MapDataset`` file holds its exposure as the ``EXPOSURE`` image
+beside the counts; the exposure is read in its file's unit (BUNIT; cm2 s where none is given).
+:func:`read_exposure_cube` reads any of these, a 2-D map (one exposure for every energy), and a HEALPix table of one
+column per plane with the same energy tables (all-sky or partial, RING or NESTED: :class:`HealpixSkyCube`, as HEALPix
+analyses keep their exposure); :meth:`SkyCube.band_exposure` gives each source its exposure per band: bilinear in the
+sky at the source's position, and over the band the mean weighted by a power law of index 2 (the spectrum the
+likelihood fit assumes, ``skyfm.catalog.likelihood.powerlaw_band_weights``), the exposure linear in log energy between
+planes where the planes are energies (``gtexpcube2``'s), constant over each bin where they are bins.
 :func:`apply_exposure` puts the result into a catalog.
 """
 
@@ -56,6 +58,8 @@ class SkyCube:
         wcs: celestial WCS of the planes.
         source: the file, for messages.
         what: what the cube is, for messages ("exposure cube").
+        unit: the file's unit of ``data`` (BUNIT, or the HEALPix column's TUNIT), as written; "" if none.
+        scale: what the values read are multiplied by (an exposure in m2 s, as gammapy writes it: 1e4 to cm2 s).
     """
 
     data: np.ndarray
@@ -64,6 +68,8 @@ class SkyCube:
     wcs: object
     source: str
     what: str = "exposure cube"
+    unit: str = ""
+    scale: float = 1.0
 
     def at_sky(self, coords, clamp: bool = False) -> np.ndarray:
         """(N, P) value of each plane at ``coords`` (a SkyCoord of N positions in any frame): bilinear between
@@ -102,7 +108,7 @@ class SkyCube:
         for k in range(n_planes):
             box = np.asarray(self.data[k, y0:y1, x0:x1], dtype=np.float64)
             out[inside, k] = map_coordinates(box, points, order=1, mode="nearest")
-        return out
+        return out * self.scale
 
     def plane_weights(self, energies_mev) -> np.ndarray:
         """(P, S) matrix that turns the planes' values into the values at ``energies_mev`` (S,): linear in log
@@ -182,7 +188,7 @@ class HealpixSkyCube(SkyCube):
             if missing.any():
                 fill = np.nanmean(np.where(missing, np.nan, out), axis=0)
                 out = np.where(missing, np.nan_to_num(fill)[None], out)
-        return out
+        return out * self.scale
 
     def _interpolate(self, lon_deg: np.ndarray, lat_deg: np.ndarray, planes=slice(None)) -> np.ndarray:
         """(N, P) bilinear values of the ``planes`` at the positions: the four neighbours and their weights found
@@ -215,8 +221,9 @@ def _read_healpix_cube(hdul, path, what: str, where: str, unit_text: str) -> Hea
     if seen.size == 0 or (seen < 0).any():
         raise SkyfmError(f"{where}: {'negative values' if seen.size else 'no data'}; it should be {unit_text}")
     # float32: an all-sky model of 30 planes at nside 1024 is 1.5 GB so, 3 GB in float64
+    unit = next((str(table.columns[c].unit or "").strip() for c in data_cols if table.columns[c].unit), "")
     return HealpixSkyCube(data=values.astype(np.float32), energies_mev=energies, bins_mev=bins, wcs=None,
-                          source=Path(path).name, what=what, nside=npix_to_nside(values.shape[1]),
+                          source=Path(path).name, what=what, unit=unit, nside=npix_to_nside(values.shape[1]),
                           nested=ordering == "NESTED", frame=_frame_of(table.header, where, None))
 
 
@@ -247,9 +254,22 @@ def read_exposure_cube(path) -> SkyCube:
     image, a HEALPix table: :class:`HealpixSkyCube`), the plane energies from its ``ENERGIES`` table (energies of
     the planes, MeV unless TUNIT says otherwise) or an ``EBOUNDS`` / ``BANDS`` table of bins (keV unless TUNIT says
     otherwise; each plane at its bin's log centre).
-    A file without a celestial WCS, a cube without an energy table or with one of the wrong length, and NaN,
-    infinite or negative exposures are errors."""
-    cube = read_sky_cube(path, "exposure cube", "cm2 s per pixel and energy")
+    A file of several images (gammapy's ``MapDataset``: COUNTS, EXPOSURE, BACKGROUND, ...) gives its ``EXPOSURE``
+    image, its energies from the table its ``BANDSHDU`` keyword names (gammapy's ``ENERGY_TRUE`` bins). The exposure
+    is read in the file's unit (BUNIT: gammapy writes m2 s, gtexpcube2 cm2 s; cm2 s where none is given).
+    A file without a celestial WCS, a cube without an energy table or with one of the wrong length, NaN, infinite
+    or negative exposures, and a unit that is no area x time are errors."""
+    import astropy.units as u
+
+    from skyfm.data.readers import parse_unit
+
+    cube = read_sky_cube(path, "exposure cube", "cm2 s per pixel and energy", hdu_name="EXPOSURE")
+    unit = parse_unit(cube.unit)
+    if unit is not None:
+        if not unit.is_equivalent(u.cm**2 * u.s):
+            raise SkyfmError(f"exposure cube {cube.source}: its values are in {cube.unit!r}, not an exposure "
+                             "(an area x time, cm2 s)")
+        cube.scale = float(unit.to(u.cm**2 * u.s))
     step = _check_step(cube.data)
     sample = cube.data[:, ::step, ::step] if cube.data.ndim == 3 else cube.data[:, :: step * step]  # HEALPix: (P, npix)
     if not (np.nan_to_num(np.asarray(sample)) > 0).any():
@@ -262,16 +282,18 @@ def _check_step(data) -> int:
     return 1 if data.size <= 1e8 else int(np.ceil(np.sqrt(data.size / 1e8)))
 
 
-def read_sky_cube(path, what: str, unit_text: str) -> SkyCube:
+def read_sky_cube(path, what: str, unit_text: str, hdu_name: str | None = None) -> SkyCube:
     """Read a :class:`SkyCube` (:func:`read_exposure_cube`'s rules); ``what`` ("exposure cube") and ``unit_text``
-    (what its values should be) name it in errors."""
+    (what its values should be) name it in errors; ``hdu_name``: the image to take where the file has one of that
+    name (else the first 2-D or 3-D image)."""
     from astropy.wcs import WCS, FITSFixedWarning
 
     from skyfm.data.readers import _is_healpix, open_fits
 
     where = f"{what} {Path(path).name}"
     with open_fits(path) as hdul:
-        image = next((h for h in hdul if h.is_image and h.data is not None and h.data.ndim in (2, 3)), None)
+        images = [h for h in hdul if h.is_image and h.data is not None and h.data.ndim in (2, 3)]
+        image = next((h for h in images if h.name.upper() == hdu_name), images[0] if images else None)
         if image is None and any(_is_healpix(h) for h in hdul):
             return _read_healpix_cube(hdul, path, what, where, unit_text)
         if image is None:
@@ -284,27 +306,40 @@ def read_sky_cube(path, what: str, unit_text: str) -> SkyCube:
             raise SkyfmError(f"{where}: its image has no celestial WCS, so the sources' sky positions cannot be "
                              "found on it")
         data = image.data if image.data.ndim == 3 else image.data[None]
-        energies, bins = _plane_energies(hdul, data.shape[0], where)
+        energies, bins = _plane_energies(hdul, data.shape[0], where, image.header)
         planes = np.asarray(data[:, :: _check_step(data), :: _check_step(data)])
         if not np.isfinite(planes).all() or (planes < 0).any():
             raise SkyfmError(f"{where}: NaN, infinite or negative values; it should be {unit_text}")
-    return SkyCube(data=data, energies_mev=energies, bins_mev=bins, wcs=wcs, source=Path(path).name, what=what)
+        unit = str(image.header.get("BUNIT", "")).strip()
+    return SkyCube(data=data, energies_mev=energies, bins_mev=bins, wcs=wcs, source=Path(path).name, what=what,
+                   unit=unit)
 
 
-def _plane_energies(hdul, n_planes: int, where: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(energies (P,) MeV, or None; bins (P, 2) MeV, or None) of a cube's ``n_planes`` planes from its ``ENERGIES``,
-    ``EBOUNDS`` or ``BANDS`` table (none needed for one plane)."""
+def _plane_energies(hdul, n_planes: int, where: str, header=None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(energies (P,) MeV, or None; bins (P, 2) MeV, or None) of a cube's ``n_planes`` planes from the table the
+    image's ``header`` names in ``BANDSHDU`` (gammapy's; bins of true energy, ``ENERGY_TRUE_MIN`` / ``_MAX``, TeV
+    unless TUNIT says otherwise), else its ``ENERGIES``, ``EBOUNDS`` or ``BANDS`` table (none needed for one
+    plane)."""
     import astropy.units as u
     from astropy.table import Table
 
     if n_planes == 1:
         return None, None
-    table_hdu = next((h for name in ENERGY_TABLES for h in hdul if h.name == name), None)
+    named = "" if header is None else str(header.get("BANDSHDU", "")).strip().upper()
+    table_hdu = next((h for h in hdul if named and h.name.upper() == named and hasattr(h, "columns")), None)
+    if table_hdu is None:
+        table_hdu = next((h for name in ENERGY_TABLES for h in hdul if h.name == name), None)
     if table_hdu is None:
         raise SkyfmError(f"{where}: {n_planes} planes but no ENERGIES, EBOUNDS or BANDS table to say their energies")
     energies = bins = None
     table = Table.read(table_hdu)
-    if "E_MIN" in table.colnames and "E_MAX" in table.colnames:
+    if "ENERGY_TRUE_MIN" in table.colnames and "ENERGY_TRUE_MAX" in table.colnames:
+        lo, hi = (table[c] for c in ("ENERGY_TRUE_MIN", "ENERGY_TRUE_MAX"))
+        bins = np.stack([np.asarray(u.Quantity(c, c.unit or u.TeV).to_value(u.MeV), dtype=np.float64)
+                         for c in (lo, hi)], axis=1)
+        n_given = len(bins)
+        ordered = np.all(bins > 0) and np.all(bins[:, 1] > bins[:, 0]) and np.all(bins[1:, 0] >= bins[:-1, 1])
+    elif "E_MIN" in table.colnames and "E_MAX" in table.colnames:
         from skyfm.data.fits_io import read_ebounds
 
         bins = read_ebounds(table_hdu, where=where) / 1e3  # MeV

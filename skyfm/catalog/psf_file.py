@@ -7,13 +7,17 @@ observation; the LAT's tools therefore compute it for the data at hand, and an I
 per energy and field-of-view offset. The Poisson likelihood fit and the TS map measure positions, fluxes and TS with
 the PSF: a PSF too broad for the data spreads each source's counts and lowers its TS; one too sharp misplaces them.
 
-:func:`read_psf_file` reads the two layouts these tools write:
+:func:`read_psf_file` reads the three layouts these tools write:
 
 * ``gtpsf`` (Fermi ScienceTools; gammapy's ``EnergyDependentTablePSF``): a ``PSF`` table with columns ``Energy``
   (MeV), ``Exposure`` (cm2 s) and ``Psf`` (sr^-1, one value per angle of the ``THETA`` table's ``Theta``, deg);
 * ``psf_table`` (the gamma-astro-data-formats IRF of IACTs such as CTAO): one row with ``ENERG_LO`` / ``ENERG_HI``
   (TeV), ``THETA_LO`` / ``THETA_HI`` (field-of-view offset, deg), ``RAD_LO`` / ``RAD_HI`` (deg) and ``RPSF``
-  (sr^-1); the offset nearest :data:`IACT_OFFSET_DEG` is taken.
+  (sr^-1); the offset nearest :data:`IACT_OFFSET_DEG` is taken;
+* gammapy's ``PSFMap`` (``PSFMap.write``, and the ``PSF`` HDU of a ``MapDataset`` file): an image of the PSF (sr^-1)
+  over true energy, angle and sky position, its ``BANDSHDU`` table giving the ``RAD`` (deg) and ``ENERGY_TRUE``
+  (TeV) axes; the sky positions are averaged, weighted by the ``PSF_EXPOSURE`` image where there is one (one PSF
+  for the cube, as for the other layouts).
 
 :func:`band_psfs` gives each band of a cube one radial profile, the file's profiles averaged over the band's
 energies with the weights of the counts a power-law source of index 2 gives there (its exposure x E^-2, the
@@ -57,7 +61,8 @@ class PSFTable:
         density: (E, T) the PSF per steradian at each energy and angle (integrates to about 1 over the sphere).
         exposure: (E,) exposure or effective area at each energy (any unit: only ratios are used), or None.
         source: the file, for messages.
-        layout: ``"gtpsf"`` or ``"psf_table"`` (an IACT IRF's, read at :data:`IACT_OFFSET_DEG`).
+        layout: ``"gtpsf"``, ``"psf_table"`` (an IACT IRF's, read at :data:`IACT_OFFSET_DEG`) or ``"psfmap"``
+            (gammapy's, averaged over the sky).
     """
 
     energies_mev: np.ndarray
@@ -80,9 +85,11 @@ def read_psf_file(path) -> PSFTable:
             table = _read_gtpsf(hdul, gtpsf, _columns(gtpsf), name)
         elif iact is not None:
             table = _read_psf_table(iact, _columns(iact), name)
+        elif (psf_map := _psf_map(hdul)) is not None:
+            table = _read_psf_map(hdul, *psf_map, name)
         else:
-            raise SkyfmError(f"PSF file {name}: no PSF table in it (gtpsf's PSF and THETA tables, or an IRF's "
-                             "psf_table with ENERG_LO, RAD_LO and RPSF columns)")
+            raise SkyfmError(f"PSF file {name}: no PSF table in it (gtpsf's PSF and THETA tables, an IRF's "
+                             "psf_table with ENERG_LO, RAD_LO and RPSF columns, or gammapy's PSF map)")
     return _checked(table)
 
 
@@ -101,9 +108,27 @@ def _psf_tables(hdul) -> tuple:
     return gtpsf, iact
 
 
-def is_psf_file(hdul) -> bool:
-    """Whether an open FITS file holds a PSF table :func:`read_psf_file` reads."""
-    return any(t is not None for t in _psf_tables(hdul))
+def _psf_map(hdul) -> tuple | None:
+    """(image HDU, its axes table) of gammapy's PSF map in an open FITS file (an image whose ``BANDSHDU`` table has
+    ``RAD_MIN`` and ``ENERGY_TRUE_MIN`` columns; the HDU named ``PSF`` first), or None."""
+    images = [h for h in hdul if getattr(h, "is_image", False) and h.header.get("NAXIS", 0) >= 3
+              and str(h.header.get("BANDSHDU", "")).strip()]
+    for hdu in sorted(images, key=lambda h: h.name.upper() != "PSF"):
+        bands = str(hdu.header["BANDSHDU"]).strip()
+        if bands in hdul and hasattr(hdul[bands], "columns") and {"RAD_MIN", "ENERGY_TRUE_MIN"} <= set(
+                _columns(hdul[bands])):
+            return hdu, hdul[bands]
+    return None
+
+
+def only_psf(hdul) -> bool:
+    """Whether an open FITS file is a PSF file and nothing else: a PSF table with no image, or gammapy's PSF map
+    with no image but it and its exposure (a ``MapDataset`` file's counts make it an image file)."""
+    images = {h.name.upper() for h in hdul if getattr(h, "is_image", False) and h.data is not None}
+    psf_map = _psf_map(hdul)
+    if psf_map is not None:
+        return images <= {psf_map[0].name.upper(), f"{psf_map[0].name.upper()}_EXPOSURE"}
+    return not images and any(t is not None for t in _psf_tables(hdul))
 
 
 def describe_psf_file(path, instrument=None) -> list[str]:
@@ -112,9 +137,11 @@ def describe_psf_file(path, instrument=None) -> list[str]:
     from skyfm.instruments import load_instrument
 
     table = read_psf_file(path)
-    inst = load_instrument(instrument or ("fermi-lat" if table.layout == "gtpsf" else "ctao"))
     e = table.energies_mev
-    layout = "gtpsf" if table.layout == "gtpsf" else f"an IRF's psf_table, read at {IACT_OFFSET_DEG:g} deg off axis"
+    lat_like = table.layout == "gtpsf" or (table.layout == "psfmap" and e[0] < 1e4)  # a map from 10 GeV down: LAT's
+    inst = load_instrument(instrument or ("fermi-lat" if lat_like else "ctao"))
+    layout = {"gtpsf": "gtpsf", "psf_table": f"an IRF's psf_table, read at {IACT_OFFSET_DEG:g} deg off axis",
+              "psfmap": "gammapy's PSF map, averaged over the sky"}[table.layout]
     lines = [f"file:        {path}",
              f"format:      PSF file ({layout})",
              f"energies:    {len(e)}, {e[0]:g}-{e[-1]:g} MeV; angles: {len(table.theta_deg)}, "
@@ -171,6 +198,46 @@ def _read_psf_table(hdu, cols: dict, name: str) -> PSFTable:
     rpsf = np.transpose(rpsf, [order.index(k) for k in ("energy", "offset", "rad")])
     at = int(np.argmin(np.abs(offsets - IACT_OFFSET_DEG)))
     return PSFTable(energies, rad, rpsf[:, at, :], None, name, layout="psf_table")
+
+
+def _read_psf_map(hdul, hdu, bands, name: str) -> PSFTable:
+    cols = _columns(bands)
+
+    def axis(key: str, default_unit: str, factor) -> tuple[np.ndarray, np.ndarray]:  # (centres, edges' table unit)
+        lo = np.unique(np.asarray(bands.data[cols[f"{key}_MIN"]], dtype=np.float64))
+        hi = np.unique(np.asarray(bands.data[cols[f"{key}_MAX"]], dtype=np.float64)) if f"{key}_MAX" in cols else None
+        if hi is None or len(hi) != len(lo):
+            raise SkyfmError(f"PSF file {name}: its {bands.name} table's {key}_MIN and {key}_MAX do not make one axis")
+        unit = bands.columns[cols[f"{key}_MIN"]].unit or default_unit
+        return 0.5 * (lo + hi) * factor(unit, name), len(lo)
+
+    rad, n_rad = axis("RAD", "deg", _angle_factor)
+    energies, n_energy = axis("ENERGY_TRUE", "TeV", lambda unit, nm: _energy_factor(unit, "TeV", nm))
+    psf = np.asarray(hdu.data, dtype=np.float64)
+    if psf.ndim != 4:
+        raise SkyfmError(f"PSF file {name}: its {hdu.name} image should have 4 axes (energy, angle, and the sky's "
+                         f"two), got shape {psf.shape}")
+    first = str(bands.header.get("AXCOLS1", "RAD_MIN")).upper()  # FITS axis 3, numpy axis 1: gammapy puts rad first
+    order = ("energy", "rad") if first.startswith("RAD") else ("rad", "energy")
+    if psf.shape[:2] != tuple({"energy": n_energy, "rad": n_rad}[k] for k in order):
+        raise SkyfmError(f"PSF file {name}: its {hdu.name} image has shape {psf.shape}, not its table's "
+                         f"{n_energy} energies and {n_rad} angles")
+    if order == ("rad", "energy"):
+        psf = psf.transpose(1, 0, 2, 3)
+    psf = psf.reshape(n_energy, n_rad, -1)  # (E, R, pixels)
+    exposure_name = f"{hdu.name}_EXPOSURE"
+    weights = None
+    if exposure_name in hdul and getattr(hdul[exposure_name], "is_image", False):
+        weights = np.asarray(hdul[exposure_name].data, dtype=np.float64).reshape(n_energy, -1)
+        if weights.shape[1] != psf.shape[2]:
+            raise SkyfmError(f"PSF file {name}: its {exposure_name} image is not on the PSF map's sky grid")
+    covered = np.nan_to_num(psf).sum(axis=1) > 0  # (E, pixels): where the map holds a PSF
+    w = covered * (1.0 if weights is None else np.clip(np.nan_to_num(weights), 0.0, None))
+    if not (w.sum(axis=1) > 0).all():
+        raise SkyfmError(f"PSF file {name}: at some energy no sky position of its PSF map has a PSF")
+    density = np.einsum("erp,ep->er", np.nan_to_num(psf), w) / w.sum(axis=1)[:, None]
+    exposure = None if weights is None else w.sum(axis=1) / np.maximum(covered.sum(axis=1), 1)
+    return PSFTable(energies, rad, density, exposure, name, layout="psfmap")
 
 
 def _axis_order(shape: tuple, sizes: dict, name: str) -> list[str]:

@@ -1238,9 +1238,9 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
             from skyfm.data.healpix import describe_healpix
 
             return describe_healpix(path, instrument=instrument, hdu=hdu)
-        from skyfm.catalog.psf_file import describe_psf_file, is_psf_file
+        from skyfm.catalog.psf_file import describe_psf_file, only_psf
 
-        if is_psf_file(hdul) and not any(h.is_image and h.data is not None for h in hdul):
+        if only_psf(hdul):
             hdul.close()
             return describe_psf_file(path, instrument=instrument)
         with warnings.catch_warnings():
