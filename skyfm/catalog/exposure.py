@@ -9,8 +9,8 @@ three times the YAML's exposure gives fluxes three times too bright).
 
 Fermi's ``gtexpcube2`` writes the exposure as a cube in cm2 s: a 3-D primary image (energy, lat, lon) on a celestial
 grid of its own (often the whole sky, coarser than the counts), with an ``ENERGIES`` table of the energy of each plane
-(MeV; the counts cube's bin edges, so one plane more than bins). gammapy writes the same (``format = "fgst-
-template"``) or, by default, planes per bin of true energy with the table its ``BANDSHDU`` keyword names
+(MeV; the counts cube's bin edges, so one plane more than bins). gammapy writes the same (``format =
+"fgst-template"``) or, by default, planes per bin of true energy with the table its ``BANDSHDU`` keyword names
 (``ENERGY_TRUE_MIN`` / ``_MAX``, TeV), in m2 s, and a ``MapDataset`` file holds its exposure as the ``EXPOSURE`` image
 beside the counts; the exposure is read in its file's unit (BUNIT; cm2 s where none is given).
 :func:`read_exposure_cube` reads any of these, a 2-D map (one exposure for every energy), and a HEALPix table of one
