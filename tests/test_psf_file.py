@@ -390,6 +390,8 @@ def test_a_gammapy_map_dataset_file_gives_the_counts_exposure_background_and_psf
     band_counts = np.asarray(found["flux_band"])
     expected = (band_counts / np.array([b.exposure for b in ctao.bands])).sum(axis=1)
     np.testing.assert_allclose(np.asarray(found["flux_phys"]), expected, rtol=1e-4)
+    assert main(["info", str(path), "--instrument", "ctao"]) == 0  # skyfm info says what else the file holds
+    assert "dataset:     BACKGROUND, EXPOSURE, PSF beside the counts" in capsys.readouterr().out
     before = path.read_bytes()  # --out the dataset's own name: an error, and the file as it was
     rc = main(["detect", str(path), "--instrument", "ctao", "--model", str(model_dir), "--out", str(path),
                "--psf", str(path)])

@@ -1278,5 +1278,11 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
             hdul = image._hdul
             if "TRUTH" in [h.name for h in hdul]:
                 lines.append(f"truth:       {hdul['TRUTH'].header.get('NAXIS2', 0)} true sources (TRUTH table)")
+        names = {h.name.upper() for h in image._hdul}
+        beside = [(key, option) for key, option in (("BACKGROUND", "--background"), ("EXPOSURE", "--exposure"),
+                                                    ("PSF", "--psf")) if key in names]
+        if "COUNTS" in names and beside:  # a gammapy MapDataset file: the rest of what it holds
+            lines.append("dataset:     " + ", ".join(k for k, _ in beside) + " beside the counts (a gammapy MapDataset "
+                         "file?); skyfm detect uses them given this file as " + ", ".join(o for _, o in beside))
         lines += [f"note:        {p}" for p in image.notes + image.problems]
     return lines
