@@ -292,3 +292,31 @@ def test_line_medians_are_the_medians_of_the_lines(monkeypatch):
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
         for axis in (0, 1, 2):
             np.testing.assert_array_equal(T._nanmedian(stack, axis), np.nanmedian(stack, axis=axis))
+
+
+def test_a_saturated_stars_halo_through_a_cluster_is_no_trail():
+    """A Hubble F606W cluster (a validation seed, no trail drawn) with saturated stars: with only their cores grown
+    by 2 FWHM left out, the line search takes a line through a bright star's halo and the cluster for a trail; with
+    a disc that grows with each star's core (``_saturated_halos``), nothing. The discs: a round core's radius
+    counts, a trail's narrow saturated line adds little."""
+    from scipy import ndimage
+
+    from skyfm.data.simulate import simulate_patch
+    from skyfm.detect import TRAIL_HALO_CORE_RADII, _saturated_halos, saturation_mask
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("hubble")
+    fwhm = inst.band("F606W").psf.fwhm_deg / inst.pixel_scale_deg
+    p = simulate_patch(inst, 971_000_071, scene="cluster", bands=["F606W"])
+    assert not (p.contaminant_mask & 2).any()
+    cores = saturation_mask(np.asarray(p.data, float), inst).any(axis=0)
+    grown = ndimage.binary_dilation(cores, iterations=int(np.ceil(2 * fwhm)))
+    assert find_trails(p.data, fwhm, mask=grown)  # the old mask: a false trail
+    assert find_trails(p.data, fwhm, mask=grown | _saturated_halos(cores, 2 * fwhm, TRAIL_HALO_CORE_RADII)) == []
+    shapes = np.zeros((200, 200), bool)
+    yy, xx = np.mgrid[0:200, 0:200]
+    shapes |= (yy - 50) ** 2 + (xx - 50) ** 2 <= 6 ** 2  # a star's core, radius 6
+    shapes[150:153, :] = True  # a trail's saturated line, 3 px wide
+    halos = _saturated_halos(shapes, 4.0, 2.0)
+    assert halos[50, 50 + 4 + 12 - 1] and not halos[50, 50 + 4 + 14 + 1]  # 4 + 2 x 6-7 (the inscribed radius)
+    assert halos[130:175].sum() <= np.pi * 9 ** 2  # the line: one disc of 4 + 2 x 2 px (its inscribed radius)

@@ -189,7 +189,8 @@ def find_trails(image: np.ndarray, fwhm_pix: float, *, mask: np.ndarray | None =
 
     ``fwhm_pix``: the PSF FWHM in pixels (blocks of about two FWHMs, at least 4 px, and the width margin).
     ``mask``: (H, W) bool, pixels to leave out (saturated stars and their bleed columns, which are straight
-    ridges too: :func:`skyfm.detect.drop_trail_detections` passes the saturated pixels grown by two FWHM).
+    ridges too, and their halos: :func:`skyfm.detect.drop_trail_detections` passes the saturated pixels grown by
+    two FWHM and a disc around each star that grows with its saturated core).
     ``noise``: ``image`` already in noise units (:func:`noise_units`), when the caller has it.
     """
     z = noise_units(image) if noise is None else noise
