@@ -295,10 +295,11 @@ def test_line_medians_are_the_medians_of_the_lines(monkeypatch):
 
 
 def test_a_saturated_stars_halo_through_a_cluster_is_no_trail():
-    """A Hubble F606W cluster (a validation seed, no trail drawn) with saturated stars: with only their cores grown
+    """Hubble F606W clusters (validation seeds, no trail drawn) with saturated stars: with only their cores grown
     by 2 FWHM left out, the line search takes a line through a bright star's halo and the cluster for a trail; with
-    a disc that grows with each star's core (``_saturated_halos``), nothing. The discs: a round core's radius
-    counts, a trail's narrow saturated line adds little."""
+    a disc that grows with each star's core (``_saturated_halos``), nothing; where the discs miss it, the line is
+    broader than a trail (``MAX_WIDTH_FWHM``). The discs: a round core's radius counts, a trail's narrow saturated
+    line adds little."""
     from scipy import ndimage
 
     from skyfm.data.simulate import simulate_patch
@@ -311,8 +312,15 @@ def test_a_saturated_stars_halo_through_a_cluster_is_no_trail():
     assert not (p.contaminant_mask & 2).any()
     cores = saturation_mask(np.asarray(p.data, float), inst).any(axis=0)
     grown = ndimage.binary_dilation(cores, iterations=int(np.ceil(2 * fwhm)))
-    assert find_trails(p.data, fwhm, mask=grown)  # the old mask: a false trail
-    assert find_trails(p.data, fwhm, mask=grown | _saturated_halos(cores, 2 * fwhm, TRAIL_HALO_CORE_RADII)) == []
+    assert find_trails(p.data, fwhm, mask=grown, max_width=np.inf)  # the old mask, any width: a false trail
+    halos = grown | _saturated_halos(cores, 2 * fwhm, TRAIL_HALO_CORE_RADII)
+    assert find_trails(p.data, fwhm, mask=halos, max_width=np.inf) == []
+    # where the halos' discs do not reach it, the line is still too broad for a trail (2.7 PSF FWHM at half its peak)
+    p = simulate_patch(inst, 971_000_009, scene="cluster", bands=["F606W"])
+    cores = saturation_mask(np.asarray(p.data, float), inst).any(axis=0)
+    halos = ndimage.binary_dilation(cores, iterations=int(np.ceil(2 * fwhm))) | _saturated_halos(cores, 2 * fwhm,
+                                                                                                 TRAIL_HALO_CORE_RADII)
+    assert find_trails(p.data, fwhm, mask=halos, max_width=np.inf) and find_trails(p.data, fwhm, mask=halos) == []
     shapes = np.zeros((200, 200), bool)
     yy, xx = np.mgrid[0:200, 0:200]
     shapes |= (yy - 50) ** 2 + (xx - 50) ** 2 <= 6 ** 2  # a star's core, radius 6
