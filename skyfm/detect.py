@@ -2394,9 +2394,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     check_fits_file(path)
     if out is not None:
         catalog_format(out)  # a bad extension fails before any work
-        _refuse_writing_over_inputs(out, plot, {"the input": path, "--background": background, "--exposure": exposure,
-                                                "--isotropic": isotropic, "--psf": psf, "--mask": mask,
-                                                "--associate": associate})
+        _refuse_writing_over_inputs(out, plot, {"the input": path, "the --background": background,
+                                                "the --exposure": exposure, "the --isotropic": isotropic,
+                                                "the --psf": psf, "the --mask": mask, "the --associate": associate})
     if isinstance(hdu, str) and hdu.strip().lower() == "all":
         return _detect_every_hdu(path, out, plot=plot, associate=associate, instrument=instrument, band=band,
                                  model_dir=model_dir, min_score=min_score, tile_size=tile_size,
@@ -2549,8 +2549,8 @@ def _refuse_writing_over_inputs(out, plot: bool, inputs: dict) -> None:
             continue
         clash = next((w for w in written if w.exists() and w.resolve() == Path(given).resolve()), None)
         if clash is not None:
-            raise SkyfmError(f"--out {out}: skyfm detect would write {clash.name} over {option} file; choose another "
-                             "name")
+            raise SkyfmError(f"--out {out}: skyfm detect would write {clash.name} over {option} file; choose "
+                             "another name")
 
 
 def _psfs_from_file(psf, inst, bands) -> tuple[dict, dict]:

@@ -203,7 +203,7 @@ def _read_psf_table(hdu, cols: dict, name: str) -> PSFTable:
 def _read_psf_map(hdul, hdu, bands, name: str) -> PSFTable:
     cols = _columns(bands)
 
-    def axis(key: str, default_unit: str, factor) -> tuple[np.ndarray, np.ndarray]:  # (centres, edges' table unit)
+    def axis(key: str, default_unit: str, factor) -> tuple[np.ndarray, int]:  # (bin centres in deg / MeV, bins)
         lo = np.unique(np.asarray(bands.data[cols[f"{key}_MIN"]], dtype=np.float64))
         hi = np.unique(np.asarray(bands.data[cols[f"{key}_MAX"]], dtype=np.float64)) if f"{key}_MAX" in cols else None
         if hi is None or len(hi) != len(lo):
