@@ -2347,18 +2347,21 @@ def _warn_if_denoised(path: Path) -> None:
 
 
 def _warn_of_unused_dataset_hdus(path: Path, options: dict) -> None:
-    """Warn when ``path`` is a gammapy MapDataset file (a ``COUNTS`` image) that holds a background model, an
-    exposure or a PSF map that no option uses (``options``: {HDU name: (option, the file given or None)}): without
-    them the background is estimated from the counts, flux_phys takes the YAML's exposure and the fits its PSF."""
+    """Warn when ``path`` is a gammapy MapDataset file (:func:`skyfm.data.readers.map_dataset_parts`) that holds a
+    background model, an exposure or a PSF map that no option uses (``options``: {option: the file given or None}):
+    without them the background is estimated from the counts, flux_phys takes the YAML's exposure and the fits its
+    PSF."""
     from astropy.io import fits
+
+    from skyfm.data.readers import map_dataset_parts
 
     try:
         with fits.open(path) as hdul:
             names = {h.name.upper() for h in hdul}
     except (OSError, ValueError):  # the readers give the one-line error for a file they cannot read
         return
-    unused = [(name, option) for name, (option, given) in options.items() if name in names and given is None]
-    if "COUNTS" in names and unused:
+    unused = [(name, option) for name, option in map_dataset_parts(names) if options.get(option) is None]
+    if unused:
         warnings.warn(f"{path.name} also holds " + ", ".join(n for n, _ in unused) + " (a gammapy MapDataset file): "
                       "skyfm detect uses them given the file as " + ", ".join(o for _, o in unused), stacklevel=3)
 
@@ -2424,8 +2427,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                  mask=mask, mask_bits=mask_bits, exposure=exposure, bunit=bunit,
                                  isotropic=isotropic, fit_background=fit_background, psf=psf)
     _warn_if_denoised(path)
-    _warn_of_unused_dataset_hdus(path, {"BACKGROUND": ("--background", background),
-                                        "EXPOSURE": ("--exposure", exposure), "PSF": ("--psf", psf)})
+    _warn_of_unused_dataset_hdus(path, {"--background": background, "--exposure": exposure, "--psf": psf})
     det = get_detector(model_dir, device=device)
     if residual_search is False:  # a copy: the cached detector keeps its heads' settings
         det = copy.copy(det)

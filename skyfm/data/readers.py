@@ -1080,6 +1080,17 @@ def _bands(hdul, planes, shape, inst: Instrument | None, band: str | None, edges
     return list(grouping.bands), grouping.edges_kev, None, grouping
 
 
+#: the HDUs of a gammapy MapDataset file that ``skyfm detect`` reads beside its COUNTS, and the option for each
+MAP_DATASET_OPTIONS = (("BACKGROUND", "--background"), ("EXPOSURE", "--exposure"), ("PSF", "--psf"))
+
+
+def map_dataset_parts(hdu_names) -> list[tuple[str, str]]:
+    """[(HDU name, the skyfm detect option that reads it)] of :data:`MAP_DATASET_OPTIONS` among ``hdu_names``
+    (upper case) of a gammapy MapDataset file (one with a ``COUNTS`` image); [] for any other file."""
+    names = set(hdu_names)
+    return [(key, option) for key, option in MAP_DATASET_OPTIONS if key in names] if "COUNTS" in names else []
+
+
 def parse_unit(text: str):
     """An astropy unit from a header's BUNIT text, or None where it is empty or astropy does not know it (quietly:
     the Fermi-LAT models' 'photon/cm**2/MeV/s/sr' draws a warning about its many slashes)."""
@@ -1278,10 +1289,8 @@ def inspect_file(path: str | Path, *, instrument=None, hdu: int | str | None = N
             hdul = image._hdul
             if "TRUTH" in [h.name for h in hdul]:
                 lines.append(f"truth:       {hdul['TRUTH'].header.get('NAXIS2', 0)} true sources (TRUTH table)")
-        names = {h.name.upper() for h in image._hdul}
-        beside = [(key, option) for key, option in (("BACKGROUND", "--background"), ("EXPOSURE", "--exposure"),
-                                                    ("PSF", "--psf")) if key in names]
-        if "COUNTS" in names and beside:  # a gammapy MapDataset file: the rest of what it holds
+        beside = map_dataset_parts({h.name.upper() for h in image._hdul})
+        if beside:  # a gammapy MapDataset file: the rest of what it holds
             lines.append("dataset:     " + ", ".join(k for k, _ in beside) + " beside the counts (a gammapy MapDataset "
                          "file?); skyfm detect uses them given this file as " + ", ".join(o for _, o in beside))
         lines += [f"note:        {p}" for p in image.notes + image.problems]
