@@ -1731,7 +1731,8 @@ def _fit_catalog_errors(head, estimated: bool, flux, flux_err, flux_band, flux_b
 
 def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background=None,
                   bands: list[str] | None = None, head=None, estimated: bool | None = None, high_pass=None,
-                  unresolved: bool = True, return_background: bool = False):
+                  unresolved: bool = True, return_background: bool = False, keep_far_moves: bool = False,
+                  fitted_elsewhere: tuple | None = None, network_peaks: tuple | None = None):
     """Poisson likelihood refinement of counts-cube detections: position, flux per bin, TS, physical flux.
 
     With a background model and ``unresolved`` (the default) the detections are fitted twice: the second time
@@ -1755,7 +1756,14 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     filter: what neighbours and diffuse gradients do to a position cancels), then fluxes and TS at those
     positions against the estimate that leaves the detections out (the first holds the sources' own wings: on
     validation patches it took 59% of Fermi-LAT fluxes, ``benchmarks/estimated_background.py``); ``high_pass``:
-    the first, when the caller has it already."""
+    the first, when the caller has it already.
+
+    A fit that moves its candidate :func:`_max_fit_move_pix` or farther is not kept (the row keeps its start, TS
+    NaN): such a fit has usually run off to a neighbour. ``keep_far_moves`` (likelihood selection) keeps it where it
+    ends farther than the sharpest bin's PSF FWHM (:func:`_peak_separation`) from every other fit and from the
+    positions of ``fitted_elsewhere`` (x, y), and, with ``network_peaks`` (x, y, probability), as near a network peak
+    of probability :data:`FAR_MOVE_MIN_SCORE` or more: then the candidate sat beside a source no other candidate
+    holds, the network saw it too, and the fit found it (:func:`_moved_fits_kept`)."""
     from skyfm.catalog import likelihood
     from skyfm.heads.flux import flux_phys
 
@@ -1791,7 +1799,11 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
                                                np.where(placed, fit["flux"], arrays["flux"]))
         flux_background = background
     moved = np.hypot(fit["x"] - arrays["x"], fit["y"] - arrays["y"])
-    ok = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (moved < _max_fit_move_pix(band_objs))
+    finite = np.isfinite(fit["x"]) & np.isfinite(fit["y"]) & np.isfinite(fit["flux"])
+    ok = finite & (moved < _max_fit_move_pix(band_objs))
+    if keep_far_moves:
+        ok |= _moved_fits_kept(fit, finite, ok, _peak_separation(band_objs, pixel_scale or inst.pixel_scale_deg),
+                               fitted_elsewhere, network_peaks)
     for key in ("x", "y"):
         arrays[key] = np.where(ok, fit[key], arrays[key])
     # what the counts scatter beyond Poisson noise where no source was fitted (undetected sources, misfits)
@@ -1820,6 +1832,41 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
 
 
 MAX_FIT_MOVE_PIX = 3.0  # a candidate whose Poisson fit moves it farther has run off to a neighbour: not kept
+FAR_MOVE_MIN_SCORE = 0.2  # such a fit is kept (keep_far_moves) only beside a network peak at least this probable
+
+
+def _moved_fits_kept(fit: dict, finite: np.ndarray, ok: np.ndarray, separation: float,
+                     fitted_elsewhere: tuple | None = None, network_peaks: tuple | None = None) -> np.ndarray:
+    """(N,) bool: the fits that moved too far (``finite & ~ok``) but ended farther than ``separation`` from every
+    kept fit, from every moved one kept before them (highest TS first) and from ``fitted_elsewhere`` (x, y), and,
+    where ``network_peaks`` (x, y, probability) are given, within ``separation`` of one of probability
+    :data:`FAR_MOVE_MIN_SCORE` or more."""
+    from scipy.spatial import cKDTree
+
+    moved = np.flatnonzero(finite & ~ok)
+    kept = np.zeros(len(ok), dtype=bool)
+    if network_peaks is not None:
+        px, py, score = (np.asarray(v, dtype=np.float64) for v in network_peaks)
+        strong = score >= FAR_MOVE_MIN_SCORE
+        px, py = px[strong], py[strong]
+        seen = [i for i in moved if len(px) and np.hypot(px - fit["x"][i], py - fit["y"][i]).min() <= separation]
+        moved = np.asarray(seen, dtype=np.int64)
+    if len(moved) == 0:
+        return kept
+    xs = [np.asarray(fit["x"])[ok], *([np.asarray(fitted_elsewhere[0], dtype=np.float64)] if fitted_elsewhere else [])]
+    ys = [np.asarray(fit["y"])[ok], *([np.asarray(fitted_elsewhere[1], dtype=np.float64)] if fitted_elsewhere else [])]
+    taken = np.stack([np.concatenate(xs), np.concatenate(ys)], axis=1)
+    tree = cKDTree(taken) if len(taken) else None
+    mine = []  # the moved fits kept so far
+    for i in moved[np.argsort(-np.nan_to_num(np.asarray(fit["ts"])[moved], nan=-np.inf), kind="stable")]:
+        p = (fit["x"][i], fit["y"][i])
+        if tree is not None and tree.query_ball_point(p, separation):
+            continue
+        if any(np.hypot(p[0] - q[0], p[1] - q[1]) <= separation for q in mine):
+            continue
+        kept[i] = True
+        mine.append(p)
+    return kept
 
 
 def _max_fit_move_pix(band_objs) -> float:
@@ -2130,18 +2177,21 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
 
 def _detect_likelihood(patch, det, inst, head, scale, background, min_score: float, min_ts: float,
                        candidate_ts: float = CANDIDATE_TS, passes: int = LIKELIHOOD_PASSES, extension: bool = False,
-                       fit_background: bool = True, **tiling):
+                       fit_background: bool = True, keep_far_moves: bool | None = None, **tiling):
     """detect_patch's likelihood selection (its docstring). ``extension``: test the sources for extension
-    (:func:`apply_extension_test`); ``fit_background``: rescale the model to the counts first."""
+    (:func:`apply_extension_test`); ``fit_background``: rescale the model to the counts first; ``keep_far_moves``:
+    :func:`refine_counts`'s, default the head's ``likelihood_keep_far_moves``."""
     from skyfm.catalog import likelihood
 
     bands = list(patch.bands)
     band_objs = [inst.band(b) for b in bands]
     kernels = likelihood.psf_kernels(inst, scale, psfs=[b.psf for b in band_objs])
     estimated = background is None
+    keep_far = bool(getattr(head, "likelihood_keep_far_moves", False) if keep_far_moves is None else keep_far_moves)
     counts = np.nan_to_num(patch.data.astype(np.float64))
     found = detect_tiles(patch, inst, det, min_score=min(WEAK_SCORE, min_score), pixel_scale=scale, **tiling)
     weak = {k: np.asarray(v)[np.asarray(found["score"]) < min_score] for k, v in found.items()}
+    peaks = (np.asarray(found["x"]), np.asarray(found["y"]), np.asarray(found["score"]))  # all, down to WEAK_SCORE
     meta = {"min_score": min_score, "selection": "likelihood", "min_ts": float(min_ts)}
     if not estimated:
         strong = np.asarray(found["score"]) >= min_score
@@ -2155,7 +2205,8 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
     # estimated: refine_counts fits positions against the search estimate, fluxes against one without the sources
     arrays, fitted_against = refine_counts(arrays, patch.data, inst, scale, None if estimated else background,
                                            bands=bands, head=head, estimated=estimated,
-                                           high_pass=search if estimated else None, return_background=True)
+                                           high_pass=search if estimated else None, return_background=True,
+                                           keep_far_moves=keep_far, network_peaks=peaks)
     if estimated and (passes > 1 or extension):  # the model of later steps: the estimate without the candidates
         background = likelihood.estimate_background(counts, kernels, sources=(arrays["x"], arrays["y"]))
     elif not estimated:  # the model with the unresolved sources' light
@@ -2169,7 +2220,8 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
         if len(more["x"]) == 0:
             break
         more = refine_counts(more, patch.data, inst, scale, model, bands=bands, head=head, estimated=estimated,
-                             unresolved=False)
+                             unresolved=False, keep_far_moves=keep_far, fitted_elsewhere=(arrays["x"], arrays["y"]),
+                             network_peaks=peaks)
         arrays = select_by_ts({k: np.concatenate([arrays[k], more[k]]) for k in arrays}, min_ts, separation)
     if extension:
         arrays = apply_extension_test(arrays, counts, background, kernels, scale or inst.pixel_scale_deg, head,

@@ -834,6 +834,50 @@ def test_likelihood_selection_merges_candidates_and_refuses_what_it_cannot_do(mo
     assert np.all(out["score"][others] == 0) and out["fit"].dtype == np.int8
 
 
+def test_a_fit_that_moves_far_is_kept_where_no_other_fit_holds_its_source():
+    """A candidate 4.5 px beside a source no other candidate holds (a network peak off a blend, say): its Poisson fit
+    moves onto the source. Taken for a runaway (the network selection's rule) the row keeps its start with TS NaN and
+    likelihood selection drops it; ``keep_far_moves`` keeps the fit, where the network has a peak beside it. A moved
+    fit that ends within the separation of another fit, or of a source fitted elsewhere, is a runaway and stays
+    dropped (highest TS first)."""
+    from skyfm.catalog.likelihood import add_point_sources, psf_kernels
+    from skyfm.detect import _moved_fits_kept, refine_counts
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("fermi-lat")
+    kernels = psf_kernels(inst)
+    band_flux = np.array([[600.0, 300.0, 150.0, 60.0, 20.0, 5.0]])
+    expected = add_point_sources(np.full((6, 64, 64), 1.0), kernels, [30.3], [31.6], band_flux)
+    counts = np.random.default_rng(3).poisson(expected).astype(np.float64)
+    start = {"x": np.array([34.8]), "y": np.array([31.6]), "flux": np.array([500.0]), "flux_err": np.array([50.0]),
+             "flux_band": np.full((1, 6), 80.0), "flux_band_err": np.full((1, 6), 10.0), "pos_err": np.ones(1),
+             "class_prob": np.full((1, 3), 1.0 / 3), "score": np.array([0.5]), "fit": np.zeros(1, dtype=np.int8)}
+    background = np.full((6, 64, 64), 1.0)
+    dropped = refine_counts({k: v.copy() for k, v in start.items()}, counts, inst, None, background, unresolved=False)
+    assert np.isnan(dropped["ts"][0]) and dropped["x"][0] == 34.8
+    kept = refine_counts({k: v.copy() for k, v in start.items()}, counts, inst, None, background, unresolved=False,
+                         keep_far_moves=True, network_peaks=([30.8, 34.8], [31.0, 31.6], [0.25, 0.5]))
+    assert kept["ts"][0] > 100 and np.hypot(kept["x"][0] - 30.3, kept["y"][0] - 31.6) < 0.5
+    unseen = refine_counts({k: v.copy() for k, v in start.items()}, counts, inst, None, background,
+                           unresolved=False, keep_far_moves=True, network_peaks=([34.8], [31.6], [0.5]))
+    assert np.isnan(unseen["ts"][0])
+    elsewhere = refine_counts({k: v.copy() for k, v in start.items()}, counts, inst, None, background,
+                              unresolved=False, keep_far_moves=True, fitted_elsewhere=([30.0], [32.0]))
+    assert np.isnan(elsewhere["ts"][0])
+    # rows 0 and 2 stayed; 1 and 3 moved: 1 onto row 0's source (a runaway), 3 to a place of its own
+    fit = {"x": np.array([10.0, 11.0, 40.0, 25.0, 25.5]), "y": np.array([10.0, 10.5, 40.0, 20.0, 20.0]),
+           "ts": np.array([50.0, 30.0, 40.0, 35.0, 60.0])}
+    finite, ok = np.ones(5, bool), np.array([True, False, True, False, False])
+    np.testing.assert_array_equal(_moved_fits_kept(fit, finite, ok, 2.0), [False, False, False, False, True])
+    np.testing.assert_array_equal(_moved_fits_kept(fit, finite, ok, 2.0, fitted_elsewhere=([25.2], [20.1])),
+                                  [False] * 5)
+    # with the network's peaks: kept only beside one of probability FAR_MOVE_MIN_SCORE (0.2) or more
+    beside = ([26.0, 25.0], [21.0, 20.0], [0.3, 0.05])
+    np.testing.assert_array_equal(_moved_fits_kept(fit, finite, ok, 2.0, network_peaks=beside), [0, 0, 0, 0, 1])
+    weak = ([26.0, 25.0], [21.0, 20.0], [0.1, 0.05])
+    assert not _moved_fits_kept(fit, finite, ok, 2.0, network_peaks=weak).any()
+
+
 def test_point_sources_added_to_a_background_hold_their_counts():
     from skyfm.catalog.likelihood import add_point_sources
     from skyfm.catalog.likelihood import psf_kernels
