@@ -207,9 +207,12 @@ def _contaminant_hits(cat, patch, truth_idx_matched_det: np.ndarray, radius: flo
 
 
 def _assoc_radius_table():
-    """{4FGL name: Conf_95_SemiMajor (deg)} from the 4FGL-DR2 file beside the checkout, or {}."""
+    """{4FGL name: Conf_95_SemiMajor (deg)} from the 4FGL-DR2 file beside the checkout, or {} with a warning (the
+    association then uses the detections' own errors alone: its rates are not comparable with a run that had it)."""
     path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fermi" / "gll_psc_v27.fit"
     if not path.is_file():
+        print(f"warning: {path} not found: the Fermi-LAT association takes no 4FGL 95% radii (rates not comparable "
+              "with runs that had them; a checkout elsewhere needs shared/ beside it)", file=sys.stderr)
         return {}
     from skyfm.catalog.metrics import read_reference
 

@@ -6,17 +6,19 @@ Run (from the repository root):
     MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 \\
         .venv/bin/python benchmarks/likelihood_selection.py [--n 8] [--cases fermi,fermi-plane,ctao-plane]
 
-For each case of ``benchmarks/detect.py`` (its scenes, validation seeds 950000000 + 1000 * case + i) and each
-variant, ``skyfm.detect._detect_likelihood`` with the shipped detector and the simulator's true background, kept
-at fitted TS >= 25; precision, recall and F1 against true sources with snr >= 5 (match radius 3 px), pooled over
-the patches, and ``loc/CRB`` as ``benchmarks/detect.py`` measures it (median separation / 1.18 Cramér–Rao sigma of
-isolated point sources with snr >= 10), and for the variants with the extension test (``skyfm detect
---test-extension``) how it labels the matched true sources: the share of extended ones (4FGL templates, CTAO's
-shapes) it finds extended with their median size ratio (fitted / true r68), and the share of point sources it
-calls extended. Variants: TS-map peaks from TS 25, 16 or 9 as candidates, one pass or more (each further one in the
-TS map of the background plus the sources found so far); ``--variants`` picks some by name. On ``fermi-plane``
-also the association rates of ``benchmarks/detect.py`` (true sources at |b| < 20 with a detection within their 95%
-radius; all, and point sources alone).
+For each case of ``benchmarks/detect.py`` (its scenes, validation seeds 950000000 + 1000 * case + i, or 960000000 +
+... with ``--seed-base 1``) and each variant, ``skyfm.detect._detect_likelihood`` with the shipped detector and the
+simulator's true background (none with ``--no-model``: the estimate from the counts), kept at fitted TS >= 25;
+precision, recall and F1 against true sources with snr >= 5 (match radius 3 px), pooled over the patches, and
+``loc/CRB`` as ``benchmarks/detect.py`` measures it (median separation / 1.18 Cramér–Rao sigma of isolated point
+sources with snr >= 10), and for the variants with the extension test (``skyfm detect --test-extension``) how it
+labels the matched true sources: the share of extended ones (4FGL templates, CTAO's shapes) it finds extended with
+their median size ratio (fitted / true r68), and the share of point sources it calls extended. Variants: TS-map
+peaks from TS 25, 16 or 9 as candidates, one pass or more (each further one in the TS map of the background plus the
+sources found so far); the head's own passes and extension test, with fits that moved far kept or dropped
+(``likelihood_keep_far_moves``); ``--variants`` picks some by name. On ``fermi-plane`` also the association rates of
+``benchmarks/detect.py`` (true sources at |b| < 20 with a detection within their 95% radius; all, and point sources
+alone).
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ VARIANTS = {"peaks TS>=25, 1 pass": dict(candidate_ts=25.0, passes=1),
             "peaks TS>=9, 2 passes": dict(candidate_ts=9.0, passes=2),
             "peaks TS>=16, 3 passes": dict(candidate_ts=16.0, passes=3),
             "peaks TS>=16, 2 passes, extension": dict(candidate_ts=16.0, passes=2, extension=True),
-            "peaks TS>=16, 1 pass, extension": dict(candidate_ts=16.0, passes=1, extension=True)}
+            "peaks TS>=16, 1 pass, extension": dict(candidate_ts=16.0, passes=1, extension=True),
+            "the head's": {},
+            "the head's, far moves kept": dict(keep_far_moves=True),
+            "the head's, far moves dropped": dict(keep_far_moves=False)}
 
 
 def main(argv=None) -> int:
@@ -55,6 +60,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="fermi,fermi-plane,ctao-plane", help="comma-separated counts-cube cases")
     ap.add_argument("--variants", default=None,
                     help="';'-separated variant names (default all): " + "; ".join(VARIANTS))
+    ap.add_argument("--seed-base", type=int, choices=(0, 1), default=0,
+                    help="which of detect.py's two validation seed bases (default 0: 950000000)")
+    ap.add_argument("--no-model", action="store_true",
+                    help="no background model: the likelihood selection against the estimated background")
     args = ap.parse_args(argv)
     variants = VARIANTS
     if args.variants:
@@ -77,12 +86,14 @@ def main(argv=None) -> int:
         assoc = {v: {k: 0 for k in bench.ASSOC_KEYS} for v in variants}
         seps_crb = {v: [] for v in variants}
         ext_rows = {v: [] for v in variants}  # (true extension, fitted extension or 0) of matched true sources
-        for p in bench._simulate(ci, instrument, options, args.n, bench.VALIDATION_SEED_BASES[0]):
+        heads_own = dict(passes=head.likelihood_passes or 1, extension=bool(head.likelihood_extension_test))
+        for p in bench._simulate(ci, instrument, options, args.n, bench.VALIDATION_SEED_BASES[args.seed_base]):
             crb, isolated = truth_crb(p.truth, p)
             bright = isolated & (np.asarray(p.truth["snr"], dtype=float) >= 10) & np.isfinite(crb)
             for name, kw in variants.items():
-                cat = _detect_likelihood(p, det, inst, head, None, p.background_image, default_min_score(det, head),
-                                         25.0, **kw)
+                kw = {**heads_own, **kw} if name.startswith("the head's") else kw
+                cat = _detect_likelihood(p, det, inst, head, None, None if args.no_model else p.background_image,
+                                         default_min_score(det, head), 25.0, **kw)
                 m = detection_metrics(cat, p.truth, radius)
                 for i, k in enumerate(("tp", "fp", "fn")):
                     counts[name][i] += m[k]
