@@ -91,9 +91,9 @@ def main(argv=None) -> int:
             crb, isolated = truth_crb(p.truth, p)
             bright = isolated & (np.asarray(p.truth["snr"], dtype=float) >= 10) & np.isfinite(crb)
             for name, kw in variants.items():
-                kw = {**heads_own, **kw} if name.startswith("the head's") else kw
+                options = {**heads_own, **kw} if name.startswith("the head's") else kw
                 cat = _detect_likelihood(p, det, inst, head, None, None if args.no_model else p.background_image,
-                                         default_min_score(det, head), 25.0, **kw)
+                                         default_min_score(det, head), 25.0, **options)
                 m = detection_metrics(cat, p.truth, radius)
                 for i, k in enumerate(("tp", "fp", "fn")):
                     counts[name][i] += m[k]

@@ -1841,31 +1841,26 @@ def _moved_fits_kept(fit: dict, finite: np.ndarray, ok: np.ndarray, separation: 
     kept fit, from every moved one kept before them (highest TS first) and from ``fitted_elsewhere`` (x, y), and,
     where ``network_peaks`` (x, y, probability) are given, within ``separation`` of one of probability
     :data:`FAR_MOVE_MIN_SCORE` or more."""
-    from scipy.spatial import cKDTree
-
-    moved = np.flatnonzero(finite & ~ok)
-    kept = np.zeros(len(ok), dtype=bool)
+    x, y = np.asarray(fit["x"], dtype=np.float64), np.asarray(fit["y"], dtype=np.float64)
+    taken_x, taken_y = list(x[ok]), list(y[ok])  # where a source is held; each moved fit kept joins them
+    if fitted_elsewhere is not None:
+        taken_x += list(np.asarray(fitted_elsewhere[0], dtype=np.float64))
+        taken_y += list(np.asarray(fitted_elsewhere[1], dtype=np.float64))
     if network_peaks is not None:
         px, py, score = (np.asarray(v, dtype=np.float64) for v in network_peaks)
-        strong = score >= FAR_MOVE_MIN_SCORE
-        px, py = px[strong], py[strong]
-        seen = [i for i in moved if len(px) and np.hypot(px - fit["x"][i], py - fit["y"][i]).min() <= separation]
-        moved = np.asarray(seen, dtype=np.int64)
-    if len(moved) == 0:
-        return kept
-    xs = [np.asarray(fit["x"])[ok], *([np.asarray(fitted_elsewhere[0], dtype=np.float64)] if fitted_elsewhere else [])]
-    ys = [np.asarray(fit["y"])[ok], *([np.asarray(fitted_elsewhere[1], dtype=np.float64)] if fitted_elsewhere else [])]
-    taken = np.stack([np.concatenate(xs), np.concatenate(ys)], axis=1)
-    tree = cKDTree(taken) if len(taken) else None
-    mine = []  # the moved fits kept so far
+        seen_x, seen_y = px[score >= FAR_MOVE_MIN_SCORE], py[score >= FAR_MOVE_MIN_SCORE]
+
+    def near(xs, ys, i) -> bool:
+        return len(xs) > 0 and float(np.min(np.hypot(np.asarray(xs) - x[i], np.asarray(ys) - y[i]))) <= separation
+
+    kept = np.zeros(len(ok), dtype=bool)
+    moved = np.flatnonzero(finite & ~ok)
     for i in moved[np.argsort(-np.nan_to_num(np.asarray(fit["ts"])[moved], nan=-np.inf), kind="stable")]:
-        p = (fit["x"][i], fit["y"][i])
-        if tree is not None and tree.query_ball_point(p, separation):
-            continue
-        if any(np.hypot(p[0] - q[0], p[1] - q[1]) <= separation for q in mine):
+        if near(taken_x, taken_y, i) or (network_peaks is not None and not near(seen_x, seen_y, i)):
             continue
         kept[i] = True
-        mine.append(p)
+        taken_x.append(x[i])
+        taken_y.append(y[i])
     return kept
 
 
