@@ -1739,8 +1739,10 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     against the model plus the light it lacks on scales broader than the PSF (:func:`~skyfm.catalog.likelihood.
     add_unresolved`: the counts less the model and the first fit's sources with TS >= ``UNRESOLVED_MIN_TS``,
     smoothed), so that the sources too faint to detect, which a diffuse model does not hold, do not add their
-    summed light to the fluxes and TS of those found. ``return_background``: also return that background (or the
-    one the fit used), ``(arrays, background)``.
+    summed light to the fluxes and TS of those found; and plus those sources' light beyond the fits' kernels (which
+    hold 97% of a PSF), out to :data:`PSF_WING_FRACTION` (:func:`~skyfm.catalog.likelihood.psf_wing_tables`), so
+    that the wings of a very bright source are no ring of faint ones. ``return_background``: also return that
+    background (or the one the fit used), ``(arrays, background)``.
 
     Flux errors are the fit's, marginalised over the overlapping neighbours (:func:`~skyfm.catalog.likelihood.
     fit_point_sources`), with the confusion variance the residual counts show around each source added in
@@ -1791,6 +1793,11 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
                                            marginal_errors=not unresolved)  # with unresolved, only a first fit
         if unresolved:
             found = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (fit["ts"] >= UNRESOLVED_MIN_TS)
+            wide = likelihood.psf_kernels(inst, pixel_scale, fraction=PSF_WING_FRACTION,
+                                          max_radius_pix=PSF_WING_MAX_RADIUS_PIX, psfs=[b.psf for b in band_objs])
+            winged = found & PSF_WINGS
+            background = likelihood.add_point_sources(background, likelihood.psf_wing_tables(kernels, wide),
+                                                      fit["x"][winged], fit["y"][winged], fit["flux_band"][winged])
             background = likelihood.add_unresolved(np.nan_to_num(np.asarray(data, dtype=np.float64)), background,
                                                    kernels, fit["x"][found], fit["y"][found], fit["flux_band"][found])
             placed = np.isfinite(fit["x"]) & np.isfinite(fit["y"]) & np.isfinite(fit["flux"])
@@ -1831,6 +1838,14 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     return (arrays, background) if return_background else arrays
 
 
+# The fits' kernels hold 97% of a PSF (likelihood.psf_kernels' default); the light beyond, of the sources the first
+# fit finds, joins the background of the second out to where the PSF holds this fraction (at most this radius).
+# Without it a Geminga-like source (6e5 counts) left rings of false sources at the edge of the 1-4 GeV kernel
+# (10-12 px; 13 of 96 false rows on 8 validation plane cubes lay 9-20 px from a source of TS > 3e4): docs/benchmarks.md,
+# Run 42. ``PSF_WINGS = False`` leaves them out (as before).
+PSF_WING_FRACTION = 0.995
+PSF_WING_MAX_RADIUS_PIX = 40
+PSF_WINGS = True
 MAX_FIT_MOVE_PIX = 3.0  # a candidate whose Poisson fit moves it farther has run off to a neighbour: not kept
 FAR_MOVE_MIN_SCORE = 0.2  # such a fit is kept (keep_far_moves) only beside a network peak at least this probable
 

@@ -878,6 +878,71 @@ def test_a_fit_that_moves_far_is_kept_where_no_other_fit_holds_its_source():
     assert not _moved_fits_kept(fit, finite, ok, 2.0, network_peaks=weak).any()
 
 
+def test_psf_wing_tables_hold_what_the_fit_kernels_leave_out():
+    """A fit kernel's stamp plus its wing stamp is the wide kernel's stamp at every sub-pixel phase (the fit tables
+    lose light at their edges when shifted; the wings give it back); a wide kernel no wider gives no wings."""
+    from skyfm.catalog.likelihood import psf_kernels, psf_table, psf_wing_tables
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("fermi-lat")
+    narrow = psf_kernels(inst)
+    wide = psf_kernels(inst, fraction=0.995, max_radius_pix=40)
+    wings = psf_wing_tables(narrow, wide)
+    for k, wk, wing in zip(narrow, wide, wings):
+        r, big = (k.shape[0] - 1) // 2, (wk.shape[0] - 1) // 2
+        assert wing.radius == big
+        for dx, dy in ((0.0, 0.0), (0.3, -0.45), (-0.2, 0.1)):
+            total = wing.stamp(dx, dy).copy()
+            total[big - r:big + r + 1, big - r:big + r + 1] += psf_table(k).stamp(dx, dy)
+            np.testing.assert_allclose(total, psf_table(wk).stamp(dx, dy), atol=1e-12)
+        assert wing.stamp(0.0, 0.0).sum() == pytest.approx(wk.sum() - k.sum(), rel=1e-6)
+    assert wings[1].stamp(0.0, 0.0).sum() > 0.01  # the 1-4 GeV bin: 1.8% of its PSF beyond the fit kernel
+    assert not psf_wing_tables(narrow[:1], narrow[:1])[0].stamp(0.1, 0.2).any()
+
+
+def test_the_wings_of_a_very_bright_source_are_no_ring_of_faint_ones():
+    """Around a source of 6e5 counts (Geminga-like) whose PSF reaches beyond the fit kernels, candidates on rings
+    at the kernels' edge (E1's at 10 px) fitted against the background plus that source (likelihood selection's
+    second pass) took the light beyond the kernel for theirs: TS up to ~150 with the first fit's wings left out of
+    the background, under 25 with them in (``refine_counts``, ``detect.PSF_WINGS``)."""
+    import skyfm.detect as D
+    from skyfm.catalog.likelihood import add_point_sources, psf_kernels
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("fermi-lat")
+    size, sx, sy = 96, 48.3, 47.6
+    flux = np.array([4e5, 1.8e5, 1.7e4, 60.0, 1.0, 0.0])
+    background = np.ones((6, size, size)) * np.array([20.0, 8.0, 1.0, 0.1, 0.02, 0.01])[:, None, None]
+    expected = background.copy()
+    for c, band in enumerate(inst.bands):  # the PSF to 4.7 deg, far beyond the fits' kernels
+        expected[c, 1:, 1:] += flux[c] * band.psf.stamps(np.array([sx - 48]), np.array([sy - 48]), 0.1,
+                                                         radius_pix=47)[0][:95, :95]
+    counts = np.random.default_rng(0).poisson(expected).astype(np.float64)
+
+    def rows(x, y, f):
+        n = len(x)
+        return {"x": np.asarray(x, float), "y": np.asarray(y, float), "flux": np.full(n, f),
+                "flux_err": np.ones(n), "flux_band": np.full((n, 6), f / 6), "flux_band_err": np.ones((n, 6)),
+                "pos_err": np.ones(n), "class_prob": np.full((n, 3), 1 / 3), "score": np.full(n, 0.5),
+                "fit": np.zeros(n, dtype=np.int8)}
+
+    angle = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+    ring_x = np.concatenate([sx + r * np.cos(angle) for r in (10.5, 12.0)])
+    ring_y = np.concatenate([sy + r * np.sin(angle) for r in (10.5, 12.0)])
+    best = {}
+    for wings in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(D, "PSF_WINGS", wings)
+            one, fitted = D.refine_counts(rows([sx + 0.2], [sy - 0.1], 5e5), counts, inst, None, background,
+                                          return_background=True)
+        assert np.hypot(one["x"][0] - sx, one["y"][0] - sy) < 0.05
+        model = add_point_sources(fitted, psf_kernels(inst), one["x"], one["y"], one["flux_band"])
+        ring = D.refine_counts(rows(ring_x, ring_y, 200.0), counts, inst, None, model, unresolved=False)
+        best[wings] = float(np.nanmax(np.nan_to_num(ring["ts"])))
+    assert best[False] > 50  # the ring the fits saw before
+    assert best[True] < 25
+
+
 def test_point_sources_added_to_a_background_hold_their_counts():
     from skyfm.catalog.likelihood import add_point_sources
     from skyfm.catalog.likelihood import psf_kernels

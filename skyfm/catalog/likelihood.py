@@ -838,6 +838,28 @@ def add_point_sources(image, psf_kernels, x, y, flux_band) -> np.ndarray:
     return out
 
 
+def psf_wing_tables(psf_kernels, wide_kernels) -> list[PSFTable]:
+    """Per band the PSF beyond its fit kernel: stamp tables of ``wide_kernels`` (the same PSFs out to a larger
+    radius, e.g. :func:`psf_kernels` at ``fraction=0.995``) whose central box, the fit kernel's, is zeroed.
+
+    The fits' kernels hold ~97% of a PSF so that the fits stay fast; the rest, around a source of 10^5 counts,
+    is a ring of excess counts just outside the kernel that the fits of fainter candidates there take for sources
+    (Fermi-LAT: false sources 10-12 px from Geminga-like ones). :func:`add_point_sources` with these tables adds
+    the fitted sources' wings to a background model."""
+    out = []
+    for k, wide in zip(psf_kernels, wide_kernels):
+        r = (_kernel_array(k).shape[0] - 1) // 2
+        table = psf_table(wide)
+        big = table.radius
+        if big <= r:  # the wide kernel is no wider: no wings
+            out.append(PSFTable(np.zeros_like(table.table[:, :, :1, :1]), 0))
+            continue
+        t = table.table.copy()  # the cached table stays as it is
+        t[:, :, big - r:big + r + 1, big - r:big + r + 1] -= psf_table(k).table
+        out.append(PSFTable(t, big))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Background without a model
 # ----------------------------------------------------------------------------------------------------------------
