@@ -840,12 +840,15 @@ def add_point_sources(image, psf_kernels, x, y, flux_band) -> np.ndarray:
 
 def psf_wing_tables(psf_kernels, wide_kernels) -> list[PSFTable]:
     """Per band the PSF beyond its fit kernel: stamp tables of ``wide_kernels`` (the same PSFs out to a larger
-    radius, e.g. :func:`psf_kernels` at ``fraction=0.995``) whose central box, the fit kernel's, is zeroed.
+    radius, e.g. :func:`psf_kernels` at ``fraction=0.995``) less the fit kernel's stamps at the same sub-pixel
+    phase, where that is positive.
 
     The fits' kernels hold ~97% of a PSF so that the fits stay fast; the rest, around a source of 10^5 counts,
     is a ring of excess counts just outside the kernel that the fits of fainter candidates there take for sources
-    (Fermi-LAT: false sources 10-12 px from Geminga-like ones). :func:`add_point_sources` with these tables adds
-    the fitted sources' wings to a background model."""
+    (Fermi-LAT: false sources 10-12 px from Geminga-like ones). A shifted stamp of a cut kernel also lacks some
+    light at its edge (0.1-1% of the flux at half a pixel, its table puts it into the core): the wings give that
+    back too; the core's surplus is not taken off (a background must stay positive). :func:`add_point_sources`
+    with these tables adds the fitted sources' wings to a background model."""
     out = []
     for k, wide in zip(psf_kernels, wide_kernels):
         r = (_kernel_array(k).shape[0] - 1) // 2
@@ -856,7 +859,7 @@ def psf_wing_tables(psf_kernels, wide_kernels) -> list[PSFTable]:
             continue
         t = table.table.copy()  # the cached table stays as it is
         t[:, :, big - r:big + r + 1, big - r:big + r + 1] -= psf_table(k).table
-        out.append(PSFTable(t, big))
+        out.append(PSFTable(np.clip(t, 0.0, None), big))
     return out
 
 
