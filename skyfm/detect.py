@@ -1793,11 +1793,11 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
                                            marginal_errors=not unresolved)  # with unresolved, only a first fit
         if unresolved:
             found = np.isfinite(fit["x"]) & np.isfinite(fit["flux"]) & (fit["ts"] >= UNRESOLVED_MIN_TS)
-            wide = likelihood.psf_kernels(inst, pixel_scale, fraction=PSF_WING_FRACTION,
-                                          max_radius_pix=PSF_WING_MAX_RADIUS_PIX, psfs=[b.psf for b in band_objs])
-            winged = found & PSF_WINGS
-            background = likelihood.add_point_sources(background, likelihood.psf_wing_tables(kernels, wide),
-                                                      fit["x"][winged], fit["y"][winged], fit["flux_band"][winged])
+            if PSF_WINGS:
+                wide = likelihood.psf_kernels(inst, pixel_scale, fraction=PSF_WING_FRACTION,
+                                              max_radius_pix=PSF_WING_MAX_RADIUS_PIX, psfs=[b.psf for b in band_objs])
+                background = likelihood.add_point_sources(background, likelihood.psf_wing_tables(kernels, wide),
+                                                          fit["x"][found], fit["y"][found], fit["flux_band"][found])
             background = likelihood.add_unresolved(np.nan_to_num(np.asarray(data, dtype=np.float64)), background,
                                                    kernels, fit["x"][found], fit["y"][found], fit["flux_band"][found])
             placed = np.isfinite(fit["x"]) & np.isfinite(fit["y"]) & np.isfinite(fit["flux"])

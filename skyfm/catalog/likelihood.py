@@ -850,15 +850,13 @@ def psf_wing_tables(psf_kernels, wide_kernels) -> list[PSFTable]:
     back too; the core's surplus is not taken off (a background must stay positive). :func:`add_point_sources`
     with these tables adds the fitted sources' wings to a background model."""
     out = []
-    for k, wide in zip(psf_kernels, wide_kernels):
-        r = (_kernel_array(k).shape[0] - 1) // 2
-        table = psf_table(wide)
-        big = table.radius
+    for fit, wide in zip(psf_tables(psf_kernels), psf_tables(wide_kernels)):
+        r, big = fit.radius, wide.radius
         if big <= r:  # the wide kernel is no wider: no wings
-            out.append(PSFTable(np.zeros_like(table.table[:, :, :1, :1]), 0))
+            out.append(PSFTable(np.zeros_like(wide.table[:, :, :1, :1]), 0))
             continue
-        t = table.table.copy()  # the cached table stays as it is
-        t[:, :, big - r:big + r + 1, big - r:big + r + 1] -= psf_table(k).table
+        t = wide.table.copy()  # the cached table stays as it is
+        t[:, :, big - r:big + r + 1, big - r:big + r + 1] -= fit.table
         out.append(PSFTable(np.clip(t, 0.0, None), big))
     return out
 
