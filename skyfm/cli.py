@@ -652,6 +652,12 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    ">= 16 over the point model, the point fits' pieces of it absorbed); extended sources get "
                    "extension (r68, deg) and ts_ext. Default: the instrument head's choice (on for CTAO, off for "
                    "Fermi-LAT, where it did not help F1; docs/benchmarks.md, Run 12); 3-5 s more per 256^2 cube.")
+@click.option("--split-blends/--no-split-blends", default=None,
+              help="Counts cubes with --background: fit each source of TS >= 50 again as two point sources and keep "
+                   "the pair where it fits better by TS >= 25, both of TS >= 25 and at least a PSF FWHM apart, and "
+                   "better than one extended source (blends in crowded fields, which a TS map does not resolve); "
+                   "the rows it makes or moves carry ts_split. Default: the instrument head's choice "
+                   "(docs/benchmarks.md, Run 43).")
 @click.option("--mask-cosmic-rays/--keep-cosmic-rays", default=None,
               help="CCD images: leave the pixels L.A.Cosmic (astroscrappy) takes for cosmic-ray hits out of the PSF "
                    "fit, so a hit beside a star does not pull its position and flux. Default: the instrument head's "
@@ -670,7 +676,7 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "cuda:N.")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
-               test_extension, mask_cosmic_rays, residual_search, device, mask_path, mask_bits, bunit,
+               test_extension, split_blends, mask_cosmic_rays, residual_search, device, mask_path, mask_bits, bunit,
                exposure_path, isotropic_path, background_as_is, psf_path):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
@@ -718,7 +724,8 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             min_score=min_score, plot=plot, associate=associate, hdu=hdu, tile_size=tile_size,
                             precision=precision, attention_window=attention_window, refine=not no_refine,
                             drop_trails=drop_trails, background=background_path, selection=selection,
-                            min_ts=min_ts, test_extension=test_extension, mask_cosmic_rays=mask_cosmic_rays,
+                            min_ts=min_ts, test_extension=test_extension, split_blends=split_blends,
+                            mask_cosmic_rays=mask_cosmic_rays,
                             residual_search=residual_search, device=device, mask=mask_path,
                             mask_bits=mask_bits, exposure=exposure_path, bunit=bunit, isotropic=isotropic_path,
                             fit_background=not background_as_is, psf=psf_path)

@@ -2038,6 +2038,58 @@ def apply_extension_test(arrays: dict, counts, background, kernels, scale: float
     return {k: v[keep] for k, v in arrays.items()}
 
 
+SPLIT_MIN_SEPARATION = 1.0  # a split's two sources lie at least this many times _peak_separation apart
+
+
+def apply_split_test(arrays: dict, counts, background, kernels, inst, scale: float | None, bands, head,
+                     estimated: bool, min_ts: float) -> dict:
+    """Likelihood selection's blend test (:func:`skyfm.catalog.split.split_test`): each bright source fitted again
+    as two; where two fit enough better, the fainter becomes a new row (its class, extension and network score
+    those of the row it came from), and every row a split made or moved is fitted again by :func:`refine_counts`
+    against the background and the other rows (errors, TS and physical flux as every fit's). A split whose rows
+    that fit brings closer than the split's least separation is undone (the row as it was, fitted once more with
+    the others): two sources must stay resolved to count as two. Column ``ts_split`` (NaN where no split)."""
+    from skyfm.catalog import likelihood, split
+
+    band_objs = [inst.band(b) for b in bands] if bands else list(inst.bands)
+    min_separation = SPLIT_MIN_SEPARATION * _peak_separation(band_objs, scale or inst.pixel_scale_deg)
+    res = split.split_test(counts, background, kernels, arrays["x"], arrays["y"], arrays["flux_band"],
+                           arrays["ts"], min_ts=min_ts, min_separation=min_separation,
+                           max_move=_max_fit_move_pix(band_objs))
+    n, parent = len(arrays["x"]), res["parent"]
+    undone = np.zeros(n, dtype=bool)  # by the input row each split family descends from
+    while True:  # the refit, and again where it undid a split (each round undoes one more family, or ends)
+        family = undone[parent]
+        rows = {k: np.concatenate([np.asarray(v), np.asarray(v)[parent[n:]]]) for k, v in arrays.items()}
+        split_made = ~family  # rows whose values are the split's (or untouched ones)
+        for key, value in (("x", res["x"]), ("y", res["y"]), ("flux_band", res["flux_band"])):
+            rows[key][split_made] = value[split_made]
+        rows["flux"][split_made] = res["flux_band"][split_made].sum(axis=1)
+        rows["ts_split"] = np.where(split_made, res["ts_split"], np.nan)
+        changed = res["changed"] & split_made
+        refit_rows = changed | (family & (np.arange(len(parent)) < n))  # an undone split's row: fitted again
+        keep = ~family | (np.arange(len(parent)) < n)
+        if not refit_rows.any():
+            return _take(rows, keep)
+        fixed = likelihood.add_point_sources(background, kernels, rows["x"][keep & ~refit_rows],
+                                             rows["y"][keep & ~refit_rows], rows["flux_band"][keep & ~refit_rows])
+        refit = refine_counts(_take(rows, refit_rows), counts, inst, scale, fixed, bands=bands, head=head,
+                              estimated=estimated, unresolved=False)
+        for k, v in refit.items():
+            rows[k] = np.asarray(rows[k]).copy() if k in rows else np.full((len(parent),) + np.shape(v)[1:], np.nan)
+            rows[k][refit_rows] = v
+        too_close = np.zeros(n, dtype=bool)
+        for f in np.unique(parent[changed]):
+            members = np.flatnonzero((parent == f) & changed)
+            d = np.hypot(rows["x"][members, None] - rows["x"][None, members],
+                         rows["y"][members, None] - rows["y"][None, members])
+            np.fill_diagonal(d, np.inf)
+            too_close[f] = np.min(d) < min_separation
+        if not too_close.any():
+            return _take(rows, keep)
+        undone |= too_close
+
+
 def select_by_ts(arrays: dict, min_ts: float, separation: float) -> dict:
     """Rows with fitted ``TS >= min_ts``, one per source: of two fits that converged within half ``separation``
     the higher TS stays. Sorted by TS, highest first."""
@@ -2087,6 +2139,10 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
                            "Extension test (skyfm detect --test-extension): 2 delta ln L of the Gaussian model over "
                            "the point model with the pieces it replaced (Akaike-penalised), for the sources found "
                            "extended; NaN for point sources")
+    if "ts_split" in arrays:
+        extra["ts_split"] = (np.asarray(arrays["ts_split"], dtype=np.float64),
+                             "Blend test: 2 delta ln L of two point sources over one, of the split that made or "
+                             "moved this row (NaN: none did)")
     if "ts" in arrays:
         extra["ts"] = arrays["ts"]
         extra["sqrt_ts"] = (np.sqrt(np.clip(arrays["ts"], 0, None)), "Significance sqrt(TS) of the likelihood fit")
@@ -2102,8 +2158,9 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
                  overlap: int | None = None, refine: bool = True, batch_size: int | None = None, progress: bool = False,
                  precision: str = "auto", attention_window: int | None = None, drop_trails: bool | None = None,
                  selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int | None = None,
-                 test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
-                 refine_workers: int | None = None, fit_background: bool = True, psfs: dict | None = None):
+                 test_extension: bool | None = None, split_blends: bool | None = None,
+                 mask_cosmic_rays: bool | None = None, refine_workers: int | None = None, fit_background: bool = True,
+                 psfs: dict | None = None):
     """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
 
     Args:
@@ -2129,6 +2186,9 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
             ``test_extension`` (likelihood selection only; default the head's ``likelihood_extension_test``):
             test each source for extension (:func:`apply_extension_test`); extended ones get a Gaussian fit,
             ``extension`` and ``ts_ext``. True where likelihood selection does not run is an error.
+            ``split_blends`` (likelihood selection only; default the head's ``likelihood_split_test``): fit each
+            bright source again as two and keep the pair where it fits enough better (:func:`apply_split_test`;
+            column ``ts_split``). True where likelihood selection does not run is an error.
             ``fit_background`` (likelihood selection with a model): the model first rescaled to the counts, one
             factor per bin (:func:`~skyfm.catalog.likelihood.correct_background_model`; catalog meta
             ``background_scale``), as LAT analyses free the diffuse normalisations, and a model whose structure the
@@ -2158,9 +2218,10 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     if inst.is_counts and background is not None and patch.mask is not None and patch.mask.any():
         patch = _model_filled(patch, background)
     chosen = resolve_selection(selection, inst, background, refine, head)
-    if test_extension is True and chosen != "likelihood":
-        raise SkyfmError("the extension test needs likelihood selection: a counts cube with a background model "
-                         "(--background)")
+    for flag, name in ((test_extension, "extension test"), (split_blends, "blend test (--split-blends)")):
+        if flag is True and chosen != "likelihood":
+            raise SkyfmError(f"the {name} needs likelihood selection: a counts cube with a background model "
+                             "(--background)")
     if chosen == "likelihood":
         if passes is None:
             passes = head.likelihood_passes if head.likelihood_passes is not None else LIKELIHOOD_PASSES
@@ -2169,7 +2230,8 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
         if test_extension is None:
             test_extension = bool(head.likelihood_extension_test)
         return _detect_likelihood(patch, det, inst, head, scale, background, min_score, min_ts, passes=int(passes),
-                                  extension=test_extension, fit_background=fit_background, tile_size=tile_size,
+                                  extension=test_extension, split=split_blends, fit_background=fit_background,
+                                  tile_size=tile_size,
                                   overlap=overlap,
                                   batch_size=batch_size, progress=progress, precision=precision,
                                   attention_window=attention_window)
@@ -2187,10 +2249,12 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
 
 def _detect_likelihood(patch, det, inst, head, scale, background, min_score: float, min_ts: float,
                        candidate_ts: float = CANDIDATE_TS, passes: int = LIKELIHOOD_PASSES, extension: bool = False,
-                       fit_background: bool = True, keep_far_moves: bool | None = None, **tiling):
+                       fit_background: bool = True, keep_far_moves: bool | None = None, split: bool | None = None,
+                       **tiling):
     """detect_patch's likelihood selection (its docstring). ``extension``: test the sources for extension
     (:func:`apply_extension_test`); ``fit_background``: rescale the model to the counts first; ``keep_far_moves``:
-    :func:`refine_counts`'s, default the head's ``likelihood_keep_far_moves``."""
+    :func:`refine_counts`'s, default the head's ``likelihood_keep_far_moves``; ``split``: the blend test
+    (:func:`apply_split_test`), default the head's ``likelihood_split_test``."""
     from skyfm.catalog import likelihood
 
     bands = list(patch.bands)
@@ -2233,6 +2297,9 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
                              unresolved=False, keep_far_moves=keep_far, fitted_elsewhere=(arrays["x"], arrays["y"]),
                              network_peaks=peaks)
         arrays = select_by_ts({k: np.concatenate([arrays[k], more[k]]) for k in arrays}, min_ts, separation)
+    if bool(getattr(head, "likelihood_split_test", False)) if split is None else split:
+        arrays = apply_split_test(arrays, counts, background, kernels, inst, scale, bands, head, estimated, min_ts)
+        arrays = select_by_ts(arrays, min_ts, separation)
     if extension:
         arrays = apply_extension_test(arrays, counts, background, kernels, scale or inst.pixel_scale_deg, head,
                                       estimated, min_ts)
@@ -2433,8 +2500,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 tile_size: int | None = None, batch_size: int | None = None, progress: bool = True, refine: bool = True,
                 precision: str = "auto", attention_window: int | None = None, drop_trails: bool | None = None,
                 background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
-                test_extension: bool | None = None, mask_cosmic_rays: bool | None = None,
-                residual_search: bool | None = None, device: str | None = "auto", mask=None,
+                test_extension: bool | None = None, split_blends: bool | None = None,
+                mask_cosmic_rays: bool | None = None, residual_search: bool | None = None, device: str | None = "auto",
+                mask=None,
                 mask_bits: int | None = None, exposure=None, bunit: str | None = None, isotropic=None,
                 fit_background: bool = True, psf=None):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
@@ -2449,9 +2517,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     background model (:func:`read_background_model`), which the Poisson likelihood refinement fits against instead of
     an estimate from the counts (the detector's error scales were calibrated that way); ``selection`` and ``min_ts`` as
     :func:`detect_patch` (likelihood selection, the default with a model, on cubes up to 64 M voxels), and
-    ``test_extension``; ``mask_cosmic_rays`` as :func:`detect_patch`. ``residual_search`` False: CCD images
-    without the heads' searches of the PSF fit's residual (:func:`refine_ccd_tile`; catalog ``fit`` 4 and 5): only
-    the network's detections; None or True: the heads' own settings. ``device``: where the network runs
+    ``test_extension``, ``split_blends``; ``mask_cosmic_rays`` as :func:`detect_patch`. ``residual_search`` False:
+    CCD images without the heads' searches of the PSF fit's residual (:func:`refine_ccd_tile`; catalog ``fit`` 4 and
+    5): only the network's detections; None or True: the heads' own settings. ``device``: where the network runs
     (:func:`skyfm.utils.resolve_device`; the PSF and likelihood fits run on the CPU). ``mask``, ``mask_bits``: a
     bad-pixel mask file beside the image (:func:`skyfm.data.open_image`; with ``hdu="all"`` each CCD takes the
     mask file's HDU of the same index where it has one of the CCD's size). ``exposure``: for a counts cube, an
@@ -2485,7 +2553,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                  batch_size=batch_size, progress=progress, refine=refine, precision=precision,
                                  attention_window=attention_window, drop_trails=drop_trails, background=background,
                                  selection=selection, min_ts=min_ts, test_extension=test_extension,
-                                 mask_cosmic_rays=mask_cosmic_rays, residual_search=residual_search, device=device,
+                                 split_blends=split_blends, mask_cosmic_rays=mask_cosmic_rays,
+                                 residual_search=residual_search, device=device,
                                  mask=mask, mask_bits=mask_bits, exposure=exposure, bunit=bunit,
                                  isotropic=isotropic, fit_background=fit_background, psf=psf)
     _warn_if_denoised(path)
@@ -2523,6 +2592,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                              "--exposure), from which each sky tile's model is made; a counts model is not read")
         if test_extension is True:
             raise SkyfmError("--test-extension is for counts cubes in pixel images, not HEALPix maps")
+        if split_blends is True:
+            raise SkyfmError("--split-blends is for counts cubes in pixel images, not HEALPix maps (their tiles "
+                             "take the instrument head's choice)")
         if bunit is not None:
             raise SkyfmError("--bunit is for CCD images in pixel images, not HEALPix maps")
         table, patch_for_plot, energy_edges = _detect_healpix(
@@ -2567,16 +2639,18 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                     patch = replace(patch, background_image=model)
                 table = detect_patch(patch, det, min_score, tile_size=tile_size, refine=refine,
                                      drop_trails=drop_trails, selection=selection, min_ts=min_ts,
-                                     test_extension=test_extension, batch_size=batch_size, progress=progress,
+                                     test_extension=test_extension, split_blends=split_blends,
+                                     batch_size=batch_size, progress=progress,
                                      precision=precision, attention_window=attention_window,
                                      mask_cosmic_rays=mask_cosmic_rays, fit_background=fit_background, psfs=psfs)
                 patch_for_plot = patch
             else:
                 if image.masked_fraction() >= 1.0:
                     raise SkyfmError(f"{path}: every pixel is NaN, infinite or masked; there is no image to read")
-                if test_extension is True:
-                    raise SkyfmError("the extension test needs likelihood selection, for counts cubes up to 64 M "
-                                     f"voxels; this one has {image.shape[0] * image.height * image.width / 1e6:.0f} M")
+                for flag, name in ((test_extension, "extension test"), (split_blends, "blend test")):
+                    if flag is True:
+                        raise SkyfmError(f"the {name} needs likelihood selection, for counts cubes up to 64 M voxels; "
+                                         f"this one has {image.shape[0] * image.height * image.width / 1e6:.0f} M")
                 if resolve_selection(selection, inst, model, refine) == "likelihood":
                     if selection == "likelihood":  # the TS map is computed on the whole cube at once
                         raise SkyfmError("likelihood selection is for counts cubes up to 64 M voxels; this one has "

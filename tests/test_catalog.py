@@ -426,3 +426,90 @@ def test_extension_test_joins_the_pieces_of_an_extended_source_and_leaves_point_
     fit = lk.fit_point_sources(n, b, kernels, [48.0], [48.0])
     res = extension_test(n, b, kernels, fit["x"], fit["y"], fit["flux_band"], fit["ts"])
     assert res["kept"].all() and not res["changed"].any() and res["extension_pix"][0] == 0
+
+
+def test_fit_pair_recovers_two_sources_closer_than_the_psf():
+    """Two sources 1.5 px apart (the sharpest bin's PSF FWHM is ~2 px) with 3:1 counts: the joint fit from starts
+    off their axis finds both positions within 0.3 px and their counts within 20%."""
+    from skyfm.catalog.split import fit_pair
+
+    inst = load_instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    bkg = np.array([2.0, 1.0, 0.3, 0.1, 0.03, 0.01])
+    n1, b = _inject(inst, 40.0, 40.0, 6000.0, bkg, (80, 80), np.random.default_rng(5))
+    n2, _ = _inject(inst, 41.5, 40.0, 2000.0, 0 * bkg, (80, 80), np.random.default_rng(6))
+    n = n1 + n2
+    fb = np.outer([0.6, 0.4], lk.powerlaw_band_weights(inst)) * 8000.0
+    fit = fit_pair(n, b, lk.psf_tables(kernels), [40.2, 41.0], [39.5, 40.6], fb)
+    order = np.argsort(-fit["flux"])
+    assert np.hypot(fit["x"][order[0]] - 40.0, fit["y"][order[0]] - 40.0) < 0.3
+    assert np.hypot(fit["x"][order[1]] - 41.5, fit["y"][order[1]] - 40.0) < 0.3
+    assert abs(fit["flux"][order[0]] / 6000.0 - 1) < 0.2 and abs(fit["flux"][order[1]] / 2000.0 - 1) < 0.2
+    assert np.all(fit["ts"] > 25)
+
+
+def _blend(y2: float, seed: int):
+    """Fermi-LAT counts of a source of 5000 counts at (40, 40) and, apart, of one of 2500 at (40, y2) over a flat
+    background: (instrument, kernels, counts of the first with the background, counts of the second, background)."""
+    inst = load_instrument("fermi-lat")
+    bkg = np.array([2.0, 1.0, 0.3, 0.1, 0.03, 0.01])
+    rng = np.random.default_rng(seed)
+    n1, b = _inject(inst, 40.0, 40.0, 5000.0, bkg, (80, 80), rng)
+    n2, _ = _inject(inst, 40.0, y2, 2500.0, 0 * bkg, (80, 80), rng)
+    return inst, lk.psf_kernels(inst), n1, n2, b
+
+
+def test_split_test_splits_a_blend_but_not_a_point_source_nor_an_extended_one():
+    """A blend fitted as one source comes apart into its two; a single point source of the same counts, and a
+    Gaussian source of r68 3 px (which two points fit better than one), stay one row (the extended one only
+    because the pair must beat one extended source too)."""
+    from skyfm.catalog.split import split_test
+
+    inst, kernels, n1, n2, b = _blend(42.0, 11)
+    bkg = b[:, 0, 0]
+    one = lk.fit_point_sources(n1 + n2, b, kernels, [40.0], [41.0])
+    res = split_test(n1 + n2, b, kernels, one["x"], one["y"], one["flux_band"], one["ts"])
+    assert len(res["x"]) == 2 and res["changed"].all() and res["ts_split"][0] >= 25
+    assert np.hypot(res["x"][0] - 40.0, res["y"][0] - 40.0) < 0.5  # the brighter keeps the row
+    assert np.hypot(res["x"][1] - 40.0, res["y"][1] - 42.0) < 0.5
+    assert list(res["parent"]) == [0, 0]
+
+    single = lk.fit_point_sources(n1, b, kernels, [40.0], [40.0])
+    res = split_test(n1, b, kernels, single["x"], single["y"], single["flux_band"], single["ts"])
+    assert len(res["x"]) == 1 and not res["changed"].any()
+
+    n, b = _inject_gaussian(inst, 40.0, 40.0, 7500.0, 3.0, bkg, (80, 80), np.random.default_rng(12))
+    blob = lk.fit_point_sources(n, b, kernels, [40.0], [40.0])
+    res = split_test(n, b, kernels, blob["x"], blob["y"], blob["flux_band"], blob["ts"])
+    assert len(res["x"]) == 1 and not res["changed"].any()
+    bare = split_test(n, b, kernels, blob["x"], blob["y"], blob["flux_band"], blob["ts"], extension_check=False)
+    assert len(bare["x"]) >= 2  # the check is what keeps it one
+
+
+def test_apply_split_test_gives_the_fainter_of_a_blend_a_row_of_its_own():
+    """detect.apply_split_test on a blend fitted as one row: two rows, each near its source, the new one with the
+    class and network score of the row it came from, both fitted again (finite errors, TS >= 25) and carrying
+    ts_split; rows with nothing to split keep their values and get ts_split NaN."""
+    import skyfm.detect as D
+
+    inst, kernels, n1, n2, b = _blend(42.5, 21)
+    n = n1 + n2
+    c = len(inst.bands)
+    rows = {"x": np.array([40.0]), "y": np.array([41.0]), "flux": np.array([7500.0]), "flux_err": np.full(1, np.nan),
+            "flux_band": np.full((1, c), 7500.0 / c), "flux_band_err": np.full((1, c), np.nan),
+            "pos_err": np.full(1, np.nan), "score": np.array([0.8]), "class_prob": np.array([[0.6, 0.3, 0.1]]),
+            "extension": np.zeros(1)}
+    rows = D.refine_counts(rows, n, inst, None, b, unresolved=False)
+    out = D.apply_split_test(rows, n, b, kernels, inst, None, None, None, False, 25.0)
+    assert len(out["x"]) == 2 and np.all(np.isfinite(out["ts_split"])) and np.all(out["ts"] >= 25)
+    assert np.hypot(out["x"][0] - 40.0, out["y"][0] - 40.0) < 0.5
+    assert np.hypot(out["x"][1] - 40.0, out["y"][1] - 42.5) < 0.5
+    assert np.allclose(out["class_prob"][1], [0.6, 0.3, 0.1]) and out["score"][1] == 0.8
+    assert np.all(np.isfinite(out["flux_err"])) and np.all(np.isfinite(out["pos_err"]))
+    assert out["flux"][0] == pytest.approx(5000.0, rel=0.15) and out["flux"][1] == pytest.approx(2500.0, rel=0.2)
+
+    single = D.refine_counts({k: v.copy() for k, v in rows.items() if k in ("x", "y", "flux", "flux_err", "flux_band",
+                              "flux_band_err", "pos_err", "score", "class_prob", "extension")}, n1, inst, None, b,
+                             unresolved=False)
+    kept = D.apply_split_test(single, n1, b, kernels, inst, None, None, None, False, 25.0)
+    assert len(kept["x"]) == 1 and np.isnan(kept["ts_split"][0]) and kept["x"][0] == single["x"][0]

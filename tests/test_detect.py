@@ -1017,6 +1017,62 @@ def test_extension_test_comes_from_the_head_unless_told(model_dir, monkeypatch):
         D.detect_patch(no_model, det, test_extension=True)
 
 
+def test_split_test_comes_from_the_head_unless_told(model_dir, monkeypatch):
+    """The shipped Fermi-LAT head splits blends by default, CTAO's does not; the caller's True / False wins; True
+    where likelihood selection does not run is an error, the head's default there is not."""
+    from dataclasses import replace
+
+    import skyfm.detect as D
+    from skyfm.errors import SkyfmError
+    from skyfm.heads import load_detector
+
+    shipped = load_detector()
+    assert shipped.head_config("fermi-lat").likelihood_split_test is True
+    assert shipped.head_config("ctao").likelihood_split_test is False
+    det = load_detector(model_dir)
+    p = simulate_patch("fermi-lat", 3, size=48, population="resampled")
+    seen = []
+    monkeypatch.setattr(D, "_detect_likelihood", lambda *a, split, **k: seen.append(split))
+    det.head_config("fermi-lat").likelihood_split_test = False
+    D.detect_patch(p, det)
+    D.detect_patch(p, det, split_blends=True)
+    det.head_config("fermi-lat").likelihood_split_test = True
+    D.detect_patch(p, det)
+    assert seen == [None, True, None]  # None: _detect_likelihood takes the head's
+    no_model = replace(p, background_image=None)
+    assert D.detect_patch(no_model, det).meta["selection"] == "network"
+    with pytest.raises(SkyfmError, match="blend test"):
+        D.detect_patch(no_model, det, split_blends=True)
+
+
+def test_likelihood_selection_splits_a_blend_the_ts_map_merges(model_dir):
+    """A Fermi-LAT cube with two sources 2.5 px apart (the TS map's peaks merge them) and a background model: with
+    the blend test the catalog holds both, near their true positions, with ts_split; without it, one row."""
+    from dataclasses import replace
+
+    import skyfm.detect as D
+    from skyfm.catalog import likelihood as lk
+    from skyfm.heads import load_detector
+
+    det = load_detector(model_dir)
+    p = simulate_patch("fermi-lat", 5, size=64, population="resampled")
+    inst = det.instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    wts = lk.powerlaw_band_weights(inst)
+    bkg = np.stack([np.full((64, 64), v) for v in (2.0, 1.0, 0.3, 0.1, 0.03, 0.01)])
+    src = lk.add_point_sources(np.zeros_like(bkg), kernels, [32.0, 32.0], [31.0, 33.5],
+                               np.outer([6000.0, 3000.0], wts) / 0.97)
+    counts = np.random.default_rng(4).poisson(bkg + src).astype(np.float32)
+    patch = replace(p, data=counts, background_image=bkg, mask=None)
+    head = det.head_config("fermi-lat")
+    cats = {on: D._detect_likelihood(patch, det, inst, head, None, bkg, 0.5, 25.0, passes=2, split=on)
+            for on in (False, True)}
+    near = lambda cat, x, y: np.min(np.hypot(np.asarray(cat["x"]) - x, np.asarray(cat["y"]) - y))  # noqa: E731
+    assert len(cats[False]) == 1
+    assert len(cats[True]) == 2 and near(cats[True], 32.0, 31.0) < 0.6 and near(cats[True], 32.0, 33.5) < 0.6
+    assert np.all(np.isfinite(np.asarray(cats[True]["ts_split"])))
+
+
 def test_ctao_cubes_without_a_model_are_selected_by_the_likelihood_and_tested_for_extension():
     """The shipped CTAO head selects by TS also without a background model (``likelihood_without_model``), Fermi-LAT's
     by the network's probability; the CTAO head's extension test then runs against the estimated background (with

@@ -231,6 +231,23 @@ class _TableStack:
 
 
 FAST_STAMPS = True  # _Flat interpolates all bands at once (_TableStack); False: band by band (the reference)
+_STACK_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+STACK_CACHE_SIZE = 4  # _TableStacks kept (a Fermi-LAT stack is ~15 MB; building one costs ~1 ms)
+
+
+def _table_stack(tables) -> "_TableStack":
+    """A :class:`_TableStack` of ``tables``, kept for the same table objects (many small fits, e.g. the blend test's,
+    would otherwise build it each time)."""
+    key = tuple(id(t) for t in tables)
+    hit = _STACK_CACHE.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], tables)):
+        _STACK_CACHE.move_to_end(key)
+        return hit[1]
+    stack = _TableStack(tables)
+    _STACK_CACHE[key] = (list(tables), stack)  # the tables held, so their ids stay theirs
+    while len(_STACK_CACHE) > STACK_CACHE_SIZE:
+        _STACK_CACHE.popitem(last=False)
+    return stack
 
 
 def _kernel_array(k) -> np.ndarray:
@@ -657,7 +674,7 @@ def fit_point_sources(counts, background, psf_kernels, x0, y0, flux0=None, *, ba
     x = np.asarray(x0, dtype=np.float64).reshape(-1).copy()
     y = np.asarray(y0, dtype=np.float64).reshape(-1).copy()
     ns = len(x)
-    stack = _TableStack(tables) if FAST_STAMPS and ns and _TableStack.usable(tables) else None
+    stack = _table_stack(tables) if FAST_STAMPS and ns and _TableStack.usable(tables) else None
     if band_weights is None:
         design = np.eye(c_bins)
     else:

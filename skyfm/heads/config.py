@@ -154,6 +154,9 @@ class InstrumentHeadConfig:
             (:func:`skyfm.detect.refine_counts`, ``keep_far_moves``; chosen on validation seeds, two sets of 8
             cubes: Fermi-LAT plane F1 +0.007 / +0.006, association of 10-20 sigma point sources 0.852 -> 0.887 /
             0.764 -> 0.782; CTAO's fits run onto its extended sources' pieces, F1 -0.001 / -0.004).
+        likelihood_split_test: likelihood selection fits each bright source again as two and keeps the pair where
+            it fits enough better (:func:`skyfm.detect.apply_split_test`: blends in crowded fields, which TS maps
+            do not resolve; chosen on validation seeds, docs/benchmarks.md Run 43).
     """
 
     name: str
@@ -198,6 +201,7 @@ class InstrumentHeadConfig:
     likelihood_extension_test: bool = False
     likelihood_without_model: bool = False
     likelihood_keep_far_moves: bool = False
+    likelihood_split_test: bool = False
 
     def _number(self, name: str, default: float, allow_zero: bool) -> float:
         """Field ``name`` as a finite float (``default`` when None); positive, or >= 0 with ``allow_zero``."""
