@@ -179,8 +179,10 @@ def test_the_observations_psf_finds_more_sources_and_fits_them_better():
 
     inst = sharper(FERMI)
     patch = simulate_patch(inst, 2, size=96, population="real", center=(20.0, 0.5))
-    yaml_psf = detect_patch(patch)
-    own_psf = detect_patch(patch, psfs={b.name: b.psf for b in inst.bands})
+    # the PSF alone: the blend test (on for Fermi-LAT since Run 43) adds rows to both here (yaml: 2 true; own: 1
+    # true, 4 false, two of them the halves of an extended source of r68 0.23 deg), not what this test measures
+    yaml_psf = detect_patch(patch, split_blends=False)
+    own_psf = detect_patch(patch, psfs={b.name: b.psf for b in inst.bands}, split_blends=False)
     s_yaml, s_own = score_patch(yaml_psf, patch, inst), score_patch(own_psf, patch, inst)
     assert s_own["tp"] >= s_yaml["tp"] + 5 and s_own["fp"] <= s_yaml["fp"] + 3
     assert np.median(s_own["sep"]) < 0.8 * np.median(s_yaml["sep"])
