@@ -146,16 +146,28 @@ def test_point_source_fit_recovers_position_and_flux_with_honest_errors():
     assert np.min(ts) > 100
 
 
-def test_psf_tables_are_cached_by_kernel_and_equal_fresh_ones():
-    kernels = lk.psf_kernels("ctao")
+def test_psf_tables_are_cached_by_kernel_and_equal_fresh_ones(monkeypatch):
+    """Tables are cached by the kernel's bytes; with EXACT_TABLES a kernel psf_kernels drew gets its PSF's exact
+    stamps at every phase (the centre phase is the kernel itself), any other kernel the spline-shifted ones (so does
+    every kernel with EXACT_TABLES off, the default)."""
+    monkeypatch.setattr(lk, "EXACT_TABLES", True)
+    inst = load_instrument("ctao")
+    kernels = lk.psf_kernels(inst)
     a = lk.psf_tables(kernels)
     b = lk.psf_tables([k.copy() for k in kernels])  # equal bytes, other arrays: the same cached tables
     assert all(x is y for x, y in zip(a, b))
-    for k, t in zip(kernels, a):
-        assert np.array_equal(t.table, lk.PSFTable.from_kernel(k).table)
+    for k, t, band in zip(kernels, a, inst.bands):
+        r = (k.shape[0] - 1) // 2
+        assert np.array_equal(t.table, lk.PSFTable.from_psf(band.psf, inst.pixel_scale_deg, r).table)
+        assert np.array_equal(t.stamp(0.0, 0.0), k)
         assert not t.table.flags.writeable
     bigger = kernels[0] * 2.0
     assert lk.psf_table(bigger) is not a[0]
+    assert np.array_equal(lk.psf_table(bigger).table, lk.PSFTable.from_kernel(bigger).table)
+    monkeypatch.setattr(lk, "EXACT_TABLES", False)
+    spline = lk.psf_tables(kernels)
+    assert np.array_equal(spline[0].table, lk.PSFTable.from_kernel(kernels[0]).table)
+    assert not np.array_equal(spline[0].table, a[0].table)
 
 
 def test_fast_point_source_fit_equals_the_band_by_band_reference(monkeypatch):
