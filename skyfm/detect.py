@@ -2502,8 +2502,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 background=None, selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS,
                 test_extension: bool | None = None, split_blends: bool | None = None,
                 mask_cosmic_rays: bool | None = None, residual_search: bool | None = None, device: str | None = "auto",
-                mask=None,
-                mask_bits: int | None = None, exposure=None, bunit: str | None = None, isotropic=None,
+                mask=None, mask_bits: int | None = None, exposure=None, bunit: str | None = None, isotropic=None,
                 fit_background: bool = True, psf=None):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 

@@ -51,8 +51,9 @@ F_GRID_PER_DECADE = 8
 def psf_kernels(instrument, pixel_scale_deg: float | None = None, fraction: float = 0.97,
                 max_radius_pix: int = 24, psfs=None) -> list[np.ndarray]:
     """One kernel per band: the pixel-integrated PSF out to the radius holding ``fraction`` of the flux (at least
-    2 and at most ``max_radius_pix`` pixels), *not* renormalised (it sums to the fraction it holds). Each kernel is
-    remembered with its PSF, so that :func:`psf_table` draws its shifted stamps from the PSF itself.
+    2 and at most ``max_radius_pix`` pixels), *not* renormalised (it sums to the fraction it holds). With
+    :data:`EXACT_TABLES` each kernel is remembered with its PSF, so that :func:`psf_table` draws its shifted stamps
+    from the PSF itself.
 
     Args:
         instrument: an Instrument or its name.
@@ -68,7 +69,8 @@ def psf_kernels(instrument, pixel_scale_deg: float | None = None, fraction: floa
     for psf in ([band.psf for band in inst.bands] if psfs is None else psfs):
         r = int(np.clip(np.ceil(psf.containment_radius(fraction) / scale), 2, max_radius_pix))
         k = psf.stamps(np.zeros(1), np.zeros(1), scale, radius_pix=r)[0]
-        _remember_psf(k, psf, scale, r)
+        if EXACT_TABLES:  # only then does psf_table look the PSF up
+            _remember_psf(k, psf, scale, r)
         out.append(k)
     return out
 

@@ -35,8 +35,10 @@ MAX_SPLITS_PER_SOURCE = 3  # a source and the pieces split from it are split at 
 PAIR_TOLERANCE = 1e-2  # the joint fit stops when ln L gains less (TS resolution 0.02)
 
 
-def _model(others, tables, fit: dict) -> np.ndarray:
-    return likelihood.add_point_sources(others, tables, fit["x"], fit["y"], fit["flux_band"])
+def _loglike(n: np.ndarray, mu: np.ndarray) -> float:
+    """Poisson log-likelihood (without the log n! term) of counts ``n`` under the model ``mu``."""
+    mu = np.maximum(mu, 1e-300)
+    return float(np.dot(n, np.log(mu)) - mu.sum())
 
 
 _stamps, _add = extended._stamps, extended._add  # a source's clipped per-bin stamps; adding them into a box
@@ -110,8 +112,7 @@ def window_loglike(win: _PairWindows, x, y, flux_band) -> float:
     flux_band = np.asarray(flux_band, dtype=np.float64).reshape(-1, len(win.tables))
     for xs, ys, fb in zip(np.atleast_1d(x), np.atleast_1d(y), flux_band):
         mu += fb[win.band] * win.placed(float(xs), float(ys))[0]
-    mu = np.maximum(mu, 1e-300)
-    return float(np.dot(win.n, np.log(mu)) - mu.sum())
+    return _loglike(win.n, mu)
 
 
 def fit_pair(counts, others, tables, x, y, flux_band, *, centre: tuple | None = None, margin: int | None = None,
@@ -146,7 +147,7 @@ def fit_pair(counts, others, tables, x, y, flux_band, *, centre: tuple | None = 
     def state(x, y, amps, grad=True):
         parts = [win.placed(x[s], y[s], grad) for s in range(2)]
         mu = np.maximum(win.others + amps[0][band] * parts[0][0] + amps[1][band] * parts[1][0], 1e-300)
-        return parts, mu, float(np.dot(n, np.log(mu)) - mu.sum())
+        return parts, mu, _loglike(n, mu)
 
     starts = win.offsets[:-1]
     bsum = lambda v: np.add.reduceat(v, starts)  # noqa: E731  (per-bin sums; every window holds pixels)
@@ -191,8 +192,7 @@ def fit_pair(counts, others, tables, x, y, flux_band, *, centre: tuple | None = 
             break
     ts = np.zeros(2)
     for s in range(2):
-        mu_without = np.maximum(mu - amps[s][band] * parts[s][0], 1e-300)
-        ts[s] = max(2.0 * (ll - float(np.dot(n, np.log(mu_without)) - mu_without.sum())), 0.0)
+        ts[s] = max(2.0 * (ll - _loglike(n, mu - amps[s][band] * parts[s][0])), 0.0)
     return {"x": x, "y": y, "flux_band": amps, "flux": amps.sum(axis=1), "loglike": ll, "ts": ts, "windows": win}
 
 
@@ -291,7 +291,7 @@ def split_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_ts: 
                 continue
         # accepted: the brighter of the pair keeps the row, the fainter is a new one
         order = np.argsort(-pair["flux"], kind="stable")
-        model[box] = _model(others, tables, pair)
+        model[box] = others  # the single source out; the pair's stamps go in below
         rows = [a, len(xs)]
         xs.append(np.nan), ys.append(np.nan), fb.append(None), tss.append(-np.inf)
         parent.append(parent[a]), ts_split.append(np.nan), placed.append(True)
@@ -300,6 +300,7 @@ def split_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_ts: 
             xs[row], ys[row] = float(pair["x"][k]) + ox, float(pair["y"][k]) + oy
             fb[row], tss[row], ts_split[row] = pair["flux_band"][k].copy(), float(pair["ts"][k]), ts_2pts
             stamps[row] = _stamps(tables, xs[row], ys[row], fb[row], h, w)
+            _add(model, stamps[row], +1.0)
             if tss[row] >= test_min_ts:
                 queue.append(row)
         queue.sort(key=lambda i: -tss[i])
