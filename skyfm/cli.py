@@ -650,14 +650,21 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
               help="Counts cubes with --background: test every source for extension (a radial Gaussian seen "
                    "through the PSF, fitted on sizes from 1.5 to 13 times the sharpest bin's r68, kept at TS_ext "
                    ">= 16 over the point model, the point fits' pieces of it absorbed); extended sources get "
-                   "extension (r68, deg) and ts_ext. Default: the instrument head's choice (on for CTAO, off for "
-                   "Fermi-LAT, where it did not help F1; docs/benchmarks.md, Run 12); 3-5 s more per 256^2 cube.")
+                   "extension (r68, deg) and ts_ext. Default: the instrument head's choice (on for CTAO, and since "
+                   "Run 45 for Fermi-LAT, where it joins the pieces of extended sources that --model-error's "
+                   "candidates find; docs/benchmarks.md); 3-10 s more per 256^2 cube.")
 @click.option("--split-blends/--no-split-blends", default=None,
               help="Counts cubes with --background: fit each source of TS >= 50 again as two point sources and keep "
                    "the pair where it fits better by TS >= 25, both of TS >= 25 and at least a PSF FWHM apart, and "
                    "better than one extended source (blends in crowded fields, which a TS map does not resolve); "
                    "the rows it makes or moves carry ts_split. Default: the instrument head's choice "
                    "(docs/benchmarks.md, Run 43).")
+@click.option("--model-error", type=click.FloatRange(min=0, max=1, max_open=True), default=None, metavar="FRACTION",
+              help="Counts cubes with --background: how well the model is known (a fraction of it; 0.03 for "
+                   "Fermi-LAT's interstellar emission model, as the 4FGL catalog weighs its likelihood). The TS map "
+                   "of a likelihood weighted for that error also gives candidates, kept at weighted TS >= --min-ts: "
+                   "soft sources in the Galactic plane whose low-energy light the model gets a few percent wrong. "
+                   "0 turns it off. Default: the instrument head's choice (docs/benchmarks.md, Run 45).")
 @click.option("--mask-cosmic-rays/--keep-cosmic-rays", default=None,
               help="CCD images: leave the pixels L.A.Cosmic (astroscrappy) takes for cosmic-ray hits out of the PSF "
                    "fit, so a hit beside a star does not pull its position and flux. Default: the instrument head's "
@@ -676,8 +683,8 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    "cuda:N.")
 def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associate, min_score, hdu, tile_size,
                precision, attention_window, no_refine, drop_trails, background_path, selection, min_ts,
-               test_extension, split_blends, mask_cosmic_rays, residual_search, device, mask_path, mask_bits, bunit,
-               exposure_path, isotropic_path, background_as_is, psf_path):
+               test_extension, split_blends, model_error, mask_cosmic_rays, residual_search, device, mask_path,
+               mask_bits, bunit, exposure_path, isotropic_path, background_as_is, psf_path):
     """Find the sources in a sky image and write a catalog (positions, fluxes, classes, errors).
 
     INPUT is a FITS image (any size and pixel scale, with a celestial WCS), a gtbin counts cube, a skyfm
@@ -725,7 +732,7 @@ def detect_cmd(input_path, instrument, band, model_dir, out_path, plot, associat
                             precision=precision, attention_window=attention_window, refine=not no_refine,
                             drop_trails=drop_trails, background=background_path, selection=selection,
                             min_ts=min_ts, test_extension=test_extension, split_blends=split_blends,
-                            mask_cosmic_rays=mask_cosmic_rays,
+                            model_error=model_error, mask_cosmic_rays=mask_cosmic_rays,
                             residual_search=residual_search, device=device, mask=mask_path,
                             mask_bits=mask_bits, exposure=exposure_path, bunit=bunit, isotropic=isotropic_path,
                             fit_background=not background_as_is, psf=psf_path)

@@ -1732,7 +1732,8 @@ def _fit_catalog_errors(head, estimated: bool, flux, flux_err, flux_band, flux_b
 def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background=None,
                   bands: list[str] | None = None, head=None, estimated: bool | None = None, high_pass=None,
                   unresolved: bool = True, return_background: bool = False, keep_far_moves: bool = False,
-                  fitted_elsewhere: tuple | None = None, network_peaks: tuple | None = None):
+                  fitted_elsewhere: tuple | None = None, network_peaks: tuple | None = None,
+                  ts_weights=None, classify: bool = True):
     """Poisson likelihood refinement of counts-cube detections: position, flux per bin, TS, physical flux.
 
     With a background model and ``unresolved`` (the default) the detections are fitted twice: the second time
@@ -1742,7 +1743,10 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     summed light to the fluxes and TS of those found; and plus those sources' light beyond the fits' kernels (which
     hold 97% of a PSF), out to :data:`PSF_WING_FRACTION` (:func:`~skyfm.catalog.likelihood.psf_wing_tables`), so
     that the wings of a very bright source are no ring of faint ones. ``return_background``: also return that
-    background (or the one the fit used), ``(arrays, background)``.
+    background (or the one the fit used), ``(arrays, background)``. ``ts_weights`` (C, H, W;
+    :func:`~skyfm.catalog.likelihood.likelihood_weights`): also column ``ts_weighted``, the weighted likelihood's
+    TS (each bin's share of the fit's TS times that bin's weight at the fitted position). ``classify`` False: the
+    class probabilities are left as they are (likelihood selection classifies once, at its end).
 
     Flux errors are the fit's, marginalised over the overlapping neighbours (:func:`~skyfm.catalog.likelihood.
     fit_point_sources`), with the confusion variance the residual counts show around each source added in
@@ -1826,16 +1830,28 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
     arrays["flux_band_err"] = np.where(ok[:, None], band_err, arrays["flux_band_err"])
     arrays["pos_err"] = np.where(ok & np.isfinite(pe), pe, arrays["pos_err"])
     arrays["ts"] = np.where(ok, fit["ts"], np.nan)
+    if ts_weights is not None:  # the weighted likelihood's TS: each bin's share of it times the bin's weight there
+        iy = np.clip(np.round(np.nan_to_num(fit["y"])).astype(int), 0, ts_weights.shape[1] - 1)
+        ix = np.clip(np.round(np.nan_to_num(fit["x"])).astype(int), 0, ts_weights.shape[2] - 1)
+        arrays["ts_weighted"] = np.where(ok, np.sum(fit["ts_band"] * ts_weights[:, iy, ix].T, axis=1), np.nan)
     arrays["fit"] = np.where(ok, 2, 0).astype(np.int8)
     exposure = np.array([b.exposure for b in band_objs], dtype=np.float64)
     arrays["flux_phys"] = flux_phys(np.clip(arrays["flux_band"], 0, None), exposure)
-    classifier = None if head is None else head.spectral_classifier_terms(estimated)
-    if classifier is not None and ok.any():  # the class from the measured spectrum (a pulsar's is cut off at GeV)
-        from skyfm.heads.classification import spectral_class_prob
-
-        arrays["class_prob"] = spectral_class_prob(arrays["class_prob"], classifier, arrays["flux_band"],
-                                                   arrays["flux_band_err"], rows=ok)
+    if classify:
+        arrays["class_prob"] = _spectral_classes(arrays, head, estimated, ok)
     return (arrays, background) if return_background else arrays
+
+
+def _spectral_classes(arrays: dict, head, estimated: bool, rows: np.ndarray) -> np.ndarray:
+    """The class probabilities of the fitted ``rows`` from their measured spectrum and the network's probabilities
+    (the head's ``spectral_classifier``: a pulsar's spectrum is cut off at GeV); the others' as they are."""
+    classifier = None if head is None else head.spectral_classifier_terms(estimated)
+    if classifier is None or not np.any(rows):
+        return arrays["class_prob"]
+    from skyfm.heads.classification import spectral_class_prob
+
+    return spectral_class_prob(arrays["class_prob"], classifier, arrays["flux_band"], arrays["flux_band_err"],
+                               rows=rows)
 
 
 # The fits' kernels hold 97% of a PSF (likelihood.psf_kernels' default); the light beyond, of the sources the first
@@ -1960,11 +1976,14 @@ def _peak_separation(band_objs, scale: float) -> float:
 
 def add_ts_map_candidates(arrays: dict, data: np.ndarray, inst, pixel_scale: float | None, background,
                           bands: list[str] | None, min_score: float, candidate_ts: float = CANDIDATE_TS,
-                          exclude: tuple | None = None) -> dict:
+                          exclude: tuple | None = None, ts_weights=None) -> dict:
     """Likelihood selection's candidates: the network's peaks at ``min_score`` and the peaks of the Poisson TS map
     (against ``background``, a power law of index 2.2 as test source) with ``TS >= candidate_ts`` that no such
     network peak, nor any position of ``exclude`` (x, y), lies near (within the sharpest bin's PSF FWHM, at
-    least 2 px).
+    least 2 px). With ``ts_weights`` (C, H, W; :func:`~skyfm.catalog.likelihood.likelihood_weights`) the peaks
+    of the weighted likelihood's TS map join them where no peak of the plain one is near: sources whose light in
+    a broad, bright bin the model gets a few percent wrong (a soft source in the Galactic plane, its low-energy
+    light over- or under-predicted by its neighbours' fits), flagged True in an extra column ``weighted_only``.
 
     ``arrays`` holds the network's peaks down to :data:`WEAK_SCORE`: the weaker ones give a TS-map candidate
     their probability (column ``score`` before the selection), class probabilities and extension when within that
@@ -1979,10 +1998,19 @@ def add_ts_map_candidates(arrays: dict, data: np.ndarray, inst, pixel_scale: flo
     edges = np.array([[b.energy[0].to_value("keV"), b.energy[1].to_value("keV")] for b in band_objs])
     weights = likelihood.powerlaw_band_weights(inst, TS_MAP_INDEX, edges)
     counts = np.nan_to_num(np.asarray(data, dtype=np.float64))
-    ts, flux = likelihood.ts_map(counts, np.asarray(background, dtype=np.float64), kernels, band_weights=weights,
-                                 return_flux=True)
+    model = np.asarray(background, dtype=np.float64)
+    ts, flux = likelihood.ts_map(counts, model, kernels, band_weights=weights, return_flux=True)
     separation = _peak_separation(band_objs, scale)
     px, py, _ = likelihood.find_peaks(ts, candidate_ts, separation)
+    n_plain = len(px)
+    if ts_weights is not None:
+        wx, wy, _ = likelihood.find_peaks(likelihood.ts_map(counts, model, kernels, band_weights=weights,
+                                                            weights=ts_weights), candidate_ts, separation)
+        if len(wx) and len(px):
+            far = np.hypot(wx[:, None] - px[None], wy[:, None] - py[None]).min(axis=1) > separation
+            wx, wy = wx[far], wy[far]
+        px, py = np.concatenate([px, wx]), np.concatenate([py, wy])
+    weighted_only = np.arange(len(px)) >= n_plain
     strong = np.asarray(arrays["score"]) >= min_score
     net = {k: np.asarray(v)[strong] for k, v in arrays.items()}
     weak = {k: np.asarray(v)[~strong] for k, v in arrays.items()}
@@ -1992,8 +2020,10 @@ def add_ts_map_candidates(arrays: dict, data: np.ndarray, inst, pixel_scale: flo
     if len(px) and len(ex_x):
         d = np.hypot(px[:, None] - ex_x[None], py[:, None] - ex_y[None])
         new = d.min(axis=1) > separation
-        px, py = px[new], py[new]
+        px, py, weighted_only = px[new], py[new], weighted_only[new]
     n = len(px)
+    if ts_weights is not None:
+        net["weighted_only"] = np.zeros(len(net["x"]), dtype=bool)
     if n == 0:
         return net
     k = np.asarray(arrays["class_prob"]).shape[1]
@@ -2007,17 +2037,22 @@ def add_ts_map_candidates(arrays: dict, data: np.ndarray, inst, pixel_scale: flo
         near = d[np.arange(n), j] <= separation
         for key in ("score", "class_prob", "extension"):
             rows[key][near] = weak[key][j[near]]
+    if ts_weights is not None:
+        rows["weighted_only"] = weighted_only
     return {key: np.concatenate([net[key], rows[key]]) for key in net}
 
 
 def apply_extension_test(arrays: dict, counts, background, kernels, scale: float, head, estimated: bool,
-                         min_ts: float) -> dict:
+                         min_ts: float, exposure=None) -> dict:
     """Likelihood selection's extension test (:func:`skyfm.catalog.extended.extension_test`) applied to the
     selected rows: extended sources get their Gaussian fit (position, counts, ``extension`` as r68 in deg, errors
     scaled as :func:`refine_counts` scales a fit's), the pieces they absorb are dropped, and the pieces that stay
     significant get their new point fit. The rows it fits carry the fit's own Fisher errors times the head's
     point-fit scales and floors, without the confusion term: those scales were calibrated on point sources, not on
-    extended ones."""
+    extended ones. ``exposure`` (C,) cm2 s: their ``flux_phys`` from their new counts (else it stays the point
+    fit's)."""
+    from skyfm.heads.flux import flux_phys
+
     from skyfm.catalog import extended
 
     res = extended.extension_test(counts, background, kernels, arrays["x"], arrays["y"], arrays["flux_band"],
@@ -2033,6 +2068,8 @@ def apply_extension_test(arrays: dict, counts, background, kernels, scale: float
             head, estimated, flux, np.sqrt(np.sum(fb_err ** 2, axis=1)), fb, fb_err, res["pos_err_pix"][ch])
         ext = res["extension_pix"][ch] > 0
         arrays["extension"][np.flatnonzero(ch)[ext]] = res["extension_pix"][ch][ext] * scale
+        if exposure is not None and "flux_phys" in arrays:
+            arrays["flux_phys"][ch] = flux_phys(np.clip(fb, 0, None), exposure)
     arrays["ts_ext"] = res["ts_ext"]
     keep = res["kept"]
     return {k: v[keep] for k, v in arrays.items()}
@@ -2074,7 +2111,7 @@ def apply_split_test(arrays: dict, counts, background, kernels, inst, scale: flo
         fixed = likelihood.add_point_sources(background, kernels, rows["x"][keep & ~refit_rows],
                                              rows["y"][keep & ~refit_rows], rows["flux_band"][keep & ~refit_rows])
         refit = refine_counts(_take(rows, refit_rows), counts, inst, scale, fixed, bands=bands, head=head,
-                              estimated=estimated, unresolved=False)
+                              estimated=estimated, unresolved=False, classify=False)
         for k, v in refit.items():
             rows[k] = np.asarray(rows[k]).copy() if k in rows else np.full((len(parent),) + np.shape(v)[1:], np.nan)
             rows[k][refit_rows] = v
@@ -2088,6 +2125,21 @@ def apply_split_test(arrays: dict, counts, background, kernels, inst, scale: flo
         if not too_close.any():
             return _take(rows, keep)
         undone |= too_close
+
+
+def _weighted_only_at_weighted_ts(arrays: dict, min_ts: float) -> dict:
+    """The fitted candidates less the columns ``weighted_only`` and ``ts_weighted``, with TS NaN (dropped by
+    :func:`select_by_ts`) where only the weighted TS map found a candidate and its fit's weighted TS is under
+    ``min_ts``: such a source must be significant where the model's few percent are allowed for, not only in its
+    plain TS, which the bright bin it was found despite dominates."""
+    out = dict(arrays)
+    weighted_only = out.pop("weighted_only", None)
+    ts_weighted = out.pop("ts_weighted", None)
+    if weighted_only is None or ts_weighted is None:
+        return out
+    weak = np.asarray(weighted_only, bool) & ~(np.nan_to_num(ts_weighted, nan=-np.inf) >= min_ts)
+    out["ts"] = np.where(weak, np.nan, out["ts"])
+    return out
 
 
 def select_by_ts(arrays: dict, min_ts: float, separation: float) -> dict:
@@ -2160,7 +2212,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
                  selection: str = "auto", min_ts: float = LIKELIHOOD_MIN_TS, passes: int | None = None,
                  test_extension: bool | None = None, split_blends: bool | None = None,
                  mask_cosmic_rays: bool | None = None, refine_workers: int | None = None, fit_background: bool = True,
-                 psfs: dict | None = None):
+                 psfs: dict | None = None, model_error: float | None = None):
     """Detect the sources of a :class:`~skyfm.data.Patch` (any size) -> catalog QTable (module docstring).
 
     Args:
@@ -2189,6 +2241,10 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
             ``split_blends`` (likelihood selection only; default the head's ``likelihood_split_test``): fit each
             bright source again as two and keep the pair where it fits enough better (:func:`apply_split_test`;
             column ``ts_split``). True where likelihood selection does not run is an error.
+            ``model_error`` (likelihood selection only; default the head's ``likelihood_model_error``, 0: none): the
+            background model's fractional error; the peaks of the TS map of a likelihood weighted for it join the
+            candidates (:func:`~skyfm.catalog.likelihood.likelihood_weights`, :func:`add_ts_map_candidates`) and
+            are kept at weighted TS >= ``min_ts``.
             ``fit_background`` (likelihood selection with a model): the model first rescaled to the counts, one
             factor per bin (:func:`~skyfm.catalog.likelihood.correct_background_model`; catalog meta
             ``background_scale``), as LAT analyses free the diffuse normalisations, and a model whose structure the
@@ -2218,7 +2274,10 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
     if inst.is_counts and background is not None and patch.mask is not None and patch.mask.any():
         patch = _model_filled(patch, background)
     chosen = resolve_selection(selection, inst, background, refine, head)
-    for flag, name in ((test_extension, "extension test"), (split_blends, "blend test (--split-blends)")):
+    if model_error is not None and not (np.isfinite(model_error) and 0 <= model_error < 1):
+        raise SkyfmError(f"the background model's fractional error should be in [0, 1), got {model_error!r}")
+    for flag, name in ((test_extension, "extension test"), (split_blends, "blend test (--split-blends)"),
+                       (bool(model_error) or None, "weighted likelihood (--model-error)")):
         if flag is True and chosen != "likelihood":
             raise SkyfmError(f"the {name} needs likelihood selection: a counts cube with a background model "
                              "(--background)")
@@ -2231,6 +2290,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
             test_extension = bool(head.likelihood_extension_test)
         return _detect_likelihood(patch, det, inst, head, scale, background, min_score, min_ts, passes=int(passes),
                                   extension=test_extension, split=split_blends, fit_background=fit_background,
+                                  model_error=model_error,
                                   tile_size=tile_size,
                                   overlap=overlap,
                                   batch_size=batch_size, progress=progress, precision=precision,
@@ -2250,11 +2310,13 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
 def _detect_likelihood(patch, det, inst, head, scale, background, min_score: float, min_ts: float,
                        candidate_ts: float = CANDIDATE_TS, passes: int = LIKELIHOOD_PASSES, extension: bool = False,
                        fit_background: bool = True, keep_far_moves: bool | None = None, split: bool | None = None,
-                       **tiling):
+                       model_error: float | None = None, **tiling):
     """detect_patch's likelihood selection (its docstring). ``extension``: test the sources for extension
     (:func:`apply_extension_test`); ``fit_background``: rescale the model to the counts first; ``keep_far_moves``:
     :func:`refine_counts`'s, default the head's ``likelihood_keep_far_moves``; ``split``: the blend test
-    (:func:`apply_split_test`), default the head's ``likelihood_split_test``."""
+    (:func:`apply_split_test`), default the head's ``likelihood_split_test``; ``model_error``: the background
+    model's fractional error for the weighted likelihood's candidates (:func:`add_ts_map_candidates`,
+    ``ts_weights``), default the head's ``likelihood_model_error``, 0 or None: none."""
     from skyfm.catalog import likelihood
 
     bands = list(patch.bands)
@@ -2275,12 +2337,18 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
                                                           patch.mask, fit_background)
         meta.update(meta_model)
     search = likelihood.estimate_background(counts, kernels) if estimated else background
-    arrays = add_ts_map_candidates(found, patch.data, inst, scale, search, bands, min_score, candidate_ts)
+    epsilon = getattr(head, "likelihood_model_error", None) if model_error is None else model_error
+    # a model's error: against an estimate from the counts themselves (not validated there) no weights
+    weights = likelihood.likelihood_weights(search, kernels, float(epsilon)) if epsilon and not estimated else None
+    arrays = add_ts_map_candidates(found, patch.data, inst, scale, search, bands, min_score, candidate_ts,
+                                   ts_weights=weights)
     # estimated: refine_counts fits positions against the search estimate, fluxes against one without the sources
     arrays, fitted_against = refine_counts(arrays, patch.data, inst, scale, None if estimated else background,
                                            bands=bands, head=head, estimated=estimated,
                                            high_pass=search if estimated else None, return_background=True,
-                                           keep_far_moves=keep_far, network_peaks=peaks)
+                                           keep_far_moves=keep_far, network_peaks=peaks,
+                                           ts_weights=weights, classify=False)
+    arrays = _weighted_only_at_weighted_ts(arrays, min_ts)
     if estimated and (passes > 1 or extension):  # the model of later steps: the estimate without the candidates
         background = likelihood.estimate_background(counts, kernels, sources=(arrays["x"], arrays["y"]))
     elif not estimated:  # the model with the unresolved sources' light
@@ -2290,20 +2358,23 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
     for _ in range(passes - 1):  # sources beside those found: in the TS map of the background plus them
         model = likelihood.add_point_sources(background, kernels, arrays["x"], arrays["y"], arrays["flux_band"])
         more = add_ts_map_candidates(weak, patch.data, inst, scale, model, bands, np.inf, candidate_ts,
-                                     exclude=(arrays["x"], arrays["y"]))
+                                     exclude=(arrays["x"], arrays["y"]), ts_weights=weights)
         if len(more["x"]) == 0:
             break
         more = refine_counts(more, patch.data, inst, scale, model, bands=bands, head=head, estimated=estimated,
                              unresolved=False, keep_far_moves=keep_far, fitted_elsewhere=(arrays["x"], arrays["y"]),
-                             network_peaks=peaks)
+                             network_peaks=peaks, ts_weights=weights, classify=False)
+        more = _weighted_only_at_weighted_ts(more, min_ts)
         arrays = select_by_ts({k: np.concatenate([arrays[k], more[k]]) for k in arrays}, min_ts, separation)
     if bool(getattr(head, "likelihood_split_test", False)) if split is None else split:
         arrays = apply_split_test(arrays, counts, background, kernels, inst, scale, bands, head, estimated, min_ts)
         arrays = select_by_ts(arrays, min_ts, separation)
     if extension:
         arrays = apply_extension_test(arrays, counts, background, kernels, scale or inst.pixel_scale_deg, head,
-                                      estimated, min_ts)
+                                      estimated, min_ts, exposure=np.array([b.exposure for b in band_objs]))
         arrays = select_by_ts(arrays, min_ts, separation)
+    # once, from the final spectra (the blend and extension tests refit rows) and the network's probabilities
+    arrays["class_prob"] = _spectral_classes(arrays, head, estimated, np.asarray(arrays["fit"]) == 2)
     arrays["net_score"] = arrays["score"]
     arrays["score"] = np.sqrt(np.clip(arrays["ts"], 0, None))
     return _catalog(arrays, inst, patch.wcs, head, score_kind="sqrt_ts", meta=meta)
@@ -2503,7 +2574,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 test_extension: bool | None = None, split_blends: bool | None = None,
                 mask_cosmic_rays: bool | None = None, residual_search: bool | None = None, device: str | None = "auto",
                 mask=None, mask_bits: int | None = None, exposure=None, bunit: str | None = None, isotropic=None,
-                fit_background: bool = True, psf=None):
+                fit_background: bool = True, psf=None, model_error: float | None = None):
     """Detect sources in a FITS image, counts cube or HEALPix map of any size; write ``out`` when given.
 
     Images are read lazily tile by tile (memory-mapped). HEALPix maps are cut into sky tiles at the instrument's
@@ -2516,9 +2587,10 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
     background model (:func:`read_background_model`), which the Poisson likelihood refinement fits against instead of
     an estimate from the counts (the detector's error scales were calibrated that way); ``selection`` and ``min_ts`` as
     :func:`detect_patch` (likelihood selection, the default with a model, on cubes up to 64 M voxels), and
-    ``test_extension``, ``split_blends``; ``mask_cosmic_rays`` as :func:`detect_patch`. ``residual_search`` False:
-    CCD images without the heads' searches of the PSF fit's residual (:func:`refine_ccd_tile`; catalog ``fit`` 4 and
-    5): only the network's detections; None or True: the heads' own settings. ``device``: where the network runs
+    ``test_extension``, ``split_blends``, ``model_error``; ``mask_cosmic_rays`` as :func:`detect_patch`.
+    ``residual_search`` False: CCD images without the heads' searches of the PSF fit's residual
+    (:func:`refine_ccd_tile`; catalog ``fit`` 4 and 5): only the network's detections; None or True: the heads' own
+    settings. ``device``: where the network runs
     (:func:`skyfm.utils.resolve_device`; the PSF and likelihood fits run on the CPU). ``mask``, ``mask_bits``: a
     bad-pixel mask file beside the image (:func:`skyfm.data.open_image`; with ``hdu="all"`` each CCD takes the
     mask file's HDU of the same index where it has one of the CCD's size). ``exposure``: for a counts cube, an
@@ -2555,7 +2627,8 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                  split_blends=split_blends, mask_cosmic_rays=mask_cosmic_rays,
                                  residual_search=residual_search, device=device,
                                  mask=mask, mask_bits=mask_bits, exposure=exposure, bunit=bunit,
-                                 isotropic=isotropic, fit_background=fit_background, psf=psf)
+                                 isotropic=isotropic, fit_background=fit_background, psf=psf,
+                                 model_error=model_error)
     _warn_if_denoised(path)
     _warn_of_unused_dataset_hdus(path, {"--background": background, "--exposure": exposure, "--psf": psf})
     det = get_detector(model_dir, device=device)
@@ -2593,6 +2666,9 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
             raise SkyfmError("--test-extension is for counts cubes in pixel images, not HEALPix maps")
         if split_blends is True:
             raise SkyfmError("--split-blends is for counts cubes in pixel images, not HEALPix maps (their tiles "
+                             "take the instrument head's choice)")
+        if model_error is not None:
+            raise SkyfmError("--model-error is for counts cubes in pixel images, not HEALPix maps (their tiles "
                              "take the instrument head's choice)")
         if bunit is not None:
             raise SkyfmError("--bunit is for CCD images in pixel images, not HEALPix maps")
@@ -2641,12 +2717,14 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                                      test_extension=test_extension, split_blends=split_blends,
                                      batch_size=batch_size, progress=progress,
                                      precision=precision, attention_window=attention_window,
-                                     mask_cosmic_rays=mask_cosmic_rays, fit_background=fit_background, psfs=psfs)
+                                     mask_cosmic_rays=mask_cosmic_rays, fit_background=fit_background, psfs=psfs,
+                                     model_error=model_error)
                 patch_for_plot = patch
             else:
                 if image.masked_fraction() >= 1.0:
                     raise SkyfmError(f"{path}: every pixel is NaN, infinite or masked; there is no image to read")
-                for flag, name in ((test_extension, "extension test"), (split_blends, "blend test")):
+                for flag, name in ((test_extension, "extension test"), (split_blends, "blend test"),
+                                   (bool(model_error) or None, "weighted likelihood (--model-error)")):
                     if flag is True:
                         raise SkyfmError(f"the {name} needs likelihood selection, for counts cubes up to 64 M voxels; "
                                          f"this one has {image.shape[0] * image.height * image.width / 1e6:.0f} M")

@@ -214,6 +214,41 @@ def test_ts_map_of_an_empty_field_is_half_chi2_one_and_finds_a_source():
     assert free.max() > 25
 
 
+def test_likelihood_weights_discount_bins_where_a_few_percent_of_the_model_outweigh_its_noise():
+    """On a flat background B the weight is 1 / (1 + eps^2 B / sum K^2), edges included; a bright broad bin (the
+    plane's lowest) weighs little, a sparse sharp one about 1; eps 0 weighs all alike."""
+    inst = load_instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    bkg = np.stack([np.full((40, 40), v) for v in [100.0, 20.0, 2.0, 0.2, 0.05, 0.01]])
+    w = lk.likelihood_weights(bkg, kernels, 0.03)
+    for c, k in enumerate(kernels):
+        b_eff = bkg[c, 0, 0] / np.sum(np.asarray(k) ** 2)
+        np.testing.assert_allclose(w[c], 1.0 / (1.0 + 0.03**2 * b_eff), rtol=1e-6)
+    assert w[0].max() < 0.1 and w[3:].min() > 0.99
+    np.testing.assert_allclose(lk.likelihood_weights(bkg, kernels, 0.0), 1.0)
+    with pytest.raises(SkyfmError, match="epsilon"):
+        lk.likelihood_weights(bkg, kernels, -0.1)
+
+
+def test_a_weighted_ts_map_is_the_weighted_sum_of_the_bins_and_ts_band_sums_to_ts():
+    inst = load_instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    wts = lk.powerlaw_band_weights(inst)
+    rng = np.random.default_rng(5)
+    n, b = _inject(inst, 20.3, 21.7, 300.0, [3.0, 1.0, 0.3, 0.1, 0.03, 0.01], (40, 40), rng)
+    plain = lk.ts_map(n, b, kernels, band_weights=wts)
+    np.testing.assert_allclose(lk.ts_map(n, b, kernels, band_weights=wts, weights=np.ones_like(b)), plain)
+    np.testing.assert_allclose(lk.ts_map(n, b, kernels, band_weights=wts, weights=np.full_like(b, 0.5)),
+                               0.5 * plain, rtol=1e-6, atol=1e-9)
+    free = lk.ts_map(n, b, kernels, spectrum="free", weights=np.full_like(b, 0.25))
+    np.testing.assert_allclose(free, 0.25 * lk.ts_map(n, b, kernels, spectrum="free"), rtol=1e-6, atol=1e-9)
+    with pytest.raises(SkyfmError, match="weights"):
+        lk.ts_map(n, b, kernels, weights=np.ones((6, 4, 4)))
+    fit = lk.fit_point_sources(n, b, kernels, [20.0], [21.5])
+    assert fit["ts_band"].shape == (1, 6) and fit["ts"][0] > 25
+    np.testing.assert_allclose(fit["ts_band"].sum(axis=1), fit["ts"], rtol=1e-6)
+
+
 def test_estimate_background_of_a_flat_field_with_a_source():
     inst = load_instrument("fermi-lat")
     kernels = lk.psf_kernels(inst)

@@ -736,6 +736,12 @@ def test_extension_test_finds_ic443_extended_and_needs_a_background_model(tmp_pa
     assert cat["ts_ext"][i] >= 16
     point = ~np.isfinite(np.asarray(cat["ts_ext"], dtype=float))
     assert point.sum() >= 1 and np.all(u.Quantity(cat["extension"][point]).to_value(u.deg) < 0.05)  # < 1/2 pixel
+    from skyfm.instruments import load_instrument
+
+    exposure = np.array([b.exposure for b in load_instrument("fermi-lat").bands])  # flux_phys from the final counts,
+    band = np.clip(u.Quantity(cat["flux_band"]).to_value(u.ct), 0, None)  # the extended fit's too
+    np.testing.assert_allclose(u.Quantity(cat["flux_phys"]).to_value(u.ph / u.cm**2 / u.s),
+                               (band / exposure).sum(axis=1), rtol=1e-5)
     bad = tmp_path / "bad.ecsv"
     rc = main(["detect", str(src), "--test-extension", "--out", str(bad)])
     err = capsys.readouterr().err
@@ -832,6 +838,70 @@ def test_likelihood_selection_merges_candidates_and_refuses_what_it_cannot_do(mo
     others[[0, j]] = False
     np.testing.assert_allclose(out["class_prob"][others], 1.0 / 3)
     assert np.all(out["score"][others] == 0) and out["fit"].dtype == np.int8
+
+
+def _soft_source_under_a_model_too_bright_at_low_energy(rng):
+    """A plane-like 64-px Fermi-LAT cube: a soft source (counts in 1-17 GeV) where the model over-predicts the
+    bright 0.3-1 GeV bin by up to 12% (a neighbour's fit that took that bin's light, say)."""
+    from skyfm.instruments import load_instrument
+
+    inst = load_instrument("fermi-lat")
+    h = w = 64
+    bkg = np.stack([np.full((h, w), v) for v in [100.0, 20.0, 2.0, 0.2, 0.05, 0.01]])
+    src = np.zeros_like(bkg)
+    for c, (band, counts) in enumerate(zip(inst.bands, [0.0, 250.0, 30.0, 3.0, 0.0, 0.0])):
+        r = band.psf.stamp_radius_pix(inst.pixel_scale_deg)
+        st = band.psf.stamps(np.array([0.3]), np.array([-0.2]), inst.pixel_scale_deg, radius_pix=r)[0]
+        big = np.zeros((h + 2 * r, w + 2 * r))
+        big[32:32 + 2 * r + 1, 32:32 + 2 * r + 1] = st / st.sum() * counts
+        src[c] = big[r:r + h, r:r + w]
+    yy, xx = np.mgrid[0:h, 0:w]
+    model = bkg.copy()
+    model[0] *= 1 + 0.12 * np.exp(-0.5 * ((xx - 32) ** 2 + (yy - 32) ** 2) / 6.0**2)
+    return inst, rng.poisson(bkg + src).astype(float), model
+
+
+def test_the_weighted_likelihoods_ts_map_finds_a_source_the_models_bright_bin_hides():
+    """The plain TS map (one power-law amplitude) at a soft source is under 25: the over-predicted 0.3-1 GeV bin
+    pulls it down. Weighted for a 3% model error that bin counts for little; its TS-map peak becomes a candidate
+    (``weighted_only``), whose fit has weighted TS >= 25 and stays; one under it would go."""
+    from skyfm.catalog import likelihood as lk
+    from skyfm.detect import _weighted_only_at_weighted_ts, add_ts_map_candidates, refine_counts
+
+    inst, n, model = _soft_source_under_a_model_too_bright_at_low_energy(np.random.default_rng(3))
+    kernels = lk.psf_kernels(inst)
+    weights = lk.likelihood_weights(model, kernels, 0.03)
+    assert weights[0, 32, 32] < 0.05 and weights[2, 32, 32] > 0.95
+    net = {"x": np.zeros(0), "y": np.zeros(0), "score": np.zeros(0), "class_prob": np.zeros((0, 3)),
+           "extension": np.zeros(0), "pos_err": np.zeros(0), "flux": np.zeros(0), "flux_err": np.zeros(0),
+           "flux_band": np.zeros((0, 6)), "flux_band_err": np.zeros((0, 6)), "fit": np.zeros(0, np.int8)}
+    bands = [b.name for b in inst.bands]
+
+    def near(out):
+        return np.hypot(out["x"] - 32.3, out["y"] - 31.8) < 2.0
+
+    plain = add_ts_map_candidates(net, n, inst, None, model, bands, min_score=0.5)
+    assert not near(plain).any() and "weighted_only" not in plain
+    both = add_ts_map_candidates(net, n, inst, None, model, bands, min_score=0.5, ts_weights=weights)
+    assert near(both).sum() == 1 and both["weighted_only"][near(both)].all()
+    fitted = refine_counts(both, n, inst, None, model, bands=bands, unresolved=False, ts_weights=weights)
+    j = np.flatnonzero(near(fitted))[0]
+    assert 25 <= fitted["ts_weighted"][j] <= fitted["ts"][j]
+    kept = _weighted_only_at_weighted_ts(fitted, 25.0)
+    assert "weighted_only" not in kept and "ts_weighted" not in kept and kept["ts"][j] == fitted["ts"][j]
+    dropped = _weighted_only_at_weighted_ts(fitted, fitted["ts_weighted"][j] + 1)
+    assert np.isnan(dropped["ts"][j])
+
+
+def test_model_error_is_checked_and_needs_likelihood_selection(model_dir):
+    from skyfm.detect import detect_patch
+    from skyfm.errors import SkyfmError
+
+    p = simulate_patch("fermi-lat", 5, size=64, population="resampled")
+    with pytest.raises(SkyfmError, match="fractional error"):
+        detect_patch(p, model_dir, model_error=1.5)
+    with pytest.raises(SkyfmError, match="needs likelihood selection"):
+        detect_patch(p, model_dir, model_error=0.03, selection="network")
 
 
 def test_a_fit_that_moves_far_is_kept_where_no_other_fit_holds_its_source():
@@ -991,8 +1061,10 @@ def test_detect_cli_selection_errors_are_one_line(tmp_path, model_dir, capsys):
 
 
 def test_extension_test_comes_from_the_head_unless_told(model_dir, monkeypatch):
-    """The shipped CTAO head tests extension by default, Fermi-LAT's does not; the caller's True / False wins; True
-    where likelihood selection does not run (no background model) is an error, the head's default there is not."""
+    """The shipped CTAO and Fermi-LAT heads test extension by default (Fermi-LAT's since Run 45, for the pieces of
+    extended sources its weighted-likelihood candidates find: it alone weighs a 3% model error); the caller's
+    True / False wins; True where likelihood selection does not run (no background model) is an error, the head's
+    default there is not. ``model_error`` reaches the likelihood selection as given."""
     from dataclasses import replace
 
     import skyfm.detect as D
@@ -1001,16 +1073,19 @@ def test_extension_test_comes_from_the_head_unless_told(model_dir, monkeypatch):
 
     shipped = load_detector()
     assert shipped.head_config("ctao").likelihood_extension_test is True
-    assert shipped.head_config("fermi-lat").likelihood_extension_test is False
+    assert shipped.head_config("fermi-lat").likelihood_extension_test is True
+    assert shipped.head_config("fermi-lat").likelihood_model_error == 0.03
+    assert shipped.head_config("ctao").likelihood_model_error is None
     det = load_detector(model_dir)
     p = simulate_patch("fermi-lat", 3, size=48, population="resampled")
     seen = []
-    monkeypatch.setattr(D, "_detect_likelihood", lambda *a, extension, **k: seen.append(extension))
+    monkeypatch.setattr(D, "_detect_likelihood",
+                        lambda *a, extension, model_error, **k: seen.append((extension, model_error)))
     D.detect_patch(p, det)
     det.head_config("fermi-lat").likelihood_extension_test = True
-    D.detect_patch(p, det)
-    D.detect_patch(p, det, test_extension=False)
-    assert seen == [False, True, False]
+    D.detect_patch(p, det, model_error=0.05)
+    D.detect_patch(p, det, test_extension=False, model_error=0.0)
+    assert seen == [(False, None), (True, 0.05), (False, 0.0)]
     no_model = replace(p, background_image=None)
     assert D.detect_patch(no_model, det).meta["selection"] == "network"  # the head's default: skipped there
     with pytest.raises(SkyfmError, match="needs likelihood selection"):
@@ -1667,7 +1742,8 @@ def test_gamma_ray_classes_come_from_the_measured_spectrum(estimated):
     p = simulate_patch("fermi-lat", 1_790_000_600, size=64, population="real", center=(330.0, 1.0))
     if estimated:
         p = dataclasses.replace(p, background_image=None)
-    with_it, without = detect_patch(p, det), detect_patch(p, plain)
+    # the extension test's rows keep the class of their point fit's spectrum (apply_extension_test): off here
+    with_it, without = detect_patch(p, det, test_extension=False), detect_patch(p, plain, test_extension=False)
     assert len(with_it) == len(without) and np.array_equal(with_it["flux_band"], without["flux_band"])
     fitted = np.asarray(with_it["fit"]) == 2
     assert fitted.sum() >= 3

@@ -43,6 +43,8 @@ from skyfm.errors import SkyfmError
 TABLE_PHASES = 16  # sub-pixel phases per pixel of the PSF stamp tables used by the fits
 U_GRID = (-2.5, 5.5, 6)  # log10 range and points per decade of u = a K_max / B in ts_map
 F_GRID_PER_DECADE = 8
+# The fractional error of a diffuse-emission model that likelihood_weights assumes: the 4FGL catalog's 3%
+LIKELIHOOD_WEIGHT_EPSILON = 0.03
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,7 +353,7 @@ def _parabola_peak(f_m1, f0, f_p1):
 
 
 def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str = "fixed",
-           return_flux: bool = False, exposure_mask=None):
+           return_flux: bool = False, exposure_mask=None, weights=None):
     """TS of a point source with fitted positive flux at every pixel (module docstring for the method).
 
     Args:
@@ -363,6 +365,8 @@ def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str 
             (pass :func:`powerlaw_band_weights` for a physical shape).
         spectrum: ``"fixed"`` (one amplitude, TS with one degree of freedom) or ``"free"`` (one flux per bin).
         return_flux: also return the fitted total flux (counts) at every pixel.
+        weights: (C, H, W) weights of each bin's log-likelihood at the test position (:func:`likelihood_weights`),
+            default 1: the TS (and flux) of the weighted sum over bins.
 
     Returns:
         TS image (H, W), or ``(ts, flux)`` with ``return_flux``.
@@ -377,6 +381,10 @@ def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str 
     if wts.shape != (c_bins,) or not (wts >= 0).all() or wts.sum() <= 0:
         raise SkyfmError(f"band_weights should be {c_bins} non-negative numbers, got {band_weights!r}")
     wts = wts / wts.sum()
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != n.shape or not np.isfinite(weights).all() or (weights < 0).any():
+            raise SkyfmError(f"weights should be {n.shape} finite non-negative numbers, got shape {weights.shape}")
     lo, hi, per_dec = U_GRID
     log_u = np.linspace(lo, hi, int(round((hi - lo) * per_dec)) + 1) * np.log(10.0)
     u_grid = np.exp(log_u)
@@ -401,9 +409,11 @@ def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str 
     if spectrum == "free":
         ts = np.zeros((h, w))
         flux = np.zeros((h, w))
-        for g, e_in, kmax, bc in per_band:
+        for c, (g, e_in, kmax, bc) in enumerate(per_band):
             # TS_c(u) = 2 [u g(u) - u B E / K_max] over the u grid
             vals = 2.0 * u_grid[:, None, None] * (g - (bc * e_in / kmax)[None])
+            if weights is not None:
+                vals *= weights[c][None]
             m = np.argmax(vals, axis=0)
             m = np.clip(m, 1, len(u_grid) - 2)
             f0 = np.take_along_axis(vals, m[None], 0)[0]
@@ -421,7 +431,7 @@ def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str 
     def ts_at(log_f: np.ndarray) -> np.ndarray:
         total = np.zeros((h, w))
         f = np.exp(log_f)
-        for (g, e_in, kmax, bc), wc in zip(per_band, wts):
+        for c, ((g, e_in, kmax, bc), wc) in enumerate(zip(per_band, wts)):
             if wc == 0:
                 continue
             lu = log_f + np.log(wc * kmax) - np.log(bc)
@@ -432,7 +442,8 @@ def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str 
             g1 = np.take_along_axis(g, (i0 + 1)[None], 0)[0]
             gi = np.where(pos < 0, g[0], (1 - t) * g0 + t * g1)
             u = np.exp(lu)
-            total += 2.0 * (u * gi - f * wc * e_in)
+            term = 2.0 * (u * gi - f * wc * e_in)
+            total += term if weights is None else weights[c] * term
         return total
 
     # coarse-to-fine search over log F: a coarse grid per pixel, then a fine one around the best coarse point
@@ -455,6 +466,35 @@ def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str 
     ts = np.maximum(best, 0.0)
     flux = np.where(ts > 0, np.exp(log_best), 0.0)
     return (ts, flux) if return_flux else ts
+
+
+def likelihood_weights(background, psf_kernels, epsilon: float = LIKELIHOOD_WEIGHT_EPSILON) -> np.ndarray:
+    """Weights (C, H, W) of each bin's Poisson log-likelihood for a background model known to a fraction
+    ``epsilon``: ``w = 1 / (1 + epsilon^2 B_eff)``, with ``B_eff = 1 / sum_p K(p)^2 / B(x + p)`` the background a
+    point source at ``x`` competes with (the variance of its flux when there is none), as the weighted likelihood of
+    the 4FGL catalog (Abdollahi et al. 2020, 3% for the interstellar emission model) weighs its bins.
+
+    Where a few percent of the model outweigh the Poisson noise of a PSF's worth of its counts (the broad low-energy
+    bins of the Galactic plane: ``B_eff`` ~ 1e4 counts) the bin counts for little; a sparse sharp bin keeps weight 1.
+    The image edge repeats the edge pixels' background."""
+    from scipy.signal import fftconvolve
+
+    b = np.asarray(background, dtype=np.float64)
+    if b.ndim == 2:
+        b = b[None]
+    if len(psf_kernels) != b.shape[0]:
+        raise SkyfmError(f"{len(psf_kernels)} PSF kernels for {b.shape[0]} energy bins")
+    if not epsilon >= 0:
+        raise SkyfmError(f"the model's fractional error epsilon should be >= 0, got {epsilon!r}")
+    out = np.empty_like(b)
+    for c, k in enumerate(psf_kernels):
+        k2 = _kernel_array(k) ** 2
+        r = (k2.shape[0] - 1) // 2
+        inv = np.pad(1.0 / np.maximum(b[c], 1e-6), r, mode="edge")
+        info = fftconvolve(inv, k2[::-1, ::-1], mode="valid")  # sum_p K(p)^2 / B(x + p)
+        b_eff = 1.0 / np.maximum(info, 1e-300)
+        out[c] = 1.0 / (1.0 + epsilon ** 2 * b_eff)
+    return out
 
 
 def find_peaks(image: np.ndarray, threshold: float, min_separation_pix: float = 2.0, max_peaks: int | None = None):
@@ -666,7 +706,14 @@ def _fit_one(n, others, tables, design, x, y, amps, fit_position, max_iter, h, w
         cov = np.linalg.inv(fisher + np.diag(1e-12 * np.maximum(np.diag(fisher), 1e-12)))
     except np.linalg.LinAlgError:
         cov = np.full((m + 2, m + 2), np.nan)
-    return x, y, amps, ts, cov, None
+    return x, y, amps, ts, cov, _band_ts(*cur[:4], design.T @ amps, nb)
+
+
+def _band_ts(nf, of, band, p, a_band, nb) -> np.ndarray:
+    """Each bin's share of a fit's TS, 2 delta ln L per bin (C,): they sum to the TS."""
+    mu = np.maximum(of + a_band[band] * p, 1e-300)
+    mu0 = np.maximum(of, 1e-300)
+    return 2.0 * np.bincount(band, weights=nf * np.log(mu / mu0) - (mu - mu0), minlength=nb)
 
 
 def fit_point_sources(counts, background, psf_kernels, x0, y0, flux0=None, *, band_weights=None,
@@ -692,7 +739,8 @@ def fit_point_sources(counts, background, psf_kernels, x0, y0, flux0=None, *, ba
 
     Returns:
         dict of arrays: ``x``, ``y``, ``flux`` (total counts), ``flux_err``, ``flux_band`` (N, C),
-        ``flux_band_err`` (N, C), ``ts`` (2 delta ln L against no source, neighbours fixed), ``x_err``, ``y_err``
+        ``flux_band_err`` (N, C), ``ts`` (2 delta ln L against no source, neighbours fixed), ``ts_band`` (N, C,
+        each bin's share of it), ``x_err``, ``y_err``
         and ``pos_err_pix`` (sqrt of the mean of the two position variances, from the inverse Fisher matrix).
     """
     n, b = _check_cube(counts, background, psf_kernels)
@@ -735,12 +783,14 @@ def fit_point_sources(counts, background, psf_kernels, x0, y0, flux0=None, *, ba
     np.maximum(model, 0.0, out=model)
     order = np.argsort(-amps.sum(axis=1), kind="stable")
     ts = np.zeros(ns)
+    ts_band = np.zeros((ns, c_bins))
     covs = np.full((ns, m + 2, m + 2), np.nan)
     for _ in range(max(1, n_pass)):
         for s in order:
             add(s, -1)
-            x[s], y[s], amps[s], ts[s], covs[s], _ = _fit_one(n, model, tables, design, x[s], y[s], amps[s].copy(),
-                                                               fit_position, max_iter, h, w, stack)
+            x[s], y[s], amps[s], ts[s], covs[s], ts_band[s] = _fit_one(n, model, tables, design, x[s], y[s],
+                                                                       amps[s].copy(), fit_position, max_iter, h, w,
+                                                                       stack)
             add(s, +1)
     band_flux = amps @ design  # (N, C)
     cov_a = covs[:, 2:, 2:]
@@ -757,6 +807,7 @@ def fit_point_sources(counts, background, psf_kernels, x0, y0, flux0=None, *, ba
             "flux_band": band_flux,
             "flux_band_err": np.sqrt(np.clip(np.diagonal(band_cov, axis1=1, axis2=2), 0.0, None)),
             "ts": ts,
+            "ts_band": np.clip(ts_band, 0.0, None),
             "x_err": np.sqrt(np.clip(var_x, 0.0, None)),
             "y_err": np.sqrt(np.clip(var_y, 0.0, None)),
             "pos_err_pix": np.sqrt(np.clip(0.5 * (var_x + var_y), 0.0, None)),

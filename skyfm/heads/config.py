@@ -157,6 +157,10 @@ class InstrumentHeadConfig:
         likelihood_split_test: likelihood selection fits each bright source again as two and keeps the pair where
             it fits enough better (:func:`skyfm.detect.apply_split_test`: blends in crowded fields, which TS maps
             do not resolve; chosen on validation seeds, docs/benchmarks.md Run 43).
+        likelihood_model_error: the background model's fractional error (0.03 for Fermi-LAT, the 4FGL catalog's);
+            likelihood selection then also takes the candidates of the TS map of a likelihood weighted for it
+            (:func:`skyfm.catalog.likelihood.likelihood_weights`) and keeps those at weighted TS >= min_ts
+            (:func:`skyfm.detect.add_ts_map_candidates`; docs/benchmarks.md Run 45). None: not.
     """
 
     name: str
@@ -202,6 +206,7 @@ class InstrumentHeadConfig:
     likelihood_without_model: bool = False
     likelihood_keep_far_moves: bool = False
     likelihood_split_test: bool = False
+    likelihood_model_error: float | None = None
 
     def _number(self, name: str, default: float, allow_zero: bool) -> float:
         """Field ``name`` as a finite float (``default`` when None); positive, or >= 0 with ``allow_zero``."""
