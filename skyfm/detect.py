@@ -2051,9 +2051,8 @@ def apply_extension_test(arrays: dict, counts, background, kernels, scale: float
     point-fit scales and floors, without the confusion term: those scales were calibrated on point sources, not on
     extended ones. ``exposure`` (C,) cm2 s: their ``flux_phys`` from their new counts (else it stays the point
     fit's)."""
-    from skyfm.heads.flux import flux_phys
-
     from skyfm.catalog import extended
+    from skyfm.heads.flux import flux_phys
 
     res = extended.extension_test(counts, background, kernels, arrays["x"], arrays["y"], arrays["flux_band"],
                                   arrays["ts"], min_ts=min_ts)
