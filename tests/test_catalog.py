@@ -237,6 +237,7 @@ def test_a_weighted_ts_map_is_the_weighted_sum_of_the_bins_and_ts_band_sums_to_t
     rng = np.random.default_rng(5)
     n, b = _inject(inst, 20.3, 21.7, 300.0, [3.0, 1.0, 0.3, 0.1, 0.03, 0.01], (40, 40), rng)
     plain = lk.ts_map(n, b, kernels, band_weights=wts)
+    np.testing.assert_array_equal(lk.ts_map(n, b, kernels, band_weights=wts, terms=lk.ts_map_terms(n, kernels)), plain)
     np.testing.assert_allclose(lk.ts_map(n, b, kernels, band_weights=wts, weights=np.ones_like(b)), plain)
     np.testing.assert_allclose(lk.ts_map(n, b, kernels, band_weights=wts, weights=np.full_like(b, 0.5)),
                                0.5 * plain, rtol=1e-6, atol=1e-9)

@@ -352,8 +352,41 @@ def _parabola_peak(f_m1, f0, f_p1):
     return off, np.maximum(val, f0)
 
 
+def _u_grid() -> tuple[np.ndarray, np.ndarray]:
+    """(log u, u): the grid of u = a K_max / B on which ts_map evaluates each bin's likelihood."""
+    lo, hi, per_dec = U_GRID
+    log_u = np.linspace(lo, hi, int(round((hi - lo) * per_dec)) + 1) * np.log(10.0)
+    return log_u, np.exp(log_u)
+
+
+def ts_map_terms(counts, psf_kernels) -> list[tuple]:
+    """:func:`ts_map`'s costly part, which the background does not enter: per bin the counts correlated with the
+    PSF on its grid of u (g = L / u (M, H, W)), the PSF's fraction inside the image (H, W) and the kernel's peak.
+    Pass it as ``terms`` to map the same counts against other backgrounds or weights without computing it again."""
+    n, _ = _check_cube(counts, counts, psf_kernels)
+    c_bins, h, w = n.shape
+    _, u_grid = _u_grid()
+    ones = np.ones((h, w))
+    terms = []
+    for c in range(c_bins):
+        k = _kernel_array(psf_kernels[c])
+        r = (k.shape[0] - 1) // 2
+        cor = _Correlator(n[c], r)
+        kffts = _kernel_ffts(k, cor.shape, u_grid)
+        g = np.empty((len(u_grid), h, w))
+        if not n[c].any():
+            g[:] = 0.0
+        else:
+            for m, u in enumerate(u_grid):
+                g[m] = cor.apply(kffts[m]) / u
+        np.maximum(g, 0.0, out=g)
+        e_in = _Correlator(ones, r).apply(kffts[-1])  # PSF fraction inside the image
+        terms.append((g, np.maximum(e_in, 0.0), float(k.max())))
+    return terms
+
+
 def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str = "fixed",
-           return_flux: bool = False, exposure_mask=None, weights=None):
+           return_flux: bool = False, exposure_mask=None, weights=None, terms=None):
     """TS of a point source with fitted positive flux at every pixel (module docstring for the method).
 
     Args:
@@ -367,6 +400,7 @@ def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str 
         return_flux: also return the fitted total flux (counts) at every pixel.
         weights: (C, H, W) weights of each bin's log-likelihood at the test position (:func:`likelihood_weights`),
             default 1: the TS (and flux) of the weighted sum over bins.
+        terms: :func:`ts_map_terms` of these counts and kernels, when the caller has them.
 
     Returns:
         TS image (H, W), or ``(ts, flux)`` with ``return_flux``.
@@ -385,27 +419,13 @@ def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str 
         weights = np.asarray(weights, dtype=np.float64)
         if weights.shape != n.shape or not np.isfinite(weights).all() or (weights < 0).any():
             raise SkyfmError(f"weights should be {n.shape} finite non-negative numbers, got shape {weights.shape}")
-    lo, hi, per_dec = U_GRID
-    log_u = np.linspace(lo, hi, int(round((hi - lo) * per_dec)) + 1) * np.log(10.0)
-    u_grid = np.exp(log_u)
-    ones = np.ones((h, w))
-    per_band = []  # (g = L / u on the u grid (M, H, W), E (H, W), kmax, B (H, W))
-    for c in range(c_bins):
-        k = _kernel_array(psf_kernels[c])
-        r = (k.shape[0] - 1) // 2
-        kmax = float(k.max())
-        bc = np.maximum(b[c], 1e-6)
-        cor = _Correlator(n[c], r)
-        kffts = _kernel_ffts(k, cor.shape, u_grid)
-        g = np.empty((len(u_grid), h, w))
-        if not n[c].any():
-            g[:] = 0.0
-        else:
-            for m, u in enumerate(u_grid):
-                g[m] = cor.apply(kffts[m]) / u
-        np.maximum(g, 0.0, out=g)
-        e_in = _Correlator(ones, r).apply(kffts[-1])  # PSF fraction inside the image
-        per_band.append((g, np.maximum(e_in, 0.0), kmax, bc))
+    log_u, u_grid = _u_grid()
+    if terms is None:
+        terms = ts_map_terms(n, psf_kernels)
+    elif len(terms) != c_bins or any(t[0].shape != (len(u_grid), h, w) for t in terms):
+        raise SkyfmError(f"ts_map terms are not those of a {n.shape} cube")
+    # (g = L / u on the u grid (M, H, W), E (H, W), kmax, B (H, W))
+    per_band = [(g, e_in, kmax, np.maximum(b[c], 1e-6)) for c, (g, e_in, kmax) in enumerate(terms)]
     if spectrum == "free":
         ts = np.zeros((h, w))
         flux = np.zeros((h, w))
