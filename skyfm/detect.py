@@ -1999,15 +1999,13 @@ def add_ts_map_candidates(arrays: dict, data: np.ndarray, inst, pixel_scale: flo
     weights = likelihood.powerlaw_band_weights(inst, TS_MAP_INDEX, edges)
     counts = np.nan_to_num(np.asarray(data, dtype=np.float64))
     model = np.asarray(background, dtype=np.float64)
-    terms = likelihood.ts_map_terms(counts, kernels)  # the maps' costly part, shared by the weighted one
-    ts, flux = likelihood.ts_map(counts, model, kernels, band_weights=weights, return_flux=True, terms=terms)
+    ts, flux = likelihood.ts_map(counts, model, kernels, band_weights=weights, return_flux=True)
     separation = _peak_separation(band_objs, scale)
     px, py, _ = likelihood.find_peaks(ts, candidate_ts, separation)
     n_plain = len(px)
     if ts_weights is not None:
         wx, wy, _ = likelihood.find_peaks(likelihood.ts_map(counts, model, kernels, band_weights=weights,
-                                                            weights=ts_weights, terms=terms),
-                                          candidate_ts, separation)
+                                                            weights=ts_weights), candidate_ts, separation)
         if len(wx) and len(px):
             far = np.hypot(wx[:, None] - px[None], wy[:, None] - py[None]).min(axis=1) > separation
             wx, wy = wx[far], wy[far]

@@ -214,6 +214,56 @@ def test_ts_map_of_an_empty_field_is_half_chi2_one_and_finds_a_source():
     assert free.max() > 25
 
 
+def test_the_exact_ts_map_fits_the_model_as_it_is_under_the_kernel_beside_a_bright_source():
+    """A source of 2e5 counts in the model and a faint one (TS ~ 170) 9 px away: the exact map's TS at every pixel
+    is the likelihood fitted directly (one amplitude, the model pixel by pixel), its peaks >= 16 are the faint
+    source alone; the approximation of a model constant over the kernel counts the bright source's light as the
+    test source's and puts TS in the thousands all around it."""
+    from scipy.optimize import minimize_scalar
+
+    inst = load_instrument("fermi-lat")
+    kernels = lk.psf_kernels(inst)
+    wts = lk.powerlaw_band_weights(inst)
+    rng = np.random.default_rng(3)
+    level = [20.0, 4.0, 0.4, 0.1, 0.03, 0.01]
+    _, flat = _inject(inst, 30.0, 30.0, 0.0, level, (60, 60), rng)
+    bright = lk.add_point_sources(flat, kernels, np.array([24.3]), np.array([30.6]),
+                                  2e5 * wts[None])
+    faint = lk.add_point_sources(np.zeros_like(flat), kernels, np.array([33.0]), np.array([30.0]),
+                                 700.0 * wts[None])
+    n = rng.poisson(bright + faint).astype(float)
+    ts, flux = lk.ts_map(n, bright, kernels, band_weights=wts, return_flux=True)
+    w = wts / wts.sum()
+
+    def fitted(ix, iy):
+        parts = []
+        for c, k in enumerate(kernels):
+            k = np.asarray(k)
+            r = (k.shape[0] - 1) // 2
+            y0, x0 = iy - r, ix - r
+            ys, xs = slice(max(y0, 0), min(iy + r + 1, 60)), slice(max(x0, 0), min(ix + r + 1, 60))
+            kk = k[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] * w[c]
+            parts.append((n[c][ys, xs], bright[c][ys, xs], kk))
+        res = minimize_scalar(lambda a: -sum((m * np.log1p(a * kk / bb) - a * kk).sum() for m, bb, kk in parts),
+                              bounds=(0.0, 1e5), method="bounded", options={"xatol": 1e-4})
+        return max(-2.0 * res.fun, 0.0), res.x
+
+    for ix, iy in [(33, 30), (32, 31), (28, 30), (20, 25), (24, 30), (45, 40)]:
+        ref, amp = fitted(ix, iy)
+        if ts[iy, ix] >= lk.TS_MAP_SCREEN:  # fitted; below the screen the score test's TS, a faint source's
+            assert abs(ts[iy, ix] - ref) < 1e-3 * max(ref, 1.0), (ix, iy, ts[iy, ix], ref)
+            assert abs(flux[iy, ix] - amp) < 1e-2 * max(amp, 1.0)
+        else:
+            assert ref < 2.5, (ix, iy, ref)
+    assert ts[30, 33] > 30
+    x, y, _ = lk.find_peaks(ts, 16.0, 2.0)
+    assert len(x) == 1 and np.hypot(x[0] - 33.0, y[0] - 30.0) < 1.5
+    approximate = lk.ts_map(n, bright, kernels, band_weights=wts, method="approximate")
+    assert approximate.max() > 1000 and len(lk.find_peaks(approximate, 16.0, 2.0)[0]) > 1
+    with pytest.raises(SkyfmError, match="method"):
+        lk.ts_map(n, bright, kernels, method="fast")
+
+
 def test_likelihood_weights_discount_bins_where_a_few_percent_of_the_model_outweigh_its_noise():
     """On a flat background B the weight is 1 / (1 + eps^2 B / sum K^2), edges included; a bright broad bin (the
     plane's lowest) weighs little, a sparse sharp one about 1; eps 0 weighs all alike."""
@@ -230,19 +280,26 @@ def test_likelihood_weights_discount_bins_where_a_few_percent_of_the_model_outwe
         lk.likelihood_weights(bkg, kernels, -0.1)
 
 
-def test_a_weighted_ts_map_is_the_weighted_sum_of_the_bins_and_ts_band_sums_to_ts():
+def test_a_weighted_ts_map_is_the_weighted_sum_of_the_bins_and_ts_band_sums_to_ts(monkeypatch):
     inst = load_instrument("fermi-lat")
     kernels = lk.psf_kernels(inst)
     wts = lk.powerlaw_band_weights(inst)
     rng = np.random.default_rng(5)
     n, b = _inject(inst, 20.3, 21.7, 300.0, [3.0, 1.0, 0.3, 0.1, 0.03, 0.01], (40, 40), rng)
-    plain = lk.ts_map(n, b, kernels, band_weights=wts)
-    np.testing.assert_array_equal(lk.ts_map(n, b, kernels, band_weights=wts, terms=lk.ts_map_terms(n, kernels)), plain)
-    np.testing.assert_allclose(lk.ts_map(n, b, kernels, band_weights=wts, weights=np.ones_like(b)), plain)
-    np.testing.assert_allclose(lk.ts_map(n, b, kernels, band_weights=wts, weights=np.full_like(b, 0.5)),
-                               0.5 * plain, rtol=1e-6, atol=1e-9)
-    free = lk.ts_map(n, b, kernels, spectrum="free", weights=np.full_like(b, 0.25))
-    np.testing.assert_allclose(free, 0.25 * lk.ts_map(n, b, kernels, spectrum="free"), rtol=1e-6, atol=1e-9)
+    for method in ("exact", "approximate"):
+        plain = lk.ts_map(n, b, kernels, band_weights=wts, method=method)
+        np.testing.assert_allclose(lk.ts_map(n, b, kernels, band_weights=wts, weights=np.ones_like(b), method=method),
+                                   plain)
+        with monkeypatch.context() as m:  # the exact map fits every pixel: the same pixels, weighted or not
+            m.setattr(lk, "TS_MAP_SCREEN", 0.0)
+            half = lk.ts_map(n, b, kernels, band_weights=wts, weights=np.full_like(b, 0.5), method=method)
+            full = lk.ts_map(n, b, kernels, band_weights=wts, method=method)
+            np.testing.assert_allclose(half, 0.5 * full, rtol=1e-5, atol=1e-6)
+            free = lk.ts_map(n, b, kernels, spectrum="free", weights=np.full_like(b, 0.25), method=method)
+            np.testing.assert_allclose(free, 0.25 * lk.ts_map(n, b, kernels, spectrum="free", method=method),
+                                       rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(lk.ts_map(n, b, kernels, band_weights=wts, terms=lk.ts_map_terms(n, kernels),
+                                            method="approximate"), plain)
     with pytest.raises(SkyfmError, match="weights"):
         lk.ts_map(n, b, kernels, weights=np.ones((6, 4, 4)))
     fit = lk.fit_point_sources(n, b, kernels, [20.0], [21.5])

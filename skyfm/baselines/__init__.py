@@ -19,7 +19,8 @@ fixed threshold (SNR >= 5, TS >= 25).
   ``deblend_sources`` at contrast 1e-4, ``SourceCatalog`` Kron fluxes).
 * :func:`tsmap_detect` — the gamma-ray astronomer's method (fermipy ``find_sources``, gammapy
   ``TSMapEstimator``): a Poisson likelihood TS map of a power-law point source (photon index 2.2) with the PSF of
-  each energy bin, peaks (TS >= 16 candidates) refined by a likelihood fit of position and per-bin fluxes with
+  each energy bin, fitted at each pixel against the background under the kernel as gammapy does (since Run 46;
+  before, the approximation of a background constant over the kernel), peaks (TS >= 16 candidates) refined by a likelihood fit of position and per-bin fluxes with
   neighbours held fixed, then a second TS map of the residual (background + fitted sources) for sources hiding
   next to brighter ones, fitted against everything found before. ``background="true"`` uses the simulator's expected background (the analysis with a perfect
   interstellar-emission model); ``"estimated"`` estimates it from the counts
