@@ -17,14 +17,14 @@ fixed threshold (SNR >= 5, TS >= 25).
   (``DAOStarFinder`` at the PSF FWHM, aperture photometry as above) or ``method="segmentation"``
   (``detect_sources`` at 1.5 sigma over 5 pixels on the image filtered by a Gaussian of FWHM min(PSF, 3 px),
   ``deblend_sources`` at contrast 1e-4, ``SourceCatalog`` Kron fluxes).
-* :func:`tsmap_detect` — the gamma-ray astronomer's method (fermipy ``find_sources``, gammapy
-  ``TSMapEstimator``): a Poisson likelihood TS map of a power-law point source (photon index 2.2) with the PSF of
-  each energy bin, fitted at each pixel against the background under the kernel as gammapy does (since Run 46;
-  before, the approximation of a background constant over the kernel), peaks (TS >= 16 candidates) refined by a likelihood fit of position and per-bin fluxes with
-  neighbours held fixed, then a second TS map of the residual (background + fitted sources) for sources hiding
-  next to brighter ones, fitted against everything found before. ``background="true"`` uses the simulator's expected background (the analysis with a perfect
-  interstellar-emission model); ``"estimated"`` estimates it from the counts
-  (:func:`skyfm.catalog.likelihood.estimate_background`).
+* :func:`tsmap_detect` — the gamma-ray astronomer's method (fermipy ``find_sources``, gammapy ``TSMapEstimator``): a
+  Poisson likelihood TS map of a power-law point source (photon index 2.2) with the PSF of each energy bin, fitted
+  at each pixel against the background under the kernel as gammapy does (since Run 46; before, the approximation of
+  a background constant over the kernel), peaks (TS >= 16 candidates) refined by a likelihood fit of position and
+  per-bin fluxes with neighbours held fixed, then a second TS map of the residual (background + fitted sources) for
+  sources hiding next to brighter ones, fitted against everything found before. ``background="true"`` uses the
+  simulator's expected background (the analysis with a perfect interstellar-emission model); ``"estimated"``
+  estimates it from the counts (:func:`skyfm.catalog.likelihood.estimate_background`).
 
 **Multi-band images** (Hubble, WISE, a MeerLICHT stack): with ``band=None`` sep and photutils detect on the
 inverse-variance-weighted coadd of the background-subtracted bands (the chi-like detection image of SExtractor's
