@@ -523,7 +523,7 @@ def _ts_map_exact(n, b, kernels, wts, spectrum: str, weights):
     kept (within ~2 of the fitted TS there on Galactic-plane cubes)."""
     c_bins, h, w = n.shape
     b = np.maximum(b, 1e-6)
-    inside = np.ones((h, w))
+    k_in = [_correlate(np.ones((h, w)), k) for k in kernels]  # the PSF's fraction inside the image
     groups = [list(range(c_bins))] if spectrum == "fixed" else [[c] for c in range(c_bins)]
     ts, flux = np.zeros((h, w)), np.zeros((h, w))
     for group in groups:
@@ -534,25 +534,25 @@ def _ts_map_exact(n, b, kernels, wts, spectrum: str, weights):
                 continue
             wc = 1.0 if weights is None else weights[c]
             k = kernels[c]
-            slope += wc * share[c] * (_correlate(n[c] / b[c], k) - _correlate(inside, k))
+            slope += wc * share[c] * (_correlate(n[c] / b[c], k) - k_in[c])
             info += wc * share[c] ** 2 * _correlate(n[c] / b[c] ** 2, k * k)
         positive = (slope > 0) & (info > 0)
         score = np.where(positive, slope ** 2 / np.where(positive, info, 1.0), 0.0)
         amplitude = np.where(positive, slope / np.where(positive, info, 1.0), 0.0)
         iy, ix = np.nonzero(score >= TS_MAP_SCREEN)
         if len(iy):
-            score[iy, ix], amplitude[iy, ix] = _fit_amplitudes(n, b, kernels, share, weights, group, iy, ix,
+            score[iy, ix], amplitude[iy, ix] = _fit_amplitudes(n, b, kernels, k_in, share, weights, group, iy, ix,
                                                                amplitude[iy, ix])
         ts += score
         flux += amplitude
     return ts, flux
 
 
-def _fit_amplitudes(n, b, kernels, share, weights, group, iy, ix, start, chunk: int = 128):
+def _fit_amplitudes(n, b, kernels, k_in, share, weights, group, iy, ix, start, chunk: int = 128):
     """(TS, amplitude) of a test source at pixels (iy, ix) with one amplitude a for the bins of ``group`` (bin c
-    gets a share[c] K): Newton's method on the slope of the log-likelihood, from ``start`` (the score test's
-    estimate, a Newton step from 0). The slope is decreasing and convex in a, so each step from below the
-    maximum stays below it and the steps rise to it without overshooting (5-7 steps)."""
+    gets a share[c] K, of which k_in[c] falls inside the image): Newton's method on the slope of the log-likelihood,
+    from ``start`` (the score test's estimate, a Newton step from 0). The slope is decreasing and convex in a, so
+    each step from below the maximum stays below it and the steps rise to it without overshooting (5-7 steps)."""
     ts, amp = np.empty(len(iy)), np.empty(len(iy))
     windows = []
     for c in group:
@@ -560,7 +560,7 @@ def _fit_amplitudes(n, b, kernels, share, weights, group, iy, ix, start, chunk: 
         r = (k.shape[0] - 1) // 2
         windows.append((np.lib.stride_tricks.sliding_window_view(np.pad(n[c], r), k.shape),
                         np.lib.stride_tricks.sliding_window_view(np.pad(1.0 / b[c], r), k.shape), k.ravel(),
-                        _correlate(np.ones(n.shape[1:]), k)))
+                        k_in[c]))
     for s in range(0, len(iy), chunk):
         yy, xx = iy[s:s + chunk], ix[s:s + chunk]
         p = len(yy)
