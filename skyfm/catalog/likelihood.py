@@ -971,6 +971,13 @@ JOINT_FIT_R50 = 6.0
 JOINT_FIT_MAX_SOURCES = 8  # larger clusters keep the one-at-a-time fits
 
 
+def _overlap(a: tuple, b: tuple):
+    """(y0, y1, x0, x1) of the pixels two (row slice, column slice) windows share, or None."""
+    y0, y1 = max(a[0].start, b[0].start), min(a[0].stop, b[0].stop)
+    x0, x1 = max(a[1].start, b[1].start), min(a[1].stop, b[1].stop)
+    return None if y1 <= y0 or x1 <= x0 else (y0, y1, x0, x1)
+
+
 def _half_light_radius(table: PSFTable) -> float:
     p = (table.table.shape[0] - 1) // 2
     k = table.table[p, p]
@@ -1027,13 +1034,11 @@ def _fit_jointly(n, others, tables, design, x, y, amps, group, max_iter, h, w) -
             derivs = np.zeros((k * npar,) + shape) if grad else None
             for j in range(k):
                 win, p, gx, gy, a = parts[j][c]
-                if win.empty:
+                common = None if win.empty else _overlap(win.img, (by, bx))
+                if common is None:
                     continue
-                (wy, wx), (sy, sx) = win.img, win.stamp
-                y0, y1 = max(wy.start, by.start), min(wy.stop, by.stop)
-                x0, x1 = max(wx.start, bx.start), min(wx.stop, bx.stop)
-                if y1 <= y0 or x1 <= x0:
-                    continue
+                y0, y1, x0, x1 = common
+                (wy, wx) = win.img
                 inner = (slice(y0 - wy.start, y1 - wy.start), slice(x0 - wx.start, x1 - wx.start))
                 place = (slice(y0 - by.start, y1 - by.start), slice(x0 - bx.start, x1 - bx.start))
                 mu[place] += a * p[inner]
@@ -1122,11 +1127,11 @@ def _neighbour_covariance(tables, design, x, y, amps, model, h: int, w: int, fit
             wi, wj = parts[i][c][0], parts[j][c][0]
             if wi.empty or wj.empty:
                 continue
-            (yi, xi), (yj, xj) = wi.img, wj.img
-            y0, y1 = max(yi.start, yj.start), min(yi.stop, yj.stop)
-            x0, x1 = max(xi.start, xj.start), min(xi.stop, xj.stop)
-            if y1 <= y0 or x1 <= x0:
+            common = _overlap(wi.img, wj.img)
+            if common is None:
                 continue
+            (yi, xi), (yj, xj) = wi.img, wj.img
+            y0, y1, x0, x1 = common
             any_common = True
             di = grads[i][c][:, y0 - yi.start:y1 - yi.start, x0 - xi.start:x1 - xi.start].reshape(npar, -1)
             dj = grads[j][c][:, y0 - yj.start:y1 - yj.start, x0 - xj.start:x1 - xj.start].reshape(npar, -1)
