@@ -1015,11 +1015,10 @@ def _fit_jointly(n, others, tables, design, x, y, amps, group, max_iter, h, w) -
     npar, k = 2 + m, len(group)
     margin = 2  # pixels: the box around the group's windows holds them as they move within a step
 
-    def boxes():
+    def boxes(xs, ys):
+        ix, iy = np.floor(xs + 0.5).astype(int), np.floor(ys + 0.5).astype(int)
         out = []
         for t in tables:
-            ix = [int(np.floor(x[s] + 0.5)) for s in group]
-            iy = [int(np.floor(y[s] + 0.5)) for s in group]
             r = t.radius + margin
             out.append((slice(max(min(iy) - r, 0), min(max(iy) + r + 1, h)),
                         slice(max(min(ix) - r, 0), min(max(ix) + r + 1, w))))
@@ -1058,7 +1057,7 @@ def _fit_jointly(n, others, tables, design, x, y, amps, group, max_iter, h, w) -
 
     xs, ys, am = x[group].copy(), y[group].copy(), amps[group].copy()
     for _ in range(max_iter):
-        box = boxes()
+        box = boxes(xs, ys)
         ll, fisher, score = evaluate(box, xs, ys, am, True)
         reg = 1e-9 * np.maximum(np.diag(fisher), 1e-12)
         try:
