@@ -367,11 +367,10 @@ def _u_grid() -> tuple[np.ndarray, np.ndarray]:
     return log_u, np.exp(log_u)
 
 
-def ts_map_terms(counts, psf_kernels) -> list[tuple]:
-    """:func:`ts_map`'s costly part, which the background does not enter: per bin the counts correlated with the
-    PSF on its grid of u (g = L / u (M, H, W)), the PSF's fraction inside the image (H, W) and the kernel's peak.
-    Pass it as ``terms`` to map the same counts against other backgrounds or weights without computing it again."""
-    n, _ = _check_cube(counts, counts, psf_kernels)
+def _ts_map_terms(n, psf_kernels) -> list[tuple]:
+    """The approximate :func:`ts_map`'s costly part, which the background does not enter: per bin the counts
+    correlated with the PSF on its grid of u (g = L / u (M, H, W)), the PSF's fraction inside the image (H, W) and
+    the kernel's peak."""
     c_bins, h, w = n.shape
     _, u_grid = _u_grid()
     ones = np.ones((h, w))
@@ -394,7 +393,7 @@ def ts_map_terms(counts, psf_kernels) -> list[tuple]:
 
 
 def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str = "fixed",
-           return_flux: bool = False, exposure_mask=None, weights=None, terms=None, method: str = "exact"):
+           return_flux: bool = False, exposure_mask=None, weights=None, method: str = "exact"):
     """TS of a point source with fitted positive flux at every pixel (module docstring for the two methods).
 
     Args:
@@ -408,7 +407,6 @@ def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str 
         return_flux: also return the fitted total flux (counts) at every pixel.
         weights: (C, H, W) weights of each bin's log-likelihood at the test position (:func:`likelihood_weights`),
             default 1: the TS (and flux) of the weighted sum over bins.
-        terms: :func:`ts_map_terms` of these counts and kernels, when the caller has them (``"approximate"``).
         method: ``"exact"`` (the background as it is under the kernel: a score test everywhere, the likelihood
             fitted where that reaches :data:`TS_MAP_SCREEN`) or ``"approximate"`` (the background taken as
             constant over the kernel; faster, wrong by far where the background model has structure on the
@@ -437,10 +435,7 @@ def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str 
         ts, flux = _ts_map_exact(n, b, [_kernel_array(k) for k in psf_kernels], wts, spectrum, weights)
         return (ts, flux) if return_flux else ts
     log_u, u_grid = _u_grid()
-    if terms is None:
-        terms = ts_map_terms(n, psf_kernels)
-    elif len(terms) != c_bins or any(t[0].shape != (len(u_grid), h, w) for t in terms):
-        raise SkyfmError(f"ts_map terms are not those of a {n.shape} cube")
+    terms = _ts_map_terms(n, psf_kernels)
     # (g = L / u on the u grid (M, H, W), E (H, W), kmax, B (H, W))
     per_band = [(g, e_in, kmax, np.maximum(b[c], 1e-6)) for c, (g, e_in, kmax) in enumerate(terms)]
     if spectrum == "free":
