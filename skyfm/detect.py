@@ -2309,13 +2309,16 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
 def _detect_likelihood(patch, det, inst, head, scale, background, min_score: float, min_ts: float,
                        candidate_ts: float = CANDIDATE_TS, passes: int = LIKELIHOOD_PASSES, extension: bool = False,
                        fit_background: bool = True, keep_far_moves: bool | None = None, split: bool | None = None,
-                       model_error: float | None = None, **tiling):
+                       model_error: float | None = None, extension_first: bool | None = None, **tiling):
     """detect_patch's likelihood selection (its docstring). ``extension``: test the sources for extension
     (:func:`apply_extension_test`); ``fit_background``: rescale the model to the counts first; ``keep_far_moves``:
     :func:`refine_counts`'s, default the head's ``likelihood_keep_far_moves``; ``split``: the blend test
     (:func:`apply_split_test`), default the head's ``likelihood_split_test``; ``model_error``: the background
     model's fractional error for the weighted likelihood's candidates (:func:`add_ts_map_candidates`,
-    ``ts_weights``), default the head's ``likelihood_model_error``, 0 or None: none."""
+    ``ts_weights``), default the head's ``likelihood_model_error``, 0 or None: none; ``extension_first``: with
+    ``extension`` and more than one pass, test the first pass's sources for extension before the next passes search
+    the background plus them (and the new ones against that), not every source at the end; default the head's
+    ``likelihood_extension_first``."""
     from skyfm.catalog import likelihood
 
     bands = list(patch.bands)
@@ -2354,8 +2357,15 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
         background = fitted_against
     separation = _peak_separation(band_objs, scale or inst.pixel_scale_deg)
     arrays = select_by_ts(arrays, min_ts, separation)
+    if extension_first is None:
+        extension_first = bool(getattr(head, "likelihood_extension_first", False))
+    extension_first = extension and passes > 1 and extension_first
+    if extension_first:  # extended sources as they are in the model the next passes search
+        arrays = apply_extension_test(arrays, counts, background, kernels, scale or inst.pixel_scale_deg, head,
+                                      estimated, min_ts, exposure=np.array([b.exposure for b in band_objs]))
+        arrays = select_by_ts(arrays, min_ts, separation)
     for _ in range(passes - 1):  # sources beside those found: in the TS map of the background plus them
-        model = likelihood.add_point_sources(background, kernels, arrays["x"], arrays["y"], arrays["flux_band"])
+        model = _sources_model(background, kernels, arrays, scale or inst.pixel_scale_deg)
         more = add_ts_map_candidates(weak, patch.data, inst, scale, model, bands, np.inf, candidate_ts,
                                      exclude=(arrays["x"], arrays["y"]), ts_weights=weights)
         if len(more["x"]) == 0:
@@ -2364,11 +2374,16 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
                              unresolved=False, keep_far_moves=keep_far, fitted_elsewhere=(arrays["x"], arrays["y"]),
                              network_peaks=peaks, ts_weights=weights, classify=False)
         more = _weighted_only_at_weighted_ts(more, min_ts)
+        if extension_first:
+            more = select_by_ts(more, min_ts, separation)
+            more = apply_extension_test(more, counts, model, kernels, scale or inst.pixel_scale_deg, head,
+                                        estimated, min_ts, exposure=np.array([b.exposure for b in band_objs]))
+            more = {k: more[k] for k in arrays}
         arrays = select_by_ts({k: np.concatenate([arrays[k], more[k]]) for k in arrays}, min_ts, separation)
     if bool(getattr(head, "likelihood_split_test", False)) if split is None else split:
         arrays = apply_split_test(arrays, counts, background, kernels, inst, scale, bands, head, estimated, min_ts)
         arrays = select_by_ts(arrays, min_ts, separation)
-    if extension:
+    if extension and not extension_first:
         arrays = apply_extension_test(arrays, counts, background, kernels, scale or inst.pixel_scale_deg, head,
                                       estimated, min_ts, exposure=np.array([b.exposure for b in band_objs]))
         arrays = select_by_ts(arrays, min_ts, separation)
@@ -2377,6 +2392,26 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
     arrays["net_score"] = arrays["score"]
     arrays["score"] = np.sqrt(np.clip(arrays["ts"], 0, None))
     return _catalog(arrays, inst, patch.wcs, head, score_kind="sqrt_ts", meta=meta)
+
+
+def _sources_model(background, kernels, arrays: dict, scale: float) -> np.ndarray:
+    """The background plus every row's image: point sources through the PSF, the rows the extension test found
+    extended (``ts_ext`` finite) as their Gaussian through it."""
+    from skyfm.catalog import extended, likelihood
+
+    ts_ext = np.asarray(arrays.get("ts_ext", np.full(len(arrays["x"]), np.nan)), dtype=np.float64)
+    ext_pix = np.asarray(arrays["extension"], dtype=np.float64) / scale
+    is_ext = np.isfinite(ts_ext) & (ext_pix > 0)
+    x, y, fb = np.asarray(arrays["x"]), np.asarray(arrays["y"]), np.asarray(arrays["flux_band"])
+    model = likelihood.add_point_sources(background, kernels, x[~is_ext], y[~is_ext], fb[~is_ext])
+    _, h, w = model.shape
+    for i in np.flatnonzero(is_ext):
+        for c, table in enumerate(extended.extended_tables(kernels, ext_pix[i])):
+            st = likelihood.clipped_stamp(table, x[i], y[i], float(fb[i, c]), h, w)
+            if st is not None:
+                y0, y1, x0, x1, v = st
+                model[c, y0:y1, x0:x1] += v
+    return model
 
 
 def _fitted_background_model(counts, model, kernels, sources, invalid, fit_background: bool):

@@ -1120,6 +1120,51 @@ def test_split_test_comes_from_the_head_unless_told(model_dir, monkeypatch):
         D.detect_patch(no_model, det, split_blends=True)
 
 
+def test_extended_sources_are_in_the_model_the_second_pass_searches():
+    """A CTAO cube with an extended source (a Gaussian of r68 6 px = 0.12 deg) and a point source 12 px beside it:
+    with two passes the extension test runs before the second (its TS map is of the background plus the extended
+    source as it is): one extended row and the point source. Tested only at the end, the second pass searched
+    the background plus a point where the extended source is, and its rim came back as false sources."""
+    from dataclasses import replace
+
+    from scipy.signal import fftconvolve
+
+    import skyfm.detect as D
+    from skyfm.catalog import likelihood as lk
+    from skyfm.heads import load_detector
+
+    det = load_detector()
+    inst = det.instrument("ctao")
+    head = det.head_config("ctao")
+    kernels = lk.psf_kernels(inst)
+    wts = lk.powerlaw_band_weights(inst)
+    size = 96
+    bkg = np.stack([np.full((size, size), v) for v in (0.6, 0.3, 0.1)])
+    yy, xx = np.mgrid[0:size, 0:size]
+    gauss = np.exp(-0.5 * ((xx - 44.0) ** 2 + (yy - 48.0) ** 2) / (6.0 / 1.5096) ** 2)
+    src = np.stack([fftconvolve(gauss / gauss.sum(), k / k.sum(), mode="same") * 3000.0 * w
+                    for k, w in zip(kernels, wts)])
+    src = lk.add_point_sources(src, kernels, [56.0], [48.0], np.outer([300.0], wts) / 0.97)
+    counts = np.random.default_rng(0).poisson(bkg + src).astype(np.float32)
+    patch = replace(simulate_patch("ctao", 5, size=size, population="plane"), data=counts, background_image=bkg,
+                    mask=None)
+
+    def rows(first: bool | None):  # None: the head's (the shipped CTAO head's: first)
+        cat = D._detect_likelihood(patch, det, inst, head, None, bkg, 0.4, 25.0, passes=2, extension=True,
+                                   extension_first=first)
+        x, y = np.asarray(cat["x"]), np.asarray(cat["y"])
+        return x, y, np.asarray(cat["extension"].to_value("deg")), np.asarray(cat["ts_ext"])
+
+    assert head.likelihood_extension_first is True
+    x, y, ext, ts_ext = rows(None)
+    assert len(x) == 2
+    big = int(np.argmax(ext))
+    assert np.hypot(x[big] - 44, y[big] - 48) < 1.0 and 0.06 < ext[big] < 0.2 and np.isfinite(ts_ext[big])
+    assert np.hypot(x[1 - big] - 56, y[1 - big] - 48) < 1.5 and ext[1 - big] < 0.02
+    x, y, ext, _ = rows(False)
+    assert len(x) > 2  # the rim's false rows
+
+
 def test_likelihood_selection_splits_a_blend_the_ts_map_merges(model_dir):
     """A Fermi-LAT cube with two sources 2.5 px apart (the TS map's peaks merge them) and a background model: with
     the blend test the catalog holds both, near their true positions, with ts_split; without it, one row from one
@@ -1208,7 +1253,8 @@ def test_likelihood_passes_come_from_the_head_and_bad_values_are_one_line(model_
     from skyfm.errors import SkyfmError
     from skyfm.heads import load_detector
 
-    assert load_detector().head_config("fermi-lat").likelihood_passes == 2  # the shipped detector
+    shipped = load_detector()  # the shipped detector: two passes for Fermi-LAT and (Run 48) CTAO
+    assert [shipped.head_config(i).likelihood_passes for i in ("fermi-lat", "ctao")] == [2, 2]
     det = load_detector(model_dir)
     p = simulate_patch("fermi-lat", 3, size=48, population="resampled")
     seen = []

@@ -157,6 +157,12 @@ class InstrumentHeadConfig:
         likelihood_split_test: likelihood selection fits each bright source again as two and keeps the pair where
             it fits enough better (:func:`skyfm.detect.apply_split_test`: blends in crowded fields, which TS maps
             do not resolve; chosen on validation seeds, docs/benchmarks.md Run 43).
+        likelihood_extension_first: with ``likelihood_passes`` > 1 and the extension test, test the first pass's
+            sources for extension before the next passes look for more, so that those passes search the background
+            plus the extended sources as they are, not plus a point where each is (whose rim comes back as false
+            sources), and test the new ones against that (:func:`skyfm.detect._detect_likelihood`; chosen on
+            validation seeds, docs/benchmarks.md Run 48: CTAO plane F1 +0.019 / +0.025 over one pass, Fermi-LAT
+            -0.004 / -0.006 against its extension test at the end).
         likelihood_model_error: the background model's fractional error (0.03 for Fermi-LAT, the 4FGL catalog's);
             likelihood selection then also takes the candidates of the TS map of a likelihood weighted for it
             (:func:`skyfm.catalog.likelihood.likelihood_weights`) and keeps those at weighted TS >= min_ts
@@ -206,6 +212,7 @@ class InstrumentHeadConfig:
     likelihood_without_model: bool = False
     likelihood_keep_far_moves: bool = False
     likelihood_split_test: bool = False
+    likelihood_extension_first: bool = False
     likelihood_model_error: float | None = None
 
     def _number(self, name: str, default: float, allow_zero: bool) -> float:
