@@ -573,19 +573,25 @@ def _fit_amplitudes(n, b, kernels, k_in, share, weights, group, iy, ix, start, c
             terms.append((counts, t, np.empty_like(t)))
             expected += share[c] * k_in[yy, xx] * wc
         a = start[s:s + chunk].copy()
+        rows, live = np.arange(p), terms  # the pixels still stepping, and their rows of the terms
         for _ in range(FIT_AMPLITUDE_STEPS):
-            slope, curvature = -expected, np.zeros(p)
-            for counts, t, q in terms:
-                np.multiply(t, a[:, None], out=q)
+            a_rows = a[rows]
+            slope, curvature = -expected[rows], np.zeros(len(rows))
+            for counts, t, q in live:
+                np.multiply(t, a_rows[:, None], out=q)
                 q += 1.0
                 np.divide(t, q, out=q)  # q = t / (1 + a t)
                 slope = slope + np.einsum("ij,ij->i", counts, q)
                 q *= q
                 curvature += np.einsum("ij,ij->i", counts, q)
             step = np.where(curvature > 0, slope / np.where(curvature > 0, curvature, 1.0), 0.0)
-            a = np.maximum(a + step, 0.0)
-            if not (np.abs(step) > 1e-6 * np.maximum(a, 1e-3)).any():
+            a[rows] = np.maximum(a_rows + step, 0.0)
+            moving = np.abs(step) > 1e-6 * np.maximum(a[rows], 1e-3)
+            if not moving.any():
                 break
+            if moving.sum() < 0.75 * len(rows):  # most have converged (~3 steps): step on with the rest only
+                rows = rows[moving]
+                live = [(counts[moving], t[moving], q[:len(rows)]) for counts, t, q in live]
         loglike = -a * expected
         for counts, t, q in terms:
             np.multiply(t, a[:, None], out=q)
