@@ -393,7 +393,7 @@ def _ts_map_terms(n, psf_kernels) -> list[tuple]:
 
 
 def ts_map(counts, background, psf_kernels, *, band_weights=None, spectrum: str = "fixed",
-           return_flux: bool = False, exposure_mask=None, weights=None, method: str = "exact"):
+           return_flux: bool = False, weights=None, method: str = "exact"):
     """TS of a point source with fitted positive flux at every pixel (module docstring for the two methods).
 
     Args:
