@@ -652,7 +652,9 @@ def finetune_cmd(instruments, init, out_dir, config_path, steps, backbone, lora_
                    ">= 16 over the point model, the point fits' pieces of it absorbed); extended sources get "
                    "extension (r68, deg) and ts_ext. Default: the instrument head's choice (on for CTAO, and since "
                    "Run 45 for Fermi-LAT, where it joins the pieces of extended sources that --model-error's "
-                   "candidates find; docs/benchmarks.md); 3-10 s more per 256^2 cube.")
+                   "candidates find; docs/benchmarks.md); 3-10 s more per 256^2 cube. CTAO's head runs it after "
+                   "the first of its two passes, so that the second looks for more sources beside the extended ones "
+                   "as they are (Run 48).")
 @click.option("--split-blends/--no-split-blends", default=None,
               help="Counts cubes with --background: fit each source of TS >= 50 again as two point sources and keep "
                    "the pair where it fits better by TS >= 25, both of TS >= 25 and at least a PSF FWHM apart, and "
