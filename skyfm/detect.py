@@ -2357,13 +2357,14 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
     elif not estimated:  # the model with the unresolved sources' light
         background = fitted_against
     separation = _peak_separation(band_objs, scale or inst.pixel_scale_deg)
+    exposure = np.array([b.exposure for b in band_objs])  # the extended fits' flux_phys
     arrays = select_by_ts(arrays, min_ts, separation)
     if extension_first is None:
         extension_first = bool(getattr(head, "likelihood_extension_first", False))
     extension_first = extension and passes > 1 and extension_first
     if extension_first:  # extended sources as they are in the model the next passes search
         arrays = apply_extension_test(arrays, counts, background, kernels, scale or inst.pixel_scale_deg, head,
-                                      estimated, min_ts, exposure=np.array([b.exposure for b in band_objs]))
+                                      estimated, min_ts, exposure=exposure)
         arrays = select_by_ts(arrays, min_ts, separation)
     for _ in range(passes - 1):  # sources beside those found: in the TS map of the background plus them
         model = _sources_model(background, kernels, arrays, scale or inst.pixel_scale_deg)
@@ -2378,7 +2379,7 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
         if extension_first:
             more = select_by_ts(more, min_ts, separation)
             more = apply_extension_test(more, counts, model, kernels, scale or inst.pixel_scale_deg, head,
-                                        estimated, min_ts, exposure=np.array([b.exposure for b in band_objs]))
+                                        estimated, min_ts, exposure=exposure)
             more = {k: more[k] for k in arrays}
         arrays = select_by_ts({k: np.concatenate([arrays[k], more[k]]) for k in arrays}, min_ts, separation)
     if bool(getattr(head, "likelihood_split_test", False)) if split is None else split:
@@ -2386,7 +2387,7 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
         arrays = select_by_ts(arrays, min_ts, separation)
     if extension and not extension_first:
         arrays = apply_extension_test(arrays, counts, background, kernels, scale or inst.pixel_scale_deg, head,
-                                      estimated, min_ts, exposure=np.array([b.exposure for b in band_objs]))
+                                      estimated, min_ts, exposure=exposure)
         arrays = select_by_ts(arrays, min_ts, separation)
     # once, from the final spectra (the blend and extension tests refit rows) and the network's probabilities
     arrays["class_prob"] = _spectral_classes(arrays, head, estimated, np.asarray(arrays["fit"]) == 2)

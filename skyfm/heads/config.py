@@ -161,8 +161,8 @@ class InstrumentHeadConfig:
             sources for extension before the next passes look for more, so that those passes search the background
             plus the extended sources as they are, not plus a point where each is (whose rim comes back as false
             sources), and test the new ones against that (:func:`skyfm.detect._detect_likelihood`; chosen on
-            validation seeds, docs/benchmarks.md Run 48: CTAO plane F1 +0.019 / +0.025 over one pass, Fermi-LAT
-            -0.004 / -0.006 against its extension test at the end).
+            validation seeds, docs/benchmarks.md Run 48: CTAO plane F1 +0.019 / +0.025 over one pass; on Fermi-LAT,
+            against its extension test at the end, -0.004 at high latitude and -0.006 in the plane).
         likelihood_model_error: the background model's fractional error (0.03 for Fermi-LAT, the 4FGL catalog's);
             likelihood selection then also takes the candidates of the TS map of a likelihood weighted for it
             (:func:`skyfm.catalog.likelihood.likelihood_weights`) and keeps those at weighted TS >= min_ts
