@@ -2356,18 +2356,19 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
         background = likelihood.estimate_background(counts, kernels, sources=(arrays["x"], arrays["y"]))
     elif not estimated:  # the model with the unresolved sources' light
         background = fitted_against
-    separation = _peak_separation(band_objs, scale or inst.pixel_scale_deg)
+    deg_per_pix = scale or inst.pixel_scale_deg
+    separation = _peak_separation(band_objs, deg_per_pix)
     exposure = np.array([b.exposure for b in band_objs])  # the extended fits' flux_phys
     arrays = select_by_ts(arrays, min_ts, separation)
     if extension_first is None:
         extension_first = bool(getattr(head, "likelihood_extension_first", False))
     extension_first = extension and passes > 1 and extension_first
     if extension_first:  # extended sources as they are in the model the next passes search
-        arrays = apply_extension_test(arrays, counts, background, kernels, scale or inst.pixel_scale_deg, head,
-                                      estimated, min_ts, exposure=exposure)
+        arrays = apply_extension_test(arrays, counts, background, kernels, deg_per_pix, head, estimated, min_ts,
+                                      exposure=exposure)
         arrays = select_by_ts(arrays, min_ts, separation)
     for _ in range(passes - 1):  # sources beside those found: in the TS map of the background plus them
-        model = _sources_model(background, kernels, arrays, scale or inst.pixel_scale_deg)
+        model = _sources_model(background, kernels, arrays, deg_per_pix)
         more = add_ts_map_candidates(weak, patch.data, inst, scale, model, bands, np.inf, candidate_ts,
                                      exclude=(arrays["x"], arrays["y"]), ts_weights=weights)
         if len(more["x"]) == 0:
@@ -2378,16 +2379,15 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
         more = _weighted_only_at_weighted_ts(more, min_ts)
         if extension_first:
             more = select_by_ts(more, min_ts, separation)
-            more = apply_extension_test(more, counts, model, kernels, scale or inst.pixel_scale_deg, head,
-                                        estimated, min_ts, exposure=exposure)
-            more = {k: more[k] for k in arrays}
+            more = apply_extension_test(more, counts, model, kernels, deg_per_pix, head, estimated, min_ts,
+                                        exposure=exposure)
         arrays = select_by_ts({k: np.concatenate([arrays[k], more[k]]) for k in arrays}, min_ts, separation)
     if bool(getattr(head, "likelihood_split_test", False)) if split is None else split:
         arrays = apply_split_test(arrays, counts, background, kernels, inst, scale, bands, head, estimated, min_ts)
         arrays = select_by_ts(arrays, min_ts, separation)
     if extension and not extension_first:
-        arrays = apply_extension_test(arrays, counts, background, kernels, scale or inst.pixel_scale_deg, head,
-                                      estimated, min_ts, exposure=exposure)
+        arrays = apply_extension_test(arrays, counts, background, kernels, deg_per_pix, head, estimated, min_ts,
+                                      exposure=exposure)
         arrays = select_by_ts(arrays, min_ts, separation)
     # once, from the final spectra (the blend and extension tests refit rows) and the network's probabilities
     arrays["class_prob"] = _spectral_classes(arrays, head, estimated, np.asarray(arrays["fit"]) == 2)
@@ -2406,13 +2406,9 @@ def _sources_model(background, kernels, arrays: dict, scale: float) -> np.ndarra
     is_ext = np.isfinite(ts_ext) & (ext_pix > 0)
     x, y, fb = np.asarray(arrays["x"]), np.asarray(arrays["y"]), np.asarray(arrays["flux_band"])
     model = likelihood.add_point_sources(background, kernels, x[~is_ext], y[~is_ext], fb[~is_ext])
-    _, h, w = model.shape
-    for i in np.flatnonzero(is_ext):
-        for c, table in enumerate(extended.extended_tables(kernels, ext_pix[i])):
-            st = likelihood.clipped_stamp(table, x[i], y[i], float(fb[i, c]), h, w)
-            if st is not None:
-                y0, y1, x0, x1, v = st
-                model[c, y0:y1, x0:x1] += v
+    for i in np.flatnonzero(is_ext):  # add_point_sources takes the extended source's tables as its PSF
+        model = likelihood.add_point_sources(model, extended.extended_tables(kernels, ext_pix[i]), x[i:i + 1],
+                                             y[i:i + 1], fb[i:i + 1])
     return model
 
 
