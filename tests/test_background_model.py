@@ -266,7 +266,9 @@ def test_a_counts_cube_with_a_quarter_of_no_data_keeps_its_sources_elsewhere():
     """NaN pixels of a counts cube with a background model hold the model's counts, not zeros (which the likelihood
     read as a deficit, and which pulled the model's per-bin scale down): validation plane cubes with a NaN quarter,
     F1 in the rest 0.302 -> 0.772 (``runs/exp37/nan_quarter.py``). Here: the rows away from the quarter are those of
-    the whole cube."""
+    the whole cube (35 and 36 of them; 36 and 25 when the fits took their order from the network's fluxes alone:
+    the brightest source, TS 4e4 14 px from the quarter, started at a fifteenth of its light and a neighbour fitted
+    before it took it over, docs/benchmarks.md Run 49)."""
     import dataclasses
 
     from skyfm.detect import detect_patch

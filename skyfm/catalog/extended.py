@@ -31,6 +31,9 @@ from skyfm.catalog import likelihood
 TS_EXT_MIN = 16.0  # the Fermi-LAT catalogs' threshold for an extended source (2 delta ln L, one more parameter)
 R68_GRID_PSF = (1.5, 2.5, 4.0, 6.0, 9.0, 13.0)  # extension sizes tried (r68), in units of the sharpest bin's r68
 MAX_KERNEL_RADIUS = 64  # pixels: the convolved kernels are cut there (a 256 px patch's largest sources fit)
+# after the grid, the sizes halfway (geometric) to the best one's neighbours: a Gaussian of r68 0.12 deg came out at
+# the grid's 0.086 and its rim's light as a false source beside it (tests/test_detect.py, docs/benchmarks.md Run 49)
+REFINE_SIZE = True
 EXTENDED_PHASES = 4  # sub-pixel phases of the extended kernels' tables (smooth: no need for 16)
 GAUSS_R68_PER_SIGMA = 1.5096  # 68% containment radius of a 2-D Gaussian / its sigma
 
@@ -190,6 +193,11 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
         scans = [t for t in (try_size(a, r68, False) for r68 in r68_grid_pix) if t is not None]
         if not scans:
             continue
+        if REFINE_SIZE:  # the grid steps by x1.5: the sizes halfway to the best one's neighbours too
+            grid = np.asarray(r68_grid_pix, dtype=np.float64)
+            i = int(np.argmin(np.abs(np.log(grid / max(scans, key=lambda t: t[0])[1]))))
+            halfway = [float(np.sqrt(grid[i] * grid[j])) for j in (i - 1, i + 1) if 0 <= j < len(grid)]
+            scans += [t for t in (try_size(a, r68, False) for r68 in halfway) if t is not None]
         best = try_size(a, max(scans, key=lambda t: t[0])[1], True)
         if best is None or best[0] < ts_ext_min:
             continue

@@ -738,13 +738,23 @@ class _Flat:
             of = [self.others[c][wn.img].ravel() for c, wn in enumerate(wins)]
             band = np.concatenate([np.full(len(v), c, dtype=np.int64) for c, v in enumerate(nf)])
             idx = self.stack.index(wins) if self.stack is not None else None
-            hit = (wins, np.concatenate(nf), np.maximum(np.concatenate(of), 0.0), band, idx)
+            nf, of = np.concatenate(nf), np.maximum(np.concatenate(of), 0.0)
+            without = _flat_loglike(nf, of, band, np.zeros_like(of), np.zeros(len(wins)))  # ln L, no source here
+            hit = (wins, nf, of, band, idx, without)
             self.cache[key] = hit
         return hit
 
+    def loglike(self, x: float, y: float, stamps: tuple, a_band) -> float:
+        """ln L over the window of a source at (x, y) less that of the model without it there (half its TS). The
+        plain sums run over the window's pixels, which change as the source crosses a pixel edge: compared across
+        an edge they differed by the pixels that came and went, and fits stopped at edges (docs/benchmarks.md,
+        Run 49)."""
+        base = self.window(int(np.floor(x + 0.5)), int(np.floor(y + 0.5)))[5]
+        return _flat_loglike(*stamps[:4], a_band) - base
+
     def stamps(self, x: float, y: float, grad: bool):
         ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-        wins, nf, of, band, idx = self.window(ix, iy)
+        wins, nf, of, band, idx, _ = self.window(ix, iy)
         dx, dy = x - ix, y - iy
         if self.stack is not None:
             p, gx, gy = self.stack.stamps(dx, dy, grad, idx)
@@ -801,7 +811,7 @@ def _fit_one(n, others, tables, design, x, y, amps, fit_position, max_iter, h, w
     nb = len(tables)
     flat = _Flat(n, others, tables, h, w, stack)
     cur = flat.stamps(x, y, True)
-    ll = _flat_loglike(*cur[:4], design.T @ amps)
+    ll = flat.loglike(x, y, cur, design.T @ amps)
     for _ in range(max_iter):
         fisher, grad = _flat_fisher(*cur, design.T @ amps, design, nb)
         if not fit_position:
@@ -824,7 +834,7 @@ def _fit_one(n, others, tables, design, x, y, amps, fit_position, max_iter, h, w
             nx = float(min(max(nx, -0.5), w - 0.5))
             ny = float(min(max(ny, -0.5), h - 0.5))
             trial = flat.stamps(nx, ny, True)
-            new_ll = _flat_loglike(*trial[:4], design.T @ na)
+            new_ll = flat.loglike(nx, ny, trial, design.T @ na)
             if new_ll >= ll - 1e-9:
                 moved = (abs(nx - x) + abs(ny - y)) if fit_position else 0.0
                 improved = new_ll > ll + 1e-3 or moved > 1e-3
@@ -834,7 +844,7 @@ def _fit_one(n, others, tables, design, x, y, amps, fit_position, max_iter, h, w
         if not improved:
             break
     fisher, _ = _flat_fisher(*cur, design.T @ amps, design, nb)
-    ts = max(2.0 * (ll - _flat_loglike(*cur[:4], np.zeros(nb))), 0.0)
+    ts = max(2.0 * ll, 0.0)  # ll is already relative to the model without the source
     try:
         cov = np.linalg.inv(fisher + np.diag(1e-12 * np.maximum(np.diag(fisher), 1e-12)))
     except np.linalg.LinAlgError:
@@ -854,10 +864,11 @@ def fit_point_sources(counts, background, psf_kernels, x0, y0, flux0=None, *, ba
                       marginal_errors: bool = True) -> dict:
     """Refine point sources by maximising the Poisson likelihood of ``counts`` given ``background`` + sources.
 
-    Sources are fitted one at a time, brightest first, with every other source held at its current fit (their
-    light is part of the model each one is fitted against), and the whole list is passed ``n_pass`` times, so
-    close neighbours converge together. Each fit is Fisher scoring (Newton with the expected Hessian) on x, y and
-    the amplitude(s), with step halving and fluxes kept >= 0, over the kernel footprint of each band.
+    Sources are fitted one at a time, brightest first (by the larger of their start and the data's PSF-weighted
+    excess at them), with every other source held at its current fit (their light is part of the model each one is
+    fitted against), and the whole list is passed ``n_pass`` times, so close neighbours converge together. Each
+    fit is Fisher scoring (Newton with the expected Hessian) on x, y and the amplitude(s), with step halving and
+    fluxes kept >= 0, over the kernel footprint of each band.
 
     Args:
         counts, background: (C, H, W) counts and expected background counts.
@@ -890,6 +901,7 @@ def fit_point_sources(counts, background, psf_kernels, x0, y0, flux0=None, *, ba
         design = (wts / wts.sum())[None, :]
     m = design.shape[0]
     amps = np.zeros((ns, m))
+    excess = np.zeros(ns)  # each source's PSF-weighted excess in the data: the order of the fits
     if ns:
         # starting amplitudes: the PSF-weighted excess in each band (a linear estimate), or flux0 split by weights
         for s in range(ns):
@@ -898,6 +910,7 @@ def fit_point_sources(counts, background, psf_kernels, x0, y0, flux0=None, *, ba
             for c, (win, p, _, _, _) in enumerate(parts):
                 if not win.empty:
                     band[c] = max(np.sum((n[c][win.img] - b[c][win.img]) * p) / max(np.sum(p * p), 1e-12), 0.0)
+            excess[s] = band.sum()
             if flux0 is not None and np.isfinite(np.asarray(flux0).reshape(-1)[s]):
                 f0 = float(np.asarray(flux0).reshape(-1)[s])
                 shape = band / band.sum() if band.sum() > 0 else np.full(c_bins, 1.0 / c_bins)
@@ -914,7 +927,9 @@ def fit_point_sources(counts, background, psf_kernels, x0, y0, flux0=None, *, ba
     for s in range(ns):
         add(s, +1)
     np.maximum(model, 0.0, out=model)
-    order = np.argsort(-amps.sum(axis=1), kind="stable")
+    # brightest first, as the data show it: a start far below a source's light (a network's flux beside a NaN
+    # region, say) had its neighbours fitted first, against a model without it, and one of them took it over
+    order = np.argsort(-np.maximum(excess, amps.sum(axis=1)), kind="stable")
     ts = np.zeros(ns)
     ts_band = np.zeros((ns, c_bins))
     covs = np.full((ns, m + 2, m + 2), np.nan)
