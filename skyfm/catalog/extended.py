@@ -194,8 +194,8 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
         if not scans:
             continue
         if REFINE_SIZE:  # the grid steps by x1.5: the sizes halfway to the best one's neighbours too
-            grid = np.asarray(r68_grid_pix, dtype=np.float64)
-            i = int(np.argmin(np.abs(np.log(grid / max(scans, key=lambda t: t[0])[1]))))
+            grid = list(r68_grid_pix)
+            i = grid.index(max(scans, key=lambda t: t[0])[1])  # a scan returns the grid size it was given
             halfway = [float(np.sqrt(grid[i] * grid[j])) for j in (i - 1, i + 1) if 0 <= j < len(grid)]
             scans += [t for t in (try_size(a, r68, False) for r68 in halfway) if t is not None]
         best = try_size(a, max(scans, key=lambda t: t[0])[1], True)
