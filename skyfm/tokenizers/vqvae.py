@@ -27,6 +27,7 @@ term.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -286,6 +287,24 @@ def source_weights(image: torch.Tensor, source: torch.Tensor, band_valid: torch.
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
+@contextlib.contextmanager
+def _quiet_vector_quantize():
+    """vector-quantize-pytorch 1.34 logs a deprecation notice (through loguru, to stderr) for
+    ``threshold_ema_dead_code`` each time a quantizer is built, i.e. on every ``skyfm detect``: one more line before
+    a one-line error. Its replacement, ``dead_code_threshold_ratio``, is another rule (a share of the mean cluster
+    size), and the absolute threshold still works, so the notice is kept off the terminal while building."""
+    try:
+        from loguru import logger
+    except ImportError:  # versions before the notice do not log through loguru
+        yield
+        return
+    logger.disable("vector_quantize_pytorch")
+    try:
+        yield
+    finally:
+        logger.enable("vector_quantize_pytorch")
+
+
 class VQVAETokenizer(nn.Module):
     """Channel-agnostic VQ-VAE: each band is encoded, quantized and decoded as a one-channel image.
 
@@ -305,15 +324,16 @@ class VQVAETokenizer(nn.Module):
         if config.quantizer == "vq":
             from vector_quantize_pytorch import VectorQuantize
 
-            self.quantizer = VectorQuantize(
-                dim=config.latent_dim,
-                codebook_size=config.codebook_size,
-                decay=config.ema_decay,
-                kmeans_init=config.kmeans_init,
-                kmeans_iters=config.kmeans_iters,
-                threshold_ema_dead_code=config.dead_code_threshold,
-                commitment_weight=config.commitment_weight,
-            )
+            with _quiet_vector_quantize():
+                self.quantizer = VectorQuantize(
+                    dim=config.latent_dim,
+                    codebook_size=config.codebook_size,
+                    decay=config.ema_decay,
+                    kmeans_init=config.kmeans_init,
+                    kmeans_iters=config.kmeans_iters,
+                    threshold_ema_dead_code=config.dead_code_threshold,
+                    commitment_weight=config.commitment_weight,
+                )
         else:
             from vector_quantize_pytorch import FSQ
 
