@@ -585,6 +585,41 @@ def test_extension_test_joins_the_pieces_of_an_extended_source_and_leaves_point_
     assert res["kept"].all() and not res["changed"].any() and res["extension_pix"][0] == 0
 
 
+def _extended_scene(rng):
+    """A Gaussian of r68 3 deg (30 px; the Cygnus cocoon's size, beyond the size grid's 1.3 deg) with 60000
+    counts and a point source of 3000 counts 12 px from its centre, over a flat background; the starts are its
+    centre, eight pieces on a ring of 15 px, and the point source."""
+    inst = load_instrument("fermi-lat")
+    bkg = np.array([5.0, 2.0, 0.5, 0.2, 0.05, 0.02])
+    n, b = _inject_gaussian(inst, 80.0, 80.0, 60000.0, 30.0, bkg, (160, 160), rng)
+    point, _ = _inject(inst, 92.0, 80.0, 3000.0, 0 * bkg, (160, 160), rng)
+    t = np.linspace(0, 2 * np.pi, 8, endpoint=False) + 0.3
+    xs = np.r_[80.0, 80.0 + 15 * np.cos(t), 92.0]
+    ys = np.r_[80.0, 80.0 + 15 * np.sin(t), 80.0]
+    return inst, n + point, b, xs, ys
+
+
+def test_extension_test_grows_its_size_grid_for_a_source_larger_than_it():
+    """The Gaussian comes back as one extended source of about its size (the grid grows past its 1.3 deg while
+    larger sizes fit better) and flux, the pieces gone and the point source inside it kept. Before, the pieces came
+    out as five extended rows of the grid's 1.3 deg (one on the point source, with its light); with the grid grown
+    alone, as two (a piece outside the first one's reach kept its light and grew into a second)."""
+    from skyfm.catalog.extended import extension_test
+
+    inst, n, b, xs, ys = _extended_scene(np.random.default_rng(11))
+    kernels = lk.psf_kernels(inst)
+    fit = lk.fit_point_sources(n, b, kernels, xs, ys)
+    assert np.sum(fit["ts"] >= 25) >= 6  # the point fits see many significant pieces
+    res = extension_test(n, b, kernels, fit["x"], fit["y"], fit["flux_band"], fit["ts"])
+    found = res["kept"] & (res["ts"] >= 25)
+    ext = np.flatnonzero(found & (res["extension_pix"] > 0))
+    assert len(ext) == 1 and 22.0 <= res["extension_pix"][ext[0]] <= 40.0
+    assert np.hypot(res["x"][ext[0]] - 80, res["y"][ext[0]] - 80) < 3.0
+    assert abs(res["flux_band"][ext[0]].sum() / 60000.0 - 1) < 0.15
+    pt = np.flatnonzero(found & (res["extension_pix"] == 0))
+    assert len(pt) <= 2 and np.min(np.hypot(res["x"][pt] - 92, res["y"][pt] - 80)) < 1.0
+
+
 def test_fit_pair_recovers_two_sources_closer_than_the_psf():
     """Two sources 1.5 px apart (the sharpest bin's PSF FWHM is ~2 px) with 3:1 counts: the joint fit from starts
     off their axis finds both positions within 0.3 px and their counts within 20%."""

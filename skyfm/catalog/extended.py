@@ -7,15 +7,17 @@ pieces are false detections and the centre's flux is short. Fermi-LAT catalogs t
 extension (TS_ext = 2 delta ln L of an extended model over the point model >= 16). Here the extended model is the
 standard first one, a radial Gaussian convolved with each bin's PSF, fitted (position and counts per bin) by the
 same Poisson fitter as the point sources (:func:`~skyfm.catalog.likelihood.fit_point_sources` with the convolved
-kernels), on a grid of sizes: each size with the counts alone fitted at the flux-weighted centroid of the source
-and its would-be pieces, then the best size with the position free.
+kernels), on a grid of sizes (grown by x1.5 steps while its largest size fits best, up to what the kernels hold):
+each size with the counts alone fitted at the flux-weighted centroid of the source and its would-be pieces, then
+the best size with the position free.
 
-The comparison holds everything else fixed: the point model is the source and the fainter sources within the
-tested size (its would-be pieces) as fitted; the extended model is one Gaussian in their place. The extended
-model has fewer free parameters when it replaces pieces, so it is compared as the Akaike criterion does, each
-piece's parameters (position and one count per bin) counting against the point model; with no pieces the test is
-TS_ext >= :data:`TS_EXT_MIN` alone. After a source is found extended, its pieces are fitted again as point sources
-against the extended model: those still significant (a pulsar inside its nebula) stay.
+The comparison holds the rest of the sky fixed: the point model is the source and the point sources within the
+tested size (the fainter ones its would-be pieces) as fitted; the extended model is one Gaussian with those point
+sources' counts fitted again beside it, the ones no longer significant dropped. The extended model has fewer free
+parameters when it drops pieces, so it is compared as the Akaike criterion does, each dropped piece's parameters
+(position and one count per bin) counting against the point model; with none dropped the test is
+TS_ext >= :data:`TS_EXT_MIN` alone. After a source is found extended, the point sources within it are fitted
+again (position and counts) against the extended model: those still significant (a pulsar inside its nebula) stay.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from skyfm.catalog import likelihood
 
 TS_EXT_MIN = 16.0  # the Fermi-LAT catalogs' threshold for an extended source (2 delta ln L, one more parameter)
 R68_GRID_PSF = (1.5, 2.5, 4.0, 6.0, 9.0, 13.0)  # extension sizes tried (r68), in units of the sharpest bin's r68
-MAX_KERNEL_RADIUS = 64  # pixels: the convolved kernels are cut there (a 256 px patch's largest sources fit)
+# where the grid's largest size fits best, sizes x1.5 larger are tried while they fit better, up to what the kernels
+# hold (3 sigma inside MAX_KERNEL_RADIUS): the Cygnus cocoon (r68 3 deg) came out as seven rows of the grid's 1.3 deg
+GROW_GRID = True
+GRID_GROWTH = 1.5
+# each size is scored with the point sources inside it fitted again beside the Gaussian: the pieces that stay
+# significant kept (real sources within a large size had counted as pieces the Gaussian must replace) and the
+# brighter ones giving up the Gaussian's light they held
+REFIT_INSIDE = True
+MAX_KERNEL_RADIUS = 96  # pixels: the convolved kernels are cut there (a 256 px patch's largest sources fit)
 # after the grid, the sizes halfway (geometric) to the best one's neighbours: a Gaussian of r68 0.12 deg came out at
 # the grid's 0.086 and its rim's light as a false source beside it (tests/test_detect.py, docs/benchmarks.md Run 49)
 REFINE_SIZE = True
@@ -146,6 +156,7 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
         r68_sharp = min(likelihood._r68_pix(likelihood._kernel_fwhm_pix(k)) for k in kernels)
         r68_grid_pix = [f * r68_sharp for f in R68_GRID_PSF]
     piece_params = 2 + c_bins if piece_params is None else int(piece_params)
+    max_r68 = GAUSS_R68_PER_SIGMA * MAX_KERNEL_RADIUS / 3.0
     placed = np.isfinite(x) & np.isfinite(y)
     point = np.ones(ns, dtype=bool)
     stamps = {i: _stamps(point_tables, x[i], y[i], fb[i], h, w) for i in np.flatnonzero(placed)}
@@ -154,11 +165,16 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
         _add(model, st, +1.0)
 
     def try_size(a, r68, fit_position):
-        """(score, r68, pieces, fit, x, y, stamps, ts_ext) of source ``a`` as a Gaussian of ``r68`` in place of
-        itself and its pieces, or None when the fit fails or wanders off."""
+        """(score, r68, inside, fit, x, y, stamps, ts_ext) of source ``a`` as a Gaussian of ``r68`` in place of
+        itself and its pieces (the fainter point sources within ``r68``), or None when the fit fails or wanders
+        off. ``inside``: the point sources the test fits again beside the Gaussian (the pieces, and with
+        :data:`REFIT_INSIDE` the brighter ones within ``r68`` and those within ``r68`` of the Gaussian's fit)."""
         d = np.hypot(x - x[a], y - y[a])
-        pieces = np.flatnonzero(out["kept"] & placed & point & (d <= r68) & (ts < ts[a]))
-        group = np.r_[a, pieces[pieces != a]]
+        inside = out["kept"] & placed & point & (d <= r68)
+        inside[a] = False
+        pieces = np.flatnonzero(inside & (ts < ts[a]))
+        brighter = np.flatnonzero(inside & (ts >= ts[a])) if REFIT_INSIDE else np.zeros(0, dtype=np.int64)
+        group = np.r_[a, pieces]
         tabs = extended_tables(kernels, r68)
         half = max(t.radius for t in tabs) + point_reach + 1  # every pixel the change can touch
         ia, ja = int(np.floor(y[a] + 0.5)), int(np.floor(x[a] + 0.5))
@@ -172,19 +188,60 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
         flux = fb[group].sum(axis=1)
         wsum = max(flux.sum(), 1e-12)
         x0, y0 = float(np.sum(x[group] * flux) / wsum), float(np.sum(y[group] * flux) / wsum)
-        fit = likelihood.fit_point_sources(n_box, others, tabs, [x0 - ox], [y0 - oy], [flux.sum()], n_pass=1,
-                                           fit_position=fit_position, marginal_errors=False)
-        fx, fy = fit["x"][0] + ox, fit["y"][0] + oy
-        if not (np.isfinite(fx) and np.isfinite(fy) and np.isfinite(fit["flux"][0]) and fit["flux"][0] > 0):
+
+        def fit_gaussian(against, gx, gy, gflux):
+            fit = likelihood.fit_point_sources(n_box, against, tabs, [gx - ox], [gy - oy], [gflux], n_pass=1,
+                                               fit_position=fit_position, marginal_errors=False)
+            fx, fy = fit["x"][0] + ox, fit["y"][0] + oy
+            if not (np.isfinite(fx) and np.isfinite(fy) and np.isfinite(fit["flux"][0]) and fit["flux"][0] > 0):
+                return None
+            if np.hypot(fx - x[a], fy - y[a]) > max(r68, 2.0):
+                return None  # it wandered off to other light
+            ext = _stamps(tabs, fx, fy, fit["flux_band"][0], h, w)
+            with_ext = against.copy()
+            _add(with_ext, ext, +1.0, oy, ox)
+            return fit, fx, fy, ext, with_ext
+
+        got = fit_gaussian(others, x0, y0, flux.sum())
+        if got is None:
             return None
-        if np.hypot(fx - x[a], fy - y[a]) > max(r68, 2.0):
-            return None  # it wandered off to other light
-        ext = _stamps(tabs, fx, fy, fit["flux_band"][0], h, w)
-        with_ext = others.copy()
-        _add(with_ext, ext, +1.0, oy, ox)
+        fit, fx, fy, ext, with_ext = got
+        dropped = len(pieces)
+        rest = np.r_[pieces, brighter].astype(np.int64)
+        if REFIT_INSIDE:
+            # the point sources inside (the pieces, the brighter ones, and those within r68 of where the Gaussian
+            # went: a bright piece off its centre may be the one tested) have their counts fitted again against the
+            # Gaussian: pieces still significant (real sources within it) stay in the extended model, so only the
+            # dropped ones earn the Akaike credit, the brighter ones give up the light they had taken from it, and
+            # the Gaussian is fitted again beside them (the final fit, its position free, goes round twice: the
+            # Gaussian's first fit had the pieces' light, so it leans toward them)
+            near = out["kept"] & placed & point & (np.hypot(x - fx, y - fy) <= r68)
+            near[np.r_[a, rest]] = False
+            rest = np.r_[rest, np.flatnonzero(near)]
+        if REFIT_INSIDE and len(rest):
+            for j in rest[len(pieces):]:
+                _add(others, stamps[j], -1.0, oy, ox)
+            np.maximum(others, 0.0, out=others)
+            base = others
+            for _round in range(2 if fit_position else 1):
+                with_ext = base.copy()
+                _add(with_ext, ext, +1.0, oy, ox)
+                refit = likelihood.fit_point_sources(n_box, with_ext, point_tables, x[rest] - ox, y[rest] - oy,
+                                                     fb[rest].sum(axis=1), fit_position=False, n_pass=1,
+                                                     marginal_errors=False)
+                stay = np.isfinite(refit["ts"]) & (refit["ts"] >= min_ts)
+                others = base.copy()
+                for k in np.flatnonzero(stay):
+                    _add(others, _stamps(point_tables, x[rest[k]], y[rest[k]], refit["flux_band"][k], h, w), +1.0,
+                         oy, ox)
+                got = fit_gaussian(others, fx, fy, fit["flux"][0])
+                if got is None:
+                    return None
+                fit, fx, fy, ext, with_ext = got
+            dropped = int(np.sum(~stay))
         ts_ext = 2.0 * (_loglike(n_box, with_ext) - _loglike(n_box, model_box))
-        score = ts_ext + 2.0 * piece_params * (len(group) - 1)  # Akaike: the pieces' parameters count against
-        return score, r68, group[1:], fit, fx, fy, ext, ts_ext
+        score = ts_ext + 2.0 * piece_params * dropped  # Akaike: the dropped pieces' parameters count against
+        return score, r68, rest, fit, fx, fy, ext, ts_ext
 
     for a in np.argsort(-ts, kind="stable"):
         if not (out["kept"][a] and placed[a] and point[a] and ts[a] >= min_ts):
@@ -193,15 +250,21 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
         scans = [t for t in (try_size(a, r68, False) for r68 in r68_grid_pix) if t is not None]
         if not scans:
             continue
+        grid = list(r68_grid_pix)
+        while GROW_GRID and max(scans, key=lambda t: t[0])[1] == grid[-1] and grid[-1] * GRID_GROWTH <= max_r68:
+            grid.append(grid[-1] * GRID_GROWTH)
+            scan = try_size(a, grid[-1], False)
+            if scan is None:
+                break
+            scans.append(scan)
         if REFINE_SIZE:  # the grid steps by x1.5: the sizes halfway to the best one's neighbours too
-            grid = list(r68_grid_pix)
             i = grid.index(max(scans, key=lambda t: t[0])[1])  # a scan returns the grid size it was given
             halfway = [float(np.sqrt(grid[i] * grid[j])) for j in (i - 1, i + 1) if 0 <= j < len(grid)]
             scans += [t for t in (try_size(a, r68, False) for r68 in halfway) if t is not None]
         best = try_size(a, max(scans, key=lambda t: t[0])[1], True)
         if best is None or best[0] < ts_ext_min:
             continue
-        _, r68, pieces, fit, fx, fy, ext, ts_ext = best
+        _, r68, pieces, fit, fx, fy, ext, ts_ext = best  # pieces: every point source inside (see try_size)
         for j in np.r_[a, pieces]:
             _add(model, stamps.pop(j), -1.0)
         np.maximum(model, b, out=model)  # what is left of the sources stays >= 0
@@ -211,7 +274,7 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
         out["extension_pix"][a], out["ts_ext"][a], out["changed"][a] = r68, ts_ext, True
         out["flux_band_err"][a], out["pos_err_pix"][a] = fit["flux_band_err"][0], fit["pos_err_pix"][0]
         out["kept"][pieces] = False
-        if len(pieces):  # each piece again, alone against the extended source and everything else
+        if len(pieces):  # each point source inside again, against the extended source and everything else
             refit = likelihood.fit_point_sources(n, model, point_tables, x[pieces], y[pieces],
                                                  fb[pieces].sum(axis=1), marginal_errors=False)
             for k, j in enumerate(pieces):
