@@ -173,7 +173,7 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
         inside = out["kept"] & placed & point & (d <= r68)
         inside[a] = False
         pieces = np.flatnonzero(inside & (ts < ts[a]))
-        brighter = np.flatnonzero(inside & (ts >= ts[a])) if REFIT_INSIDE else np.zeros(0, dtype=np.int64)
+        brighter = np.flatnonzero(inside & (ts >= ts[a]))
         group = np.r_[a, pieces]
         tabs = extended_tables(kernels, r68)
         half = max(t.radius for t in tabs) + point_reach + 1  # every pixel the change can touch
@@ -207,7 +207,7 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
             return None
         fit, fx, fy, ext, with_ext = got
         dropped = len(pieces)
-        rest = np.r_[pieces, brighter].astype(np.int64)
+        rest = pieces
         if REFIT_INSIDE:
             # the point sources inside (the pieces, the brighter ones, and those within r68 of where the Gaussian
             # went: a bright piece off its centre may be the one tested) have their counts fitted again against the
@@ -216,8 +216,8 @@ def extension_test(counts, background, psf_kernels, x, y, flux_band, ts, *, min_
             # the Gaussian is fitted again beside them (the final fit, its position free, goes round twice: the
             # Gaussian's first fit had the pieces' light, so it leans toward them)
             near = out["kept"] & placed & point & (np.hypot(x - fx, y - fy) <= r68)
-            near[np.r_[a, rest]] = False
-            rest = np.r_[rest, np.flatnonzero(near)]
+            near[np.r_[a, pieces, brighter]] = False
+            rest = np.r_[pieces, brighter, np.flatnonzero(near)].astype(np.int64)
         if REFIT_INSIDE and len(rest):
             for j in rest[len(pieces):]:
                 _add(others, stamps[j], -1.0, oy, ox)
