@@ -12,7 +12,9 @@ Run (from the repository root; the shipped head's ``spectral_classifier`` comes 
 
 The shipped counts heads' class channels call nearly every source an AGN (:mod:`skyfm.heads.classification`). The
 likelihood refinement measures each detection's flux in every energy bin (catalog ``flux_band``,
-``flux_band_err``); a multinomial logistic regression on the shape of that spectrum
+``flux_band_err``, whose statistical part the classifier reads: the error calibration's scale, floor and growth with
+``crowding`` taken out, so that a new calibration does not move it); a multinomial logistic regression on the shape
+of that spectrum
 (:data:`~skyfm.heads.classification.SPECTRAL_FEATURES`) gives the class probabilities of the rows it measured
 (catalog ``fit`` 2). Images: ``--patches`` of each of two skies, 256^2 at the instrument's pixels: the resampled
 4FGL sky anywhere and the real 4FGL-DR2 sky at |b| <= 8 deg (where the pulsars are), seeds ``951_700_000 + 10 i
@@ -47,10 +49,11 @@ SEEDS = {"validation": 951_700_000, "test": 1_517_000_000}
 
 def collect(inst_name: str, patches: int, seeds: str, log, estimated: bool = False) -> dict:
     """Matched rows of ``patches`` images of each sky, the head's spectral classifier off: patch id, true class
-    index, the network's class_prob, flux_band, flux_band_err and fit."""
+    index, the network's class_prob, flux_band, flux_band_err (the fit's statistical errors, as the classifier reads
+    them: :func:`skyfm.detect.fit_statistical_band_errors`) and fit."""
     from skyfm.catalog import match_catalogs
     from skyfm.data.simulate import simulate_patch
-    from skyfm.detect import detect_patch, get_detector
+    from skyfm.detect import detect_patch, fit_statistical_band_errors, get_detector
     from skyfm.finetune.evaluate import match_radius_pix
     from skyfm.instruments import load_instrument
 
@@ -83,7 +86,10 @@ def collect(inst_name: str, patches: int, seeds: str, log, estimated: bool = Fal
                 out["true"] += [names.index(str(truth["class_group"][t])) for t in ti]
                 out["prob"] += list(np.asarray(cat["class_prob"], float)[di])
                 out["flux_band"] += list(np.asarray(cat["flux_band"], float)[di])
-                out["flux_band_err"] += list(np.asarray(cat["flux_band_err"], float)[di])
+                crowd = np.asarray(cat["crowding"], float) if "crowding" in cat.colnames else np.zeros(len(cat))
+                stat = fit_statistical_band_errors(det.config.heads[inst_name], estimated, cat["flux_band"],
+                                                   cat["flux_band_err"], crowd)  # what the classifier reads
+                out["flux_band_err"] += list(stat[di])
                 out["fit"] += list(np.asarray(cat["fit"], int)[di])
             log(f"  {seeds} image {seed}: {len(cat)} detections, {len(out['true'])} matched rows so far")
     return {"names": names, **{k: np.asarray(v) for k, v in out.items()}}

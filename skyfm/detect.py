@@ -90,8 +90,8 @@ def get_detector(detector=None, device: str | None = "auto"):
 
 
 # ------------------------------------------------------------------------------------------------ accumulation
-# what the CCD refinement measures (refine_ccd_tile), NaN for rows it did not (and every counts row), as the
-# catalog describes it: (name, dtype, description)
+# what the CCD refinement measures (refine_ccd_tile), NaN for rows it did not, as the catalog describes it: (name,
+# dtype, description); of counts cubes' rows only crowding (_crowded_flux_errors)
 CCD_COLUMN_DOCS = (
     ("fit_chi2", np.float32,
      "Reduced chi-square of the PSF fit over the source's fit box, the other detections "
@@ -100,7 +100,9 @@ CCD_COLUMN_DOCS = (
     ("crowding", np.float32,
      "Detected neighbours per PSF FWHM^2 around the source (Gaussian-weighted within about 3 "
      "FWHM, itself left out; 0.01 a sparse field, 0.1 a crowded one, 0.5-1 a cluster core): "
-     "the flux-error floor of PSF-fitted rows grows with it; NaN: not refined"),
+     "the flux-error floor of PSF-fitted rows grows with it; NaN: not refined. Counts cubes: "
+     "per FWHM^2 of the sharpest bin, among the catalog's rows; the statistical flux errors "
+     "of likelihood-fitted rows grow with it (the head's fit_flux_err_scale_crowding)"),
     ("flux_confusion", np.float64,
      "Confusion noise at the source, in flux units: the scatter of PSF fluxes at blank "
      "places of the residual image around it (the light of undetected neighbours); the "
@@ -1843,15 +1845,30 @@ def refine_counts(arrays: dict, data: np.ndarray, inst, pixel_scale: float | Non
 
 
 def _spectral_classes(arrays: dict, head, estimated: bool, rows: np.ndarray) -> np.ndarray:
-    """The class probabilities of the fitted ``rows`` from their measured spectrum and the network's probabilities
-    (the head's ``spectral_classifier``: a pulsar's spectrum is cut off at GeV); the others' as they are."""
+    """The class probabilities of the fitted ``rows`` from their measured spectrum (band fluxes and their statistical
+    errors, :func:`fit_statistical_band_errors`) and the network's probabilities (the head's
+    ``spectral_classifier``: a pulsar's spectrum is cut off at GeV); the others' as they are."""
     classifier = None if head is None else head.spectral_classifier_terms(estimated)
     if classifier is None or not np.any(rows):
         return arrays["class_prob"]
     from skyfm.heads.classification import spectral_class_prob
 
-    return spectral_class_prob(arrays["class_prob"], classifier, arrays["flux_band"], arrays["flux_band_err"],
-                               rows=rows)
+    crowd = arrays.get("crowding", np.zeros(len(arrays["flux_band"])))
+    stat = fit_statistical_band_errors(head, estimated, arrays["flux_band"], arrays["flux_band_err"], crowd)
+    return spectral_class_prob(arrays["class_prob"], classifier, arrays["flux_band"], stat, rows=rows)
+
+
+def fit_statistical_band_errors(head, estimated: bool, flux_band, flux_band_err, crowding) -> np.ndarray:
+    """(N, C) the likelihood fit's statistical band errors inside a counts catalog's ``flux_band_err``: the head's
+    relative floor, fit scale and growth with ``crowding`` (N,) taken out (:func:`_fit_catalog_errors`,
+    :func:`_crowded_flux_errors`). The spectral classifier reads these, so that a new calibration of the errors does
+    not move the class probabilities (``benchmarks/choose_spectral_class.py`` fits it on them)."""
+    flux_band, err = np.asarray(flux_band, dtype=np.float64), np.asarray(flux_band_err, dtype=np.float64)
+    scale, floor = head.error_scales(fit=True, estimated=estimated)[0], head.error_floors(estimated)[0]
+    per_crowding = 0.0 if estimated else head.flux_scale_per_crowding()
+    grow = 1.0 + per_crowding * np.nan_to_num(np.asarray(crowding, dtype=np.float64), nan=0.0)
+    stat = np.sqrt(np.maximum(err ** 2 - (floor * np.abs(flux_band)) ** 2, 0.0))
+    return stat / (scale * grow[:, None])
 
 
 # The fits' kernels hold 97% of a PSF (likelihood.psf_kernels' default); the light beyond, of the sources the first
@@ -2180,7 +2197,7 @@ def _catalog(arrays: dict, inst, wcs, head, score_kind: str = "probability", met
                         "one with it, found in a first PSF fit's residual image (skyfm.detect.find_companions), "
                         "position and flux from the PSF fit")
     for name, dtype, description in CCD_COLUMN_DOCS:
-        if name in arrays and not inst.is_counts:
+        if name in arrays and (not inst.is_counts or name == "crowding"):
             extra[name] = (np.asarray(arrays[name], dtype=dtype), description)
     if "net_score" in arrays:
         extra["net_score"] = (np.asarray(arrays["net_score"], dtype=np.float32),
@@ -2302,7 +2319,7 @@ def detect_patch(patch, detector=None, min_score: float | None = None, *, tile_s
                           attention_window=attention_window, refine=refine, drop_trails=drop_trails,
                           mask_cosmic_rays=mask_cosmic_rays, refine_workers=refine_workers, image_seeing=seeing)
     if inst.is_counts and refine:
-        arrays = refine_counts(arrays, patch.data, inst, scale, background, bands=list(patch.bands), head=head)
+        arrays = _refine_network_rows(arrays, patch.data, inst, scale, background, list(patch.bands), head)
     return _catalog(arrays, inst, patch.wcs, head, meta={"min_score": min_score, "selection": "network",
                                                          **_seeing_meta(seeing)})
 
@@ -2389,11 +2406,55 @@ def _detect_likelihood(patch, det, inst, head, scale, background, min_score: flo
         arrays = apply_extension_test(arrays, counts, background, kernels, deg_per_pix, head, estimated, min_ts,
                                       exposure=exposure)
         arrays = select_by_ts(arrays, min_ts, separation)
+    arrays = _crowded_flux_errors(arrays, head, counts.shape[-2:], _sharpest_fwhm_pix(band_objs, deg_per_pix),
+                                  estimated)
     # once, from the final spectra (the blend and extension tests refit rows) and the network's probabilities
     arrays["class_prob"] = _spectral_classes(arrays, head, estimated, np.asarray(arrays["fit"]) == 2)
     arrays["net_score"] = arrays["score"]
     arrays["score"] = np.sqrt(np.clip(arrays["ts"], 0, None))
     return _catalog(arrays, inst, patch.wcs, head, score_kind="sqrt_ts", meta=meta)
+
+
+def _refine_network_rows(arrays: dict, data, inst, scale, background, bands: list[str], head) -> dict:
+    """Network selection's counts-cube rows refined (:func:`refine_counts`), their flux errors grown with their
+    crowding (:func:`_crowded_flux_errors`), then classified from the band errors the catalog gives (the head's
+    spectral classifier is fitted on catalogs)."""
+    arrays = refine_counts(arrays, data, inst, scale, background, bands=bands, head=head, classify=False)
+    fwhm = _sharpest_fwhm_pix([inst.band(b) for b in bands], scale or inst.pixel_scale_deg)
+    arrays = _crowded_flux_errors(arrays, head, np.shape(data)[-2:], fwhm, estimated=background is None)
+    arrays["class_prob"] = _spectral_classes(arrays, head, background is None, np.asarray(arrays["fit"]) == 2)
+    return arrays
+
+
+def _sharpest_fwhm_pix(band_objs, deg_per_pix: float) -> float:
+    """The sharpest bin's PSF FWHM in pixels (what a counts row's ``crowding`` is per FWHM^2 of)."""
+    return min(b.psf.fwhm_deg for b in band_objs) / deg_per_pix
+
+
+def _crowded_flux_errors(arrays: dict, head, shape, fwhm_pix: float, estimated: bool) -> dict:
+    """Column ``crowding`` (detected neighbours per ``fwhm_pix``^2, :func:`~skyfm.catalog.psf_fit.crowding`: the
+    final rows, so that candidates the selection dropped count for nothing) and, against a background model, the
+    fitted rows' flux errors grown with it: their statistical part (the errors less the head's relative floor) times
+    ``1 + fit_flux_err_scale_crowding * crowding``. One scale had covered the densest third of the Fermi-LAT
+    validation rows 0.60 and the others 0.83 (docs/benchmarks.md, "Run 51"): the sources too faint to detect add to
+    a fit's flux the more, the denser the detected ones."""
+    from skyfm.catalog.psf_fit import crowding
+
+    rho = crowding(arrays["x"], arrays["y"], shape, fwhm_pix)
+    arrays = {**arrays, "crowding": rho}
+    per_crowding = 0.0 if head is None or estimated else head.flux_scale_per_crowding()
+    if per_crowding == 0.0 or not len(rho):
+        return arrays
+    fitted = np.asarray(arrays["fit"]) == 2 if "fit" in arrays else np.isfinite(np.asarray(arrays["ts"], float))
+    grow = 1.0 + per_crowding * rho
+    floor = head.error_floors()[0]
+    for key, flux_key, g in (("flux_err", "flux", grow), ("flux_band_err", "flux_band", grow[:, None])):
+        err, flux = np.asarray(arrays[key], dtype=np.float64), np.asarray(arrays[flux_key], dtype=np.float64)
+        systematic = floor * np.abs(flux)
+        stat = np.sqrt(np.maximum(err ** 2 - systematic ** 2, 0.0))
+        mask = fitted if err.ndim == 1 else fitted[:, None]
+        arrays[key] = np.where(mask, np.hypot(stat * g, systematic), err)
+    return arrays
 
 
 def _sources_model(background, kernels, arrays: dict, scale: float) -> np.ndarray:
@@ -2779,8 +2840,7 @@ def detect_file(path, out=None, *, instrument=None, band: str | None = None, mod
                 if inst.is_counts and refine:
                     data = image.read_window(0, image.height, 0, image.width)
                     data = np.nan_to_num(data, nan=0.0)
-                    arrays = refine_counts(arrays, data, inst, scale, background=model, bands=list(image.bands),
-                                           head=head)
+                    arrays = _refine_network_rows(arrays, data, inst, scale, model, list(image.bands), head)
                 table = _catalog(arrays, inst, image.wcs, head, meta={"min_score": min_score, **_seeing_meta(seeing)})
                 patch_for_plot = None
                 if plot and image.height * image.width <= 4096 * 4096:

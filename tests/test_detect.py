@@ -1778,12 +1778,12 @@ def test_pixels_a_mask_file_flags_are_no_sources(tmp_path):
 @pytest.mark.parametrize("estimated", [False, True])
 def test_gamma_ray_classes_come_from_the_measured_spectrum(estimated):
     """The Fermi-LAT head's spectral_classifier (without a background model: spectral_classifier_estbg) replaces
-    the network's class probabilities of the rows the likelihood fit measured (fit 2), from their band fluxes: the
-    same rows as without it, the same fluxes."""
+    the network's class probabilities of the rows the likelihood fit measured (fit 2), from their band fluxes and
+    statistical errors (the catalog's less the calibration): the same rows as without it, the same fluxes."""
     import copy
     import dataclasses
 
-    from skyfm.detect import detect_patch, get_detector
+    from skyfm.detect import detect_patch, fit_statistical_band_errors, get_detector
     from skyfm.heads.classification import spectral_class_prob
 
     det = get_detector(None)
@@ -1801,7 +1801,11 @@ def test_gamma_ray_classes_come_from_the_measured_spectrum(estimated):
     fitted = np.asarray(with_it["fit"]) == 2
     assert fitted.sum() >= 3
     band, band_err = np.asarray(without["flux_band"])[fitted], np.asarray(without["flux_band_err"])[fitted]
-    expected = spectral_class_prob(np.asarray(without["class_prob"])[fitted], classifier, band, band_err)
+    # the classifier reads the fit's statistical errors: the catalog's with the head's calibration taken out
+    stat = fit_statistical_band_errors(head, estimated, band, band_err, np.asarray(without["crowding"])[fitted])
+    ratio = stat / band_err
+    assert np.all(ratio > 0) and np.all(ratio <= 1.0 / head.error_scales(fit=True, estimated=estimated)[0] + 1e-9)
+    expected = spectral_class_prob(np.asarray(without["class_prob"])[fitted], classifier, band, stat)
     np.testing.assert_allclose(np.asarray(with_it["class_prob"])[fitted], expected, rtol=1e-5)
     assert not np.allclose(np.asarray(with_it["class_prob"])[fitted], np.asarray(without["class_prob"])[fitted])
     np.testing.assert_allclose(np.asarray(with_it["class_prob"]).sum(axis=1), 1.0, rtol=1e-5)

@@ -258,6 +258,74 @@ def test_crowding_floors_recover_an_error_that_grows_with_crowding():
     assert crowding_floors(flux, 10 * stat, true, rho) == (0.0, 0.0)  # errors already too large: nothing to add
 
 
+def test_crowding_scales_recover_a_statistical_error_that_grows_with_crowding():
+    """Undetected sources add to a counts fit's flux an error proportional to its statistical one, the more the
+    denser the field (here x (1 + 20 crowding), on a 3% floor): one scale for all over-covers the sparse half and
+    under-covers the dense one; the crowding scales come out near those numbers and cover both halves alike."""
+    from skyfm.finetune.ship import crowding_scales, flux_coverage, flux_err_scale_and_floor
+
+    rng = np.random.default_rng(5)
+    n = 8000
+    true = 10 ** rng.uniform(1.5, 4, n)
+    stat = np.sqrt(true)
+    rho = 10 ** rng.uniform(-3, -1, n)  # high latitude's 0.001 to the plane's 0.1 per FWHM^2
+    flux = true + rng.normal(0, np.hypot((1 + 20 * rho) * stat, 0.03 * true))
+    k, c, r = crowding_scales(flux, stat, true, rho)
+    assert 0.85 < k < 1.15 and 14 < c < 28 and r < 0.05
+    dense = rho >= np.median(rho)
+    new = np.hypot(k * (1 + c * rho) * stat, r * np.abs(flux))
+    for half in (dense, ~dense):
+        assert abs(flux_coverage(flux[half], new[half], true[half]) - 0.6827) < 0.03
+    k1, r1 = flux_err_scale_and_floor(flux, stat, true)  # one scale for all
+    one = np.hypot(k1 * stat, r1 * np.abs(flux))
+    assert flux_coverage(flux[~dense], one[~dense], true[~dense]) > 0.75
+    assert flux_coverage(flux[dense], one[dense], true[dense]) < 0.62
+    # the errors do not grow with crowding, or the crowding is the same everywhere: no crowding scale
+    plain = true + rng.normal(0, np.hypot(stat, 0.03 * true))
+    assert crowding_scales(plain, stat, true, rho)[1] < 2.0
+    assert crowding_scales(plain, stat, true, np.full(n, 0.01))[1] == 0.0
+
+
+def test_counts_flux_errors_grow_with_the_crowding_of_the_final_rows(model_dir, tmp_path):
+    """Likelihood selection against a background model: column ``crowding`` (the final rows' density per FWHM^2 of
+    the sharpest bin) on every row, and with ``fit_flux_err_scale_crowding`` c the fitted fluxes' errors are their
+    statistical part times 1 + c crowding, the relative floor in quadrature; the fluxes and, against a background
+    estimated from the counts, the errors do not change. The key is written with the other error keys."""
+    import shutil
+    from dataclasses import replace
+
+    from skyfm.catalog.psf_fit import crowding
+    from skyfm.detect import detect_patch
+    from skyfm.instruments import load_instrument
+
+    p = simulate_patch("fermi-lat", 5, size=64, population="resampled")
+    det = SourceDetector.from_pretrained(model_dir)
+    head = det.head_config("fermi-lat")
+    head.fit_flux_err_floor = 0.1
+    plain = detect_patch(p, det, min_score=0.999)
+    blind = detect_patch(replace(p, background_image=None), det, min_score=0.999)
+    head.fit_flux_err_scale_crowding = 30.0
+    grown = detect_patch(p, det, min_score=0.999)
+    assert len(grown) >= 3 and "crowding" in grown.colnames
+    rho = np.asarray(grown["crowding"], dtype=float)
+    x, y = np.asarray(grown["x"], float), np.asarray(grown["y"], float)
+    sharpest = min(b.psf.fwhm_deg for b in load_instrument("fermi-lat").bands) / 0.1  # the highest bin's, 1.06 px
+    np.testing.assert_allclose(rho, crowding(x, y, (64, 64), sharpest), rtol=1e-5, atol=1e-7)
+    assert (rho > 0).any()
+    f, e0, e1 = (np.asarray(grown["flux"], float), np.asarray(plain["flux_err"], float),
+                 np.asarray(grown["flux_err"], float))
+    np.testing.assert_allclose(f, np.asarray(plain["flux"], float))
+    stat = np.sqrt(e0 ** 2 - (0.1 * f) ** 2)
+    np.testing.assert_allclose(e1, np.hypot(stat * (1 + 30.0 * rho), 0.1 * np.abs(f)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(detect_patch(replace(p, background_image=None), det,
+                                                       min_score=0.999)["flux_err"], float),
+                               np.asarray(blind["flux_err"], float))
+    d = tmp_path / "det"
+    shutil.copytree(model_dir, d)
+    ship.write_error_scales(d, {"fermi-lat": {"fit_flux_err_scale_crowding": 12.5}})
+    assert SourceDetector.from_pretrained(d).head_config("fermi-lat").flux_scale_per_crowding() == 12.5
+
+
 def test_ccd_flux_floor_grows_with_the_catalogs_crowding():
     """A crowded MeerLICHT patch: the PSF-fitted fluxes' errors with a crowding floor c are those without it plus
     c x crowding x flux in quadrature, crowding the catalog's column (the densities of the detections)."""
@@ -400,7 +468,7 @@ def test_fit_errors_are_chosen_on_their_statistical_part(model_dir):
     crowd = 10 ** rng.uniform(-2, 0, n)  # detections per FWHM^2 (the errors above do not grow with it)
     answers = []
     for scale, floor, per_crowding in ((1.0, 0.0, 0.0), (3.0, 0.3, 0.5)):  # what the catalogs carried
-        carried = SimpleNamespace(error_scales=lambda fit=True, estimated=False, s=scale: (s, s),
+        carried = SimpleNamespace(kind="ccd", error_scales=lambda fit=True, estimated=False, s=scale: (s, s),
                                   error_floors=lambda estimated=False, f=floor: (f, f / 10),
                                   flux_floor_per_crowding=lambda c=per_crowding: c)
         flux_floor = np.hypot(floor, per_crowding * crowd)
@@ -425,6 +493,20 @@ def test_fit_errors_are_chosen_on_their_statistical_part(model_dir):
     assert out["fit_flux_cov68_after"] == pytest.approx(0.6827, abs=0.01)
     assert out["fit_pos_err_floor"] > 0
     assert out["fit_median_sep_over_pos_err_after"] == pytest.approx(ship.MEDIAN_2D, rel=0.01)
+    # counts fits: the crowding grows the statistical part (1 + c crowding), which is taken out as well
+    counts = []
+    for scale, floor, per_crowding in ((1.0, 0.0, 0.0), (3.0, 0.3, 40.0)):
+        carried = SimpleNamespace(kind="counts", error_scales=lambda fit=True, estimated=False, s=scale: (s, s),
+                                  error_floors=lambda estimated=False, f=floor: (f, f / 10),
+                                  flux_scale_per_crowding=lambda c=per_crowding: c)
+        m_counts = {**m, "flux_err": np.hypot(scale * (1 + per_crowding * crowd) * stat, floor * flux)}
+        out = {}
+        ship._fit_flux_errors(m_counts, m["fit"], carried, out)
+        counts.append(out)
+    for key in ("fit_flux_err_scale", "fit_flux_err_floor", "fit_flux_err_scale_crowding"):
+        assert counts[0][key] == pytest.approx(counts[1][key], rel=1e-6, abs=1e-9), key
+    assert counts[0]["fit_flux_err_scale_crowding"] < 2.0 and "fit_flux_err_floor_crowding" not in counts[0]
+    assert counts[0]["fit_flux_cov68_after"] == pytest.approx(0.6827, abs=0.01)
 
 
 def test_ccd_fit_errors_grow_with_the_square_root_of_chi2_and_keep_the_blank_scatter(monkeypatch):

@@ -20,7 +20,9 @@ instead, :func:`scene_weights`; with a handful of matches in a field scene that 
 (the likelihood fit of counts cubes, the PSF fit of CCD point sources) get their own scales and floors, since
 their errors replace the network's (:func:`_fit_flux_errors`, :func:`_fit_pos_errors`); on counts cubes twice,
 against the true background (what a user's model stands for) and against one estimated from the counts (the
-``_estbg`` keys: that estimate's own error is then part of the fit's, :func:`_estimated_background_errors`). The
+``_estbg`` keys: that estimate's own error is then part of the fit's, :func:`_estimated_background_errors`). Against
+the true background their statistical flux errors also grow with the crowding (``fit_flux_err_scale_crowding``,
+:func:`crowding_scales`), as the CCD fits' floor does (``fit_flux_err_floor_crowding``, :func:`crowding_floors`). The
 refined CCD rows that keep the network's flux (the faint stars of a cluster core whose light nobody assigns, a
 crowded field's blends) get a scale of the network's error and a weight of the confusion noise, every scene
 covered alike (:func:`_unfitted_flux_errors`, :func:`confusion_error_terms`). They are written into
@@ -316,7 +318,7 @@ def matched_errors(cat, patch, inst, radius_pix: float | None = None, snr_min: f
     """Detections of ``cat`` matched one-to-one to the true sources of ``patch`` with SNR >= ``snr_min``: arrays
     ``flux``, ``flux_err``, ``true_flux``, ``sep`` and ``pos_err`` (pixels), ``fit`` (the row's position and flux
     come from the PSF or likelihood fit: catalog column ``fit`` == 2, or a finite ``ts``), ``fit_pos`` (its position
-    does: ``fit`` 1-3), ``crowding`` (catalog column ``crowding`` of CCD catalogs, else 0), ``confusion``
+    does: ``fit`` 1-3), ``crowding`` (catalog column ``crowding``, else 0), ``confusion``
     (catalog column ``flux_confusion`` of refined CCD catalogs, else NaN), ``blend`` (``flux_blend``, else 0),
     ``companion`` (``fit`` 5) and ``scene`` (the patch's scene or population). Rows of the residual search
     (``fit`` 4), whose errors have their own terms (``residual_search``), are left out."""
@@ -414,6 +416,37 @@ def _coverage_before_after(flux, err_before, err_after, true_flux, select) -> li
     return [round(flux_coverage(flux[select], err[select], true_flux[select]), 4) for err in (err_before, err_after)]
 
 
+def crowding_scales(flux, flux_err, true_flux, crowding, level: float = COVERAGE_68, weights=None
+                    ) -> tuple[float, float, float]:
+    """``(k, c, r)`` for errors ``sqrt((k (1 + c crowding) flux_err)^2 + (r flux)^2)``: statistical errors that grow
+    with the crowding (counts cubes: the sources too faint to detect add to a fitted flux, the more the denser the
+    detected ones). ``c`` makes the denser half of the pairs covered as well as the sparser half, with ``k`` and
+    ``r`` for each ``c`` as :func:`flux_err_scale_and_floor` chooses them; 0 when the dense half is covered at least
+    as well without it (or the crowding does not vary)."""
+    (f, e, t, rho), w = _pairs((flux, flux_err, true_flux, crowding), ("flux", "flux_err", "true_flux", "crowding"),
+                               weights)
+    dense = rho >= weighted_quantile(rho, 0.5, w)
+
+    def with_c(c):
+        grown = e * (1.0 + c * rho)
+        k, r = flux_err_scale_and_floor(f, grown, t, level, w)
+        return k, r, np.hypot(k * grown, r * np.abs(f))
+
+    def gap(c):  # dense minus sparse coverage, with k and r chosen for this c
+        full = with_c(c)[2]
+        return (flux_coverage(f[dense], full[dense], t[dense], weights=w[dense])
+                - flux_coverage(f[~dense], full[~dense], t[~dense], weights=w[~dense]))
+
+    c = 0.0
+    if dense.any() and not dense.all() and gap(0.0) < 0:
+        hi = 0.01  # the first c that covers the dense half better than the sparse one
+        while gap(hi) <= 0 and hi < 1e6:
+            hi *= 2.0
+        c = _bisect(gap, 0.0, hi, iters=40)
+    k, r, _ = with_c(c)
+    return float(k), float(c), float(r)
+
+
 def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = False, estimated: bool = False,
                      crowding: bool = True) -> None:
     """out[fit_flux_err_scale], out[fit_flux_err_floor] (the likelihood fit of counts cubes, the PSF fit of CCD
@@ -421,11 +454,14 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
     (the catalog's with the current scale and floor taken out, so the answer does not depend on them); also the
     coverage before / after, overall and in the fainter and brighter half. ``estimated``: the rows were fitted
     against a background estimated from the counts (the head's ``_estbg`` scale and floor are theirs).
-    ``crowding``: CCD fits get a floor that grows with the catalog's ``crowding`` (:func:`crowding_floors`); False:
-    one floor for all (and a crowding term the head carries is set to 0)."""
+    ``crowding``: CCD fits get a floor that grows with the catalog's ``crowding`` (:func:`crowding_floors`), counts
+    fits against a model a statistical error that does (:func:`crowding_scales`); False: one floor and one scale for
+    all (and a crowding term the head carries is set to 0)."""
     scale_now = head.error_scales(fit=True, estimated=estimated)[0]
     floor_now = head.error_floors(estimated)[0]
-    per_crowding_now = 0.0 if estimated else head.flux_floor_per_crowding()
+    counts = head.kind == "counts"  # crowding grows a counts fit's statistical error, a CCD fit's floor
+    per_crowding_now = 0.0 if estimated or counts else head.flux_floor_per_crowding()
+    scale_crowding_now = head.flux_scale_per_crowding() if counts and not estimated else 0.0
     n = int(np.sum(select)) if len(m) else 0
     out["fit_n_matched"] = n
     if n < MIN_MATCHES:
@@ -439,14 +475,20 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
         e = _without_blend(e, m["blend"][select], head.blend_flux_error_weight())
     rho = m["crowding"][select] if "crowding" in m else np.zeros(n)
     stat = _stat_errors(e, np.hypot(floor_now, per_crowding_now * rho) * f, scale_now)
+    stat = stat / (1.0 + scale_crowding_now * rho)
     k, r = flux_err_scale_and_floor(f, stat, t, weights=w)
-    c = 0.0
-    if not estimated and crowding and (np.ptp(rho) > 0 or per_crowding_now > 0):  # CCD: grows with crowding
+    c = grow = 0.0
+    if counts and not estimated and crowding and (np.ptp(rho) > 0 or scale_crowding_now > 0):
+        k, grow, r = crowding_scales(f, stat, t, rho, weights=w)
+        out["fit_flux_err_scale_crowding"] = grow
+    elif counts and scale_crowding_now > 0:
+        out["fit_flux_err_scale_crowding"] = 0.0
+    elif not estimated and crowding and (np.ptp(rho) > 0 or per_crowding_now > 0):  # CCD: the floor grows
         r, c = crowding_floors(f, k * stat, t, rho, weights=w)
         out["fit_flux_err_floor_crowding"] = float(c)
     elif per_crowding_now > 0:
         out["fit_flux_err_floor_crowding"] = 0.0
-    new = np.hypot(k * stat, np.hypot(r, c * rho) * np.abs(f))
+    new = np.hypot(k * (1.0 + grow * rho) * stat, np.hypot(r, c * rho) * np.abs(f))
     faint = np.abs(f) / np.maximum(stat, 1e-30) <= np.median(np.abs(f) / np.maximum(stat, 1e-30))
     out["fit_flux_err_scale"], out["fit_flux_err_floor"] = float(k), float(r)
     out["fit_flux_cov68_before"] = round(flux_coverage(f, e, t), 4)
@@ -455,7 +497,7 @@ def _fit_flux_errors(m: dict, select, head, out: dict, balance_scenes: bool = Fa
     out["fit_flux_cov68_faint_half_before_after"] = _coverage_before_after(f, e, new, t, faint)
     out["fit_flux_cov68_bright_half_before_after"] = _coverage_before_after(f, e, new, t, ~faint)
     out["fit_flux_cov68_scene_balanced_after"] = round(flux_coverage(f, new, t, weights=scene_weights(sc)), 4)
-    if c > 0:
+    if c > 0 or grow > 0:
         dense = rho >= np.median(rho)
         out["fit_flux_cov68_sparse_half_before_after"] = _coverage_before_after(f, e, new, t, ~dense)
         out["fit_flux_cov68_dense_half_before_after"] = _coverage_before_after(f, e, new, t, dense)
@@ -580,8 +622,9 @@ def calibrate_errors(detector=None, config="default", n: int = 12, size: int = 1
     catalog's errors with the current scale and floor taken out (:func:`_fit_flux_errors`, :func:`_fit_pos_errors`),
     so they do not depend on what the detector carried before. ``selection``: which rows the refined catalogs keep
     (:func:`skyfm.detect.detect_patch`; ``"auto"`` selects counts-cube rows by their TS, the patches carrying
-    their true background). ``crowding``: the CCD fits' flux floor grows with crowding (:func:`crowding_floors`);
-    False: one floor. ``confusion``: also the errors of the refined CCD rows that keep the network's flux
+    their true background). ``crowding``: the CCD fits' flux floor grows with crowding (:func:`crowding_floors`),
+    the counts fits' statistical flux error (against the true background) does (:func:`crowding_scales`); False:
+    one floor, one scale. ``confusion``: also the errors of the refined CCD rows that keep the network's flux
     (:func:`_unfitted_flux_errors`). ``bands``: calibrate on patches of these bands (all six of MeerLICHT's, whose
     head is trained on one per image) for the head's ``band_subsets`` entry of them (result key ``band_subset``;
     :func:`write_error_scales` writes there). ``blend``: also the weight of the fitted CCD rows' blend term
@@ -714,7 +757,8 @@ def main() -> None:
                              "selected by their likelihood TS (skyfm detect --background)")
     parser.add_argument("--no-crowding-floor", action="store_true",
                         help="CCD fits: one relative flux floor for every source instead of one that grows with the "
-                             "catalog's crowding (the density of detected neighbours)")
+                             "catalog's crowding (the density of detected neighbours); counts fits: one scale of "
+                             "their statistical flux errors instead of one that grows with it")
     parser.add_argument("--no-confusion-errors", action="store_true",
                         help="CCD heads: leave the errors of refined rows that keep the network's flux as they are "
                              "(do not calibrate unfitted_flux_err_scale / _confusion)")

@@ -63,6 +63,11 @@ class InstrumentHeadConfig:
             ``crowding`` the density of detected neighbours per FWHM^2 (catalog column ``crowding``,
             :func:`skyfm.catalog.psf_fit.crowding`): a star may hide a companion too close to split, more likely
             the denser the field (0: one floor for every source).
+        fit_flux_err_scale_crowding: counts cubes' likelihood-fit flux errors (against a background model) grow
+            with the crowding: their statistical part is ``fit_flux_err_scale * (1 + fit_flux_err_scale_crowding *
+            crowding)`` times the fit's, with ``crowding`` the detected neighbours per FWHM^2 of the sharpest bin
+            (catalog column ``crowding``): the sources too faint to detect, which add to a fitted flux, are the
+            more the denser the detected ones (0: one scale for every source).
         fit_flux_err_blend: PSF-fitted CCD rows' flux errors also hold ``fit_flux_err_blend * L``, in quadrature,
             with ``L`` the overlapping light of the detected neighbours (catalog column ``flux_blend``,
             :func:`skyfm.catalog.psf_fit.neighbour_light`): how a fit shares light between blended stars is as
@@ -187,6 +192,7 @@ class InstrumentHeadConfig:
     fit_flux_err_floor: float = 0.0
     fit_pos_err_floor: float = 0.0
     fit_flux_err_floor_crowding: float = 0.0
+    fit_flux_err_scale_crowding: float = 0.0
     fit_flux_err_blend: float = 0.0
     unfitted_flux_err_scale: float | None = None
     unfitted_flux_err_confusion: float = 0.0
@@ -240,6 +246,11 @@ class InstrumentHeadConfig:
     def flux_floor_per_crowding(self) -> float:
         """``fit_flux_err_floor_crowding``: the relative flux floor per detected neighbour per FWHM^2 (CCD fits)."""
         return self._number("fit_flux_err_floor_crowding", 0.0, allow_zero=True)
+
+    def flux_scale_per_crowding(self) -> float:
+        """``fit_flux_err_scale_crowding``: how much the statistical flux errors of counts-cube fits grow per detected
+        neighbour per FWHM^2."""
+        return self._number("fit_flux_err_scale_crowding", 0.0, allow_zero=True)
 
     def blend_flux_error_weight(self) -> float:
         """``fit_flux_err_blend``: the share of the neighbours' overlapping light that the flux errors of PSF-fitted
@@ -503,7 +514,8 @@ class DetectorConfig:
 # fits' errors; the fits' systematic errors, added in quadrature (the CCD flux floor's part that grows with crowding,
 # the blended CCD rows' share of their neighbours' light)
 SCALE_KEYS = ("flux_err_scale", "pos_err_scale", "fit_flux_err_scale", "fit_pos_err_scale")
-FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_crowding", "fit_flux_err_blend")
+FLOOR_KEYS = ("fit_flux_err_floor", "fit_pos_err_floor", "fit_flux_err_floor_crowding", "fit_flux_err_scale_crowding",
+              "fit_flux_err_blend")
 # refined CCD rows that keep the network's flux: a scale of its error and a weight of the confusion noise
 UNFITTED_SCALE_KEYS, UNFITTED_WEIGHT_KEYS = ("unfitted_flux_err_scale",), ("unfitted_flux_err_confusion",)
 SUBSET_THRESHOLD_KEYS = ("min_score", "unconfirmed_min_score")
