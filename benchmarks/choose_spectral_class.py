@@ -86,9 +86,8 @@ def collect(inst_name: str, patches: int, seeds: str, log, estimated: bool = Fal
                 out["true"] += [names.index(str(truth["class_group"][t])) for t in ti]
                 out["prob"] += list(np.asarray(cat["class_prob"], float)[di])
                 out["flux_band"] += list(np.asarray(cat["flux_band"], float)[di])
-                crowd = np.asarray(cat["crowding"], float) if "crowding" in cat.colnames else np.zeros(len(cat))
                 stat = fit_statistical_band_errors(det.config.heads[inst_name], estimated, cat["flux_band"],
-                                                   cat["flux_band_err"], crowd)  # what the classifier reads
+                                                   cat["flux_band_err"], cat["crowding"])  # what the classifier reads
                 out["flux_band_err"] += list(stat[di])
                 out["fit"] += list(np.asarray(cat["fit"], int)[di])
             log(f"  {seeds} image {seed}: {len(cat)} detections, {len(out['true'])} matched rows so far")

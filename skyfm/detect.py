@@ -2445,7 +2445,7 @@ def _crowded_flux_errors(arrays: dict, head, shape, fwhm_pix: float, estimated: 
     per_crowding = 0.0 if head is None or estimated else head.flux_scale_per_crowding()
     if per_crowding == 0.0 or not len(rho):
         return arrays
-    fitted = np.asarray(arrays["fit"]) == 2 if "fit" in arrays else np.isfinite(np.asarray(arrays["ts"], float))
+    fitted = np.asarray(arrays["fit"]) == 2
     grow = 1.0 + per_crowding * rho
     floor = head.error_floors()[0]
     for key, flux_key, g in (("flux_err", "flux", grow), ("flux_band_err", "flux_band", grow[:, None])):
